@@ -1,0 +1,70 @@
+"""A slot-based KV cache: a fixed number of sequence slots, each with its own length.
+
+Keys and values are written by position, so rolling back rejected draft tokens is only a matter
+of moving the slot's length counter (``truncate``): later writes overwrite the stale entries.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CacheFullError(RuntimeError):
+    """No free slot is left."""
+
+
+class SlotKVCache:
+    """Preallocated keys/values for ``num_slots`` sequences of up to ``max_seq_len`` tokens.
+
+    ``keys[layer]`` and ``values[layer]`` are ``[num_slots, num_kv_heads, max_seq_len, head_dim]``.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_slots: int,
+        max_seq_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_slots < 1 or max_seq_len < 1:
+            raise ValueError(f"need num_slots >= 1 and max_seq_len >= 1, got {num_slots}, {max_seq_len}")
+        shape = (num_slots, num_kv_heads, max_seq_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
+        self.lengths = [0] * num_slots
+        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise CacheFullError(f"all {self.num_slots} KV cache slots are in use")
+        slot = self._free.pop()
+        self.lengths[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        self._check_slot(slot)
+        if slot in self._free:
+            raise ValueError(f"slot {slot} is already free")
+        self.lengths[slot] = 0
+        self._free.append(slot)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Rolls the slot back to its first ``length`` tokens."""
+        self._check_slot(slot)
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"cannot truncate slot {slot} of length {self.lengths[slot]} to {length}")
+        self.lengths[slot] = length
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")

@@ -1,0 +1,235 @@
+"""Our own forward pass for the Llama family (Llama, SmolLM, Mistral, Qwen2) over a slot KV cache.
+
+Module names mirror ``transformers`` so a checkpoint's state dict loads as is. One ``forward`` call
+extends a batch of sequences by a ragged number of new tokens each (prefill and decode alike).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from specfleet.engine.kv_cache import SlotKVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture numbers the forward pass needs, read from a Hugging Face ``config.json``."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ModelConfig:
+        model_type = raw.get("model_type", "")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"unsupported RoPE type {rope_type!r}: only the default RoPE is implemented")
+        heads = raw["num_attention_heads"]
+        return cls(
+            model_type=model_type,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+            max_position_embeddings=raw.get("max_position_embeddings", 4096),
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            # Qwen2 has biases on q/k/v without saying so in its config.
+            attention_bias=raw.get("attention_bias", model_type == "qwen2"),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """cos/sin tables for rotary embeddings at ``positions`` ([batch, tokens]) -> [batch, 1, tokens, head_dim]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+                                / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # [batch, tokens, head_dim / 2]
+    angles = torch.cat((angles, angles), dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class BatchLayout:
+    """Where a ragged batch's new tokens go: built once per forward, shared by every layer."""
+
+    slots: torch.Tensor  # [batch] cache slot of each sequence
+    positions: torch.Tensor  # [batch, tokens] position of each new token (0 for padding)
+    valid: torch.Tensor  # [batch, tokens] True for real tokens, False for padding
+    attn_mask: torch.Tensor  # [batch, 1, tokens, kv_len] True where a token may attend
+    kv_len: int  # keys gathered per sequence: the longest sequence after the extend
+
+
+def causal_layout(slots: list[int], start_lens: list[int], new_lens: list[int], device: torch.device
+                  ) -> BatchLayout:
+    """Layout for appending ``new_lens[i]`` tokens to slot ``slots[i]`` which holds ``start_lens[i]`` tokens."""
+    width = max(new_lens)
+    offsets = torch.arange(width, device=device)
+    start = torch.tensor(start_lens, device=device)[:, None]
+    valid = offsets[None, :] < torch.tensor(new_lens, device=device)[:, None]
+    positions = torch.where(valid, start + offsets, torch.zeros_like(offsets))
+    kv_len = max(s + n for s, n in zip(start_lens, new_lens, strict=True))
+    key_pos = torch.arange(kv_len, device=device)
+    attn_mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]
+    return BatchLayout(torch.tensor(slots, device=device), positions, valid, attn_mask, kv_len)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer_index = layer_index
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: BatchLayout,
+                cache: SlotKVCache) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        head_dim = self.cfg.head_dim
+        q = self.q_proj(x).view(batch, tokens, -1, head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, tokens, -1, head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, tokens, -1, head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        # Write the real (non-padding) new keys/values into the cache by position.
+        key_cache, value_cache = cache.keys[self.layer_index], cache.values[self.layer_index]
+        rows, cols = layout.valid.nonzero(as_tuple=True)
+        slot_idx, pos_idx = layout.slots[rows], layout.positions[rows, cols]
+        key_cache[slot_idx, :, pos_idx] = k.transpose(1, 2)[rows, cols]
+        value_cache[slot_idx, :, pos_idx] = v.transpose(1, 2)[rows, cols]
+
+        keys = key_cache[layout.slots, :, : layout.kv_len]
+        values = value_cache[layout.slots, :, : layout.kv_len]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.attn_mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_index)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: BatchLayout,
+                cache: SlotKVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only transformer whose ``forward`` extends sequences held in a ``SlotKVCache``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def from_folder(cls, folder: Path, *, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> LlamaForCausalLM:
+        """Loads ``config.json`` and ``*.safetensors`` from a Hugging Face model folder."""
+        folder = Path(folder)
+        cfg = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = {}
+        for file in files:
+            state.update(load_file(file, device=str(device)))
+        if cfg.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.to(device=device, dtype=dtype).eval()
+
+    def new_cache(self, num_slots: int, max_seq_len: int) -> SlotKVCache:
+        weight = self.lm_head.weight
+        return SlotKVCache(num_layers=self.cfg.num_layers, num_slots=num_slots, max_seq_len=max_seq_len,
+                           num_kv_heads=self.cfg.num_kv_heads, head_dim=self.cfg.head_dim,
+                           dtype=weight.dtype, device=weight.device)
+
+    def forward(self, input_ids: torch.Tensor, layout: BatchLayout, cache: SlotKVCache,
+                logit_rows: torch.Tensor, logit_cols: torch.Tensor) -> torch.Tensor:
+        """Runs the new tokens ``input_ids`` ([batch, tokens], padded) through the model, writing
+        their keys/values into ``cache``; returns logits [n, vocab] at (logit_rows[i], logit_cols[i])."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(layout.positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, layout, cache)
+        hidden = self.model.norm(x[logit_rows, logit_cols])
+        return self.lm_head(hidden).float()

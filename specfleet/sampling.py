@@ -1,0 +1,179 @@
+"""Sampling: logits -> processed distribution, seeded inverse-CDF sampling, draft distributions on the wire.
+
+Plain functions on tensors. Randomness comes in as uniforms (see `seeded_uniforms`), so a step is a
+deterministic function of its inputs and tests can seed it. The speculative-sampling algorithms that
+use these distributions live in `specfleet.verify` (Leviathan et al. 2023; Chen et al. 2023).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+DRAFT_STREAM = 0
+"""Uniforms stream used by the drafter to sample draft tokens."""
+VERIFY_STREAM = 1
+"""Uniforms stream used by the verifier (acceptance tests, recovered and bonus tokens)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling parameters, validated at construction."""
+
+    temperature: float = 0.0
+    """Softmax temperature; 0 means greedy (argmax)."""
+    top_k: int = 0
+    """Keep only the k most probable tokens; 0 turns it off."""
+    top_p: float = 1.0
+    """Keep the smallest set of most probable tokens whose mass is >= top_p (nucleus); 1 turns it off."""
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is greedy (temperature 0): the distribution is a point mass at the argmax."""
+        return self.temperature == 0.0
+
+
+def processed_probs(
+    logits: torch.Tensor,  # [n, vocab]
+    temperature: torch.Tensor,  # [n] float
+    top_k: torch.Tensor,  # [n] int, 0 = off
+    top_p: torch.Tensor,  # [n] float, 1 = off
+) -> torch.Tensor:  # [n, vocab] float32
+    """Turn logits into the distribution a token is sampled from, one set of parameters per row.
+
+    Order as in HF / vLLM: temperature, then top-k (keep the k largest), then top-p (keep the smallest
+    set of most probable tokens whose mass, renormalised after top-k, is >= top_p; always at least one
+    token), then renormalise. Rows with temperature 0 become a one-hot at the argmax of the logits, so
+    greedy decoding is the special case where target_probs and draft_probs are point masses
+    (Leviathan et al. 2023, section 3). Ties in top-k are broken towards the lower token id.
+    Computed in float32 whatever the dtype of the logits.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [n, vocab], got shape {tuple(logits.shape)}")
+    n, vocab = logits.shape
+    for name, param in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        if param.shape != (n,):
+            raise ValueError(f"{name} must be [n] = [{n}], got shape {tuple(param.shape)}")
+
+    logits = logits.float()
+    temperature = temperature.to(device=logits.device, dtype=torch.float32)
+    top_k = top_k.to(device=logits.device, dtype=torch.int64)
+    top_p = top_p.to(device=logits.device, dtype=torch.float32)
+
+    greedy = temperature == 0  # [n]
+    safe_temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
+    probs = torch.softmax(logits / safe_temperature[:, None], dim=-1)  # [n, vocab]
+
+    # One descending sort serves both filters; a stable sort breaks ties towards the lower token id.
+    sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True, stable=True)  # [n, vocab]
+    ranks = torch.arange(vocab, device=logits.device)[None, :]  # [1, vocab]
+    keep = (top_k[:, None] <= 0) | (ranks < top_k[:, None])  # [n, vocab]
+    sorted_probs = sorted_probs * keep
+
+    # Top-p on the top-k survivors, renormalised: keep a token iff the mass strictly before it is < top_p.
+    # The first token always survives (exclusive mass 0 < top_p), and top_p >= 1 keeps everything
+    # whatever the float rounding of the cumulative sum.
+    renormalised = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+    mass_before = torch.cumsum(renormalised, dim=-1) - renormalised  # [n, vocab]
+    keep = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    sorted_probs = sorted_probs * keep
+
+    filtered = torch.zeros_like(probs).scatter_(-1, sorted_ids, sorted_probs)  # [n, vocab]
+    filtered = filtered / filtered.sum(dim=-1, keepdim=True)
+
+    one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(greedy[:, None], one_hot, filtered)
+
+
+def sample_from_probs(
+    probs: torch.Tensor,  # [n, vocab], non-negative, each row with positive mass
+    uniforms: torch.Tensor,  # [n] in [0, 1)
+) -> torch.Tensor:  # [n] int64
+    """Inverse-CDF sampling: the token whose cumulative-mass interval contains `uniforms * row mass`.
+
+    Deterministic given the uniforms. Rows need not be normalised (each is scaled by its own mass), so
+    a residual max(0, p - q) can be passed as is. A token with zero probability is never returned: the
+    cumulative sum runs in float64, and a uniform that rounds onto the total mass is clamped to the
+    last token with nonzero mass.
+    """
+    if probs.dim() != 2:
+        raise ValueError(f"probs must be [n, vocab], got shape {tuple(probs.shape)}")
+    n, vocab = probs.shape
+    if uniforms.shape != (n,):
+        raise ValueError(f"uniforms must be [n] = [{n}], got shape {tuple(uniforms.shape)}")
+
+    cdf = torch.cumsum(probs.double(), dim=-1)  # [n, vocab]
+    targets = uniforms.to(device=probs.device, dtype=torch.float64) * cdf[:, -1]  # [n]
+    # First token whose cumulative mass exceeds the target: a zero-probability token has the same
+    # cumulative mass as the token before it, so it can never be the first to exceed.
+    tokens = torch.searchsorted(cdf, targets[:, None], right=True).squeeze(-1)  # [n]
+    nonzero = probs > 0  # [n, vocab]
+    last_nonzero = vocab - 1 - nonzero.flip(-1).to(torch.uint8).argmax(dim=-1)  # [n]
+    return torch.minimum(tokens, last_nonzero)
+
+
+def seeded_uniforms(seed: int, position: int, stream: int, count: int) -> torch.Tensor:  # [count] float64
+    """`count` uniforms in [0, 1), a pure function of (seed, position, stream).
+
+    The generator is seeded from a BLAKE2b hash of the triple (stable across processes and machines,
+    unlike Python's salted `hash()`) and always runs on the CPU, so a request with a seed reproduces
+    its tokens whatever replica serves it. `position` is the sequence position the step starts at;
+    `stream` separates independent uses at the same position (DRAFT_STREAM, VERIFY_STREAM).
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    digest = hashlib.blake2b(f"specfleet:{seed}:{position}:{stream}".encode(), digest_size=8).digest()
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int.from_bytes(digest, "little"))
+    return torch.rand(count, generator=generator, dtype=torch.float64)
+
+
+def top_k_pairs(
+    probs: torch.Tensor,  # [n, vocab]
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([n, k] int64, [n, k] float32)
+    """The k most probable tokens and their probabilities renormalised to sum 1.
+
+    This is the draft distribution q as it travels on the wire: the drafter samples from this
+    truncated, renormalised distribution, so the q the verifier sees is exactly the one the draft
+    token was drawn from, as lossless speculative sampling requires (Leviathan et al. 2023). If fewer
+    than k tokens have nonzero probability, the extra pairs have probability 0.
+    """
+    if probs.dim() != 2:
+        raise ValueError(f"probs must be [n, vocab], got shape {tuple(probs.shape)}")
+    if not 1 <= k <= probs.shape[1]:
+        raise ValueError(f"k must be in [1, vocab] = [1, {probs.shape[1]}], got {k}")
+    values, token_ids = torch.topk(probs.float(), k, dim=-1)  # [n, k]
+    pair_probs = values / values.sum(dim=-1, keepdim=True)
+    return token_ids, pair_probs
+
+
+def dense_from_pairs(
+    token_ids: torch.Tensor,  # [n, k] int64
+    pair_probs: torch.Tensor,  # [n, k]
+    vocab_size: int,
+) -> torch.Tensor:  # [n, vocab_size] float32
+    """Inverse of `top_k_pairs`: scatter (token, probability) pairs into a dense distribution.
+
+    Repeated token ids add up, so pairs from any source give a proper distribution.
+    """
+    if token_ids.dim() != 2:
+        raise ValueError(f"token_ids must be [n, k], got shape {tuple(token_ids.shape)}")
+    if pair_probs.shape != token_ids.shape:
+        raise ValueError(
+            f"pair_probs must have the shape of token_ids {tuple(token_ids.shape)}, "
+            f"got {tuple(pair_probs.shape)}"
+        )
+    dense = torch.zeros(token_ids.shape[0], vocab_size, dtype=torch.float32, device=pair_probs.device)
+    return dense.scatter_add_(-1, token_ids.long(), pair_probs.float())

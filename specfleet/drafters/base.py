@@ -1,0 +1,56 @@
+"""The one small interface every drafter implements, and the records that cross it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from specfleet.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """Roll ``seq_id`` back to ``rollback_to`` tokens, append ``new_tokens`` (committed), then draft
+    up to ``depth`` tokens with ``sampling``; ``seed`` with the position makes the draft reproducible."""
+
+    seq_id: str
+    rollback_to: int
+    new_tokens: list[int]
+    depth: int
+    sampling: SamplingParams
+    seed: int = 0
+
+    @property
+    def position(self) -> int:
+        """Index of the first draft token in the sequence."""
+        return self.rollback_to + len(self.new_tokens)
+
+
+@dataclass
+class DraftResult:
+    seq_id: str
+    known: bool  # False: no state for seq_id, the caller must resend the whole sequence
+    tokens: list[int]
+    # The exact distribution each token was drawn from, as top-K pairs (ids [n, K], probs [n, K]);
+    # None for greedy requests.
+    draft_probs: tuple[torch.Tensor, torch.Tensor] | None
+    cached_len: int  # tokens of the sequence the drafter holds after this call
+
+    @classmethod
+    def unknown(cls, seq_id: str) -> DraftResult:
+        return cls(seq_id, known=False, tokens=[], draft_probs=None, cached_len=0)
+
+
+class Drafter(Protocol):
+    """Proposes draft tokens for a batch of sequences it keeps as sessions."""
+
+    kind: str
+
+    def propose(self, requests: list[DraftRequest]) -> list[DraftResult]: ...
+
+    def release(self, seq_ids: list[str]) -> int: ...
+
+    @property
+    def live_sequences(self) -> int: ...

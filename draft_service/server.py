@@ -1,0 +1,95 @@
+"""The draft service: a thin gRPC adapter over a ``Drafter`` (ngram or model)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from specfleet.config import DraftConfig
+from specfleet.drafters import Drafter, DraftRequest, NgramDrafter
+from specfleet.protos import draft_pb2, draft_pb2_grpc, session_pb2
+from specfleet.serving import serve, servicer_name
+from specfleet.wire import delta_fields, distributions_to_proto, info_response, sampling_from_proto, validate_tokens
+
+log = logging.getLogger("specfleet.draft")
+
+
+class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
+    def __init__(self, config: DraftConfig, drafter: Drafter, *, vocab_size: int = 0, fingerprint: str = "",
+                 max_seq_len: int = 0, num_slots: int = 0) -> None:
+        self.config = config
+        self.drafter = drafter
+        self.vocab_size, self.fingerprint = vocab_size, fingerprint
+        self.max_seq_len, self.num_slots = max_seq_len, num_slots
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
+
+    async def Propose(self, request: draft_pb2.ProposeRequest, context: grpc.aio.ServicerContext
+                      ) -> draft_pb2.ProposeResponse:
+        try:
+            requests = [self._request(e) for e in request.entries]
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        started = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.drafter.propose, requests)
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return draft_pb2.ProposeResponse(
+            compute_ms=(time.perf_counter() - started) * 1000,
+            proposals=[draft_pb2.Proposal(
+                seq_id=r.seq_id,
+                status=session_pb2.ENTRY_STATUS_OK if r.known else session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE,
+                tokens=r.tokens, draft_probs=distributions_to_proto(r.draft_probs), cached_len=r.cached_len)
+                for r in results])
+
+    def _request(self, entry: draft_pb2.ProposeEntry) -> DraftRequest:
+        seq_id, rollback_to, new_tokens = delta_fields(entry.sequence)
+        validate_tokens(new_tokens, self.vocab_size, f"{seq_id}: new_tokens")
+        return DraftRequest(seq_id, rollback_to, new_tokens, entry.depth, sampling_from_proto(entry.sampling),
+                            entry.seed)
+
+    async def Release(self, request: session_pb2.ReleaseSequencesRequest, context: grpc.aio.ServicerContext
+                      ) -> session_pb2.ReleaseSequencesResponse:
+        released = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.drafter.release, list(request.seq_ids))
+        return session_pb2.ReleaseSequencesResponse(released=released)
+
+    async def GetInfo(self, request: session_pb2.GetServiceInfoRequest, context: grpc.aio.ServicerContext
+                      ) -> session_pb2.GetServiceInfoResponse:
+        return info_response(model=self.config.model if self.drafter.kind == "model" else "", kind=self.drafter.kind,
+                             vocab_size=self.vocab_size, fingerprint=self.fingerprint,
+                             max_seq_len=self.max_seq_len, num_slots=self.num_slots,
+                             live=self.drafter.live_sequences)
+
+
+def build_servicer(config: DraftConfig) -> DraftServicer:
+    if config.drafter == "ngram":
+        log.info("ngram drafter (prompt lookup, suffixes of %d..%d tokens)", config.ngram_min, config.ngram_max)
+        return DraftServicer(config, NgramDrafter(max_ngram=config.ngram_max, min_ngram=config.ngram_min))
+    from specfleet.drafters.model import ModelDrafter
+    from specfleet.engine import ModelRunner
+    from specfleet.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+
+    folder = resolve_model(config.model)
+    device = config.resolved_device()
+    runner = ModelRunner.from_folder(folder, num_slots=config.num_slots, max_seq_len=config.max_seq_len,
+                                     device=device)
+    log.info("model drafter %s loaded on %s: %d slots x %d tokens", config.model, device, runner.num_slots,
+             runner.max_seq_len)
+    return DraftServicer(config, ModelDrafter(runner, top_k_pairs=config.top_k_pairs),
+                         vocab_size=runner.vocab_size, fingerprint=tokenizer_fingerprint(load_tokenizer(folder)),
+                         max_seq_len=runner.max_seq_len, num_slots=runner.num_slots)
+
+
+async def run(config: DraftConfig) -> None:
+    servicer = build_servicer(config)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server)
+        return [servicer_name(draft_pb2, "DraftService")]
+
+    await serve("draft", config.host, config.port, register)

@@ -1,0 +1,131 @@
+"""Typed, validated configuration: one dataclass per service, and the CLI built from it.
+
+Each field's ``metadata["help"]`` is its documentation and its ``--help`` line; ``__post_init__``
+checks values so a bad flag fails at start-up with a message that names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from specfleet.drafters import DRAFTER_KINDS
+from specfleet.models import DEFAULT_MODEL
+
+
+def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What every service has: where it listens and where telemetry goes."""
+
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 in a container)")
+    port: int = option(0, "gRPC port")
+    redis_url: str = option("", "Redis for fleet telemetry, e.g. redis://127.0.0.1:6379/0 (empty: none)")
+    log_level: str = option("INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port < 65536, f"--port must be in [0, 65535], got {self.port}")
+
+
+@dataclass(frozen=True)
+class EngineConfig(ServiceConfig):
+    """A service that runs a model on the slot KV cache."""
+
+    model: str = option(DEFAULT_MODEL, "model: a preset name (smollm2-135m, qwen2.5-coder-0.5b, "
+                        "qwen2.5-coder-1.5b) or a local Hugging Face model folder")
+    device: str = option("auto", "torch device: cpu, cuda, cuda:1 ... (auto: cuda when present)")
+    num_slots: int = option(32, "sequences held in the KV cache at once (least recently used are evicted)")
+    max_seq_len: int = option(2048, "longest sequence (prompt + generation) in tokens, capped by the model")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.num_slots >= 1, f"--num-slots must be >= 1, got {self.num_slots}")
+        _check(self.max_seq_len >= 16, f"--max-seq-len must be >= 16, got {self.max_seq_len}")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class TargetConfig(EngineConfig):
+    """The target service: verifies drafts with the big model."""
+
+    port: int = option(50052, "gRPC port")
+
+
+@dataclass(frozen=True)
+class DraftConfig(EngineConfig):
+    """The draft service: proposes draft tokens."""
+
+    port: int = option(50051, "gRPC port")
+    drafter: str = option("ngram", "how to draft: ngram (prompt lookup, no model) or model (a small LM "
+                          "sharing the target's tokenizer, given by --model)", choices=list(DRAFTER_KINDS))
+    top_k_pairs: int = option(64, "draft distribution sent per token as its top-K (token, prob) pairs")
+    ngram_max: int = option(3, "ngram drafter: longest suffix to look up")
+    ngram_min: int = option(1, "ngram drafter: shortest suffix to look up")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.top_k_pairs >= 1, f"--top-k-pairs must be >= 1, got {self.top_k_pairs}")
+        _check(1 <= self.ngram_min <= self.ngram_max, "need 1 <= --ngram-min <= --ngram-max")
+
+
+@dataclass(frozen=True)
+class RouterConfig(ServiceConfig):
+    """The router: the public gRPC front door and the speculation loop."""
+
+    port: int = option(50050, "public gRPC port")
+    targets: str = option("127.0.0.1:50052", "target service addresses, comma-separated host:port")
+    drafts: str = option("127.0.0.1:50051", "draft service addresses, comma-separated (empty: no speculation)")
+    depth: int = option(4, "draft tokens per step (0: plain decoding through the target)")
+    max_depth: int = option(16, "largest depth accepted anywhere")
+    default_max_new_tokens: int = option(128, "max_new_tokens when a request does not say")
+    max_new_tokens_cap: int = option(4096, "largest max_new_tokens a request may ask for")
+    max_queue: int = option(1024, "requests waiting for a slot before new ones get RESOURCE_EXHAUSTED")
+    draft_timeout_ms: float = option(2000.0, "a Propose slower than this is dropped: the step runs at depth 0")
+    verify_timeout_ms: float = option(60000.0, "a Verify slower than this fails its requests with UNAVAILABLE")
+    draft_retry_s: float = option(2.0, "after a draft failure, skip that draft replica for this long")
+    tokenizer: str = option("", "model spec to take the tokenizer from (default: the target's model)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0 <= self.depth <= self.max_depth, f"--depth must be in [0, {self.max_depth}], got {self.depth}")
+        _check(bool(self.target_addresses), "--targets needs at least one host:port")
+        _check(1 <= self.default_max_new_tokens <= self.max_new_tokens_cap,
+               "need 1 <= --default-max-new-tokens <= --max-new-tokens-cap")
+        _check(self.draft_timeout_ms > 0 and self.verify_timeout_ms > 0, "timeouts must be > 0")
+
+    @property
+    def target_addresses(self) -> list[str]:
+        return [a.strip() for a in self.targets.split(",") if a.strip()]
+
+    @property
+    def draft_addresses(self) -> list[str]:
+        return [a.strip() for a in self.drafts.split(",") if a.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """Adds one ``--flag`` per dataclass field, with its help text and default."""
+    for f in dataclasses.fields(config_cls):
+        meta = dict(f.metadata)
+        help_text = meta.pop("help", "")
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                            help=f"{help_text} (default: {f.default!r})", **meta)
+
+
+def from_arguments(config_cls: type, args: argparse.Namespace) -> Any:
+    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})

@@ -1,0 +1,66 @@
+"""What the three gRPC servers share: start-up with health and reflection, and a clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a batch of long prompts plus top-K draft distributions
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def serve(
+    name: str,
+    host: str,
+    port: int,
+    register: Callable[[grpc.aio.Server], list[str]],
+    *,
+    on_start: Callable[[], Awaitable[None]] | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    grace_s: float = 5.0,
+) -> None:
+    """Runs a gRPC server until SIGINT/SIGTERM. ``register`` adds the servicers and returns their
+    full service names, which are reported SERVING on ``grpc.health.v1`` and listed by reflection."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    services = register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"{name}: cannot listen on {host}:{port}")
+    await server.start()
+    if on_start is not None:
+        await on_start()
+    for service in ["", *services]:
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s serving on %s:%d", name, host, bound)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s shutting down (draining for up to %.0f s)", name, grace_s)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace_s)  # in-flight calls may finish; new ones are refused
+    if on_stop is not None:
+        await on_stop()
+
+
+def servicer_name(service_descriptor_holder, service: str) -> str:
+    """Full gRPC name of ``service`` declared in a generated ``*_pb2`` module."""
+    return service_descriptor_holder.DESCRIPTOR.services_by_name[service].full_name

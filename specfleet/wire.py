@@ -1,0 +1,49 @@
+"""Conversions between protobuf messages and the library's plain records (the transport layer)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from specfleet.protos import generate_pb2, session_pb2
+from specfleet.sampling import SamplingParams
+
+
+def sampling_from_proto(msg: generate_pb2.SamplingParameters) -> SamplingParams:
+    """Raises ValueError (with the field's name) for out-of-range values."""
+    return SamplingParams(
+        temperature=msg.temperature if msg.HasField("temperature") else 0.0,
+        top_k=msg.top_k,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+    )
+
+
+def sampling_to_proto(params: SamplingParams) -> generate_pb2.SamplingParameters:
+    return generate_pb2.SamplingParameters(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+
+
+def delta_fields(delta: session_pb2.SequenceDelta) -> tuple[str, int, list[int]]:
+    if not delta.seq_id:
+        raise ValueError("seq_id is empty")
+    return delta.seq_id, delta.rollback_to, list(delta.new_tokens)
+
+
+def validate_tokens(tokens: Sequence[int], vocab_size: int, what: str) -> None:
+    if vocab_size and tokens and max(tokens) >= vocab_size:
+        raise ValueError(f"{what}: token id {max(tokens)} is outside the vocabulary of {vocab_size}")
+
+
+def distributions_to_proto(pairs: tuple[torch.Tensor, torch.Tensor] | None) -> list[session_pb2.TokenDistribution]:
+    if pairs is None:
+        return []
+    ids, probs = pairs
+    return [session_pb2.TokenDistribution(token_ids=i.tolist(), probs=p.tolist())
+            for i, p in zip(ids, probs, strict=True)]
+
+
+def info_response(*, model: str, kind: str, vocab_size: int, fingerprint: str, max_seq_len: int, num_slots: int,
+                  live: int, eos_ids: Sequence[int] = ()) -> session_pb2.GetServiceInfoResponse:
+    return session_pb2.GetServiceInfoResponse(
+        model=model, kind=kind, vocab_size=vocab_size, tokenizer_fingerprint=fingerprint, max_seq_len=max_seq_len,
+        num_slots=num_slots, live_sequences=live, eos_token_ids=list(eos_ids))

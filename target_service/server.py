@@ -1,0 +1,121 @@
+"""The target service: a thin gRPC adapter over ``Verifier`` (the big model verifying drafts)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+
+from specfleet.config import TargetConfig
+from specfleet.engine import ModelRunner
+from specfleet.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
+from specfleet.serving import serve, servicer_name
+from specfleet.wire import delta_fields, info_response, sampling_from_proto, validate_tokens
+from target_service.verifier import Verifier, VerifyItem
+
+log = logging.getLogger("specfleet.target")
+
+
+class TargetServicer(target_pb2_grpc.TargetServiceServicer):
+    def __init__(self, config: TargetConfig, verifier: Verifier, fingerprint: str, eos_ids: list[int]) -> None:
+        self.config = config
+        self.verifier = verifier
+        self.fingerprint = fingerprint
+        self.eos_ids = eos_ids
+        # One model, one thread: batches run one after another, the event loop stays free for health checks.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-model")
+
+    async def Verify(self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext
+                     ) -> target_pb2.VerifyResponse:
+        try:
+            items = [self._item(e) for e in request.entries]
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        started = time.perf_counter()
+        try:
+            verdicts = await asyncio.get_running_loop().run_in_executor(self.executor, self.verifier.verify, items)
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        return target_pb2.VerifyResponse(
+            compute_ms=elapsed_ms,
+            verdicts=[target_pb2.Verdict(
+                seq_id=v.seq_id,
+                status=session_pb2.ENTRY_STATUS_OK if v.known else session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE,
+                accepted=v.accepted, tokens=v.tokens, cached_len=v.cached_len) for v in verdicts])
+
+    def _item(self, entry: target_pb2.VerifyEntry) -> VerifyItem:
+        seq_id, rollback_to, new_tokens = delta_fields(entry.sequence)
+        vocab = self.verifier.runner.vocab_size
+        validate_tokens(new_tokens, vocab, f"{seq_id}: new_tokens")
+        validate_tokens(entry.draft_tokens, vocab, f"{seq_id}: draft_tokens")
+        if not new_tokens:
+            raise ValueError(f"{seq_id}: every verify entry needs at least one new token")
+        sampling = sampling_from_proto(entry.sampling)
+        draft_probs = None
+        if not sampling.greedy and entry.draft_tokens:
+            if len(entry.draft_probs) != len(entry.draft_tokens):
+                raise ValueError(f"{seq_id}: {len(entry.draft_tokens)} draft tokens but "
+                                 f"{len(entry.draft_probs)} draft distributions")
+            width = max(len(d.token_ids) for d in entry.draft_probs)
+            ids = torch.zeros(len(entry.draft_probs), width, dtype=torch.long)
+            probs = torch.zeros(len(entry.draft_probs), width)
+            for row, dist in enumerate(entry.draft_probs):
+                validate_tokens(dist.token_ids, vocab, f"{seq_id}: draft_probs")
+                ids[row, : len(dist.token_ids)] = torch.tensor(list(dist.token_ids), dtype=torch.long)
+                probs[row, : len(dist.probs)] = torch.tensor(list(dist.probs))
+            draft_probs = (ids, probs)
+        return VerifyItem(seq_id, rollback_to, new_tokens, list(entry.draft_tokens), draft_probs, sampling, entry.seed)
+
+    async def Release(self, request: session_pb2.ReleaseSequencesRequest, context: grpc.aio.ServicerContext
+                      ) -> session_pb2.ReleaseSequencesResponse:
+        released = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.verifier.runner.release, list(request.seq_ids))
+        return session_pb2.ReleaseSequencesResponse(released=released)
+
+    async def GetInfo(self, request: session_pb2.GetServiceInfoRequest, context: grpc.aio.ServicerContext
+                      ) -> session_pb2.GetServiceInfoResponse:
+        runner = self.verifier.runner
+        return info_response(model=self.config.model, kind="target", vocab_size=runner.vocab_size,
+                             fingerprint=self.fingerprint, max_seq_len=runner.max_seq_len,
+                             num_slots=runner.num_slots, live=runner.live_sequences, eos_ids=self.eos_ids)
+
+
+def build_servicer(config: TargetConfig) -> TargetServicer:
+    folder = resolve_model(config.model)
+    tokenizer = load_tokenizer(folder)
+    device = config.resolved_device()
+    runner = ModelRunner.from_folder(folder, num_slots=config.num_slots, max_seq_len=config.max_seq_len,
+                                     device=device)
+    log.info("target model %s loaded on %s: %d slots x %d tokens", config.model, device, runner.num_slots,
+             runner.max_seq_len)
+    return TargetServicer(config, Verifier(runner), tokenizer_fingerprint(tokenizer), eos_token_ids(folder, tokenizer))
+
+
+def eos_token_ids(folder, tokenizer) -> list[int]:
+    """End-of-sequence ids from the generation config and the tokenizer."""
+    import json
+
+    ids: set[int] = set()
+    gen = folder / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+async def run(config: TargetConfig) -> None:
+    servicer = build_servicer(config)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        target_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server)
+        return [servicer_name(target_pb2, "TargetService")]
+
+    await serve("target", config.host, config.port, register)

@@ -1,0 +1,121 @@
+"""The target side of a step, free of gRPC: run every sequence's new tokens and drafts through the
+model in one batched pass, verify the drafts, and keep only the accepted prefix in the cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specfleet.engine import Extend, ModelRunner
+from specfleet.sampling import VERIFY_STREAM, SamplingParams, dense_from_pairs, processed_probs, seeded_uniforms
+from specfleet.verify import verify_chain, verify_greedy
+
+
+@dataclass(frozen=True)
+class VerifyItem:
+    seq_id: str
+    rollback_to: int
+    new_tokens: list[int]
+    draft_tokens: list[int]
+    # For sampled requests, the top-K pairs (ids [depth, K], probs [depth, K]) each draft came from.
+    draft_probs: tuple[torch.Tensor, torch.Tensor] | None
+    sampling: SamplingParams
+    seed: int = 0
+
+    @property
+    def position(self) -> int:
+        """Index of the first draft token in the sequence."""
+        return self.rollback_to + len(self.new_tokens)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    seq_id: str
+    known: bool
+    accepted: int = 0
+    tokens: tuple[int, ...] = ()  # accepted drafts, then the recovered or bonus token
+    cached_len: int = 0
+
+    @classmethod
+    def unknown(cls, seq_id: str) -> Verdict:
+        return cls(seq_id, known=False)
+
+
+class Verifier:
+    """Verifies batches of draft chains against the target model held by ``runner``."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    def verify(self, items: list[VerifyItem]) -> list[Verdict]:
+        verdicts: dict[str, Verdict] = {}
+        known = []
+        for item in items:
+            if self.runner.can_extend(item.seq_id, item.rollback_to):
+                known.append(item)
+            else:
+                verdicts[item.seq_id] = Verdict.unknown(item.seq_id)
+        if known:
+            logits = self.runner.extend([
+                Extend(i.seq_id, i.rollback_to, list(i.new_tokens) + list(i.draft_tokens),
+                       num_logits=len(i.draft_tokens) + 1)
+                for i in known
+            ])
+            greedy = [n for n, i in enumerate(known) if i.sampling.greedy]
+            sampled = [n for n, i in enumerate(known) if not i.sampling.greedy]
+            for group, decide in ((greedy, self._verify_greedy), (sampled, self._verify_sampled)):
+                if group:
+                    for n, (accepted, tokens) in zip(group, decide([known[n] for n in group],
+                                                                   [logits[n] for n in group]), strict=True):
+                        item = known[n]
+                        cached = item.position + accepted  # drop the rejected drafts' keys/values
+                        self.runner.truncate(item.seq_id, cached)
+                        verdicts[item.seq_id] = Verdict(item.seq_id, True, accepted, tuple(tokens), cached)
+        return [verdicts[i.seq_id] for i in items]
+
+    @staticmethod
+    def _padded_drafts(items: list[VerifyItem]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        depth = max(len(i.draft_tokens) for i in items)
+        drafts = torch.zeros(len(items), depth, dtype=torch.long)
+        for row, i in enumerate(items):
+            drafts[row, : len(i.draft_tokens)] = torch.tensor(i.draft_tokens, dtype=torch.long)
+        return drafts, torch.tensor([len(i.draft_tokens) for i in items]), depth
+
+    @staticmethod
+    def _pad_logits(logits: list[torch.Tensor], depth: int) -> torch.Tensor:
+        out = logits[0].new_zeros(len(logits), depth + 1, logits[0].shape[-1])
+        for row, x in enumerate(logits):
+            out[row, : x.shape[0]] = x
+        return out  # [batch, depth + 1, vocab]
+
+    def _verify_greedy(self, items: list[VerifyItem], logits: list[torch.Tensor]) -> list[tuple[int, list[int]]]:
+        drafts, lens, depth = self._padded_drafts(items)
+        result = verify_greedy(self._pad_logits(logits, depth), drafts, lens)
+        return [(int(result.accepted_counts[r]), result.emitted(r)) for r in range(len(items))]
+
+    def _verify_sampled(self, items: list[VerifyItem], logits: list[torch.Tensor]) -> list[tuple[int, list[int]]]:
+        drafts, lens, depth = self._padded_drafts(items)
+        vocab = logits[0].shape[-1]
+        rows = depth + 1
+        target_logits = self._pad_logits(logits, depth).view(-1, vocab)
+        target_probs = processed_probs(
+            target_logits,
+            torch.tensor([i.sampling.temperature for i in items]).repeat_interleave(rows),
+            torch.tensor([i.sampling.top_k for i in items]).repeat_interleave(rows),
+            torch.tensor([i.sampling.top_p for i in items]).repeat_interleave(rows),
+        ).view(len(items), rows, vocab)
+        draft_probs = torch.zeros(len(items), depth, vocab)
+        uniforms = torch.zeros(len(items), rows, dtype=torch.float64)
+        for row, i in enumerate(items):
+            k = len(i.draft_tokens)
+            if k:
+                if i.draft_probs is None:
+                    raise ValueError(f"{i.seq_id}: a sampled request needs the draft distribution of each draft token")
+                ids, probs = i.draft_probs
+                draft_probs[row, :k] = dense_from_pairs(ids, probs, vocab)
+            u = seeded_uniforms(i.seed, i.position, VERIFY_STREAM, k + 1)
+            uniforms[row, :k] = u[:k]
+            uniforms[row, depth] = u[k]  # the recovered/bonus draw always uses the last column
+        result = verify_chain(target_probs, drafts, draft_probs, lens, uniforms)
+        return [(int(result.accepted_counts[r]), result.emitted(r)) for r in range(len(items))]

@@ -1,0 +1,203 @@
+"""The step loop: one per target replica, batching every live sequence on it.
+
+Each step reads like the method: choose depths -> propose (one batched call per draft replica)
+-> verify (one batched call to the target) -> commit and emit -> retire finished sequences.
+Requests join and leave between steps (continuous batching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+import grpc
+
+from router.replicas import DraftReplica, TargetReplica
+from router.sequence import Sequence, fail
+from specfleet.config import RouterConfig
+from specfleet.protos import draft_pb2, session_pb2, target_pb2
+from specfleet.wire import sampling_to_proto
+
+log = logging.getLogger("specfleet.router")
+
+OK, UNKNOWN = session_pb2.ENTRY_STATUS_OK, session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE
+
+
+class StepLoop:
+    """Drives the sequences pinned to one target replica."""
+
+    def __init__(self, target: TargetReplica, config: RouterConfig) -> None:
+        assert target.info is not None
+        self.target = target
+        self.config = config
+        self.capacity = target.info.num_slots
+        self.max_context = target.info.max_seq_len
+        self.live: list[Sequence] = []
+        self.waiting: deque[Sequence] = deque()
+        self._wakeup = asyncio.Event()
+        self._background: set[asyncio.Task] = set()
+
+    @property
+    def load(self) -> int:
+        return len(self.live) + len(self.waiting)
+
+    def submit(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            self._admit()
+            if not self.live:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                await self.step([s for s in self.live if not s.finished])
+            except Exception as err:  # a bug must not strand every request on this replica
+                log.exception("step failed on %s", self.target.address)
+                for seq in self.live:
+                    fail(seq, grpc.StatusCode.INTERNAL, f"router step failed: {err}")
+            self._retire()
+
+    async def step(self, batch: list[Sequence]) -> None:
+        if not batch:
+            return
+        depths = {seq.seq_id: self.choose_depth(seq) for seq in batch}
+        proposals = await self.propose(batch, depths)
+        verdicts = await self.verify(batch, proposals)
+        for seq in batch:
+            verdict = verdicts.get(seq.seq_id)
+            if verdict is not None and not seq.finished:
+                self.commit(seq, proposals.get(seq.seq_id), verdict)
+
+    def choose_depth(self, seq: Sequence) -> int:
+        """The configured depth, capped by what the request and both caches still have room for."""
+        if seq.draft is None or not seq.draft.available:
+            return 0
+        limits = [self.config.depth, seq.max_new_tokens - len(seq.generated) - 1,
+                  self.max_context - len(seq.tokens)]
+        if seq.draft.info is not None and seq.draft.info.max_seq_len:
+            limits.append(seq.draft.info.max_seq_len - len(seq.tokens))
+        return max(0, min(limits))
+
+    # -- propose --------------------------------------------------------------------------------
+
+    async def propose(self, batch: list[Sequence], depths: dict[str, int]) -> dict[str, draft_pb2.Proposal]:
+        groups: dict[str, list[Sequence]] = {}
+        for seq in batch:
+            if depths[seq.seq_id] > 0:
+                groups.setdefault(seq.draft.address, []).append(seq)
+        results = await asyncio.gather(*(self._propose_on(seqs[0].draft, seqs, depths) for seqs in groups.values()))
+        return {seq_id: p for result in results for seq_id, p in result.items()}
+
+    async def _propose_on(self, draft: DraftReplica, seqs: list[Sequence], depths: dict[str, int]
+                          ) -> dict[str, draft_pb2.Proposal]:
+        try:
+            out = await self._propose_call(draft, seqs, depths)
+            resend = [s for s in seqs if out[s.seq_id].status == UNKNOWN]
+            if resend:  # the drafter lost them (restart, eviction): send the whole context once
+                for seq in resend:
+                    seq.draft_cached = 0
+                out.update(await self._propose_call(draft, resend, depths))
+        except grpc.aio.AioRpcError as err:
+            draft.mark_failed(f"{err.code().name}: {err.details()}", self.config.draft_retry_s)
+            for seq in seqs:
+                seq.draft_cached = 0  # unknown how far it got: resend everything next time
+            return {}
+        draft.mark_ok()
+        return {seq_id: p for seq_id, p in out.items() if p.status == OK}
+
+    async def _propose_call(self, draft: DraftReplica, seqs: list[Sequence], depths: dict[str, int]
+                            ) -> dict[str, draft_pb2.Proposal]:
+        request = draft_pb2.ProposeRequest(entries=[
+            draft_pb2.ProposeEntry(
+                sequence=session_pb2.SequenceDelta(seq_id=s.seq_id, rollback_to=s.draft_cached,
+                                                   new_tokens=s.tokens[s.draft_cached:]),
+                depth=depths[s.seq_id], sampling=sampling_to_proto(s.sampling), seed=s.seed)
+            for s in seqs])
+        response = await draft.stub.Propose(request, timeout=self.config.draft_timeout_ms / 1000)
+        return {p.seq_id: p for p in response.proposals}
+
+    # -- verify ---------------------------------------------------------------------------------
+
+    async def verify(self, batch: list[Sequence], proposals: dict[str, draft_pb2.Proposal]
+                     ) -> dict[str, target_pb2.Verdict]:
+        try:
+            out = await self._verify_call(batch, proposals)
+            resend = [s for s in batch if out[s.seq_id].status == UNKNOWN]
+            if resend:
+                log.info("target %s lost %d sequence(s); re-prefilling them", self.target.address, len(resend))
+                for seq in resend:
+                    seq.target_cached = 0
+                out.update(await self._verify_call(resend, proposals))
+        except grpc.aio.AioRpcError as err:
+            log.error("verify on %s failed: %s %s", self.target.address, err.code().name, err.details())
+            for seq in batch:
+                fail(seq, grpc.StatusCode.UNAVAILABLE, f"target {self.target.address} failed: {err.details()}")
+            return {}
+        return {seq_id: v for seq_id, v in out.items() if v.status == OK}
+
+    async def _verify_call(self, seqs: list[Sequence], proposals: dict[str, draft_pb2.Proposal]
+                           ) -> dict[str, target_pb2.Verdict]:
+        entries = []
+        for s in seqs:
+            proposal = proposals.get(s.seq_id)
+            entries.append(target_pb2.VerifyEntry(
+                sequence=session_pb2.SequenceDelta(seq_id=s.seq_id, rollback_to=s.target_cached,
+                                                   new_tokens=s.tokens[s.target_cached:]),
+                draft_tokens=proposal.tokens if proposal else [],
+                draft_probs=proposal.draft_probs if proposal else [],
+                sampling=sampling_to_proto(s.sampling), seed=s.seed))
+        response = await self.target.stub.Verify(target_pb2.VerifyRequest(entries=entries),
+                                                 timeout=self.config.verify_timeout_ms / 1000)
+        return {v.seq_id: v for v in response.verdicts}
+
+    # -- commit, admit, retire ------------------------------------------------------------------
+
+    def commit(self, seq: Sequence, proposal: draft_pb2.Proposal | None, verdict: target_pb2.Verdict) -> None:
+        position = len(seq.tokens)
+        seq.target_cached = verdict.cached_len
+        if proposal is not None:  # the drafter keeps its drafts; only the accepted ones stay valid
+            seq.draft_cached = min(proposal.cached_len, position + verdict.accepted)
+        drafted = len(proposal.tokens) if proposal else 0
+        kept = seq.commit(list(verdict.tokens), self.max_context)
+        seq.stats.steps += 1
+        seq.stats.drafted += drafted
+        seq.stats.accepted += verdict.accepted
+        seq.stats.emitted += len(kept)
+        seq.stats.depth = drafted
+        seq.emit(kept)
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.live) < self.capacity:
+            seq = self.waiting.popleft()
+            if not seq.finished:
+                self.live.append(seq)
+
+    def _retire(self) -> None:
+        done = [s for s in self.live if s.finished]
+        if not done:
+            return
+        self.live = [s for s in self.live if not s.finished]
+        for seq in done:
+            if seq.draft is not None:
+                seq.draft.assigned -= 1
+        self._spawn(self._release(done))
+
+    async def _release(self, seqs: list[Sequence]) -> None:
+        request = session_pb2.ReleaseSequencesRequest(seq_ids=[s.seq_id for s in seqs])
+        calls = [self.target.stub.Release(request, timeout=10)]
+        drafts = {s.draft.address: s.draft for s in seqs if s.draft is not None}
+        for draft in drafts.values():
+            ids = [s.seq_id for s in seqs if s.draft is draft]
+            calls.append(draft.stub.Release(session_pb2.ReleaseSequencesRequest(seq_ids=ids), timeout=10))
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.warning("release failed (the replica will evict the sequence later): %s", result)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

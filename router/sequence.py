@@ -1,0 +1,106 @@
+"""One live request as the router sees it: its tokens, where its state lives, and its stream."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.text import IncrementalDetokenizer, StopMatcher
+from specfleet.protos import generate_pb2
+from specfleet.sampling import SamplingParams
+
+FinishReason = int  # a generate_pb2.FinishReason value
+
+
+@dataclass
+class SpeculationStats:
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    depth: int = 0
+
+    def to_proto(self) -> generate_pb2.SpeculationStats:
+        return generate_pb2.SpeculationStats(
+            steps=self.steps, drafted_tokens=self.drafted, accepted_tokens=self.accepted,
+            acceptance_rate=self.accepted / self.drafted if self.drafted else 0.0,
+            mean_tokens_per_step=self.emitted / self.steps if self.steps else 0.0, depth=self.depth)
+
+
+@dataclass
+class Sequence:
+    """A request being generated. The step loop owns it; the RPC handler reads ``outbox``."""
+
+    request_id: str
+    seq_id: str
+    tokens: list[int]  # prompt + committed generated tokens
+    prompt_len: int
+    sampling: SamplingParams
+    seed: int
+    max_new_tokens: int
+    eos_ids: frozenset[int]
+    ignore_eos: bool
+    detokenizer: IncrementalDetokenizer
+    stops: StopMatcher
+    stats: SpeculationStats = field(default_factory=SpeculationStats)
+    # How many leading tokens of ``tokens`` each service holds in its cache (0: send everything).
+    target_cached: int = 0
+    draft_cached: int = 0
+    draft: Any = None  # the DraftReplica this sequence is pinned to, if any
+    finish_reason: FinishReason = generate_pb2.FINISH_REASON_UNSPECIFIED
+    cancelled: bool = False  # the client went away: stop quietly
+    outbox: asyncio.Queue[generate_pb2.GenerateResponse] = field(default_factory=asyncio.Queue)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED or self.cancelled
+
+    def commit(self, new_tokens: list[int], max_context: int) -> list[int]:
+        """Appends the step's tokens up to the first stop condition; returns those kept."""
+        kept: list[int] = []
+        for token in new_tokens:
+            self.tokens.append(token)
+            kept.append(token)
+            if token in self.eos_ids and not self.ignore_eos:
+                self.finish_reason = generate_pb2.FINISH_REASON_EOS
+                break
+            if len(self.generated) >= self.max_new_tokens or len(self.tokens) >= max_context:
+                self.finish_reason = generate_pb2.FINISH_REASON_LENGTH
+                break
+        return kept
+
+    def emit(self, new_tokens: list[int]) -> None:
+        """Queues one stream message for the tokens just committed (and the end, if reached)."""
+        text, stopped = self.stops.feed(self.detokenizer.add(new_tokens))
+        if stopped:
+            self.finish_reason = generate_pb2.FINISH_REASON_STOP
+        elif self.finished:
+            text += self.stops.flush()
+        self.outbox.put_nowait(generate_pb2.GenerateResponse(
+            request_id=self.request_id, token_ids=new_tokens, text=text, finish_reason=self.finish_reason,
+            stats=self.stats.to_proto(), prompt_tokens=self.prompt_len))
+
+    def finish(self, reason: FinishReason) -> None:
+        """Ends the stream early (abort) with a last, empty message."""
+        self.finish_reason = reason
+        self.outbox.put_nowait(generate_pb2.GenerateResponse(
+            request_id=self.request_id, finish_reason=reason, stats=self.stats.to_proto(),
+            prompt_tokens=self.prompt_len))
+
+
+@dataclass(frozen=True)
+class StreamError:
+    """Queued instead of a message when a request cannot go on (e.g. its target is unreachable)."""
+
+    code: Any  # grpc.StatusCode
+    message: str
+
+
+def fail(seq: Sequence, code: Any, message: str) -> None:
+    seq.cancelled = True
+    seq.outbox.put_nowait(StreamError(code, message))  # type: ignore[arg-type]

@@ -1,0 +1,243 @@
+"""The router's public gRPC service: validates requests, admits them to a step loop, streams back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from router.loop import StepLoop
+from router.replicas import DraftReplica, TargetReplica, fetch_info
+from router.sequence import Sequence, StreamError
+from router.text import IncrementalDetokenizer, StopMatcher
+from specfleet.config import RouterConfig
+from specfleet.protos import generate_pb2, generate_pb2_grpc
+from specfleet.serving import serve, servicer_name
+from specfleet.wire import sampling_from_proto
+
+log = logging.getLogger("specfleet.router")
+
+
+class RequestError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class Router:
+    """Admission and bookkeeping over the step loops (one per target replica)."""
+
+    def __init__(self, config: RouterConfig, loops: list[StepLoop], drafts: list[DraftReplica], tokenizer: Any,
+                 eos_ids: frozenset[int]) -> None:
+        self.config = config
+        self.loops = loops
+        self.drafts = drafts
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.vocab_size = loops[0].target.info.vocab_size
+        self.max_context = min(loop.max_context for loop in loops)
+        self.requests: dict[str, Sequence] = {}
+        self.router_id = secrets.token_hex(4)  # keeps seq_ids unique when routers share replicas
+        self._counter = 0
+
+    @property
+    def queued(self) -> int:
+        return sum(len(loop.waiting) for loop in self.loops)
+
+    def admit(self, request: generate_pb2.GenerateRequest) -> Sequence:
+        """Validates ``request`` and hands it to the least loaded step loop; raises RequestError."""
+        request_id = request.request_id or secrets.token_hex(8)
+        if request_id in self.requests:
+            raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already live")
+        prompt = self._prompt_tokens(request)
+        if len(prompt) >= self.max_context:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"prompt is {len(prompt)} tokens but the target's context holds {self.max_context} "
+                               "(prompt plus at least one new token)")
+        stopping = request.stopping
+        max_new = stopping.max_new_tokens if stopping.HasField("max_new_tokens") else self.config.default_max_new_tokens
+        if not 1 <= max_new <= self.config.max_new_tokens_cap:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"max_new_tokens must be in [1, {self.config.max_new_tokens_cap}], got {max_new}")
+        try:
+            sampling = sampling_from_proto(request.sampling)
+        except ValueError as err:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
+        if self.queued >= self.config.max_queue:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{self.queued} requests are already waiting (--max-queue {self.config.max_queue})")
+
+        self._counter += 1
+        seq = Sequence(
+            request_id=request_id, seq_id=f"{self.router_id}-{self._counter}", tokens=list(prompt),
+            prompt_len=len(prompt), sampling=sampling,
+            seed=request.sampling.seed if request.sampling.HasField("seed") else secrets.randbits(63),
+            max_new_tokens=max_new, eos_ids=self.eos_ids, ignore_eos=stopping.ignore_eos,
+            detokenizer=IncrementalDetokenizer(self.tokenizer), stops=StopMatcher(list(stopping.stop)),
+            draft=self._pick_draft())
+        self.requests[request_id] = seq
+        min(self.loops, key=lambda loop: loop.load).submit(seq)
+        return seq
+
+    def forget(self, seq: Sequence) -> None:
+        """The handler is done with ``seq``: if it is still running, the client went away."""
+        if not seq.finished:
+            seq.cancelled = True
+            log.info("request %s cancelled by the client", seq.request_id)
+        self.requests.pop(seq.request_id, None)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.requests.get(request_id)
+        if seq is None or seq.finished:
+            return False
+        seq.finish(generate_pb2.FINISH_REASON_ABORTED)
+        log.info("request %s aborted", request_id)
+        return True
+
+    def _pick_draft(self) -> DraftReplica | None:
+        if self.config.depth == 0 or not self.drafts:
+            return None
+        draft = min(self.drafts, key=lambda d: (not d.available, d.assigned))
+        draft.assigned += 1
+        return draft
+
+    def _prompt_tokens(self, request: generate_pb2.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            tokens = self.tokenizer.encode(request.text)
+        elif kind == "token_ids":
+            tokens = list(request.token_ids.ids)
+            if tokens and max(tokens) >= self.vocab_size:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"token id {max(tokens)} is outside the vocabulary of {self.vocab_size}")
+        elif kind == "chat":
+            tokens = self._render_chat(request.chat)
+        else:
+            tokens = []
+        if not tokens:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty: set text, token_ids or chat")
+        return tokens
+
+    def _render_chat(self, chat: generate_pb2.ChatMessages) -> list[int]:
+        messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+        bad = [m["role"] for m in messages if m["role"] not in ("system", "user", "assistant")]
+        if bad:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown chat role {bad[0]!r}")
+        if not messages:
+            return []
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "the model has no chat template: send text")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def GenerateStream(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        seq = await self._admit(request, context)
+        try:
+            while True:
+                message = await seq.outbox.get()
+                if isinstance(message, StreamError):
+                    await context.abort(message.code, message.message)
+                yield message
+                if message.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED:
+                    return
+        finally:
+            self.router.forget(seq)
+
+    async def Generate(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> generate_pb2.GenerateResponse:
+        seq = await self._admit(request, context)
+        tokens: list[int] = []
+        text: list[str] = []
+        try:
+            while True:
+                message = await seq.outbox.get()
+                if isinstance(message, StreamError):
+                    await context.abort(message.code, message.message)
+                tokens.extend(message.token_ids)
+                text.append(message.text)
+                if message.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED:
+                    return generate_pb2.GenerateResponse(
+                        request_id=seq.request_id, token_ids=tokens, text="".join(text),
+                        finish_reason=message.finish_reason, stats=message.stats, prompt_tokens=seq.prompt_len)
+        finally:
+            self.router.forget(seq)
+
+    async def Abort(self, request: generate_pb2.AbortRequest, context: grpc.aio.ServicerContext
+                    ) -> generate_pb2.AbortResponse:
+        return generate_pb2.AbortResponse(aborted=self.router.abort(request.request_id))
+
+    async def GetServerInfo(self, request: generate_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
+                            ) -> generate_pb2.GetServerInfoResponse:
+        r = self.router
+        return generate_pb2.GetServerInfoResponse(
+            model=r.loops[0].target.info.model, draft_kinds=sorted({d.info.kind for d in r.drafts if d.info}),
+            live_requests=sum(len(loop.live) for loop in r.loops), queued_requests=r.queued,
+            max_context=r.max_context, depth=r.config.depth, max_new_tokens_cap=r.config.max_new_tokens_cap,
+            target_addresses=[loop.target.address for loop in r.loops],
+            draft_addresses=[d.address for d in r.drafts])
+
+    async def _admit(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Sequence:
+        try:
+            return self.router.admit(request)
+        except RequestError as err:
+            await context.abort(err.code, err.message)
+            raise  # not reached: abort raises
+
+
+def check_compatible(targets: list[TargetReplica], drafts: list[DraftReplica]) -> None:
+    """Every replica must share the first target's tokenizer; raises ValueError saying which does not."""
+    reference = targets[0]
+    for replica in [*targets[1:], *drafts]:
+        info = replica.info
+        if not info.tokenizer_fingerprint:  # a model-free drafter works with any tokenizer
+            continue
+        if info.tokenizer_fingerprint != reference.info.tokenizer_fingerprint or (
+                info.vocab_size != reference.info.vocab_size):
+            raise ValueError(
+                f"{info.kind} at {replica.address} ({info.model}, vocabulary {info.vocab_size}) does not share the "
+                f"tokenizer of the target at {reference.address} ({reference.info.model}, vocabulary "
+                f"{reference.info.vocab_size}): drafts must use the target's tokenizer")
+
+
+async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0) -> Router:
+    from specfleet.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+
+    targets = [TargetReplica.connect(a) for a in config.target_addresses]
+    drafts = [DraftReplica.connect(a) for a in config.draft_addresses] if config.depth > 0 else []
+    infos = await asyncio.gather(*(fetch_info(r.stub, r.address, connect_timeout_s) for r in [*targets, *drafts]))
+    for replica, info in zip([*targets, *drafts], infos, strict=True):
+        replica.info = info
+        log.info("%s at %s: model %r, %d slots x %d tokens", info.kind, replica.address, info.model,
+                 info.num_slots, info.max_seq_len)
+    check_compatible(targets, drafts)
+    tokenizer = load_tokenizer(resolve_model(config.tokenizer or targets[0].info.model))
+    if tokenizer_fingerprint(tokenizer) != targets[0].info.tokenizer_fingerprint:
+        raise ValueError("the router's tokenizer differs from the target's: pass --tokenizer with the target's model")
+    loops = [StepLoop(t, config) for t in targets]
+    return Router(config, loops, drafts, tokenizer, frozenset(targets[0].info.eos_token_ids))
+
+
+async def run(config: RouterConfig) -> None:
+    router = await build_router(config)
+    tasks = [asyncio.get_running_loop().create_task(loop.run()) for loop in router.loops]
+    log.info("speculation depth %d; %d target(s), %d draft(s)", config.depth, len(router.loops), len(router.drafts))
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        generate_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(router), server)
+        return [servicer_name(generate_pb2, "GenerationService")]
+
+    async def stop_loops() -> None:
+        for task in tasks:
+            task.cancel()
+
+    await serve("router", config.host, config.port, register, on_stop=stop_loops)

@@ -1,0 +1,77 @@
+"""Shared fixtures: the real SmolLM2 (converted once per machine), tiny models, and real deployments."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from specfleet.launcher import Deployment, free_port, wait_serving
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "real_model: uses the real SmolLM2-135M weights (converted once, cached)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from specfleet.models import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_draft_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer: a `model` drafter that is fast and usually wrong."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from specfleet.models import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-draft")
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    load_tokenizer(smollm2_dir).save_pretrained(folder)
+    return folder
+
+
+class Cluster:
+    """Real services in their own processes; routers are cheap, so tests add one per setting."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.deployment = deployment
+        self.addresses: dict[str, str] = {}
+
+    def start(self, name: str, role: str, args: list[str]) -> str:
+        port = free_port()
+        process = self.deployment.start_service(role, [*args, "--port", str(port)], name=name)
+        address = f"127.0.0.1:{port}"
+        wait_serving(process, address, timeout_s=600)
+        self.addresses[name] = address
+        return address
+
+    def router(self, name: str, *, target: str, draft: str | None, depth: int, extra: list[str] = ()) -> str:
+        if name not in self.addresses:
+            self.start(name, "router", ["--targets", self.addresses[target], "--drafts",
+                                        self.addresses[draft] if draft else "", "--depth", str(depth), *extra])
+        return self.addresses[name]
+
+    def process(self, name: str):
+        return next(p for p in self.deployment.processes if p.name == name)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, tiny_draft_dir: Path) -> Iterator[Cluster]:
+    """One SmolLM2 target, an ngram draft and a tiny-model draft, shared by the end-to-end tests."""
+    log_dir = tmp_path_factory.mktemp("logs")
+    with Deployment(log_dir) as deployment:
+        cluster = Cluster(deployment)
+        slots = ["--num-slots", "24", "--max-seq-len", "1024"]
+        cluster.start("target", "target", ["--model", str(smollm2_dir), *slots])
+        cluster.start("ngram", "draft", ["--drafter", "ngram"])
+        cluster.start("tiny", "draft", ["--drafter", "model", "--model", str(tiny_draft_dir), *slots])
+        yield cluster

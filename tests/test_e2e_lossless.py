@@ -1,0 +1,77 @@
+"""Through the real three-process deployment, greedy output equals plain greedy decoding of the target."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from specfleet.client import make_request, stream
+from specfleet.models import load_tokenizer
+
+pytestmark = pytest.mark.real_model
+
+MAX_NEW = 32
+PROMPTS = [
+    "Rename the variable x to count in this code:\ndef f(x):\n    x = x + 1\n    return x * x\n",
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "List three colors of the rainbow.",
+    "Fix the typo in this sentence: 'The quick brwn fox jumps over the lazy dog.'",
+    "Explain in one sentence why the sky is blue.",
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
+    "Translate 'good morning' into Spanish, French and German.",
+]
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smollm2_dir: Path) -> list[list[int]]:
+    tokenizer = load_tokenizer(smollm2_dir)
+    # Mixed lengths: chat-rendered prompts and raw ones.
+    out = []
+    for i, prompt in enumerate(PROMPTS):
+        if i % 2:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 tokenize=False)
+            out.append(tokenizer.encode(text, add_special_tokens=False))
+        else:
+            out.append(tokenizer.encode(prompt))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir: Path, prompt_ids: list[list[int]]) -> list[list[int]]:
+    """Plain greedy decoding with transformers' generate."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    outs = []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            generated = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False)
+            outs.append(generated[0, len(ids):].tolist())
+    return outs
+
+
+def _generate_all(address: str, prompt_ids: list[list[int]]) -> list[list[int]]:
+    """All prompts in flight at once, so every step batches them (mixed prompt lengths)."""
+    def one(ids: list[int]) -> list[int]:
+        messages = stream(address, make_request(ids, max_new_tokens=MAX_NEW), timeout_s=300)
+        return [t for m in messages for t in m.token_ids]
+
+    with ThreadPoolExecutor(len(prompt_ids)) as pool:
+        return list(pool.map(one, prompt_ids))
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "tiny"])
+@pytest.mark.parametrize("depth", [1, 4, 8])
+def test_greedy_equals_target_alone(cluster, drafter: str, depth: int, prompt_ids, reference) -> None:
+    address = cluster.router(f"router-{drafter}-{depth}", target="target", draft=drafter, depth=depth)
+    assert _generate_all(address, prompt_ids) == reference
+
+
+def test_plain_decoding_depth_zero(cluster, prompt_ids, reference) -> None:
+    address = cluster.router("router-plain", target="target", draft=None, depth=0)
+    assert _generate_all(address, prompt_ids[:3]) == reference[:3]

@@ -1,8 +1,16 @@
-"""Drafters in process: prompt lookup, sessions and rollback."""
+"""Drafters in process: prompt lookup, the model drafter, sessions and rollback."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
 from specfleet.drafters import DraftRequest, NgramDrafter, find_continuation
+from specfleet.drafters.model import ModelDrafter
+from specfleet.engine import ModelRunner
 from specfleet.sampling import SamplingParams
 
 GREEDY = SamplingParams()
@@ -39,3 +47,56 @@ def test_ngram_sampled_drafts_carry_point_masses() -> None:
     [result] = NgramDrafter().propose([DraftRequest("s", 0, [4, 5, 6, 4, 5], 2, SamplingParams(temperature=1.0))])
     ids, probs = result.draft_probs
     assert ids.tolist() == [[6], [4]] and probs.tolist() == [[1.0], [1.0]]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-drafter")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def test_model_drafter_rejects_another_vocabulary(tiny_model: Path) -> None:
+    runner = ModelRunner.from_folder(tiny_model, num_slots=2, max_seq_len=64)
+    with pytest.raises(ValueError, match=r"vocabulary \(97 tokens\) differs from the target's \(49152\)"):
+        ModelDrafter(runner, target_vocab_size=49152)
+
+
+def test_model_drafter_greedy_equals_transformers_generate(tiny_model: Path) -> None:
+    """Batched drafting of ragged sequences, with rollback between calls, drafts what greedy
+    decoding with transformers would produce."""
+    prompts = {"a": [3, 14, 15, 92, 65], "b": [35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79]}
+    reference_model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+    def reference(tokens: list[int], n: int) -> list[int]:
+        with torch.no_grad():
+            out = reference_model.generate(torch.tensor([tokens]), max_new_tokens=n, do_sample=False)
+        return out[0, len(tokens):].tolist()
+
+    drafter = ModelDrafter(ModelRunner.from_folder(tiny_model, num_slots=4, max_seq_len=64), target_vocab_size=97)
+    first = drafter.propose([DraftRequest(name, 0, toks, 4, GREEDY) for name, toks in prompts.items()])
+    for result, toks in zip(first, prompts.values(), strict=True):
+        assert result.known and result.tokens == reference(toks, 4) and result.draft_probs is None
+    # The target accepted one draft of each and added token 7: roll back past the other drafts.
+    grown = {name: toks + [r.tokens[0], 7] for (name, toks), r in zip(prompts.items(), first, strict=True)}
+    second = drafter.propose([DraftRequest(name, len(prompts[name]), toks[-2:], 3, GREEDY)
+                              for name, toks in grown.items()])
+    for result, toks in zip(second, grown.values(), strict=True):
+        assert result.tokens == reference(toks, 3)
+
+
+def test_model_drafter_sampled_drafts_come_from_their_pairs(tiny_model: Path) -> None:
+    drafter = ModelDrafter(ModelRunner.from_folder(tiny_model, num_slots=2, max_seq_len=64), top_k_pairs=16)
+    request = DraftRequest("s", 0, [1, 2, 3], 5, SamplingParams(temperature=1.0, top_p=0.9), seed=7)
+    [result] = drafter.propose([request])
+    ids, probs = result.draft_probs
+    assert ids.shape == probs.shape == (5, 16)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5))
+    for row, token in enumerate(result.tokens):
+        assert probs[row][ids[row] == token].sum() > 0  # each draft token has mass under its q
+    drafter.release(["s"])
+    [again] = drafter.propose([request])
+    assert again.tokens == result.tokens  # seeded: same request, same drafts

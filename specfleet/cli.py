@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="start redis-server, target, draft and router on this machine",
                              description="Start a whole local deployment as separate processes, wait until "
                                          "every part reports SERVING, and print where the router listens. "
-                                         "Ctrl-C stops them all.")
+                                         "Ctrl-C stops them all.",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     up.add_argument("--model", default="smollm2-135m", help="target model: preset name or local folder")
     up.add_argument("--drafter", default="ngram", choices=["ngram", "model"], help="draft service kind")
     up.add_argument("--draft-model", default="", help="model for --drafter model (sharing the target's tokenizer)")

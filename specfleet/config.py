@@ -124,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                            help=f"{help_text} (default: {f.default!r})", **meta)
+                            help=help_text, **meta)
 
 
 def from_arguments(config_cls: type, args: argparse.Namespace) -> Any:

@@ -1,0 +1,790 @@
+"""Batch-aware, per-sequence speculation depth: a cost model times an acceptance model gives the depths.
+
+Su, Giannoula & Pekhimenko, "The Synergy of Speculative Decoding and Batching in Serving Large Language
+Models" (2023): the best speculation length depends on the batch size. A small batch leaves the target
+memory-bound, so verifying extra tokens is nearly free and deep drafts pay; a large batch makes it
+compute-bound, every drafted token costs real time, and the best depth falls. Here that is made
+per-sequence: each step, given every live sequence's estimated acceptance rate and the fitted costs of
+drafting and verifying at this batch size, pick the depths that maximise predicted goodput (or minimise
+time per output token above a goodput floor).
+
+Everything is plain Python: no I/O, no Redis, no gRPC. Telemetry arrives as `CostSample` records and
+per-sequence (accepted, rejections) counts; `DepthPolicy` holds the fitted state for the router.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import accumulate, compress, repeat
+from operator import add, mul, sub, truediv
+from statistics import median
+from types import MappingProxyType
+
+ROLES = ("draft", "target", "overhead")
+MODES = ("throughput", "latency")
+MAX_ALPHA = 0.999
+"""Acceptance estimates are capped below 1 so a lucky streak never makes unbounded depth look free."""
+TOKEN_BUCKET = 0.5
+"""Width of the tokens-per-sequence cells samples are grouped into (the target sees fractional means)."""
+MIN_STEP_MS = 1e-6
+"""Floor on a predicted step, so an all-zero cost model cannot divide by zero."""
+
+CostFn = Callable[[int, float], float]
+"""(batch_size, tokens_per_seq) -> milliseconds; must be non-decreasing in both arguments."""
+
+
+@dataclass(frozen=True)
+class CostSample:
+    """One latency measurement from telemetry.
+
+    `role` is "draft" (one Propose: `batch_size` sequences, `tokens_per_seq` the largest depth drafted
+    in the call), "target" (one Verify: `tokens_per_seq` the mean tokens fed per sequence, mean(depth + 1))
+    or "overhead" (the rest of a router step: gRPC, bookkeeping; `tokens_per_seq` 1).
+    """
+
+    role: str
+    batch_size: int
+    tokens_per_seq: float
+    ms: float
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"CostSample.role must be one of {ROLES}, got {self.role!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"CostSample.batch_size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.tokens_per_seq) and self.tokens_per_seq >= 0):
+            raise ValueError(f"CostSample.tokens_per_seq must be finite and >= 0, got {self.tokens_per_seq}")
+        if not (math.isfinite(self.ms) and self.ms >= 0):
+            raise ValueError(f"CostSample.ms must be finite and >= 0, got {self.ms}")
+
+
+@dataclass(frozen=True)
+class AnalyticCost:
+    """ms = fixed + per_seq * batch + per_token * n + past_knee * max(0, n - knee), n = batch * tokens_per_seq.
+
+    The knee models a device that is memory-bound up to `knee_tokens` tokens per forward (extra tokens
+    nearly free) and compute-bound beyond it (each token costs `past_knee_ms` more).
+    """
+
+    fixed_ms: float = 0.0
+    per_seq_ms: float = 0.0
+    per_token_ms: float = 0.0
+    knee_tokens: float = math.inf
+    past_knee_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("fixed_ms", "per_seq_ms", "per_token_ms", "knee_tokens", "past_knee_ms"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"AnalyticCost.{name} must be >= 0, got {getattr(self, name)}")
+
+    def __call__(self, batch_size: int, tokens_per_seq: float) -> float:
+        tokens = batch_size * tokens_per_seq
+        return (self.fixed_ms + self.per_seq_ms * batch_size + self.per_token_ms * tokens
+                + self.past_knee_ms * max(0.0, tokens - self.knee_tokens))
+
+
+DEFAULT_COSTS: Mapping[str, CostFn] = MappingProxyType({
+    # Rough CPU numbers for SmolLM2-135M: one token at batch 1 is 25 ms; 8 tokens at batch 1 about 1.45x
+    # that; 8 tokens at batch 16 about 2.2x one token at batch 16. A fixed + per-sequence + per-token form
+    # fits all three (a single per-token slope cannot); no knee is visible on CPU.
+    "target": AnalyticCost(fixed_ms=16.7, per_seq_ms=6.7, per_token_ms=1.6),
+    "draft": AnalyticCost(fixed_ms=0.8, per_token_ms=0.025),  # ngram lookup: about 1 ms a call
+    "overhead": AnalyticCost(fixed_ms=3.0),  # gRPC and bookkeeping of a router step
+})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cost model
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """One role's fitted costs: `values[i][j]` ms at `batch_points[i]`, `token_points[j]`.
+
+    Non-decreasing along both axes; `samples` is how many measurements it was fitted from.
+    """
+
+    batch_points: tuple[int, ...]
+    token_points: tuple[float, ...]
+    values: tuple[tuple[float, ...], ...]
+    samples: int
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Predicted costs of one step at a fixed batch size, precomputed for the depth search.
+
+    `target_ms[n]`: Verify with n draft tokens in total (tokens per sequence 1 + n / batch);
+    `draft_ms[d]`: Propose with largest depth d (0.0 at d = 0: nothing is drafted); `overhead_ms`.
+    """
+
+    batch_size: int
+    target_ms: tuple[float, ...]
+    draft_ms: tuple[float, ...]
+    overhead_ms: float
+
+    def step_ms(self, max_depth: int, total_drafts: int) -> float:
+        return self.draft_ms[max_depth] + self.target_ms[total_drafts] + self.overhead_ms
+
+
+def _rescale(value: float, default_from: float, default_to: float) -> float:
+    """Move `value` the way the default moves from one point to another (by ratio; additive if it is 0)."""
+    if default_from > 0:
+        return value * default_to / default_from
+    return max(0.0, value + default_to - default_from)
+
+
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float, outside: Callable[[int, float], float]) -> float:
+    """Piecewise-linear through (xs, ys); `outside(edge_index, x)` answers beyond the first or last point."""
+    j = bisect_right(xs, x)
+    if 0 < j < len(xs):
+        x0, y0 = xs[j - 1], ys[j - 1]
+        return y0 + (ys[j] - y0) * (x - x0) / (xs[j] - x0)
+    return outside(0 if j == 0 else len(xs) - 1, x)
+
+
+class _Curve:
+    """ms against tokens per sequence at one batch size: linear between the table's token points; past
+    the last one the edge value scaled as the default scales; below the first (under one token, which
+    the search never asks) held flat, which keeps it monotone in batch size too."""
+
+    __slots__ = ("_batch", "_default", "_ts", "_vs")
+
+    def __init__(self, batch: int, default: CostFn, ts: tuple[float, ...], vs: list[float]) -> None:
+        self._batch, self._default, self._ts, self._vs = batch, default, ts, vs
+
+    def _outside(self, edge: int, t: float) -> float:
+        if edge == 0:
+            return self._vs[0]
+        return _rescale(self._vs[edge], self._default(self._batch, self._ts[edge]), self._default(self._batch, t))
+
+    def __call__(self, tokens_per_seq: float) -> float:
+        return _interp(self._ts, self._vs, tokens_per_seq, self._outside)
+
+
+class _DefaultCurve:
+    """A role with no samples: its default cost function at one batch size."""
+
+    __slots__ = ("_batch", "_default")
+
+    def __init__(self, batch: int, default: CostFn) -> None:
+        self._batch, self._default = batch, default
+
+    def __call__(self, tokens_per_seq: float) -> float:
+        return max(0.0, self._default(self._batch, tokens_per_seq))
+
+
+def _fit_table(samples: list[CostSample], default: CostFn, max_batch: int, max_tokens: int) -> CostTable:
+    """Median per (batch, token bucket) cell, filled out to a fixed grid, then made monotone."""
+    cells: dict[tuple[int, float], list[float]] = {}
+    for s in samples:
+        key = (s.batch_size, round(s.tokens_per_seq / TOKEN_BUCKET) * TOKEN_BUCKET)
+        cells.setdefault(key, []).append(s.ms)
+    measured = {key: median(v) for key, v in cells.items()}  # medians: a GC pause or a cold cache is one outlier
+    rows: dict[int, dict[float, float]] = {}
+    for (b, t), ms in measured.items():
+        rows.setdefault(b, {})[t] = ms
+
+    # The grid covers what the search will ask for (powers of two up to max_batch, whole tokens up to
+    # max_tokens) plus every measured point, so measured medians are reproduced exactly.
+    batch_points = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | set(rows))
+    token_points = sorted({float(t) for t in range(1, max_tokens + 1)} | {t for (_, t) in measured})
+
+    # Within a measured batch row: linear between measured token cells. Deeper than the deepest measured
+    # cell: the last segment's slope (at least flat), as measured; if that is optimistic the policy will
+    # choose those depths and measure them, so the error corrects itself. Shallower than the shallowest,
+    # or with one measured cell: the default's shape at the measured level (stays positive).
+    filled_rows: dict[int, list[float]] = {}
+    for b, by_t in rows.items():
+        ts = sorted(by_t)
+        vs = [by_t[t] for t in ts]
+
+        def row_outside(edge: int, t: float, b: int = b, ts: list[float] = ts, vs: list[float] = vs) -> float:
+            if edge > 0:  # with one cell the edge is 0 on both sides
+                slope = max(0.0, (vs[-1] - vs[-2]) / (ts[-1] - ts[-2]))
+                return vs[-1] + slope * (t - ts[-1])
+            return _rescale(vs[edge], default(b, ts[edge]), default(b, t))
+
+        filled_rows[b] = [_interp(ts, vs, t, row_outside) for t in token_points]
+
+    # Across batch sizes, per token point: linear between measured rows, the default's shape beyond them.
+    # (The policy does not choose the batch size, so no exploration would correct a bad extrapolation,
+    # and a slope from two nearby batch sizes is too noisy to carry far.)
+    measured_batches = sorted(filled_rows)
+    values = [[0.0] * len(token_points) for _ in batch_points]
+    for j, t in enumerate(token_points):
+        col = [filled_rows[b][j] for b in measured_batches]
+
+        def col_outside(edge: int, b: float, t: float = t, col: list[float] = col) -> float:
+            return _rescale(col[edge], default(measured_batches[edge], t), default(int(b), t))
+
+        for i, b in enumerate(batch_points):
+            values[i][j] = max(0.0, _interp(measured_batches, col, b, col_outside))
+
+    # More work never costs less: a running max along batch, then along tokens, makes the grid monotone
+    # in both (noise between neighbouring cells would otherwise invert them); bilinear keeps it so.
+    for i in range(1, len(batch_points)):
+        values[i] = [max(a, b) for a, b in zip(values[i], values[i - 1], strict=True)]
+    values = [list(accumulate(row, max)) for row in values]
+    return CostTable(tuple(batch_points), tuple(token_points), tuple(tuple(r) for r in values), len(samples))
+
+
+class CostModel:
+    """Predicted milliseconds of a step's parts as a function of batch size and tokens per sequence.
+
+    The choice: a table of medians, interpolated. Samples are grouped into cells by (batch size, tokens
+    per sequence rounded to `TOKEN_BUCKET`) and each cell keeps its median, so noisy outliers do not move
+    it. The cells are filled out to a grid (powers of two in batch, whole tokens, plus every measured
+    point): linear interpolation between measured points; deeper than the deepest measured point, the
+    last segment's slope (kept non-negative); elsewhere outside them, the nearest measured value scaled
+    as the default cost function scales, so a role measured at one batch size and depth still gets
+    sensible costs everywhere (the default's shape at the measured level). A running max makes the grid
+    non-decreasing in both arguments, and prediction is bilinear on it (so monotone too); past the grid,
+    the edge value is again scaled like the default. A role with no samples uses its default directly.
+
+    Why a table rather than a fitted formula: real costs have knees (memory- to compute-bound, kernel
+    tile sizes) that a small formula misses, and the search only asks about batch sizes and depths the
+    fleet runs at, which are exactly where the samples are. The default carries the rest.
+
+    Immutable once built (`fit` makes a new one); per-batch curves are memoised, so `predict` and
+    `step_costs` are cheap on the hot path.
+    """
+
+    def __init__(self, defaults: Mapping[str, CostFn] | None = None,
+                 tables: Mapping[str, CostTable] | None = None) -> None:
+        self._defaults = dict(DEFAULT_COSTS if defaults is None else defaults)
+        missing = [role for role in ROLES if role not in self._defaults]
+        if missing:
+            raise ValueError(f"CostModel defaults need every role {ROLES}; missing {missing}")
+        self._tables = dict(tables or {})
+        self._curves: dict[tuple[str, int], Callable[[float], float]] = {}
+        self._steps: dict[tuple[int, int], StepCosts] = {}
+
+    @classmethod
+    def fit(cls, samples: Iterable[CostSample], defaults: Mapping[str, CostFn] | None = None, *,
+            max_batch: int = 256, max_tokens: int = 33) -> CostModel:
+        """A model fitted from a window of samples (all of it, each time); roles without samples use defaults."""
+        if max_batch < 1 or max_tokens < 1:
+            raise ValueError(f"max_batch and max_tokens must be >= 1, got {max_batch}, {max_tokens}")
+        model = cls(defaults)
+        by_role: dict[str, list[CostSample]] = {}
+        for s in samples:
+            by_role.setdefault(s.role, []).append(s)
+        tables = {role: _fit_table(ss, model._defaults[role], max_batch, max_tokens) for role, ss in by_role.items()}
+        return cls(model._defaults, tables)
+
+    @property
+    def fitted_roles(self) -> dict[str, int]:
+        """Roles fitted from samples, with how many samples each (for a log line)."""
+        return {role: table.samples for role, table in self._tables.items()}
+
+    def curve(self, role: str, batch_size: int) -> Callable[[float], float]:
+        """ms as a function of tokens per sequence at one batch size (memoised)."""
+        key = (role, batch_size)
+        found = self._curves.get(key)
+        if found is not None:
+            return found
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        default = self._defaults[role]
+        table = self._tables.get(role)
+        curve: Callable[[float], float]
+        if table is None:
+            curve = _DefaultCurve(batch_size, default)
+        else:
+            curve = _Curve(batch_size, default, table.token_points, self._table_row(table, default, batch_size))
+        self._curves[key] = curve  # a dict store is atomic; a racing thread at worst builds the same curve
+        return curve
+
+    @staticmethod
+    def _table_row(table: CostTable, default: CostFn, batch_size: int) -> list[float]:
+        bs, ts, vs = table.batch_points, table.token_points, table.values
+        i = bisect_right(bs, batch_size)
+        if 0 < i < len(bs):
+            u = (batch_size - bs[i - 1]) / (bs[i] - bs[i - 1])
+            return [(1 - u) * a + u * b for a, b in zip(vs[i - 1], vs[i], strict=True)]
+        edge = 0 if i == 0 else len(bs) - 1
+        row = [_rescale(v, default(bs[edge], t), default(batch_size, t)) for v, t in zip(vs[edge], ts, strict=True)]
+        return list(accumulate(row, max))  # keep it monotone in tokens whatever the default's shape
+
+    def predict(self, role: str, batch_size: int, tokens_per_seq: float) -> float:
+        """Predicted ms of one call of `role` with `batch_size` sequences and `tokens_per_seq` tokens each."""
+        return self.curve(role, batch_size)(tokens_per_seq)
+
+    def step_costs(self, batch_size: int, max_depth: int) -> StepCosts:
+        """Everything the depth search needs at one batch size, precomputed once per model (memoised)."""
+        key = (batch_size, max_depth)
+        found = self._steps.get(key)
+        if found is None:
+            target, draft = self.curve("target", batch_size), self.curve("draft", batch_size)
+            found = StepCosts(
+                batch_size=batch_size,
+                target_ms=tuple(target(1 + n / batch_size) for n in range(batch_size * max_depth + 1)),
+                draft_ms=(0.0, *(draft(float(d)) for d in range(1, max_depth + 1))),
+                overhead_ms=max(MIN_STEP_MS, self.curve("overhead", batch_size)(1.0)),
+            )
+            self._steps[key] = found
+        return found
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Acceptance model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def acceptance_estimate(accepted: int, rejections: int, prior_alpha: float, prior_weight: float) -> float:
+    """A sequence's per-token acceptance rate alpha, shrunk toward the fleet-wide rate.
+
+    `accepted`: draft tokens accepted so far; `rejections`: steps that ended in a rejected draft token.
+    Returns (accepted + w * prior) / (accepted + rejections + w), clamped to [0, MAX_ALPHA].
+    """
+    # Why accepted / (accepted + rejections): if each draft token is accepted independently with
+    # probability alpha, a step of depth d accepts a = min(G, d) tokens with G geometric, so its
+    # likelihood is alpha^a * (1 - alpha) when a rejection ended it and alpha^d when all d were accepted.
+    # Over many steps the log-likelihood is accepted * log(alpha) + rejections * log(1 - alpha), maximised
+    # at accepted / (accepted + rejections). accepted / proposed is biased low at larger depth: the tokens
+    # drafted after a rejection are never tested but still count as proposed. The prior acts as w
+    # pseudo-observations at the fleet rate, so a new sequence starts there and moves as evidence comes.
+    if accepted < 0 or rejections < 0:
+        raise ValueError(f"accepted and rejections must be >= 0, got {accepted}, {rejections}")
+    if prior_weight < 0:
+        raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
+    total = accepted + rejections + prior_weight
+    alpha = (accepted + prior_weight * prior_alpha) / total if total > 0 else prior_alpha
+    return min(max(alpha, 0.0), MAX_ALPHA)
+
+
+def expected_emitted(alpha: float, depth: int) -> float:
+    """Expected tokens one step emits at depth `depth`: accepted drafts plus the recovered or bonus token.
+
+    sum_{k=0..depth} alpha^k = (1 - alpha^(depth + 1)) / (1 - alpha) under i.i.d. acceptance (Leviathan et
+    al., 2023); depth 0 is plain decoding: 1.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}")
+    if alpha == 1.0:
+        return float(depth + 1)
+    return (1.0 - alpha ** (depth + 1)) / (1.0 - alpha)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plans: evaluation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def plan_step_ms(costs: CostModel, depths: Sequence[int]) -> float:
+    """Predicted ms of a step: draft at the largest depth (if any), target at mean(depth + 1), overhead."""
+    batch = len(depths)
+    if batch == 0:
+        return 0.0
+    deepest = max(depths)
+    draft = costs.predict("draft", batch, float(deepest)) if deepest > 0 else 0.0
+    overhead = max(MIN_STEP_MS, costs.predict("overhead", batch, 1.0))  # as in StepCosts
+    return draft + costs.predict("target", batch, 1 + sum(depths) / batch) + overhead
+
+
+def plan_goodput(alphas: Sequence[float], depths: Sequence[int], costs: CostModel) -> float:
+    """Predicted tokens per second of a plan: expected tokens emitted over predicted step time."""
+    _check_plan(alphas, depths)
+    if not depths:
+        return 0.0
+    return 1000.0 * sum(map(expected_emitted, alphas, depths)) / plan_step_ms(costs, depths)
+
+
+def plan_time_per_token(alphas: Sequence[float], depths: Sequence[int], costs: CostModel) -> float:
+    """Predicted ms per output token, averaged over the sequences: mean_i(step_ms / expected_emitted_i)."""
+    _check_plan(alphas, depths)
+    if not depths:
+        return 0.0
+    step = plan_step_ms(costs, depths)
+    return step * sum(1.0 / expected_emitted(a, d) for a, d in zip(alphas, depths, strict=True)) / len(depths)
+
+
+def _check_plan(alphas: Sequence[float], depths: Sequence[int]) -> None:
+    if len(alphas) != len(depths):
+        raise ValueError(f"alphas and depths must have the same length, got {len(alphas)} and {len(depths)}")
+    if any(d < 0 for d in depths):
+        raise ValueError(f"depths must be >= 0, got {list(depths)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plans: search
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DepthDecision:
+    """The depths for one step and the predictions behind them (for logs and metrics)."""
+
+    depths: tuple[int, ...]
+    """Per sequence, in the order given."""
+    goodput: float
+    """Predicted tokens per second of this plan."""
+    step_ms: float
+    """Predicted ms of the step."""
+    time_per_token_ms: float
+    """Predicted ms per output token, averaged over the sequences."""
+    uniform_goodput: tuple[float, ...]
+    """Predicted tokens per second if every sequence used depth d, for d = 0..max_depth."""
+    reason: str
+    """One human-readable line: the choice against the uniform alternatives."""
+
+
+class _Margins:
+    """Per-sequence expected tokens by depth, and the marginal gain of each extra draft token.
+
+    Item (k, i) is sequence i's k-th draft token, k = 1..limit_i, listed k-major. Its throughput gain is
+    alpha_i^k (expected emitted rises by that much); its latency gain is 1/E_i(k-1) - 1/E_i(k). Both
+    fall as k grows (E is concave and increasing), which makes the greedy allocations below exact.
+    """
+
+    def __init__(self, alphas: Sequence[float], limits: Sequence[int], max_depth: int, latency: bool) -> None:
+        batch = len(alphas)
+        everyone = list(range(batch))
+        power, emitted = [1.0] * batch, [1.0] * batch
+        self.emitted_by_depth = [emitted]  # [depth][sequence]: E_i(depth), depth capped by the sequence's limit
+        self.seq: list[int] = []
+        self.k: list[int] = []
+        self.gain: list[float] = []
+        self.latency_gain: list[float] = []
+        prev_latency = [math.inf] * batch
+        for k in range(1, max_depth + 1):
+            power = list(map(mul, power, alphas))
+            live = [i for i in everyone if limits[i] >= k]
+            if len(live) == batch:
+                grown = list(map(add, emitted, power))
+                self.gain.extend(power)
+            else:
+                grown = [e + p if k <= lim else e for e, p, lim in zip(emitted, power, limits, strict=True)]
+                self.gain.extend(power[i] for i in live)
+            self.seq.extend(live)
+            self.k.extend([k] * len(live))
+            if latency:
+                # Running min: rounding must never make a later token look better than an earlier one.
+                prev_latency = [min(1.0 / e - 1.0 / g, prev)
+                                for e, g, prev in zip(emitted, grown, prev_latency, strict=True)]
+                self.latency_gain.extend(prev_latency[i] for i in live)
+            emitted = grown
+            self.emitted_by_depth.append(emitted)
+
+
+def _ranked(gains: list[float]) -> list[int]:
+    """Item indices by falling gain."""
+    # Python's sort is stable even with reverse=True: equal gains keep their k-major order, so within one
+    # sequence its k-th token always comes before its (k+1)-th and every prefix is a valid plan.
+    return sorted(range(len(gains)), key=gains.__getitem__, reverse=True)
+
+
+def _allocate(margins: _Margins, order: list[int], batch: int, cap: int, total: int) -> list[int]:
+    """Depths from taking the first `total` items of `order` whose k is at most `cap`."""
+    depths = [0] * batch
+    taken = 0
+    for j in order:
+        if taken == total:
+            break
+        if margins.k[j] <= cap:
+            depths[margins.seq[j]] += 1
+            taken += 1
+    return depths
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    cap: int
+    total: int
+    order: int  # index into the orders searched
+
+
+def _search(margins: _Margins, orders: list[list[int]], steps: StepCosts, max_depth: int,
+            latency: bool, min_goodput: float) -> tuple[_Candidate, bool]:
+    """Best (cap D, total drafts N, allocation order); True when the goodput floor is met.
+
+    For a fixed cap D (the largest depth, which sets the draft cost) and total N (which sets the target
+    cost), the step time is fixed, so the best plan maximises the summed gains: greedy by marginal gain
+    is exact because each sequence's gains fall with depth. Enumerating D and N then gives the optimum.
+    A plan whose actual largest depth is below D is charged D's draft cost here, but the same plan is
+    also found, correctly charged, under its own cap, so the maximum is still exact.
+    Cost: one sort of B*D items, then O(B*D) work per cap, all of it inside C loops (map, compress,
+    accumulate), so O(B*D^2) cheap steps rather than a heap per cap.
+    """
+    batch = steps.batch_size
+    floor_per_ms = min_goodput / 1000.0
+    plain = steps.step_ms(0, 0)
+    feasible = batch >= floor_per_ms * plain
+    # Score, maximised: throughput is tokens per ms; latency is minus the mean ms per token.
+    best_score = (-plain if feasible else -math.inf) if latency else batch / plain
+    best = _Candidate(0, 0, 0)
+    for o, order in enumerate(orders):
+        ks = [margins.k[j] for j in order]
+        gains = [margins.gain[j] for j in order]
+        latency_gains = [margins.latency_gain[j] for j in order] if latency else []
+        for cap in range(1, max_depth + 1):
+            count = bisect_right(margins.k, cap)  # items with k <= cap (margins.k is k-major, so sorted)
+            if count == 0:
+                continue
+            # At the largest cap every item qualifies; below it, keep those with k <= cap, in ranked order.
+            sel = gains if cap == max_depth else compress(gains, map(cap.__ge__, ks))
+            emitted = accumulate(sel, initial=float(batch))
+            next(emitted)  # skip the zero-draft total: the n-th value is n drafts, as step below
+            fixed = steps.draft_ms[cap] + steps.overhead_ms
+            step = map(fixed.__add__, steps.target_ms[1:count + 1])
+            if not latency:
+                scores = list(map(truediv, emitted, step))
+                top = max(scores)
+                at = scores.index(top)
+            else:
+                step = list(step)
+                sel_latency = latency_gains if cap == max_depth else compress(latency_gains, map(cap.__ge__, ks))
+                inverse = accumulate(sel_latency, sub, initial=float(batch))  # sum_i 1/E_i
+                next(inverse)
+                per_token = list(map(mul, step, inverse))  # batch x the mean ms per token
+                low = min(per_token)
+                at = per_token.index(low)
+                if floor_per_ms > 0:
+                    emitted = list(emitted)
+                    if emitted[at] < floor_per_ms * step[at]:  # the floor binds: mask the plans below it
+                        per_token = [t if e >= floor_per_ms * s else math.inf
+                                     for t, s, e in zip(per_token, step, emitted, strict=True)]
+                        low = min(per_token)
+                        at = per_token.index(low)
+                top = -low / batch
+            # Ties go to the earlier candidate: smaller cap, fewer drafts (relative slack for rounding).
+            if top > best_score and (best_score == -math.inf or top > best_score + 1e-12 * abs(best_score)):
+                best_score, best, feasible = top, _Candidate(cap, at + 1, o), True
+    return best, feasible
+
+
+def _uniform_depths(limits: Sequence[int], depth: int) -> list[int]:
+    return [min(depth, lim) for lim in limits]
+
+
+def _decide(alphas: Sequence[float], costs: CostModel, max_depth: int, limits: Sequence[int] | None,
+            latency: bool, min_goodput: float, uniform: bool, pinned: int | None) -> DepthDecision:
+    alphas = [float(a) for a in alphas]
+    if any(not 0.0 <= a <= 1.0 for a in alphas):
+        raise ValueError(f"alphas must be in [0, 1], got {alphas}")
+    if max_depth < 0:
+        raise ValueError(f"max_depth must be >= 0, got {max_depth}")
+    if min_goodput < 0:
+        raise ValueError(f"min_goodput must be >= 0, got {min_goodput}")
+    batch = len(alphas)
+    if batch == 0:
+        return DepthDecision((), 0.0, 0.0, 0.0, (0.0,) * (max_depth + 1), "no sequences")
+    caps = [max_depth] * batch if limits is None else [min(max(int(lim), 0), max_depth) for lim in limits]
+    if len(caps) != batch:
+        raise ValueError(f"limits must have one entry per sequence ({batch}), got {len(caps)}")
+
+    steps = costs.step_costs(batch, max_depth)
+    margins = _Margins(alphas, caps, max_depth, latency and not uniform and pinned is None)
+
+    def evaluate(depths: Sequence[int]) -> tuple[float, float, float]:
+        """(goodput tok/s, step ms, mean ms per token) from the precomputed step costs."""
+        step = steps.step_ms(max(depths), sum(depths))
+        emitted = [margins.emitted_by_depth[d][i] for i, d in enumerate(depths)]
+        return 1000.0 * sum(emitted) / step, step, step * sum(1.0 / e for e in emitted) / batch
+
+    def uniform_goodput_at(depth: int) -> float:
+        """As `evaluate` for everyone at `depth` (capped), read straight off the expected-tokens table."""
+        total = depth * batch if limits is None else sum(map(min, caps, repeat(depth)))
+        return 1000.0 * sum(margins.emitted_by_depth[depth]) / steps.step_ms(min(depth, deepest), total)
+
+    deepest = max(caps)
+    uniform_goodput = tuple(map(uniform_goodput_at, range(max_depth + 1)))
+    floor_met = True
+    if pinned is not None:
+        depths = _uniform_depths(caps, pinned)
+    elif uniform:
+        # The best single depth: throughput maximises goodput; latency minimises time per token above the floor.
+        best_goodput = max(range(max_depth + 1), key=lambda d: (uniform_goodput[d], -d))
+        if latency:
+            ok = [d for d in range(max_depth + 1) if uniform_goodput[d] >= min_goodput]
+            floor_met = bool(ok)
+            chosen = min(ok, key=lambda d: (evaluate(_uniform_depths(caps, d))[2], d)) if ok else best_goodput
+        else:
+            chosen = best_goodput
+        depths = _uniform_depths(caps, chosen)
+    else:
+        by_gain = _ranked(margins.gain)
+        if not latency:
+            found, _ = _search(margins, [by_gain], steps, max_depth, False, 0.0)
+            depths = _allocate(margins, by_gain, batch, found.cap, found.total)
+        else:
+            # First the unconstrained optimum (exact); if it meets the floor it is the answer.
+            by_latency = _ranked(margins.latency_gain)
+            found, _ = _search(margins, [by_latency], steps, max_depth, True, 0.0)
+            depths = _allocate(margins, by_latency, batch, found.cap, found.total)
+            if min_goodput > 0 and evaluate(depths)[0] < min_goodput:
+                # The floor binds: search the latency-greedy and goodput-greedy allocations with the floor
+                # checked per allocation; the goodput-optimal plan, which meets the floor whenever any plan
+                # does, is among them. If none meets it: the throughput-maximising plan.
+                orders = [by_latency, by_gain]
+                found, floor_met = _search(margins, orders, steps, max_depth, True, min_goodput)
+                if not floor_met:
+                    orders = [by_gain]
+                    found, _ = _search(margins, orders, steps, max_depth, False, 0.0)
+                depths = _allocate(margins, orders[found.order], batch, found.cap, found.total)
+
+    goodput, step, per_token = evaluate(depths)
+    reason = _reason(depths, goodput, uniform_goodput, pinned is not None)
+    if latency and pinned is None:
+        reason += f"; {per_token:.1f} ms/token per sequence"
+        if min_goodput > 0:
+            reason += f", floor {min_goodput:.0f} tok/s " + ("met" if floor_met else "unreachable: best goodput plan")
+    return DepthDecision(tuple(depths), goodput, step, per_token, uniform_goodput, reason)
+
+
+def _reason(depths: Sequence[int], goodput: float, uniform_goodput: Sequence[float], pinned: bool) -> str:
+    lo, hi = min(depths), max(depths)
+    if lo == hi:
+        head = f"{'pinned ' if pinned else ''}depth {lo} ({goodput:.0f} tok/s) vs "
+        others = ", ".join(f"{d}: {g:.0f}" for d, g in enumerate(uniform_goodput) if d != lo)
+    else:
+        head = f"depths {lo}-{hi} (mean {sum(depths) / len(depths):.1f}, {goodput:.0f} tok/s) vs uniform "
+        others = ", ".join(f"{d}: {g:.0f}" for d, g in enumerate(uniform_goodput))
+    return head + (others or "nothing else")
+
+
+def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
+                  limits: Sequence[int] | None = None, uniform: bool = False) -> DepthDecision:
+    """Throughput mode: per-sequence depths in [0, max_depth] maximising predicted goodput,
+
+        sum_i expected_emitted(alpha_i, d_i) / (draft_ms(B, max d) [if max d > 0] + target_ms(B, mean(d + 1))
+                                                + overhead_ms(B)).
+
+    Exact (see `_search`). Depth 0 for everyone (plain decoding) is always a candidate. `limits` caps
+    each sequence's depth (room left in the request or the caches); `uniform` restricts the search to
+    one depth for the whole batch, for comparison.
+    """
+    return _decide(alphas, costs, max_depth, limits, False, 0.0, uniform, None)
+
+
+def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_depth: int, min_goodput: float = 0.0,
+                              *, limits: Sequence[int] | None = None, uniform: bool = False) -> DepthDecision:
+    """Latency mode: depths minimising the predicted time per output token, averaged over the sequences,
+
+        step_ms * mean_i(1 / expected_emitted(alpha_i, d_i)),
+
+    among plans whose goodput is at least `min_goodput` tokens/s; when no plan reaches it, the
+    throughput-maximising plan. (Each sequence's own time per token is step_ms / E_i; the step time over
+    the *mean* E_i would just be batch / goodput, the throughput objective again. Averaging per-sequence
+    times weighs poorly-accepting sequences more: this mode drafts less for a good sequence when that
+    slows every other sequence's tokens, and more for poorer ones where a little depth lifts them.)
+
+    Exact, like throughput mode, when the unconstrained optimum meets the floor. When the floor binds,
+    it is checked on each (cap, total) candidate's latency-greedy and goodput-greedy allocations: the
+    result then meets the floor whenever any plan can and is never slower per token than the
+    goodput-optimal plan, but a floor-bound optimum that is neither greedy allocation can be missed.
+    """
+    return _decide(alphas, costs, max_depth, limits, True, min_goodput, uniform, None)
+
+
+def pinned_decision(alphas: Sequence[float], costs: CostModel, depth: int, *, max_depth: int = 0,
+                    limits: Sequence[int] | None = None) -> DepthDecision:
+    """Every sequence at `depth` (capped by `limits`), with uniform predictions up to max(depth, max_depth)."""
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}")
+    return _decide(alphas, costs, max(depth, max_depth), limits, False, 0.0, True, depth)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The router's policy object
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    costs: CostModel
+    fleet_alpha: float
+
+
+class DepthPolicy:
+    """The router's speculation-depth policy: fitted costs and fleet acceptance in, depths per step out.
+
+    `update` (off the hot path, about once a second) refits from telemetry; `choose` (every step) turns
+    each sequence's (accepted, rejections) counts into acceptance estimates and picks depths.
+    Thread-safe without locks: `update` builds a new immutable state and swaps one reference, which
+    Python assigns atomically, so `choose` sees either the old state or the new one, never a mix.
+    """
+
+    def __init__(self, max_depth: int, mode: str = "throughput", min_goodput: float = 0.0,
+                 prior_weight: float = 8.0, default_alpha: float = 0.5, *, uniform: bool = False,
+                 pinned_depth: int | None = None, defaults: Mapping[str, CostFn] | None = None) -> None:
+        """
+        max_depth: the deepest draft any sequence gets.
+        mode: "throughput" (maximise goodput) or "latency" (minimise time per token above `min_goodput`).
+        min_goodput: the latency mode's floor in tokens/s (0: none).
+        prior_weight: how many observations the fleet-wide rate counts as in each sequence's estimate.
+        default_alpha: the fleet-wide acceptance rate assumed before any has been measured.
+        uniform: one depth for the whole batch instead of per sequence.
+        pinned_depth: always this depth (as `--depth K`), still reporting predictions.
+        defaults: cost functions per role used where there are no samples (DEFAULT_COSTS if None).
+        """
+        if max_depth < 0:
+            raise ValueError(f"max_depth must be >= 0, got {max_depth}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if min_goodput < 0:
+            raise ValueError(f"min_goodput must be >= 0, got {min_goodput}")
+        if prior_weight < 0:
+            raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
+        if not 0.0 <= default_alpha <= MAX_ALPHA:
+            raise ValueError(f"default_alpha must be in [0, {MAX_ALPHA}], got {default_alpha}")
+        if pinned_depth is not None and pinned_depth < 0:
+            raise ValueError(f"pinned_depth must be >= 0, got {pinned_depth}")
+        self.max_depth = max_depth if pinned_depth is None else max(max_depth, pinned_depth)
+        self.mode = mode
+        self.min_goodput = min_goodput
+        self.prior_weight = prior_weight
+        self.default_alpha = default_alpha
+        self.uniform = uniform
+        self.pinned_depth = pinned_depth
+        self._defaults = dict(DEFAULT_COSTS if defaults is None else defaults)
+        self._state = _Fitted(CostModel(self._defaults), default_alpha)
+
+    @classmethod
+    def fixed(cls, depth: int, *, defaults: Mapping[str, CostFn] | None = None) -> DepthPolicy:
+        """A policy that always answers `depth` (the `--depth K` setting)."""
+        return cls(max_depth=depth, pinned_depth=depth, defaults=defaults)
+
+    @property
+    def costs(self) -> CostModel:
+        return self._state.costs
+
+    @property
+    def fleet_alpha(self) -> float:
+        return self._state.fleet_alpha
+
+    def update(self, samples: Iterable[CostSample], fleet_accepted: int, fleet_rejections: int) -> None:
+        """Refit from the recent window of cost samples (the whole window, each time) and the fleet's
+        acceptance counts. An empty window means the defaults; when telemetry cannot be read, skip the
+        call and the last model stays."""
+        costs = CostModel.fit(samples, self._defaults, max_tokens=max(33, self.max_depth + 1))
+        alpha = acceptance_estimate(fleet_accepted, fleet_rejections, self.default_alpha, self.prior_weight)
+        self._state = _Fitted(costs, alpha)  # one reference swap: atomic
+
+    def alphas(self, per_sequence_counts: Sequence[tuple[int, int]]) -> list[float]:
+        """Each sequence's acceptance estimate from its (accepted, rejections) counts."""
+        return self._alphas(per_sequence_counts, self._state.fleet_alpha)
+
+    def _alphas(self, per_sequence_counts: Sequence[tuple[int, int]], fleet_alpha: float) -> list[float]:
+        return [acceptance_estimate(a, r, fleet_alpha, self.prior_weight) for a, r in per_sequence_counts]
+
+    def choose(self, per_sequence_counts: Sequence[tuple[int, int]],
+               limits: Sequence[int] | None = None) -> DepthDecision:
+        """Depths for one step; `per_sequence_counts[i]` is sequence i's (accepted, rejections)."""
+        state = self._state  # read once: one consistent model for the whole decision
+        alphas = self._alphas(per_sequence_counts, state.fleet_alpha)
+        if self.pinned_depth is not None:
+            return pinned_decision(alphas, state.costs, self.pinned_depth, max_depth=self.max_depth, limits=limits)
+        if self.mode == "latency":
+            return choose_depths_for_latency(alphas, state.costs, self.max_depth, self.min_goodput,
+                                             limits=limits, uniform=self.uniform)
+        return choose_depths(alphas, state.costs, self.max_depth, limits=limits, uniform=self.uniform)

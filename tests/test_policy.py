@@ -1,0 +1,404 @@
+"""The speculation-depth policy: cost model, acceptance model, and the depth search against brute force."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from specfleet.policy import (
+    DEFAULT_COSTS,
+    MAX_ALPHA,
+    AnalyticCost,
+    CostFn,
+    CostModel,
+    CostSample,
+    DepthPolicy,
+    acceptance_estimate,
+    choose_depths,
+    choose_depths_for_latency,
+    expected_emitted,
+    pinned_decision,
+    plan_goodput,
+    plan_time_per_token,
+)
+
+REL = 1e-9
+
+# A GPU-like curve: verification is nearly free up to a knee of 64 tokens per forward, compute-bound beyond.
+SATURATING: dict[str, CostFn] = {
+    "target": AnalyticCost(fixed_ms=20.0, per_token_ms=0.01, knee_tokens=64, past_knee_ms=0.4),
+    "draft": AnalyticCost(fixed_ms=1.0, per_token_ms=0.05),
+    "overhead": AnalyticCost(fixed_ms=2.0),
+}
+
+
+def _random_costs(rng: random.Random) -> CostModel:
+    """An analytic model with random coefficients and knee, or a table fitted from random noisy samples."""
+    if rng.random() < 0.5:
+        return CostModel({
+            "target": AnalyticCost(fixed_ms=rng.uniform(1, 30), per_seq_ms=rng.uniform(0, 5),
+                                   per_token_ms=rng.uniform(0, 3), knee_tokens=rng.uniform(1, 12),
+                                   past_knee_ms=rng.uniform(0, 10)),
+            "draft": AnalyticCost(fixed_ms=rng.uniform(0, 5), per_token_ms=rng.uniform(0, 4)),
+            "overhead": AnalyticCost(fixed_ms=rng.uniform(0, 5), per_seq_ms=rng.uniform(0, 1)),
+        })
+    samples = [CostSample(role, rng.randint(1, 3), rng.choice([1, 1.5, 2, 3, 4, 5]), rng.uniform(0.5, 60))
+               for role in ("target", "draft", "overhead") for _ in range(rng.randint(1, 12))]
+    return CostModel.fit(samples)
+
+
+def _random_alphas(rng: random.Random, batch: int) -> list[float]:
+    return [rng.choice([0.0, MAX_ALPHA, rng.random(), rng.random()]) for _ in range(batch)]
+
+
+def _all_plans(batch: int, max_depth: int) -> list[tuple[int, ...]]:
+    return list(itertools.product(range(max_depth + 1), repeat=batch))
+
+
+def _brute_force_cases(seed: int) -> list[tuple[list[float], CostModel, int]]:
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(60):
+        batch, max_depth = rng.randint(1, 3), rng.randint(0, 4)
+        cases.append((_random_alphas(rng, batch), _random_costs(rng), max_depth))
+    return cases
+
+
+# --- depth search against brute force -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_throughput_matches_brute_force(seed: int) -> None:
+    for alphas, costs, max_depth in _brute_force_cases(seed):
+        decision = choose_depths(alphas, costs, max_depth)
+        best = max(plan_goodput(alphas, plan, costs) for plan in _all_plans(len(alphas), max_depth))
+        assert decision.goodput == pytest.approx(plan_goodput(alphas, decision.depths, costs), rel=REL)
+        assert decision.goodput >= best * (1 - REL), (alphas, max_depth, decision)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_uniform_matches_brute_force_over_uniform_plans(seed: int) -> None:
+    for alphas, costs, max_depth in _brute_force_cases(seed):
+        decision = choose_depths(alphas, costs, max_depth, uniform=True)
+        assert len(set(decision.depths)) == 1
+        uniform = [plan_goodput(alphas, [d] * len(alphas), costs) for d in range(max_depth + 1)]
+        assert decision.uniform_goodput == pytest.approx(uniform, rel=REL)
+        assert decision.goodput == pytest.approx(max(uniform), rel=REL)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_latency_without_floor_matches_brute_force(seed: int) -> None:
+    for alphas, costs, max_depth in _brute_force_cases(seed):
+        decision = choose_depths_for_latency(alphas, costs, max_depth)
+        best = min(plan_time_per_token(alphas, plan, costs) for plan in _all_plans(len(alphas), max_depth))
+        assert decision.time_per_token_ms == pytest.approx(plan_time_per_token(alphas, decision.depths, costs),
+                                                           rel=REL)
+        assert decision.time_per_token_ms <= best * (1 + REL), (alphas, max_depth, decision)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_latency_floor_is_met_whenever_reachable(seed: int) -> None:
+    rng = random.Random(100 + seed)
+    for alphas, costs, max_depth in _brute_force_cases(seed):
+        plans = _all_plans(len(alphas), max_depth)
+        throughput = choose_depths(alphas, costs, max_depth)
+        floor = throughput.goodput * rng.choice([0.5, 0.9, 0.99, 1.1])
+        decision = choose_depths_for_latency(alphas, costs, max_depth, floor)
+        feasible = [p for p in plans if plan_goodput(alphas, p, costs) >= floor]
+        if feasible:
+            assert decision.goodput >= floor
+            # Never slower per token than the goodput-optimal plan, which is itself feasible.
+            assert decision.time_per_token_ms <= throughput.time_per_token_ms * (1 + REL)
+        else:
+            assert decision.goodput == pytest.approx(throughput.goodput, rel=REL)
+            assert "unreachable" in decision.reason
+
+
+# --- the shape of the choices ---------------------------------------------------------------------------
+
+
+def test_no_drafting_when_acceptance_is_near_zero() -> None:
+    for alphas in ([0.0] * 8, [0.005] * 8):
+        assert choose_depths(alphas, CostModel(), 8).depths == (0,) * 8
+        assert choose_depths_for_latency(alphas, CostModel(), 8).depths == (0,) * 8
+
+
+def test_deepest_drafts_when_verification_is_free_and_acceptance_high() -> None:
+    free = CostModel({"target": AnalyticCost(fixed_ms=20.0), "draft": AnalyticCost(fixed_ms=0.5, per_token_ms=0.001),
+                      "overhead": AnalyticCost(fixed_ms=2.0)})
+    assert choose_depths([0.9] * 8, free, 8).depths == (8,) * 8
+    # The same acceptance when each verified token costs as much as a fixed step drafts less.
+    costly = CostModel({**SATURATING, "target": AnalyticCost(fixed_ms=20.0, per_token_ms=2.5)})
+    assert max(choose_depths([0.9] * 8, costly, 8).depths) < 8
+
+
+def test_best_uniform_depth_falls_as_batch_grows() -> None:
+    """The paper's effect: past the knee every verified token costs, so big batches should draft less."""
+    costs = CostModel(SATURATING)
+    best = []
+    for batch in (1, 2, 4, 8, 16, 32, 64, 128):
+        decision = choose_depths([0.7] * batch, costs, 8, uniform=True)
+        best.append(decision.depths[0])
+        assert decision.goodput == max(decision.uniform_goodput)
+    assert best == sorted(best, reverse=True), best
+    assert best[0] >= 6 and best[-1] <= 1, best
+    # The CPU defaults show it too, more gently.
+    cpu = [choose_depths([0.6] * b, CostModel(), 8, uniform=True).depths[0] for b in (1, 4, 16)]
+    assert cpu == sorted(cpu, reverse=True) and cpu[0] > cpu[-1], cpu
+
+
+def test_poorly_accepting_sequences_get_less_depth() -> None:
+    alphas = [0.9, 0.2, 0.8, 0.4, 0.9, 0.1]
+    for costs in (CostModel(), CostModel(SATURATING)):
+        depths = choose_depths(alphas, costs, 8).depths
+        for (a, da), (b, db) in itertools.combinations(zip(alphas, depths, strict=True), 2):
+            if a > b:
+                assert da >= db, (alphas, depths)
+        assert depths[0] > depths[1]
+
+
+def test_per_sequence_plan_beats_or_ties_every_uniform_plan() -> None:
+    decision = choose_depths([0.95, 0.5, 0.1, 0.7], CostModel(), 8)
+    assert len(set(decision.depths)) > 1
+    assert decision.goodput >= max(decision.uniform_goodput)
+    assert "vs uniform 0:" in decision.reason
+
+
+def test_limits_cap_each_sequence() -> None:
+    decision = choose_depths([0.9, 0.9, 0.9], CostModel(SATURATING), 8, limits=[8, 2, 0])
+    assert decision.depths == (8, 2, 0)
+    assert pinned_decision([0.9, 0.9], CostModel(), 5, limits=[3, 9]).depths == (3, 5)
+
+
+# --- latency mode ---------------------------------------------------------------------------------------
+
+
+def test_latency_mode_evens_out_depth_across_sequences() -> None:
+    """One good and one poor sequence: throughput drafts deep for the good one only; latency, which
+    averages each sequence's time per token, drafts less for the good one (its depth slows the poor
+    one's every token) and more for the poor one."""
+    alphas, costs = [0.95, 0.05], CostModel()
+    throughput = choose_depths(alphas, costs, 8)
+    latency = choose_depths_for_latency(alphas, costs, 8)
+    assert throughput.depths == (8, 0)
+    assert latency.depths[0] < throughput.depths[0] and latency.depths[1] > throughput.depths[1]
+    assert latency.time_per_token_ms < throughput.time_per_token_ms
+    assert latency.goodput < throughput.goodput
+    # Identical sequences: the two objectives agree.
+    same = [0.7] * 4
+    assert choose_depths_for_latency(same, costs, 8).depths == choose_depths(same, costs, 8).depths
+
+
+def test_latency_mode_honours_the_floor() -> None:
+    alphas, costs = [0.95, 0.05], CostModel()
+    throughput = choose_depths(alphas, costs, 8)
+    free = choose_depths_for_latency(alphas, costs, 8)
+    floor = (free.goodput + throughput.goodput) / 2
+    bound = choose_depths_for_latency(alphas, costs, 8, floor)
+    assert bound.goodput >= floor
+    assert free.time_per_token_ms <= bound.time_per_token_ms <= throughput.time_per_token_ms
+    assert "met" in bound.reason
+    unreachable = choose_depths_for_latency(alphas, costs, 8, throughput.goodput * 1.5)
+    assert unreachable.depths == throughput.depths and "unreachable" in unreachable.reason
+
+
+def test_latency_uniform_mode() -> None:
+    alphas, costs = [0.95, 0.05, 0.5], CostModel()
+    decision = choose_depths_for_latency(alphas, costs, 6, uniform=True)
+    times = [plan_time_per_token(alphas, [d] * 3, costs) for d in range(7)]
+    assert decision.time_per_token_ms == pytest.approx(min(times), rel=REL)
+
+
+# --- cost model -----------------------------------------------------------------------------------------
+
+
+def _samples(role: str, points: dict[tuple[int, float], float]) -> list[CostSample]:
+    return [CostSample(role, b, t, ms) for (b, t), ms in points.items()]
+
+
+def test_cost_model_defaults_match_the_documented_cpu_numbers() -> None:
+    costs = CostModel()
+    assert costs.fitted_roles == {}
+    target = DEFAULT_COSTS["target"]
+    for role in ("target", "draft", "overhead"):
+        assert costs.predict(role, 4, 3.0) == DEFAULT_COSTS[role](4, 3.0)
+    assert target(1, 1) == pytest.approx(25, rel=0.02)
+    assert target(1, 8) / target(1, 1) == pytest.approx(1.45, rel=0.02)
+    assert target(16, 8) / target(16, 1) == pytest.approx(2.2, rel=0.02)
+    assert costs.predict("draft", 1, 8) == pytest.approx(1.0, rel=0.1)
+    assert costs.predict("overhead", 1, 1) == pytest.approx(3.0)
+
+
+def test_cost_model_interpolates_between_grid_points() -> None:
+    costs = CostModel.fit(_samples("target", {(4, 1): 10.0, (4, 2): 20.0, (8, 1): 30.0, (8, 2): 40.0}))
+    assert costs.fitted_roles == {"target": 4}
+    assert costs.predict("target", 4, 1) == pytest.approx(10)
+    assert costs.predict("target", 4, 1.5) == pytest.approx(15)
+    assert costs.predict("target", 6, 1) == pytest.approx(20)
+    assert costs.predict("target", 6, 1.5) == pytest.approx(25)
+    assert costs.predict("target", 8, 2) == pytest.approx(40)
+    assert costs.predict("draft", 4, 1) == DEFAULT_COSTS["draft"](4, 1)  # other roles keep their defaults
+
+
+def test_cost_model_medians_resist_outliers() -> None:
+    samples = [CostSample("target", 2, 3.0, ms) for ms in (20.0, 21.0, 19.0, 20.0, 900.0, 20.5)]
+    samples += [CostSample("target", 2, 3.1, 0.0)]  # the same 0.5-token cell
+    costs = CostModel.fit(samples)
+    assert costs.predict("target", 2, 3.0) == pytest.approx(20.0)
+
+
+def test_cost_model_fits_a_handful_of_samples() -> None:
+    """Three target samples at batch 1, one token: that point is exact; elsewhere the default's shape
+    at the measured level (here 1.2x the default)."""
+    level = 1.2 * DEFAULT_COSTS["target"](1, 1.0)
+    costs = CostModel.fit([CostSample("target", 1, 1.0, level * f) for f in (0.98, 1.0, 1.03)])
+    assert costs.predict("target", 1, 1.0) == pytest.approx(level)
+    for batch, tokens in [(1, 5.0), (16, 3.0), (300, 9.0), (3, 40.0)]:
+        assert costs.predict("target", batch, tokens) == pytest.approx(1.2 * DEFAULT_COSTS["target"](batch, tokens))
+
+
+def test_cost_model_extrapolates_deeper_with_the_measured_slope() -> None:
+    costs = CostModel.fit(_samples("target", {(4, 1.0): 500.0, (4, 2.0): 1000.0, (4, 3.0): 1500.0}))
+    assert costs.predict("target", 4, 9.0) == pytest.approx(4500.0)
+    assert costs.predict("target", 4, 2.5) == pytest.approx(1250.0)
+    # A noisy decrease is not extrapolated: at least flat.
+    flat = CostModel.fit(_samples("target", {(4, 1.0): 50.0, (4, 2.0): 48.0}))
+    assert flat.predict("target", 4, 9.0) == pytest.approx(50.0)
+
+
+def test_cost_model_fills_unmeasured_cells_sensibly() -> None:
+    # Measured at one token for batch 1 and 16: between them linear, and deeper drafts cost more.
+    costs = CostModel.fit(_samples("target", {(1, 1.0): 30.0, (16, 1.0): 120.0}))
+    assert costs.predict("target", 8, 1.0) == pytest.approx(30 + (120 - 30) * 7 / 15)
+    for batch in (1, 8, 16):
+        assert costs.predict("target", batch, 1.0) < costs.predict("target", batch, 5.0)
+    ratio = costs.predict("target", 16, 5.0) / DEFAULT_COSTS["target"](16, 5.0)
+    assert ratio == pytest.approx(120.0 / DEFAULT_COSTS["target"](16, 1.0))
+
+
+def test_cost_model_is_monotone() -> None:
+    rng = random.Random(7)
+    # Noisy, non-monotone samples: costs drawn at random, ignoring batch and tokens.
+    samples = [CostSample(role, rng.choice([1, 2, 3, 5, 8, 12, 32]), rng.choice([1, 1.5, 2, 4, 7, 9]),
+                          rng.uniform(1, 100)) for role in ("target", "draft", "overhead") for _ in range(80)]
+    costs = CostModel.fit(samples)
+    batches = [1, 2, 3, 4, 5, 7, 8, 10, 12, 20, 32, 64, 256, 400]
+    tokens = [0.5, 1, 1.25, 1.5, 2, 3, 4, 5.5, 7, 8, 9, 12, 20, 33, 40]
+    for role in ("target", "draft", "overhead"):
+        grid = [[costs.predict(role, b, t) for t in tokens] for b in batches]
+        for row in grid:
+            assert all(x >= 0 for x in row)
+            assert all(a <= b * (1 + 1e-12) for a, b in itertools.pairwise(row)), (role, row)
+        for col in zip(*grid, strict=True):
+            assert all(a <= b * (1 + 1e-12) for a, b in itertools.pairwise(col)), (role, col)
+
+
+def test_cost_sample_and_model_validate() -> None:
+    with pytest.raises(ValueError, match="role"):
+        CostSample("verify", 1, 1.0, 1.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        CostSample("target", 0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="ms"):
+        CostSample("target", 1, 1.0, math.nan)
+    with pytest.raises(ValueError, match="missing"):
+        CostModel({"target": AnalyticCost()})
+
+
+# --- acceptance model -----------------------------------------------------------------------------------
+
+
+def test_acceptance_estimate_shrinks_toward_the_prior() -> None:
+    assert acceptance_estimate(0, 0, 0.6, 8.0) == pytest.approx(0.6)
+    assert acceptance_estimate(9, 1, 0.6, 0.0) == pytest.approx(0.9)
+    assert acceptance_estimate(9, 1, 0.6, 10.0) == pytest.approx((9 + 6) / 20)
+    few, many = acceptance_estimate(9, 1, 0.5, 8.0), acceptance_estimate(900, 100, 0.5, 8.0)
+    assert 0.5 < few < many < 0.9
+
+
+def test_acceptance_estimate_bounds() -> None:
+    assert acceptance_estimate(10**6, 0, 0.9, 1.0) == MAX_ALPHA
+    assert acceptance_estimate(0, 50, 0.0, 4.0) == 0.0
+    assert acceptance_estimate(0, 0, 1.0, 4.0) == MAX_ALPHA
+    with pytest.raises(ValueError):
+        acceptance_estimate(-1, 0, 0.5, 1.0)
+
+
+def _simulate_step(rng: random.Random, alpha: float, depth: int) -> int:
+    """Accepted draft tokens in one step: i.i.d. acceptance, stopping at the first rejection."""
+    accepted = 0
+    while accepted < depth and rng.random() < alpha:
+        accepted += 1
+    return accepted
+
+
+def test_acceptance_estimate_is_unbiased_where_accepted_over_proposed_is_not() -> None:
+    rng, alpha, depth = random.Random(3), 0.7, 8
+    steps = [_simulate_step(rng, alpha, depth) for _ in range(20000)]
+    accepted = sum(steps)
+    rejections = sum(a < depth for a in steps)
+    assert acceptance_estimate(accepted, rejections, 0.5, 0.0) == pytest.approx(alpha, abs=0.01)
+    assert accepted / (depth * len(steps)) < alpha - 0.2
+
+
+def test_expected_emitted_closed_form() -> None:
+    assert expected_emitted(0.7, 0) == 1.0
+    assert expected_emitted(0.0, 5) == 1.0
+    assert expected_emitted(1.0, 5) == 6.0
+    assert expected_emitted(0.5, 2) == pytest.approx(1.75)
+    with pytest.raises(ValueError):
+        expected_emitted(1.5, 2)
+
+
+@pytest.mark.parametrize(("alpha", "depth"), [(0.3, 1), (0.7, 4), (0.9, 8), (0.99, 16)])
+def test_expected_emitted_matches_simulation(alpha: float, depth: int) -> None:
+    rng = random.Random(int(alpha * 100) + depth)
+    trials = 20000
+    mean = sum(_simulate_step(rng, alpha, depth) + 1 for _ in range(trials)) / trials
+    assert mean == pytest.approx(expected_emitted(alpha, depth), rel=0.03)
+
+
+# --- the policy object ----------------------------------------------------------------------------------
+
+
+def test_policy_update_swaps_model_and_fleet_rate() -> None:
+    policy = DepthPolicy(max_depth=8)
+    before = policy.costs
+    assert policy.fleet_alpha == policy.default_alpha
+    slow_target = [CostSample("target", 4, t, 500.0 * t) for t in (1.0, 2.0, 3.0) for _ in range(3)]
+    policy.update(slow_target, fleet_accepted=900, fleet_rejections=100)
+    assert policy.costs is not before
+    assert policy.costs.fitted_roles == {"target": 9}
+    assert policy.fleet_alpha == pytest.approx(acceptance_estimate(900, 100, 0.5, policy.prior_weight))
+    # Verification now costs 500 ms a token per sequence: drafting never pays.
+    assert policy.choose([(90, 10)] * 4).depths == (0, 0, 0, 0)
+
+
+def test_policy_choose_per_sequence() -> None:
+    policy = DepthPolicy(max_depth=8)
+    policy.update([], fleet_accepted=600, fleet_rejections=400)
+    decision = policy.choose([(950, 50), (5, 95), (0, 0)])
+    assert decision.depths[0] > decision.depths[2] >= decision.depths[1]  # the new one sits at the fleet rate
+    assert policy.choose([]).depths == ()
+
+
+def test_policy_modes() -> None:
+    counts = [(950, 50), (5, 95)]
+    latency = DepthPolicy(max_depth=8, mode="latency").choose(counts)
+    throughput = DepthPolicy(max_depth=8).choose(counts)
+    assert latency.time_per_token_ms < throughput.time_per_token_ms
+    uniform = DepthPolicy(max_depth=8, uniform=True).choose(counts)
+    assert len(set(uniform.depths)) == 1
+    with pytest.raises(ValueError, match="mode"):
+        DepthPolicy(max_depth=4, mode="fast")
+
+
+def test_fixed_policy_pins_the_depth_and_still_predicts() -> None:
+    decision = DepthPolicy.fixed(3).choose([(0, 100), (100, 0)])
+    assert decision.depths == (3, 3)
+    assert len(decision.uniform_goodput) == 4
+    assert decision.goodput == pytest.approx(decision.uniform_goodput[3])
+    assert decision.reason.startswith("pinned depth 3")
+    assert DepthPolicy.fixed(0).choose([(5, 5)]).depths == (0,)

@@ -1,0 +1,557 @@
+"""The Helm chart: lint, render with each value set, validate every object against the Kubernetes schemas offline,
+check what the deployment relies on (probes, GPUs, RBAC, Services, Redis, metrics), the values schema, and the
+Grafana dashboards' PromQL (with promtool).
+
+Needs ``helm`` and ``promtool``; .ci/run installs both (see tests/helm_tools.py for how to get them by hand).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helm_tools import (
+    CHART,
+    NAMESPACE,
+    RELEASE,
+    SERVICE_MONITOR_API,
+    VALUE_SETS,
+    by_component,
+    component,
+    containers,
+    env_map,
+    flag_value,
+    objects,
+    pod_containers,
+    promtool_binary,
+    render,
+    run_helm,
+    template,
+    value_args,
+)
+
+# Kubernetes version the objects are checked against (kubernetes-validate ships the schemas, strict variant).
+KUBERNETES_VERSION = "1.35"
+SERVICES = ("router", "draft", "target")
+FULLNAME = f"{RELEASE}-specfleet"
+# A hub-sourced target with the router taking its tokenizer from it: renders the model-fetching init containers.
+HUB_TARGET = ("target.model.source=huggingface", "target.model.name=Qwen/Qwen2.5-7B-Instruct", "router.tokenizer=")
+# Every switch on at once, so the optional templates are validated too.
+EVERYTHING = (*HUB_TARGET, "draft.autoscaling.enabled=true", "target.autoscaling.enabled=true",
+              "target.autoscaling.targetCPUUtilizationPercentage=80", "serviceMonitor.enabled=true",
+              "redis.persistence.enabled=true", "metrics.podAnnotations=true", "router.service.type=NodePort",
+              "router.service.nodePort=30050", "otel.enabled=true", "otel.endpoint=http://collector:4317",
+              "models.volume.type=hostPath", "models.volume.hostPath=/srv/models", "cache.type=persistentVolumeClaim",
+              "cache.claimName=specfleet-cache", "models.huggingface.tokenSecret=hf-token")
+RENDERINGS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    **{name: (name, (), ()) for name in VALUE_SETS},
+    "gpu-external-redis+servicemonitor": ("gpu-external-redis", (), (SERVICE_MONITOR_API,)),
+    "everything": ("default", EVERYTHING, (SERVICE_MONITOR_API,)),
+}
+
+
+def rendered(name: str) -> tuple[dict[str, Any], ...]:
+    value_set, sets, api_versions = RENDERINGS[name]
+    return render(value_set, sets, api_versions)
+
+
+def service_containers(objs: tuple[dict[str, Any], ...]) -> dict[str, dict[str, Any]]:
+    """The router, draft and target containers, by component."""
+    found = {}
+    for deployment in objects(objs, "Deployment"):
+        (container,) = containers(deployment)
+        found[component(deployment)] = container
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# lint, render, validate
+
+
+@pytest.mark.parametrize("value_set", list(VALUE_SETS))
+def test_lint_strict(value_set: str) -> None:
+    result = run_helm("lint", "--strict", str(CHART), *value_args(value_set))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", list(RENDERINGS))
+def test_objects_validate_against_kubernetes_schemas(name: str) -> None:
+    import kubernetes_validate
+
+    objs = rendered(name)
+    assert objs, "nothing rendered"
+    errors = []
+    for obj in objs:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        assert obj["metadata"].get("namespace", NAMESPACE) == NAMESPACE, where
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            check_service_monitor(obj)  # a CRD: no schema shipped with kubernetes-validate
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            errors.append(f"{where}: {'.'.join(map(str, err.path))}: {err.message}")
+    assert not errors, "\n".join(errors)
+
+
+def check_service_monitor(obj: dict[str, Any]) -> None:
+    assert obj["kind"] == "ServiceMonitor"
+    spec = obj["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    assert spec["selector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
+    (expression,) = spec["selector"]["matchExpressions"]
+    assert expression == {"key": "app.kubernetes.io/component", "operator": "In", "values": list(SERVICES)}
+    assert [endpoint["port"] for endpoint in spec["endpoints"]] == ["metrics"]
+    relabel = spec["endpoints"][0]["relabelings"][0]
+    assert relabel["targetLabel"] == "component"
+
+
+def test_every_value_set_renders_the_three_services() -> None:
+    for value_set in VALUE_SETS:
+        assert set(service_containers(render(value_set))) == set(SERVICES), value_set
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pods
+
+
+@pytest.mark.parametrize("name", list(RENDERINGS))
+def test_every_service_container_has_grpc_probes(name: str) -> None:
+    for service, container in service_containers(rendered(name)).items():
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        assert int(flag_value(container["args"], "--port")) == ports["grpc"], service
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container[probe]["grpc"] == {"port": ports["grpc"]}, (service, probe)
+        startup = container["startupProbe"]
+        allowed_s = startup["periodSeconds"] * startup["failureThreshold"]
+        assert allowed_s >= 600, f"{service}: the startup probe must allow for model loading"
+
+
+@pytest.mark.parametrize("name", list(RENDERINGS))
+def test_pods_drain_before_they_stop(name: str) -> None:
+    for deployment in objects(rendered(name), "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert sleep[0] == "sleep"
+        assert int(sleep[1]) < pod["terminationGracePeriodSeconds"], component(deployment)
+
+
+@pytest.mark.parametrize("name", list(RENDERINGS))
+def test_every_container_runs_as_non_root_with_resource_requests(name: str) -> None:
+    for workload, container in pod_containers(rendered(name)):
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["resources"]["requests"], container["name"]
+
+
+def gpu_limits(container: dict[str, Any]) -> int:
+    return int(container["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+@pytest.mark.parametrize("value_set", ["default", "gpu-external-redis"])
+def test_targets_ask_for_gpus(value_set: str) -> None:
+    found = service_containers(render(value_set))
+    assert gpu_limits(found["target"]) == 1
+    assert gpu_limits(found["router"]) == 0
+    target = by_component(render(value_set), "Deployment")["target"]
+    tolerations = target["spec"]["template"]["spec"]["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+
+
+def test_cpu_demo_has_no_gpus() -> None:
+    objs = render("cpu-demo")
+    for _, container in pod_containers(objs):
+        assert not any("gpu" in name for name in container["resources"].get("limits", {})), container["name"]
+    found = service_containers(objs)
+    assert flag_value(found["target"]["args"], "--device") == "cpu"
+    assert flag_value(found["target"]["args"], "--model") == "smollm2-135m"
+    assert flag_value(found["draft"]["args"], "--drafter") == "ngram"
+    assert "--model" not in found["draft"]["args"]
+    assert found["target"]["image"].endswith("-cpu")
+
+
+def test_gpu_value_set_loads_models_from_the_volume() -> None:
+    objs = render("gpu-external-redis")
+    found = service_containers(objs)
+    assert flag_value(found["target"]["args"], "--model") == "/models/Qwen2.5-7B-Instruct"
+    assert flag_value(found["draft"]["args"], "--model") == "/models/Qwen2.5-0.5B-Instruct"
+    assert gpu_limits(found["draft"]) == 1
+    for service, container in found.items():
+        assert {"name": "models", "mountPath": "/models", "readOnly": True} in container["volumeMounts"], service
+    for deployment in objects(objs, "Deployment"):
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "qwen-models", "readOnly": True}
+        assert "emptyDir" in volumes["cache"]
+
+
+def test_hub_models_are_fetched_by_an_init_container() -> None:
+    objs = render("default", HUB_TARGET)
+    deployments = by_component(objs, "Deployment")
+    folder = "/cache/huggingface/models/Qwen/Qwen2.5-7B-Instruct"
+    assert flag_value(containers(deployments["target"])[0]["args"], "--model") == folder
+    for service, weights in (("target", "false"), ("router", "true")):
+        (init,) = deployments[service]["spec"]["template"]["spec"]["initContainers"]
+        assert init["command"] == ["python", "-c"]
+        assert init["args"][1:] == ["Qwen/Qwen2.5-7B-Instruct", "", folder, weights], service
+        assert {"name": "cache", "mountPath": "/cache"} in init["volumeMounts"]
+    assert "initContainers" not in deployments["draft"]["spec"]["template"]["spec"]  # a preset
+    assert "--tokenizer" not in containers(deployments["router"])[0]["args"]
+
+
+def test_cache_volume_is_mounted_everywhere() -> None:
+    for value_set in VALUE_SETS:
+        for service, container in service_containers(render(value_set)).items():
+            assert {"name": "cache", "mountPath": "/cache"} in container["volumeMounts"], (value_set, service)
+            assert env_map(container)["SPECFLEET_CACHE"]["value"] == "/cache"
+
+
+def test_autoscaled_deployments_leave_replicas_to_the_hpa() -> None:
+    objs = render("gpu-external-redis")
+    hpas = by_component(objs, "HorizontalPodAutoscaler")
+    assert set(hpas) == {"draft", "target"}
+    for service, deployment in by_component(objs, "Deployment").items():
+        assert ("replicas" in deployment["spec"]) == (service == "router"), service
+    for service, hpa in hpas.items():
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                                 "name": f"{FULLNAME}-{service}"}
+    assert not objects(render("default"), "HorizontalPodAutoscaler")
+
+
+def test_pdbs_select_their_component() -> None:
+    objs = render("default")
+    pdbs = by_component(objs, "PodDisruptionBudget")
+    assert set(pdbs) == set(SERVICES)
+    deployments = by_component(objs, "Deployment")
+    for service, pdb in pdbs.items():
+        assert pdb["spec"]["selector"]["matchLabels"] == deployments[service]["spec"]["selector"]["matchLabels"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RBAC, Services, discovery
+
+
+@pytest.mark.parametrize("value_set", list(VALUE_SETS))
+def test_role_grants_only_endpointslice_reads_in_the_namespace(value_set: str) -> None:
+    objs = render(value_set)
+    assert not objects(objs, "ClusterRole") and not objects(objs, "ClusterRoleBinding")
+    (role,) = objects(objs, "Role")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                              "verbs": ["get", "list", "watch"]}]
+    (binding,) = objects(objs, "RoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    (account,) = objects(objs, "ServiceAccount")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                                    "namespace": NAMESPACE}]
+    for service, deployment in by_component(objs, "Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        if service == "router":
+            assert pod["serviceAccountName"] == account["metadata"]["name"]
+            assert pod["automountServiceAccountToken"] is True
+        else:
+            assert pod["automountServiceAccountToken"] is False, service
+
+
+@pytest.mark.parametrize("value_set", list(VALUE_SETS))
+def test_router_service_exposes_the_public_port(value_set: str) -> None:
+    objs = render(value_set)
+    router = by_component(objs, "Service")["router"]
+    assert router["spec"].get("clusterIP") != "None"
+    grpc = next(port for port in router["spec"]["ports"] if port["name"] == "grpc")
+    assert (grpc["port"], grpc["targetPort"], grpc["appProtocol"]) == (50050, "grpc", "grpc")
+    container = service_containers(objs)["router"]
+    assert {"name": "grpc", "containerPort": 50050, "protocol": "TCP"} in container["ports"]
+    assert router["spec"]["selector"] == by_component(objs, "Deployment")["router"]["spec"]["selector"]["matchLabels"]
+
+
+@pytest.mark.parametrize("value_set", list(VALUE_SETS))
+def test_draft_and_target_services_are_headless_and_watched_by_the_router(value_set: str) -> None:
+    objs = render(value_set)
+    services = by_component(objs, "Service")
+    router_args = service_containers(objs)["router"]["args"]
+    for service, port in (("draft", 50051), ("target", 50052)):
+        spec = services[service]["spec"]
+        assert spec["clusterIP"] == "None", service
+        assert {"name": "grpc", "port": port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"} in (
+            spec["ports"])
+        flag = "--drafts" if service == "draft" else "--targets"
+        assert flag_value(router_args, flag) == f"k8s://{FULLNAME}-{service}.{NAMESPACE}:{port}"
+
+
+def test_without_drafts_the_router_runs_plain_decoding() -> None:
+    objs = render("default", ("draft.enabled=false",))
+    assert "draft" not in by_component(objs, "Deployment")
+    assert "draft" not in by_component(objs, "Service")
+    assert flag_value(service_containers(objs)["router"]["args"], "--drafts") == ""
+
+
+def test_router_passes_depth_and_limits() -> None:
+    args = service_containers(render("default"))["router"]["args"]
+    assert (flag_value(args, "--depth"), flag_value(args, "--max-depth")) == ("auto", "16")
+    args = service_containers(render("cpu-demo"))["router"]["args"]
+    assert flag_value(args, "--depth") == "4"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Redis
+
+
+def test_in_cluster_redis_with_chart_secret() -> None:
+    objs = render("default")
+    (statefulset,) = objects(objs, "StatefulSet")
+    (secret,) = objects(objs, "Secret")
+    assert secret["metadata"]["name"] == f"{FULLNAME}-redis"
+    assert "redis-password" in secret["data"]
+    redis = containers(statefulset)[0]
+    assert env_map(redis)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": f"{FULLNAME}-redis",
+                                                                              "key": "redis-password"}
+    assert "--requirepass" in redis["args"]
+    for service, container in service_containers(objs).items():
+        assert env_map(container)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == f"{FULLNAME}-redis"
+        url = flag_value(container["args"], "--redis-url")
+        assert url == f"redis://:$(REDIS_PASSWORD)@{FULLNAME}-redis:6379/0", service
+
+
+def test_redis_without_password() -> None:
+    objs = render("cpu-demo")
+    assert not objects(objs, "Secret")
+    assert len(objects(objs, "StatefulSet")) == 1
+    for container in service_containers(objs).values():
+        assert "REDIS_PASSWORD" not in env_map(container)
+        assert flag_value(container["args"], "--redis-url") == f"redis://{FULLNAME}-redis:6379/0"
+
+
+def test_external_redis_password_from_existing_secret() -> None:
+    objs = render("gpu-external-redis")
+    assert not objects(objs, "StatefulSet")
+    assert not objects(objs, "Secret")
+    assert "redis" not in by_component(objs, "Service")
+    for service, container in service_containers(objs).items():
+        password = env_map(container)["REDIS_PASSWORD"]
+        assert password["valueFrom"]["secretKeyRef"] == {"name": "specfleet-redis", "key": "password"}, service
+        assert flag_value(container["args"], "--redis-url") == (
+            "redis://:$(REDIS_PASSWORD)@redis-master.data.svc.cluster.local:6379/0")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# metrics and OpenTelemetry
+
+
+@pytest.mark.parametrize("value_set", list(VALUE_SETS))
+def test_metrics_port_on_containers_and_services(value_set: str) -> None:
+    objs = render(value_set)
+    services = by_component(objs, "Service")
+    for service, container in service_containers(objs).items():
+        assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in container["ports"]
+        assert flag_value(container["args"], "--metrics-port") == "9464"
+        assert {"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"} in (
+            services[service]["spec"]["ports"])
+
+
+def test_service_monitor_needs_values_and_the_operator() -> None:
+    assert not objects(render("gpu-external-redis"), "ServiceMonitor")  # enabled, but no Prometheus Operator
+    assert not objects(render("default", (), (SERVICE_MONITOR_API,)), "ServiceMonitor")  # operator, not enabled
+    (monitor,) = objects(rendered("gpu-external-redis+servicemonitor"), "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_opentelemetry_environment() -> None:
+    for service, container in service_containers(render("default")).items():
+        env = {name: item.get("value") for name, item in env_map(container).items()}
+        assert env["OTEL_SERVICE_NAME"] == f"specfleet-{service}"
+        assert env["OTEL_TRACES_EXPORTER"] == env["OTEL_METRICS_EXPORTER"] == "none"
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
+        assert "k8s.pod.name=$(POD_NAME)" in env["OTEL_RESOURCE_ATTRIBUTES"]
+        names = list(env)
+        assert names.index("POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")  # $(VAR) needs VAR defined first
+    for service, container in service_containers(render("gpu-external-redis")).items():
+        env = {name: item.get("value") for name, item in env_map(container).items()}
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4317", service
+        assert env["OTEL_TRACES_EXPORTER"] == env["OTEL_METRICS_EXPORTER"] == "otlp"
+        assert "deployment.environment=production" in env["OTEL_RESOURCE_ATTRIBUTES"]
+
+
+def test_otel_enabled_without_endpoint_fails() -> None:
+    result = template("default", ("otel.enabled=true",))
+    assert result.returncode != 0 and "otel.endpoint" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# values schema
+
+
+@pytest.mark.parametrize(("bad", "key"), [
+    ("target.replicas=-1", "replicas"),
+    ("router.replicas=-3", "replicas"),
+    ("router.depth=17", "depth"),
+    ("router.depth=-1", "depth"),
+    ("router.depth=deep", "depth"),
+    ("router.maxDepth=17", "maxDepth"),
+    ("draft.drafter=medusa", "drafter"),
+    ("router.port=70000", "port"),
+    ("target.port=0", "port"),
+    ("metrics.port=65536", "port"),
+    ("target.gpu=-1", "gpu"),
+    ("target.numSlots=0", "numSlots"),
+    ("target.device=tpu", "device"),
+    ("target.model.source=s3", "source"),
+    ("target.model.name=llama-3", "name"),  # not a preset
+    ("target.model.source=path", "name"),  # a path must be absolute
+    ("router.targets=not an address", "targets"),
+    ("externalRedis.url=redis://user:secret@host:6379/0", "url"),
+    ("logLevel=LOUD", "logLevel"),
+    ("target.replica=2", "replica"),  # a typo: unknown key
+    ("tagret.replicas=2", "tagret"),  # an unknown top-level key
+])
+def test_schema_rejects_bad_values(bad: str, key: str) -> None:
+    result = template("default", (bad,))
+    assert result.returncode != 0, f"--set {bad} was accepted"
+    assert "schema" in result.stderr, result.stderr
+    assert key in result.stderr, result.stderr
+
+
+def test_depth_above_max_depth_fails() -> None:
+    result = template("default", ("router.maxDepth=4", "router.depth=6"))
+    assert result.returncode != 0 and "router.maxDepth" in result.stderr
+
+
+@pytest.mark.parametrize("good", ["router.depth=auto", "router.depth=0", "router.depth=16", "target.replicas=0",
+                                  "draft.drafter=ngram", "target.device=cuda:1"])
+def test_schema_accepts_good_values(good: str) -> None:
+    result = template("default", (good,))
+    assert result.returncode == 0, result.stderr
+
+
+def test_schema_is_strict_about_shape() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["additionalProperties"] is False
+    for service in (*SERVICES, "redis", "externalRedis"):
+        assert schema["properties"][service]["additionalProperties"] is False, service
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Grafana dashboards
+
+DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
+# The metric families the services export (histograms with _bucket/_sum/_count, as Prometheus shows them).
+COUNTERS_AND_GAUGES = {
+    "specfleet_requests_total", "specfleet_generated_tokens_total", "specfleet_draft_tokens_total",
+    "specfleet_accepted_tokens_total", "specfleet_draft_position_proposed_total",
+    "specfleet_draft_position_accepted_total", "specfleet_step_emitted_tokens_total",
+    "specfleet_step_duration_seconds_total", "specfleet_queue_depth", "specfleet_live_requests",
+    "specfleet_reprefills_total", "specfleet_redis_up", "specfleet_service_live_sequences",
+}
+HISTOGRAMS = {
+    "specfleet_time_to_first_token_seconds", "specfleet_time_per_output_token_seconds", "specfleet_step_batch_size",
+    "specfleet_speculation_depth", "specfleet_accepted_tokens_per_step", "specfleet_draft_latency_seconds",
+    "specfleet_verify_latency_seconds", "specfleet_service_batch_latency_seconds",
+}
+KNOWN_SERIES = COUNTERS_AND_GAUGES | {f"{h}_{suffix}" for h in HISTOGRAMS for suffix in ("bucket", "sum", "count")}
+# Values for Grafana's variables, so the queries become plain PromQL.
+GRAFANA_VARIABLES = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h", "namespace": ".*"}
+
+
+def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    found = []
+    for panel in dashboard["panels"]:
+        found.append(panel)
+        found.extend(panel.get("panels", []))
+    return found
+
+
+def expressions(path: Path) -> list[str]:
+    return [target["expr"] for panel in panels(json.loads(path.read_text())) for target in panel.get("targets", [])]
+
+
+def as_promql(expr: str) -> str:
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        assert name in GRAFANA_VARIABLES, f"unknown Grafana variable ${name} in {expr}"
+        return GRAFANA_VARIABLES[name]
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", substitute, expr)
+
+
+def test_dashboards_exist() -> None:
+    assert [path.name for path in DASHBOARDS] == ["overview.json", "speculation.json"]
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_dashboard_shape(path: Path) -> None:
+    dashboard = json.loads(path.read_text())
+    assert dashboard["title"] == f"specfleet {path.stem}"
+    assert dashboard["uid"] == f"specfleet-{path.stem}"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    ids = [panel["id"] for panel in panels(dashboard)]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in panels(dashboard):
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+
+
+def test_dashboards_use_only_exported_metrics_and_cover_them() -> None:
+    used = set()
+    for path in DASHBOARDS:
+        for expr in expressions(path):
+            names = set(re.findall(r"\bspecfleet_[a-z_]+", expr))
+            assert names <= KNOWN_SERIES, f"{path.name}: unknown series {names - KNOWN_SERIES} in {expr}"
+            used |= names
+    families = {re.sub(r"_(bucket|sum|count)$", "", name) if name not in COUNTERS_AND_GAUGES else name
+                for name in used}
+    assert families == COUNTERS_AND_GAUGES | HISTOGRAMS
+
+
+def test_dashboard_queries_parse_with_promtool(tmp_path: Path) -> None:
+    """Each panel query becomes a recording rule; `promtool check rules` parses them all offline."""
+    import yaml
+
+    rules = [{"record": f"specfleet:dashboard_query:{i}", "expr": as_promql(expr)}
+             for i, expr in enumerate(expr for path in DASHBOARDS for expr in expressions(path))]
+    assert len(rules) >= 30
+    rules_file = tmp_path / "dashboard-queries.yaml"
+    rules_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}, width=1000))
+    result = subprocess.run([promtool_binary(), "check", "rules", str(rules_file)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+def test_promtool_rejects_a_broken_query(tmp_path: Path) -> None:
+    """The check above would catch a bad query (guards against promtool accepting anything)."""
+    import yaml
+
+    rules_file = tmp_path / "broken.yaml"
+    rules_file.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [
+        {"record": "specfleet:broken", "expr": "sum(rate(specfleet_requests_total[5m])"}]}]}))
+    result = subprocess.run([promtool_binary(), "check", "rules", str(rules_file)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+
+
+@pytest.mark.parametrize("value_set", list(VALUE_SETS))
+def test_dashboards_configmaps(value_set: str) -> None:
+    maps = [cm for cm in objects(render(value_set), "ConfigMap") if "grafana_dashboard" in cm["metadata"]["labels"]]
+    assert len(maps) == len(DASHBOARDS)
+    for configmap, path in zip(sorted(maps, key=lambda cm: cm["metadata"]["name"]), DASHBOARDS, strict=True):
+        assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert configmap["metadata"]["name"] == f"{FULLNAME}-dashboard-{path.stem}"
+        assert list(configmap["data"]) == [path.name]
+        assert json.loads(configmap["data"][path.name]) == json.loads(path.read_text())
+
+
+def test_dashboards_can_be_turned_off() -> None:
+    assert not objects(render("default", ("dashboards.enabled=false",)), "ConfigMap")

@@ -13,6 +13,7 @@ from specfleet.config import DraftConfig
 from specfleet.drafters import Drafter, DraftRequest, NgramDrafter
 from specfleet.protos import draft_pb2, draft_pb2_grpc, session_pb2
 from specfleet.serving import serve, servicer_name
+from specfleet.telemetry import TelemetryWriter, is_prefill, writer_for
 from specfleet.wire import delta_fields, distributions_to_proto, info_response, sampling_from_proto, validate_tokens
 
 log = logging.getLogger("specfleet.draft")
@@ -20,8 +21,9 @@ log = logging.getLogger("specfleet.draft")
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
     def __init__(self, config: DraftConfig, drafter: Drafter, *, vocab_size: int = 0, fingerprint: str = "",
-                 max_seq_len: int = 0, num_slots: int = 0) -> None:
+                 max_seq_len: int = 0, num_slots: int = 0, telemetry: TelemetryWriter | None = None) -> None:
         self.config = config
+        self.telemetry = telemetry
         self.drafter = drafter
         self.vocab_size, self.fingerprint = vocab_size, fingerprint
         self.max_seq_len, self.num_slots = max_seq_len, num_slots
@@ -38,8 +40,11 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             results = await asyncio.get_running_loop().run_in_executor(self.executor, self.drafter.propose, requests)
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        compute_ms = (time.perf_counter() - started) * 1000
+        if self.telemetry is not None and requests and not any(is_prefill(r.new_tokens) for r in requests):
+            self.telemetry.record_latency(len(requests), max(r.depth for r in requests), compute_ms)
         return draft_pb2.ProposeResponse(
-            compute_ms=(time.perf_counter() - started) * 1000,
+            compute_ms=compute_ms,
             proposals=[draft_pb2.Proposal(
                 seq_id=r.seq_id,
                 status=session_pb2.ENTRY_STATUS_OK if r.known else session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE,
@@ -67,9 +72,11 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
 
 
 def build_servicer(config: DraftConfig) -> DraftServicer:
+    telemetry = writer_for(config.redis_url, "draft", config.port, config.telemetry_prefix)
     if config.drafter == "ngram":
         log.info("ngram drafter (prompt lookup, suffixes of %d..%d tokens)", config.ngram_min, config.ngram_max)
-        return DraftServicer(config, NgramDrafter(max_ngram=config.ngram_max, min_ngram=config.ngram_min))
+        return DraftServicer(config, NgramDrafter(max_ngram=config.ngram_max, min_ngram=config.ngram_min),
+                             telemetry=telemetry)
     from specfleet.drafters.model import ModelDrafter
     from specfleet.engine import ModelRunner
     from specfleet.models import load_tokenizer, resolve_model, tokenizer_fingerprint
@@ -82,7 +89,7 @@ def build_servicer(config: DraftConfig) -> DraftServicer:
              runner.max_seq_len)
     return DraftServicer(config, ModelDrafter(runner, top_k_pairs=config.top_k_pairs),
                          vocab_size=runner.vocab_size, fingerprint=tokenizer_fingerprint(load_tokenizer(folder)),
-                         max_seq_len=runner.max_seq_len, num_slots=runner.num_slots)
+                         max_seq_len=runner.max_seq_len, num_slots=runner.num_slots, telemetry=telemetry)
 
 
 async def run(config: DraftConfig) -> None:

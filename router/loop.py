@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 
 import grpc
 
+from router.policy_feed import PolicyFeed
 from router.replicas import DraftReplica, TargetReplica
 from router.sequence import Sequence, fail
 from specfleet.config import RouterConfig
+from specfleet.policy import DepthDecision
 from specfleet.protos import draft_pb2, session_pb2, target_pb2
+from specfleet.telemetry import AcceptanceCounts, TelemetryWriter
 from specfleet.wire import sampling_to_proto
 
 log = logging.getLogger("specfleet.router")
@@ -27,10 +31,16 @@ OK, UNKNOWN = session_pb2.ENTRY_STATUS_OK, session_pb2.ENTRY_STATUS_UNKNOWN_SEQU
 class StepLoop:
     """Drives the sequences pinned to one target replica."""
 
-    def __init__(self, target: TargetReplica, config: RouterConfig) -> None:
+    DECISION_LOG_INTERVAL_S = 5.0
+
+    def __init__(self, target: TargetReplica, config: RouterConfig, feed: PolicyFeed,
+                 telemetry: TelemetryWriter | None = None) -> None:
         assert target.info is not None
         self.target = target
         self.config = config
+        self.feed = feed
+        self.telemetry = telemetry
+        self._last_decision_log = 0.0
         self.capacity = target.info.num_slots
         self.max_context = target.info.max_seq_len
         self.live: list[Sequence] = []
@@ -64,19 +74,45 @@ class StepLoop:
     async def step(self, batch: list[Sequence]) -> None:
         if not batch:
             return
-        depths = {seq.seq_id: self.choose_depth(seq) for seq in batch}
-        proposals = await self.propose(batch, depths)
-        verdicts = await self.verify(batch, proposals)
+        started = time.perf_counter()
+        decision = self.choose_depths(batch)
+        depths = {seq.seq_id: depth for seq, depth in zip(batch, decision.depths, strict=True)}
+        proposals, draft_ms = await self.propose(batch, depths)
+        verdicts, verify_ms = await self.verify(batch, proposals)
+        acceptance = AcceptanceCounts()
         for seq in batch:
             verdict = verdicts.get(seq.seq_id)
             if verdict is not None and not seq.finished:
-                self.commit(seq, proposals.get(seq.seq_id), verdict)
+                proposal = proposals.get(seq.seq_id)
+                self.commit(seq, proposal, verdict, decision.reason)
+                if proposal is not None and proposal.tokens:
+                    acceptance.add_step(len(proposal.tokens), verdict.accepted)
+        if self.telemetry is not None:
+            # What the services do not see: gRPC, (de)serialisation and this loop's own bookkeeping.
+            overhead_ms = (time.perf_counter() - started) * 1000 - draft_ms - verify_ms
+            self.telemetry.record_latency(len(batch), 1.0, max(0.0, overhead_ms), role="overhead")
+            if not acceptance.empty():
+                self.telemetry.record_acceptance(acceptance)
 
-    def choose_depth(self, seq: Sequence) -> int:
-        """The configured depth, capped by what the request and both caches still have room for."""
+    def choose_depths(self, batch: list[Sequence]) -> DepthDecision:
+        """The policy's depths (pinned or chosen from telemetry), within the room each sequence has left."""
+        decision = self.feed.policy.choose([(s.stats.accepted, s.stats.rejections) for s in batch],
+                                           [self.depth_room(s) for s in batch])
+        summary = f"batch {len(batch)}: {decision.reason}"
+        self.feed.last_decision = summary
+        now = time.monotonic()
+        if now - self._last_decision_log > self.DECISION_LOG_INTERVAL_S:
+            log.info("depth policy on %s, %s", self.target.address, summary)
+            self._last_decision_log = now
+        else:
+            log.debug("depth policy on %s, %s", self.target.address, summary)
+        return decision
+
+    def depth_room(self, seq: Sequence) -> int:
+        """Most draft tokens ``seq`` can use: what its request and both caches still have room for."""
         if seq.draft is None or not seq.draft.available:
             return 0
-        limits = [self.config.depth, seq.max_new_tokens - len(seq.generated) - 1,
+        limits = [self.config.max_depth, seq.max_new_tokens - len(seq.generated) - 1,
                   self.max_context - len(seq.tokens)]
         if seq.draft.info is not None and seq.draft.info.max_seq_len:
             limits.append(seq.draft.info.max_seq_len - len(seq.tokens))
@@ -84,33 +120,39 @@ class StepLoop:
 
     # -- propose --------------------------------------------------------------------------------
 
-    async def propose(self, batch: list[Sequence], depths: dict[str, int]) -> dict[str, draft_pb2.Proposal]:
+    async def propose(self, batch: list[Sequence], depths: dict[str, int]
+                      ) -> tuple[dict[str, draft_pb2.Proposal], float]:
+        """Proposals by seq_id (one batched call per draft replica, in parallel) and the drafters'
+        compute time (the slowest replica's)."""
         groups: dict[str, list[Sequence]] = {}
         for seq in batch:
             if depths[seq.seq_id] > 0:
                 groups.setdefault(seq.draft.address, []).append(seq)
         results = await asyncio.gather(*(self._propose_on(seqs[0].draft, seqs, depths) for seqs in groups.values()))
-        return {seq_id: p for result in results for seq_id, p in result.items()}
+        proposals = {seq_id: p for result, _ in results for seq_id, p in result.items()}
+        return proposals, max((ms for _, ms in results), default=0.0)
 
     async def _propose_on(self, draft: DraftReplica, seqs: list[Sequence], depths: dict[str, int]
-                          ) -> dict[str, draft_pb2.Proposal]:
+                          ) -> tuple[dict[str, draft_pb2.Proposal], float]:
         try:
-            out = await self._propose_call(draft, seqs, depths)
+            out, compute_ms = await self._propose_call(draft, seqs, depths)
             resend = [s for s in seqs if out[s.seq_id].status == UNKNOWN]
             if resend:  # the drafter lost them (restart, eviction): send the whole context once
                 for seq in resend:
                     seq.draft_cached = 0
-                out.update(await self._propose_call(draft, resend, depths))
+                more, more_ms = await self._propose_call(draft, resend, depths)
+                out.update(more)
+                compute_ms += more_ms
         except grpc.aio.AioRpcError as err:
             draft.mark_failed(f"{err.code().name}: {err.details()}", self.config.draft_retry_s)
             for seq in seqs:
                 seq.draft_cached = 0  # unknown how far it got: resend everything next time
-            return {}
+            return {}, 0.0
         draft.mark_ok()
-        return {seq_id: p for seq_id, p in out.items() if p.status == OK}
+        return {seq_id: p for seq_id, p in out.items() if p.status == OK}, compute_ms
 
     async def _propose_call(self, draft: DraftReplica, seqs: list[Sequence], depths: dict[str, int]
-                            ) -> dict[str, draft_pb2.Proposal]:
+                            ) -> tuple[dict[str, draft_pb2.Proposal], float]:
         request = draft_pb2.ProposeRequest(entries=[
             draft_pb2.ProposeEntry(
                 sequence=session_pb2.SequenceDelta(seq_id=s.seq_id, rollback_to=s.draft_cached,
@@ -118,29 +160,32 @@ class StepLoop:
                 depth=depths[s.seq_id], sampling=sampling_to_proto(s.sampling), seed=s.seed)
             for s in seqs])
         response = await draft.stub.Propose(request, timeout=self.config.draft_timeout_ms / 1000)
-        return {p.seq_id: p for p in response.proposals}
+        return {p.seq_id: p for p in response.proposals}, response.compute_ms
 
     # -- verify ---------------------------------------------------------------------------------
 
     async def verify(self, batch: list[Sequence], proposals: dict[str, draft_pb2.Proposal]
-                     ) -> dict[str, target_pb2.Verdict]:
+                     ) -> tuple[dict[str, target_pb2.Verdict], float]:
+        """Verdicts by seq_id (one batched call) and the target's compute time."""
         try:
-            out = await self._verify_call(batch, proposals)
+            out, compute_ms = await self._verify_call(batch, proposals)
             resend = [s for s in batch if out[s.seq_id].status == UNKNOWN]
             if resend:
                 log.info("target %s lost %d sequence(s); re-prefilling them", self.target.address, len(resend))
                 for seq in resend:
                     seq.target_cached = 0
-                out.update(await self._verify_call(resend, proposals))
+                more, more_ms = await self._verify_call(resend, proposals)
+                out.update(more)
+                compute_ms += more_ms
         except grpc.aio.AioRpcError as err:
             log.error("verify on %s failed: %s %s", self.target.address, err.code().name, err.details())
             for seq in batch:
                 fail(seq, grpc.StatusCode.UNAVAILABLE, f"target {self.target.address} failed: {err.details()}")
-            return {}
-        return {seq_id: v for seq_id, v in out.items() if v.status == OK}
+            return {}, 0.0
+        return {seq_id: v for seq_id, v in out.items() if v.status == OK}, compute_ms
 
     async def _verify_call(self, seqs: list[Sequence], proposals: dict[str, draft_pb2.Proposal]
-                           ) -> dict[str, target_pb2.Verdict]:
+                           ) -> tuple[dict[str, target_pb2.Verdict], float]:
         entries = []
         for s in seqs:
             proposal = proposals.get(s.seq_id)
@@ -152,11 +197,12 @@ class StepLoop:
                 sampling=sampling_to_proto(s.sampling), seed=s.seed))
         response = await self.target.stub.Verify(target_pb2.VerifyRequest(entries=entries),
                                                  timeout=self.config.verify_timeout_ms / 1000)
-        return {v.seq_id: v for v in response.verdicts}
+        return {v.seq_id: v for v in response.verdicts}, response.compute_ms
 
     # -- commit, admit, retire ------------------------------------------------------------------
 
-    def commit(self, seq: Sequence, proposal: draft_pb2.Proposal | None, verdict: target_pb2.Verdict) -> None:
+    def commit(self, seq: Sequence, proposal: draft_pb2.Proposal | None, verdict: target_pb2.Verdict,
+               reason: str = "") -> None:
         position = len(seq.tokens)
         seq.target_cached = verdict.cached_len
         if proposal is not None:  # the drafter keeps its drafts; only the accepted ones stay valid
@@ -166,8 +212,10 @@ class StepLoop:
         seq.stats.steps += 1
         seq.stats.drafted += drafted
         seq.stats.accepted += verdict.accepted
+        seq.stats.rejections += int(verdict.accepted < drafted)
         seq.stats.emitted += len(kept)
         seq.stats.depth = drafted
+        seq.stats.depth_reason = reason
         seq.emit(kept)
 
     def _admit(self) -> None:

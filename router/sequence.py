@@ -18,14 +18,17 @@ class SpeculationStats:
     steps: int = 0
     drafted: int = 0
     accepted: int = 0
+    rejections: int = 0  # steps in which a draft token was rejected (the acceptance estimator needs them)
     emitted: int = 0
     depth: int = 0
+    depth_reason: str = ""
 
     def to_proto(self) -> generate_pb2.SpeculationStats:
         return generate_pb2.SpeculationStats(
             steps=self.steps, drafted_tokens=self.drafted, accepted_tokens=self.accepted,
             acceptance_rate=self.accepted / self.drafted if self.drafted else 0.0,
-            mean_tokens_per_step=self.emitted / self.steps if self.steps else 0.0, depth=self.depth)
+            mean_tokens_per_step=self.emitted / self.steps if self.steps else 0.0, depth=self.depth,
+            depth_reason=self.depth_reason)
 
 
 @dataclass

@@ -11,10 +11,12 @@ from typing import Any
 import grpc
 
 from router.loop import StepLoop
+from router.policy_feed import PolicyFeed
 from router.replicas import DraftReplica, TargetReplica, fetch_info
 from router.sequence import Sequence, StreamError
 from router.text import IncrementalDetokenizer, StopMatcher
 from specfleet.config import RouterConfig
+from specfleet.policy import DepthPolicy
 from specfleet.protos import generate_pb2, generate_pb2_grpc
 from specfleet.serving import serve, servicer_name
 from specfleet.wire import sampling_from_proto
@@ -32,8 +34,9 @@ class Router:
     """Admission and bookkeeping over the step loops (one per target replica)."""
 
     def __init__(self, config: RouterConfig, loops: list[StepLoop], drafts: list[DraftReplica], tokenizer: Any,
-                 eos_ids: frozenset[int]) -> None:
+                 eos_ids: frozenset[int], feed: PolicyFeed, router_id: str) -> None:
         self.config = config
+        self.feed = feed
         self.loops = loops
         self.drafts = drafts
         self.tokenizer = tokenizer
@@ -41,7 +44,7 @@ class Router:
         self.vocab_size = loops[0].target.info.vocab_size
         self.max_context = min(loop.max_context for loop in loops)
         self.requests: dict[str, Sequence] = {}
-        self.router_id = secrets.token_hex(4)  # keeps seq_ids unique when routers share replicas
+        self.router_id = router_id  # keeps seq_ids unique when routers share replicas
         self._counter = 0
 
     @property
@@ -99,7 +102,7 @@ class Router:
         return True
 
     def _pick_draft(self) -> DraftReplica | None:
-        if self.config.depth == 0 or not self.drafts:
+        if not self.config.speculates or not self.drafts:
             return None
         draft = min(self.drafts, key=lambda d: (not d.available, d.assigned))
         draft.assigned += 1
@@ -182,9 +185,9 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
         return generate_pb2.GetServerInfoResponse(
             model=r.loops[0].target.info.model, draft_kinds=sorted({d.info.kind for d in r.drafts if d.info}),
             live_requests=sum(len(loop.live) for loop in r.loops), queued_requests=r.queued,
-            max_context=r.max_context, depth=r.config.depth, max_new_tokens_cap=r.config.max_new_tokens_cap,
-            target_addresses=[loop.target.address for loop in r.loops],
-            draft_addresses=[d.address for d in r.drafts])
+            max_context=r.max_context, depth=r.config.pinned_depth or 0, depth_setting=r.config.depth,
+            max_new_tokens_cap=r.config.max_new_tokens_cap, target_addresses=[loop.target.address for loop in r.loops],
+            draft_addresses=[d.address for d in r.drafts], policy=r.feed.state())
 
     async def _admit(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Sequence:
         try:
@@ -209,11 +212,18 @@ def check_compatible(targets: list[TargetReplica], drafts: list[DraftReplica]) -
                 f"{reference.info.vocab_size}): drafts must use the target's tokenizer")
 
 
+def build_policy(config: RouterConfig) -> DepthPolicy:
+    if config.pinned_depth is not None:
+        return DepthPolicy.fixed(config.pinned_depth)
+    return DepthPolicy(config.max_depth, mode=config.policy_mode, min_goodput=config.min_goodput)
+
+
 async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0) -> Router:
     from specfleet.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+    from specfleet.telemetry import TelemetryReader, TelemetryWriter
 
     targets = [TargetReplica.connect(a) for a in config.target_addresses]
-    drafts = [DraftReplica.connect(a) for a in config.draft_addresses] if config.depth > 0 else []
+    drafts = [DraftReplica.connect(a) for a in config.draft_addresses] if config.speculates else []
     infos = await asyncio.gather(*(fetch_info(r.stub, r.address, connect_timeout_s) for r in [*targets, *drafts]))
     for replica, info in zip([*targets, *drafts], infos, strict=True):
         replica.info = info
@@ -223,14 +233,25 @@ async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0) -
     tokenizer = load_tokenizer(resolve_model(config.tokenizer or targets[0].info.model))
     if tokenizer_fingerprint(tokenizer) != targets[0].info.tokenizer_fingerprint:
         raise ValueError("the router's tokenizer differs from the target's: pass --tokenizer with the target's model")
-    loops = [StepLoop(t, config) for t in targets]
-    return Router(config, loops, drafts, tokenizer, frozenset(targets[0].info.eos_token_ids))
+    router_id = secrets.token_hex(4)
+    reader = writer = None
+    if config.redis_url:
+        reader = TelemetryReader(config.redis_url, prefix=config.telemetry_prefix)
+        writer = TelemetryWriter(config.redis_url, role="router", replica=f"router-{router_id}",
+                                 prefix=config.telemetry_prefix)
+    feed = PolicyFeed(build_policy(config), reader, config.policy_refresh_s, config.policy_mode)
+    loops = [StepLoop(t, config, feed, writer) for t in targets]
+    return Router(config, loops, drafts, tokenizer, frozenset(targets[0].info.eos_token_ids), feed, router_id)
 
 
 async def run(config: RouterConfig) -> None:
     router = await build_router(config)
-    tasks = [asyncio.get_running_loop().create_task(loop.run()) for loop in router.loops]
-    log.info("speculation depth %d; %d target(s), %d draft(s)", config.depth, len(router.loops), len(router.drafts))
+    running = asyncio.get_running_loop()
+    tasks = [running.create_task(loop.run()) for loop in router.loops]
+    tasks.append(running.create_task(router.feed.run()))
+    how = (f"chosen each step by the {config.policy_mode} policy (up to {config.max_depth})"
+           if config.pinned_depth is None else f"pinned at {config.pinned_depth}")
+    log.info("speculation depth %s; %d target(s), %d draft(s)", how, len(router.loops), len(router.drafts))
 
     def register(server: grpc.aio.Server) -> list[str]:
         generate_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(router), server)

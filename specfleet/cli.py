@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default="smollm2-135m", help="target model: preset name or local folder")
     up.add_argument("--drafter", default="ngram", choices=["ngram", "model"], help="draft service kind")
     up.add_argument("--draft-model", default="", help="model for --drafter model (sharing the target's tokenizer)")
-    up.add_argument("--depth", type=int, default=4, help="draft tokens per step (0: plain decoding)")
+    up.add_argument("--depth", default="auto", help="draft tokens per step: auto, or a fixed K (0: plain decoding)")
     up.add_argument("--port", type=int, default=50050, help="router port (draft and target use the next two)")
     up.add_argument("--redis-url", default="", help="use this Redis instead of starting redis-server")
     up.add_argument("--max-seq-len", type=int, default=2048, help="longest sequence the services hold")

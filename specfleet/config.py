@@ -14,6 +14,8 @@ from typing import Any
 from specfleet.drafters import DRAFTER_KINDS
 from specfleet.models import DEFAULT_MODEL
 
+MAX_DEPTH = 16  # the most draft tokens per sequence per step anywhere in the fleet
+
 
 def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **argparse_kwargs})
@@ -31,6 +33,7 @@ class ServiceConfig:
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 in a container)")
     port: int = option(0, "gRPC port")
     redis_url: str = option("", "Redis for fleet telemetry, e.g. redis://127.0.0.1:6379/0 (empty: none)")
+    telemetry_prefix: str = option("specfleet", "prefix of every Redis key this fleet uses")
     log_level: str = option("INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     def __post_init__(self) -> None:
@@ -91,8 +94,14 @@ class RouterConfig(ServiceConfig):
     port: int = option(50050, "public gRPC port")
     targets: str = option("127.0.0.1:50052", "target service addresses, comma-separated host:port")
     drafts: str = option("127.0.0.1:50051", "draft service addresses, comma-separated (empty: no speculation)")
-    depth: int = option(4, "draft tokens per step (0: plain decoding through the target)")
-    max_depth: int = option(16, "largest depth accepted anywhere")
+    depth: str = option("auto", "draft tokens per step: auto (chosen each step, per sequence, from live "
+                        "telemetry) or a fixed K (0: plain decoding through the target)")
+    max_depth: int = option(8, "largest depth the policy may choose (at most 16)")
+    policy_mode: str = option("throughput", "auto depth objective: throughput (maximise generated tokens/s) or "
+                              "latency (minimise time per output token, above --min-goodput)",
+                              choices=["throughput", "latency"])
+    min_goodput: float = option(0.0, "latency mode: the throughput floor in tokens/s the policy must keep")
+    policy_refresh_s: float = option(1.0, "how often the cost model is refitted from Redis telemetry")
     default_max_new_tokens: int = option(128, "max_new_tokens when a request does not say")
     max_new_tokens_cap: int = option(4096, "largest max_new_tokens a request may ask for")
     max_queue: int = option(1024, "requests waiting for a slot before new ones get RESOURCE_EXHAUSTED")
@@ -103,11 +112,24 @@ class RouterConfig(ServiceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(0 <= self.depth <= self.max_depth, f"--depth must be in [0, {self.max_depth}], got {self.depth}")
+        _check(1 <= self.max_depth <= MAX_DEPTH, f"--max-depth must be in [1, {MAX_DEPTH}], got {self.max_depth}")
+        _check(self.depth == "auto" or (self.depth.isdigit() and int(self.depth) <= self.max_depth),
+               f"--depth must be auto or an integer in [0, {self.max_depth}] (--max-depth), got {self.depth!r}")
+        _check(self.min_goodput >= 0, f"--min-goodput must be >= 0, got {self.min_goodput}")
+        _check(self.policy_refresh_s > 0, f"--policy-refresh-s must be > 0, got {self.policy_refresh_s}")
         _check(bool(self.target_addresses), "--targets needs at least one host:port")
         _check(1 <= self.default_max_new_tokens <= self.max_new_tokens_cap,
                "need 1 <= --default-max-new-tokens <= --max-new-tokens-cap")
         _check(self.draft_timeout_ms > 0 and self.verify_timeout_ms > 0, "timeouts must be > 0")
+
+    @property
+    def pinned_depth(self) -> int | None:
+        """The fixed depth, or None when the policy chooses (--depth auto)."""
+        return None if self.depth == "auto" else int(self.depth)
+
+    @property
+    def speculates(self) -> bool:
+        return self.pinned_depth != 0 and bool(self.draft_addresses)
 
     @property
     def target_addresses(self) -> list[str]:

@@ -15,6 +15,7 @@ from specfleet.engine import ModelRunner
 from specfleet.models import load_tokenizer, resolve_model, tokenizer_fingerprint
 from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
 from specfleet.serving import serve, servicer_name
+from specfleet.telemetry import TelemetryWriter, is_prefill, writer_for
 from specfleet.wire import delta_fields, info_response, sampling_from_proto, validate_tokens
 from target_service.verifier import Verifier, VerifyItem
 
@@ -22,8 +23,10 @@ log = logging.getLogger("specfleet.target")
 
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
-    def __init__(self, config: TargetConfig, verifier: Verifier, fingerprint: str, eos_ids: list[int]) -> None:
+    def __init__(self, config: TargetConfig, verifier: Verifier, fingerprint: str, eos_ids: list[int],
+                 telemetry: TelemetryWriter | None = None) -> None:
         self.config = config
+        self.telemetry = telemetry
         self.verifier = verifier
         self.fingerprint = fingerprint
         self.eos_ids = eos_ids
@@ -42,6 +45,9 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         elapsed_ms = (time.perf_counter() - started) * 1000
+        if self.telemetry is not None and items and not any(is_prefill(i.new_tokens) for i in items):
+            tokens_per_seq = sum(len(i.new_tokens) + len(i.draft_tokens) for i in items) / len(items)
+            self.telemetry.record_latency(len(items), tokens_per_seq, elapsed_ms)
         return target_pb2.VerifyResponse(
             compute_ms=elapsed_ms,
             verdicts=[target_pb2.Verdict(
@@ -94,7 +100,9 @@ def build_servicer(config: TargetConfig) -> TargetServicer:
                                      device=device)
     log.info("target model %s loaded on %s: %d slots x %d tokens", config.model, device, runner.num_slots,
              runner.max_seq_len)
-    return TargetServicer(config, Verifier(runner), tokenizer_fingerprint(tokenizer), eos_token_ids(folder, tokenizer))
+    telemetry = writer_for(config.redis_url, "target", config.port, config.telemetry_prefix)
+    return TargetServicer(config, Verifier(runner), tokenizer_fingerprint(tokenizer), eos_token_ids(folder, tokenizer),
+                          telemetry)
 
 
 def eos_token_ids(folder, tokenizer) -> list[int]:

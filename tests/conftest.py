@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from specfleet.launcher import Deployment, free_port, wait_serving
+from specfleet.launcher import Deployment, free_port, wait_redis, wait_serving
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,8 +42,9 @@ def tiny_draft_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 class Cluster:
     """Real services in their own processes; routers are cheap, so tests add one per setting."""
 
-    def __init__(self, deployment: Deployment) -> None:
+    def __init__(self, deployment: Deployment, redis_url: str) -> None:
         self.deployment = deployment
+        self.redis_url = redis_url
         self.addresses: dict[str, str] = {}
 
     def start(self, name: str, role: str, args: list[str]) -> str:
@@ -54,10 +55,13 @@ class Cluster:
         self.addresses[name] = address
         return address
 
-    def router(self, name: str, *, target: str, draft: str | None, depth: int, extra: list[str] = ()) -> str:
+    def router(self, name: str, *, target: str, draft: str | None, depth: int | str, extra: list[str] = (),
+               redis_url: str | None = None) -> str:
+        """A router on the session's Redis (or ``redis_url``), started on first use."""
         if name not in self.addresses:
             self.start(name, "router", ["--targets", self.addresses[target], "--drafts",
-                                        self.addresses[draft] if draft else "", "--depth", str(depth), *extra])
+                                        self.addresses[draft] if draft else "", "--depth", str(depth),
+                                        "--redis-url", redis_url or self.redis_url, *extra])
         return self.addresses[name]
 
     def process(self, name: str):
@@ -66,12 +70,14 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, tiny_draft_dir: Path) -> Iterator[Cluster]:
-    """One SmolLM2 target, an ngram draft and a tiny-model draft, shared by the end-to-end tests."""
+    """Redis, one SmolLM2 target, an ngram draft and a tiny-model draft, shared by the end-to-end tests."""
     log_dir = tmp_path_factory.mktemp("logs")
     with Deployment(log_dir) as deployment:
-        cluster = Cluster(deployment)
-        slots = ["--num-slots", "24", "--max-seq-len", "1024"]
+        redis_port = free_port()
+        wait_redis(deployment.start_redis(redis_port), redis_port)
+        cluster = Cluster(deployment, f"redis://127.0.0.1:{redis_port}/0")
+        slots = ["--num-slots", "24", "--max-seq-len", "1024", "--redis-url", cluster.redis_url]
         cluster.start("target", "target", ["--model", str(smollm2_dir), *slots])
-        cluster.start("ngram", "draft", ["--drafter", "ngram"])
+        cluster.start("ngram", "draft", ["--drafter", "ngram", "--redis-url", cluster.redis_url])
         cluster.start("tiny", "draft", ["--drafter", "model", "--model", str(tiny_draft_dir), *slots])
         yield cluster

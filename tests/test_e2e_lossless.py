@@ -66,8 +66,9 @@ def _generate_all(address: str, prompt_ids: list[list[int]]) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("drafter", ["ngram", "tiny"])
-@pytest.mark.parametrize("depth", [1, 4, 8])
-def test_greedy_equals_target_alone(cluster, drafter: str, depth: int, prompt_ids, reference) -> None:
+@pytest.mark.parametrize("depth", [1, 4, 8, "auto"])
+def test_greedy_equals_target_alone(cluster, drafter: str, depth: int | str, prompt_ids, reference) -> None:
+    """Whatever the depth, fixed or chosen per step and per sequence by the policy, the tokens are the target's."""
     address = cluster.router(f"router-{drafter}-{depth}", target="target", draft=drafter, depth=depth)
     assert _generate_all(address, prompt_ids) == reference
 

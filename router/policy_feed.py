@@ -1,0 +1,61 @@
+"""Keeps the router's depth policy fed from fleet telemetry, off the step loop's hot path.
+
+Every ``refresh_s`` a background task reads the recent window from Redis (in a worker thread, so a
+slow Redis never delays a step) and refits the policy. When Redis cannot be read the policy keeps its
+last fitted model (the built-in defaults at start); the change is logged once each way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from specfleet.policy import DepthPolicy
+from specfleet.protos import generate_pb2
+from specfleet.telemetry import TelemetrySource
+
+log = logging.getLogger("specfleet.router")
+
+
+class PolicyFeed:
+    def __init__(self, policy: DepthPolicy, source: TelemetrySource | None, refresh_s: float, mode: str) -> None:
+        self.policy = policy
+        self.source = source
+        self.refresh_s = refresh_s
+        self.mode = mode
+        self.redis_up = False
+        self.refreshes = 0
+        self.fleet_sequence_steps = 0
+        self.last_decision = ""
+        self._warned = False
+
+    async def run(self) -> None:
+        if self.source is None:
+            log.info("no --redis-url: the depth policy uses its built-in cost defaults and this router's acceptance")
+            return
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.refresh_s)
+
+    async def refresh(self) -> None:
+        view = await asyncio.to_thread(self.source.read)
+        if view is None:
+            if not self._warned:
+                log.warning("Redis telemetry unreachable: the depth policy keeps its last fitted model until it "
+                            "returns")
+                self._warned = True
+            self.redis_up = False
+            return
+        if self._warned:
+            log.info("Redis telemetry is back: the depth policy refits again")
+            self._warned = False
+        self.redis_up = True
+        self.policy.update(view.samples, view.acceptance.accepted, view.acceptance.rejections)
+        self.refreshes += 1
+        self.fleet_sequence_steps = view.acceptance.sequence_steps
+
+    def state(self) -> generate_pb2.PolicyState:
+        return generate_pb2.PolicyState(
+            mode=self.mode, redis_up=self.redis_up, refreshes=self.refreshes,
+            cost_samples=self.policy.costs.fitted_roles, fleet_acceptance=self.policy.fleet_alpha,
+            fleet_sequence_steps=self.fleet_sequence_steps, last_decision=self.last_decision)

@@ -1,0 +1,124 @@
+"""Telemetry against a real redis-server: samples round-trip, dead replicas expire, streams stay capped,
+and a writer survives Redis going away and coming back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from specfleet.launcher import Deployment, free_port, wait_redis
+from specfleet.policy import CostSample
+from specfleet.telemetry import AcceptanceCounts, TelemetryReader, TelemetryWriter
+
+
+class RedisServer:
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.deployment = Deployment(log_dir)
+
+    def start(self) -> None:
+        wait_redis(self.deployment.start_redis(self.port), self.port)
+
+    def stop(self) -> None:
+        self.deployment.stop()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    s = RedisServer(tmp_path)
+    s.start()
+    yield s
+    s.stop()
+
+
+def _wait(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_samples_and_acceptance_round_trip(server: RedisServer) -> None:
+    target = TelemetryWriter(server.url, role="target", replica="t0", prefix="t1", flush_interval_s=0.05)
+    router = TelemetryWriter(server.url, role="router", replica="r0", prefix="t1", flush_interval_s=0.05)
+    reader = TelemetryReader(server.url, prefix="t1")
+    try:
+        target.record_latency(4, 3.0, 41.5)
+        target.record_latency(8, 5.0, 77.0)
+        router.record_latency(4, 1.0, 2.5, role="overhead")
+        step = AcceptanceCounts()
+        step.add_step(drafted=4, accepted=2)
+        step.add_step(drafted=4, accepted=4)
+        router.record_acceptance(step)
+        assert _wait(lambda: len(reader.read().samples) == 3)
+        view = reader.read()
+        assert sorted(view.samples, key=lambda s: s.ms) == [
+            CostSample("overhead", 4, 1.0, 2.5), CostSample("target", 4, 3.0, 41.5), CostSample("target", 8, 5.0, 77.0)]
+        assert view.live_replicas == {"target": ["t0"], "router": ["r0"]}
+        a = view.acceptance
+        assert (a.sequence_steps, a.accepted, a.rejections) == (2, 6, 1)
+        assert a.proposed_by_position == [2, 2, 2, 2] and a.accepted_by_position == [2, 2, 1, 1]
+        # Another prefix is another fleet.
+        assert TelemetryReader(server.url, prefix="other").read().samples == []
+    finally:
+        target.close()
+        router.close()
+
+
+def test_dead_replica_expires_and_its_samples_are_ignored(server: RedisServer) -> None:
+    live = TelemetryWriter(server.url, role="target", replica="alive", prefix="t2", flush_interval_s=0.05,
+                           heartbeat_ttl_s=0.6)
+    dead = TelemetryWriter(server.url, role="target", replica="dead", prefix="t2", flush_interval_s=0.05,
+                           heartbeat_ttl_s=0.6)
+    reader = TelemetryReader(server.url, prefix="t2")
+    try:
+        live.record_latency(1, 1.0, 10.0)
+        dead.record_latency(1, 1.0, 99.0)
+        assert _wait(lambda: len(reader.read().samples) == 2)
+        dead._stop.set()  # the process dies without a goodbye: no more heartbeats, no delete
+        dead._thread.join()
+        assert _wait(lambda: reader.read().live_replicas == {"target": ["alive"]}, timeout_s=3.0)
+        assert [s.ms for s in reader.read().samples] == [10.0]
+    finally:
+        live.close()
+
+
+def test_streams_stay_capped(server: RedisServer) -> None:
+    writer = TelemetryWriter(server.url, role="draft", replica="d0", prefix="t3", flush_interval_s=0.05,
+                             latency_cap=50)
+    try:
+        for i in range(400):
+            writer.record_latency(1, 2.0, float(i))
+        client = redis.Redis.from_url(server.url)
+        assert _wait(lambda: client.xlen("t3:latency") == 50 and writer._samples.empty())
+        writer.flush()
+        assert client.xlen("t3:latency") == 50
+        newest = TelemetryReader(server.url, prefix="t3").read().samples
+        assert max(s.ms for s in newest) == 399.0 and min(s.ms for s in newest) == 350.0
+    finally:
+        writer.close()
+
+
+def test_writer_and_reader_survive_redis_restart(server: RedisServer) -> None:
+    writer = TelemetryWriter(server.url, role="target", replica="t0", prefix="t4", flush_interval_s=0.05)
+    reader = TelemetryReader(server.url, prefix="t4")
+    try:
+        writer.record_latency(1, 1.0, 5.0)
+        assert _wait(lambda: len(reader.read().samples) == 1)
+        server.stop()
+        writer.record_latency(1, 1.0, 6.0)  # dropped or queued, never raised
+        assert _wait(lambda: not writer.redis_up)
+        assert reader.read() is None
+        server.start()  # a fresh, empty Redis on the same port
+        writer.record_latency(1, 1.0, 7.0)
+        assert _wait(lambda: writer.redis_up and reader.read() is not None
+                     and 7.0 in [s.ms for s in reader.read().samples])
+    finally:
+        writer.close()

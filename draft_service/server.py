@@ -11,6 +11,8 @@ import grpc
 
 from specfleet.config import DraftConfig
 from specfleet.drafters import Drafter, DraftRequest, NgramDrafter
+from specfleet.otel import Otel, ServiceMetrics
+from specfleet.otel import setup as setup_otel
 from specfleet.protos import draft_pb2, draft_pb2_grpc, session_pb2
 from specfleet.serving import serve, servicer_name
 from specfleet.telemetry import TelemetryWriter, is_prefill, writer_for
@@ -21,10 +23,12 @@ log = logging.getLogger("specfleet.draft")
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
     def __init__(self, config: DraftConfig, drafter: Drafter, *, vocab_size: int = 0, fingerprint: str = "",
-                 max_seq_len: int = 0, num_slots: int = 0, telemetry: TelemetryWriter | None = None) -> None:
+                 max_seq_len: int = 0, num_slots: int = 0, telemetry: TelemetryWriter | None = None,
+                 otel: Otel | None = None) -> None:
         self.config = config
         self.telemetry = telemetry
         self.drafter = drafter
+        self.metrics = ServiceMetrics(otel, "draft", lambda: drafter.live_sequences)
         self.vocab_size, self.fingerprint = vocab_size, fingerprint
         self.max_seq_len, self.num_slots = max_seq_len, num_slots
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
@@ -41,6 +45,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         compute_ms = (time.perf_counter() - started) * 1000
+        self.metrics.record_batch(compute_ms / 1000)
         if self.telemetry is not None and requests and not any(is_prefill(r.new_tokens) for r in requests):
             self.telemetry.record_latency(len(requests), max(r.depth for r in requests), compute_ms)
         return draft_pb2.ProposeResponse(
@@ -71,12 +76,12 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                              live=self.drafter.live_sequences)
 
 
-def build_servicer(config: DraftConfig) -> DraftServicer:
+def build_servicer(config: DraftConfig, otel: Otel | None = None) -> DraftServicer:
     telemetry = writer_for(config.redis_url, "draft", config.port, config.telemetry_prefix)
     if config.drafter == "ngram":
         log.info("ngram drafter (prompt lookup, suffixes of %d..%d tokens)", config.ngram_min, config.ngram_max)
         return DraftServicer(config, NgramDrafter(max_ngram=config.ngram_max, min_ngram=config.ngram_min),
-                             telemetry=telemetry)
+                             telemetry=telemetry, otel=otel)
     from specfleet.drafters.model import ModelDrafter
     from specfleet.engine import ModelRunner
     from specfleet.models import load_tokenizer, resolve_model, tokenizer_fingerprint
@@ -89,14 +94,16 @@ def build_servicer(config: DraftConfig) -> DraftServicer:
              runner.max_seq_len)
     return DraftServicer(config, ModelDrafter(runner, top_k_pairs=config.top_k_pairs),
                          vocab_size=runner.vocab_size, fingerprint=tokenizer_fingerprint(load_tokenizer(folder)),
-                         max_seq_len=runner.max_seq_len, num_slots=runner.num_slots, telemetry=telemetry)
+                         max_seq_len=runner.max_seq_len, num_slots=runner.num_slots, telemetry=telemetry, otel=otel)
 
 
 async def run(config: DraftConfig) -> None:
-    servicer = build_servicer(config)
+    otel = setup_otel("draft", config.host, config.metrics_port)
+    servicer = build_servicer(config, otel)
 
     def register(server: grpc.aio.Server) -> list[str]:
         draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server)
         return [servicer_name(draft_pb2, "DraftService")]
 
-    await serve("draft", config.host, config.port, register)
+    # The router's calls carry its trace context: each continues here in a server span.
+    await serve("draft", config.host, config.port, register, interceptors=otel.server_interceptors(), otel=otel)

@@ -1,7 +1,7 @@
 """The step loop: one per target replica, batching every live sequence on it.
 
 Each step reads like the method: choose depths -> propose (one batched call per draft replica)
--> verify (one batched call to the target) -> commit and emit -> retire finished sequences.
+-> verify (one batched call to the target) -> commit and emit -> record -> retire finished sequences.
 Requests join and leave between steps (continuous batching).
 """
 
@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -18,10 +19,14 @@ from router.policy_feed import PolicyFeed
 from router.replicas import DraftReplica, TargetReplica
 from router.sequence import Sequence, fail
 from specfleet.config import RouterConfig
+from specfleet.otel import RouterMetrics
 from specfleet.policy import DepthDecision
 from specfleet.protos import draft_pb2, session_pb2, target_pb2
-from specfleet.telemetry import AcceptanceCounts, TelemetryWriter
+from specfleet.telemetry import PREFILL_TOKENS, StepRecord, TelemetryWriter
 from specfleet.wire import sampling_to_proto
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger("specfleet.router")
 
@@ -34,12 +39,13 @@ class StepLoop:
     DECISION_LOG_INTERVAL_S = 5.0
 
     def __init__(self, target: TargetReplica, config: RouterConfig, feed: PolicyFeed,
-                 telemetry: TelemetryWriter | None = None) -> None:
+                 telemetry: TelemetryWriter | None = None, metrics: RouterMetrics | None = None) -> None:
         assert target.info is not None
         self.target = target
         self.config = config
         self.feed = feed
         self.telemetry = telemetry
+        self.metrics = metrics or RouterMetrics()
         self._last_decision_log = 0.0
         self.capacity = target.info.num_slots
         self.max_context = target.info.max_seq_len
@@ -75,24 +81,32 @@ class StepLoop:
         if not batch:
             return
         started = time.perf_counter()
-        decision = self.choose_depths(batch)
-        depths = {seq.seq_id: depth for seq, depth in zip(batch, decision.depths, strict=True)}
-        proposals, draft_ms = await self.propose(batch, depths)
-        verdicts, verify_ms = await self.verify(batch, proposals)
-        acceptance = AcceptanceCounts()
-        for seq in batch:
-            verdict = verdicts.get(seq.seq_id)
-            if verdict is not None and not seq.finished:
-                proposal = proposals.get(seq.seq_id)
-                self.commit(seq, proposal, verdict, decision.reason)
-                if proposal is not None and proposal.tokens:
-                    acceptance.add_step(len(proposal.tokens), verdict.accepted)
+        with self.metrics.step_span(self.target.address, (seq.span for seq in batch)) as span:
+            decision = self.choose_depths(batch)
+            depths = {seq.seq_id: depth for seq, depth in zip(batch, decision.depths, strict=True)}
+            proposals, draft_ms = await self.propose(batch, depths)
+            verdicts, verify_ms = await self.verify(batch, proposals)
+            record = StepRecord(len(batch), decision.depths)
+            now = time.perf_counter()
+            for seq in batch:
+                verdict = verdicts.get(seq.seq_id)
+                if verdict is not None and not seq.finished:
+                    self.commit(seq, proposals.get(seq.seq_id), verdict, decision.reason, record, now)
+            record.duration_s = time.perf_counter() - started
+            self.record(record, span, draft_ms, verify_ms)
+
+    def record(self, record: StepRecord, span: Span, draft_ms: float, verify_ms: float) -> None:
+        """Hands the step's numbers to the exporters: Redis telemetry (for the depth policy) and OpenTelemetry."""
         if self.telemetry is not None:
             # What the services do not see: gRPC, (de)serialisation and this loop's own bookkeeping.
-            overhead_ms = (time.perf_counter() - started) * 1000 - draft_ms - verify_ms
-            self.telemetry.record_latency(len(batch), 1.0, max(0.0, overhead_ms), role="overhead")
-            if not acceptance.empty():
-                self.telemetry.record_acceptance(acceptance)
+            overhead_ms = record.duration_s * 1000 - draft_ms - verify_ms
+            self.telemetry.record_latency(record.batch_size, 1.0, max(0.0, overhead_ms), role="overhead")
+            if not record.acceptance.empty():
+                self.telemetry.record_acceptance(record.acceptance)
+        self.metrics.annotate_step(span, record)
+        # The instruments cost microseconds per sequence: on the event loop's next turn they run while the next step
+        # waits for its Propose/Verify calls, not inside this step.
+        asyncio.get_running_loop().call_soon(self.metrics.record_step, record)
 
     def choose_depths(self, batch: list[Sequence]) -> DepthDecision:
         """The policy's depths (pinned or chosen from telemetry), within the room each sequence has left."""
@@ -138,15 +152,17 @@ class StepLoop:
             out, compute_ms = await self._propose_call(draft, seqs, depths)
             resend = [s for s in seqs if out[s.seq_id].status == UNKNOWN]
             if resend:  # the drafter lost them (restart, eviction): send the whole context once
+                self.metrics.record_reprefills("draft", len(resend))
                 for seq in resend:
                     seq.draft_cached = 0
                 more, more_ms = await self._propose_call(draft, resend, depths)
                 out.update(more)
                 compute_ms += more_ms
         except grpc.aio.AioRpcError as err:
+            # draft_cached stays: whether or not the call got through, the drafter holds at least that many
+            # tokens (or reports the sequence unknown), and the next call rolls back to it. Resetting it would
+            # turn one slow call into a full re-prefill, slower still, on every retry.
             draft.mark_failed(f"{err.code().name}: {err.details()}", self.config.draft_retry_s)
-            for seq in seqs:
-                seq.draft_cached = 0  # unknown how far it got: resend everything next time
             return {}, 0.0
         draft.mark_ok()
         return {seq_id: p for seq_id, p in out.items() if p.status == OK}, compute_ms
@@ -159,7 +175,13 @@ class StepLoop:
                                                    new_tokens=s.tokens[s.draft_cached:]),
                 depth=depths[s.seq_id], sampling=sampling_to_proto(s.sampling), seed=s.seed)
             for s in seqs])
-        response = await draft.stub.Propose(request, timeout=self.config.draft_timeout_ms / 1000)
+        # A call that prefills a prompt is legitimately slower than a step: its timeout grows with the longest
+        # prompt it carries. Otherwise a long prompt would time out on every retry and never be drafted for.
+        longest = max(len(e.sequence.new_tokens) for e in request.entries)
+        timeout_ms = self.config.draft_timeout_ms * max(1.0, longest / PREFILL_TOKENS)
+        sent = time.perf_counter()
+        response = await draft.stub.Propose(request, timeout=timeout_ms / 1000)
+        self.metrics.record_draft_rtt(draft.address, time.perf_counter() - sent)
         return {p.seq_id: p for p in response.proposals}, response.compute_ms
 
     # -- verify ---------------------------------------------------------------------------------
@@ -172,6 +194,7 @@ class StepLoop:
             resend = [s for s in batch if out[s.seq_id].status == UNKNOWN]
             if resend:
                 log.info("target %s lost %d sequence(s); re-prefilling them", self.target.address, len(resend))
+                self.metrics.record_reprefills("target", len(resend))
                 for seq in resend:
                     seq.target_cached = 0
                 more, more_ms = await self._verify_call(resend, proposals)
@@ -195,14 +218,16 @@ class StepLoop:
                 draft_tokens=proposal.tokens if proposal else [],
                 draft_probs=proposal.draft_probs if proposal else [],
                 sampling=sampling_to_proto(s.sampling), seed=s.seed))
+        sent = time.perf_counter()
         response = await self.target.stub.Verify(target_pb2.VerifyRequest(entries=entries),
                                                  timeout=self.config.verify_timeout_ms / 1000)
+        self.metrics.record_verify_rtt(self.target.address, time.perf_counter() - sent)
         return {v.seq_id: v for v in response.verdicts}, response.compute_ms
 
     # -- commit, admit, retire ------------------------------------------------------------------
 
     def commit(self, seq: Sequence, proposal: draft_pb2.Proposal | None, verdict: target_pb2.Verdict,
-               reason: str = "") -> None:
+               reason: str, record: StepRecord, now: float) -> None:
         position = len(seq.tokens)
         seq.target_cached = verdict.cached_len
         if proposal is not None:  # the drafter keeps its drafts; only the accepted ones stay valid
@@ -217,6 +242,12 @@ class StepLoop:
         seq.stats.depth = drafted
         seq.stats.depth_reason = reason
         seq.emit(kept)
+        record.add_sequence(drafted, verdict.accepted, len(kept))
+        if kept:
+            if not seq.first_token_at:
+                seq.first_token_at = now
+                record.first_token_s.append(now - seq.admitted_at)
+            seq.last_token_at = now
 
     def _admit(self) -> None:
         while self.waiting and len(self.live) < self.capacity:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -33,8 +34,8 @@ class TargetReplica:
     info: session_pb2.GetServiceInfoResponse | None = None
 
     @classmethod
-    def connect(cls, address: str) -> TargetReplica:
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def connect(cls, address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> TargetReplica:
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors or None)
         return cls(address, channel, target_pb2_grpc.TargetServiceStub(channel))
 
 
@@ -49,8 +50,8 @@ class DraftReplica:
     last_error: str = field(default="", repr=False)
 
     @classmethod
-    def connect(cls, address: str) -> DraftReplica:
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def connect(cls, address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> DraftReplica:
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors or None)
         return cls(address, channel, draft_pb2_grpc.DraftServiceStub(channel))
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +54,13 @@ class Sequence:
     draft: Any = None  # the DraftReplica this sequence is pinned to, if any
     finish_reason: FinishReason = generate_pb2.FINISH_REASON_UNSPECIFIED
     cancelled: bool = False  # the client went away: stop quietly
+    error: StreamError | None = None  # what failed it, if something did
     outbox: asyncio.Queue[generate_pb2.GenerateResponse] = field(default_factory=asyncio.Queue)
+    # For the metrics and traces: when it was admitted and got its first and latest tokens (perf_counter), its span.
+    admitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    span: Any = None
 
     @property
     def generated(self) -> list[int]:
@@ -88,6 +95,21 @@ class Sequence:
             request_id=self.request_id, token_ids=new_tokens, text=text, finish_reason=self.finish_reason,
             stats=self.stats.to_proto(), prompt_tokens=self.prompt_len))
 
+    def outcome(self, deadline_passed: bool = False) -> tuple[str, str]:
+        """How the request ended, as the metrics label it: ok, error, aborted or deadline, and the gRPC status code's
+        name. Asked when the RPC handler is done with it: if it has not finished, the client went away."""
+        if self.error is not None:
+            return "error", self.error.code.name
+        if self.finish_reason == generate_pb2.FINISH_REASON_ABORTED:
+            return "aborted", "OK"
+        if self.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED:
+            return "ok", "OK"
+        return ("deadline", "DEADLINE_EXCEEDED") if deadline_passed else ("aborted", "CANCELLED")
+
+    def time_per_output_token(self) -> float | None:
+        generated = len(self.tokens) - self.prompt_len
+        return (self.last_token_at - self.first_token_at) / (generated - 1) if generated > 1 else None
+
     def finish(self, reason: FinishReason) -> None:
         """Ends the stream early (abort) with a last, empty message."""
         self.finish_reason = reason
@@ -106,4 +128,5 @@ class StreamError:
 
 def fail(seq: Sequence, code: Any, message: str) -> None:
     seq.cancelled = True
-    seq.outbox.put_nowait(StreamError(code, message))  # type: ignore[arg-type]
+    seq.error = StreamError(code, message)
+    seq.outbox.put_nowait(seq.error)  # type: ignore[arg-type]

@@ -15,7 +15,10 @@ from router.policy_feed import PolicyFeed
 from router.replicas import DraftReplica, TargetReplica, fetch_info
 from router.sequence import Sequence, StreamError
 from router.text import IncrementalDetokenizer, StopMatcher
+from specfleet.client import FINISH_NAMES
 from specfleet.config import RouterConfig
+from specfleet.otel import Otel, RouterMetrics
+from specfleet.otel import setup as setup_otel
 from specfleet.policy import DepthPolicy
 from specfleet.protos import generate_pb2, generate_pb2_grpc
 from specfleet.serving import serve, servicer_name
@@ -34,9 +37,11 @@ class Router:
     """Admission and bookkeeping over the step loops (one per target replica)."""
 
     def __init__(self, config: RouterConfig, loops: list[StepLoop], drafts: list[DraftReplica], tokenizer: Any,
-                 eos_ids: frozenset[int], feed: PolicyFeed, router_id: str) -> None:
+                 eos_ids: frozenset[int], feed: PolicyFeed, router_id: str, metrics: RouterMetrics | None = None
+                 ) -> None:
         self.config = config
         self.feed = feed
+        self.metrics = metrics or RouterMetrics()
         self.loops = loops
         self.drafts = drafts
         self.tokenizer = tokenizer
@@ -51,8 +56,13 @@ class Router:
     def queued(self) -> int:
         return sum(len(loop.waiting) for loop in self.loops)
 
-    def admit(self, request: generate_pb2.GenerateRequest) -> Sequence:
-        """Validates ``request`` and hands it to the least loaded step loop; raises RequestError."""
+    @property
+    def live(self) -> int:
+        return sum(len(loop.live) for loop in self.loops)
+
+    def admit(self, request: generate_pb2.GenerateRequest, metadata: Any = ()) -> Sequence:
+        """Validates ``request`` and hands it to the least loaded step loop; raises RequestError. ``metadata`` (the
+        call's) may carry the caller's trace context."""
         request_id = request.request_id or secrets.token_hex(8)
         if request_id in self.requests:
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already live")
@@ -82,16 +92,22 @@ class Router:
             max_new_tokens=max_new, eos_ids=self.eos_ids, ignore_eos=stopping.ignore_eos,
             detokenizer=IncrementalDetokenizer(self.tokenizer), stops=StopMatcher(list(stopping.stop)),
             draft=self._pick_draft())
+        seq.span = self.metrics.start_request(request_id, len(prompt), metadata)
         self.requests[request_id] = seq
         min(self.loops, key=lambda loop: loop.load).submit(seq)
         return seq
 
-    def forget(self, seq: Sequence) -> None:
-        """The handler is done with ``seq``: if it is still running, the client went away."""
+    def forget(self, seq: Sequence, deadline_passed: bool = False) -> None:
+        """The handler is done with ``seq``: if it is still running, the client went away (or its deadline passed)."""
+        outcome, code = seq.outcome(deadline_passed)
         if not seq.finished:
             seq.cancelled = True
-            log.info("request %s cancelled by the client", seq.request_id)
+            log.info("request %s %s", seq.request_id,
+                     "ran past the client's deadline" if deadline_passed else "cancelled by the client")
         self.requests.pop(seq.request_id, None)
+        self.metrics.end_request(seq.span, outcome, code, generated_tokens=len(seq.tokens) - seq.prompt_len,
+                                 finish_reason=FINISH_NAMES[seq.finish_reason],
+                                 time_per_output_token_s=seq.time_per_output_token())
 
     def abort(self, request_id: str) -> bool:
         seq = self.requests.get(request_id)
@@ -154,7 +170,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
                 if message.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED:
                     return
         finally:
-            self.router.forget(seq)
+            self.router.forget(seq, deadline_passed(context))
 
     async def Generate(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> generate_pb2.GenerateResponse:
@@ -173,7 +189,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
                         request_id=seq.request_id, token_ids=tokens, text="".join(text),
                         finish_reason=message.finish_reason, stats=message.stats, prompt_tokens=seq.prompt_len)
         finally:
-            self.router.forget(seq)
+            self.router.forget(seq, deadline_passed(context))
 
     async def Abort(self, request: generate_pb2.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> generate_pb2.AbortResponse:
@@ -184,17 +200,24 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
         r = self.router
         return generate_pb2.GetServerInfoResponse(
             model=r.loops[0].target.info.model, draft_kinds=sorted({d.info.kind for d in r.drafts if d.info}),
-            live_requests=sum(len(loop.live) for loop in r.loops), queued_requests=r.queued,
+            live_requests=r.live, queued_requests=r.queued,
             max_context=r.max_context, depth=r.config.pinned_depth or 0, depth_setting=r.config.depth,
             max_new_tokens_cap=r.config.max_new_tokens_cap, target_addresses=[loop.target.address for loop in r.loops],
             draft_addresses=[d.address for d in r.drafts], policy=r.feed.state())
 
     async def _admit(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Sequence:
+        metadata = context.invocation_metadata()
         try:
-            return self.router.admit(request)
+            return self.router.admit(request, metadata)
         except RequestError as err:
+            self.router.metrics.request_rejected(err.code.name, err.message, metadata)
             await context.abort(err.code, err.message)
             raise  # not reached: abort raises
+
+
+def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
 
 
 def check_compatible(targets: list[TargetReplica], drafts: list[DraftReplica]) -> None:
@@ -218,12 +241,14 @@ def build_policy(config: RouterConfig) -> DepthPolicy:
     return DepthPolicy(config.max_depth, mode=config.policy_mode, min_goodput=config.min_goodput)
 
 
-async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0) -> Router:
+async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0, otel: Otel | None = None) -> Router:
     from specfleet.models import load_tokenizer, resolve_model, tokenizer_fingerprint
     from specfleet.telemetry import TelemetryReader, TelemetryWriter
 
-    targets = [TargetReplica.connect(a) for a in config.target_addresses]
-    drafts = [DraftReplica.connect(a) for a in config.draft_addresses] if config.speculates else []
+    otel = otel or Otel()
+    interceptors = otel.client_interceptors()  # trace context into the Propose/Verify calls
+    targets = [TargetReplica.connect(a, interceptors) for a in config.target_addresses]
+    drafts = [DraftReplica.connect(a, interceptors) for a in config.draft_addresses] if config.speculates else []
     infos = await asyncio.gather(*(fetch_info(r.stub, r.address, connect_timeout_s) for r in [*targets, *drafts]))
     for replica, info in zip([*targets, *drafts], infos, strict=True):
         replica.info = info
@@ -240,12 +265,18 @@ async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0) -
         writer = TelemetryWriter(config.redis_url, role="router", replica=f"router-{router_id}",
                                  prefix=config.telemetry_prefix)
     feed = PolicyFeed(build_policy(config), reader, config.policy_refresh_s, config.policy_mode)
-    loops = [StepLoop(t, config, feed, writer) for t in targets]
-    return Router(config, loops, drafts, tokenizer, frozenset(targets[0].info.eos_token_ids), feed, router_id)
+    metrics = RouterMetrics(otel)
+    loops = [StepLoop(t, config, feed, writer, metrics) for t in targets]
+    router = Router(config, loops, drafts, tokenizer, frozenset(targets[0].info.eos_token_ids), feed, router_id,
+                    metrics)
+    metrics.observe(queue_depth=lambda: router.queued, live_requests=lambda: router.live,
+                    redis_up=lambda: feed.redis_up)
+    return router
 
 
 async def run(config: RouterConfig) -> None:
-    router = await build_router(config)
+    otel = setup_otel("router", config.host, config.metrics_port)
+    router = await build_router(config, otel=otel)
     running = asyncio.get_running_loop()
     tasks = [running.create_task(loop.run()) for loop in router.loops]
     tasks.append(running.create_task(router.feed.run()))
@@ -261,4 +292,5 @@ async def run(config: RouterConfig) -> None:
         for task in tasks:
             task.cancel()
 
-    await serve("router", config.host, config.port, register, on_stop=stop_loops)
+    # No server interceptor here: each request's span is the router's server span (it continues the caller's trace).
+    await serve("router", config.host, config.port, register, on_stop=stop_loops, otel=otel)

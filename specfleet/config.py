@@ -32,12 +32,16 @@ class ServiceConfig:
 
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 in a container)")
     port: int = option(0, "gRPC port")
+    metrics_port: int = option(0, "port for Prometheus to scrape /metrics on --host (0: no endpoint; the chart uses "
+                               "9464). Traces and OTLP metrics follow the standard OTEL_* environment variables")
     redis_url: str = option("", "Redis for fleet telemetry, e.g. redis://127.0.0.1:6379/0 (empty: none)")
     telemetry_prefix: str = option("specfleet", "prefix of every Redis key this fleet uses")
     log_level: str = option("INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, f"--port must be in [0, 65535], got {self.port}")
+        _check(0 <= self.metrics_port < 65536, f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
+        _check(self.metrics_port == 0 or self.metrics_port != self.port, "--metrics-port must differ from --port")
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,8 @@ class RouterConfig(ServiceConfig):
     default_max_new_tokens: int = option(128, "max_new_tokens when a request does not say")
     max_new_tokens_cap: int = option(4096, "largest max_new_tokens a request may ask for")
     max_queue: int = option(1024, "requests waiting for a slot before new ones get RESOURCE_EXHAUSTED")
-    draft_timeout_ms: float = option(2000.0, "a Propose slower than this is dropped: the step runs at depth 0")
+    draft_timeout_ms: float = option(2000.0, "a Propose slower than this is dropped: the step runs at depth 0 "
+                                     "(scaled up for a Propose that prefills a long prompt)")
     verify_timeout_ms: float = option(60000.0, "a Verify slower than this fails its requests with UNAVAILABLE")
     draft_retry_s: float = option(2.0, "after a draft failure, skip that draft replica for this long")
     tokenizer: str = option("", "model spec to take the tokenizer from (default: the target's model)")

@@ -1,15 +1,19 @@
-"""What the three gRPC servers share: start-up with health and reflection, and a clean shutdown."""
+"""What the three gRPC servers share: start-up with health, reflection and OpenTelemetry, and a clean shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+if TYPE_CHECKING:
+    from specfleet.otel import Otel
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +32,16 @@ async def serve(
     *,
     on_start: Callable[[], Awaitable[None]] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    otel: Otel | None = None,
     grace_s: float = 5.0,
 ) -> None:
     """Runs a gRPC server until SIGINT/SIGTERM. ``register`` adds the servicers and returns their
-    full service names, which are reported SERVING on ``grpc.health.v1`` and listed by reflection."""
+    full service names, which are reported SERVING on ``grpc.health.v1`` and listed by reflection.
+    ``otel``'s exporters are flushed at the end."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+                             interceptors=interceptors or None)
     services = register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -59,6 +67,8 @@ async def serve(
     await server.stop(grace_s)  # in-flight calls may finish; new ones are refused
     if on_stop is not None:
         await on_stop()
+    if otel is not None:
+        await asyncio.to_thread(otel.shutdown)
 
 
 def servicer_name(service_descriptor_holder, service: str) -> str:

@@ -88,6 +88,26 @@ def _grow(counts: list[int], length: int) -> None:
     counts.extend([0] * (length - len(counts)))
 
 
+@dataclass
+class StepRecord:
+    """What one router step did, filled by the step loop and read by the exporters (the acceptance counts go to
+    Redis for the depth policy; everything goes to OpenTelemetry, see specfleet/otel.py)."""
+
+    batch_size: int
+    depths: list[int]  # the depth chosen for each sequence
+    acceptance: AcceptanceCounts = field(default_factory=AcceptanceCounts)
+    accepted: list[int] = field(default_factory=list)  # draft tokens accepted, per sequence that got drafts
+    emitted: int = 0  # tokens emitted, all sequences
+    first_token_s: list[float] = field(default_factory=list)  # time to first token of sequences that got theirs
+    duration_s: float = 0.0
+
+    def add_sequence(self, drafted: int, accepted: int, emitted: int) -> None:
+        self.emitted += emitted
+        if drafted:
+            self.acceptance.add_step(drafted, accepted)
+            self.accepted.append(accepted)
+
+
 @dataclass(frozen=True)
 class FleetView:
     """What the policy needs from the fleet: recent costs of live replicas and acceptance."""

@@ -17,6 +17,7 @@ log = logging.getLogger("specfleet.up")
 def up(args: argparse.Namespace) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     router_port, draft_port, target_port = args.port, args.port + 1, args.port + 2
+    metrics_ports = {role: free_port() for role in ("router", "draft", "target")}  # one /metrics per process
     deployment = Deployment(Path(args.log_dir) if args.log_dir else None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -27,8 +28,10 @@ def up(args: argparse.Namespace) -> int:
             wait_redis(deployment.start_redis(redis_port), redis_port)
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
         common = ["--redis-url", redis_url, "--num-slots", str(args.num_slots), "--max-seq-len", str(args.max_seq_len)]
-        target = deployment.start_service("target", ["--model", args.model, "--port", str(target_port), *common])
-        draft_args = ["--drafter", args.drafter, "--port", str(draft_port), *common]
+        target = deployment.start_service("target", ["--model", args.model, "--port", str(target_port), *common,
+                                                     "--metrics-port", str(metrics_ports["target"])])
+        draft_args = ["--drafter", args.drafter, "--port", str(draft_port), *common,
+                      "--metrics-port", str(metrics_ports["draft"])]
         if args.drafter == "model":
             draft_args += ["--model", args.draft_model or args.model]
         draft = deployment.start_service("draft", draft_args)
@@ -37,10 +40,12 @@ def up(args: argparse.Namespace) -> int:
         wait_serving(draft, f"127.0.0.1:{draft_port}")
         router = deployment.start_service("router", [
             "--port", str(router_port), "--targets", f"127.0.0.1:{target_port}",
-            "--drafts", f"127.0.0.1:{draft_port}", "--depth", str(args.depth), "--redis-url", redis_url])
+            "--drafts", f"127.0.0.1:{draft_port}", "--depth", str(args.depth), "--redis-url", redis_url,
+            "--metrics-port", str(metrics_ports["router"])])
         wait_serving(router, f"127.0.0.1:{router_port}")
+        scrape = ", ".join(f"{role} http://127.0.0.1:{port}/metrics" for role, port in metrics_ports.items())
         print(f"\nspecfleet is up: router on 127.0.0.1:{router_port} (draft {args.drafter} on {draft_port}, "
-              f"target {args.model} on {target_port}, Redis {redis_url})", flush=True)
+              f"target {args.model} on {target_port}, Redis {redis_url})\nmetrics: {scrape}", flush=True)
         if args.prompt:
             from specfleet.client import make_request, print_stream
 

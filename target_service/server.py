@@ -13,6 +13,8 @@ import torch
 from specfleet.config import TargetConfig
 from specfleet.engine import ModelRunner
 from specfleet.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+from specfleet.otel import Otel, ServiceMetrics
+from specfleet.otel import setup as setup_otel
 from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
 from specfleet.serving import serve, servicer_name
 from specfleet.telemetry import TelemetryWriter, is_prefill, writer_for
@@ -24,10 +26,11 @@ log = logging.getLogger("specfleet.target")
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
     def __init__(self, config: TargetConfig, verifier: Verifier, fingerprint: str, eos_ids: list[int],
-                 telemetry: TelemetryWriter | None = None) -> None:
+                 telemetry: TelemetryWriter | None = None, otel: Otel | None = None) -> None:
         self.config = config
         self.telemetry = telemetry
         self.verifier = verifier
+        self.metrics = ServiceMetrics(otel, "target", lambda: verifier.runner.live_sequences)
         self.fingerprint = fingerprint
         self.eos_ids = eos_ids
         # One model, one thread: batches run one after another, the event loop stays free for health checks.
@@ -45,6 +48,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         elapsed_ms = (time.perf_counter() - started) * 1000
+        self.metrics.record_batch(elapsed_ms / 1000)
         if self.telemetry is not None and items and not any(is_prefill(i.new_tokens) for i in items):
             tokens_per_seq = sum(len(i.new_tokens) + len(i.draft_tokens) for i in items) / len(items)
             self.telemetry.record_latency(len(items), tokens_per_seq, elapsed_ms)
@@ -92,7 +96,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                              num_slots=runner.num_slots, live=runner.live_sequences, eos_ids=self.eos_ids)
 
 
-def build_servicer(config: TargetConfig) -> TargetServicer:
+def build_servicer(config: TargetConfig, otel: Otel | None = None) -> TargetServicer:
     folder = resolve_model(config.model)
     tokenizer = load_tokenizer(folder)
     device = config.resolved_device()
@@ -102,7 +106,7 @@ def build_servicer(config: TargetConfig) -> TargetServicer:
              runner.max_seq_len)
     telemetry = writer_for(config.redis_url, "target", config.port, config.telemetry_prefix)
     return TargetServicer(config, Verifier(runner), tokenizer_fingerprint(tokenizer), eos_token_ids(folder, tokenizer),
-                          telemetry)
+                          telemetry, otel)
 
 
 def eos_token_ids(folder, tokenizer) -> list[int]:
@@ -120,10 +124,12 @@ def eos_token_ids(folder, tokenizer) -> list[int]:
 
 
 async def run(config: TargetConfig) -> None:
-    servicer = build_servicer(config)
+    otel = setup_otel("target", config.host, config.metrics_port)
+    servicer = build_servicer(config, otel)
 
     def register(server: grpc.aio.Server) -> list[str]:
         target_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server)
         return [servicer_name(target_pb2, "TargetService")]
 
-    await serve("target", config.host, config.port, register)
+    # The router's calls carry its trace context: each continues here in a server span.
+    await serve("target", config.host, config.port, register, interceptors=otel.server_interceptors(), otel=otel)

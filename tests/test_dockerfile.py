@@ -191,38 +191,6 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
     return dict(action.choices)
 
 
-def accepts(parser: argparse.ArgumentParser, flag: str, value: str) -> bool:
-    action = parser._option_string_actions.get(flag)
-    if action is None:
-        return False
-    try:
-        converted = action.type(value) if callable(action.type) else value
-    except (TypeError, ValueError):
-        return False
-    return action.choices is None or converted in action.choices
-
-
-def without_pending_flags(parser: argparse.ArgumentParser, args: list[str]) -> tuple[list[str], list[str]]:
-    """The chart passes two things the CLI gains with the observability and adaptive-depth work: `--metrics-port`
-    on every service and `--depth auto` on the router. While the parser does not take them, they are dropped here
-    (and returned, for the test that checks they are taken). `k8s://` addresses need no filtering: --targets and
-    --drafts are text. Once the CLI takes both, test_cli_takes_every_chart_argument_as_is passes and this filter
-    drops nothing."""
-    kept: list[str] = []
-    dropped: list[str] = []
-    pairs = iter(range(len(args)))
-    for i in pairs:
-        flag, value = args[i], args[i + 1] if i + 1 < len(args) else ""
-        pending = (flag == "--metrics-port" and flag not in parser._option_string_actions) or (
-            flag == "--depth" and value == "auto" and not accepts(parser, flag, value))
-        if pending:
-            dropped += [flag, value]
-            next(pairs)
-        else:
-            kept.append(flag)
-    return kept, dropped
-
-
 def parse_service(role: str, parser: argparse.ArgumentParser, args: list[str]) -> Any:
     """Parses ``args`` with the subcommand's parser and builds the service's validated configuration."""
     from specfleet.cli import SERVICES
@@ -255,23 +223,12 @@ def test_chart_runs_existing_subcommands_with_arguments_the_cli_parses(rendering
     for name, args in chart_commands(rendering).items():
         role, rest = args[0], args[1:]
         assert role == name and role in commands, f"{name} runs `specfleet {role}`"
-        kept, _ = without_pending_flags(commands[role], rest)
-        config = parse_service(role, commands[role], kept)
+        config = parse_service(role, commands[role], rest)
         assert config.host == "0.0.0.0"
         assert config.port == VALUES[role]["port"]
+        assert config.metrics_port == VALUES["metrics"]["port"]
         if role == "router":
             assert config.targets.startswith("k8s://") and config.max_depth == 16
-
-
-@pytest.mark.xfail(reason="--metrics-port and --depth auto arrive with the observability and adaptive-depth work",
-                   strict=False)
-def test_cli_takes_every_chart_argument_as_is() -> None:
-    commands = subcommands()
-    for rendering in CHART_RENDERINGS:
-        for args in chart_commands(rendering).values():
-            role, rest = args[0], args[1:]
-            assert without_pending_flags(commands[role], rest)[1] == []
-            parse_service(role, commands[role], rest)
 
 
 def test_values_schema_names_what_the_cli_accepts() -> None:

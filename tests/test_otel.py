@@ -1,0 +1,416 @@
+"""OpenTelemetry: the metric names Prometheus scrapes (the dashboards are written against them), spans from all three
+services over OTLP with their parent/child links, and cancellation still reaching the services through the tracing
+interceptors. The deployment here runs a tiny random Llama with a tokenizer trained in the test: no real model."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from specfleet.client import make_request, stream
+from specfleet.launcher import Deployment, free_port, wait_serving
+from specfleet.otel import SECONDS_BUCKETS, ClientTracing, RouterMetrics, ServerTracing, ServiceMetrics, setup
+from specfleet.protos import draft_pb2_grpc, generate_pb2_grpc, session_pb2, target_pb2_grpc
+from specfleet.telemetry import StepRecord
+
+COUNTERS = {
+    "specfleet_requests_total", "specfleet_generated_tokens_total", "specfleet_draft_tokens_total",
+    "specfleet_accepted_tokens_total", "specfleet_draft_position_proposed_total",
+    "specfleet_draft_position_accepted_total", "specfleet_step_emitted_tokens_total",
+    "specfleet_step_duration_seconds_total", "specfleet_reprefills_total",
+}
+GAUGES = {"specfleet_queue_depth", "specfleet_live_requests", "specfleet_redis_up", "specfleet_service_live_sequences"}
+HISTOGRAMS = {
+    "specfleet_time_to_first_token_seconds", "specfleet_time_per_output_token_seconds", "specfleet_step_batch_size",
+    "specfleet_speculation_depth", "specfleet_accepted_tokens_per_step", "specfleet_draft_latency_seconds",
+    "specfleet_verify_latency_seconds", "specfleet_service_batch_latency_seconds",
+}
+LABELS = {
+    "specfleet_requests_total": {"outcome", "code"}, "specfleet_draft_position_proposed_total": {"position"},
+    "specfleet_draft_position_accepted_total": {"position"}, "specfleet_step_emitted_tokens_total": {"depth"},
+    "specfleet_step_duration_seconds_total": {"depth"}, "specfleet_draft_latency_seconds_bucket": {"replica", "le"},
+    "specfleet_verify_latency_seconds_bucket": {"replica", "le"}, "specfleet_reprefills_total": {"role"},
+    "specfleet_service_batch_latency_seconds_bucket": {"role", "le"}, "specfleet_service_live_sequences": {"role"},
+}
+
+
+def scrape(port: int) -> dict[str, list[Any]]:
+    """The endpoint's samples by name, as (family type, sample) pairs."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples: dict[str, list[Any]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((family.type, sample))
+    return samples
+
+
+def value(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
+    return sum(s.value for _, s in samples.get(name, []) if labels.items() <= s.labels.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# metric names, as Prometheus scrapes them
+
+
+def test_every_metric_is_scraped_with_its_name_type_labels_and_buckets() -> None:
+    otel = setup("router", "127.0.0.1", free_port())
+    try:
+        router = RouterMetrics(otel)
+        router.observe(queue_depth=lambda: 3, live_requests=lambda: 2, redis_up=lambda: True)
+        record = StepRecord(batch_size=2, depths=[3, 0], first_token_s=[0.05], duration_s=0.02)
+        record.add_sequence(drafted=3, accepted=2, emitted=3)
+        record.add_sequence(drafted=0, accepted=0, emitted=1)
+        router.record_step(record)
+        router.record_draft_rtt("draft-0:50051", 0.003)
+        router.record_verify_rtt("target-0:50052", 0.012)
+        router.record_reprefills("target", 1)
+        router.end_request(router.start_request("r1", 7), "ok", "OK", generated_tokens=4, finish_reason="eos",
+                           time_per_output_token_s=0.01)
+        router.request_rejected("INVALID_ARGUMENT", "prompt is empty")
+        ServiceMetrics(otel, "draft", lambda: 2).record_batch(0.002)
+        ServiceMetrics(otel, "target", lambda: 1).record_batch(0.02)
+        samples = scrape(otel.metrics_port)
+    finally:
+        otel.shutdown()
+
+    for name in COUNTERS:
+        assert {t for t, _ in samples[name]} == {"counter"}, name
+    for name in GAUGES:
+        assert {t for t, _ in samples[name]} == {"gauge"}, name
+    for name in HISTOGRAMS:
+        for suffix in ("bucket", "sum", "count"):
+            assert {t for t, _ in samples[f"{name}_{suffix}"]} == {"histogram"}, f"{name}_{suffix}"
+    exported = {name for name in samples if name.startswith("specfleet_")}
+    assert exported == COUNTERS | GAUGES | {f"{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "sum", "count")}
+    for name, labels in LABELS.items():
+        for _, sample in samples[name]:
+            assert set(sample.labels) == labels, (name, sample.labels)
+
+    # the names the chart's dashboards are checked against (tests/test_helm.py) are exactly these
+    from test_helm import COUNTERS_AND_GAUGES
+    from test_helm import HISTOGRAMS as DASHBOARD_HISTOGRAMS
+
+    assert COUNTERS | GAUGES == COUNTERS_AND_GAUGES and HISTOGRAMS == DASHBOARD_HISTOGRAMS
+
+    def bounds(name: str) -> list[float]:
+        return sorted({float(s.labels["le"]) for _, s in samples[f"{name}_bucket"]})
+
+    assert bounds("specfleet_time_to_first_token_seconds") == [*SECONDS_BUCKETS, float("inf")]
+    assert bounds("specfleet_service_batch_latency_seconds") == [*SECONDS_BUCKETS, float("inf")]
+    assert bounds("specfleet_speculation_depth") == [*range(17), float("inf")]
+    assert bounds("specfleet_step_batch_size") == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, float("inf")]
+    assert value(samples, "specfleet_requests_total", outcome="error", code="INVALID_ARGUMENT") == 1
+    assert value(samples, "specfleet_draft_position_accepted_total", position="1") == 1
+    assert value(samples, "specfleet_draft_position_accepted_total", position="2") == 0
+    assert value(samples, "specfleet_step_emitted_tokens_total", depth="3") == 4
+    assert value(samples, "specfleet_speculation_depth_count") == 2
+    assert value(samples, "specfleet_accepted_tokens_per_step_count") == 1  # only the sequence that drafted
+    assert value(samples, "specfleet_service_live_sequences", role="draft") == 2
+    assert value(samples, "specfleet_redis_up") == 1
+
+
+def test_without_an_endpoint_nothing_is_set_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                     "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER"):
+        monkeypatch.delenv(variable, raising=False)
+    otel = setup("draft")
+    assert not otel.tracing and otel.metrics_port == 0 and otel.client_interceptors() == []
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    assert not setup("draft").tracing
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the tracing interceptors let a caller's cancellation through (opentelemetry-python-contrib #3271)
+
+
+def test_cancelling_a_traced_call_cancels_it_on_the_server() -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracer = provider.get_tracer("test")
+
+    class SlowHealth(health_pb2_grpc.HealthServicer):
+        def __init__(self) -> None:
+            self.started, self.cancelled = asyncio.Event(), asyncio.Event()
+
+        async def Check(self, request, context):
+            self.started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+            return health_pb2.HealthCheckResponse()
+
+    async def scenario() -> None:
+        servicer = SlowHealth()
+        server = grpc.aio.server(interceptors=[ServerTracing(tracer)])
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=[ClientTracing(tracer)]) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            async def check() -> None:  # as the router's step awaits Propose/Verify
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=60)
+
+            with tracer.start_as_current_span("step"):
+                call = asyncio.get_running_loop().create_task(check())
+                await asyncio.wait_for(servicer.started.wait(), 10)
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+            await asyncio.wait_for(servicer.cancelled.wait(), 10)  # the server saw the cancellation
+            await asyncio.sleep(0.1)  # the client span ends from the call's done callback
+        await server.stop(0)
+
+    asyncio.run(scenario())
+    by_name = {(s.name, s.kind.name): s for s in spans.get_finished_spans()}
+    step = by_name[("step", "INTERNAL")]
+    client = by_name[("grpc.health.v1.Health/Check", "CLIENT")]
+    server = by_name[("grpc.health.v1.Health/Check", "SERVER")]
+    assert client.parent.span_id == step.context.span_id and server.parent.span_id == client.context.span_id
+    assert server.context.trace_id == client.context.trace_id == step.context.trace_id
+    assert client.status.description == server.status.description == "CANCELLED"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# real processes: a tiny target, an ngram draft and a router, exporting to a test OTLP receiver
+
+
+PROPOSE, VERIFY = "specfleet.v1.DraftService/Propose", "specfleet.v1.TargetService/Verify"
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    service: str
+    resource: dict[str, str]
+    span: Any  # opentelemetry.proto.trace.v1.trace_pb2.Span
+
+
+def attributes(span: Any) -> dict[str, Any]:
+    return {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in span.attributes}
+
+
+class Receiver:
+    """An OTLP/gRPC endpoint that keeps what it is sent: spans, and metric names by service."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        self.spans: list[ReceivedSpan] = []
+        self.metrics: set[tuple[str, str]] = set()
+        receiver = self
+
+        class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                for resource_spans in request.resource_spans:
+                    resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                    receiver.spans.extend(ReceivedSpan(resource["service.name"], resource, span)
+                                          for scope in resource_spans.scope_spans for span in scope.spans)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+            def Export(self, request, context):
+                for resource_metrics in request.resource_metrics:
+                    service = next(a.value.string_value for a in resource_metrics.resource.attributes
+                                   if a.key == "service.name")
+                    receiver.metrics.update((service, m.name) for scope in resource_metrics.scope_metrics
+                                            for m in scope.metrics)
+                return metrics_service_pb2.ExportMetricsServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self.server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def wait(self, found: Callable[[], Any], timeout_s: float = 30.0) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while not (result := found()):
+            assert time.monotonic() < deadline, "not received in time"
+            time.sleep(0.1)
+        return result
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama and a byte-level BPE tokenizer trained here (no download, no cache)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-target")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog; def fib(n): return n"] * 10,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                         bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@dataclass(frozen=True)
+class Fleet:
+    receiver: Receiver
+    router: str
+    draft: str
+    target: str
+    metrics_ports: dict[str, int]
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    receiver = Receiver()
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}", "OTEL_TRACES_EXPORTER": "otlp",
+           "OTEL_METRICS_EXPORTER": "otlp", "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_METRIC_EXPORT_INTERVAL": "500",
+           "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test", "OMP_NUM_THREADS": "1"}
+    ports = {role: free_port() for role in ("router", "draft", "target", "router-metrics", "draft-metrics",
+                                            "target-metrics")}
+    addresses = {role: f"127.0.0.1:{ports[role]}" for role in ("router", "draft", "target")}
+
+    def start(role: str, args: list[str]) -> None:
+        argv = [sys.executable, "-m", "specfleet.cli", role, "--port", str(ports[role]), "--metrics-port",
+                str(ports[f"{role}-metrics"]), *args]
+        wait_serving(deployment.start(role, argv, env), addresses[role], timeout_s=120)
+
+    try:
+        with Deployment(tmp_path_factory.mktemp("otel-logs")) as deployment:
+            start("target", ["--model", str(tiny_model), "--device", "cpu", "--num-slots", "4",
+                             "--max-seq-len", "2048"])
+            start("draft", ["--drafter", "ngram"])
+            start("router", ["--targets", addresses["target"], "--drafts", addresses["draft"], "--depth", "2"])
+            yield Fleet(receiver, addresses["router"], addresses["draft"], addresses["target"],
+                        {role: ports[f"{role}-metrics"] for role in ("router", "draft", "target")})
+    finally:
+        receiver.server.stop(0)
+
+
+def test_spans_from_all_three_services_link_up(fleet: Fleet) -> None:
+    caller_trace, caller_span = secrets.token_hex(16), secrets.token_hex(8)
+    with grpc.insecure_channel(fleet.router) as channel:
+        response = generate_pb2_grpc.GenerationServiceStub(channel).Generate(
+            make_request("def fib(n): return n", request_id="traced", max_new_tokens=8, ignore_eos=True),
+            metadata=[("traceparent", f"00-{caller_trace}-{caller_span}-01")], timeout=60)
+    assert len(response.token_ids) == 8
+    receiver = fleet.receiver
+
+    def request_span() -> Any:
+        return next((r.span for r in receiver.spans if r.service == "specfleet-router" and r.span.name == "request"
+                     and attributes(r.span).get("specfleet.request_id") == "traced"), None)
+
+    request = receiver.wait(request_span)
+    assert request.trace_id.hex() == caller_trace and request.parent_span_id.hex() == caller_span
+    assert request.kind == request.SPAN_KIND_SERVER
+    assert attributes(request)["specfleet.generated_tokens"] == 8
+    assert attributes(request)["specfleet.finish_reason"] == "length"
+    assert attributes(request)["specfleet.prompt_tokens"] > 0
+
+    def steps() -> list[Any]:
+        return [r.span for r in receiver.spans if r.service == "specfleet-router" and r.span.name == "step"
+                and any(link.span_id == request.span_id and link.trace_id == request.trace_id
+                        for link in r.span.links)]
+
+    # every step of the request, with its calls' client and server spans, has arrived
+    def complete() -> list[Any]:
+        found = steps()
+        total = sum(attributes(s)["specfleet.emitted_tokens"] for s in found)
+        return found if total == 8 and all(len(calls(s)) == expected_calls(s) for s in found) else []
+
+    def calls(step: Any) -> list[tuple[Any, ReceivedSpan]]:
+        """(client span, server span) pairs of the step's Propose/Verify calls."""
+        clients = [r.span for r in receiver.spans if r.span.parent_span_id == step.span_id]
+        return [(client, server) for client in clients for server in receiver.spans
+                if server.span.parent_span_id == client.span_id]
+
+    def expected_calls(step: Any) -> int:
+        return 1 + (attributes(step)["specfleet.depth.max"] > 0)  # Verify, and Propose when it drafts
+
+    found = receiver.wait(complete)
+    assert any(attributes(s)["specfleet.depth.max"] == 2 for s in found)
+    for step in found:
+        assert not step.parent_span_id and step.trace_id != request.trace_id  # a trace of its own, linked
+        assert attributes(step)["specfleet.batch_size"] == 1
+        methods = []
+        for client, server in calls(step):
+            methods.append(client.name)
+            assert client.kind == client.SPAN_KIND_CLIENT and server.span.kind == server.span.SPAN_KIND_SERVER
+            assert client.trace_id == server.span.trace_id == step.trace_id
+            assert server.span.name == client.name
+            assert server.service == ("specfleet-draft" if "Propose" in client.name else "specfleet-target")
+            assert server.resource["deployment.environment"] == "test"
+        drafted = attributes(step)["specfleet.depth.max"] > 0
+        assert sorted(methods) == ([PROPOSE, VERIFY] if drafted else [VERIFY])
+
+    # metrics arrive over OTLP too, from all three
+    receiver.wait(lambda: {("specfleet-router", "specfleet_requests"),
+                           ("specfleet-draft", "specfleet_service_batch_latency"),
+                           ("specfleet-target", "specfleet_service_batch_latency")} <= receiver.metrics)
+
+
+def live_sequences(address: str, stub_cls) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return stub_cls(channel).GetInfo(session_pb2.GetServiceInfoRequest(), timeout=10).live_sequences
+
+
+def wait_live(address: str, stub_cls, expected: int, timeout_s: float = 20) -> int:
+    deadline = time.monotonic() + timeout_s
+    while (live := live_sequences(address, stub_cls)) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return live
+
+
+def test_cancel_and_deadline_release_the_sequences_through_the_interceptors(fleet: Fleet) -> None:
+    long_request = make_request("the quick brown fox", max_new_tokens=2000, ignore_eos=True)
+    with grpc.insecure_channel(fleet.router) as channel:
+        call = generate_pb2_grpc.GenerationServiceStub(channel).GenerateStream(long_request, timeout=120)
+        next(call)
+        next(call)
+        assert live_sequences(fleet.target, target_pb2_grpc.TargetServiceStub) == 1
+        call.cancel()
+    assert wait_live(fleet.target, target_pb2_grpc.TargetServiceStub, 0) == 0
+    assert wait_live(fleet.draft, draft_pb2_grpc.DraftServiceStub, 0) == 0
+
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stream(fleet.router, long_request, timeout_s=0.3))
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_live(fleet.target, target_pb2_grpc.TargetServiceStub, 0) == 0
+    assert wait_live(fleet.draft, draft_pb2_grpc.DraftServiceStub, 0) == 0
+
+    router = scrape(fleet.metrics_ports["router"])
+    assert value(router, "specfleet_requests_total", outcome="aborted", code="CANCELLED") == 1
+    assert value(router, "specfleet_requests_total", outcome="deadline", code="DEADLINE_EXCEEDED") == 1
+    assert value(router, "specfleet_live_requests") == 0
+    assert value(router, "specfleet_verify_latency_seconds_count", replica=fleet.target) > 0
+    for role in ("draft", "target"):
+        service = scrape(fleet.metrics_ports[role])
+        assert value(service, "specfleet_service_live_sequences", role=role) == 0
+        assert value(service, "specfleet_service_batch_latency_seconds_count", role=role) > 0
+

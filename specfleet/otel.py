@@ -188,8 +188,8 @@ class RouterMetrics:
     specfleet_accepted_tokens_total, specfleet_draft_position_proposed_total{position},
     specfleet_draft_position_accepted_total{position}, specfleet_step_emitted_tokens_total{depth},
     specfleet_step_duration_seconds_total{depth}, specfleet_draft_latency_seconds{replica},
-    specfleet_verify_latency_seconds{replica} (histograms), specfleet_reprefills_total{role}, and the gauges
-    specfleet_queue_depth, specfleet_live_requests, specfleet_redis_up.
+    specfleet_verify_latency_seconds{replica} (histograms), specfleet_reprefills_total{role} (0 per role from the
+    start), and the gauges specfleet_queue_depth, specfleet_live_requests, specfleet_redis_up.
     """
 
     def __init__(self, otel: Otel | None = None) -> None:
@@ -228,6 +228,10 @@ class RouterMetrics:
                                                      "Verify round trip seen by the router, by target replica")
         self.reprefills = meter.create_counter(
             "specfleet_reprefills", "{sequence}", "sequences resent whole because a service lost them, by role")
+        # A healthy fleet never re-prefills: without a zero from the start the series would not exist, and the
+        # dashboards' re-prefill panel would say "No data" instead of 0.
+        for role in ("draft", "target"):
+            self.reprefills.add(0, {"role": role})
 
     def observe(self, queue_depth: Callable[[], int], live_requests: Callable[[], int],
                 redis_up: Callable[[], bool]) -> None:

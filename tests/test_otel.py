@@ -121,6 +121,17 @@ def test_every_metric_is_scraped_with_its_name_type_labels_and_buckets() -> None
     assert value(samples, "specfleet_redis_up") == 1
 
 
+def test_reprefill_counters_start_at_zero() -> None:
+    """A fleet that never re-prefills shows 0 per role (the dashboards' panel), not a missing series."""
+    otel = setup("router", "127.0.0.1", free_port())
+    try:
+        RouterMetrics(otel)
+        samples = scrape(otel.metrics_port)
+    finally:
+        otel.shutdown()
+    assert {s.labels["role"]: s.value for _, s in samples["specfleet_reprefills_total"]} == {"draft": 0, "target": 0}
+
+
 def test_without_an_endpoint_nothing_is_set_up(monkeypatch: pytest.MonkeyPatch) -> None:
     for variable in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
                      "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER"):

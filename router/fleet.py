@@ -184,6 +184,8 @@ class Fleet:
     def _give_up(self, seq: Sequence) -> None:
         self._give_ups.pop(seq.seq_id, None)
         if self.parked.pop(seq.seq_id, None) is seq and not seq.finished:
+            log.warning("request %s waited %.0f s and no target came: UNAVAILABLE", seq.request_id,
+                        self.config.target_wait_s)
             fail(seq, grpc.StatusCode.UNAVAILABLE,
                  f"no target replica could take the request within {self.config.target_wait_s:.0f} s")
 

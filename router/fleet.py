@@ -132,7 +132,10 @@ class Fleet:
 
     async def _follow(self, sets: AsyncIterator[frozenset[str]], reconcile) -> None:
         async for addresses in sets:
-            await reconcile(addresses)
+            try:
+                await reconcile(addresses)
+            except Exception:  # a bug must not stop the router following its pools
+                log.exception("applying a pool change failed")
 
     # -- targets ----------------------------------------------------------------------------------
 

@@ -62,6 +62,14 @@ class StepLoop:
         self.waiting.append(seq)
         self._wakeup.set()
 
+    def drain(self) -> list[Sequence]:
+        """Takes every unfinished sequence off this loop, which must not be running (its target left): they keep
+        their tokens and go on elsewhere."""
+        self._retire()
+        leaving = [*self.live, *(s for s in self.waiting if not s.finished)]
+        self.live, self.waiting = [], deque()
+        return leaving
+
     async def run(self) -> None:
         while True:
             self._admit()

@@ -69,3 +69,18 @@ class DraftReplica:
         if self.last_error:
             log.info("draft %s is answering again", self.address)
             self.last_error = ""
+
+
+def check_compatible(targets: list[TargetReplica], drafts: list[DraftReplica]) -> None:
+    """Every replica must share the first target's tokenizer; raises ValueError saying which does not."""
+    reference = targets[0]
+    for replica in [*targets[1:], *drafts]:
+        info = replica.info
+        if not info.tokenizer_fingerprint:  # a model-free drafter works with any tokenizer
+            continue
+        if info.tokenizer_fingerprint != reference.info.tokenizer_fingerprint or (
+                info.vocab_size != reference.info.vocab_size):
+            raise ValueError(
+                f"{info.kind} at {replica.address} ({info.model}, vocabulary {info.vocab_size}) does not share the "
+                f"tokenizer of the target at {reference.address} ({reference.info.model}, vocabulary "
+                f"{reference.info.vocab_size}): every draft and target must use one tokenizer")

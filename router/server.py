@@ -10,9 +10,9 @@ from typing import Any
 
 import grpc
 
-from router.loop import StepLoop
+from router.discovery import watcher_for
+from router.fleet import Fleet
 from router.policy_feed import PolicyFeed
-from router.replicas import DraftReplica, TargetReplica, fetch_info
 from router.sequence import Sequence, StreamError
 from router.text import IncrementalDetokenizer, StopMatcher
 from specfleet.client import FINISH_NAMES
@@ -34,31 +34,34 @@ class RequestError(Exception):
 
 
 class Router:
-    """Admission and bookkeeping over the step loops (one per target replica)."""
+    """Admission and bookkeeping over the fleet's step loops (one per target replica)."""
 
-    def __init__(self, config: RouterConfig, loops: list[StepLoop], drafts: list[DraftReplica], tokenizer: Any,
-                 eos_ids: frozenset[int], feed: PolicyFeed, router_id: str, metrics: RouterMetrics | None = None
-                 ) -> None:
+    def __init__(self, config: RouterConfig, fleet: Fleet, tokenizer: Any, eos_ids: frozenset[int],
+                 feed: PolicyFeed, router_id: str, metrics: RouterMetrics | None = None) -> None:
+        assert fleet.reference is not None and fleet.reference.info is not None
         self.config = config
         self.feed = feed
         self.metrics = metrics or RouterMetrics()
-        self.loops = loops
-        self.drafts = drafts
+        self.fleet = fleet
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        self.vocab_size = loops[0].target.info.vocab_size
-        self.max_context = min(loop.max_context for loop in loops)
+        self.model = fleet.reference.info.model
+        self.vocab_size = fleet.reference.info.vocab_size
         self.requests: dict[str, Sequence] = {}
         self.router_id = router_id  # keeps seq_ids unique when routers share replicas
         self._counter = 0
 
     @property
+    def max_context(self) -> int:
+        return self.fleet.max_context
+
+    @property
     def queued(self) -> int:
-        return sum(len(loop.waiting) for loop in self.loops)
+        return self.fleet.queued
 
     @property
     def live(self) -> int:
-        return sum(len(loop.live) for loop in self.loops)
+        return self.fleet.live
 
     def admit(self, request: generate_pb2.GenerateRequest, metadata: Any = ()) -> Sequence:
         """Validates ``request`` and hands it to the least loaded step loop; raises RequestError. ``metadata`` (the
@@ -91,10 +94,10 @@ class Router:
             seed=request.sampling.seed if request.sampling.HasField("seed") else secrets.randbits(63),
             max_new_tokens=max_new, eos_ids=self.eos_ids, ignore_eos=stopping.ignore_eos,
             detokenizer=IncrementalDetokenizer(self.tokenizer), stops=StopMatcher(list(stopping.stop)),
-            draft=self._pick_draft())
+            draft=self.fleet.pick_draft())
         seq.span = self.metrics.start_request(request_id, len(prompt), metadata)
         self.requests[request_id] = seq
-        min(self.loops, key=lambda loop: loop.load).submit(seq)
+        self.fleet.place(seq)
         return seq
 
     def forget(self, seq: Sequence, deadline_passed: bool = False) -> None:
@@ -116,13 +119,6 @@ class Router:
         seq.finish(generate_pb2.FINISH_REASON_ABORTED)
         log.info("request %s aborted", request_id)
         return True
-
-    def _pick_draft(self) -> DraftReplica | None:
-        if not self.config.speculates or not self.drafts:
-            return None
-        draft = min(self.drafts, key=lambda d: (not d.available, d.assigned))
-        draft.assigned += 1
-        return draft
 
     def _prompt_tokens(self, request: generate_pb2.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
@@ -197,13 +193,13 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
 
     async def GetServerInfo(self, request: generate_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
                             ) -> generate_pb2.GetServerInfoResponse:
-        r = self.router
+        r, fleet = self.router, self.router.fleet
         return generate_pb2.GetServerInfoResponse(
-            model=r.loops[0].target.info.model, draft_kinds=sorted({d.info.kind for d in r.drafts if d.info}),
+            model=r.model, draft_kinds=sorted({d.info.kind for d in fleet.drafts if d.info}),
             live_requests=r.live, queued_requests=r.queued,
             max_context=r.max_context, depth=r.config.pinned_depth or 0, depth_setting=r.config.depth,
-            max_new_tokens_cap=r.config.max_new_tokens_cap, target_addresses=[loop.target.address for loop in r.loops],
-            draft_addresses=[d.address for d in r.drafts], policy=r.feed.state())
+            max_new_tokens_cap=r.config.max_new_tokens_cap, target_addresses=sorted(fleet.loops),
+            draft_addresses=[d.address for d in fleet.drafts], policy=r.feed.state())
 
     async def _admit(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Sequence:
         metadata = context.invocation_metadata()
@@ -220,21 +216,6 @@ def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
     return remaining is not None and remaining <= 0
 
 
-def check_compatible(targets: list[TargetReplica], drafts: list[DraftReplica]) -> None:
-    """Every replica must share the first target's tokenizer; raises ValueError saying which does not."""
-    reference = targets[0]
-    for replica in [*targets[1:], *drafts]:
-        info = replica.info
-        if not info.tokenizer_fingerprint:  # a model-free drafter works with any tokenizer
-            continue
-        if info.tokenizer_fingerprint != reference.info.tokenizer_fingerprint or (
-                info.vocab_size != reference.info.vocab_size):
-            raise ValueError(
-                f"{info.kind} at {replica.address} ({info.model}, vocabulary {info.vocab_size}) does not share the "
-                f"tokenizer of the target at {reference.address} ({reference.info.model}, vocabulary "
-                f"{reference.info.vocab_size}): drafts must use the target's tokenizer")
-
-
 def build_policy(config: RouterConfig) -> DepthPolicy:
     if config.pinned_depth is not None:
         return DepthPolicy.fixed(config.pinned_depth)
@@ -242,22 +223,11 @@ def build_policy(config: RouterConfig) -> DepthPolicy:
 
 
 async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0, otel: Otel | None = None) -> Router:
+    """Connects to the pools (and follows them from then on), loads the tokenizer and builds the router."""
     from specfleet.models import load_tokenizer, resolve_model, tokenizer_fingerprint
     from specfleet.telemetry import TelemetryReader, TelemetryWriter
 
     otel = otel or Otel()
-    interceptors = otel.client_interceptors()  # trace context into the Propose/Verify calls
-    targets = [TargetReplica.connect(a, interceptors) for a in config.target_addresses]
-    drafts = [DraftReplica.connect(a, interceptors) for a in config.draft_addresses] if config.speculates else []
-    infos = await asyncio.gather(*(fetch_info(r.stub, r.address, connect_timeout_s) for r in [*targets, *drafts]))
-    for replica, info in zip([*targets, *drafts], infos, strict=True):
-        replica.info = info
-        log.info("%s at %s: model %r, %d slots x %d tokens", info.kind, replica.address, info.model,
-                 info.num_slots, info.max_seq_len)
-    check_compatible(targets, drafts)
-    tokenizer = load_tokenizer(resolve_model(config.tokenizer or targets[0].info.model))
-    if tokenizer_fingerprint(tokenizer) != targets[0].info.tokenizer_fingerprint:
-        raise ValueError("the router's tokenizer differs from the target's: pass --tokenizer with the target's model")
     router_id = secrets.token_hex(4)
     reader = writer = None
     if config.redis_url:
@@ -266,9 +236,16 @@ async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0, o
                                  prefix=config.telemetry_prefix)
     feed = PolicyFeed(build_policy(config), reader, config.policy_refresh_s, config.policy_mode)
     metrics = RouterMetrics(otel)
-    loops = [StepLoop(t, config, feed, writer, metrics) for t in targets]
-    router = Router(config, loops, drafts, tokenizer, frozenset(targets[0].info.eos_token_ids), feed, router_id,
-                    metrics)
+    # Trace context goes into the Propose/Verify calls.
+    fleet = Fleet(config, feed, writer, metrics, otel.client_interceptors())
+    drafts = watcher_for(config.draft_pool) if config.speculates else None
+    await fleet.start(watcher_for(config.target_pool), drafts, connect_timeout_s)
+    reference = fleet.reference.info
+    tokenizer = load_tokenizer(resolve_model(config.tokenizer or reference.model))
+    if tokenizer_fingerprint(tokenizer) != reference.tokenizer_fingerprint:
+        await fleet.stop()
+        raise ValueError("the router's tokenizer differs from the target's: pass --tokenizer with the target's model")
+    router = Router(config, fleet, tokenizer, frozenset(reference.eos_token_ids), feed, router_id, metrics)
     metrics.observe(queue_depth=lambda: router.queued, live_requests=lambda: router.live,
                     redis_up=lambda: feed.redis_up)
     return router
@@ -277,20 +254,19 @@ async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0, o
 async def run(config: RouterConfig) -> None:
     otel = setup_otel("router", config.host, config.metrics_port)
     router = await build_router(config, otel=otel)
-    running = asyncio.get_running_loop()
-    tasks = [running.create_task(loop.run()) for loop in router.loops]
-    tasks.append(running.create_task(router.feed.run()))
+    feed_task = asyncio.get_running_loop().create_task(router.feed.run())
     how = (f"chosen each step by the {config.policy_mode} policy (up to {config.max_depth})"
            if config.pinned_depth is None else f"pinned at {config.pinned_depth}")
-    log.info("speculation depth %s; %d target(s), %d draft(s)", how, len(router.loops), len(router.drafts))
+    log.info("speculation depth %s; %d target(s) from %s, %d draft(s) from %s", how, len(router.fleet.loops),
+             config.target_pool, len(router.fleet.drafts), config.draft_pool if config.speculates else "none")
 
     def register(server: grpc.aio.Server) -> list[str]:
         generate_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(router), server)
         return [servicer_name(generate_pb2, "GenerationService")]
 
     async def stop_loops() -> None:
-        for task in tasks:
-            task.cancel()
+        feed_task.cancel()
+        await router.fleet.stop()
 
     # No server interceptor here: each request's span is the router's server span (it continues the caller's trace).
     await serve("router", config.host, config.port, register, on_stop=stop_loops, otel=otel)

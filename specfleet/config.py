@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,13 +92,66 @@ class DraftConfig(EngineConfig):
         _check(1 <= self.ngram_min <= self.ngram_max, "need 1 <= --ngram-min <= --ngram-max")
 
 
+SERVICE_SCHEME = "k8s://"
+# A DNS-1035 label (Service names) or DNS-1123 label (namespaces, port names): what Kubernetes accepts.
+_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+_SERVICE_POOL = re.compile(rf"(?P<service>{_LABEL})(\.(?P<namespace>{_LABEL}))?:(?P<port>[0-9]{{1,5}}|{_LABEL})")
+POOL_SYNTAX = ("host:port,host:port,... or k8s://<service>[.<namespace>]:<port> (a Kubernetes Service: its ready "
+               "endpoints, followed as they come and go; <port> is the Service port's name or the pods' port "
+               "number; the namespace defaults to the router's own)")
+
+
+@dataclass(frozen=True)
+class StaticPool:
+    """Replicas at fixed addresses."""
+
+    addresses: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return ",".join(self.addresses)
+
+
+@dataclass(frozen=True)
+class ServicePool:
+    """The ready endpoints of a Kubernetes Service. ``namespace`` empty: the router's own."""
+
+    service: str
+    namespace: str
+    port: str  # a port name, or the pods' port number as digits
+
+    def __str__(self) -> str:
+        namespace = f".{self.namespace}" if self.namespace else ""
+        return f"{SERVICE_SCHEME}{self.service}{namespace}:{self.port}"
+
+
+Pool = StaticPool | ServicePool
+
+
+def parse_pool(text: str, flag: str) -> Pool:
+    """``--targets``/``--drafts`` as a pool; raises ValueError naming ``flag`` when it is malformed."""
+    text = text.strip()
+    if text.startswith(SERVICE_SCHEME):
+        match = _SERVICE_POOL.fullmatch(text[len(SERVICE_SCHEME):])
+        _check(match is not None, f"{flag} {text!r}: expected {SERVICE_SCHEME}<service>[.<namespace>]:<port>")
+        assert match is not None
+        port = match["port"]
+        _check(not port.isdigit() or 0 < int(port) < 65536, f"{flag} {text!r}: port must be in [1, 65535]")
+        return ServicePool(match["service"], match["namespace"] or "", port)
+    addresses = tuple(a.strip() for a in text.split(",") if a.strip())
+    for address in addresses:
+        _check(SERVICE_SCHEME not in address, f"{flag}: a k8s:// pool cannot be mixed with other addresses")
+        host, _, port = address.rpartition(":")
+        _check(bool(host) and port.isdigit(), f"{flag}: {address!r} is not host:port")
+    return StaticPool(addresses)
+
+
 @dataclass(frozen=True)
 class RouterConfig(ServiceConfig):
     """The router: the public gRPC front door and the speculation loop."""
 
     port: int = option(50050, "public gRPC port")
-    targets: str = option("127.0.0.1:50052", "target service addresses, comma-separated host:port")
-    drafts: str = option("127.0.0.1:50051", "draft service addresses, comma-separated (empty: no speculation)")
+    targets: str = option("127.0.0.1:50052", f"target services: {POOL_SYNTAX}")
+    drafts: str = option("127.0.0.1:50051", "draft services, as for --targets (empty: no speculation)")
     depth: str = option("auto", "draft tokens per step: auto (chosen each step, per sequence, from live "
                         "telemetry) or a fixed K (0: plain decoding through the target)")
     max_depth: int = option(8, "largest depth the policy may choose (at most 16)")
@@ -114,6 +168,8 @@ class RouterConfig(ServiceConfig):
     verify_timeout_ms: float = option(60000.0, "a Verify slower than this fails its requests with UNAVAILABLE")
     draft_retry_s: float = option(2.0, "after a draft failure, skip that draft replica for this long")
     tokenizer: str = option("", "model spec to take the tokenizer from (default: the target's model)")
+    target_wait_s: float = option(60.0, "while a k8s:// pool has no ready target, requests wait this long for one "
+                                  "(within their deadline) before failing with UNAVAILABLE")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,7 +178,11 @@ class RouterConfig(ServiceConfig):
                f"--depth must be auto or an integer in [0, {self.max_depth}] (--max-depth), got {self.depth!r}")
         _check(self.min_goodput >= 0, f"--min-goodput must be >= 0, got {self.min_goodput}")
         _check(self.policy_refresh_s > 0, f"--policy-refresh-s must be > 0, got {self.policy_refresh_s}")
-        _check(bool(self.target_addresses), "--targets needs at least one host:port")
+        target_pool = parse_pool(self.targets, "--targets")  # raises on a malformed pool
+        _check(not isinstance(target_pool, StaticPool) or bool(target_pool.addresses),
+               "--targets needs at least one host:port or a k8s:// Service")
+        parse_pool(self.drafts, "--drafts")
+        _check(self.target_wait_s > 0, f"--target-wait-s must be > 0, got {self.target_wait_s}")
         _check(1 <= self.default_max_new_tokens <= self.max_new_tokens_cap,
                "need 1 <= --default-max-new-tokens <= --max-new-tokens-cap")
         _check(self.draft_timeout_ms > 0 and self.verify_timeout_ms > 0, "timeouts must be > 0")
@@ -134,15 +194,16 @@ class RouterConfig(ServiceConfig):
 
     @property
     def speculates(self) -> bool:
-        return self.pinned_depth != 0 and bool(self.draft_addresses)
+        drafts = self.draft_pool
+        return self.pinned_depth != 0 and (isinstance(drafts, ServicePool) or bool(drafts.addresses))
 
     @property
-    def target_addresses(self) -> list[str]:
-        return [a.strip() for a in self.targets.split(",") if a.strip()]
+    def target_pool(self) -> Pool:
+        return parse_pool(self.targets, "--targets")
 
     @property
-    def draft_addresses(self) -> list[str]:
-        return [a.strip() for a in self.drafts.split(",") if a.strip()]
+    def draft_pool(self) -> Pool:
+        return parse_pool(self.drafts, "--drafts")
 
 
 def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:

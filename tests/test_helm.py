@@ -285,6 +285,17 @@ def test_draft_and_target_services_are_headless_and_watched_by_the_router(value_
         assert flag_value(router_args, flag) == f"k8s://{FULLNAME}-{service}.{NAMESPACE}:{port}"
 
 
+@pytest.mark.parametrize("value_set", list(VALUE_SETS))
+def test_router_accepts_the_flags_the_chart_passes(value_set: str) -> None:
+    from specfleet.cli import build_parser
+    from specfleet.config import RouterConfig, ServicePool, from_arguments
+
+    args = build_parser().parse_args(service_containers(render(value_set))["router"]["args"])
+    config = from_arguments(RouterConfig, args)
+    assert config.target_pool == ServicePool(f"{FULLNAME}-target", NAMESPACE, "50052")
+    assert config.draft_pool == ServicePool(f"{FULLNAME}-draft", NAMESPACE, "50051")
+
+
 def test_without_drafts_the_router_runs_plain_decoding() -> None:
     objs = render("default", ("draft.enabled=false",))
     assert "draft" not in by_component(objs, "Deployment")
@@ -405,6 +416,8 @@ def test_otel_enabled_without_endpoint_fails() -> None:
     ("target.model.name=llama-3", "name"),  # not a preset
     ("target.model.source=path", "name"),  # a path must be absolute
     ("router.targets=not an address", "targets"),
+    ("router.drafts=k8s://fleet-draft.llm", "drafts"),  # no port
+    ("router.targets=k8s://Fleet-Target.llm:grpc", "targets"),  # not a Service name
     ("externalRedis.url=redis://user:secret@host:6379/0", "url"),
     ("logLevel=LOUD", "logLevel"),
     ("target.replica=2", "replica"),  # a typo: unknown key
@@ -423,6 +436,7 @@ def test_depth_above_max_depth_fails() -> None:
 
 
 @pytest.mark.parametrize("good", ["router.depth=auto", "router.depth=0", "router.depth=16", "target.replicas=0",
+                                  "router.targets=k8s://big-model.serving:grpc", "router.targets=k8s://big-model:50052",
                                   "draft.drafter=ngram", "target.device=cuda:1"])
 def test_schema_accepts_good_values(good: str) -> None:
     result = template("default", (good,))

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.replicas import DraftReplica, TargetReplica
-from router.server import check_compatible
+from router.replicas import DraftReplica, TargetReplica, check_compatible
 from specfleet.protos import session_pb2
 
 

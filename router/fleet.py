@@ -1,0 +1,284 @@
+"""The replicas the router drives, kept in step with discovery: a StepLoop per target, the draft pool, and the
+requests parked while no target is left.
+
+Replicas come and go between steps. A target that leaves has its loop cancelled (at an await, never between a
+verdict and its commit, so no token is lost or doubled) and its sequences move to another target's loop, which
+re-prefills them; a draft that leaves has its sequences re-pinned to another draft, which re-prefills them, or run
+at depth 0. Either way the output is unchanged: every token is the target's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from collections.abc import Sequence as Seq
+
+import grpc
+
+from router.discovery import PoolWatcher
+from router.loop import StepLoop
+from router.policy_feed import PolicyFeed
+from router.replicas import DraftReplica, TargetReplica, check_compatible, fetch_info
+from router.sequence import Sequence, fail
+from specfleet.config import RouterConfig
+from specfleet.otel import RouterMetrics
+from specfleet.protos import session_pb2
+from specfleet.telemetry import TelemetryWriter
+
+log = logging.getLogger("specfleet.router")
+
+JOIN_TIMEOUT_S = 30.0  # a replica that just turned ready answers GetInfo at once; else it is retried
+JOIN_RETRY_S = (1.0, 30.0)  # first and longest wait between GetInfo attempts
+# A removed replica's channel closes once calls already under way have ended (closing cancels them, which would
+# end the step loop that made them); every call has its own deadline, so this only bounds a stuck one.
+CLOSE_AFTER_S = 1.0
+CLOSE_GRACE_S = 120.0
+
+
+class Fleet:
+    def __init__(self, config: RouterConfig, feed: PolicyFeed, telemetry: TelemetryWriter | None,
+                 metrics: RouterMetrics, interceptors: Seq[grpc.aio.ClientInterceptor] = ()) -> None:
+        self.config = config
+        self.feed = feed
+        self.telemetry = telemetry
+        self.metrics = metrics
+        self.interceptors = interceptors
+        self.loops: dict[str, StepLoop] = {}  # by target address
+        self.drafts: list[DraftReplica] = []
+        self.parked: dict[str, Sequence] = {}  # by seq_id, waiting for a target
+        self.reference: TargetReplica | None = None  # the first target: every replica must share its tokenizer
+        self._runs: dict[str, asyncio.Task] = {}  # each loop's run()
+        self._give_ups: dict[str, asyncio.TimerHandle] = {}  # by seq_id: when a parked request stops waiting
+        # By address: replicas being asked for their info, and incompatible ones (not asked again while they stay).
+        self._joining_targets: dict[str, asyncio.Task] = {}
+        self._joining_drafts: dict[str, asyncio.Task] = {}
+        self._refused_targets: set[str] = set()
+        self._refused_drafts: set[str] = set()
+        self._background: set[asyncio.Task] = set()
+        self._last_max_context = 0
+
+    # -- what the router asks ---------------------------------------------------------------------
+
+    @property
+    def max_context(self) -> int:
+        """The smallest context of the targets there are (of the last there were, while there are none)."""
+        if self.loops:
+            self._last_max_context = min(loop.max_context for loop in self.loops.values())
+        return self._last_max_context
+
+    @property
+    def queued(self) -> int:
+        return sum(len(loop.waiting) for loop in self.loops.values()) + len(self.parked)
+
+    @property
+    def live(self) -> int:
+        return sum(len(loop.live) for loop in self.loops.values())
+
+    def place(self, seq: Sequence) -> None:
+        """Hands ``seq`` to the least loaded target that has room for its context, or parks it until one joins."""
+        fitting = [loop for loop in self.loops.values() if loop.max_context > len(seq.tokens)]
+        if fitting:
+            min(fitting, key=lambda loop: loop.load).submit(seq)
+            return
+        self.parked[seq.seq_id] = seq
+        self._give_ups[seq.seq_id] = asyncio.get_running_loop().call_later(self.config.target_wait_s,
+                                                                            self._give_up, seq)
+
+    def pick_draft(self) -> DraftReplica | None:
+        if not self.config.speculates or not self.drafts:
+            return None
+        draft = min(self.drafts, key=lambda d: (not d.available, d.assigned))
+        draft.assigned += 1
+        return draft
+
+    # -- start and follow -------------------------------------------------------------------------
+
+    async def start(self, targets: PoolWatcher, drafts: PoolWatcher | None, connect_timeout_s: float) -> None:
+        """Connects to the first targets and drafts discovery reports (waiting for a first target), refusing to
+        start if one does not answer or does not share the tokenizer; then follows both pools."""
+        target_sets = aiter(targets.addresses())
+        first = await anext(target_sets, frozenset())
+        while not first:
+            log.info("waiting for a ready target in %s", targets.pool)
+            first = await anext(target_sets)
+        draft_sets = aiter(drafts.addresses()) if drafts is not None else None
+        first_drafts = await anext(draft_sets, frozenset()) if draft_sets is not None else frozenset()
+
+        joined_targets = [TargetReplica.connect(a, self.interceptors) for a in sorted(first)]
+        joined_drafts = [DraftReplica.connect(a, self.interceptors) for a in sorted(first_drafts)]
+        replicas: list[TargetReplica | DraftReplica] = [*joined_targets, *joined_drafts]
+        infos = await asyncio.gather(*(fetch_info(r.stub, r.address, connect_timeout_s) for r in replicas))
+        for replica, info in zip(replicas, infos, strict=True):
+            replica.info = info
+            log.info("%s at %s: model %r, %d slots x %d tokens", info.kind, replica.address, info.model,
+                     info.num_slots, info.max_seq_len)
+        check_compatible(joined_targets, joined_drafts)
+        self.reference = joined_targets[0]
+        for target in joined_targets:
+            self._add_target(target)
+        self.drafts.extend(joined_drafts)
+        self._spawn(self._follow(target_sets, self._reconcile_targets))
+        if draft_sets is not None:
+            self._spawn(self._follow(draft_sets, self._reconcile_drafts))
+
+    async def stop(self) -> None:
+        tasks = [*self._runs.values(), *self._joining_targets.values(), *self._joining_drafts.values(),
+                 *self._background]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _follow(self, sets: AsyncIterator[frozenset[str]], reconcile) -> None:
+        async for addresses in sets:
+            try:
+                await reconcile(addresses)
+            except Exception:  # a bug must not stop the router following its pools
+                log.exception("applying a pool change failed")
+
+    # -- targets ----------------------------------------------------------------------------------
+
+    async def _reconcile_targets(self, wanted: frozenset[str]) -> None:
+        self._refused_targets &= wanted  # one that leaves and comes back is asked again
+        for address in sorted(wanted - self.loops.keys() - self._joining_targets.keys() - self._refused_targets):
+            self._join(self._joining_targets, address, self._join_target(address))
+        for address in sorted(self._joining_targets.keys() - wanted):
+            self._joining_targets.pop(address).cancel()
+        for address in sorted(self.loops.keys() - wanted):
+            await self._remove_target(address)
+
+    async def _join_target(self, address: str) -> None:
+        target = TargetReplica.connect(address, self.interceptors)
+        if await self._introduce(target):
+            self._add_target(target)
+            parked = [s for s in self.parked.values() if not s.finished]
+            self.parked.clear()
+            for timer in self._give_ups.values():
+                timer.cancel()
+            self._give_ups.clear()
+            for seq in parked:
+                self.place(seq)
+            log.info("target %s joined: %d target(s)%s", address, len(self.loops),
+                     f"; it takes {len(parked)} waiting request(s)" if parked else "")
+
+    def _add_target(self, target: TargetReplica) -> None:
+        loop = StepLoop(target, self.config, self.feed, self.telemetry, self.metrics)
+        self.loops[target.address] = loop
+        self._runs[target.address] = asyncio.get_running_loop().create_task(loop.run())
+
+    async def _remove_target(self, address: str) -> None:
+        loop = self.loops.pop(address)
+        run = self._runs.pop(address)
+        run.cancel()  # at an await: a step's verdicts are either all committed or none
+        await asyncio.gather(run, return_exceptions=True)
+        moving = loop.drain()
+        for seq in moving:
+            seq.target_cached = 0  # the next target prefills it from its tokens
+            self.place(seq)
+        if moving:
+            self.metrics.record_reprefills("target", len(moving))
+        where = (f"{len(moving)} sequence(s) moved to the other {len(self.loops)} target(s)" if self.loops
+                 else f"no target left: {len(moving)} sequence(s) wait up to {self.config.target_wait_s:.0f} s "
+                      "for one")
+        log.warning("target %s left; %s", address, where)
+        self._spawn(self._close(loop.target, [s.seq_id for s in moving]))
+
+    def _give_up(self, seq: Sequence) -> None:
+        self._give_ups.pop(seq.seq_id, None)
+        if self.parked.pop(seq.seq_id, None) is seq and not seq.finished:
+            log.warning("request %s waited %.0f s and no target came: UNAVAILABLE", seq.request_id,
+                        self.config.target_wait_s)
+            fail(seq, grpc.StatusCode.UNAVAILABLE,
+                 f"no target replica could take the request within {self.config.target_wait_s:.0f} s")
+
+    # -- drafts -----------------------------------------------------------------------------------
+
+    async def _reconcile_drafts(self, wanted: frozenset[str]) -> None:
+        self._refused_drafts &= wanted
+        known = {d.address for d in self.drafts}
+        for address in sorted(wanted - known - self._joining_drafts.keys() - self._refused_drafts):
+            self._join(self._joining_drafts, address, self._join_draft(address))
+        for address in sorted(self._joining_drafts.keys() - wanted):
+            self._joining_drafts.pop(address).cancel()
+        for draft in [d for d in self.drafts if d.address not in wanted]:
+            self._remove_draft(draft)
+
+    async def _join_draft(self, address: str) -> None:
+        draft = DraftReplica.connect(address, self.interceptors)
+        if not await self._introduce(draft):
+            return
+        self.drafts.append(draft)
+        unpinned = [s for s in self._sequences() if s.draft is None] if self.config.speculates else []
+        for seq in unpinned:
+            seq.draft, seq.draft_cached = self.pick_draft(), 0
+        log.info("draft %s joined: %d draft(s)%s", address, len(self.drafts),
+                 f"; {len(unpinned)} sequence(s) draft on it" if unpinned else "")
+
+    def _remove_draft(self, draft: DraftReplica) -> None:
+        self.drafts.remove(draft)
+        pinned = [s for s in self._sequences() if s.draft is draft]
+        for seq in pinned:
+            # The new draft re-prefills from the tokens; a step under way that still reports the old draft's cache
+            # length is corrected by the new draft answering "unknown sequence".
+            seq.draft, seq.draft_cached = self.pick_draft(), 0
+        if pinned:
+            self.metrics.record_reprefills("draft", len(pinned))
+        where = (f"{len(pinned)} sequence(s) moved to the other {len(self.drafts)} draft(s)" if self.drafts
+                 else f"no draft left: {len(pinned)} sequence(s) run at depth 0")
+        log.warning("draft %s left; %s", draft.address, where)
+        self._spawn(self._close(draft, [s.seq_id for s in pinned]))
+
+    # -- joining and leaving ----------------------------------------------------------------------
+
+    def _join(self, joining: dict[str, asyncio.Task], address: str, introduce) -> None:
+        task = asyncio.get_running_loop().create_task(introduce)
+        joining[address] = task
+        task.add_done_callback(lambda done: joining.pop(address) if joining.get(address) is done else None)
+
+    async def _introduce(self, replica: TargetReplica | DraftReplica) -> bool:
+        """Asks a new replica for its info until it answers (or leaves the pool: cancelled); False if it does not
+        share the tokenizer."""
+        wait = JOIN_RETRY_S[0]
+        try:
+            while True:
+                try:
+                    replica.info = await fetch_info(replica.stub, replica.address, JOIN_TIMEOUT_S)
+                    break
+                except ConnectionError as err:
+                    log.warning("%s; asking again in %.0f s", err, wait)
+                    await asyncio.sleep(wait)
+                    wait = min(wait * 2, JOIN_RETRY_S[1])
+            assert self.reference is not None
+            is_target = isinstance(replica, TargetReplica)
+            check_compatible([self.reference, replica] if is_target else [self.reference], [] if is_target
+                             else [replica])
+        except ValueError as err:
+            log.error("not using %s: %s", replica.address, err)
+            (self._refused_targets if is_target else self._refused_drafts).add(replica.address)
+            await replica.channel.close()
+            return False
+        except asyncio.CancelledError:
+            await replica.channel.close()
+            raise
+        return True
+
+    async def _close(self, replica: TargetReplica | DraftReplica, seq_ids: list[str]) -> None:
+        """Frees the moved sequences on a replica that may still be up (scaled down, not crashed), then closes
+        its channel once calls under way have ended."""
+        if seq_ids:
+            with contextlib.suppress(grpc.aio.AioRpcError):  # gone for good: nothing to free
+                await replica.stub.Release(session_pb2.ReleaseSequencesRequest(seq_ids=seq_ids), timeout=2)
+        await asyncio.sleep(CLOSE_AFTER_S)
+        await replica.channel.close(grace=CLOSE_GRACE_S)
+
+    def _sequences(self) -> Iterator[Sequence]:
+        for loop in self.loops.values():
+            yield from loop.live
+            yield from loop.waiting
+        yield from self.parked.values()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -42,7 +42,8 @@ class DraftTree:
 
     ``draft_probs[b, j]`` is the exact distribution node j's token was drawn from, given its path and
     its earlier siblings: for siblings drawn without replacement from a draft distribution q (RSD-C,
-    RSD-S) the i-th child's is q with the first i-1 children's tokens removed and renormalised; for a
+    RSD-S) the i-th child's is q with the first i-1 children's tokens removed and renormalised; for
+    siblings drawn independently (with replacement, as in SpecInfer) it is q itself; for a
     deterministic drafter it is a point mass on the node's token, whatever its siblings. This is what
     the recursive rejection sampler needs at each try (Jeon et al. 2024, section 3), and it reads as a
     chain's ``draft_probs`` does when the tree is a chain.

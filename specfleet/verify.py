@@ -222,7 +222,7 @@ def verify_tree(
     SpecInfer's multi-step speculative sampling, Miao et al. 2024).
 
     At the current node (first the root) with target distribution p_1 = p, try its children x_1, x_2,
-    ... in the order they were drawn: accept x_i iff uniforms[:, i's node index] < min(1, p_i(x_i) /
+    ... in the order they were drawn: accept x_i (node j) iff uniforms[:, j] < min(1, p_i(x_i) /
     q_i(x_i)), where q_i = ``tree.draft_probs`` at x_i (the distribution x_i was drawn from given the
     earlier siblings; see `DraftTree`). On acceptance descend into x_i with p = target_probs at x_i; on
     rejection p_{i+1} = norm(max(0, p_i - q_i)) (kept as p_i if that has zero mass, which only float

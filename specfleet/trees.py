@@ -378,9 +378,11 @@ def build_tree_rsd_s(
     a node's children are the survivors among its own candidates, so unlikely branches are cut early.
     A node's children are always the first few of a without-replacement draw from the draft
     distribution q at that node (their perturbed values keep the Gumbel-Top-k order), so each child's
-    ``draft_probs`` is q with its earlier-drawn siblings removed and renormalised, exactly as in RSD-C;
-    how many survive depends on the other beams, never on which tokens they are. Nodes of a level are
-    stored in descending perturbed value.
+    ``draft_probs`` is q with its earlier-drawn siblings removed and renormalised, exactly as in RSD-C.
+    Whether one more child survives depends on its perturbed value and on the other beams; given its
+    earlier siblings, that value is independent of which token it is (the Gumbel-max property), so the
+    surviving child is still distributed as that q_i and recursive rejection stays lossless. Nodes of
+    a level are stored in descending perturbed value.
     """
     if beam_width < 1 or depth < 1:
         raise ValueError(f"need beam_width >= 1 and depth >= 1, got {beam_width}, {depth}")

@@ -5,12 +5,13 @@ tokens and compares the joint histogram of the first three emitted tokens with t
 joint by a chi-square test; the same harness must reject deliberately wrong trees.
 
 Thresholds: seeds are fixed, so every test is deterministic. Under a correct implementation the
-p-value is uniform over seeds, so a test with threshold ALPHA fails for a given seed with probability
-ALPHA. There are 20 statistical tests with ALPHA = 2e-5 (16 lossless cases, Gumbel-Top-k order and
-inclusion, stochastic beam search order, and one point-mass case per model), so the chance that a
-correct implementation fails any of them for a fresh choice of seeds is at most 20 * 2e-5 = 4e-4 <
-1e-3 (union bound); the inclusion check uses |z| < 5 per token (two-sided 5.7e-7 each). The wrong
-trees give p-values below 1e-12 at these trial counts, far below ALPHA.
+p-value is uniform over seeds (checked over 8 seeds per lossless case when this was written), so a
+test with threshold ALPHA fails for a given seed with probability ALPHA. There are 19 chi-square
+tests with ALPHA = 2e-5 (16 lossless cases: 8 tree shapes x 2 models; Gumbel-Top-k order; stochastic
+beam search order; point-mass candidates) and 6 inclusion-probability z-tests with |z| < 5 (5.7e-7
+each, two-sided), so the chance that a correct implementation fails any of them for a fresh choice of
+seeds is at most 19 * 2e-5 + 6 * 5.7e-7 < 4e-4 < 1e-3 (union bound). The wrong trees give p-values
+below 1e-70 at these trial counts, far below WRONG = 1e-12.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from specfleet.engine import Extend, LlamaForCausalLM, ModelRunner, SlotKVCache, TreeExtend, UnknownSequenceError
+from specfleet.trees import build_tree_rsd_c
+from specfleet.verify import verify_tree_greedy
 
 TOLERANCE = 1e-4
 
@@ -203,6 +205,36 @@ def test_tree_state_guards(tiny_folder: Path) -> None:
     assert runner.cached_len("s") == 4
     with pytest.raises(ValueError, match="no draft tree"):
         runner.keep_path("s", 3, [])
+
+
+def test_tree_steps_reproduce_target_greedy_decoding(tiny_folder: Path) -> None:
+    """Draft trees (RSD-C from the same model at temperature 0.02) verified greedily with tree attention,
+    keeping the accepted path each step, emit exactly the target's greedy continuation."""
+    runner = ModelRunner.from_folder(tiny_folder, num_slots=3, max_seq_len=64)
+    prompt, length = [5, 17, 3, 88], 8
+    reference = list(prompt)
+    for _ in range(length):
+        reference.append(int(_chain_logits(runner, reference).argmax()))
+
+    committed, new_tokens, rollback_to, accepted = list(prompt), list(prompt), 0, 0
+
+    def draft_logprobs(rows: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.log_softmax(_chain_logits(runner, committed + path) / 0.02, -1)
+                            for path in paths.tolist()])
+
+    generator = torch.Generator().manual_seed(0)
+    while len(committed) < len(prompt) + length:
+        tree = build_tree_rsd_c(draft_logprobs, 1, [2, 2], generator)
+        [logits] = runner.extend_tree([TreeExtend("s", rollback_to, new_tokens, tree.tokens[0].tolist(),
+                                                  tree.parents[0].tolist())])
+        result = verify_tree_greedy(logits[None], tree)
+        runner.keep_path("s", len(committed), result.accepted_path(0))
+        accepted += int(result.accepted_counts[0])
+        rollback_to = len(committed) + int(result.accepted_counts[0])
+        new_tokens = result.emitted(0)[-1:]  # the recovered or bonus token is not in the cache yet
+        committed += result.emitted(0)
+    assert committed[: len(reference)] == reference
+    assert accepted > 0  # kept paths were exercised
 
 
 def test_loads_real_tied_checkpoint_names(tiny_folder: Path) -> None:

@@ -1,8 +1,10 @@
-"""Verification of draft tokens against the target model: greedy, and lossless chain rejection sampling.
+"""Verification of draft tokens against the target model: greedy, lossless chain rejection sampling,
+and lossless recursive rejection sampling over draft trees.
 
-Plain functions on tensors, vectorised over a batch of sequences with ragged draft lengths. Every step
-emits the accepted draft tokens plus exactly one token from the target: the *recovered* token (sampled
-from the residual after a rejection) or the *bonus* token (when every draft token was accepted).
+Plain functions on tensors, vectorised over a batch of sequences with ragged draft lengths (or ragged
+trees). Every step emits the accepted draft tokens plus exactly one token from the target: the
+*recovered* token (sampled from the residual after a rejection) or the *bonus* token (when every draft
+token was accepted, or the accepted path reached a leaf of the tree).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from specfleet.sampling import sample_from_probs
+from specfleet.trees import DraftTree, sibling_links
 
 
 @dataclass
@@ -145,3 +148,125 @@ def verify_chain(
 
     output_tokens = _output_tokens(draft_tokens, accepted_counts, next_tokens)
     return VerifyResult(accepted_counts=accepted_counts, output_tokens=output_tokens)
+
+
+@dataclass
+class TreeVerifyResult(VerifyResult):
+    """Outcome of verifying a batch of draft trees: the accepted path, then one target token."""
+
+    accepted_nodes: torch.Tensor
+    """[batch, max_depth] int64: node indices of the accepted path from the root down, -1 after it;
+    what `ModelRunner.keep_path` keeps of the tree's KV entries."""
+
+    def accepted_path(self, row: int) -> list[int]:
+        """Node indices of one sequence's accepted path."""
+        return self.accepted_nodes[row, : int(self.accepted_counts[row])].tolist()
+
+
+def _check_tree(target: torch.Tensor, tree: DraftTree, target_name: str) -> None:
+    if target.dim() != 3 or target.shape[:2] != (tree.batch, tree.max_nodes + 1):
+        raise ValueError(f"{target_name} must be [batch, nodes + 1, vocab] = [{tree.batch}, {tree.max_nodes + 1}, "
+                         f"vocab], got shape {tuple(target.shape)}")
+
+
+def _tree_result(tree: DraftTree, path: torch.Tensor, counts: torch.Tensor, next_tokens: torch.Tensor
+                 ) -> TreeVerifyResult:
+    """Package an accepted path ([batch, nodes] node indices, -1 after counts) and the target token."""
+    width = int(counts.max()) if counts.numel() else 0
+    path = path[:, :width]
+    path_tokens = torch.where(path >= 0, tree.tokens.gather(1, path.clamp(min=0)), torch.full_like(path, -1))
+    output_tokens = _output_tokens(path_tokens, counts, next_tokens)
+    return TreeVerifyResult(accepted_counts=counts, output_tokens=output_tokens, accepted_nodes=path)
+
+
+def verify_tree_greedy(
+    target_logits: torch.Tensor,  # [batch, nodes + 1, vocab]: row 0 at the root (last committed token), j + 1 at node j
+    tree: DraftTree,
+) -> TreeVerifyResult:
+    """Greedy tree verification: the longest path whose every token is the target's argmax after its parent.
+
+    From the root, descend into the first-drawn child whose token equals the target's argmax at the
+    current node; stop where none does and emit that argmax (recovered, or bonus at a leaf). The output
+    equals greedy decoding with the target alone (SpecInfer, Miao et al. 2024).
+    """
+    _check_tree(target_logits, tree, "target_logits")
+    device = target_logits.device
+    batch, nodes = tree.tokens.shape
+    rows = torch.arange(batch, device=device)
+    argmax = target_logits.argmax(dim=-1)  # [batch, nodes + 1]
+    # A node matches when its token is the argmax at its parent (row parent + 1).
+    matches = tree.valid & (tree.tokens == argmax.gather(1, tree.parents + 1))  # [batch, nodes]
+    node_ids = torch.arange(nodes, device=device)[None, :]
+    current = torch.full((batch,), -1, dtype=torch.long, device=device)
+    counts = torch.zeros(batch, dtype=torch.long, device=device)
+    path = torch.full((batch, nodes), -1, dtype=torch.long, device=device)
+    for _ in range(nodes):
+        # First drawn (lowest index) matching child of the current node, or none.
+        candidates = matches & (tree.parents == current[:, None])
+        found = candidates.any(dim=1)
+        if not found.any():
+            break
+        child = torch.where(candidates, node_ids, nodes).min(dim=1).values
+        path[rows[found], counts[found]] = child[found]
+        counts = counts + found.long()
+        current = torch.where(found, child, current)
+    return _tree_result(tree, path, counts, argmax[rows, current + 1])
+
+
+def verify_tree(
+    target_probs: torch.Tensor,  # [batch, nodes + 1, vocab]: row 0 at the root (last committed token), j + 1 at node j
+    tree: DraftTree,
+    uniforms: torch.Tensor,  # [batch, nodes + 1] in [0, 1)
+) -> TreeVerifyResult:
+    """Lossless tree verification by recursive rejection sampling (RSD, Jeon et al. 2024, algorithm 1;
+    SpecInfer's multi-step speculative sampling, Miao et al. 2024).
+
+    At the current node (first the root) with target distribution p_1 = p, try its children x_1, x_2,
+    ... in the order they were drawn: accept x_i (node j) iff uniforms[:, j] < min(1, p_i(x_i) /
+    q_i(x_i)), where q_i = ``tree.draft_probs`` at x_i (the distribution x_i was drawn from given the
+    earlier siblings; see `DraftTree`). On acceptance descend into x_i with p = target_probs at x_i; on
+    rejection p_{i+1} = norm(max(0, p_i - q_i)) (kept as p_i if that has zero mass, which only float
+    rounding can cause). When the current node has no child left the step ends with a token sampled
+    from the current p, the recovered token after a rejection or the bonus token at a leaf, with
+    uniforms[:, nodes] through `sample_from_probs`. Whatever the tree, the emitted tokens are
+    distributed exactly as tokens sampled from the target one by one. On a chain (one child per node)
+    this is `verify_chain`, uniform for uniform.
+    """
+    _check_tree(target_probs, tree, "target_probs")
+    batch, nodes = tree.tokens.shape
+    if tree.vocab_size != target_probs.shape[2]:
+        raise ValueError(f"tree.draft_probs has {tree.vocab_size} tokens, target_probs {target_probs.shape[2]}")
+    if uniforms.shape != (batch, nodes + 1):
+        raise ValueError(f"uniforms must be [batch, nodes + 1] = [{batch}, {nodes + 1}], "
+                         f"got shape {tuple(uniforms.shape)}")
+    device = target_probs.device
+    uniforms = uniforms.to(device=device, dtype=torch.float64)
+    first_child, next_sibling = sibling_links(tree)
+    rows = torch.arange(batch, device=device)
+
+    residual = target_probs[:, 0].double()  # [batch, vocab]: p_i at the current node
+    candidate = first_child[:, 0].clone()  # [batch]: the next child to try, -1 when none is left
+    counts = torch.zeros(batch, dtype=torch.long, device=device)
+    path = torch.full((batch, nodes), -1, dtype=torch.long, device=device)
+    # Each node is tried at most once, so nodes rounds settle every row.
+    for _ in range(nodes):
+        trying = candidate >= 0
+        if not trying.any():
+            break
+        r, node = rows[trying], candidate[trying]
+        token = tree.tokens[r, node]
+        draft_q = tree.draft_probs[r, node].double()  # [t, vocab]
+        p_x = residual[r, token]
+        # u < min(1, p/q)  <=>  u * q < p  (u < 1), without dividing by q.
+        accept = uniforms[r, node] * draft_q[torch.arange(len(r), device=device), token] < p_x
+
+        rejected_residual = (residual[r] - draft_q).clamp(min=0.0)
+        mass = rejected_residual.sum(dim=-1, keepdim=True)
+        rejected_residual = torch.where(mass > 0, rejected_residual / mass.clamp(min=1e-300), residual[r])
+        residual[r] = torch.where(accept[:, None], target_probs[r, node + 1].double(), rejected_residual)
+
+        path[r[accept], counts[r[accept]]] = node[accept]
+        counts[r] += accept.long()
+        candidate[r] = torch.where(accept, first_child[r, node + 1], next_sibling[r, node])
+    next_tokens = sample_from_probs(residual, uniforms[:, nodes])
+    return _tree_result(tree, path, counts, next_tokens)

@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from specfleet.engine import Extend, LlamaForCausalLM, ModelRunner, SlotKVCache, UnknownSequenceError
+from specfleet.engine import Extend, LlamaForCausalLM, ModelRunner, SlotKVCache, TreeExtend, UnknownSequenceError
+from specfleet.trees import build_tree_rsd_c
+from specfleet.verify import verify_tree_greedy
 
 TOLERANCE = 1e-4
 
@@ -91,6 +93,148 @@ def test_rollback_is_a_length() -> None:
         cache.truncate(slot, 3)
     cache.free(slot)
     assert cache.num_free == 2
+
+
+def test_compact_moves_kept_entries_into_place() -> None:
+    cache = SlotKVCache(num_layers=2, num_slots=2, max_seq_len=8, num_kv_heads=1, head_dim=2)
+    slot = cache.allocate()
+    for layer in range(2):
+        cache.keys[layer][slot, 0, :, 0] = torch.arange(8.0) + 10 * layer
+        cache.values[layer][slot, 0, :, 1] = -torch.arange(8.0)
+    cache.lengths[slot] = 7
+    cache.compact(slot, 2, [1, 3, 4])  # entries 3, 5, 6 move to 2, 3, 4
+    assert cache.lengths[slot] == 5
+    assert cache.keys[1][slot, 0, :5, 0].tolist() == [10, 11, 13, 15, 16]
+    assert cache.values[0][slot, 0, :5, 1].tolist() == [0, -1, -3, -5, -6]
+    with pytest.raises(ValueError, match="offsets"):
+        cache.compact(slot, 2, [2, 1])
+    with pytest.raises(ValueError, match="offsets"):
+        cache.compact(slot, 2, [3])  # beyond the length
+    cache.compact(slot, 2, [])  # keeping nothing is a truncate
+    assert cache.lengths[slot] == 2
+
+
+# Tree used below (node: token):  root ─┬─ 0:11 ─┬─ 2:13 ── 5:16
+#                                        │        └─ 3:14
+#                                        └─ 1:12 ── 4:15
+TREE_TOKENS = [11, 12, 13, 14, 15, 16]
+TREE_PARENTS = [-1, -1, 0, 0, 1, 2]
+
+
+def _path(node: int, parents: list[int] = TREE_PARENTS) -> list[int]:
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]
+
+
+def _chain_logits(runner: ModelRunner, tokens: list[int]) -> torch.Tensor:
+    """Logits after ``tokens`` run as a plain chain in a scratch sequence."""
+    [out] = runner.extend([Extend("chain-reference", 0, tokens)])
+    runner.release(["chain-reference"])
+    return out[0]
+
+
+def test_tree_logits_equal_each_path_run_as_a_chain(tiny_folder: Path) -> None:
+    runner = ModelRunner.from_folder(tiny_folder, num_slots=4, max_seq_len=64)
+    prompts = {"a": [5, 17, 3, 88, 42, 9, 1], "b": [60, 2, 71]}
+    trees = {"a": (TREE_TOKENS, TREE_PARENTS), "b": ([30, 31, 32], [-1, 0, -1])}
+    runner.extend([Extend(name, 0, toks[:-2]) for name, toks in prompts.items()])
+    # Ragged: "a" brings two committed tokens with its tree, "b" one (after rolling one back).
+    outs = runner.extend_tree([
+        TreeExtend("a", len(prompts["a"]) - 2, prompts["a"][-2:], *trees["a"]),
+        TreeExtend("b", len(prompts["b"]) - 2, prompts["b"][-2:-1], *trees["b"]),
+    ])
+    prompts["b"] = prompts["b"][:-1]
+    for (name, prompt), out in zip(prompts.items(), outs, strict=True):
+        tokens, parents = trees[name]
+        assert out.shape == (1 + len(tokens), runner.vocab_size)
+        torch.testing.assert_close(out[0], _chain_logits(runner, prompt), atol=TOLERANCE, rtol=TOLERANCE)
+        for node in range(len(tokens)):
+            path_tokens = [tokens[j] for j in _path(node, parents)]
+            torch.testing.assert_close(out[node + 1], _chain_logits(runner, prompt + path_tokens),
+                                       atol=TOLERANCE, rtol=TOLERANCE)
+        assert runner.cached_len(name) == len(prompt) + len(tokens)
+
+
+def test_chain_shaped_tree_equals_extend(tiny_folder: Path) -> None:
+    runner = ModelRunner.from_folder(tiny_folder, num_slots=2, max_seq_len=32)
+    [tree] = runner.extend_tree([TreeExtend("t", 0, [4, 5, 6], [7, 8, 9], [-1, 0, 1])])
+    [chain] = runner.extend([Extend("c", 0, [4, 5, 6, 7, 8, 9], num_logits=4)])
+    torch.testing.assert_close(tree, chain, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_keep_path_continues_as_if_the_path_were_a_chain(tiny_folder: Path) -> None:
+    runner = ModelRunner.from_folder(tiny_folder, num_slots=3, max_seq_len=64)
+    prompt = [5, 17, 3, 88, 42]
+    runner.extend_tree([TreeExtend("s", 0, prompt, TREE_TOKENS, TREE_PARENTS)])
+    runner.keep_path("s", len(prompt), [0, 2, 5])  # tokens 11, 13, 16
+    committed = prompt + [11, 13, 16]
+    assert runner.cached_len("s") == len(committed)
+    # The kept keys/values are the ones a chain would have written.
+    runner.extend([Extend("chain", 0, committed)])
+    slot, chain_slot = runner._slots["s"], runner._slots["chain"]
+    for keys in runner.cache.keys:
+        torch.testing.assert_close(keys[slot, :, : len(committed)], keys[chain_slot, :, : len(committed)],
+                                   atol=TOLERANCE, rtol=TOLERANCE)
+    runner.release(["chain"])
+    # Next step: the bonus token and a new tree after the kept path, then keep a path through node 1.
+    outs = runner.extend_tree([TreeExtend("s", len(committed), [20], [21, 22], [-1, -1])])[0]
+    committed.append(20)
+    torch.testing.assert_close(outs[0], _chain_logits(runner, committed), atol=TOLERANCE, rtol=TOLERANCE)
+    torch.testing.assert_close(outs[2], _chain_logits(runner, committed + [22]), atol=TOLERANCE, rtol=TOLERANCE)
+    runner.keep_path("s", len(committed), [1])
+    [after] = runner.extend([Extend("s", len(committed) + 1, [23])])
+    torch.testing.assert_close(after[0], _chain_logits(runner, committed + [22, 23]), atol=TOLERANCE,
+                               rtol=TOLERANCE)
+
+
+def test_tree_state_guards(tiny_folder: Path) -> None:
+    runner = ModelRunner.from_folder(tiny_folder, num_slots=2, max_seq_len=32)
+    runner.extend_tree([TreeExtend("s", 0, [1, 2, 3], TREE_TOKENS, TREE_PARENTS)])
+    with pytest.raises(ValueError, match="draft tree"):
+        runner.extend([Extend("s", 5, [9])])  # inside the tree: not a sequence
+    with pytest.raises(ValueError, match="not a path"):
+        runner.keep_path("s", 3, [0, 4])  # node 4 is a child of node 1
+    with pytest.raises(ValueError, match="no draft tree"):
+        runner.keep_path("s", 2, [0])
+    with pytest.raises(ValueError, match="tree_parents"):
+        runner.extend_tree([TreeExtend("x", 0, [1], [5, 6], [-1, 1])])
+    runner.extend([Extend("s", 3, [9])])  # rolling back to the prefix drops the tree
+    assert runner.cached_len("s") == 4
+    with pytest.raises(ValueError, match="no draft tree"):
+        runner.keep_path("s", 3, [])
+
+
+def test_tree_steps_reproduce_target_greedy_decoding(tiny_folder: Path) -> None:
+    """Draft trees (RSD-C from the same model at temperature 0.02) verified greedily with tree attention,
+    keeping the accepted path each step, emit exactly the target's greedy continuation."""
+    runner = ModelRunner.from_folder(tiny_folder, num_slots=3, max_seq_len=64)
+    prompt, length = [5, 17, 3, 88], 8
+    reference = list(prompt)
+    for _ in range(length):
+        reference.append(int(_chain_logits(runner, reference).argmax()))
+
+    committed, new_tokens, rollback_to, accepted = list(prompt), list(prompt), 0, 0
+
+    def draft_logprobs(rows: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.log_softmax(_chain_logits(runner, committed + path) / 0.02, -1)
+                            for path in paths.tolist()])
+
+    generator = torch.Generator().manual_seed(0)
+    while len(committed) < len(prompt) + length:
+        tree = build_tree_rsd_c(draft_logprobs, 1, [2, 2], generator)
+        [logits] = runner.extend_tree([TreeExtend("s", rollback_to, new_tokens, tree.tokens[0].tolist(),
+                                                  tree.parents[0].tolist())])
+        result = verify_tree_greedy(logits[None], tree)
+        runner.keep_path("s", len(committed), result.accepted_path(0))
+        accepted += int(result.accepted_counts[0])
+        rollback_to = len(committed) + int(result.accepted_counts[0])
+        new_tokens = result.emitted(0)[-1:]  # the recovered or bonus token is not in the cache yet
+        committed += result.emitted(0)
+    assert committed[: len(reference)] == reference
+    assert accepted > 0  # kept paths were exercised
 
 
 def test_loads_real_tied_checkpoint_names(tiny_folder: Path) -> None:

@@ -14,7 +14,8 @@ import torch
 from scipy.stats import chisquare
 
 from specfleet.sampling import dense_from_pairs, processed_probs, sample_from_probs, top_k_pairs
-from specfleet.verify import VerifyResult, verify_chain, verify_greedy
+from specfleet.trees import point_mass_tree, tree_from_paths
+from specfleet.verify import VerifyResult, verify_chain, verify_greedy, verify_tree, verify_tree_greedy
 
 VOCAB = 8
 BIG = 20.0
@@ -332,3 +333,98 @@ def test_draft_equal_to_target_accepts_everything() -> None:
     result = _speculative_step(models, verify_chain, torch.full((1000,), BOS), torch.full((1000,), 2),
                                torch.Generator().manual_seed(5))
     assert (result.accepted_counts == 2).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tree verification, exact cases. Tree shape used below (node: token):
+#   root ─┬─ 0:3 ─┬─ 2:5 ── 4:1
+#         │       └─ 3:4
+#         └─ 1:2 ── 5:6
+# target_logits rows: 0 at the root, j + 1 at node j.
+
+TREE_PATHS = [[3, 5, 1], [2, 6], [3, 4]]
+
+
+def _tree_target(argmax_at: list[int]) -> torch.Tensor:
+    """[1, nodes + 1, VOCAB] logits with the given argmax at the root and after each node."""
+    return _logits_for([argmax_at])
+
+
+def test_tree_from_paths_layout_used_below() -> None:
+    tree = tree_from_paths(TREE_PATHS, VOCAB)
+    assert tree.tokens.tolist() == [[3, 5, 1, 2, 6, 4]]
+    assert tree.parents.tolist() == [[-1, 0, 1, -1, 3, 0]]
+
+
+def test_tree_greedy_follows_matching_children_and_emits_bonus_at_leaf() -> None:
+    tree = tree_from_paths(TREE_PATHS, VOCAB)  # nodes: 0:3, 1:5, 2:1, 3:2, 4:6, 5:4
+    # Root argmax 3 -> node 0; after node 0 argmax 5 -> node 1; after node 1 argmax 1 -> node 2 (leaf), bonus 7.
+    result = verify_tree_greedy(_tree_target([3, 5, 1, 7, 0, 0, 0]), tree)
+    assert result.accepted_path(0) == [0, 1, 2]
+    assert result.emitted(0) == [3, 5, 1, 7]
+
+
+def test_tree_greedy_takes_the_second_sibling_and_recovers() -> None:
+    tree = tree_from_paths(TREE_PATHS, VOCAB)
+    # Root argmax 3 -> node 0; after node 0 argmax 4 -> its second child, node 5 (a leaf): bonus 0.
+    assert verify_tree_greedy(_tree_target([3, 4, 0, 0, 0, 0, 0]), tree).emitted(0) == [3, 4, 0]
+    # Root argmax 2 -> node 3; after node 3 argmax 7 matches no child: recovered 7.
+    result = verify_tree_greedy(_tree_target([2, 0, 0, 0, 7, 0, 0]), tree)
+    assert result.accepted_path(0) == [3] and result.emitted(0) == [2, 7]
+    # Root argmax matches nothing.
+    result = verify_tree_greedy(_tree_target([0, 3, 5, 1, 6, 2, 4]), tree)
+    assert result.accepted_counts.tolist() == [0] and result.emitted(0) == [0]
+
+
+def test_tree_greedy_on_chains_equals_chain_greedy_and_empty_trees() -> None:
+    target = [[3, 5, 1, 6], [2, 2, 2, 2], [0, 7, 4, 1], [6, 1, 3, 5]]
+    draft_tokens = torch.tensor([[3, 5, 1], [9, -1, 123], [0, 7, 0], [6, 0, 3]])
+    draft_lens = torch.tensor([3, 0, 2, 3])
+    chain_parents = torch.tensor([[-1, 0, 1]]).expand(4, -1)
+    tree = point_mass_tree(draft_tokens.clamp(0, VOCAB - 1), chain_parents, draft_lens, VOCAB)
+    got = verify_tree_greedy(_logits_for(target), tree)
+    want = verify_greedy(_logits_for(target), draft_tokens, draft_lens)
+    assert torch.equal(got.accepted_counts, want.accepted_counts)
+    assert [got.emitted(b) for b in range(4)] == [want.emitted(b) for b in range(4)]
+    assert got.accepted_path(0) == [0, 1, 2] and got.accepted_path(3) == [0]
+    # A tree of no nodes at all is one target token.
+    empty = point_mass_tree(torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long),
+                            torch.zeros(2, dtype=torch.long), VOCAB)
+    assert verify_tree_greedy(_logits_for([[4], [7]]), empty).output_tokens.tolist() == [[4], [7]]
+    probs = _one_hot([[4], [7]])
+    sampled = verify_tree(probs, empty, torch.rand(2, 1, dtype=torch.float64))
+    assert sampled.output_tokens.tolist() == [[4], [7]]
+
+
+def test_tree_sampling_with_point_masses_equals_tree_greedy() -> None:
+    tree = tree_from_paths(TREE_PATHS, VOCAB)
+    for argmax_at in ([3, 5, 1, 7, 0, 0, 0], [3, 4, 0, 0, 0, 0, 0], [2, 0, 0, 0, 7, 0, 0], [0, 3, 5, 1, 6, 2, 4]):
+        uniforms = torch.rand(1, 7, generator=torch.Generator().manual_seed(sum(argmax_at)), dtype=torch.float64)
+        sampled = verify_tree(_one_hot([argmax_at]), tree, uniforms)
+        greedy = verify_tree_greedy(_tree_target(argmax_at), tree)
+        assert sampled.emitted(0) == greedy.emitted(0)
+        assert sampled.accepted_path(0) == greedy.accepted_path(0)
+
+
+def test_tree_sampling_tries_siblings_against_the_residual() -> None:
+    # Root candidates 1 then 2 (point masses). p = [0.3, 0.2, 0.5, 0...]: candidate 1 is accepted iff
+    # u < 0.2; after rejecting it the residual is [0.375, 0, 0.625], so 2 is accepted iff u < 0.625;
+    # after rejecting both the recovered token is 0.
+    tree = point_mass_tree(torch.tensor([[1, 2]]).expand(3, -1), torch.tensor([[-1, -1]]).expand(3, -1),
+                           torch.full((3,), 2), VOCAB)
+    p = torch.zeros(VOCAB)
+    p[:3] = torch.tensor([0.3, 0.2, 0.5])
+    uniforms = torch.tensor([[0.19, 0.9, 0.1], [0.21, 0.62, 0.1], [0.21, 0.63, 0.99]], dtype=torch.float64)
+    result = verify_tree(p.expand(3, 3, -1), tree, uniforms)
+    assert result.accepted_nodes.tolist() == [[0], [1], [-1]]
+    assert [result.emitted(b) for b in range(3)] == [[1, 0], [2, 0], [0]]
+
+
+def test_tree_verify_checks_shapes() -> None:
+    tree = tree_from_paths(TREE_PATHS, VOCAB)
+    with pytest.raises(ValueError, match="target_logits"):
+        verify_tree_greedy(torch.zeros(1, 6, VOCAB), tree)
+    with pytest.raises(ValueError, match="uniforms"):
+        verify_tree(torch.zeros(1, 7, VOCAB), tree, torch.zeros(1, 6))
+    with pytest.raises(ValueError, match="draft_probs"):
+        verify_tree(torch.zeros(1, 7, VOCAB + 1), tree, torch.zeros(1, 7))

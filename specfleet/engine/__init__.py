@@ -3,7 +3,7 @@ slot KV cache, with sequences addressed as sessions."""
 
 from specfleet.engine.kv_cache import CacheFullError, SlotKVCache
 from specfleet.engine.llama import LlamaForCausalLM, ModelConfig
-from specfleet.engine.runner import Extend, ModelRunner, UnknownSequenceError
+from specfleet.engine.runner import Extend, ModelRunner, TreeExtend, UnknownSequenceError
 
 __all__ = ["CacheFullError", "Extend", "LlamaForCausalLM", "ModelConfig", "ModelRunner", "SlotKVCache",
-           "UnknownSequenceError"]
+           "TreeExtend", "UnknownSequenceError"]

@@ -65,6 +65,28 @@ class SlotKVCache:
             raise ValueError(f"cannot truncate slot {slot} of length {self.lengths[slot]} to {length}")
         self.lengths[slot] = length
 
+    def compact(self, slot: int, start: int, offsets: list[int]) -> None:
+        """Keeps entry ``start + offsets[i]`` at ``start + i`` and sets the length to ``start + len(offsets)``.
+
+        After a draft tree was verified, this moves the accepted path's keys/values (``offsets``:
+        increasing node indices) into consecutive positions; the rest is dropped by the length, as in
+        ``truncate``. Keys need no re-rotation: the i-th node of a path sits at position start + i.
+        """
+        self._check_slot(slot)
+        end = self.lengths[slot]
+        if not 0 <= start <= end:
+            raise ValueError(f"cannot compact slot {slot} of length {end} from {start}")
+        if any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)) or (
+                offsets and not (offsets[0] >= 0 and start + offsets[-1] < end)):
+            raise ValueError(f"offsets must increase within [0, {end - start}), got {offsets}")
+        if offsets:
+            source = torch.tensor(offsets, device=self.keys[0].device) + start
+            target = torch.arange(start, start + len(offsets), device=self.keys[0].device)
+            for keys, values in zip(self.keys, self.values, strict=True):
+                keys[slot, :, target] = keys[slot, :, source]  # the gather copies before the write
+                values[slot, :, target] = values[slot, :, source]
+        self.lengths[slot] = start + len(offsets)
+
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")

@@ -1,7 +1,8 @@
 """Our own forward pass for the Llama family (Llama, SmolLM, Mistral, Qwen2) over a slot KV cache.
 
 Module names mirror ``transformers`` so a checkpoint's state dict loads as is. One ``forward`` call
-extends a batch of sequences by a ragged number of new tokens each (prefill and decode alike).
+extends a batch of sequences by a ragged number of new tokens each (prefill and decode alike), laid
+out as chains (``causal_layout``) or as committed tokens followed by a draft tree (``tree_layout``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from specfleet.engine.kv_cache import SlotKVCache
+from specfleet.trees import tree_attention_mask, tree_depths, tree_position_ids
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -99,10 +101,17 @@ class BatchLayout:
     """Where a ragged batch's new tokens go: built once per forward, shared by every layer."""
 
     slots: torch.Tensor  # [batch] cache slot of each sequence
-    positions: torch.Tensor  # [batch, tokens] position of each new token (0 for padding)
+    positions: torch.Tensor  # [batch, tokens] position (RoPE) of each new token (0 for padding)
     valid: torch.Tensor  # [batch, tokens] True for real tokens, False for padding
-    attn_mask: torch.Tensor  # [batch, 1, tokens, kv_len] True where a token may attend
-    kv_len: int  # keys gathered per sequence: the longest sequence after the extend
+    attn_mask: torch.Tensor  # [batch, 1, tokens, kv_len] True where a token may attend to a cache entry
+    kv_len: int  # cache entries gathered per sequence: the longest sequence after the extend
+    # [batch, tokens] cache entry each new token's key/value is written to; None: its position. Tree
+    # nodes differ: siblings share a position but each has its own entry.
+    cache_index: torch.Tensor | None = None
+
+    @property
+    def write_index(self) -> torch.Tensor:  # [batch, tokens]
+        return self.positions if self.cache_index is None else self.cache_index
 
 
 def causal_layout(slots: list[int], start_lens: list[int], new_lens: list[int], device: torch.device
@@ -117,6 +126,38 @@ def causal_layout(slots: list[int], start_lens: list[int], new_lens: list[int], 
     key_pos = torch.arange(kv_len, device=device)
     attn_mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]
     return BatchLayout(torch.tensor(slots, device=device), positions, valid, attn_mask, kv_len)
+
+
+def tree_layout(slots: list[int], start_lens: list[int], new_lens: list[int], tree_parents: list[list[int]],
+                device: torch.device) -> BatchLayout:
+    """Layout for appending to slot ``slots[i]`` (holding ``start_lens[i]`` tokens) ``new_lens[i]`` committed
+    tokens, as a causal chain, then a draft tree whose node j has parent ``tree_parents[i][j]`` (-1: the
+    last committed token; parents before children).
+
+    Node j is written to cache entry start + new + j, sits at position start + new + depth(j), and
+    attends to every committed entry and to its own ancestors and itself only (SpecInfer's tree
+    attention, Miao et al. 2024), so its logits are those of its path run as a chain. With every
+    parent the node before it this is ``causal_layout`` over new + nodes tokens.
+    """
+    totals = [n + len(parents) for n, parents in zip(new_lens, tree_parents, strict=True)]
+    width = max(totals)
+    kv_len = max(s + t for s, t in zip(start_lens, totals, strict=True))
+    positions = torch.zeros(len(slots), width, dtype=torch.long)
+    cache_index = torch.zeros(len(slots), width, dtype=torch.long)
+    valid = torch.zeros(len(slots), width, dtype=torch.bool)
+    attn_mask = torch.zeros(len(slots), width, kv_len, dtype=torch.bool)
+    for row, (start, new, parents) in enumerate(zip(start_lens, new_lens, tree_parents, strict=True)):
+        total, prefix = new + len(parents), start + new
+        parents_t = torch.tensor(parents, dtype=torch.long)
+        positions[row, :new] = torch.arange(start, prefix)
+        positions[row, new:total] = tree_position_ids(tree_depths(parents_t), prefix)
+        cache_index[row, :total] = torch.arange(start, start + total)
+        valid[row, :total] = True
+        attn_mask[row, :new, :prefix] = torch.ones(new, prefix, dtype=torch.bool).tril(start)
+        attn_mask[row, new:total, :prefix] = True
+        attn_mask[row, new:total, prefix:start + total] = tree_attention_mask(parents_t)
+    return BatchLayout(torch.tensor(slots, device=device), positions.to(device), valid.to(device),
+                       attn_mask[:, None].to(device), kv_len, cache_index.to(device))
 
 
 class Attention(nn.Module):
@@ -142,7 +183,7 @@ class Attention(nn.Module):
         # Write the real (non-padding) new keys/values into the cache by position.
         key_cache, value_cache = cache.keys[self.layer_index], cache.values[self.layer_index]
         rows, cols = layout.valid.nonzero(as_tuple=True)
-        slot_idx, pos_idx = layout.slots[rows], layout.positions[rows, cols]
+        slot_idx, pos_idx = layout.slots[rows], layout.write_index[rows, cols]
         key_cache[slot_idx, :, pos_idx] = k.transpose(1, 2)[rows, cols]
         value_cache[slot_idx, :, pos_idx] = v.transpose(1, 2)[rows, cols]
 

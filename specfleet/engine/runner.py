@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from specfleet.engine.kv_cache import CacheFullError
-from specfleet.engine.llama import LlamaForCausalLM, causal_layout
+from specfleet.engine.llama import BatchLayout, LlamaForCausalLM, causal_layout, tree_layout
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,31 @@ class Extend:
     num_logits: int = 1
 
 
+@dataclass(frozen=True)
+class TreeExtend:
+    """Append the committed ``tokens`` to ``seq_id`` after rolling it back to ``rollback_to``, then a
+    draft tree: node j holds ``tree_tokens[j]`` and has parent ``tree_parents[j]`` (-1: the last
+    committed token; every parent before its children). Returns the logits at the last committed
+    token and at every node; ``ModelRunner.keep_path`` then keeps the accepted path."""
+
+    seq_id: str
+    rollback_to: int
+    tokens: list[int]
+    tree_tokens: list[int]
+    tree_parents: list[int]
+
+    @property
+    def prefix_len(self) -> int:
+        """Committed tokens after the call: the tree's nodes sit in the cache right after them."""
+        return self.rollback_to + len(self.tokens)
+
+
+@dataclass(frozen=True)
+class _PendingTree:
+    prefix_len: int
+    parents: list[int]
+
+
 class ModelRunner:
     """A ``LlamaForCausalLM`` plus its KV cache, addressed by sequence id."""
 
@@ -44,6 +69,9 @@ class ModelRunner:
         self.cache = model.new_cache(num_slots, max_seq_len)
         self.max_batch_tokens = max_batch_tokens
         self._slots: OrderedDict[str, int] = OrderedDict()  # seq_id -> slot, least recently used first
+        # Sequences whose cache ends with a draft tree (nodes in tree order, not a sequence) until
+        # keep_path or a rollback to at most the tree's prefix.
+        self._trees: dict[str, _PendingTree] = {}
 
     @classmethod
     def from_folder(cls, folder: Path, *, num_slots: int, max_seq_len: int, device: str = "cpu",
@@ -85,13 +113,25 @@ class ModelRunner:
         released = 0
         for seq_id in seq_ids:
             slot = self._slots.pop(seq_id, None)
+            self._trees.pop(seq_id, None)
             if slot is not None:
                 self.cache.free(slot)
                 released += 1
         return released
 
     def truncate(self, seq_id: str, length: int) -> None:
+        self._leave_tree(seq_id, length)
         self.cache.truncate(self._slots[seq_id], length)
+
+    def _leave_tree(self, seq_id: str, rollback_to: int) -> None:
+        """A sequence ending with a draft tree may only roll back to the tree's prefix or before it."""
+        pending = self._trees.get(seq_id)
+        if pending is None:
+            return
+        if rollback_to > pending.prefix_len:
+            raise ValueError(f"{seq_id}: its cache ends with a draft tree after {pending.prefix_len} tokens; "
+                             f"roll back to at most that or call keep_path, not to {rollback_to}")
+        del self._trees[seq_id]
 
     @torch.inference_mode()
     def extend(self, requests: list[Extend]) -> list[torch.Tensor]:
@@ -109,42 +149,110 @@ class ModelRunner:
             if r.rollback_to + len(r.tokens) > self.max_seq_len:
                 raise ValueError(f"{r.seq_id}: {r.rollback_to + len(r.tokens)} tokens exceed the "
                                  f"cache's {self.max_seq_len}-token limit")
+        for r in requests:
+            self._leave_tree(r.seq_id, r.rollback_to)
         slots = [self._acquire(r.seq_id, busy=set(ids)) for r in requests]
         for r, slot in zip(requests, slots, strict=True):
             self.cache.truncate(slot, r.rollback_to)
 
         logits: list[torch.Tensor] = [torch.empty(0)] * len(requests)
-        for group in self._plan_groups(requests):
+        for group in self._plan_groups([len(r.tokens) for r in requests]):
             outputs = self._forward([requests[i] for i in group], [slots[i] for i in group])
             for i, out in zip(group, outputs, strict=True):
                 logits[i] = out
         return logits
 
+    @torch.inference_mode()
+    def extend_tree(self, requests: list[TreeExtend]) -> list[torch.Tensor]:
+        """Like ``extend``, with a draft tree after each sequence's committed tokens, verified in one
+        forward pass with tree attention. Returns per request its logits [1 + nodes, vocab] (float32):
+        row 0 at the last committed token, row j + 1 at node j, each equal to running node j's path as
+        a chain. The cache then holds the nodes after the committed tokens; follow with ``keep_path``
+        (or roll back to at most ``prefix_len``) before extending the sequence again."""
+        ids = [r.seq_id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a sequence may appear only once per extend call")
+        for r in requests:
+            if not self.can_extend(r.seq_id, r.rollback_to):
+                raise UnknownSequenceError(r.seq_id)
+            if not r.tokens:
+                raise ValueError(f"{r.seq_id}: need >= 1 new committed token (the tree's root)")
+            if len(r.tree_parents) != len(r.tree_tokens) or any(
+                    not -1 <= parent < j for j, parent in enumerate(r.tree_parents)):
+                raise ValueError(f"{r.seq_id}: tree_parents must give each node -1 or an earlier node, "
+                                 f"one per tree token")
+            if r.prefix_len + len(r.tree_tokens) > self.max_seq_len:
+                raise ValueError(f"{r.seq_id}: {r.prefix_len + len(r.tree_tokens)} tokens exceed the "
+                                 f"cache's {self.max_seq_len}-token limit")
+        for r in requests:
+            self._leave_tree(r.seq_id, r.rollback_to)
+        slots = [self._acquire(r.seq_id, busy=set(ids)) for r in requests]
+        for r, slot in zip(requests, slots, strict=True):
+            self.cache.truncate(slot, r.rollback_to)
+
+        logits: list[torch.Tensor] = [torch.empty(0)] * len(requests)
+        for group in self._plan_groups([len(r.tokens) + len(r.tree_tokens) for r in requests]):
+            outputs = self._forward_tree([requests[i] for i in group], [slots[i] for i in group])
+            for i, out in zip(group, outputs, strict=True):
+                logits[i] = out
+        for r in requests:
+            self._trees[r.seq_id] = _PendingTree(r.prefix_len, list(r.tree_parents))
+        return logits
+
+    def keep_path(self, seq_id: str, prefix_len: int, node_indices: list[int]) -> None:
+        """After ``extend_tree``, keep only the accepted path ``node_indices`` (root's child first):
+        its keys/values move to positions prefix_len, prefix_len + 1, ... and the length becomes
+        prefix_len + len(node_indices), exactly as if the path had been appended as a chain."""
+        pending = self._trees.get(seq_id)
+        if pending is None or pending.prefix_len != prefix_len:
+            raise ValueError(f"{seq_id}: no draft tree after {prefix_len} committed tokens to keep a path of")
+        parent = -1
+        for node in node_indices:
+            if not 0 <= node < len(pending.parents) or pending.parents[node] != parent:
+                raise ValueError(f"{seq_id}: {node_indices} is not a path from the root of its draft tree")
+            parent = node
+        self.cache.compact(self._slots[seq_id], prefix_len, node_indices)
+        del self._trees[seq_id]
+
     def _forward(self, requests: list[Extend], slots: list[int]) -> list[torch.Tensor]:
-        device = self.model.lm_head.weight.device
         new_lens = [len(r.tokens) for r in requests]
         start_lens = [self.cache.lengths[s] for s in slots]
-        layout = causal_layout(slots, start_lens, new_lens, device)
-        input_ids = torch.zeros(len(requests), max(new_lens), dtype=torch.long)
-        for row, r in enumerate(requests):
-            input_ids[row, : len(r.tokens)] = torch.tensor(r.tokens)
-        rows = [row for row, r in enumerate(requests) for _ in range(r.num_logits)]
-        cols = [n - r.num_logits + j for r, n in zip(requests, new_lens, strict=True) for j in range(r.num_logits)]
+        layout = causal_layout(slots, start_lens, new_lens, self.model.lm_head.weight.device)
+        logit_cols = [list(range(n - r.num_logits, n)) for r, n in zip(requests, new_lens, strict=True)]
+        return self._run(layout, slots, [r.tokens for r in requests], logit_cols)
+
+    def _forward_tree(self, requests: list[TreeExtend], slots: list[int]) -> list[torch.Tensor]:
+        start_lens = [self.cache.lengths[s] for s in slots]
+        layout = tree_layout(slots, start_lens, [len(r.tokens) for r in requests],
+                             [r.tree_parents for r in requests], self.model.lm_head.weight.device)
+        logit_cols = [list(range(len(r.tokens) - 1, len(r.tokens) + len(r.tree_tokens))) for r in requests]
+        return self._run(layout, slots, [r.tokens + r.tree_tokens for r in requests], logit_cols)
+
+    def _run(self, layout: BatchLayout, slots: list[int], token_rows: list[list[int]],
+             logit_cols: list[list[int]]) -> list[torch.Tensor]:
+        """One forward over a laid-out batch; returns per row the logits at ``logit_cols``, and sets
+        every slot's length to cover all of its new tokens."""
+        device = self.model.lm_head.weight.device
+        input_ids = torch.zeros(len(token_rows), max(len(t) for t in token_rows), dtype=torch.long)
+        for row, tokens in enumerate(token_rows):
+            input_ids[row, : len(tokens)] = torch.tensor(tokens)
+        rows = [row for row, cols in enumerate(logit_cols) for _ in cols]
+        cols = [col for cols in logit_cols for col in cols]
         out = self.model(input_ids.to(device), layout, self.cache, torch.tensor(rows, device=device),
                          torch.tensor(cols, device=device))
-        for slot, start, n in zip(slots, start_lens, new_lens, strict=True):
-            self.cache.lengths[slot] = start + n
-        return list(out.split([r.num_logits for r in requests]))
+        for slot, tokens in zip(slots, token_rows, strict=True):
+            self.cache.lengths[slot] += len(tokens)
+        return list(out.split([len(c) for c in logit_cols]))
 
-    def _plan_groups(self, requests: list[Extend]) -> list[list[int]]:
-        """Groups requests of similar length so padding wastes at most about half the work."""
-        order = sorted(range(len(requests)), key=lambda i: len(requests[i].tokens))
+    def _plan_groups(self, widths: list[int]) -> list[list[int]]:
+        """Groups requests of similar width (new tokens) so padding wastes at most about half the work."""
+        order = sorted(range(len(widths)), key=lambda i: widths[i])
         groups: list[list[int]] = []
         current: list[int] = []
         for i in order:
             candidate = current + [i]
-            width = len(requests[i].tokens)  # sorted: the newest is the widest
-            real = sum(len(requests[j].tokens) for j in candidate)
+            width = widths[i]  # sorted: the newest is the widest
+            real = sum(widths[j] for j in candidate)
             if current and (width * len(candidate) > 2 * real or width * len(candidate) > self.max_batch_tokens):
                 groups.append(current)
                 candidate = [i]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -113,6 +114,28 @@ class BatchLayout:
     def write_index(self) -> torch.Tensor:  # [batch, tokens]
         return self.positions if self.cache_index is None else self.cache_index
 
+    @cached_property
+    def writes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, column, slot, cache entry) of every real new token, each [real tokens]: where every layer
+        writes its keys/values (worked out once per forward, not once per layer)."""
+        rows, cols = self.valid.nonzero(as_tuple=True)
+        return rows, cols, self.slots[rows], self.write_index[rows, cols]
+
+    @cached_property
+    def slot_run(self) -> slice | None:
+        """The slots as one ascending run (always so for a single sequence), or None. Layers then read the cache
+        through a view instead of gathering a copy of every key and value."""
+        first = int(self.slots[0])
+        if torch.equal(self.slots, torch.arange(first, first + len(self.slots), device=self.slots.device)):
+            return slice(first, first + len(self.slots))
+        return None
+
+    def read(self, cache_layer: torch.Tensor) -> torch.Tensor:  # [batch, kv_heads, kv_len, head_dim]
+        """The batch's cache entries of one layer's keys or values ([slots, kv_heads, max_len, head_dim])."""
+        run = self.slot_run
+        slots = run if run is not None else self.slots
+        return cache_layer[slots, :, : self.kv_len]
+
 
 def causal_layout(slots: list[int], start_lens: list[int], new_lens: list[int], device: torch.device
                   ) -> BatchLayout:
@@ -182,13 +205,11 @@ class Attention(nn.Module):
 
         # Write the real (non-padding) new keys/values into the cache by position.
         key_cache, value_cache = cache.keys[self.layer_index], cache.values[self.layer_index]
-        rows, cols = layout.valid.nonzero(as_tuple=True)
-        slot_idx, pos_idx = layout.slots[rows], layout.write_index[rows, cols]
-        key_cache[slot_idx, :, pos_idx] = k.transpose(1, 2)[rows, cols]
-        value_cache[slot_idx, :, pos_idx] = v.transpose(1, 2)[rows, cols]
+        rows, cols, slot_idx, entry_idx = layout.writes
+        key_cache[slot_idx, :, entry_idx] = k.transpose(1, 2)[rows, cols]
+        value_cache[slot_idx, :, entry_idx] = v.transpose(1, 2)[rows, cols]
 
-        keys = key_cache[layout.slots, :, : layout.kv_len]
-        values = value_cache[layout.slots, :, : layout.kv_len]
+        keys, values = layout.read(key_cache), layout.read(value_cache)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.attn_mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from specfleet.engine.cpu_linear import prepack_linears
 from specfleet.engine.kv_cache import CacheFullError
 from specfleet.engine.llama import BatchLayout, LlamaForCausalLM, causal_layout, tree_layout
 
@@ -75,10 +76,14 @@ class ModelRunner:
 
     @classmethod
     def from_folder(cls, folder: Path, *, num_slots: int, max_seq_len: int, device: str = "cpu",
-                    dtype: torch.dtype | None = None) -> ModelRunner:
+                    dtype: torch.dtype | None = None, prepack: bool = True) -> ModelRunner:
+        """A runner over the model in ``folder``; ``prepack`` (CPU only) adds oneDNN-packed linear weights for
+        multi-token forwards (see `specfleet.engine.cpu_linear`)."""
         if dtype is None:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model = LlamaForCausalLM.from_folder(folder, dtype=dtype, device=device)
+        if prepack:
+            prepack_linears(model)
         max_seq_len = min(max_seq_len, model.cfg.max_position_embeddings)
         return cls(model, num_slots=num_slots, max_seq_len=max_seq_len)
 

@@ -22,7 +22,6 @@ import grpc
 
 from bench.common import chat_ids, fleet
 from bench.prompts import MIXED
-from specfleet.launcher import free_port, wait_redis
 from specfleet.models import load_tokenizer, resolve_model
 from specfleet.protos import generate_pb2, generate_pb2_grpc
 
@@ -122,9 +121,7 @@ def main() -> None:
     policies = [str(d) for d in args.depths] + ["auto"]
     results: dict[int, dict[str, float]] = {}
     with fleet() as f:
-        redis_port = free_port()
-        wait_redis(f.deployment.start_redis(redis_port), redis_port)
-        redis = ["--redis-url", f"redis://127.0.0.1:{redis_port}/0"]
+        redis = ["--redis-url", f.redis()]
         slots = ["--num-slots", str(max(args.batch_sizes) + 4), "--max-seq-len", "1024"]
         target = f.start("target", ["--model", spec, *slots, *redis], "target")
         draft = f.start("draft", ["--drafter", "ngram", *redis], "draft")

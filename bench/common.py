@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from specfleet.launcher import Deployment, free_port, wait_serving
+from specfleet.launcher import Deployment, free_port, wait_redis, wait_serving
 from specfleet.protos import generate_pb2, generate_pb2_grpc
 
 
@@ -97,6 +97,12 @@ class Fleet:
         address = f"127.0.0.1:{port}"
         wait_serving(process, address, timeout_s=1800)
         return address
+
+    def redis(self) -> str:
+        """A redis-server for this fleet's telemetry; returns its URL."""
+        port = free_port()
+        wait_redis(self.deployment.start_redis(port), port)
+        return f"redis://127.0.0.1:{port}/0"
 
     def router(self, target: str, draft: str | None, depth: int | str, name: str, extra: list[str] = ()) -> str:
         return self.start("router", ["--targets", target, "--drafts", draft or "", "--depth", str(depth),

@@ -1,7 +1,7 @@
 """End-to-end speed at batch 1: transformers' generate against specfleet's three services.
 
 Table 1, SmolLM2-135M target on this machine: HF plain, HF prompt lookup, specfleet depth 0 and the
-``ngram`` drafter at depths 2/4/8, over code-editing tasks and open questions (greedy, 128 tokens).
+``ngram`` drafter at depths 2/4/8 and ``auto``, over code-editing tasks and open questions (greedy, 128 tokens).
 Table 2, the real pair: Qwen2.5-Coder-1.5B target with the 0.5B drafting, on HumanEval prompts
 (greedy, 64 tokens): HF plain, HF assisted generation, specfleet depth 0 and the ``model`` drafter
 at depths 2/4/6.
@@ -45,10 +45,12 @@ def smollm2(args: argparse.Namespace) -> str:
     model = _hf_model(spec)
     max_new = args.max_new_tokens or 128
     with fleet() as f:
+        # Redis carries the services' latencies to the `auto` router, as in a deployment.
+        redis = ["--redis-url", f.redis()]
         slots = ["--num-slots", "8", "--max-seq-len", "2048"]
-        target = f.start("target", ["--model", spec, *slots], "target")
-        draft = f.start("draft", ["--drafter", "ngram"], "draft")
-        routers = {d: f.router(target, draft if d else None, d, f"router-{d}") for d in (0, 2, 4, 8)}
+        target = f.start("target", ["--model", spec, *slots, *redis], "target")
+        draft = f.start("draft", ["--drafter", "ngram", *redis], "draft")
+        routers = {d: f.router(target, draft if d else None, d, f"router-{d}", redis) for d in (0, 2, 4, 8, "auto")}
         configs = {
             "HF generate": partial(hf_generate, model, max_new_tokens=max_new),
             f"HF prompt lookup ({args.lookup})": partial(hf_generate, model, max_new_tokens=max_new,
@@ -56,6 +58,7 @@ def smollm2(args: argparse.Namespace) -> str:
             "specfleet depth 0": lambda ids: specfleet_generate(routers[0], ids, max_new),
             **{f"specfleet ngram depth {d}": partial(lambda ids, d: specfleet_generate(routers[d], ids, max_new), d=d)
                for d in (2, 4, 8)},
+            "specfleet ngram auto": lambda ids: specfleet_generate(routers["auto"], ids, max_new),
         }
         run_rounds(configs, prompts[:1], 1)  # warm-up: first calls pay one-time costs
         tallies = run_rounds(configs, prompts, args.rounds, check_equal_to="specfleet depth 0")

@@ -21,6 +21,7 @@ import queue
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -214,14 +215,20 @@ def _ints(text: bytes) -> list[int]:
 
 
 class TelemetryReader:
-    """Reads the recent window of fleet telemetry from Redis (a `TelemetrySource`)."""
+    """Reads the recent window of fleet telemetry from Redis (a `TelemetrySource`).
+
+    Each read fetches only the entries added since the previous one and keeps the window in memory, so a
+    refresh every second costs what the fleet wrote in that second, not the whole window again.
+    """
 
     def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX, latency_window: int = 4_000,
                  acceptance_window: int = 500) -> None:
         self.url = url
         self.latency_key, self.acceptance_key, self.heartbeat_prefix = _keys(prefix)
-        self.latency_window, self.acceptance_window = latency_window, acceptance_window
         self._client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self._latency: deque[tuple[str, CostSample]] = deque(maxlen=latency_window)  # (replica, sample), oldest first
+        self._acceptance: deque[AcceptanceCounts] = deque(maxlen=acceptance_window)
+        self._last_ids: dict[str, bytes] = {}  # stream key -> id of the newest entry read
 
     def live_replicas(self) -> dict[str, list[str]]:
         live: dict[str, list[str]] = {}
@@ -233,24 +240,34 @@ class TelemetryReader:
     def read(self) -> FleetView | None:
         try:
             live = self.live_replicas()
-            latency = self._client.xrevrange(self.latency_key, count=self.latency_window)
-            acceptance_entries = self._client.xrevrange(self.acceptance_key, count=self.acceptance_window)
+            latency = self._new_entries(self.latency_key, self._latency.maxlen)
+            acceptance_entries = self._new_entries(self.acceptance_key, self._acceptance.maxlen)
         except redis.RedisError:
             return None
-        alive = {replica for replicas in live.values() for replica in replicas}
-        samples = []
         for _, f in latency:
-            if f.get(b"replica", b"").decode() not in alive:
-                continue
             try:
-                samples.append(CostSample(f[b"role"].decode(), int(f[b"batch"]), float(f[b"tokens"]), float(f[b"ms"])))
+                self._latency.append((f[b"replica"].decode(), CostSample(
+                    f[b"role"].decode(), int(f[b"batch"]), float(f[b"tokens"]), float(f[b"ms"]))))
             except (KeyError, ValueError):  # another version's or a hand-written entry: skip it
                 continue
-        acceptance = AcceptanceCounts()
         for _, f in acceptance_entries:
-            acceptance.merge(AcceptanceCounts(int(f[b"steps"]), int(f[b"accepted"]), int(f[b"rejections"]),
-                                              _ints(f[b"proposed_by_position"]), _ints(f[b"accepted_by_position"])))
-        return FleetView(samples, acceptance, live)
+            self._acceptance.append(AcceptanceCounts(int(f[b"steps"]), int(f[b"accepted"]), int(f[b"rejections"]),
+                                                     _ints(f[b"proposed_by_position"]),
+                                                     _ints(f[b"accepted_by_position"])))
+        alive = {replica for replicas in live.values() for replica in replicas}
+        acceptance = AcceptanceCounts()
+        for counts in self._acceptance:
+            acceptance.merge(counts)
+        return FleetView([sample for replica, sample in self._latency if replica in alive], acceptance, live)
+
+    def _new_entries(self, key: str, window: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The entries of stream ``key`` added since the last read (the newest ``window`` of them), oldest first.
+        Stream ids grow with the server's clock, so this holds across a Redis restart too."""
+        last = self._last_ids.get(key)
+        entries = self._client.xrevrange(key, min=b"(" + last if last else "-", count=window)
+        if entries:
+            self._last_ids[key] = entries[0][0]
+        return entries[::-1]
 
     def close(self) -> None:
         self._client.close()

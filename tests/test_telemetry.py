@@ -122,3 +122,18 @@ def test_writer_and_reader_survive_redis_restart(server: RedisServer) -> None:
                      and 7.0 in [s.ms for s in reader.read().samples])
     finally:
         writer.close()
+
+
+def test_reader_keeps_its_window_and_fetches_only_new_entries(server: RedisServer) -> None:
+    writer = TelemetryWriter(server.url, role="target", replica="t0", prefix="t5", flush_interval_s=0.05)
+    reader = TelemetryReader(server.url, prefix="t5", latency_window=3)
+    try:
+        for ms in (1.0, 2.0):
+            writer.record_latency(1, 1.0, ms)
+        assert _wait(lambda: [s.ms for s in reader.read().samples] == [1.0, 2.0])
+        assert [s.ms for s in reader.read().samples] == [1.0, 2.0]  # nothing new: the same window, not doubled
+        for ms in (3.0, 4.0):
+            writer.record_latency(1, 1.0, ms)
+        assert _wait(lambda: [s.ms for s in reader.read().samples] == [2.0, 3.0, 4.0])  # the newest 3
+    finally:
+        writer.close()

@@ -157,8 +157,9 @@ class RouterConfig(ServiceConfig):
                         "telemetry) or a fixed K (0: plain decoding through the target)")
     max_depth: int = option(8, "largest depth the policy may choose (at most 16)")
     tree: str = option("none", "draft trees instead of chains: none, rsd-c (Gumbel-Top-k with --tree-branching "
-                       "children per level) or rsd-s (stochastic beam search keeping --beam-width sequences per "
-                       "level); an ngram drafter merges several prompt-lookup matches either way",
+                       "children per level), rsd-s (stochastic beam search keeping --beam-width sequences per "
+                       "level) or iid (independent sampling with replacement in rsd-c's shape, a baseline); an "
+                       "ngram drafter merges several prompt-lookup matches whatever the method",
                        choices=["none", *TREE_METHODS])
     tree_branching: str = option("2,2,1", "rsd-c: children per node at each level, e.g. 2,2,1 (its length caps "
                                  "the levels)")
@@ -212,8 +213,8 @@ class RouterConfig(ServiceConfig):
     @property
     def tree_shape(self) -> TreeShape | None:
         """The configured tree shape at its fullest (None: chains). RSD-S gets --max-depth levels."""
-        if self.tree == "rsd-c":
-            return TreeShape("rsd-c", parse_branching(self.tree_branching))
+        if self.tree in ("rsd-c", "iid"):
+            return TreeShape(self.tree, parse_branching(self.tree_branching))
         if self.tree == "rsd-s":
             return TreeShape("rsd-s", beam_width=self.beam_width, depth=self.max_depth)
         return None

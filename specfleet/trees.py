@@ -310,9 +310,14 @@ def build_tree_rsd_c(
     branching: Sequence[int],
     generator: Generators,
     device: torch.device | str = "cpu",
+    replacement: bool = False,
 ) -> DraftTree:
     """RSD-C (Jeon et al. 2024, section 3.2): every node at depth d gets ``branching[d]`` children,
     drawn without replacement from the draft distribution at that node by Gumbel-Top-k.
+
+    With ``replacement`` the children are instead independent draws from q (SpecInfer-style
+    independent sampling, the baseline RSD improves on): siblings may repeat a token and each one's
+    ``draft_probs`` is q itself.
 
     The tree has up to b_0 + b_0 b_1 + ... nodes per row (fewer where a draft distribution has fewer
     possible tokens than the branching). The draft model is asked once per level for every frontier
@@ -332,9 +337,14 @@ def build_tree_rsd_c(
             raise ValueError(f"branching {b} exceeds the vocabulary ({vocab} tokens)")
         flat = logprobs.reshape(batch * width, vocab)
         uniforms = _uniforms(generator, batch, width, vocab).reshape(batch * width, vocab).to(device)
-        drawn = gumbel_top_k(flat, b, uniforms)
-        tokens = drawn.tokens.reshape(batch, width, b)
-        probs = without_replacement_probs(torch.softmax(flat, dim=-1).nan_to_num(0.0), drawn.tokens)
+        q = torch.softmax(flat, dim=-1).nan_to_num(0.0)
+        if replacement:
+            drawn_tokens = _independent_draws(q, uniforms[:, :b])
+            probs = q.float()[:, None, :].expand(-1, b, -1) * (drawn_tokens >= 0)[..., None]
+        else:
+            drawn_tokens = gumbel_top_k(flat, b, uniforms).tokens
+            probs = without_replacement_probs(q, drawn_tokens)
+        tokens = drawn_tokens.reshape(batch, width, b)
         parent_ids = frontier_offset + torch.arange(width, device=device) if levels else torch.full(
             (width,), -1, device=device)
         level = _Level(
@@ -349,6 +359,14 @@ def build_tree_rsd_c(
         levels.append(level)
         frontier = level
     return _assemble(levels)
+
+
+def _independent_draws(q: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:  # [m, b] int64
+    """b independent inverse-CDF draws per row of q ([m, vocab]); -1 for rows with no mass (invalid nodes)."""
+    cdf = torch.cumsum(q.double(), dim=-1)
+    tokens = torch.searchsorted(cdf, (uniforms.double() * cdf[:, -1:]).contiguous(), right=True)
+    last = q.shape[1] - 1 - (q > 0).flip(-1).to(torch.uint8).argmax(dim=-1, keepdim=True)
+    return torch.where(cdf[:, -1:] > 0, torch.minimum(tokens, last), torch.full_like(tokens, -1))
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -501,13 +519,15 @@ def tree_from_paths(paths: Sequence[Sequence[int]], vocab_size: int) -> DraftTre
 # ---------------------------------------------------------------------------------------------------
 # Tree shapes and node budgets.
 
-TREE_METHODS = ("rsd-c", "rsd-s")
+TREE_METHODS = ("rsd-c", "rsd-s", "iid")
+"""RSD-C and RSD-S sample siblings without replacement; iid (a benchmark baseline, SpecInfer-style)
+samples them independently, with replacement, in RSD-C's shapes."""
 
 
 @dataclass(frozen=True)
 class TreeShape:
-    """What to draft: RSD-C with ``branching[d]`` children per node at depth d, or RSD-S keeping
-    ``beam_width`` sequences per level for ``depth`` levels."""
+    """What to draft: RSD-C (or iid) with ``branching[d]`` children per node at depth d, or RSD-S
+    keeping ``beam_width`` sequences per level for ``depth`` levels."""
 
     method: str
     branching: tuple[int, ...] = ()
@@ -517,14 +537,14 @@ class TreeShape:
     def __post_init__(self) -> None:
         if self.method not in TREE_METHODS:
             raise ValueError(f"tree method must be one of {TREE_METHODS}, got {self.method!r}")
-        if self.method == "rsd-c" and (not self.branching or min(self.branching) < 1):
-            raise ValueError(f"rsd-c needs a non-empty branching of positive ints, got {list(self.branching)}")
+        if self.method != "rsd-s" and (not self.branching or min(self.branching) < 1):
+            raise ValueError(f"{self.method} needs a non-empty branching of positive ints, got {list(self.branching)}")
         if self.method == "rsd-s" and (self.beam_width < 1 or self.depth < 1):
             raise ValueError(f"rsd-s needs beam_width >= 1 and depth >= 1, got {self.beam_width}, {self.depth}")
 
     @property
     def levels(self) -> int:
-        return len(self.branching) if self.method == "rsd-c" else self.depth
+        return self.depth if self.method == "rsd-s" else len(self.branching)
 
     @property
     def nodes(self) -> int:
@@ -539,13 +559,13 @@ class TreeShape:
 
     @property
     def is_chain(self) -> bool:
-        return self.method == "rsd-c" and all(b == 1 for b in self.branching)
+        return self.method != "rsd-s" and all(b == 1 for b in self.branching)
 
     def level_tries(self) -> tuple[int, ...]:
         """Children of the accepted node at each level: the candidates recursive rejection tries there.
-        Exact for RSD-C; for RSD-S an approximation: the whole beam at the first level, then at most two
+        Exact for RSD-C and iid; for RSD-S an approximation: the whole beam at the first level, then at most two
         (a beam keeps its survivors under the likeliest nodes, so an accepted node usually has a fallback)."""
-        if self.method == "rsd-c":
+        if self.method != "rsd-s":
             return self.branching
         return (self.beam_width, *([min(self.beam_width, 2)] * (self.depth - 1)))
 
@@ -561,17 +581,17 @@ class TreeShape:
             return TreeShape("rsd-s", beam_width=self.beam_width,
                              depth=min(self.depth, max_depth, max_nodes // self.beam_width))
         branching = list(self.branching[:max_depth])
-        while TreeShape("rsd-c", tuple(branching)).nodes > max_nodes:
+        while TreeShape(self.method, tuple(branching)).nodes > max_nodes:
             if branching[-1] > 1:
                 branching[-1] -= 1
             else:
                 branching.pop()
-        return TreeShape("rsd-c", tuple(branching))
+        return TreeShape(self.method, tuple(branching))
 
     def describe(self) -> str:
         if self.method == "rsd-s":
             return f"rsd-s {self.beam_width}x{self.depth}"
-        return "rsd-c " + ",".join(map(str, self.branching))
+        return f"{self.method} " + ",".join(map(str, self.branching))
 
 
 def chain_shape(depth: int) -> TreeShape:

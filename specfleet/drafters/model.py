@@ -150,7 +150,8 @@ class ModelDrafter:
                              torch.zeros(len(group), dtype=torch.long))
         if shape.method == "rsd-s":
             return build_tree_rsd_s(draft_logprobs, len(group), shape.beam_width, shape.depth, generators)
-        return build_tree_rsd_c(draft_logprobs, len(group), shape.branching, generators)
+        return build_tree_rsd_c(draft_logprobs, len(group), shape.branching, generators,
+                                replacement=shape.method == "iid")
 
     def _path_logits(self, group: list[DraftRequest], rows: list[int], paths: list[list[int]],
                      last_token: dict[str, int | None]) -> torch.Tensor:  # [len(rows), vocab]

@@ -16,7 +16,15 @@ from specfleet.otel import setup as setup_otel
 from specfleet.protos import draft_pb2, draft_pb2_grpc, session_pb2
 from specfleet.serving import serve, servicer_name
 from specfleet.telemetry import TelemetryWriter, is_prefill, writer_for
-from specfleet.wire import delta_fields, distributions_to_proto, info_response, sampling_from_proto, validate_tokens
+from specfleet.wire import (
+    delta_fields,
+    distributions_to_proto,
+    info_response,
+    is_chain,
+    sampling_from_proto,
+    tree_shape_from_proto,
+    validate_tokens,
+)
 
 log = logging.getLogger("specfleet.draft")
 
@@ -53,14 +61,19 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             proposals=[draft_pb2.Proposal(
                 seq_id=r.seq_id,
                 status=session_pb2.ENTRY_STATUS_OK if r.known else session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE,
-                tokens=r.tokens, draft_probs=distributions_to_proto(r.draft_probs), cached_len=r.cached_len)
+                tokens=r.tokens, draft_probs=distributions_to_proto(r.draft_probs), cached_len=r.cached_len,
+                # A chain-shaped tree is a chain: it travels (and is verified) as one.
+                parents=r.parents if r.parents is not None and not is_chain(r.parents) else [])
                 for r in results])
 
     def _request(self, entry: draft_pb2.ProposeEntry) -> DraftRequest:
         seq_id, rollback_to, new_tokens = delta_fields(entry.sequence)
         validate_tokens(new_tokens, self.vocab_size, f"{seq_id}: new_tokens")
+        tree, max_nodes = tree_shape_from_proto(entry.tree, entry.depth) if entry.HasField("tree") else (None, 0)
+        if tree is not None and not new_tokens:
+            raise ValueError(f"{seq_id}: a tree request needs at least one new committed token")
         return DraftRequest(seq_id, rollback_to, new_tokens, entry.depth, sampling_from_proto(entry.sampling),
-                            entry.seed)
+                            entry.seed, tree, max_nodes)
 
     async def Release(self, request: session_pb2.ReleaseSequencesRequest, context: grpc.aio.ServicerContext
                       ) -> session_pb2.ReleaseSequencesResponse:

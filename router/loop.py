@@ -1,7 +1,8 @@
 """The step loop: one per target replica, batching every live sequence on it.
 
-Each step reads like the method: choose depths -> propose (one batched call per draft replica)
--> verify (one batched call to the target) -> commit and emit -> record -> retire finished sequences.
+Each step reads like the method: choose depths (or tree shapes) -> propose (one batched call per draft
+replica) -> verify (one batched call to the target) -> commit and emit -> record -> retire finished
+sequences.
 Requests join and leave between steps (continuous batching).
 """
 
@@ -11,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
@@ -20,10 +22,11 @@ from router.replicas import DraftReplica, TargetReplica
 from router.sequence import Sequence, fail
 from specfleet.config import RouterConfig
 from specfleet.otel import RouterMetrics
-from specfleet.policy import DepthDecision
+from specfleet.policy import TreePlan
 from specfleet.protos import draft_pb2, session_pb2, target_pb2
 from specfleet.telemetry import PREFILL_TOKENS, StepRecord, TelemetryWriter
-from specfleet.wire import sampling_to_proto
+from specfleet.trees import TreeShape, chain_shape, rejected_tries
+from specfleet.wire import sampling_to_proto, tree_shape_to_proto
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -31,6 +34,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("specfleet.router")
 
 OK, UNKNOWN = session_pb2.ENTRY_STATUS_OK, session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE
+
+
+@dataclass
+class StepPlan:
+    """What each sequence drafts this step: a chain of ``depths[seq_id]`` tokens, or (listed in
+    ``trees``) a tree of that shape with at most ``max_nodes[seq_id]`` nodes and depth levels."""
+
+    depths: dict[str, int]
+    reason: str
+    trees: dict[str, TreeShape] = field(default_factory=dict)
+    max_nodes: dict[str, int] = field(default_factory=dict)
+
+    def planned(self, batch: list[Sequence]) -> list[int]:
+        """Draft tokens planned per sequence (a tree's node budget), for the step's record."""
+        return [self.max_nodes.get(s.seq_id, self.depths[s.seq_id]) for s in batch]
 
 
 class StepLoop:
@@ -90,16 +108,15 @@ class StepLoop:
             return
         started = time.perf_counter()
         with self.metrics.step_span(self.target.address, (seq.span for seq in batch)) as span:
-            decision = self.choose_depths(batch)
-            depths = {seq.seq_id: depth for seq, depth in zip(batch, decision.depths, strict=True)}
-            proposals, draft_ms = await self.propose(batch, depths)
+            plan = self.choose(batch)
+            proposals, draft_ms = await self.propose(batch, plan)
             verdicts, verify_ms = await self.verify(batch, proposals)
-            record = StepRecord(len(batch), decision.depths)
+            record = StepRecord(len(batch), plan.planned(batch))
             now = time.perf_counter()
             for seq in batch:
                 verdict = verdicts.get(seq.seq_id)
                 if verdict is not None and not seq.finished:
-                    self.commit(seq, proposals.get(seq.seq_id), verdict, decision.reason, record, now)
+                    self.commit(seq, proposals.get(seq.seq_id), verdict, plan.reason, record, now)
             record.duration_s = time.perf_counter() - started
             self.record(record, span, draft_ms, verify_ms)
 
@@ -116,11 +133,49 @@ class StepLoop:
         # waits for its Propose/Verify calls, not inside this step.
         asyncio.get_running_loop().call_soon(self.metrics.record_step, record)
 
-    def choose_depths(self, batch: list[Sequence]) -> DepthDecision:
-        """The policy's depths (pinned or chosen from telemetry), within the room each sequence has left."""
-        decision = self.feed.policy.choose([(s.stats.accepted, s.stats.rejections) for s in batch],
-                                           [self.depth_room(s) for s in batch])
-        summary = f"batch {len(batch)}: {decision.reason}"
+    def choose(self, batch: list[Sequence]) -> StepPlan:
+        """The policy's depths, or with --tree the tree shapes, within the room each sequence has left."""
+        counts = [(s.stats.accepted, s.stats.rejections) for s in batch]
+        shape = self.config.tree_shape
+        if shape is None:
+            decision = self.feed.policy.choose(counts, [self.depth_room(s) for s in batch])
+            plan = StepPlan({s.seq_id: d for s, d in zip(batch, decision.depths, strict=True)}, decision.reason)
+        else:
+            plan = self.choose_trees(batch, counts, shape)
+        self._log_decision(len(batch), plan.reason)
+        return plan
+
+    def choose_trees(self, batch: list[Sequence], counts: list[tuple[int, int]], shape: TreeShape) -> StepPlan:
+        """With --depth K the configured shape cut to K levels and --max-tree-nodes; with --depth auto the
+        best of plain decoding, chains and the shape at every node budget, by the policy's cost model."""
+        rooms = [(self.node_room(s), self.depth_room(s)) for s in batch]
+        pinned = self.config.pinned_depth
+        if pinned is not None:
+            shapes = [shape.fit(self.config.max_tree_nodes, pinned)]
+        else:
+            shapes = [None, *(chain_shape(d) for d in range(1, self.config.max_depth + 1))]
+            for budget in range(2, self.config.max_tree_nodes + 1):
+                fitted = shape.fit(budget, self.config.max_depth)
+                if fitted is not None and not fitted.is_chain and fitted not in shapes:
+                    shapes.append(fitted)
+        # Each candidate, fitted to each sequence's room.
+        per_seq = [[None if c is None else c.fit(*room) for room in rooms] for c in shapes]
+        reason = f"pinned tree {shapes[0].describe() if shapes[0] else 'none'}"
+        if len(shapes) > 1:
+            plans = [[TreePlan(0, ()) if f is None else TreePlan(f.nodes, f.level_tries()) for f in fitted]
+                     for fitted in per_seq]
+            decision = self.feed.policy.choose_tree(counts, plans)
+            per_seq, reason = [per_seq[decision.index]], decision.reason
+        plan = StepPlan({}, reason)
+        for seq, fitted in zip(batch, per_seq[0], strict=True):
+            plan.depths[seq.seq_id] = 0 if fitted is None else fitted.levels
+            if fitted is not None and not fitted.is_chain:  # a chain stays a chain on the wire
+                plan.trees[seq.seq_id] = fitted
+                plan.max_nodes[seq.seq_id] = fitted.nodes
+        return plan
+
+    def _log_decision(self, batch_size: int, reason: str) -> None:
+        summary = f"batch {batch_size}: {reason}"
         self.feed.last_decision = summary
         now = time.monotonic()
         if now - self._last_decision_log > self.DECISION_LOG_INTERVAL_S:
@@ -128,7 +183,6 @@ class StepLoop:
             self._last_decision_log = now
         else:
             log.debug("depth policy on %s, %s", self.target.address, summary)
-        return decision
 
     def depth_room(self, seq: Sequence) -> int:
         """Most draft tokens ``seq`` can use: what its request and both caches still have room for."""
@@ -140,30 +194,38 @@ class StepLoop:
             limits.append(seq.draft.info.max_seq_len - len(seq.tokens))
         return max(0, min(limits))
 
+    def node_room(self, seq: Sequence) -> int:
+        """Most tree nodes ``seq`` can use: the budget, and what both caches can hold after its tokens."""
+        if seq.draft is None or not seq.draft.available:
+            return 0
+        limits = [self.config.max_tree_nodes, self.max_context - len(seq.tokens)]
+        if seq.draft.info is not None and seq.draft.info.max_seq_len:
+            limits.append(seq.draft.info.max_seq_len - len(seq.tokens))
+        return max(0, min(limits))
+
     # -- propose --------------------------------------------------------------------------------
 
-    async def propose(self, batch: list[Sequence], depths: dict[str, int]
-                      ) -> tuple[dict[str, draft_pb2.Proposal], float]:
+    async def propose(self, batch: list[Sequence], plan: StepPlan) -> tuple[dict[str, draft_pb2.Proposal], float]:
         """Proposals by seq_id (one batched call per draft replica, in parallel) and the drafters'
         compute time (the slowest replica's)."""
         groups: dict[str, list[Sequence]] = {}
         for seq in batch:
-            if depths[seq.seq_id] > 0:
+            if plan.depths[seq.seq_id] > 0:
                 groups.setdefault(seq.draft.address, []).append(seq)
-        results = await asyncio.gather(*(self._propose_on(seqs[0].draft, seqs, depths) for seqs in groups.values()))
+        results = await asyncio.gather(*(self._propose_on(seqs[0].draft, seqs, plan) for seqs in groups.values()))
         proposals = {seq_id: p for result, _ in results for seq_id, p in result.items()}
         return proposals, max((ms for _, ms in results), default=0.0)
 
-    async def _propose_on(self, draft: DraftReplica, seqs: list[Sequence], depths: dict[str, int]
+    async def _propose_on(self, draft: DraftReplica, seqs: list[Sequence], plan: StepPlan
                           ) -> tuple[dict[str, draft_pb2.Proposal], float]:
         try:
-            out, compute_ms = await self._propose_call(draft, seqs, depths)
+            out, compute_ms = await self._propose_call(draft, seqs, plan)
             resend = [s for s in seqs if out[s.seq_id].status == UNKNOWN]
             if resend:  # the drafter lost them (restart, eviction): send the whole context once
                 self.metrics.record_reprefills("draft", len(resend))
                 for seq in resend:
                     seq.draft_cached = 0
-                more, more_ms = await self._propose_call(draft, resend, depths)
+                more, more_ms = await self._propose_call(draft, resend, plan)
                 out.update(more)
                 compute_ms += more_ms
         except grpc.aio.AioRpcError as err:
@@ -175,13 +237,15 @@ class StepLoop:
         draft.mark_ok()
         return {seq_id: p for seq_id, p in out.items() if p.status == OK}, compute_ms
 
-    async def _propose_call(self, draft: DraftReplica, seqs: list[Sequence], depths: dict[str, int]
+    async def _propose_call(self, draft: DraftReplica, seqs: list[Sequence], plan: StepPlan
                             ) -> tuple[dict[str, draft_pb2.Proposal], float]:
         request = draft_pb2.ProposeRequest(entries=[
             draft_pb2.ProposeEntry(
                 sequence=session_pb2.SequenceDelta(seq_id=s.seq_id, rollback_to=s.draft_cached,
                                                    new_tokens=s.tokens[s.draft_cached:]),
-                depth=depths[s.seq_id], sampling=sampling_to_proto(s.sampling), seed=s.seed)
+                depth=plan.depths[s.seq_id], sampling=sampling_to_proto(s.sampling), seed=s.seed,
+                tree=(tree_shape_to_proto(plan.trees[s.seq_id], plan.max_nodes[s.seq_id])
+                      if s.seq_id in plan.trees else None))
             for s in seqs])
         # A call that prefills a prompt is legitimately slower than a step: its timeout grows with the longest
         # prompt it carries. Otherwise a long prompt would time out on every retry and never be drafted for.
@@ -225,6 +289,7 @@ class StepLoop:
                                                    new_tokens=s.tokens[s.target_cached:]),
                 draft_tokens=proposal.tokens if proposal else [],
                 draft_probs=proposal.draft_probs if proposal else [],
+                draft_parents=proposal.parents if proposal else [],
                 sampling=sampling_to_proto(s.sampling), seed=s.seed))
         sent = time.perf_counter()
         response = await self.target.stub.Verify(target_pb2.VerifyRequest(entries=entries),
@@ -241,16 +306,19 @@ class StepLoop:
         if proposal is not None:  # the drafter keeps its drafts; only the accepted ones stay valid
             seq.draft_cached = min(proposal.cached_len, position + verdict.accepted)
         drafted = len(proposal.tokens) if proposal else 0
+        # For the acceptance estimate: a chain's rejection ends it; a tree's every rejected try counts.
+        rejections = (rejected_tries(proposal.parents, verdict.accepted_nodes) if proposal and proposal.parents
+                      else int(verdict.accepted < drafted))
         kept = seq.commit(list(verdict.tokens), self.max_context)
         seq.stats.steps += 1
         seq.stats.drafted += drafted
         seq.stats.accepted += verdict.accepted
-        seq.stats.rejections += int(verdict.accepted < drafted)
+        seq.stats.rejections += rejections
         seq.stats.emitted += len(kept)
         seq.stats.depth = drafted
         seq.stats.depth_reason = reason
         seq.emit(kept)
-        record.add_sequence(drafted, verdict.accepted, len(kept))
+        record.add_sequence(drafted, verdict.accepted, len(kept), rejections)
         if kept:
             if not seq.first_token_at:
                 seq.first_token_at = now

@@ -14,6 +14,7 @@ from typing import Any
 
 from specfleet.drafters import DRAFTER_KINDS
 from specfleet.models import DEFAULT_MODEL
+from specfleet.trees import TREE_METHODS, TreeShape, parse_branching
 
 MAX_DEPTH = 16  # the most draft tokens per sequence per step anywhere in the fleet
 
@@ -159,6 +160,17 @@ class RouterConfig(ServiceConfig):
     depth: str = option("auto", "draft tokens per step: auto (chosen each step, per sequence, from live "
                         "telemetry) or a fixed K (0: plain decoding through the target)")
     max_depth: int = option(8, "largest depth the policy may choose (at most 16)")
+    tree: str = option("none", "draft trees instead of chains: none, rsd-c (Gumbel-Top-k with --tree-branching "
+                       "children per level), rsd-s (stochastic beam search keeping --beam-width sequences per "
+                       "level) or iid (independent sampling with replacement in rsd-c's shape, a baseline); an "
+                       "ngram drafter merges several prompt-lookup matches whatever the method",
+                       choices=["none", *TREE_METHODS])
+    tree_branching: str = option("2,2,1", "rsd-c: children per node at each level, e.g. 2,2,1 (its length caps "
+                                 "the levels)")
+    beam_width: int = option(3, "rsd-s: sequences kept per level")
+    max_tree_nodes: int = option(16, "most tree nodes per sequence per step; with --depth auto the policy picks "
+                                 "a budget up to this each step (wider trees at small batch, chains or nothing "
+                                 "at large batch)")
     policy_mode: str = option("throughput", "auto depth objective: throughput (maximise generated tokens/s) or "
                               "latency (minimise time per output token, above --min-goodput)",
                               choices=["throughput", "latency"])
@@ -181,6 +193,12 @@ class RouterConfig(ServiceConfig):
         _check(self.depth == "auto" or (self.depth.isdigit() and int(self.depth) <= self.max_depth),
                f"--depth must be auto or an integer in [0, {self.max_depth}] (--max-depth), got {self.depth!r}")
         _check(self.min_goodput >= 0, f"--min-goodput must be >= 0, got {self.min_goodput}")
+        _check(self.beam_width >= 1, f"--beam-width must be >= 1, got {self.beam_width}")
+        _check(1 <= self.max_tree_nodes <= 64, f"--max-tree-nodes must be in [1, 64], got {self.max_tree_nodes}")
+        try:
+            parse_branching(self.tree_branching)
+        except ValueError as err:
+            raise ValueError(f"--tree-branching: {err}") from None
         _check(self.policy_refresh_s > 0, f"--policy-refresh-s must be > 0, got {self.policy_refresh_s}")
         target_pool = parse_pool(self.targets, "--targets")  # raises on a malformed pool
         _check(not isinstance(target_pool, StaticPool) or bool(target_pool.addresses),
@@ -195,6 +213,15 @@ class RouterConfig(ServiceConfig):
     def pinned_depth(self) -> int | None:
         """The fixed depth, or None when the policy chooses (--depth auto)."""
         return None if self.depth == "auto" else int(self.depth)
+
+    @property
+    def tree_shape(self) -> TreeShape | None:
+        """The configured tree shape at its fullest (None: chains). RSD-S gets --max-depth levels."""
+        if self.tree in ("rsd-c", "iid"):
+            return TreeShape(self.tree, parse_branching(self.tree_branching))
+        if self.tree == "rsd-s":
+            return TreeShape("rsd-s", beam_width=self.beam_width, depth=self.max_depth)
+        return None
 
     @property
     def speculates(self) -> bool:

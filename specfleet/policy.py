@@ -788,3 +788,94 @@ class DepthPolicy:
             return choose_depths_for_latency(alphas, state.costs, self.max_depth, self.min_goodput,
                                              limits=limits, uniform=self.uniform)
         return choose_depths(alphas, state.costs, self.max_depth, limits=limits, uniform=self.uniform)
+
+    def choose_tree(self, per_sequence_counts: Sequence[tuple[int, int]],
+                    candidates: Sequence[Sequence[TreePlan]]) -> TreeDecision:
+        """The best of ``candidates`` (each one plan per sequence) for one step; see `choose_tree_plan`."""
+        state = self._state
+        return choose_tree_plan(self._alphas(per_sequence_counts, state.fleet_alpha), state.costs, candidates)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Draft trees: the node budget per step
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TreePlan:
+    """What one sequence drafts in a step, as the policy sees it: ``nodes`` draft tokens in all, and the
+    candidates recursive rejection tries at each level below the accepted path (``tries[l]``: the accepted
+    node's children at depth l; a chain of depth d is nodes d, tries (1,) * d; nothing is nodes 0, tries ())."""
+
+    nodes: int
+    tries: tuple[int, ...]
+
+    @property
+    def levels(self) -> int:
+        return len(self.tries)
+
+
+def tree_expected_emitted(alpha: float, tries: Sequence[int]) -> float:
+    """Expected tokens a step emits with a tree: 1 + sum_L prod_{l <= L} (1 - (1 - alpha)^tries[l]).
+
+    An approximation: each of the b candidates at a level is taken to be accepted independently with the
+    sequence's per-token rate alpha, so the level is passed with probability 1 - (1 - alpha)^b. It ignores
+    that siblings drawn without replacement are less likely than the first (optimistic) and that recursive
+    rejection tries later siblings against the residual, which raises their chance (pessimistic). For a
+    chain (every b = 1) it is `expected_emitted` exactly.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    total, reach = 1.0, 1.0
+    for b in tries:
+        reach *= 1.0 - (1.0 - alpha) ** b
+        total += reach
+    return total
+
+
+@dataclass(frozen=True)
+class TreeDecision:
+    """The plan chosen for one step (``index`` into the candidates) and its predictions."""
+
+    index: int
+    goodput: float
+    step_ms: float
+    reason: str
+
+
+def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequence[Sequence[TreePlan]]
+                     ) -> TreeDecision:
+    """The candidate (one `TreePlan` per sequence; the batch drafts one shape, fitted to each sequence's
+    room) maximising predicted goodput:
+
+        sum_i tree_expected_emitted(alpha_i, tries_i) / (draft_ms(B, max levels) [if any] +
+                                                         target_ms(B, 1 + mean nodes) + overhead_ms(B)).
+
+    The verify cost of a tree is that of a chain with as many tokens (one forward over every node), so
+    at small batch, where extra tokens are nearly free, wide trees win, and at large batch chains or
+    plain decoding. Ties go to the earlier candidate (list cheaper ones first).
+    """
+    if not candidates:
+        raise ValueError("need at least one candidate plan")
+    batch = len(alphas)
+    best: TreeDecision | None = None
+    scores = []
+    for index, plans in enumerate(candidates):
+        if len(plans) != batch:
+            raise ValueError(f"candidate {index} has {len(plans)} plans for {batch} sequences")
+        if batch == 0:
+            return TreeDecision(index, 0.0, 0.0, "no sequences")
+        levels = max(p.levels for p in plans)
+        draft = costs.predict("draft", batch, float(levels)) if levels else 0.0
+        step = (draft + costs.predict("target", batch, 1 + sum(p.nodes for p in plans) / batch)
+                + max(MIN_STEP_MS, costs.predict("overhead", batch, 1.0)))
+        goodput = 1000.0 * sum(tree_expected_emitted(a, p.tries) for a, p in zip(alphas, plans, strict=True)) / step
+        scores.append(goodput)
+        if best is None or goodput > best.goodput * (1 + 1e-12):
+            best = TreeDecision(index, goodput, step, "")
+    assert best is not None
+    mean_nodes = sum(p.nodes for p in candidates[best.index]) / batch
+    others = ", ".join(f"{sum(p.nodes for p in plans) / batch:.0f}: {g:.0f}"
+                       for plans, g in zip(candidates, scores, strict=True) if plans is not candidates[best.index])
+    reason = f"tree budget {mean_nodes:.1f} nodes ({best.goodput:.0f} tok/s) vs {others or 'nothing else'}"
+    return TreeDecision(best.index, best.goodput, best.step_ms, reason)

@@ -133,10 +133,16 @@ def seeded_uniforms(seed: int, position: int, stream: int, count: int) -> torch.
     """
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
+    return torch.rand(count, generator=seeded_generator(seed, position, stream), dtype=torch.float64)
+
+
+def seeded_generator(seed: int, position: int, stream: int) -> torch.Generator:
+    """A CPU generator seeded from a BLAKE2b hash of (seed, position, stream), as `seeded_uniforms` uses;
+    for randomness of variable size (a draft tree's Gumbel noise)."""
     digest = hashlib.blake2b(f"specfleet:{seed}:{position}:{stream}".encode(), digest_size=8).digest()
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int.from_bytes(digest, "little"))
-    return torch.rand(count, generator=generator, dtype=torch.float64)
+    return generator
 
 
 def top_k_pairs(

@@ -60,10 +60,12 @@ class AcceptanceCounts:
     proposed_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
 
-    def add_step(self, drafted: int, accepted: int) -> None:
+    def add_step(self, drafted: int, accepted: int, rejections: int | None = None) -> None:
+        """``rejections``: draft tokens tried and rejected in the step, for a tree (see
+        `specfleet.trees.rejected_tries`); a chain's is whether it stopped short of its end."""
         self.sequence_steps += 1
         self.accepted += accepted
-        self.rejections += int(accepted < drafted)
+        self.rejections += int(accepted < drafted) if rejections is None else rejections
         _grow(self.proposed_by_position, drafted)
         _grow(self.accepted_by_position, accepted)
         for j in range(drafted):
@@ -102,10 +104,10 @@ class StepRecord:
     first_token_s: list[float] = field(default_factory=list)  # time to first token of sequences that got theirs
     duration_s: float = 0.0
 
-    def add_sequence(self, drafted: int, accepted: int, emitted: int) -> None:
+    def add_sequence(self, drafted: int, accepted: int, emitted: int, rejections: int | None = None) -> None:
         self.emitted += emitted
         if drafted:
-            self.acceptance.add_step(drafted, accepted)
+            self.acceptance.add_step(drafted, accepted, rejections)
             self.accepted.append(accepted)
 
 

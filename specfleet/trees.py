@@ -236,6 +236,18 @@ def without_replacement_probs(
 # ---------------------------------------------------------------------------------------------------
 # Tree construction.
 
+Generators = torch.Generator | Sequence[torch.Generator]
+"""One generator for the whole batch, or one per row (then a row's tree depends only on its own
+generator and the shape, not on which other rows share the batch)."""
+
+
+def _uniforms(generator: Generators, batch: int, width: int, vocab: int) -> torch.Tensor:  # [batch, width, vocab]
+    if isinstance(generator, torch.Generator):
+        return torch.rand(batch, width, vocab, generator=generator, dtype=torch.float64)
+    if len(generator) != batch:
+        raise ValueError(f"need one generator per row ({batch}), got {len(generator)}")
+    return torch.stack([torch.rand(width, vocab, generator=g, dtype=torch.float64) for g in generator])
+
 
 @dataclass
 class _Level:
@@ -296,11 +308,16 @@ def build_tree_rsd_c(
     draft_logprobs: DraftLogProbs,
     batch: int,
     branching: Sequence[int],
-    generator: torch.Generator,
+    generator: Generators,
     device: torch.device | str = "cpu",
+    replacement: bool = False,
 ) -> DraftTree:
     """RSD-C (Jeon et al. 2024, section 3.2): every node at depth d gets ``branching[d]`` children,
     drawn without replacement from the draft distribution at that node by Gumbel-Top-k.
+
+    With ``replacement`` the children are instead independent draws from q (SpecInfer-style
+    independent sampling, the baseline RSD improves on): siblings may repeat a token and each one's
+    ``draft_probs`` is q itself.
 
     The tree has up to b_0 + b_0 b_1 + ... nodes per row (fewer where a draft distribution has fewer
     possible tokens than the branching). The draft model is asked once per level for every frontier
@@ -319,10 +336,15 @@ def build_tree_rsd_c(
         if b > vocab:
             raise ValueError(f"branching {b} exceeds the vocabulary ({vocab} tokens)")
         flat = logprobs.reshape(batch * width, vocab)
-        uniforms = torch.rand(batch * width, vocab, generator=generator, dtype=torch.float64).to(device)
-        drawn = gumbel_top_k(flat, b, uniforms)
-        tokens = drawn.tokens.reshape(batch, width, b)
-        probs = without_replacement_probs(torch.softmax(flat, dim=-1).nan_to_num(0.0), drawn.tokens)
+        uniforms = _uniforms(generator, batch, width, vocab).reshape(batch * width, vocab).to(device)
+        q = torch.softmax(flat, dim=-1).nan_to_num(0.0)
+        if replacement:
+            drawn_tokens = _independent_draws(q, uniforms[:, :b])
+            probs = q.float()[:, None, :].expand(-1, b, -1) * (drawn_tokens >= 0)[..., None]
+        else:
+            drawn_tokens = gumbel_top_k(flat, b, uniforms).tokens
+            probs = without_replacement_probs(q, drawn_tokens)
+        tokens = drawn_tokens.reshape(batch, width, b)
         parent_ids = frontier_offset + torch.arange(width, device=device) if levels else torch.full(
             (width,), -1, device=device)
         level = _Level(
@@ -337,6 +359,14 @@ def build_tree_rsd_c(
         levels.append(level)
         frontier = level
     return _assemble(levels)
+
+
+def _independent_draws(q: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:  # [m, b] int64
+    """b independent inverse-CDF draws per row of q ([m, vocab]); -1 for rows with no mass (invalid nodes)."""
+    cdf = torch.cumsum(q.double(), dim=-1)
+    tokens = torch.searchsorted(cdf, (uniforms.double() * cdf[:, -1:]).contiguous(), right=True)
+    last = q.shape[1] - 1 - (q > 0).flip(-1).to(torch.uint8).argmax(dim=-1, keepdim=True)
+    return torch.where(cdf[:, -1:] > 0, torch.minimum(tokens, last), torch.full_like(tokens, -1))
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -368,7 +398,7 @@ def build_tree_rsd_s(
     batch: int,
     beam_width: int,
     depth: int,
-    generator: torch.Generator,
+    generator: Generators,
     device: torch.device | str = "cpu",
 ) -> DraftTree:
     """RSD-S (Jeon et al. 2024, section 3.3): Stochastic Beam Search (Kool et al. 2019) over the draft.
@@ -396,7 +426,7 @@ def build_tree_rsd_s(
     for _ in range(depth):
         logprobs = _expand(draft_logprobs, frontier.paths, frontier.valid, vocab)  # [batch, width, vocab]
         width, vocab = logprobs.shape[1], logprobs.shape[2]
-        uniforms = torch.rand(batch, width, vocab, generator=generator, dtype=torch.float64).to(device)
+        uniforms = _uniforms(generator, batch, width, vocab).to(device)
         sequence_logprob = frontier_logprob[..., None] + logprobs  # [batch, width, vocab]
         values = conditional_gumbel(sequence_logprob + gumbel_noise(uniforms), frontier_values)
         values = torch.where(frontier.valid[..., None], values, torch.full_like(values, -torch.inf))
@@ -484,3 +514,110 @@ def tree_from_paths(paths: Sequence[Sequence[int]], vocab_size: int) -> DraftTre
     return point_mass_tree(torch.tensor([tokens], dtype=torch.long).reshape(1, -1),
                            torch.tensor([parents], dtype=torch.long).reshape(1, -1),
                            torch.tensor([len(tokens)]), vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tree shapes and node budgets.
+
+TREE_METHODS = ("rsd-c", "rsd-s", "iid")
+"""RSD-C and RSD-S sample siblings without replacement; iid (a benchmark baseline, SpecInfer-style)
+samples them independently, with replacement, in RSD-C's shapes."""
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """What to draft: RSD-C (or iid) with ``branching[d]`` children per node at depth d, or RSD-S
+    keeping ``beam_width`` sequences per level for ``depth`` levels."""
+
+    method: str
+    branching: tuple[int, ...] = ()
+    beam_width: int = 0
+    depth: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in TREE_METHODS:
+            raise ValueError(f"tree method must be one of {TREE_METHODS}, got {self.method!r}")
+        if self.method != "rsd-s" and (not self.branching or min(self.branching) < 1):
+            raise ValueError(f"{self.method} needs a non-empty branching of positive ints, got {list(self.branching)}")
+        if self.method == "rsd-s" and (self.beam_width < 1 or self.depth < 1):
+            raise ValueError(f"rsd-s needs beam_width >= 1 and depth >= 1, got {self.beam_width}, {self.depth}")
+
+    @property
+    def levels(self) -> int:
+        return self.depth if self.method == "rsd-s" else len(self.branching)
+
+    @property
+    def nodes(self) -> int:
+        """Most nodes the tree can have (fewer where a draft distribution has fewer possible tokens)."""
+        if self.method == "rsd-s":
+            return self.beam_width * self.depth
+        total, width = 0, 1
+        for b in self.branching:
+            width *= b
+            total += width
+        return total
+
+    @property
+    def is_chain(self) -> bool:
+        return self.method != "rsd-s" and all(b == 1 for b in self.branching)
+
+    def level_tries(self) -> tuple[int, ...]:
+        """Children of the accepted node at each level: the candidates recursive rejection tries there.
+        Exact for RSD-C and iid; for RSD-S an approximation: the whole beam at the first level, then at most two
+        (a beam keeps its survivors under the likeliest nodes, so an accepted node usually has a fallback)."""
+        if self.method != "rsd-s":
+            return self.branching
+        return (self.beam_width, *([min(self.beam_width, 2)] * (self.depth - 1)))
+
+    def fit(self, max_nodes: int, max_depth: int) -> TreeShape | None:
+        """The largest shape like this one with at most ``max_nodes`` nodes and ``max_depth`` levels:
+        RSD-C narrows its deepest levels first, RSD-S loses levels (or beams, below one level); None
+        when nothing fits."""
+        if max_nodes < 1 or max_depth < 1:
+            return None
+        if self.method == "rsd-s":
+            if self.beam_width > max_nodes:
+                return TreeShape("rsd-s", beam_width=max_nodes, depth=1)
+            return TreeShape("rsd-s", beam_width=self.beam_width,
+                             depth=min(self.depth, max_depth, max_nodes // self.beam_width))
+        branching = list(self.branching[:max_depth])
+        while TreeShape(self.method, tuple(branching)).nodes > max_nodes:
+            if branching[-1] > 1:
+                branching[-1] -= 1
+            else:
+                branching.pop()
+        return TreeShape(self.method, tuple(branching))
+
+    def describe(self) -> str:
+        if self.method == "rsd-s":
+            return f"rsd-s {self.beam_width}x{self.depth}"
+        return f"{self.method} " + ",".join(map(str, self.branching))
+
+
+def chain_shape(depth: int) -> TreeShape:
+    """A chain of ``depth`` tokens as a shape (RSD-C with branching 1 everywhere)."""
+    return TreeShape("rsd-c", (1,) * depth)
+
+
+def parse_branching(text: str) -> tuple[int, ...]:
+    """``"2,2,1"`` -> (2, 2, 1); raises ValueError for anything else."""
+    try:
+        branching = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise ValueError(f"branching must be comma-separated positive ints like 2,2,1, got {text!r}") from None
+    if not branching or min(branching) < 1:
+        raise ValueError(f"branching must be comma-separated positive ints like 2,2,1, got {text!r}")
+    return branching
+
+
+def rejected_tries(parents: Sequence[int], path: Sequence[int]) -> int:
+    """Draft tokens recursive rejection tried and rejected on the way down ``path`` (node indices from
+    the root's child): each accepted node's earlier siblings, and every child of the node the path ends
+    at. With one acceptance chance alpha per try, accepted / (accepted + this) over many steps is the
+    maximum-likelihood alpha; for a chain it is 1 when the chain stopped short of its end, else 0."""
+    rejected, parent = 0, -1
+    for node in [*path, None]:
+        children = [j for j, p in enumerate(parents) if p == parent]
+        rejected += len(children) if node is None else children.index(node)
+        parent = node
+    return rejected

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from specfleet.protos import generate_pb2, session_pb2
+from specfleet.protos import draft_pb2, generate_pb2, session_pb2
 from specfleet.sampling import SamplingParams
+from specfleet.trees import TreeShape
 
 
 def sampling_from_proto(msg: generate_pb2.SamplingParameters) -> SamplingParams:
@@ -47,3 +48,38 @@ def info_response(*, model: str, kind: str, vocab_size: int, fingerprint: str, m
     return session_pb2.GetServiceInfoResponse(
         model=model, kind=kind, vocab_size=vocab_size, tokenizer_fingerprint=fingerprint, max_seq_len=max_seq_len,
         num_slots=num_slots, live_sequences=live, eos_token_ids=list(eos_ids))
+
+
+_METHODS = {"rsd-c": draft_pb2.TREE_METHOD_RSD_C, "rsd-s": draft_pb2.TREE_METHOD_RSD_S,
+            "iid": draft_pb2.TREE_METHOD_IID}
+
+
+def tree_shape_to_proto(shape: TreeShape, max_nodes: int = 0) -> draft_pb2.TreeShape:
+    return draft_pb2.TreeShape(method=_METHODS[shape.method], branching=list(shape.branching),
+                               beam_width=shape.beam_width, max_nodes=max_nodes)
+
+
+def tree_shape_from_proto(msg: draft_pb2.TreeShape, depth: int) -> tuple[TreeShape, int]:
+    """(shape, max_nodes) of a Propose entry's tree; ``depth`` is the entry's, the tree's levels for RSD-S.
+    Raises ValueError for a malformed shape."""
+    methods = {v: k for k, v in _METHODS.items()}
+    if msg.method not in methods:
+        raise ValueError(f"tree.method must be TREE_METHOD_RSD_C, _RSD_S or _IID, got {msg.method}")
+    method = methods[msg.method]
+    if method == "rsd-s":
+        return TreeShape(method, beam_width=msg.beam_width, depth=max(depth, 1)), msg.max_nodes
+    return TreeShape(method, tuple(msg.branching)), msg.max_nodes
+
+
+def validate_parents(parents: Sequence[int], nodes: int, what: str) -> None:
+    """A tree's parent list: one per node, each -1 or an earlier node."""
+    if len(parents) != nodes:
+        raise ValueError(f"{what}: {nodes} nodes but {len(parents)} parents")
+    for j, parent in enumerate(parents):
+        if not -1 <= parent < j:
+            raise ValueError(f"{what}: node {j} has parent {parent}; each must be -1 or an earlier node")
+
+
+def is_chain(parents: Sequence[int]) -> bool:
+    """Whether a tree is a chain (each node the child of the one before): it then travels as a chain."""
+    return all(parent == j - 1 for j, parent in enumerate(parents))

@@ -18,7 +18,7 @@ from specfleet.otel import setup as setup_otel
 from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
 from specfleet.serving import serve, servicer_name
 from specfleet.telemetry import TelemetryWriter, is_prefill, writer_for
-from specfleet.wire import delta_fields, info_response, sampling_from_proto, validate_tokens
+from specfleet.wire import delta_fields, info_response, sampling_from_proto, validate_parents, validate_tokens
 from target_service.verifier import Verifier, VerifyItem
 
 log = logging.getLogger("specfleet.target")
@@ -57,7 +57,8 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
             verdicts=[target_pb2.Verdict(
                 seq_id=v.seq_id,
                 status=session_pb2.ENTRY_STATUS_OK if v.known else session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE,
-                accepted=v.accepted, tokens=v.tokens, cached_len=v.cached_len) for v in verdicts])
+                accepted=v.accepted, tokens=v.tokens, cached_len=v.cached_len, accepted_nodes=v.accepted_nodes)
+                for v in verdicts])
 
     def _item(self, entry: target_pb2.VerifyEntry) -> VerifyItem:
         seq_id, rollback_to, new_tokens = delta_fields(entry.sequence)
@@ -80,7 +81,12 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                 ids[row, : len(dist.token_ids)] = torch.tensor(list(dist.token_ids), dtype=torch.long)
                 probs[row, : len(dist.probs)] = torch.tensor(list(dist.probs))
             draft_probs = (ids, probs)
-        return VerifyItem(seq_id, rollback_to, new_tokens, list(entry.draft_tokens), draft_probs, sampling, entry.seed)
+        parents = None
+        if entry.draft_parents:
+            validate_parents(entry.draft_parents, len(entry.draft_tokens), f"{seq_id}: draft_parents")
+            parents = list(entry.draft_parents)
+        return VerifyItem(seq_id, rollback_to, new_tokens, list(entry.draft_tokens), draft_probs, sampling, entry.seed,
+                          parents)
 
     async def Release(self, request: session_pb2.ReleaseSequencesRequest, context: grpc.aio.ServicerContext
                       ) -> session_pb2.ReleaseSequencesResponse:

@@ -1,5 +1,7 @@
 """The target side of a step, free of gRPC: run every sequence's new tokens and drafts through the
-model in one batched pass, verify the drafts, and keep only the accepted prefix in the cache."""
+model in one batched pass, verify the drafts, and keep only the accepted prefix in the cache. Draft
+trees go through the model with tree attention (``extend_tree``) and keep their accepted path
+(``keep_path``), so afterwards the cache reads as for a chain."""
 
 from __future__ import annotations
 
@@ -7,9 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from specfleet.engine import Extend, ModelRunner
+from specfleet.engine import Extend, ModelRunner, TreeExtend
 from specfleet.sampling import VERIFY_STREAM, SamplingParams, dense_from_pairs, processed_probs, seeded_uniforms
-from specfleet.verify import verify_chain, verify_greedy
+from specfleet.trees import DraftTree, tree_depths
+from specfleet.verify import verify_chain, verify_greedy, verify_tree, verify_tree_greedy
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,8 @@ class VerifyItem:
     draft_probs: tuple[torch.Tensor, torch.Tensor] | None
     sampling: SamplingParams
     seed: int = 0
+    # For a tree: each draft token's parent (-1: the last committed token); None for a chain.
+    draft_parents: list[int] | None = None
 
     @property
     def position(self) -> int:
@@ -36,6 +41,7 @@ class Verdict:
     accepted: int = 0
     tokens: tuple[int, ...] = ()  # accepted drafts, then the recovered or bonus token
     cached_len: int = 0
+    accepted_nodes: tuple[int, ...] = ()  # for a tree: the accepted path's node indices
 
     @classmethod
     def unknown(cls, seq_id: str) -> Verdict:
@@ -56,6 +62,10 @@ class Verifier:
                 known.append(item)
             else:
                 verdicts[item.seq_id] = Verdict.unknown(item.seq_id)
+        trees = [i for i in known if i.draft_parents is not None]
+        known = [i for i in known if i.draft_parents is None]
+        if trees:
+            verdicts.update(self._verify_trees(trees))
         if known:
             logits = self.runner.extend([
                 Extend(i.seq_id, i.rollback_to, list(i.new_tokens) + list(i.draft_tokens),
@@ -73,6 +83,66 @@ class Verifier:
                         self.runner.truncate(item.seq_id, cached)
                         verdicts[item.seq_id] = Verdict(item.seq_id, True, accepted, tuple(tokens), cached)
         return [verdicts[i.seq_id] for i in items]
+
+    def _verify_trees(self, items: list[VerifyItem]) -> dict[str, Verdict]:
+        """Every tree in one tree-attention pass, verified (greedy, or by recursive rejection sampling),
+        then each keeps its accepted path, so the cache holds the committed tokens and that path."""
+        logits = self.runner.extend_tree([
+            TreeExtend(i.seq_id, i.rollback_to, list(i.new_tokens), list(i.draft_tokens), list(i.draft_parents))
+            for i in items])
+        verdicts: dict[str, Verdict] = {}
+        greedy = [n for n, i in enumerate(items) if i.sampling.greedy]
+        sampled = [n for n, i in enumerate(items) if not i.sampling.greedy]
+        for group, decide in ((greedy, self._decide_trees_greedy), (sampled, self._decide_trees_sampled)):
+            if not group:
+                continue
+            group_items = [items[n] for n in group]
+            result = decide(group_items, [logits[n] for n in group])
+            for row, item in enumerate(group_items):
+                path = result.accepted_path(row)
+                self.runner.keep_path(item.seq_id, item.position, path)
+                verdicts[item.seq_id] = Verdict(item.seq_id, True, len(path), tuple(result.emitted(row)),
+                                                item.position + len(path), tuple(path))
+        return verdicts
+
+    def _tree(self, items: list[VerifyItem], vocab: int, with_probs: bool) -> DraftTree:
+        nodes = max(len(i.draft_tokens) for i in items)
+        tokens = torch.full((len(items), nodes), -1, dtype=torch.long)
+        parents = torch.full((len(items), nodes), -1, dtype=torch.long)
+        draft_probs = torch.zeros(len(items), nodes, vocab if with_probs else 0)
+        for row, i in enumerate(items):
+            n = len(i.draft_tokens)
+            if n:
+                tokens[row, :n] = torch.tensor(i.draft_tokens, dtype=torch.long)
+                parents[row, :n] = torch.tensor(i.draft_parents, dtype=torch.long)
+                if with_probs:
+                    if i.draft_probs is None:
+                        raise ValueError(f"{i.seq_id}: a sampled request needs the draft distribution of each node")
+                    draft_probs[row, :n] = dense_from_pairs(*i.draft_probs, vocab)
+        num_nodes = torch.tensor([len(i.draft_tokens) for i in items])
+        return DraftTree(tokens, parents, tree_depths(parents), draft_probs, num_nodes)
+
+    def _decide_trees_greedy(self, items: list[VerifyItem], logits: list[torch.Tensor]):
+        tree = self._tree(items, 0, with_probs=False)
+        return verify_tree_greedy(self._pad_logits(logits, tree.max_nodes), tree)
+
+    def _decide_trees_sampled(self, items: list[VerifyItem], logits: list[torch.Tensor]):
+        vocab = logits[0].shape[-1]
+        tree = self._tree(items, vocab, with_probs=True)
+        rows = tree.max_nodes + 1
+        target_probs = processed_probs(
+            self._pad_logits(logits, tree.max_nodes).view(-1, vocab),
+            torch.tensor([i.sampling.temperature for i in items]).repeat_interleave(rows),
+            torch.tensor([i.sampling.top_k for i in items]).repeat_interleave(rows),
+            torch.tensor([i.sampling.top_p for i in items]).repeat_interleave(rows),
+        ).view(len(items), rows, vocab)
+        uniforms = torch.zeros(len(items), rows, dtype=torch.float64)
+        for row, i in enumerate(items):
+            n = len(i.draft_tokens)
+            u = seeded_uniforms(i.seed, i.position, VERIFY_STREAM, n + 1)
+            uniforms[row, :n] = u[:n]
+            uniforms[row, tree.max_nodes] = u[n]  # the recovered/bonus draw always uses the last column
+        return verify_tree(target_probs, tree, uniforms)
 
     @staticmethod
     def _padded_drafts(items: list[VerifyItem]) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -239,6 +239,11 @@ def _rsd_c(*branching: int) -> TreeMaker:
     return lambda models, last, gen: build_tree_rsd_c(models.draft_logprobs(last), len(last), branching, gen)
 
 
+def _iid(*branching: int) -> TreeMaker:
+    return lambda models, last, gen: build_tree_rsd_c(models.draft_logprobs(last), len(last), branching, gen,
+                                                      replacement=True)
+
+
 def _rsd_s(beam_width: int, depth: int) -> TreeMaker:
     return lambda models, last, gen: build_tree_rsd_s(models.draft_logprobs(last), len(last), beam_width, depth, gen)
 
@@ -267,6 +272,7 @@ TREES: dict[str, TreeMaker] = {
     "rsd_s_3x3": _rsd_s(3, 3),
     "rsd_s_4x2": _rsd_s(4, 2),
     "ngram": _ngram_tree,
+    "iid_3x2": _iid(3, 2),
 }
 
 

@@ -8,12 +8,14 @@ from typing import Protocol
 import torch
 
 from specfleet.sampling import SamplingParams
+from specfleet.trees import TreeShape
 
 
 @dataclass(frozen=True)
 class DraftRequest:
     """Roll ``seq_id`` back to ``rollback_to`` tokens, append ``new_tokens`` (committed), then draft
-    up to ``depth`` tokens with ``sampling``; ``seed`` with the position makes the draft reproducible."""
+    up to ``depth`` tokens with ``sampling``; ``seed`` with the position makes the draft reproducible.
+    With ``tree``, draft a tree of that shape instead (at most ``depth`` levels and ``max_nodes`` nodes)."""
 
     seq_id: str
     rollback_to: int
@@ -21,6 +23,8 @@ class DraftRequest:
     depth: int
     sampling: SamplingParams
     seed: int = 0
+    tree: TreeShape | None = None
+    max_nodes: int = 0  # 0: as many as the shape has
 
     @property
     def position(self) -> int:
@@ -37,6 +41,9 @@ class DraftResult:
     # None for greedy requests.
     draft_probs: tuple[torch.Tensor, torch.Tensor] | None
     cached_len: int  # tokens of the sequence the drafter holds after this call
+    # For a tree: each node's parent (-1 for the root's children), ``tokens`` holding the nodes and
+    # ``draft_probs`` one distribution per node (given its earlier siblings); None for a chain.
+    parents: list[int] | None = None
 
     @classmethod
     def unknown(cls, seq_id: str) -> DraftResult:

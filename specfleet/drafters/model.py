@@ -1,18 +1,27 @@
-"""A small causal LM sharing the target's tokenizer drafts autoregressively, batched."""
+"""A small causal LM sharing the target's tokenizer drafts autoregressively, batched: chains, or
+trees by RSD-C / RSD-S (`specfleet.trees`) with the nodes evaluated by tree attention."""
 
 from __future__ import annotations
 
 import torch
 
 from specfleet.drafters.base import DraftRequest, DraftResult
-from specfleet.engine import Extend, ModelRunner
+from specfleet.engine import Extend, ModelRunner, TreeExtend
 from specfleet.sampling import (
     DRAFT_STREAM,
+    dense_from_pairs,
     processed_probs,
     sample_from_probs,
+    seeded_generator,
     seeded_uniforms,
     top_k_pairs,
 )
+from specfleet.trees import DraftTree, TreeShape, build_tree_rsd_c, build_tree_rsd_s
+
+GREEDY_TREE_SCALE = 1e4
+"""Greedy trees multiply the draft's log-probabilities by this before tree construction, so the Gumbel
+noise (within about [-7, 37]) cannot reorder tokens whose log-probabilities differ by more than ~0.005:
+the tree is then the draft's most likely tokens, deterministically (greedy verification needs no q)."""
 
 
 class ModelDrafter:
@@ -39,6 +48,8 @@ class ModelDrafter:
     def propose(self, requests: list[DraftRequest]) -> list[DraftResult]:
         results = {r.seq_id: DraftResult.unknown(r.seq_id) for r in requests
                    if not self.runner.can_extend(r.seq_id, r.rollback_to)}
+        trees = [r for r in requests if r.seq_id not in results and r.depth > 0 and r.tree is not None]
+        results.update(self._propose_trees(trees))
         active = [r for r in requests if r.seq_id not in results and r.depth > 0]
         drafts: dict[str, list[int]] = {r.seq_id: [] for r in active}
         pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {r.seq_id: [] for r in active}
@@ -95,3 +106,95 @@ class ModelDrafter:
                 tokens.append(int(ids[row, picks[row]]))
                 chosen.append((ids[row], pair_probs[row]))
         return tokens, chosen
+
+    # -- trees ----------------------------------------------------------------------------------
+
+    def _propose_trees(self, requests: list[DraftRequest]) -> dict[str, DraftResult]:
+        """Trees for every request, one construction per distinct shape. The committed tokens go in
+        first; each level then evaluates the tree so far with ``extend_tree`` after re-feeding the last
+        committed token, and at the end the cache is cut back to the committed tokens, so it holds
+        nothing a later rollback could not undo (cached_len is the committed length)."""
+        if not requests:
+            return {}
+        root_logits = self.runner.extend([Extend(r.seq_id, r.rollback_to, list(r.new_tokens)) for r in requests])
+        committed = {r.seq_id: r.position for r in requests}
+        last_token = {r.seq_id: (r.new_tokens[-1] if r.new_tokens else None) for r in requests}
+        roots = dict(zip((r.seq_id for r in requests), root_logits, strict=True))
+        by_shape: dict[TreeShape | None, list[DraftRequest]] = {}
+        for r in requests:
+            by_shape.setdefault(r.tree.fit(r.max_nodes or r.tree.nodes, r.depth), []).append(r)
+        results: dict[str, DraftResult] = {}
+        for shape, group in by_shape.items():
+            tree = self._build(shape, group, roots, last_token)
+            for row, r in enumerate(group):
+                self.runner.truncate(r.seq_id, committed[r.seq_id])
+                results[r.seq_id] = self._tree_result(r, tree, row)
+        return results
+
+    def _build(self, shape: TreeShape | None, group: list[DraftRequest], roots: dict[str, torch.Tensor],
+               last_token: dict[str, int | None]) -> DraftTree:
+        generators = [seeded_generator(r.seed, r.position, DRAFT_STREAM) for r in group]
+
+        def draft_logprobs(rows: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+            """The draft's processed log-probabilities after each (row, path): one tree-attention pass
+            over the trie of every path asked for, per sequence."""
+            if paths.shape[1] == 0:
+                logits = torch.cat([roots[group[int(row)].seq_id] for row in rows])
+            else:
+                logits = self._path_logits(group, rows.tolist(), paths.tolist(), last_token)
+            return self._logprobs([group[int(row)] for row in rows], logits)
+
+        if shape is None:  # nothing fits: an empty tree
+            empty = torch.zeros(len(group), 0, dtype=torch.long)
+            return DraftTree(empty, empty, empty, torch.zeros(len(group), 0, self.runner.vocab_size),
+                             torch.zeros(len(group), dtype=torch.long))
+        if shape.method == "rsd-s":
+            return build_tree_rsd_s(draft_logprobs, len(group), shape.beam_width, shape.depth, generators)
+        return build_tree_rsd_c(draft_logprobs, len(group), shape.branching, generators,
+                                replacement=shape.method == "iid")
+
+    def _path_logits(self, group: list[DraftRequest], rows: list[int], paths: list[list[int]],
+                     last_token: dict[str, int | None]) -> torch.Tensor:  # [len(rows), vocab]
+        tries: dict[int, dict[tuple[int, ...], int]] = {}  # per row: path prefix -> node index
+        parents: dict[int, list[int]] = {}
+        tokens: dict[int, list[int]] = {}
+        for row, path in zip(rows, paths, strict=True):
+            trie, ps, ts = tries.setdefault(row, {}), parents.setdefault(row, []), tokens.setdefault(row, [])
+            for end in range(1, len(path) + 1):
+                key = tuple(path[:end])
+                if key not in trie:
+                    trie[key] = len(ts)
+                    ts.append(path[end - 1])
+                    ps.append(trie[key[:-1]] if end > 1 else -1)
+        calls = []
+        for row in tries:
+            r = group[row]
+            if last_token[r.seq_id] is None:
+                raise ValueError(f"{r.seq_id}: a tree needs at least one new committed token in the request")
+            calls.append(TreeExtend(r.seq_id, r.position - 1, [last_token[r.seq_id]], tokens[row], parents[row]))
+        outs = dict(zip(tries, self.runner.extend_tree(calls), strict=True))
+        return torch.stack([outs[row][1 + tries[row][tuple(path)]] for row, path in zip(rows, paths, strict=True)])
+
+    def _logprobs(self, requests: list[DraftRequest], logits: torch.Tensor) -> torch.Tensor:
+        """Log of the exact distribution a sampled row draws from (processed, truncated to the top-K
+        pairs sent on the wire, -inf elsewhere); greedy rows get the draft's top-K log-probabilities
+        scaled by GREEDY_TREE_SCALE."""
+        params = [r.sampling for r in requests]
+        k = min(self.num_pairs, logits.shape[-1])
+        greedy = torch.tensor([p.greedy for p in params])
+        probs = processed_probs(logits, torch.tensor([1.0 if p.greedy else p.temperature for p in params]),
+                                torch.tensor([p.top_k for p in params]), torch.tensor([p.top_p for p in params]))
+        ids, pair_probs = top_k_pairs(probs, k)
+        logprobs = dense_from_pairs(ids, pair_probs, logits.shape[-1]).log()
+        return torch.where(greedy[:, None], logprobs * GREEDY_TREE_SCALE, logprobs)
+
+    def _tree_result(self, request: DraftRequest, tree: DraftTree, row: int) -> DraftResult:
+        n = int(tree.num_nodes[row])
+        draft_probs = None
+        if not request.sampling.greedy:
+            # Each node's q_i has at most K tokens (a subset of the top-K pairs), so its top-K is all of it.
+            draft_probs = top_k_pairs(tree.draft_probs[row, :n], min(self.num_pairs, tree.vocab_size)) if n else (
+                torch.empty(0, self.num_pairs, dtype=torch.long), torch.empty(0, self.num_pairs))
+        return DraftResult(request.seq_id, known=True, tokens=tree.tokens[row, :n].tolist(), draft_probs=draft_probs,
+                           cached_len=self.runner.cached_len(request.seq_id) or 0,
+                           parents=tree.parents[row, :n].tolist())

@@ -3,7 +3,8 @@
 Model-free (Saxena 2023, "prompt lookup decoding"): for code edits and summaries the answer often
 repeats spans of its input, so the tokens that followed an earlier occurrence of the last few
 tokens are a cheap and often right guess. The draft is deterministic, so its distribution is a
-point mass on each drafted token.
+point mass on each drafted token. Asked for a tree, it merges the continuations of several matches
+into a trie (`find_continuations`), each node again a point mass (`specfleet.trees.tree_from_paths`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections import OrderedDict
 import torch
 
 from specfleet.drafters.base import DraftRequest, DraftResult
+from specfleet.trees import tree_from_paths
 
 
 def find_continuation(tokens: list[int], depth: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
@@ -26,6 +28,32 @@ def find_continuation(tokens: list[int], depth: int, max_ngram: int = 3, min_ngr
             if tokens[start: start + n] == suffix:
                 return tokens[start + n: start + n + depth]
     return []
+
+
+def find_continuations(tokens: list[int], depth: int, max_nodes: int, max_ngram: int = 3, min_ngram: int = 1
+                       ) -> list[list[int]]:
+    """Distinct continuations of earlier occurrences of the sequence's suffix, best first (longest
+    suffix, then most recent), merged as a trie would hold them within ``max_nodes`` nodes: a match
+    whose continuation adds nothing new (a prefix of one already taken) is skipped, and the last one
+    taken is cut to the nodes left. The first path is ``find_continuation``'s."""
+    n_tokens = len(tokens)
+    paths: list[list[int]] = []
+    seen: set[tuple[int, ...]] = set()  # every prefix of every path taken: the trie's nodes
+    for n in range(min(max_ngram, n_tokens - 1), min_ngram - 1, -1):
+        suffix = tokens[n_tokens - n:]
+        for start in range(n_tokens - n - 1, -1, -1):
+            if len(seen) >= max_nodes:
+                return paths
+            if tokens[start: start + n] != suffix:
+                continue
+            path = tokens[start + n: start + n + depth]
+            new = [end for end in range(1, len(path) + 1) if tuple(path[:end]) not in seen]
+            if not new:
+                continue
+            path = path[: new[0] + max_nodes - len(seen) - 1]  # shared prefix + what the budget allows
+            seen.update(tuple(path[:end]) for end in range(1, len(path) + 1))
+            paths.append(path)
+    return paths
 
 
 class NgramDrafter:
@@ -55,12 +83,27 @@ class NgramDrafter:
             return DraftResult.unknown(request.seq_id)
         tokens = (held[: request.rollback_to] if held else []) + list(request.new_tokens)
         self._remember(request.seq_id, tokens)
+        if request.tree is not None:
+            return self._propose_tree(request, tokens)
         draft = find_continuation(tokens, request.depth, self.max_ngram, self.min_ngram)
         draft_probs = None
         if not request.sampling.greedy:
             draft_probs = (torch.tensor(draft, dtype=torch.long).view(-1, 1), torch.ones(len(draft), 1))
         return DraftResult(request.seq_id, known=True, tokens=draft, draft_probs=draft_probs,
                            cached_len=len(tokens))
+
+    def _propose_tree(self, request: DraftRequest, tokens: list[int]) -> DraftResult:
+        """Whatever the tree method asked for, a trie of distinct continuations within the node budget
+        (the shape's node count, capped by ``max_nodes``); each node's q is a point mass on its token."""
+        budget = request.tree.nodes if request.max_nodes == 0 else min(request.tree.nodes, request.max_nodes)
+        paths = find_continuations(tokens, request.depth, budget, self.max_ngram, self.min_ngram)
+        tree = tree_from_paths(paths, vocab_size=1 + max((t for p in paths for t in p), default=0))
+        nodes = tree.tokens[0].tolist()
+        draft_probs = None
+        if not request.sampling.greedy:
+            draft_probs = (torch.tensor(nodes, dtype=torch.long).view(-1, 1), torch.ones(len(nodes), 1))
+        return DraftResult(request.seq_id, known=True, tokens=nodes, draft_probs=draft_probs,
+                           cached_len=len(tokens), parents=tree.parents[0].tolist())
 
     def _remember(self, seq_id: str, tokens: list[int]) -> None:
         self._tokens[seq_id] = tokens

@@ -143,22 +143,10 @@ class ModelRunner:
         """Runs every request in as few forward passes as padding allows; returns per request its
         logits [num_logits, vocab] (float32). Raises UnknownSequenceError before touching anything
         if a request cannot be served, and ValueError if a sequence would outgrow the cache."""
-        ids = [r.seq_id for r in requests]
-        if len(set(ids)) != len(ids):
-            raise ValueError("a sequence may appear only once per extend call")
         for r in requests:
-            if not self.can_extend(r.seq_id, r.rollback_to):
-                raise UnknownSequenceError(r.seq_id)
             if not r.tokens or not 1 <= r.num_logits <= len(r.tokens):
                 raise ValueError(f"{r.seq_id}: need >= 1 new token and 1 <= num_logits <= tokens")
-            if r.rollback_to + len(r.tokens) > self.max_seq_len:
-                raise ValueError(f"{r.seq_id}: {r.rollback_to + len(r.tokens)} tokens exceed the "
-                                 f"cache's {self.max_seq_len}-token limit")
-        for r in requests:
-            self._leave_tree(r.seq_id, r.rollback_to)
-        slots = [self._acquire(r.seq_id, busy=set(ids)) for r in requests]
-        for r, slot in zip(requests, slots, strict=True):
-            self.cache.truncate(slot, r.rollback_to)
+        slots = self._claim_slots(requests, [len(r.tokens) for r in requests])
 
         logits: list[torch.Tensor] = [torch.empty(0)] * len(requests)
         for group in self._plan_groups([len(r.tokens) for r in requests]):
@@ -174,26 +162,14 @@ class ModelRunner:
         row 0 at the last committed token, row j + 1 at node j, each equal to running node j's path as
         a chain. The cache then holds the nodes after the committed tokens; follow with ``keep_path``
         (or roll back to at most ``prefix_len``) before extending the sequence again."""
-        ids = [r.seq_id for r in requests]
-        if len(set(ids)) != len(ids):
-            raise ValueError("a sequence may appear only once per extend call")
         for r in requests:
-            if not self.can_extend(r.seq_id, r.rollback_to):
-                raise UnknownSequenceError(r.seq_id)
             if not r.tokens:
                 raise ValueError(f"{r.seq_id}: need >= 1 new committed token (the tree's root)")
             if len(r.tree_parents) != len(r.tree_tokens) or any(
                     not -1 <= parent < j for j, parent in enumerate(r.tree_parents)):
                 raise ValueError(f"{r.seq_id}: tree_parents must give each node -1 or an earlier node, "
                                  f"one per tree token")
-            if r.prefix_len + len(r.tree_tokens) > self.max_seq_len:
-                raise ValueError(f"{r.seq_id}: {r.prefix_len + len(r.tree_tokens)} tokens exceed the "
-                                 f"cache's {self.max_seq_len}-token limit")
-        for r in requests:
-            self._leave_tree(r.seq_id, r.rollback_to)
-        slots = [self._acquire(r.seq_id, busy=set(ids)) for r in requests]
-        for r, slot in zip(requests, slots, strict=True):
-            self.cache.truncate(slot, r.rollback_to)
+        slots = self._claim_slots(requests, [len(r.tokens) + len(r.tree_tokens) for r in requests])
 
         logits: list[torch.Tensor] = [torch.empty(0)] * len(requests)
         for group in self._plan_groups([len(r.tokens) + len(r.tree_tokens) for r in requests]):
@@ -203,6 +179,25 @@ class ModelRunner:
         for r in requests:
             self._trees[r.seq_id] = _PendingTree(r.prefix_len, list(r.tree_parents))
         return logits
+
+    def _claim_slots(self, requests: list[Extend] | list[TreeExtend], new_lens: list[int]) -> list[int]:
+        """Checks what every extend needs (each sequence once, known to the cache, room for its ``new_lens``
+        tokens), raising before anything changes; then gives each its slot, rolled back to ``rollback_to``."""
+        ids = [r.seq_id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a sequence may appear only once per extend call")
+        for r, new in zip(requests, new_lens, strict=True):
+            if not self.can_extend(r.seq_id, r.rollback_to):
+                raise UnknownSequenceError(r.seq_id)
+            if r.rollback_to + new > self.max_seq_len:
+                raise ValueError(f"{r.seq_id}: {r.rollback_to + new} tokens exceed the "
+                                 f"cache's {self.max_seq_len}-token limit")
+        for r in requests:
+            self._leave_tree(r.seq_id, r.rollback_to)
+        slots = [self._acquire(r.seq_id, busy=set(ids)) for r in requests]
+        for r, slot in zip(requests, slots, strict=True):
+            self.cache.truncate(slot, r.rollback_to)
+        return slots
 
     def keep_path(self, seq_id: str, prefix_len: int, node_indices: list[int]) -> None:
         """After ``extend_tree``, keep only the accepted path ``node_indices`` (root's child first):

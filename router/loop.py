@@ -116,7 +116,8 @@ class StepLoop:
             for seq in batch:
                 verdict = verdicts.get(seq.seq_id)
                 if verdict is not None and not seq.finished:
-                    self.commit(seq, proposals.get(seq.seq_id), verdict, plan.reason, record, now)
+                    self.commit(seq, plan.depths[seq.seq_id], proposals.get(seq.seq_id), verdict, plan.reason,
+                                record, now)
             record.duration_s = time.perf_counter() - started
             self.record(record, span, draft_ms, verify_ms)
 
@@ -299,16 +300,19 @@ class StepLoop:
 
     # -- commit, admit, retire ------------------------------------------------------------------
 
-    def commit(self, seq: Sequence, proposal: draft_pb2.Proposal | None, verdict: target_pb2.Verdict,
+    def commit(self, seq: Sequence, requested: int, proposal: draft_pb2.Proposal | None, verdict: target_pb2.Verdict,
                reason: str, record: StepRecord, now: float) -> None:
+        """Takes the step's tokens for ``seq``, which asked its drafter for ``requested`` levels."""
         position = len(seq.tokens)
         seq.target_cached = verdict.cached_len
         if proposal is not None:  # the drafter keeps its drafts; only the accepted ones stay valid
             seq.draft_cached = min(proposal.cached_len, position + verdict.accepted)
         drafted = len(proposal.tokens) if proposal else 0
-        # For the acceptance estimate: a chain's rejection ends it; a tree's every rejected try counts.
+        # For the acceptance estimate: a tree's every rejected try counts; a chain fails once if it ends before the
+        # depth asked for, rejected or cut short by a drafter with nothing more to offer (an n-gram drafter without
+        # a match): either way the next position asked for emitted no draft token, which is what alpha predicts.
         rejections = (rejected_tries(proposal.parents, verdict.accepted_nodes) if proposal and proposal.parents
-                      else int(verdict.accepted < drafted))
+                      else int(verdict.accepted < requested))
         kept = seq.commit(list(verdict.tokens), self.max_context)
         seq.stats.steps += 1
         seq.stats.drafted += drafted

@@ -106,8 +106,9 @@ class StepRecord:
 
     def add_sequence(self, drafted: int, accepted: int, emitted: int, rejections: int | None = None) -> None:
         self.emitted += emitted
-        if drafted:
+        if drafted or rejections:  # a drafter that offered nothing when asked is a failed try too
             self.acceptance.add_step(drafted, accepted, rejections)
+        if drafted:
             self.accepted.append(accepted)
 
 

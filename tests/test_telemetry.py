@@ -12,7 +12,7 @@ import redis
 
 from specfleet.launcher import Deployment, free_port, wait_redis
 from specfleet.policy import CostSample
-from specfleet.telemetry import AcceptanceCounts, TelemetryReader, TelemetryWriter
+from specfleet.telemetry import AcceptanceCounts, StepRecord, TelemetryReader, TelemetryWriter
 
 
 class RedisServer:
@@ -137,3 +137,13 @@ def test_reader_keeps_its_window_and_fetches_only_new_entries(server: RedisServe
         assert _wait(lambda: [s.ms for s in reader.read().samples] == [2.0, 3.0, 4.0])  # the newest 3
     finally:
         writer.close()
+
+
+def test_a_drafter_that_offers_nothing_when_asked_counts_as_a_failed_try() -> None:
+    record = StepRecord(3, [4, 4, 0])
+    record.add_sequence(drafted=4, accepted=4, emitted=5, rejections=0)
+    record.add_sequence(drafted=0, accepted=0, emitted=1, rejections=1)  # asked for 4, the drafter had none
+    record.add_sequence(drafted=0, accepted=0, emitted=1, rejections=0)  # not asked: no evidence either way
+    a = record.acceptance
+    assert (a.sequence_steps, a.accepted, a.rejections) == (2, 4, 1)
+    assert record.accepted == [4]  # accepted tokens per drafting step: only steps that drafted

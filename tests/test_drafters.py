@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from specfleet.drafters import DraftRequest, NgramDrafter, find_continuation
 from specfleet.drafters.model import ModelDrafter
@@ -50,15 +50,6 @@ def test_ngram_sampled_drafts_carry_point_masses() -> None:
     ids, probs = result.draft_probs
     assert ids.tolist() == [[6], [4]] and probs.tolist() == [[1.0], [1.0]]
 
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-drafter")
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return folder
 
 
 def test_model_drafter_rejects_another_vocabulary(tiny_model: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from specfleet.drafters import DraftRequest, NgramDrafter
 from specfleet.drafters.model import ModelDrafter
@@ -75,15 +75,6 @@ def test_tree_budget_wider_at_small_batch_narrower_at_large() -> None:
     assert small is not None and not small.is_chain  # verify tokens nearly free: a tree
     assert large is None or large.nodes < small.nodes  # every token costs: less or nothing
 
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-target")
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return folder
 
 
 def _decode(drafter, verifier: Verifier, prompts: dict[str, list[int]], shape: TreeShape, sampling: SamplingParams,

@@ -29,7 +29,7 @@ import grpc
 import pytest
 import yaml
 from helm_tools import NAMESPACE, RELEASE
-from test_helm import DASHBOARDS, panels
+from test_helm import DASHBOARDS, fill_in, panels
 
 from specfleet.client import make_request
 from specfleet.launcher import Deployment, Process, free_port, wait_redis, wait_serving
@@ -77,16 +77,6 @@ def dashboard_variables(dashboard: str) -> list[dict[str, Any]]:
     """The dashboard's template variables that end up in queries (the data source variable does not)."""
     variables = json.loads(DASHBOARD_FILES[dashboard].read_text())["templating"]["list"]
     return [v for v in variables if v["type"] != "datasource"]
-
-
-def fill_in(expr: str, values: dict[str, str]) -> str:
-    """``expr`` with ``$name`` / ``${name}`` replaced by ``values`` (Grafana's built-ins and the dashboard's own)."""
-    def substitute(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
-        assert name in values, f"no value for Grafana variable ${name} in {expr}"
-        return values[name]
-
-    return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", substitute, expr)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

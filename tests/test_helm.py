@@ -484,13 +484,18 @@ def expressions(path: Path) -> list[str]:
     return [target["expr"] for panel in panels(json.loads(path.read_text())) for target in panel.get("targets", [])]
 
 
-def as_promql(expr: str) -> str:
+def fill_in(expr: str, values: dict[str, str]) -> str:
+    """``expr`` with Grafana's ``$name`` / ``${name}`` variables replaced by ``values``."""
     def substitute(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2)
-        assert name in GRAFANA_VARIABLES, f"unknown Grafana variable ${name} in {expr}"
-        return GRAFANA_VARIABLES[name]
+        assert name in values, f"no value for Grafana variable ${name} in {expr}"
+        return values[name]
 
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", substitute, expr)
+
+
+def as_promql(expr: str) -> str:
+    return fill_in(expr, GRAFANA_VARIABLES)
 
 
 def test_dashboards_exist() -> None:

@@ -48,6 +48,9 @@ class Fleet:
         self.loops: dict[str, StepLoop] = {}  # by target address
         self.drafts: list[DraftReplica] = []
         self.parked: dict[str, Sequence] = {}  # by seq_id, waiting for a target
+        # Loops of targets that left, while their step is being cancelled: their sequences are in transit and must
+        # still be seen when a draft leaves at the same moment.
+        self.leaving: list[StepLoop] = []
         self.reference: TargetReplica | None = None  # the first target: every replica must share its tokenizer
         self._runs: dict[str, asyncio.Task] = {}  # each loop's run()
         self._give_ups: dict[str, asyncio.TimerHandle] = {}  # by seq_id: when a parked request stops waiting
@@ -170,8 +173,10 @@ class Fleet:
     async def _remove_target(self, address: str) -> None:
         loop = self.loops.pop(address)
         run = self._runs.pop(address)
+        self.leaving.append(loop)
         run.cancel()  # at an await: a step's verdicts are either all committed or none
         await asyncio.gather(run, return_exceptions=True)
+        self.leaving.remove(loop)
         moving = loop.drain()
         for seq in moving:
             seq.target_cached = 0  # the next target prefills it from its tokens
@@ -273,7 +278,7 @@ class Fleet:
         await replica.channel.close(grace=CLOSE_GRACE_S)
 
     def _sequences(self) -> Iterator[Sequence]:
-        for loop in self.loops.values():
+        for loop in [*self.loops.values(), *self.leaving]:
             yield from loop.live
             yield from loop.waiting
         yield from self.parked.values()

@@ -221,7 +221,8 @@ class StepLoop:
                           ) -> tuple[dict[str, draft_pb2.Proposal], float]:
         try:
             out, compute_ms = await self._propose_call(draft, seqs, plan)
-            resend = [s for s in seqs if out[s.seq_id].status == UNKNOWN]
+            # Only those still pinned here: a sequence moved off a draft that left is prefilled by its new one.
+            resend = [s for s in seqs if out[s.seq_id].status == UNKNOWN and s.draft is draft]
             if resend:  # the drafter lost them (restart, eviction): send the whole context once
                 self.metrics.record_reprefills("draft", len(resend))
                 for seq in resend:
@@ -229,6 +230,9 @@ class StepLoop:
                 more, more_ms = await self._propose_call(draft, resend, plan)
                 out.update(more)
                 compute_ms += more_ms
+        except grpc.aio.UsageError as err:  # its channel closed: the draft left the pool since this step began
+            log.info("draft %s left during a step (%s): this step runs without its drafts", draft.address, err)
+            return {}, 0.0
         except grpc.aio.AioRpcError as err:
             # draft_cached stays: whether or not the call got through, the drafter holds at least that many
             # tokens (or reports the sequence unknown), and the next call rolls back to it. Resetting it would
@@ -346,17 +350,21 @@ class StepLoop:
         self._spawn(self._release(done))
 
     async def _release(self, seqs: list[Sequence]) -> None:
-        request = session_pb2.ReleaseSequencesRequest(seq_ids=[s.seq_id for s in seqs])
-        calls = [self.target.stub.Release(request, timeout=10)]
+        releases = [(self.target.stub, [s.seq_id for s in seqs])]
         drafts = {s.draft.address: s.draft for s in seqs if s.draft is not None}
         for draft in drafts.values():
-            ids = [s.seq_id for s in seqs if s.draft is draft]
-            calls.append(draft.stub.Release(session_pb2.ReleaseSequencesRequest(seq_ids=ids), timeout=10))
-        for result in await asyncio.gather(*calls, return_exceptions=True):
-            if isinstance(result, Exception):
-                log.warning("release failed (the replica will evict the sequence later): %s", result)
+            releases.append((draft.stub, [s.seq_id for s in seqs if s.draft is draft]))
+        await asyncio.gather(*(_release_on(stub, ids) for stub, ids in releases))
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+async def _release_on(stub, seq_ids: list[str]) -> None:
+    """Frees ``seq_ids`` on one replica; one that fails or has left evicts them later by itself."""
+    try:
+        await stub.Release(session_pb2.ReleaseSequencesRequest(seq_ids=seq_ids), timeout=10)
+    except (grpc.aio.AioRpcError, grpc.aio.UsageError) as err:
+        log.warning("release failed (the replica will evict the sequence later): %s", err)

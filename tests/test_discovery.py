@@ -14,12 +14,13 @@ import grpc
 import pytest
 from k8s_api_double import Endpoint, KubernetesApiDouble
 from kubernetes import client
+from live_sequences import wait_live
 
 from router.discovery import EndpointSliceWatcher, StaticWatcher, ready_addresses, resolve_namespace
 from specfleet.client import make_request, stream
 from specfleet.config import RouterConfig, ServicePool, StaticPool, parse_pool
 from specfleet.launcher import free_port, wait_serving
-from specfleet.protos import generate_pb2, generate_pb2_grpc
+from specfleet.protos import draft_pb2_grpc, generate_pb2, generate_pb2_grpc, target_pb2_grpc
 
 NAMESPACE = "fleet"
 
@@ -294,6 +295,9 @@ def test_router_follows_its_pools_without_failing_or_changing_a_request(cluster,
         _eventually(lambda: list(_server_info(router).target_addresses) == [target_b])
         _eventually(lambda: not _server_info(router).draft_addresses)
         assert [r.future.result() for r in [*first_wave, *second_wave]] == expected
+        # Both left the pools but still run: the router freed what it had left on them.
+        assert wait_live(ngram, draft_pb2_grpc.DraftServiceStub, 0) == 0
+        assert wait_live(target_a, target_pb2_grpc.TargetServiceStub, 0) == 0
 
         # No target at all: a request waits, and is answered UNAVAILABLE once --target-wait-s has passed ...
         _publish(api, "target", target_b, ready=False)

@@ -11,9 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from live_sequences import wait_live
 
 from specfleet.client import make_request, stream
-from specfleet.protos import draft_pb2_grpc, generate_pb2, generate_pb2_grpc, session_pb2, target_pb2_grpc
+from specfleet.protos import draft_pb2_grpc, generate_pb2, generate_pb2_grpc, target_pb2_grpc
 
 pytestmark = pytest.mark.real_model
 
@@ -22,20 +23,6 @@ PROMPT = "Write a Python function that reverses a string."
 
 def _tokens(address: str, request, timeout_s: float = 300) -> list[int]:
     return [t for m in stream(address, request, timeout_s=timeout_s) for t in m.token_ids]
-
-
-def _live(address: str, stub_cls) -> int:
-    with grpc.insecure_channel(address) as channel:
-        return stub_cls(channel).GetInfo(session_pb2.GetServiceInfoRequest(), timeout=10).live_sequences
-
-
-def _wait_live(cluster, name: str, stub_cls, expected: int, timeout_s: float = 20) -> int:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        live = _live(cluster.addresses[name], stub_cls)
-        if live == expected or time.monotonic() > deadline:
-            return live
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +76,8 @@ def test_duplicate_live_request_id_and_abort(cluster, router: str) -> None:
     first.join(30)
     assert messages[-1].finish_reason == generate_pb2.FINISH_REASON_ABORTED
     assert len([t for m in messages for t in m.token_ids]) < 400
-    assert _wait_live(cluster, "target", target_pb2_grpc.TargetServiceStub, 0) == 0
-    assert _wait_live(cluster, "ngram", draft_pb2_grpc.DraftServiceStub, 0) == 0
+    assert wait_live(cluster.addresses["target"], target_pb2_grpc.TargetServiceStub, 0) == 0
+    assert wait_live(cluster.addresses["ngram"], draft_pb2_grpc.DraftServiceStub, 0) == 0
 
 
 def test_deadline_and_cancel_release_cache_slots(cluster, router: str) -> None:
@@ -98,16 +85,16 @@ def test_deadline_and_cancel_release_cache_slots(cluster, router: str) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         _tokens(router, long_request, timeout_s=1.0)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _wait_live(cluster, "target", target_pb2_grpc.TargetServiceStub, 0) == 0
-    assert _wait_live(cluster, "ngram", draft_pb2_grpc.DraftServiceStub, 0) == 0
+    assert wait_live(cluster.addresses["target"], target_pb2_grpc.TargetServiceStub, 0) == 0
+    assert wait_live(cluster.addresses["ngram"], draft_pb2_grpc.DraftServiceStub, 0) == 0
 
     with grpc.insecure_channel(router) as channel:
         call = generate_pb2_grpc.GenerationServiceStub(channel).GenerateStream(long_request, timeout=300)
         next(call)
         next(call)
         call.cancel()
-    assert _wait_live(cluster, "target", target_pb2_grpc.TargetServiceStub, 0) == 0
-    assert _wait_live(cluster, "ngram", draft_pb2_grpc.DraftServiceStub, 0) == 0
+    assert wait_live(cluster.addresses["target"], target_pb2_grpc.TargetServiceStub, 0) == 0
+    assert wait_live(cluster.addresses["ngram"], draft_pb2_grpc.DraftServiceStub, 0) == 0
 
 
 def test_seeded_sampling_is_reproducible(router: str) -> None:

@@ -17,12 +17,13 @@ from typing import Any
 
 import grpc
 import pytest
+from live_sequences import live_sequences, wait_live
 from prometheus_client.parser import text_string_to_metric_families
 
 from specfleet.client import make_request, stream
 from specfleet.launcher import Deployment, free_port, wait_serving
 from specfleet.otel import SECONDS_BUCKETS, ClientTracing, RouterMetrics, ServerTracing, ServiceMetrics, setup
-from specfleet.protos import draft_pb2_grpc, generate_pb2_grpc, session_pb2, target_pb2_grpc
+from specfleet.protos import draft_pb2_grpc, generate_pb2_grpc, target_pb2_grpc
 from specfleet.telemetry import StepRecord
 
 COUNTERS = {
@@ -384,18 +385,6 @@ def test_spans_from_all_three_services_link_up(fleet: Fleet) -> None:
     receiver.wait(lambda: {("specfleet-router", "specfleet_requests"),
                            ("specfleet-draft", "specfleet_service_batch_latency"),
                            ("specfleet-target", "specfleet_service_batch_latency")} <= receiver.metrics)
-
-
-def live_sequences(address: str, stub_cls) -> int:
-    with grpc.insecure_channel(address) as channel:
-        return stub_cls(channel).GetInfo(session_pb2.GetServiceInfoRequest(), timeout=10).live_sequences
-
-
-def wait_live(address: str, stub_cls, expected: int, timeout_s: float = 20) -> int:
-    deadline = time.monotonic() + timeout_s
-    while (live := live_sequences(address, stub_cls)) != expected and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return live
 
 
 def test_cancel_and_deadline_release_the_sequences_through_the_interceptors(fleet: Fleet) -> None:

@@ -1,18 +1,23 @@
 """Goodput against batch size for fixed speculation depths and for the adaptive policy.
 
 SmolLM2-135M target, ``ngram`` drafter, greedy, a fixed mixed prompt set (code edits and open
-questions). For each batch size B, B closed-loop clients keep B requests in flight through one router;
-goodput is the number of tokens streamed back during a measurement window, divided by its length.
-Every policy runs against the same target and draft services and shares one Redis, so ``auto`` sees
-the fleet's measured costs and acceptance as it would in production.
+questions). For each batch size B, every policy serves the same fixed workload: ``--waves`` x B requests
+(prompts taken in turn from the set), which B closed-loop clients take in order, each sending its next
+request when its last one is answered. Goodput is the tokens generated divided by the makespan (first
+request sent to last answer), so every cell is the same work timed; greedy speculation is lossless, so
+every policy must produce exactly the same tokens (the run stops if not). Policies run in turn, in a
+rotated order each round, and each cell is the median over rounds. Every policy runs against the same
+target and draft services and shares one Redis, so ``auto`` sees the fleet's measured costs and
+acceptance as it would in production.
 
     python -m bench.adaptive                       # the full table and bench/results/adaptive.png
-    python -m bench.adaptive --batch-sizes 1 8 --window-s 5   # a quick look
+    python -m bench.adaptive --batch-sizes 1 8 --rounds 1   # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import threading
 import time
@@ -29,44 +34,58 @@ DEPTHS = [0, 1, 2, 3, 4, 6, 8]
 RESULTS = Path(__file__).parent / "results"
 
 
-def goodput(address: str, prompts: list[list[int]], batch: int, warmup_s: float, window_s: float,
-            max_new_tokens: int) -> float:
-    """Tokens per second streamed to ``batch`` closed-loop clients during the window after warm-up."""
-    start = time.monotonic() + warmup_s
-    end = start + window_s
-    counted = [0] * batch
-    stop = threading.Event()
+def serve(address: str, requests: list[list[int]], batch: int, max_new_tokens: int) -> tuple[float, list[list[int]]]:
+    """Makespan in seconds and every request's tokens: ``batch`` closed-loop clients take ``requests`` in order."""
+    outputs: list[list[int]] = [[] for _ in requests]
+    taken = itertools.count()  # next() on a count is atomic under the GIL: each request goes to one client
+    errors: list[BaseException] = []
 
-    def client(index: int) -> None:
-        with grpc.insecure_channel(address) as channel:
-            stub = generate_pb2_grpc.GenerationServiceStub(channel)
-            n = index
-            while not stop.is_set():
-                request = generate_pb2.GenerateRequest()
-                request.token_ids.ids.extend(prompts[n % len(prompts)])
-                request.stopping.max_new_tokens = max_new_tokens
-                n += batch
-                call = stub.GenerateStream(request, timeout=600)
-                try:
-                    for message in call:
-                        now = time.monotonic()
-                        if start <= now < end:
-                            counted[index] += len(message.token_ids)
-                        if stop.is_set():
-                            call.cancel()
-                            break
-                except grpc.RpcError as err:
-                    if err.code() != grpc.StatusCode.CANCELLED:
-                        raise
+    def client() -> None:
+        try:
+            with grpc.insecure_channel(address) as channel:
+                stub = generate_pb2_grpc.GenerationServiceStub(channel)
+                while (i := next(taken)) < len(requests):
+                    request = generate_pb2.GenerateRequest()
+                    request.token_ids.ids.extend(requests[i])
+                    request.stopping.max_new_tokens = max_new_tokens
+                    outputs[i] = list(stub.Generate(request, timeout=1800).token_ids)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(err)
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(batch)]
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(batch)]
+    started = time.perf_counter()
     for t in threads:
         t.start()
-    time.sleep(max(0.0, end - time.monotonic()))
-    stop.set()
     for t in threads:
-        t.join(timeout=120)
-    return sum(counted) / window_s
+        t.join()
+    makespan = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return makespan, outputs
+
+
+def measure(routers: dict[str, str], prompts: list[list[int]], batch: int, waves: int, rounds: int,
+            max_new_tokens: int) -> dict[str, float]:
+    """Median goodput per policy at one batch size, every policy serving the same requests."""
+    requests = [prompts[i % len(prompts)] for i in range(max(2, waves * batch))]
+    policies = list(routers)
+    # A short unmeasured pass per policy: the services have seen this batch size, and Redis holds costs for it.
+    for p in policies:
+        serve(routers[p], requests[:batch], batch, max_new_tokens // 4)
+    rates: dict[str, list[float]] = {p: [] for p in policies}
+    expected: list[list[int]] | None = None
+    for r in range(rounds):
+        for p in policies[r % len(policies):] + policies[:r % len(policies)]:
+            seconds, outputs = serve(routers[p], requests, batch, max_new_tokens)
+            if expected is None:
+                expected = outputs
+            elif outputs != expected:
+                wrong = next(i for i, (a, b) in enumerate(zip(outputs, expected, strict=True)) if a != b)
+                raise AssertionError(f"policy {p} at batch {batch} changed request {wrong}'s tokens")
+            rates[p].append(sum(map(len, outputs)) / seconds)
+            print(f"  batch {batch:3d} round {r + 1}  {'depth ' + p if p != 'auto' else 'auto':>8}: "
+                  f"{rates[p][-1]:7.1f} tokens/s ({sum(map(len, outputs))} tokens in {seconds:.1f} s)", flush=True)
+    return {p: statistics.median(v) for p, v in rates.items()}
 
 
 def table(results: dict[int, dict[str, float]], policies: list[str]) -> str:
@@ -110,9 +129,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--depths", type=int, nargs="+", default=DEPTHS)
-    parser.add_argument("--warmup-s", type=float, default=3.0)
-    parser.add_argument("--window-s", type=float, default=10.0)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--waves", type=int, default=2, help="requests per configuration: waves x batch size")
+    parser.add_argument("--rounds", type=int, default=2, help="each cell is the median over this many rounds")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--plot", type=Path, default=RESULTS / "adaptive.png")
     args = parser.parse_args()
 
@@ -128,16 +147,11 @@ def main() -> None:
         routers = {p: f.router(target, draft if p != "0" else None, p, f"router-{p}",
                                [*redis, "--max-queue", "4096"]) for p in policies}
         for batch in args.batch_sizes:
-            results[batch] = {}
-            for p in policies:
-                results[batch][p] = goodput(routers[p], prompts, batch, args.warmup_s, args.window_s,
-                                            args.max_new_tokens)
-                print(f"  batch {batch:3d}  {'depth ' + p if p != 'auto' else 'auto':>8}: "
-                      f"{results[batch][p]:7.1f} tokens/s", flush=True)
+            results[batch] = measure(routers, prompts, batch, args.waves, args.rounds, args.max_new_tokens)
     print()
     print(f"Goodput (generated tokens/s), SmolLM2-135M target, ngram drafter, greedy, {args.max_new_tokens} new "
-          f"tokens per request, {args.window_s:.0f} s window after {args.warmup_s:.0f} s warm-up; best fixed depth "
-          "in bold")
+          f"tokens per request, {args.waves} x batch requests per cell, median of {args.rounds} round(s); best "
+          "fixed depth in bold")
     print()
     print(table(results, policies))
     plot(results, policies, args.plot)

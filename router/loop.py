@@ -112,6 +112,7 @@ class StepLoop:
             proposals, draft_ms = await self.propose(batch, plan)
             verdicts, verify_ms = await self.verify(batch, proposals)
             record = StepRecord(len(batch), plan.planned(batch))
+            deepest = max(plan.depths.values())
             now = time.perf_counter()
             for seq in batch:
                 verdict = verdicts.get(seq.seq_id)
@@ -119,14 +120,16 @@ class StepLoop:
                     self.commit(seq, plan.depths[seq.seq_id], proposals.get(seq.seq_id), verdict, plan.reason,
                                 record, now)
             record.duration_s = time.perf_counter() - started
-            self.record(record, span, draft_ms, verify_ms)
+            self.record(record, span, deepest, draft_ms, verify_ms)
 
-    def record(self, record: StepRecord, span: Span, draft_ms: float, verify_ms: float) -> None:
-        """Hands the step's numbers to the exporters: Redis telemetry (for the depth policy) and OpenTelemetry."""
+    def record(self, record: StepRecord, span: Span, deepest: int, draft_ms: float, verify_ms: float) -> None:
+        """Hands the step's numbers to the exporters: Redis telemetry (for the depth policy) and OpenTelemetry.
+        ``deepest``: the largest depth (tree levels) the step asked for."""
         if self.telemetry is not None:
-            # What the services do not see: gRPC, (de)serialisation and this loop's own bookkeeping.
+            # What the services do not see: gRPC, (de)serialisation and this loop's own bookkeeping. A step that
+            # calls the drafters pays one more round trip, so it goes under its depth (1 + depth, as Verify's).
             overhead_ms = record.duration_s * 1000 - draft_ms - verify_ms
-            self.telemetry.record_latency(record.batch_size, 1.0, max(0.0, overhead_ms), role="overhead")
+            self.telemetry.record_latency(record.batch_size, 1.0 + deepest, max(0.0, overhead_ms), role="overhead")
             if not record.acceptance.empty():
                 self.telemetry.record_acceptance(record.acceptance)
         self.metrics.annotate_step(span, record)

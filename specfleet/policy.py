@@ -42,7 +42,8 @@ class CostSample:
 
     `role` is "draft" (one Propose: `batch_size` sequences, `tokens_per_seq` the largest depth drafted
     in the call), "target" (one Verify: `tokens_per_seq` the mean tokens fed per sequence, mean(depth + 1))
-    or "overhead" (the rest of a router step: gRPC, bookkeeping; `tokens_per_seq` 1).
+    or "overhead" (the rest of a router step: gRPC, (de)serialisation, bookkeeping; `tokens_per_seq` 1 plus
+    the step's largest depth, so a step that calls the drafters is charged the round trip it adds).
     """
 
     role: str
@@ -119,16 +120,17 @@ class StepCosts:
     """Predicted costs of one step at a fixed batch size, precomputed for the depth search.
 
     `target_ms[n]`: Verify with n draft tokens in total (tokens per sequence 1 + n / batch);
-    `draft_ms[d]`: Propose with largest depth d (0.0 at d = 0: nothing is drafted); `overhead_ms`.
+    `draft_ms[d]`: Propose with largest depth d (0.0 at d = 0: nothing is drafted); `overhead_ms[d]`: the rest
+    of a step whose largest depth is d.
     """
 
     batch_size: int
     target_ms: tuple[float, ...]
     draft_ms: tuple[float, ...]
-    overhead_ms: float
+    overhead_ms: tuple[float, ...]
 
     def step_ms(self, max_depth: int, total_drafts: int) -> float:
-        return self.draft_ms[max_depth] + self.target_ms[total_drafts] + self.overhead_ms
+        return self.draft_ms[max_depth] + self.target_ms[total_drafts] + self.overhead_ms[max_depth]
 
 
 def _rescale(value: float, default_from: float, default_to: float) -> float:
@@ -323,11 +325,12 @@ class CostModel:
         found = self._steps.get(key)
         if found is None:
             target, draft = self.curve("target", batch_size), self.curve("draft", batch_size)
+            overhead = self.curve("overhead", batch_size)
             found = StepCosts(
                 batch_size=batch_size,
                 target_ms=tuple(target(1 + n / batch_size) for n in range(batch_size * max_depth + 1)),
                 draft_ms=(0.0, *(draft(float(d)) for d in range(1, max_depth + 1))),
-                overhead_ms=max(MIN_STEP_MS, self.curve("overhead", batch_size)(1.0)),
+                overhead_ms=tuple(max(MIN_STEP_MS, overhead(1.0 + d)) for d in range(max_depth + 1)),
             )
             self._steps[key] = found
         return found
@@ -387,7 +390,7 @@ def plan_step_ms(costs: CostModel, depths: Sequence[int]) -> float:
         return 0.0
     deepest = max(depths)
     draft = costs.predict("draft", batch, float(deepest)) if deepest > 0 else 0.0
-    overhead = max(MIN_STEP_MS, costs.predict("overhead", batch, 1.0))  # as in StepCosts
+    overhead = max(MIN_STEP_MS, costs.predict("overhead", batch, 1.0 + deepest))  # as in StepCosts
     return draft + costs.predict("target", batch, 1 + sum(depths) / batch) + overhead
 
 
@@ -534,7 +537,7 @@ def _search(margins: _Margins, orders: list[list[int]], steps: StepCosts, max_de
             sel = gains if cap == max_depth else compress(gains, map(cap.__ge__, ks))
             emitted = accumulate(sel, initial=float(batch))
             next(emitted)  # skip the zero-draft total: the n-th value is n drafts, as step below
-            fixed = steps.draft_ms[cap] + steps.overhead_ms
+            fixed = steps.draft_ms[cap] + steps.overhead_ms[cap]
             step = map(fixed.__add__, steps.target_ms[1:count + 1])
             if not latency:
                 scores = list(map(truediv, emitted, step))
@@ -657,7 +660,7 @@ def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
     """Throughput mode: per-sequence depths in [0, max_depth] maximising predicted goodput,
 
         sum_i expected_emitted(alpha_i, d_i) / (draft_ms(B, max d) [if max d > 0] + target_ms(B, mean(d + 1))
-                                                + overhead_ms(B)).
+                                                + overhead_ms(B, max d)).
 
     Exact (see `_search`). Depth 0 for everyone (plain decoding) is always a candidate. `limits` caps
     each sequence's depth (room left in the request or the caches); `uniform` restricts the search to
@@ -849,7 +852,8 @@ def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequ
     room) maximising predicted goodput:
 
         sum_i tree_expected_emitted(alpha_i, tries_i) / (draft_ms(B, max levels) [if any] +
-                                                         target_ms(B, 1 + mean nodes) + overhead_ms(B)).
+                                                         target_ms(B, 1 + mean nodes) +
+                                                         overhead_ms(B, max levels)).
 
     The verify cost of a tree is that of a chain with as many tokens (one forward over every node), so
     at small batch, where extra tokens are nearly free, wide trees win, and at large batch chains or
@@ -868,7 +872,7 @@ def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequ
         levels = max(p.levels for p in plans)
         draft = costs.predict("draft", batch, float(levels)) if levels else 0.0
         step = (draft + costs.predict("target", batch, 1 + sum(p.nodes for p in plans) / batch)
-                + max(MIN_STEP_MS, costs.predict("overhead", batch, 1.0)))
+                + max(MIN_STEP_MS, costs.predict("overhead", batch, 1.0 + levels)))
         goodput = 1000.0 * sum(tree_expected_emitted(a, p.tries) for a, p in zip(alphas, plans, strict=True)) / step
         scores.append(goodput)
         if best is None or goodput > best.goodput * (1 + 1e-12):

@@ -42,7 +42,7 @@ PREFILL_TOKENS = 18
 
 @dataclass(frozen=True)
 class LatencySample:
-    role: str  # "draft", "target" or "overhead" (the rest of a router step)
+    role: str  # "draft", "target" or "overhead" (the rest of a router step; tokens_per_seq 1 + its depth)
     replica: str
     batch_size: int
     tokens_per_seq: float

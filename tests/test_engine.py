@@ -62,6 +62,34 @@ def test_ragged_batch_truncate_and_extend_match_transformers(tiny_folder: Path) 
         assert runner.cached_len(_name) == len(toks)
 
 
+def test_a_ragged_batch_runs_in_one_pass_with_the_logits_of_separate_runs(tiny_folder: Path) -> None:
+    """Decodes, draft chains and a prompt's prefill in one call: one pass over the weights (attention in
+    groups of similar width), and each sequence's logits as if it had run alone."""
+    g = torch.Generator().manual_seed(2)
+    prompts = {f"s{i}": torch.randint(0, 97, (n,), generator=g).tolist() for i, n in enumerate([5, 7, 12, 6, 9])}
+    news = {name: torch.randint(0, 97, (n,), generator=g).tolist() for name, n in zip(prompts, [1, 1, 9, 3, 1],
+                                                                                        strict=True)}
+    fresh = torch.randint(0, 97, (40,), generator=g).tolist()
+
+    together = ModelRunner.from_folder(tiny_folder, num_slots=8, max_seq_len=64)
+    together.extend([Extend(name, 0, toks) for name, toks in prompts.items()])
+    passes = []
+    hook = together.model.register_forward_hook(lambda *_: passes.append(1))
+    outs = together.extend([*(Extend(name, len(prompts[name]), new, num_logits=len(new)) for name, new in news.items()),
+                            Extend("fresh", 0, fresh, num_logits=3)])
+    hook.remove()
+    assert len(passes) == 1
+
+    alone = ModelRunner.from_folder(tiny_folder, num_slots=8, max_seq_len=64)
+    for name, toks in prompts.items():
+        alone.extend([Extend(name, 0, toks)])
+    expected = [alone.extend([Extend(name, len(prompts[name]), new, num_logits=len(new))])[0]
+                for name, new in news.items()]
+    expected.append(alone.extend([Extend("fresh", 0, fresh, num_logits=3)])[0])
+    for ours, reference in zip(outs, expected, strict=True):
+        torch.testing.assert_close(ours, reference, atol=TOLERANCE, rtol=TOLERANCE)
+
+
 def test_unknown_sequence_and_release(tiny_folder: Path) -> None:
     runner = ModelRunner.from_folder(tiny_folder, num_slots=2, max_seq_len=32)
     with pytest.raises(UnknownSequenceError):

@@ -3,6 +3,10 @@
 Module names mirror ``transformers`` so a checkpoint's state dict loads as is. One ``forward`` call
 extends a batch of sequences by a ragged number of new tokens each (prefill and decode alike), laid
 out as chains (``causal_layout``) or as committed tokens followed by a draft tree (``tree_layout``).
+
+The layers run on the real new tokens packed into one [tokens, hidden] matrix, so a batch costs what its
+tokens cost however ragged it is: one sequence verifying 9 tokens next to 31 decoding one does not make
+the others pay for 9. Only attention sees sequences padded, in groups of similar width (``PassLayout``).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -83,10 +88,10 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[
         torch.Tensor, torch.Tensor]:
-    """cos/sin tables for rotary embeddings at ``positions`` ([batch, tokens]) -> [batch, 1, tokens, head_dim]."""
+    """cos/sin tables for rotary embeddings at ``positions`` ([tokens]) -> [tokens, 1, head_dim]."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
                                 / head_dim))
-    angles = positions.float()[..., None] * inv_freq  # [batch, tokens, head_dim / 2]
+    angles = positions.float()[..., None] * inv_freq  # [tokens, head_dim / 2]
     angles = torch.cat((angles, angles), dim=-1)[:, None]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -99,7 +104,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class BatchLayout:
-    """Where a ragged batch's new tokens go: built once per forward, shared by every layer."""
+    """Where one attention group's new tokens go (sequences padded to its widest): built once per forward,
+    shared by every layer."""
 
     slots: torch.Tensor  # [batch] cache slot of each sequence
     positions: torch.Tensor  # [batch, tokens] position (RoPE) of each new token (0 for padding)
@@ -115,11 +121,34 @@ class BatchLayout:
         return self.positions if self.cache_index is None else self.cache_index
 
     @cached_property
-    def writes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(row, column, slot, cache entry) of every real new token, each [real tokens]: where every layer
-        writes its keys/values (worked out once per forward, not once per layer)."""
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) of every real new token, each [real tokens], row by row: the packed order."""
         rows, cols = self.valid.nonzero(as_tuple=True)
-        return rows, cols, self.slots[rows], self.write_index[rows, cols]
+        return rows, cols
+
+    @cached_property
+    def unpadded(self) -> bool:
+        """Every row is full: the packed tokens are the padded group, flattened."""
+        return len(self.packed[0]) == self.valid.numel()
+
+    def packed_index(self, rows: list[int], cols: list[int]) -> torch.Tensor:
+        """Where the new tokens at (``rows``, ``cols``) of the padded group sit in the packed order."""
+        index = torch.full(self.valid.shape, -1, dtype=torch.long, device=self.valid.device)
+        packed_rows, packed_cols = self.packed
+        index[packed_rows, packed_cols] = torch.arange(len(packed_rows), device=self.valid.device)
+        return index[torch.tensor(rows, device=index.device), torch.tensor(cols, device=index.device)]
+
+    def attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
+        """Attention for this group's packed queries ``q`` ([tokens, heads, head_dim]) over the cache."""
+        batch, width = self.valid.shape
+        if self.unpadded:
+            padded = q.view(batch, width, *q.shape[1:])
+        else:
+            padded = q.new_zeros(batch, width, *q.shape[1:])
+            padded[self.packed] = q
+        out = F.scaled_dot_product_attention(padded.transpose(1, 2), self.read(key_cache), self.read(value_cache),
+                                             attn_mask=self.attn_mask, enable_gqa=True).transpose(1, 2)
+        return out.reshape(q.shape) if self.unpadded else out[self.packed]
 
     @cached_property
     def slot_run(self) -> slice | None:
@@ -183,6 +212,38 @@ def tree_layout(slots: list[int], start_lens: list[int], new_lens: list[int], tr
                        attn_mask[:, None].to(device), kv_len, cache_index.to(device))
 
 
+@dataclass
+class PassLayout:
+    """One forward pass: the attention groups, whose packed tokens follow one another in this order."""
+
+    groups: list[BatchLayout]
+
+    @cached_property
+    def spans(self) -> list[tuple[int, int]]:
+        """Each group's [start, end) among the pass's packed tokens."""
+        ends = list(accumulate(len(g.packed[0]) for g in self.groups))
+        return list(zip([0, *ends[:-1]], ends, strict=True))
+
+    @cached_property
+    def positions(self) -> torch.Tensor:  # [tokens] RoPE position of each packed token
+        return torch.cat([g.positions[g.packed] for g in self.groups])
+
+    @cached_property
+    def writes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot, cache entry) of every packed token, each [tokens]: where every layer writes its keys/values
+        (worked out once per forward, not once per layer)."""
+        return (torch.cat([g.slots[g.packed[0]] for g in self.groups]),
+                torch.cat([g.write_index[g.packed] for g in self.groups]))
+
+    def attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
+        if len(self.groups) == 1:
+            return self.groups[0].attend(q, key_cache, value_cache)
+        out = torch.empty_like(q)
+        for group, (start, end) in zip(self.groups, self.spans, strict=True):
+            out[start:end] = group.attend(q[start:end], key_cache, value_cache)
+        return out
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -194,24 +255,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: BatchLayout,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PassLayout,
                 cache: SlotKVCache) -> torch.Tensor:
-        batch, tokens, _ = x.shape
-        head_dim = self.cfg.head_dim
-        q = self.q_proj(x).view(batch, tokens, -1, head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, tokens, -1, head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, tokens, -1, head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        """``x``: the pass's packed new tokens [tokens, hidden]; returns the same shape."""
+        tokens, head_dim = x.shape[0], self.cfg.head_dim
+        q = apply_rope(self.q_proj(x).view(tokens, -1, head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(tokens, -1, head_dim), cos, sin)
+        v = self.v_proj(x).view(tokens, -1, head_dim)
 
-        # Write the real (non-padding) new keys/values into the cache by position.
+        # Every new key/value goes into the cache first; then each group attends over its sequences' entries.
         key_cache, value_cache = cache.keys[self.layer_index], cache.values[self.layer_index]
-        rows, cols, slot_idx, entry_idx = layout.writes
-        key_cache[slot_idx, :, entry_idx] = k.transpose(1, 2)[rows, cols]
-        value_cache[slot_idx, :, entry_idx] = v.transpose(1, 2)[rows, cols]
-
-        keys, values = layout.read(key_cache), layout.read(value_cache)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.attn_mask, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+        slot_idx, entry_idx = layout.writes
+        key_cache[slot_idx, :, entry_idx] = k
+        value_cache[slot_idx, :, entry_idx] = v
+        return self.o_proj(layout.attend(q, key_cache, value_cache).reshape(tokens, -1))
 
 
 class MLP(nn.Module):
@@ -233,7 +290,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: BatchLayout,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PassLayout,
                 cache: SlotKVCache) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -285,13 +342,12 @@ class LlamaForCausalLM(nn.Module):
                            num_kv_heads=self.cfg.num_kv_heads, head_dim=self.cfg.head_dim,
                            dtype=weight.dtype, device=weight.device)
 
-    def forward(self, input_ids: torch.Tensor, layout: BatchLayout, cache: SlotKVCache,
-                logit_rows: torch.Tensor, logit_cols: torch.Tensor) -> torch.Tensor:
-        """Runs the new tokens ``input_ids`` ([batch, tokens], padded) through the model, writing
-        their keys/values into ``cache``; returns logits [n, vocab] at (logit_rows[i], logit_cols[i])."""
+    def forward(self, input_ids: torch.Tensor, layout: PassLayout, cache: SlotKVCache,
+                logit_index: torch.Tensor) -> torch.Tensor:
+        """Runs the pass's packed new tokens ``input_ids`` ([tokens]) through the model, writing their
+        keys/values into ``cache``; returns logits [n, vocab] at the packed tokens ``logit_index`` ([n])."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(layout.positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, layout, cache)
-        hidden = self.model.norm(x[logit_rows, logit_cols])
-        return self.lm_head(hidden).float()
+        return self.lm_head(self.model.norm(x[logit_index])).float()

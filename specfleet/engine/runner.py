@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from specfleet.engine.cpu_linear import prepack_linears
 from specfleet.engine.kv_cache import CacheFullError
-from specfleet.engine.llama import BatchLayout, LlamaForCausalLM, causal_layout, tree_layout
+from specfleet.engine.llama import BatchLayout, LlamaForCausalLM, PassLayout, causal_layout, tree_layout
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,17 @@ class TreeExtend:
 class _PendingTree:
     prefix_len: int
     parents: list[int]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One attention group of a forward pass: its layout, slots, new tokens per row and the columns
+    whose logits are wanted."""
+
+    layout: BatchLayout
+    slots: list[int]
+    token_rows: list[list[int]]
+    logit_cols: list[list[int]]
 
 
 class ModelRunner:
@@ -147,13 +159,8 @@ class ModelRunner:
             if not r.tokens or not 1 <= r.num_logits <= len(r.tokens):
                 raise ValueError(f"{r.seq_id}: need >= 1 new token and 1 <= num_logits <= tokens")
         slots = self._claim_slots(requests, [len(r.tokens) for r in requests])
-
-        logits: list[torch.Tensor] = [torch.empty(0)] * len(requests)
-        for group in self._plan_groups([len(r.tokens) for r in requests]):
-            outputs = self._forward([requests[i] for i in group], [slots[i] for i in group])
-            for i, out in zip(group, outputs, strict=True):
-                logits[i] = out
-        return logits
+        return self._run_passes([len(r.tokens) for r in requests], lambda group: self._chain_group(
+            [requests[i] for i in group], [slots[i] for i in group]))
 
     @torch.inference_mode()
     def extend_tree(self, requests: list[TreeExtend]) -> list[torch.Tensor]:
@@ -170,12 +177,8 @@ class ModelRunner:
                 raise ValueError(f"{r.seq_id}: tree_parents must give each node -1 or an earlier node, "
                                  f"one per tree token")
         slots = self._claim_slots(requests, [len(r.tokens) + len(r.tree_tokens) for r in requests])
-
-        logits: list[torch.Tensor] = [torch.empty(0)] * len(requests)
-        for group in self._plan_groups([len(r.tokens) + len(r.tree_tokens) for r in requests]):
-            outputs = self._forward_tree([requests[i] for i in group], [slots[i] for i in group])
-            for i, out in zip(group, outputs, strict=True):
-                logits[i] = out
+        logits = self._run_passes([len(r.tokens) + len(r.tree_tokens) for r in requests], lambda group: (
+            self._tree_group([requests[i] for i in group], [slots[i] for i in group])))
         for r in requests:
             self._trees[r.seq_id] = _PendingTree(r.prefix_len, list(r.tree_parents))
         return logits
@@ -214,38 +217,62 @@ class ModelRunner:
         self.cache.compact(self._slots[seq_id], prefix_len, node_indices)
         del self._trees[seq_id]
 
-    def _forward(self, requests: list[Extend], slots: list[int]) -> list[torch.Tensor]:
+    def _chain_group(self, requests: list[Extend], slots: list[int]) -> _Group:
         new_lens = [len(r.tokens) for r in requests]
         start_lens = [self.cache.lengths[s] for s in slots]
         layout = causal_layout(slots, start_lens, new_lens, self.model.lm_head.weight.device)
         logit_cols = [list(range(n - r.num_logits, n)) for r, n in zip(requests, new_lens, strict=True)]
-        return self._run(layout, slots, [r.tokens for r in requests], logit_cols)
+        return _Group(layout, slots, [r.tokens for r in requests], logit_cols)
 
-    def _forward_tree(self, requests: list[TreeExtend], slots: list[int]) -> list[torch.Tensor]:
+    def _tree_group(self, requests: list[TreeExtend], slots: list[int]) -> _Group:
         start_lens = [self.cache.lengths[s] for s in slots]
         layout = tree_layout(slots, start_lens, [len(r.tokens) for r in requests],
                              [r.tree_parents for r in requests], self.model.lm_head.weight.device)
         logit_cols = [list(range(len(r.tokens) - 1, len(r.tokens) + len(r.tree_tokens))) for r in requests]
-        return self._run(layout, slots, [r.tokens + r.tree_tokens for r in requests], logit_cols)
+        return _Group(layout, slots, [r.tokens + r.tree_tokens for r in requests], logit_cols)
 
-    def _run(self, layout: BatchLayout, slots: list[int], token_rows: list[list[int]],
-             logit_cols: list[list[int]]) -> list[torch.Tensor]:
-        """One forward over a laid-out batch; returns per row the logits at ``logit_cols``, and sets
-        every slot's length to cover all of its new tokens."""
+    def _run_passes(self, widths: list[int], group_of: Callable[[list[int]], _Group]) -> list[torch.Tensor]:
+        """Runs requests (by their new-token ``widths``) in as few forward passes as ``max_batch_tokens``
+        allows, each made of attention groups of similar width; returns each request's logits."""
+        logits: list[torch.Tensor] = [torch.empty(0)] * len(widths)
+        for groups in self._plan_passes(widths):
+            outputs = self._run([group_of(g) for g in groups])
+            for i, out in zip([i for g in groups for i in g], outputs, strict=True):
+                logits[i] = out
+        return logits
+
+    def _run(self, groups: list[_Group]) -> list[torch.Tensor]:
+        """One forward over the groups' packed tokens; returns per row (group by group) the logits at its
+        ``logit_cols``, and sets every slot's length to cover all of its new tokens."""
         device = self.model.lm_head.weight.device
-        input_ids = torch.zeros(len(token_rows), max(len(t) for t in token_rows), dtype=torch.long)
-        for row, tokens in enumerate(token_rows):
-            input_ids[row, : len(tokens)] = torch.tensor(tokens)
-        rows = [row for row, cols in enumerate(logit_cols) for _ in cols]
-        cols = [col for cols in logit_cols for col in cols]
-        out = self.model(input_ids.to(device), layout, self.cache, torch.tensor(rows, device=device),
-                         torch.tensor(cols, device=device))
-        for slot, tokens in zip(slots, token_rows, strict=True):
-            self.cache.lengths[slot] += len(tokens)
-        return list(out.split([len(c) for c in logit_cols]))
+        tokens = [t for g in groups for row in g.token_rows for t in row]
+        layout = PassLayout([g.layout for g in groups])
+        logit_index = torch.cat([g.layout.packed_index([row for row, cols in enumerate(g.logit_cols) for _ in cols],
+                                                       [col for cols in g.logit_cols for col in cols]) + start
+                                 for g, (start, _) in zip(groups, layout.spans, strict=True)])
+        out = self.model(torch.tensor(tokens, device=device), layout, self.cache, logit_index)
+        for g in groups:
+            for slot, row in zip(g.slots, g.token_rows, strict=True):
+                self.cache.lengths[slot] += len(row)
+        return list(out.split([len(cols) for g in groups for cols in g.logit_cols]))
+
+    def _plan_passes(self, widths: list[int]) -> list[list[list[int]]]:
+        """Forward passes, each a list of attention groups (request indices). The layers run on packed tokens,
+        so a pass costs what its real tokens cost: groups share a pass up to ``max_batch_tokens`` tokens."""
+        passes: list[list[list[int]]] = []
+        tokens = 0
+        for group in self._plan_groups(widths):
+            size = sum(widths[i] for i in group)
+            if not passes or tokens + size > self.max_batch_tokens:
+                passes.append([])
+                tokens = 0
+            passes[-1].append(group)
+            tokens += size
+        return passes
 
     def _plan_groups(self, widths: list[int]) -> list[list[int]]:
-        """Groups requests of similar width (new tokens) so padding wastes at most about half the work."""
+        """Attention groups: requests of similar width (new tokens), so that padding each to its group's
+        widest wastes at most about half of the attention work."""
         order = sorted(range(len(widths)), key=lambda i: widths[i])
         groups: list[list[int]] = []
         current: list[int] = []

@@ -1,14 +1,14 @@
 """Goodput against batch size for fixed speculation depths and for the adaptive policy.
 
-SmolLM2-135M target, ``ngram`` drafter, greedy, a fixed mixed prompt set (code edits and open
-questions). For each batch size B, every policy serves the same fixed workload: ``--waves`` x B requests
-(prompts taken in turn from the set), which B closed-loop clients take in order, each sending its next
-request when its last one is answered. Goodput is the tokens generated divided by the makespan (first
-request sent to last answer), so every cell is the same work timed; greedy speculation is lossless, so
-every policy must produce exactly the same tokens (the run stops if not). Policies run in turn, in a
-rotated order each round, and each cell is the median over rounds. Every policy runs against the same
-target and draft services and shares one Redis, so ``auto`` sees the fleet's measured costs and
-acceptance as it would in production.
+SmolLM2-135M target, ``ngram`` drafter, greedy, a fixed mixed prompt set (code edits and open questions).
+For each batch size B, every policy serves the same fixed workload: ``--waves`` x B requests (prompts
+taken in turn from the set; at least one request per prompt), which B closed-loop clients take in order,
+each sending its next request when its last one is answered. Goodput is the tokens generated divided by
+the makespan (first request sent to last answer), so every cell is the same work timed; greedy
+speculation is lossless, so every policy must produce exactly the same tokens (the run stops if not).
+Policies run in turn, in a rotated order each round, and each cell is the median over rounds. Every
+policy runs against the same target and draft services and shares one Redis, so ``auto`` sees the fleet's
+measured costs and acceptance as it would in production.
 
     python -m bench.adaptive                       # the full table and bench/results/adaptive.png
     python -m bench.adaptive --batch-sizes 1 8 --rounds 1   # a quick look
@@ -67,7 +67,7 @@ def serve(address: str, requests: list[list[int]], batch: int, max_new_tokens: i
 def measure(routers: dict[str, str], prompts: list[list[int]], batch: int, waves: int, rounds: int,
             max_new_tokens: int) -> dict[str, float]:
     """Median goodput per policy at one batch size, every policy serving the same requests."""
-    requests = [prompts[i % len(prompts)] for i in range(max(2, waves * batch))]
+    requests = [prompts[i % len(prompts)] for i in range(max(len(prompts), waves * batch))]  # every prompt, once
     policies = list(routers)
     # A short unmeasured pass per policy: the services have seen this batch size, and Redis holds costs for it.
     for p in policies:

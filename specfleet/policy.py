@@ -31,6 +31,9 @@ TOKEN_BUCKET = 0.5
 """Width of the tokens-per-sequence cells samples are grouped into (the target sees fractional means)."""
 MIN_STEP_MS = 1e-6
 """Floor on a predicted step, so an all-zero cost model cannot divide by zero."""
+MIN_CELL_SAMPLES = 3
+"""Samples a (batch, tokens) cell needs before its median counts as measured. A single slow call (a cold cache,
+a pause) must not make a depth look expensive: the policy would stop choosing it and so never measure it again."""
 
 CostFn = Callable[[int, float], float]
 """(batch_size, tokens_per_seq) -> milliseconds; must be non-decreasing in both arguments."""
@@ -180,13 +183,17 @@ class _DefaultCurve:
         return max(0.0, self._default(self._batch, tokens_per_seq))
 
 
-def _fit_table(samples: list[CostSample], default: CostFn, max_batch: int, max_tokens: int) -> CostTable:
-    """Median per (batch, token bucket) cell, filled out to a fixed grid, then made monotone."""
+def _fit_table(samples: list[CostSample], default: CostFn, max_batch: int, max_tokens: int) -> CostTable | None:
+    """Median per (batch, token bucket) cell, filled out to a fixed grid, then made monotone; None when no cell
+    has `MIN_CELL_SAMPLES` samples yet."""
     cells: dict[tuple[int, float], list[float]] = {}
     for s in samples:
         key = (s.batch_size, round(s.tokens_per_seq / TOKEN_BUCKET) * TOKEN_BUCKET)
         cells.setdefault(key, []).append(s.ms)
-    measured = {key: median(v) for key, v in cells.items()}  # medians: a GC pause or a cold cache is one outlier
+    # Medians: a GC pause or a cold cache is one outlier. Cells with fewer samples are left to interpolation.
+    measured = {key: median(v) for key, v in cells.items() if len(v) >= MIN_CELL_SAMPLES}
+    if not measured:
+        return None
     rows: dict[int, dict[float, float]] = {}
     for (b, t), ms in measured.items():
         rows.setdefault(b, {})[t] = ms
@@ -238,14 +245,14 @@ def _fit_table(samples: list[CostSample], default: CostFn, max_batch: int, max_t
 class CostModel:
     """Predicted milliseconds of a step's parts as a function of batch size and tokens per sequence.
 
-    The choice: a table of medians, interpolated. Samples are grouped into cells by (batch size, tokens
-    per sequence rounded to `TOKEN_BUCKET`) and each cell keeps its median, so noisy outliers do not move
-    it. The cells are filled out to a grid (powers of two in batch, whole tokens, plus every measured
-    point): linear interpolation between measured points; deeper than the deepest measured point, the
-    last segment's slope (kept non-negative); elsewhere outside them, the nearest measured value scaled
-    as the default cost function scales, so a role measured at one batch size and depth still gets
-    sensible costs everywhere (the default's shape at the measured level). A running max makes the grid
-    non-decreasing in both arguments, and prediction is bilinear on it (so monotone too); past the grid,
+    The choice: a table of medians, interpolated. Samples are grouped into cells by (batch size, tokens per
+    sequence rounded to `TOKEN_BUCKET`) and each cell with at least `MIN_CELL_SAMPLES` samples keeps its
+    median, so noisy outliers do not move it. The cells are filled out to a grid (powers of two in batch,
+    whole tokens, plus every measured point): linear interpolation between measured points; deeper than the
+    deepest measured point, the last segment's slope (kept non-negative); elsewhere outside them, the nearest
+    measured value scaled as the default cost function scales, so a role measured at one batch size and depth
+    still gets sensible costs everywhere (the default's shape at the measured level). A running max makes the
+    grid non-decreasing in both arguments, and prediction is bilinear on it (so monotone too); past the grid,
     the edge value is again scaled like the default. A role with no samples uses its default directly.
 
     Why a table rather than a fitted formula: real costs have knees (memory- to compute-bound, kernel
@@ -277,7 +284,7 @@ class CostModel:
         for s in samples:
             by_role.setdefault(s.role, []).append(s)
         tables = {role: _fit_table(ss, model._defaults[role], max_batch, max_tokens) for role, ss in by_role.items()}
-        return cls(model._defaults, tables)
+        return cls(model._defaults, {role: table for role, table in tables.items() if table is not None})
 
     @property
     def fitted_roles(self) -> dict[str, int]:

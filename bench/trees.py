@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.prompts import MIXED, humaneval_prompts
+from bench.common import chat_ids
+from bench.prompts import MIXED, humaneval_prompts, sharegpt_prompts
 from specfleet.drafters import DraftRequest, NgramDrafter
 from specfleet.drafters.model import ModelDrafter
 from specfleet.engine import ModelRunner
@@ -31,13 +32,23 @@ from specfleet.sampling import SamplingParams
 from specfleet.trees import TreeShape, chain_shape
 from target_service.verifier import Verifier, VerifyItem
 
-# (setting, method, shape): at equal depth the trees spend more nodes; at equal nodes they are shallower.
+# (setting, method, shape): at equal depth the trees spend more nodes; at equal nodes they are shallower, so
+# each budget tries several shapes per method (as the RSD paper does: the best shape per method counts).
 EQUAL_DEPTH = [("depth 3", "chain", chain_shape(3)), ("depth 3", "rsd-c", TreeShape("rsd-c", (2, 2, 1))),
                ("depth 3", "rsd-s", TreeShape("rsd-s", beam_width=3, depth=3)),
                ("depth 3", "iid", TreeShape("iid", (2, 2, 1)))]
-EQUAL_NODES = [("6 nodes", "chain", chain_shape(6)), ("6 nodes", "rsd-c", TreeShape("rsd-c", (2, 2))),
+EQUAL_NODES = [("6 nodes", "chain", chain_shape(6)),
+               ("6 nodes", "rsd-c", TreeShape("rsd-c", (2, 2))), ("6 nodes", "rsd-c", TreeShape("rsd-c", (2, 1, 1))),
                ("6 nodes", "rsd-s", TreeShape("rsd-s", beam_width=2, depth=3)),
-               ("6 nodes", "iid", TreeShape("iid", (2, 2)))]
+               ("6 nodes", "iid", TreeShape("iid", (2, 2))), ("6 nodes", "iid", TreeShape("iid", (2, 1, 1)))]
+EQUAL_NODES_12 = [("12 nodes", "chain", chain_shape(12)),
+                  ("12 nodes", "rsd-c", TreeShape("rsd-c", (3, 3))),
+                  ("12 nodes", "rsd-c", TreeShape("rsd-c", (2, 1, 1, 1, 1, 1))),
+                  ("12 nodes", "rsd-s", TreeShape("rsd-s", beam_width=2, depth=6)),
+                  ("12 nodes", "rsd-s", TreeShape("rsd-s", beam_width=3, depth=4)),
+                  ("12 nodes", "iid", TreeShape("iid", (3, 3))),
+                  ("12 nodes", "iid", TreeShape("iid", (2, 1, 1, 1, 1, 1)))]
+SETTINGS = {"6": EQUAL_NODES, "12": EQUAL_NODES_12, "depth3": EQUAL_DEPTH}
 
 
 @dataclass
@@ -80,8 +91,8 @@ def decode(drafter, verifier: Verifier, prompts: list[list[int]], shape: TreeSha
 
 def run_table(title: str, drafter, verifier: Verifier, prompts: list[list[int]], batches: list[int],
               temperatures: list[float], max_new: int, configs) -> str:
-    lines = [f"### {title}", "", "| batch | temperature | setting | method | nodes | accepted tokens/step | tokens/s |",
-             "| ---: | ---: | --- | --- | ---: | ---: | ---: |"]
+    lines = [f"### {title}", "", "| batch | temperature | setting | method | shape | nodes | accepted tokens/step "
+             "| tokens/s |", "| ---: | ---: | --- | --- | --- | ---: | ---: | ---: |"]
     for batch in batches:
         for temperature in temperatures:
             sampling = SamplingParams(temperature=temperature)
@@ -95,7 +106,8 @@ def run_table(title: str, drafter, verifier: Verifier, prompts: list[list[int]],
                     raise AssertionError(f"{method} ({setting}, batch {batch}) differs from plain greedy decoding")
                 steps, accepted = sum(o.steps for o in outs), sum(o.accepted for o in outs)
                 rate = sum(len(t) for o in outs for t in o.tokens) / sum(o.seconds for o in outs)
-                lines.append(f"| {batch} | {temperature:g} | {setting} | {method} | {shape.nodes} | "
+                form = f"{shape.levels} deep" if shape.is_chain else shape.describe().split(" ", 1)[1]
+                lines.append(f"| {batch} | {temperature:g} | {setting} | {method} | {form} | {shape.nodes} | "
                              f"{accepted / steps:.2f} | {rate:.1f} |")
                 print(lines[-1], flush=True)
     return "\n".join(lines)
@@ -104,12 +116,14 @@ def run_table(title: str, drafter, verifier: Verifier, prompts: list[list[int]],
 def pair_part(args: argparse.Namespace) -> str:
     target_dir, draft_dir = resolve_model("qwen2.5-coder-1.5b"), resolve_model("qwen2.5-coder-0.5b")
     tokenizer = load_tokenizer(target_dir)
-    prompts = [tokenizer.encode(p) for p in humaneval_prompts(args.prompts)]
+    texts = humaneval_prompts(args.prompts) if args.prompt_set == "humaneval" else sharegpt_prompts(args.prompts)
+    prompts = [chat_ids(tokenizer, t) for t in texts]
     slots = max(args.batches) * 2
     drafter = ModelDrafter(ModelRunner.from_folder(draft_dir, num_slots=slots, max_seq_len=1024))
     verifier = Verifier(ModelRunner.from_folder(target_dir, num_slots=slots, max_seq_len=1024))
-    return run_table("qwen2.5-coder-0.5b drafting for qwen2.5-coder-1.5b (HumanEval)", drafter, verifier, prompts,
-                     args.batches, args.temperatures, args.max_new, EQUAL_NODES + EQUAL_DEPTH)
+    configs = [c for name in args.settings for c in SETTINGS[name]]
+    return run_table(f"qwen2.5-coder-0.5b drafting for qwen2.5-coder-1.5b ({args.prompt_set})", drafter, verifier,
+                     prompts, args.batches, args.temperatures, args.max_new, configs)
 
 
 def ngram_part(args: argparse.Namespace) -> str:
@@ -128,7 +142,11 @@ def ngram_part(args: argparse.Namespace) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["pair", "ngram", "all"], default="all")
-    parser.add_argument("--prompts", type=int, default=8, help="HumanEval prompts for the pair")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts for the pair")
+    parser.add_argument("--prompt-set", choices=["humaneval", "sharegpt"], default="humaneval",
+                        help="the pair's prompts: HumanEval tasks or ShareGPT's opening user turns")
+    parser.add_argument("--settings", default="6,depth3",
+                        help=f"the pair's comparisons, of {', '.join(SETTINGS)}: equal node budgets, equal depth")
     parser.add_argument("--max-new", type=int, default=64)
     parser.add_argument("--batches", default="1,4", help="batch sizes for the pair")
     parser.add_argument("--temperatures", default="0,1")
@@ -136,6 +154,10 @@ def main() -> None:
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     args.temperatures = [float(t) for t in args.temperatures.split(",")]
+    args.settings = args.settings.split(",")
+    unknown = [name for name in args.settings if name not in SETTINGS]
+    if unknown:
+        parser.error(f"--settings: unknown {unknown}; choose from {', '.join(SETTINGS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     tables = []

@@ -183,6 +183,18 @@ class _DefaultCurve:
         return max(0.0, self._default(self._batch, tokens_per_seq))
 
 
+def _isotonic(values: list[float], weights: list[int]) -> list[float]:
+    """The non-decreasing sequence closest to ``values`` in weighted least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, cells]
+    for value, weight in zip(values, weights, strict=True):
+        blocks.append([value, weight, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            mean, w, n = blocks.pop()
+            blocks[-1] = [(blocks[-1][0] * blocks[-1][1] + mean * w) / (blocks[-1][1] + w), blocks[-1][1] + w,
+                          blocks[-1][2] + n]
+    return [mean for mean, _, n in blocks for _ in range(int(n))]
+
+
 def _fit_table(samples: list[CostSample], default: CostFn, max_batch: int, max_tokens: int) -> CostTable | None:
     """Median per (batch, token bucket) cell, filled out to a fixed grid, then made monotone; None when no cell
     has `MIN_CELL_SAMPLES` samples yet."""
@@ -194,9 +206,13 @@ def _fit_table(samples: list[CostSample], default: CostFn, max_batch: int, max_t
     measured = {key: median(v) for key, v in cells.items() if len(v) >= MIN_CELL_SAMPLES}
     if not measured:
         return None
-    rows: dict[int, dict[float, float]] = {}
-    for (b, t), ms in measured.items():
-        rows.setdefault(b, {})[t] = ms
+    by_row: dict[int, list[tuple[float, float, int]]] = {}
+    for (b, t), ms in sorted(measured.items()):
+        by_row.setdefault(b, []).append((t, ms, len(cells[b, t])))
+    # More tokens never cost less: within a row, the monotone fit weighted by each cell's samples, so a few slow
+    # calls at one depth cannot raise every deeper depth above a well-measured cheaper one.
+    rows = {b: dict(zip([t for t, _, _ in row], _isotonic([ms for _, ms, _ in row], [n for _, _, n in row]),
+                        strict=True)) for b, row in by_row.items()}
 
     # The grid covers what the search will ask for (powers of two up to max_batch, whole tokens up to
     # max_tokens) plus every measured point, so measured medians are reproduced exactly.
@@ -247,13 +263,14 @@ class CostModel:
 
     The choice: a table of medians, interpolated. Samples are grouped into cells by (batch size, tokens per
     sequence rounded to `TOKEN_BUCKET`) and each cell with at least `MIN_CELL_SAMPLES` samples keeps its
-    median, so noisy outliers do not move it. The cells are filled out to a grid (powers of two in batch,
-    whole tokens, plus every measured point): linear interpolation between measured points; deeper than the
-    deepest measured point, the last segment's slope (kept non-negative); elsewhere outside them, the nearest
-    measured value scaled as the default cost function scales, so a role measured at one batch size and depth
-    still gets sensible costs everywhere (the default's shape at the measured level). A running max makes the
-    grid non-decreasing in both arguments, and prediction is bilinear on it (so monotone too); past the grid,
-    the edge value is again scaled like the default. A role with no samples uses its default directly.
+    median, so noisy outliers do not move it; within a batch size the medians get the monotone fit weighted by
+    their samples. The cells are filled out to a grid (powers of two in batch, whole tokens, plus every
+    measured point): linear interpolation between measured points; deeper than the deepest measured point, the
+    last segment's slope (kept non-negative); elsewhere outside them, the nearest measured value scaled as the
+    default cost function scales, so a role measured at one batch size and depth still gets sensible costs
+    everywhere (the default's shape at the measured level). A running max makes the grid non-decreasing in
+    both arguments, and prediction is bilinear on it (so monotone too); past the grid, the edge value is again
+    scaled like the default. A role with no samples uses its default directly.
 
     Why a table rather than a fitted formula: real costs have knees (memory- to compute-bound, kernel
     tile sizes) that a small formula misses, and the search only asks about batch sizes and depths the

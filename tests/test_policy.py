@@ -289,9 +289,21 @@ def test_cost_model_extrapolates_deeper_with_the_measured_slope() -> None:
     costs = CostModel.fit(_samples("target", {(4, 1.0): 500.0, (4, 2.0): 1000.0, (4, 3.0): 1500.0}))
     assert costs.predict("target", 4, 9.0) == pytest.approx(4500.0)
     assert costs.predict("target", 4, 2.5) == pytest.approx(1250.0)
-    # A noisy decrease is not extrapolated: at least flat.
+    # A noisy decrease is not extrapolated: the two cells pool to their mean, and stay flat.
     flat = CostModel.fit(_samples("target", {(4, 1.0): 50.0, (4, 2.0): 48.0}))
-    assert flat.predict("target", 4, 9.0) == pytest.approx(50.0)
+    assert flat.predict("target", 4, 1.0) == flat.predict("target", 4, 9.0) == pytest.approx(49.0)
+
+
+def test_a_few_slow_calls_do_not_outweigh_a_well_measured_cheaper_cell() -> None:
+    """Within a batch size the fit is monotone in tokens, weighted by samples: three slow calls at 2 tokens,
+    against hundreds at 1 token and four cheap ones at 4 tokens, pool with the cheap ones instead of setting
+    every deeper depth's price."""
+    samples = ([CostSample("target", 1, 1.0, 60.0)] * 300 + [CostSample("target", 1, 2.0, 113.0)] * 3
+               + [CostSample("target", 1, 4.0, 52.0)] * 4)
+    costs = CostModel.fit(samples)
+    assert costs.predict("target", 1, 1.0) == pytest.approx(60.0)
+    assert costs.predict("target", 1, 2.0) == costs.predict("target", 1, 4.0) == pytest.approx((3 * 113 + 4 * 52) / 7)
+    assert choose_depths([0.5], costs, 8).depths[0] > 0
 
 
 def test_cost_model_fills_unmeasured_cells_sensibly() -> None:

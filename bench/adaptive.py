@@ -10,7 +10,7 @@ Policies run in turn, in a rotated order each round, and each cell is the median
 policy runs against the same target and draft services and shares one Redis, so ``auto`` sees the fleet's
 measured costs and acceptance as it would in production.
 
-    python -m bench.adaptive                       # the full table and bench/results/adaptive.png
+    python -m bench.adaptive                       # the full table and bench/adaptive.png
     python -m bench.adaptive --batch-sizes 1 8 --rounds 1   # a quick look
 """
 
@@ -31,7 +31,6 @@ from specfleet.models import load_tokenizer, resolve_model
 from specfleet.protos import generate_pb2, generate_pb2_grpc
 
 DEPTHS = [0, 1, 2, 3, 4, 6, 8]
-RESULTS = Path(__file__).parent / "results"
 
 
 def serve(address: str, requests: list[list[int]], batch: int, max_new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -132,7 +131,8 @@ def main() -> None:
     parser.add_argument("--waves", type=int, default=2, help="requests per configuration: waves x batch size")
     parser.add_argument("--rounds", type=int, default=2, help="each cell is the median over this many rounds")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--plot", type=Path, default=RESULTS / "adaptive.png")
+    parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "adaptive.png",
+                        help="where the PNG goes (the README shows bench/adaptive.png)")
     args = parser.parse_args()
 
     spec = "smollm2-135m"

@@ -215,7 +215,7 @@ def _fit_table(samples: list[CostSample], default: CostFn, max_batch: int, max_t
                         strict=True)) for b, row in by_row.items()}
 
     # The grid covers what the search will ask for (powers of two up to max_batch, whole tokens up to
-    # max_tokens) plus every measured point, so measured medians are reproduced exactly.
+    # max_tokens) plus every measured point, so the fitted medians are reproduced exactly.
     batch_points = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | set(rows))
     token_points = sorted({float(t) for t in range(1, max_tokens + 1)} | {t for (_, t) in measured})
 

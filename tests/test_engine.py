@@ -62,9 +62,12 @@ def test_ragged_batch_truncate_and_extend_match_transformers(tiny_folder: Path) 
         assert runner.cached_len(_name) == len(toks)
 
 
-def test_a_ragged_batch_runs_in_one_pass_with_the_logits_of_separate_runs(tiny_folder: Path) -> None:
+@pytest.mark.parametrize("hole", [False, True])
+def test_a_ragged_batch_runs_in_one_pass_with_the_logits_of_separate_runs(tiny_folder: Path, hole: bool) -> None:
     """Decodes, draft chains and a prompt's prefill in one call: one pass over the weights (attention in
-    groups of similar width), and each sequence's logits as if it had run alone."""
+    groups of similar width), and each sequence's logits as if it had run alone. With a ``hole`` the batch's
+    slots are out of order (the prompt takes a slot freed below the others), so groups read the cache both
+    through views and through gathered copies."""
     g = torch.Generator().manual_seed(2)
     prompts = {f"s{i}": torch.randint(0, 97, (n,), generator=g).tolist() for i, n in enumerate([5, 7, 12, 6, 9])}
     news = {name: torch.randint(0, 97, (n,), generator=g).tolist() for name, n in zip(prompts, [1, 1, 9, 3, 1],
@@ -72,7 +75,10 @@ def test_a_ragged_batch_runs_in_one_pass_with_the_logits_of_separate_runs(tiny_f
     fresh = torch.randint(0, 97, (40,), generator=g).tolist()
 
     together = ModelRunner.from_folder(tiny_folder, num_slots=8, max_seq_len=64)
+    if hole:
+        together.extend([Extend("gone", 0, [1, 2, 3])])
     together.extend([Extend(name, 0, toks) for name, toks in prompts.items()])
+    together.release(["gone"])
     passes = []
     hook = together.model.register_forward_hook(lambda *_: passes.append(1))
     outs = together.extend([*(Extend(name, len(prompts[name]), new, num_logits=len(new)) for name, new in news.items()),
@@ -118,6 +124,15 @@ def test_lru_eviction_spares_the_current_batch(tiny_folder: Path) -> None:
     runner.extend([Extend("new", 0, [5, 6])])
     assert runner.cached_len("old") is None  # evicted, least recently used
     assert runner.cached_len("recent") == 2 and runner.cached_len("new") == 2
+
+
+def test_the_lowest_free_slot_goes_first() -> None:
+    """Live sequences stay packed at the front of the cache, where a batch's slots tend to form one run."""
+    cache = SlotKVCache(num_layers=1, num_slots=4, max_seq_len=8, num_kv_heads=1, head_dim=2)
+    assert [cache.allocate() for _ in range(4)] == [0, 1, 2, 3]
+    cache.free(2)
+    cache.free(0)
+    assert cache.allocate() == 0 and cache.allocate() == 2
 
 
 def test_rollback_is_a_length() -> None:

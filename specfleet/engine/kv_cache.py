@@ -6,6 +6,8 @@ of moving the slot's length counter (``truncate``): later writes overwrite the s
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 
 
@@ -38,7 +40,9 @@ class SlotKVCache:
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
         self.lengths = [0] * num_slots
-        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        # The lowest free slot first, so live sequences stay packed at the front: a batch whose slots form one
+        # run reads the cache through a view instead of gathering a copy (see `BatchLayout.read`).
+        self._free = list(range(num_slots))  # a heap
 
     @property
     def num_free(self) -> int:
@@ -47,7 +51,7 @@ class SlotKVCache:
     def allocate(self) -> int:
         if not self._free:
             raise CacheFullError(f"all {self.num_slots} KV cache slots are in use")
-        slot = self._free.pop()
+        slot = heapq.heappop(self._free)
         self.lengths[slot] = 0
         return slot
 
@@ -56,7 +60,7 @@ class SlotKVCache:
         if slot in self._free:
             raise ValueError(f"slot {slot} is already free")
         self.lengths[slot] = 0
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)
 
     def truncate(self, slot: int, length: int) -> None:
         """Rolls the slot back to its first ``length`` tokens."""

@@ -162,8 +162,10 @@ class BatchLayout:
     def read(self, cache_layer: torch.Tensor) -> torch.Tensor:  # [batch, kv_heads, kv_len, head_dim]
         """The batch's cache entries of one layer's keys or values ([slots, kv_heads, max_len, head_dim])."""
         run = self.slot_run
-        slots = run if run is not None else self.slots
-        return cache_layer[slots, :, : self.kv_len]
+        if run is not None:
+            return cache_layer[run, :, : self.kv_len]
+        # index_select copies whole [kv_len, head_dim] runs; advanced indexing goes element by element, ~3x slower.
+        return cache_layer[:, :, : self.kv_len].index_select(0, self.slots)
 
 
 def causal_layout(slots: list[int], start_lens: list[int], new_lens: list[int], device: torch.device

@@ -96,6 +96,23 @@ def test_a_ragged_batch_runs_in_one_pass_with_the_logits_of_separate_runs(tiny_f
         torch.testing.assert_close(ours, reference, atol=TOLERANCE, rtol=TOLERANCE)
 
 
+@pytest.mark.parametrize("kept", [[0, 11], [2, 3, 5, 9], [0, 1, 2, 3]])
+def test_a_batch_in_any_slots_has_the_logits_of_separate_runs(tiny_folder: Path, kept: list[int]) -> None:
+    """Attention reads a batch's slots through one view (filler rows between them) or, spread wide, gathers
+    them; either way each sequence's logits are its own."""
+    g = torch.Generator().manual_seed(3)
+    prompts = {f"s{i}": torch.randint(0, 97, (4 + i % 5,), generator=g).tolist() for i in range(12)}
+    runner = ModelRunner.from_folder(tiny_folder, num_slots=16, max_seq_len=32)
+    runner.extend([Extend(name, 0, toks) for name, toks in prompts.items()])  # s{i} in slot i
+    runner.release([f"s{i}" for i in range(12) if i not in kept])
+    news = {f"s{i}": torch.randint(0, 97, (1 + i % 3,), generator=g).tolist() for i in kept}
+    outs = runner.extend([Extend(name, len(prompts[name]), new, num_logits=len(new)) for name, new in news.items()])
+    for (name, new), ours in zip(news.items(), outs, strict=True):
+        alone = ModelRunner.from_folder(tiny_folder, num_slots=1, max_seq_len=32)
+        reference = alone.extend([Extend(name, 0, prompts[name] + new, num_logits=len(new))])[0]
+        torch.testing.assert_close(ours, reference, atol=TOLERANCE, rtol=TOLERANCE)
+
+
 def test_warm_up_leaves_the_cache_as_it_found_it(tiny_folder: Path) -> None:
     tokens = [5, 17, 3, 88, 42, 9, 1, 60]
     runner = ModelRunner.from_folder(tiny_folder, num_slots=2, max_seq_len=64)

@@ -140,32 +140,59 @@ class BatchLayout:
 
     def attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
         """Attention for this group's packed queries ``q`` ([tokens, heads, head_dim]) over the cache."""
-        batch, width = self.valid.shape
-        if self.unpadded:
-            padded = q.view(batch, width, *q.shape[1:])
-        else:
-            padded = q.new_zeros(batch, width, *q.shape[1:])
-            padded[self.packed] = q
-        out = F.scaled_dot_product_attention(padded.transpose(1, 2), self.read(key_cache), self.read(value_cache),
-                                             attn_mask=self.attn_mask, enable_gqa=True).transpose(1, 2)
-        return out.reshape(q.shape) if self.unpadded else out[self.packed]
+        keys, values = self.read(key_cache), self.read(value_cache)
+        width = self.valid.shape[1]
+        if self.span_rows is None and self.unpadded:  # the rows read are the group, in order, every row full
+            out = F.scaled_dot_product_attention(q.view(len(self.slots), width, *q.shape[1:]).transpose(1, 2), keys,
+                                                 values, attn_mask=self.attn_mask, enable_gqa=True)
+            return out.transpose(1, 2).reshape(q.shape)
+        rows, cols = self.packed_rows, self.packed[1]
+        padded = q.new_zeros(keys.shape[0], width, *q.shape[1:])
+        padded[rows, cols] = q
+        out = F.scaled_dot_product_attention(padded.transpose(1, 2), keys, values, attn_mask=self.read_mask,
+                                             enable_gqa=True)
+        return out.transpose(1, 2)[rows, cols]
 
     @cached_property
-    def slot_run(self) -> slice | None:
-        """The slots as one ascending run (always so for a single sequence), or None. Layers then read the cache
-        through a view instead of gathering a copy of every key and value."""
-        first = int(self.slots[0])
-        if torch.equal(self.slots, torch.arange(first, first + len(self.slots), device=self.slots.device)):
-            return slice(first, first + len(self.slots))
-        return None
+    def slot_span(self) -> slice | None:
+        """The cache rows lo..hi this group reads through a view, or None to gather its own rows: a view when its
+        slots span at most twice as many rows as it has sequences, where the filler rows' attention costs less
+        than copying every member's keys and values in each layer (a third of a forward, measured)."""
+        lo, hi = int(self.slots.min()), int(self.slots.max())
+        return slice(lo, hi + 1) if hi + 1 - lo <= 2 * len(self.slots) else None
 
-    def read(self, cache_layer: torch.Tensor) -> torch.Tensor:  # [batch, kv_heads, kv_len, head_dim]
-        """The batch's cache entries of one layer's keys or values ([slots, kv_heads, max_len, head_dim])."""
-        run = self.slot_run
-        if run is not None:
-            return cache_layer[run, :, : self.kv_len]
+    def read(self, cache_layer: torch.Tensor) -> torch.Tensor:  # [rows, kv_heads, kv_len, head_dim]
+        """The rows of one layer's keys or values ([slots, kv_heads, max_len, head_dim]) that attention reads."""
+        if self.slot_span is not None:
+            return cache_layer[self.slot_span, :, : self.kv_len]
         # index_select copies whole [kv_len, head_dim] runs; advanced indexing goes element by element, ~3x slower.
         return cache_layer[:, :, : self.kv_len].index_select(0, self.slots)
+
+    @cached_property
+    def span_rows(self) -> torch.Tensor | None:
+        """Each sequence's row among those read; None when they are rows 0, 1, ... in order (a gather, or a
+        span of exactly the group's slots in slot order)."""
+        if self.slot_span is None:
+            return None
+        rows = self.slots - self.slot_span.start
+        in_order = torch.arange(self.slot_span.stop - self.slot_span.start, device=rows.device)
+        return None if torch.equal(rows, in_order) else rows
+
+    @cached_property
+    def packed_rows(self) -> torch.Tensor:  # [real tokens] the row read for each packed token
+        rows = self.packed[0]
+        return rows if self.span_rows is None else self.span_rows[rows]
+
+    @cached_property
+    def read_mask(self) -> torch.Tensor:
+        """``attn_mask`` laid over the rows read; a filler row sees key 0 alone, so its softmax stays finite."""
+        if self.span_rows is None:
+            return self.attn_mask
+        mask = torch.zeros(self.slot_span.stop - self.slot_span.start, *self.attn_mask.shape[1:], dtype=torch.bool,
+                           device=self.attn_mask.device)
+        mask[..., 0] = True
+        mask[self.span_rows] = self.attn_mask
+        return mask
 
 
 def causal_layout(slots: list[int], start_lens: list[int], new_lens: list[int], device: torch.device

@@ -236,10 +236,19 @@ def _fit_table(samples: list[CostSample], default: CostFn, max_batch: int, max_t
 
         filled_rows[b] = [_interp(ts, vs, t, row_outside) for t in token_points]
 
+    # More sequences never cost less either: per token point, the monotone fit across the measured batch sizes,
+    # weighted by each row's samples, so a few slow calls at a batch size the fleet only passes through (a
+    # burst's tail) cannot lift every larger batch above its own well-measured cost.
+    measured_batches = sorted(filled_rows)
+    row_samples = [sum(n for _, _, n in by_row[b]) for b in measured_batches]
+    for j in range(len(token_points)):
+        column = _isotonic([filled_rows[b][j] for b in measured_batches], row_samples)
+        for b, ms in zip(measured_batches, column, strict=True):
+            filled_rows[b][j] = ms
+
     # Across batch sizes, per token point: linear between measured rows, the default's shape beyond them.
     # (The policy does not choose the batch size, so no exploration would correct a bad extrapolation,
     # and a slope from two nearby batch sizes is too noisy to carry far.)
-    measured_batches = sorted(filled_rows)
     values = [[0.0] * len(token_points) for _ in batch_points]
     for j, t in enumerate(token_points):
         col = [filled_rows[b][j] for b in measured_batches]
@@ -250,8 +259,8 @@ def _fit_table(samples: list[CostSample], default: CostFn, max_batch: int, max_t
         for i, b in enumerate(batch_points):
             values[i][j] = max(0.0, _interp(measured_batches, col, b, col_outside))
 
-    # More work never costs less: a running max along batch, then along tokens, makes the grid monotone
-    # in both (noise between neighbouring cells would otherwise invert them); bilinear keeps it so.
+    # More work never costs less: a running max along batch, then along tokens, keeps the filled grid monotone
+    # in both (the default's shape beyond the measured points need not be); bilinear keeps it so.
     for i in range(1, len(batch_points)):
         values[i] = [max(a, b) for a, b in zip(values[i], values[i - 1], strict=True)]
     values = [list(accumulate(row, max)) for row in values]
@@ -263,14 +272,15 @@ class CostModel:
 
     The choice: a table of medians, interpolated. Samples are grouped into cells by (batch size, tokens per
     sequence rounded to `TOKEN_BUCKET`) and each cell with at least `MIN_CELL_SAMPLES` samples keeps its
-    median, so noisy outliers do not move it; within a batch size the medians get the monotone fit weighted by
-    their samples. The cells are filled out to a grid (powers of two in batch, whole tokens, plus every
-    measured point): linear interpolation between measured points; deeper than the deepest measured point, the
-    last segment's slope (kept non-negative); elsewhere outside them, the nearest measured value scaled as the
-    default cost function scales, so a role measured at one batch size and depth still gets sensible costs
-    everywhere (the default's shape at the measured level). A running max makes the grid non-decreasing in
-    both arguments, and prediction is bilinear on it (so monotone too); past the grid, the edge value is again
-    scaled like the default. A role with no samples uses its default directly.
+    median, so noisy outliers do not move it. Within a batch size the medians get a monotone fit weighted by
+    their samples and are filled out to whole tokens (plus every measured point): linear between measured
+    points; deeper than the deepest, the last segment's slope (kept non-negative); shallower, the nearest
+    measured value scaled as the default cost function scales. Then, per token point, the measured batch sizes
+    get the same weighted monotone fit, and the grid's other batch sizes (powers of two) are linear between
+    them or, outside, scaled like the default; so a role measured at one batch size and depth still gets
+    sensible costs everywhere (the default's shape at the measured level). A running max keeps the grid
+    non-decreasing in both arguments, and prediction is bilinear on it (so monotone too); past the grid, the
+    edge value is again scaled like the default. A role with no samples uses its default directly.
 
     Why a table rather than a fitted formula: real costs have knees (memory- to compute-bound, kernel
     tile sizes) that a small formula misses, and the search only asks about batch sizes and depths the

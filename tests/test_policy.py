@@ -306,6 +306,15 @@ def test_a_few_slow_calls_do_not_outweigh_a_well_measured_cheaper_cell() -> None
     assert choose_depths([0.5], costs, 8).depths[0] > 0
 
 
+def test_a_few_slow_calls_at_a_small_batch_do_not_price_a_larger_one() -> None:
+    """Across batch sizes the fit is monotone too, weighted by samples: three slow calls at batch 4 (a tail, a
+    pause) pool with hundreds at batch 8 instead of lifting batch 8 to them."""
+    samples = [CostSample("target", 8, 1.0, 80.0)] * 300 + [CostSample("target", 4, 1.0, 115.0)] * 3
+    costs = CostModel.fit(samples)
+    pooled = (300 * 80 + 3 * 115) / 303
+    assert costs.predict("target", 8, 1.0) == costs.predict("target", 4, 1.0) == pytest.approx(pooled)
+
+
 def test_cost_model_fills_unmeasured_cells_sensibly() -> None:
     # Measured at one token for batch 1 and 16: between them linear, and deeper drafts cost more.
     costs = CostModel.fit(_samples("target", {(1, 1.0): 30.0, (16, 1.0): 120.0}))

@@ -21,6 +21,7 @@ import itertools
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -33,10 +34,25 @@ from specfleet.protos import generate_pb2, generate_pb2_grpc
 DEPTHS = [0, 1, 2, 3, 4, 6, 8]
 
 
-def serve(address: str, requests: list[list[int]], batch: int, max_new_tokens: int) -> tuple[float, list[list[int]]]:
-    """Makespan in seconds and every request's tokens: ``batch`` closed-loop clients take ``requests`` in order."""
+@dataclass
+class Served:
+    outputs: list[list[int]]  # every request's tokens, in request order
+    makespan_s: float  # first request sent to last answer
+    steady_tokens_per_s: float  # tokens streamed while all clients were busy (see `serve`)
+
+
+def serve(address: str, requests: list[list[int]], batch: int, max_new_tokens: int) -> Served:
+    """``batch`` closed-loop clients stream ``requests`` in order, each sending its next when its last one ends.
+
+    The goodput at batch B is measured while B requests are in flight: from the start until the first client
+    finds no request left. After that the batch drains, and how long the drain takes depends on how far
+    apart the last requests finish, not on the batch size being measured (plain decoding keeps a wave of
+    equal-length requests in lockstep; speculation, whose sequences advance at their own pace, does not).
+    """
     outputs: list[list[int]] = [[] for _ in requests]
+    arrivals: list[tuple[float, int]] = []  # (time, tokens) of every streamed message; list.append is atomic
     taken = itertools.count()  # next() on a count is atomic under the GIL: each request goes to one client
+    ran_dry: list[float] = []
     errors: list[BaseException] = []
 
     def client() -> None:
@@ -47,7 +63,10 @@ def serve(address: str, requests: list[list[int]], batch: int, max_new_tokens: i
                     request = generate_pb2.GenerateRequest()
                     request.token_ids.ids.extend(requests[i])
                     request.stopping.max_new_tokens = max_new_tokens
-                    outputs[i] = list(stub.Generate(request, timeout=1800).token_ids)
+                    for message in stub.GenerateStream(request, timeout=1800):
+                        arrivals.append((time.perf_counter(), len(message.token_ids)))
+                        outputs[i].extend(message.token_ids)
+                ran_dry.append(time.perf_counter())
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(err)
 
@@ -60,7 +79,9 @@ def serve(address: str, requests: list[list[int]], batch: int, max_new_tokens: i
     makespan = time.perf_counter() - started
     if errors:
         raise errors[0]
-    return makespan, outputs
+    steady_end = min(ran_dry)
+    steady = sum(n for at, n in arrivals if at <= steady_end) / (steady_end - started)
+    return Served(outputs, makespan, steady)
 
 
 def measure(routers: dict[str, str], prompts: list[list[int]], batch: int, waves: int, rounds: int,
@@ -75,15 +96,17 @@ def measure(routers: dict[str, str], prompts: list[list[int]], batch: int, waves
     expected: list[list[int]] | None = None
     for r in range(rounds):
         for p in policies[r % len(policies):] + policies[:r % len(policies)]:
-            seconds, outputs = serve(routers[p], requests, batch, max_new_tokens)
+            served = serve(routers[p], requests, batch, max_new_tokens)
+            outputs = served.outputs
             if expected is None:
                 expected = outputs
             elif outputs != expected:
                 wrong = next(i for i, (a, b) in enumerate(zip(outputs, expected, strict=True)) if a != b)
                 raise AssertionError(f"policy {p} at batch {batch} changed request {wrong}'s tokens")
-            rates[p].append(sum(map(len, outputs)) / seconds)
+            rates[p].append(served.steady_tokens_per_s)
             print(f"  batch {batch:3d} round {r + 1}  {'depth ' + p if p != 'auto' else 'auto':>8}: "
-                  f"{rates[p][-1]:7.1f} tokens/s ({sum(map(len, outputs))} tokens in {seconds:.1f} s)", flush=True)
+                  f"{served.steady_tokens_per_s:7.1f} tokens/s with {batch} in flight; all "
+                  f"{sum(map(len, outputs))} tokens in {served.makespan_s:.1f} s", flush=True)
     return {p: statistics.median(v) for p, v in rates.items()}
 
 

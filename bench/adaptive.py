@@ -3,9 +3,11 @@
 SmolLM2-135M target, ``ngram`` drafter, greedy, a fixed mixed prompt set (code edits and open questions).
 For each batch size B, every policy serves the same fixed workload: ``--waves`` x B requests (prompts
 taken in turn from the set; at least one request per prompt), which B closed-loop clients take in order,
-each sending its next request when its last one is answered. Goodput is the tokens generated divided by
-the makespan (first request sent to last answer), so every cell is the same work timed; greedy
-speculation is lossless, so every policy must produce exactly the same tokens (the run stops if not).
+each sending its next request when its last one is answered. Goodput is the tokens streamed while all B
+clients are busy, from the first request until the first client finds none left, over that time: the
+batch size being measured, on the same requests for every policy (the drain that follows is a smaller
+batch). Greedy speculation is lossless, so every policy must produce exactly the same tokens (the run
+stops if not).
 Policies run in turn, in a rotated order each round, and each cell is the median over rounds. Every
 policy runs against the same target and draft services and shares one Redis, so ``auto`` sees the fleet's
 measured costs and acceptance as it would in production.

@@ -157,7 +157,7 @@ class BatchLayout:
     def slot_span(self) -> slice | None:
         """The cache rows lo..hi this group reads through a view, or None to gather its own rows: a view when its
         slots span at most twice as many rows as it has sequences, where the filler rows' attention costs less
-        than copying every member's keys and values in each layer (a third of a forward, measured)."""
+        than copying every member's keys and values in each layer (the copies took 28% of a ragged verify)."""
         lo, hi = int(self.slots.min()), int(self.slots.max())
         return slice(lo, hi + 1) if hi + 1 - lo <= 2 * len(self.slots) else None
 

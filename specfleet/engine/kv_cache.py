@@ -40,8 +40,8 @@ class SlotKVCache:
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
         self.lengths = [0] * num_slots
-        # The lowest free slot first, so live sequences stay packed at the front: a batch whose slots form one
-        # run reads the cache through a view instead of gathering a copy (see `BatchLayout.read`).
+        # The lowest free slot first, so live sequences stay packed at the front: a batch whose slots lie close
+        # together reads the cache through a view instead of gathering a copy (see `BatchLayout.slot_span`).
         self._free = list(range(num_slots))  # a heap
 
     @property

@@ -270,8 +270,8 @@ class ModelRunner:
     def _plan_passes(self, widths: list[int], slots: list[int]) -> list[list[list[int]]]:
         """Forward passes, each a list of attention groups (request indices). The layers run on packed tokens,
         so a pass costs what its real tokens cost: groups share a pass up to ``max_batch_tokens`` tokens.
-        Each group lists its requests by slot: when those form one run, attention reads the cache through a
-        view rather than a gathered copy of every key and value (one copy per layer, a third of a verify)."""
+        Each group lists its requests by slot, so attention can read the span of cache rows they cover through
+        a view rather than gather a copy of every key and value in each layer (see `BatchLayout.slot_span`)."""
         passes: list[list[list[int]]] = []
         tokens = 0
         for group in self._plan_groups(widths):

@@ -75,25 +75,35 @@ def processed_probs(
     safe_temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
     probs = torch.softmax(logits / safe_temperature[:, None], dim=-1)  # [n, vocab]
 
+    # Only rows that filter pay for the sort a filter needs (it costs ~100 softmaxes over a large vocabulary),
+    # and only greedy rows for their one-hot: a batch of plain sampled rows is one softmax.
+    filtering = ~greedy & (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0))  # [n]
+    if filtering.any():
+        rows = filtering.nonzero().squeeze(-1)
+        kept = _top_k_top_p(probs[rows], top_k[rows], top_p[rows])
+        probs[rows] = kept / kept.sum(dim=-1, keepdim=True)
+    if greedy.any():
+        rows = greedy.nonzero().squeeze(-1)
+        probs[rows] = torch.zeros_like(probs[rows]).scatter_(-1, logits[rows].argmax(dim=-1, keepdim=True), 1.0)
+    return probs
+
+
+def _top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:  # [m, vocab]
+    """Zero what top-k, then top-p on the renormalised survivors, leave out (rows not renormalised)."""
+    vocab = probs.shape[-1]
     # One descending sort serves both filters; a stable sort breaks ties towards the lower token id.
-    sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True, stable=True)  # [n, vocab]
-    ranks = torch.arange(vocab, device=logits.device)[None, :]  # [1, vocab]
-    keep = (top_k[:, None] <= 0) | (ranks < top_k[:, None])  # [n, vocab]
+    sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True, stable=True)  # [m, vocab]
+    ranks = torch.arange(vocab, device=probs.device)[None, :]  # [1, vocab]
+    keep = (top_k[:, None] <= 0) | (ranks < top_k[:, None])  # [m, vocab]
     sorted_probs = sorted_probs * keep
 
     # Top-p on the top-k survivors, renormalised: keep a token iff the mass strictly before it is < top_p.
     # The first token always survives (exclusive mass 0 < top_p), and top_p >= 1 keeps everything
     # whatever the float rounding of the cumulative sum.
     renormalised = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
-    mass_before = torch.cumsum(renormalised, dim=-1) - renormalised  # [n, vocab]
+    mass_before = torch.cumsum(renormalised, dim=-1) - renormalised  # [m, vocab]
     keep = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
-    sorted_probs = sorted_probs * keep
-
-    filtered = torch.zeros_like(probs).scatter_(-1, sorted_ids, sorted_probs)  # [n, vocab]
-    filtered = filtered / filtered.sum(dim=-1, keepdim=True)
-
-    one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
-    return torch.where(greedy[:, None], one_hot, filtered)
+    return torch.zeros_like(probs).scatter_(-1, sorted_ids, sorted_probs * keep)
 
 
 def sample_from_probs(

@@ -93,16 +93,17 @@ def test_greedy_row_is_one_hot_at_argmax_whatever_top_k_top_p() -> None:
 
 def test_rows_with_different_params_match_one_row_at_a_time() -> None:
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(5, 11, generator=generator)
-    temperature = torch.tensor([0.0, 1.0, 0.7, 1.3, 2.0])
-    top_k = torch.tensor([0, 0, 3, 5, 0])
-    top_p = torch.tensor([1.0, 0.9, 1.0, 0.6, 0.3])
+    logits = torch.randn(6, 11, generator=generator)
+    temperature = torch.tensor([0.0, 1.0, 0.7, 1.3, 2.0, 0.8])  # the last row filters nothing
+    top_k = torch.tensor([0, 0, 3, 5, 0, 0])
+    top_p = torch.tensor([1.0, 0.9, 1.0, 0.6, 0.3, 1.0])
     batched = processed_probs(logits, temperature, top_k, top_p)
-    for row in range(5):
+    for row in range(6):
         alone = processed_probs(logits[row : row + 1], temperature[row : row + 1], top_k[row : row + 1],
                                 top_p[row : row + 1])
         torch.testing.assert_close(batched[row : row + 1], alone)
-    torch.testing.assert_close(batched.sum(-1), torch.ones(5))
+    torch.testing.assert_close(batched.sum(-1), torch.ones(6))
+    torch.testing.assert_close(batched[5], torch.softmax(logits[5] / 0.8, dim=-1))
 
 
 def test_low_precision_logits_give_float32() -> None:

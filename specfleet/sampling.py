@@ -17,6 +17,9 @@ DRAFT_STREAM = 0
 """Uniforms stream used by the drafter to sample draft tokens."""
 VERIFY_STREAM = 1
 """Uniforms stream used by the verifier (acceptance tests, recovered and bonus tokens)."""
+FILTER_SHORTLIST = 1024
+"""Most probable tokens a top-k/top-p row is first filtered from (see `_top_k_top_p`): top-p's kept set is
+almost always far smaller, and a large vocabulary's full sort costs about a hundred softmaxes."""
 
 
 @dataclass(frozen=True)
@@ -89,21 +92,60 @@ def processed_probs(
 
 
 def _top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:  # [m, vocab]
-    """Zero what top-k, then top-p on the renormalised survivors, leave out (rows not renormalised)."""
-    vocab = probs.shape[-1]
-    # One descending sort serves both filters; a stable sort breaks ties towards the lower token id.
-    sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True, stable=True)  # [m, vocab]
-    ranks = torch.arange(vocab, device=probs.device)[None, :]  # [1, vocab]
-    keep = (top_k[:, None] <= 0) | (ranks < top_k[:, None])  # [m, vocab]
-    sorted_probs = sorted_probs * keep
+    """Zero what top-k, then top-p on the renormalised survivors, leave out (rows not renormalised).
 
+    Tokens rank by probability, ties towards the lower token id. Each row is first filtered from its
+    `FILTER_SHORTLIST` most probable tokens (a partial top-k, far cheaper than sorting a large vocabulary);
+    a row whose kept set might reach past them (it keeps the whole shortlist, or its last kept token ties
+    with the shortlist's last) is filtered again from a shortlist 8 times longer, then from its whole sorted
+    vocabulary. Every route gives the same floats.
+    """
+    row_mass = probs.sum(dim=-1)  # [m]
+    out = torch.zeros_like(probs)
+    todo = torch.arange(probs.shape[0], device=probs.device)
+    for size in (FILTER_SHORTLIST, 8 * FILTER_SHORTLIST, probs.shape[-1]):
+        size = min(size, probs.shape[-1])
+        rows = probs[todo]
+        if size < probs.shape[-1]:
+            values, ids = torch.topk(rows, size, dim=-1)  # [r, size]; ties in any order
+            by_id = ids.argsort(dim=-1)
+            values, ids = values.gather(-1, by_id), ids.gather(-1, by_id)
+            values, ranked = torch.sort(values, dim=-1, descending=True, stable=True)
+            ids = ids.gather(-1, ranked)
+        else:
+            values, ids = torch.sort(rows, dim=-1, descending=True, stable=True)  # [r, vocab]
+        keep, last = _kept_prefix(values, row_mass[todo], top_k[todo], top_p[todo])
+        # Exact when top-k's survivors are all on the shortlist (their mass renormalises top-p) and the kept
+        # set ends above the shortlist's last probability (so every token ranked before it is on the list).
+        last_value = values.gather(-1, last[:, None]).squeeze(-1)
+        exact = (top_k[todo] <= size) & (last < size - 1) & (last_value > values[:, -1])
+        if size == probs.shape[-1]:
+            exact[:] = True
+        done = exact.nonzero().squeeze(-1)
+        out[todo[done]] = torch.zeros_like(rows[done]).scatter_(-1, ids[done], values[done] * keep[done])
+        todo = todo[~exact]
+        if not todo.numel():
+            break
+    return out
+
+
+def _kept_prefix(
+    ranked: torch.Tensor,  # [m, L] probabilities, descending
+    row_mass: torch.Tensor,  # [m] total mass of each whole row
+    top_k: torch.Tensor,  # [m]
+    top_p: torch.Tensor,  # [m]
+) -> tuple[torch.Tensor, torch.Tensor]:  # keep [m, L] bool, index of the last kept [m]
+    ranks = torch.arange(ranked.shape[-1], device=ranked.device)[None, :]  # [1, L]
+    keep = (top_k[:, None] <= 0) | (ranks < top_k[:, None])
+    survivors = ranked * keep
     # Top-p on the top-k survivors, renormalised: keep a token iff the mass strictly before it is < top_p.
     # The first token always survives (exclusive mass 0 < top_p), and top_p >= 1 keeps everything
     # whatever the float rounding of the cumulative sum.
-    renormalised = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
-    mass_before = torch.cumsum(renormalised, dim=-1) - renormalised  # [m, vocab]
-    keep = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
-    return torch.zeros_like(probs).scatter_(-1, sorted_ids, sorted_probs * keep)
+    mass = torch.where(top_k > 0, survivors.sum(dim=-1), row_mass)  # [m]
+    renormalised = survivors / mass[:, None]
+    mass_before = torch.cumsum(renormalised, dim=-1) - renormalised  # [m, L]
+    keep &= (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    return keep, (keep * ranks).amax(dim=-1)
 
 
 def sample_from_probs(

@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from specfleet import sampling
 from specfleet.sampling import (
     DRAFT_STREAM,
     VERIFY_STREAM,
@@ -104,6 +105,29 @@ def test_rows_with_different_params_match_one_row_at_a_time() -> None:
         torch.testing.assert_close(batched[row : row + 1], alone)
     torch.testing.assert_close(batched.sum(-1), torch.ones(6))
     torch.testing.assert_close(batched[5], torch.softmax(logits[5] / 0.8, dim=-1))
+
+
+def test_filtering_from_a_shortlist_equals_sorting_the_whole_vocabulary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows filtered from their most probable tokens give the floats a full sort gives, including rows whose
+    kept set outgrows the shortlist and rows with ties at its edge (both fall back to the full sort)."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = 3000
+    peaked = torch.randn(4, vocab, generator=generator) * 4
+    flat = torch.randn(4, vocab, generator=generator) * 0.1  # top-p 0.9 keeps far more than the shortlist
+    tied = (torch.randn(4, vocab, generator=generator) * 2).round()  # ties everywhere, the shortlist's edge too
+    logits = torch.cat([peaked, flat, tied])
+    n = logits.shape[0]
+    top_k = torch.tensor([0, 7, 1024, 2000] * 3)
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.99] * 3)
+    temperature = torch.ones(n)
+    results = []
+    for shortlist in (vocab, 1024, 128):  # one full sort; a shortlist then the full sort; two shortlists
+        monkeypatch.setattr(sampling, "FILTER_SHORTLIST", shortlist)
+        results.append(processed_probs(logits, temperature, top_k, top_p))
+    sorted_whole = results[0]
+    for shortlisted in results[1:]:
+        assert torch.equal(shortlisted, sorted_whole)
+    assert (sorted_whole[[4, 7]] > 0).sum(-1).min() > 1024  # flat rows that outgrew the shortlist
 
 
 def test_low_precision_logits_give_float32() -> None:

@@ -110,17 +110,16 @@ def _top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
             values, ids = torch.topk(rows, size, dim=-1)  # [r, size]; ties in any order
             by_id = ids.argsort(dim=-1)
             values, ids = values.gather(-1, by_id), ids.gather(-1, by_id)
-            values, ranked = torch.sort(values, dim=-1, descending=True, stable=True)
-            ids = ids.gather(-1, ranked)
+            values, order = torch.sort(values, dim=-1, descending=True, stable=True)
+            ids = ids.gather(-1, order)
         else:
             values, ids = torch.sort(rows, dim=-1, descending=True, stable=True)  # [r, vocab]
         keep, last = _kept_prefix(values, row_mass[todo], top_k[todo], top_p[todo])
         # Exact when top-k's survivors are all on the shortlist (their mass renormalises top-p) and the kept
         # set ends above the shortlist's last probability (so every token ranked before it is on the list).
         last_value = values.gather(-1, last[:, None]).squeeze(-1)
-        exact = (top_k[todo] <= size) & (last < size - 1) & (last_value > values[:, -1])
-        if size == probs.shape[-1]:
-            exact[:] = True
+        whole = size == probs.shape[-1]  # the full sort: exact whatever it keeps
+        exact = ((top_k[todo] <= size) & (last < size - 1) & (last_value > values[:, -1])) | whole
         done = exact.nonzero().squeeze(-1)
         out[todo[done]] = torch.zeros_like(rows[done]).scatter_(-1, ids[done], values[done] * keep[done])
         todo = todo[~exact]

@@ -140,16 +140,18 @@ class StepLoop:
     def choose(self, batch: list[Sequence]) -> StepPlan:
         """The policy's depths, or with --tree the tree shapes, within the room each sequence has left."""
         counts = [(s.stats.accepted, s.stats.rejections) for s in batch]
+        offers = [(s.stats.offers, s.stats.misses) for s in batch]
         shape = self.config.tree_shape
         if shape is None:
-            decision = self.feed.policy.choose(counts, [self.depth_room(s) for s in batch])
+            decision = self.feed.policy.choose(counts, [self.depth_room(s) for s in batch], offers)
             plan = StepPlan({s.seq_id: d for s, d in zip(batch, decision.depths, strict=True)}, decision.reason)
         else:
-            plan = self.choose_trees(batch, counts, shape)
+            plan = self.choose_trees(batch, counts, offers, shape)
         self._log_decision(len(batch), plan.reason)
         return plan
 
-    def choose_trees(self, batch: list[Sequence], counts: list[tuple[int, int]], shape: TreeShape) -> StepPlan:
+    def choose_trees(self, batch: list[Sequence], counts: list[tuple[int, int]], offers: list[tuple[int, int]],
+                     shape: TreeShape) -> StepPlan:
         """With --depth K the configured shape cut to K levels and --max-tree-nodes; with --depth auto the
         best of plain decoding, chains and the shape at every node budget, by the policy's cost model."""
         rooms = [(self.node_room(s), self.depth_room(s)) for s in batch]
@@ -168,7 +170,7 @@ class StepLoop:
         if len(shapes) > 1:
             plans = [[TreePlan(0, ()) if f is None else TreePlan(f.nodes, f.level_tries()) for f in fitted]
                      for fitted in per_seq]
-            decision = self.feed.policy.choose_tree(counts, plans)
+            decision = self.feed.policy.choose_tree(counts, plans, offers)
             per_seq, reason = [per_seq[decision.index]], decision.reason
         plan = StepPlan({}, reason)
         for seq, fitted in zip(batch, per_seq[0], strict=True):
@@ -315,21 +317,25 @@ class StepLoop:
         if proposal is not None:  # the drafter keeps its drafts; only the accepted ones stay valid
             seq.draft_cached = min(proposal.cached_len, position + verdict.accepted)
         drafted = len(proposal.tokens) if proposal else 0
-        # For the acceptance estimate: a tree's every rejected try counts; a chain fails once if it ends before the
-        # depth asked for, rejected or cut short by a drafter with nothing more to offer (an n-gram drafter without
-        # a match): either way the next position asked for emitted no draft token, which is what alpha predicts.
-        rejections = (rejected_tries(proposal.parents, verdict.accepted_nodes) if proposal and proposal.parents
-                      else int(verdict.accepted < requested))
+        # A miss (asked, offered nothing: an n-gram drafter without a match) costs no verification and says nothing
+        # of acceptance: the policy counts it in the offer rate. Otherwise, for the acceptance estimate: a tree's
+        # every rejected try counts; a chain fails once if it ends before the depth asked for, rejected or cut short
+        # by a drafter with nothing more to offer: the next position asked for emitted no draft token.
+        missed = requested > 0 and drafted == 0
+        rejections = (0 if missed else rejected_tries(proposal.parents, verdict.accepted_nodes)
+                      if proposal and proposal.parents else int(verdict.accepted < requested))
         kept = seq.commit(list(verdict.tokens), self.max_context)
         seq.stats.steps += 1
         seq.stats.drafted += drafted
         seq.stats.accepted += verdict.accepted
         seq.stats.rejections += rejections
+        seq.stats.offers += int(drafted > 0)
+        seq.stats.misses += int(missed)
         seq.stats.emitted += len(kept)
         seq.stats.depth = drafted
         seq.stats.depth_reason = reason
         seq.emit(kept)
-        record.add_sequence(drafted, verdict.accepted, len(kept), rejections)
+        record.add_sequence(drafted, verdict.accepted, len(kept), rejections, asked=requested > 0)
         if kept:
             if not seq.first_token_at:
                 seq.first_token_at = now

@@ -50,7 +50,8 @@ class PolicyFeed:
             log.info("Redis telemetry is back: the depth policy refits again")
             self._warned = False
         self.redis_up = True
-        self.policy.update(view.samples, view.acceptance.accepted, view.acceptance.rejections)
+        self.policy.update(view.samples, view.acceptance.accepted, view.acceptance.rejections,
+                           view.acceptance.offers, view.acceptance.misses)
         self.refreshes += 1
         self.fleet_sequence_steps = view.acceptance.sequence_steps
 

@@ -20,6 +20,8 @@ class SpeculationStats:
     drafted: int = 0
     accepted: int = 0
     rejections: int = 0  # steps in which a draft token was rejected (the acceptance estimator needs them)
+    offers: int = 0  # steps in which the drafter offered drafts
+    misses: int = 0  # steps in which drafts were asked for and none came (the offer-rate estimator needs both)
     emitted: int = 0
     depth: int = 0
     depth_reason: str = ""

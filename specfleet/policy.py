@@ -8,8 +8,14 @@ per-sequence: each step, given every live sequence's estimated acceptance rate a
 drafting and verifying at this batch size, pick the depths that maximise predicted goodput (or minimise
 time per output token above a goodput floor).
 
+A drafter may also offer nothing when asked (an n-gram drafter without a match). Such a miss costs no
+verification and says nothing about how well drafts are accepted, so each sequence has an *offer rate* m
+(the chance that it gets a draft when it asks) apart from its acceptance rate alpha: a step at depth d is
+expected to emit 1 + m * sum_{k<=d} alpha^k tokens and to verify m * d draft tokens.
+
 Everything is plain Python: no I/O, no Redis, no gRPC. Telemetry arrives as `CostSample` records and
-per-sequence (accepted, rejections) counts; `DepthPolicy` holds the fitted state for the router.
+per-sequence (accepted, rejections) and (offers, misses) counts; `DepthPolicy` holds the fitted state for
+the router.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ TOKEN_BUCKET = 0.5
 """Width of the tokens-per-sequence cells samples are grouped into (the target sees fractional means)."""
 MIN_STEP_MS = 1e-6
 """Floor on a predicted step, so an all-zero cost model cannot divide by zero."""
+MIN_OFFER_RATE = 1e-3
+"""Offer rates are kept above 0: the depth search ranks draft tokens by gain per expected verified token."""
 MIN_CELL_SAMPLES = 3
 """Samples a (batch, tokens) cell needs before its median counts as measured. A single slow call (a cold cache,
 a pause) must not make a depth look expensive: the policy would stop choosing it and so never measure it again."""
@@ -122,7 +130,8 @@ class CostTable:
 class StepCosts:
     """Predicted costs of one step at a fixed batch size, precomputed for the depth search.
 
-    `target_ms[n]`: Verify with n draft tokens in total (tokens per sequence 1 + n / batch);
+    `target_ms[n]`: Verify with n draft tokens in total (tokens per sequence 1 + n / batch), linear in
+    between for an expected (fractional) total, see `target_at`;
     `draft_ms[d]`: Propose with largest depth d (0.0 at d = 0: nothing is drafted); `overhead_ms[d]`: the rest
     of a step whose largest depth is d.
     """
@@ -132,8 +141,15 @@ class StepCosts:
     draft_ms: tuple[float, ...]
     overhead_ms: tuple[float, ...]
 
-    def step_ms(self, max_depth: int, total_drafts: int) -> float:
-        return self.draft_ms[max_depth] + self.target_ms[total_drafts] + self.overhead_ms[max_depth]
+    def step_ms(self, max_depth: int, total_drafts: float) -> float:
+        return self.draft_ms[max_depth] + self.target_at(total_drafts) + self.overhead_ms[max_depth]
+
+    def target_at(self, total_drafts: float) -> float:
+        whole = int(total_drafts)
+        if whole == total_drafts or whole + 1 >= len(self.target_ms):
+            return self.target_ms[min(whole, len(self.target_ms) - 1)]
+        low = self.target_ms[whole]
+        return low + (total_drafts - whole) * (self.target_ms[whole + 1] - low)
 
 
 def _rescale(value: float, default_from: float, default_to: float) -> float:
@@ -397,19 +413,36 @@ def acceptance_estimate(accepted: int, rejections: int, prior_alpha: float, prio
     return min(max(alpha, 0.0), MAX_ALPHA)
 
 
-def expected_emitted(alpha: float, depth: int) -> float:
+def offer_estimate(offers: int, misses: int, prior_rate: float, prior_weight: float) -> float:
+    """A sequence's offer rate m: the chance that its drafter offers a draft when asked, shrunk toward the fleet's.
+
+    `offers`: steps in which the drafter offered at least one token; `misses`: steps in which it was asked and
+    offered none. Returns (offers + w * prior) / (offers + misses + w), clamped to [MIN_OFFER_RATE, 1].
+    """
+    if offers < 0 or misses < 0:
+        raise ValueError(f"offers and misses must be >= 0, got {offers}, {misses}")
+    if prior_weight < 0:
+        raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
+    total = offers + misses + prior_weight
+    rate = (offers + prior_weight * prior_rate) / total if total > 0 else prior_rate
+    return min(max(rate, MIN_OFFER_RATE), 1.0)
+
+
+def expected_emitted(alpha: float, depth: int, offer_rate: float = 1.0) -> float:
     """Expected tokens one step emits at depth `depth`: accepted drafts plus the recovered or bonus token.
 
     sum_{k=0..depth} alpha^k = (1 - alpha^(depth + 1)) / (1 - alpha) under i.i.d. acceptance (Leviathan et
-    al., 2023); depth 0 is plain decoding: 1.
+    al., 2023); depth 0 is plain decoding: 1. With an offer rate m < 1 the drafts come only in a fraction m
+    of the steps: 1 + m * sum_{k=1..depth} alpha^k.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not 0.0 <= offer_rate <= 1.0:
+        raise ValueError(f"offer_rate must be in [0, 1], got {offer_rate}")
     if depth < 0:
         raise ValueError(f"depth must be >= 0, got {depth}")
-    if alpha == 1.0:
-        return float(depth + 1)
-    return (1.0 - alpha ** (depth + 1)) / (1.0 - alpha)
+    drafts = float(depth) if alpha == 1.0 else (alpha - alpha ** (depth + 1)) / (1.0 - alpha)
+    return 1.0 + offer_rate * drafts
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -417,39 +450,56 @@ def expected_emitted(alpha: float, depth: int) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def plan_step_ms(costs: CostModel, depths: Sequence[int]) -> float:
-    """Predicted ms of a step: draft at the largest depth (if any), target at mean(depth + 1), overhead."""
+def plan_step_ms(costs: CostModel, depths: Sequence[int], offer_rates: Sequence[float] | None = None) -> float:
+    """Predicted ms of a step: draft at the largest depth (if any), target at 1 + the mean expected draft
+    tokens offered (depth times offer rate), overhead; read off `StepCosts`, as the depth search does."""
     batch = len(depths)
     if batch == 0:
         return 0.0
     deepest = max(depths)
-    draft = costs.predict("draft", batch, float(deepest)) if deepest > 0 else 0.0
-    overhead = max(MIN_STEP_MS, costs.predict("overhead", batch, 1.0 + deepest))  # as in StepCosts
-    return draft + costs.predict("target", batch, 1 + sum(depths) / batch) + overhead
+    rates = [1.0] * batch if offer_rates is None else offer_rates
+    return costs.step_costs(batch, deepest).step_ms(deepest, sum(map(mul, rates, depths)))
 
 
-def plan_goodput(alphas: Sequence[float], depths: Sequence[int], costs: CostModel) -> float:
+def plan_goodput(alphas: Sequence[float], depths: Sequence[int], costs: CostModel,
+                 offer_rates: Sequence[float] | None = None) -> float:
     """Predicted tokens per second of a plan: expected tokens emitted over predicted step time."""
-    _check_plan(alphas, depths)
+    rates = _check_plan(alphas, depths, offer_rates)
     if not depths:
         return 0.0
-    return 1000.0 * sum(map(expected_emitted, alphas, depths)) / plan_step_ms(costs, depths)
+    return 1000.0 * sum(map(expected_emitted, alphas, depths, rates)) / plan_step_ms(costs, depths, rates)
 
 
-def plan_time_per_token(alphas: Sequence[float], depths: Sequence[int], costs: CostModel) -> float:
+def plan_time_per_token(alphas: Sequence[float], depths: Sequence[int], costs: CostModel,
+                        offer_rates: Sequence[float] | None = None) -> float:
     """Predicted ms per output token, averaged over the sequences: mean_i(step_ms / expected_emitted_i)."""
-    _check_plan(alphas, depths)
+    rates = _check_plan(alphas, depths, offer_rates)
     if not depths:
         return 0.0
-    step = plan_step_ms(costs, depths)
-    return step * sum(1.0 / expected_emitted(a, d) for a, d in zip(alphas, depths, strict=True)) / len(depths)
+    step = plan_step_ms(costs, depths, rates)
+    return step * sum(1.0 / expected_emitted(a, d, m) for a, d, m in zip(alphas, depths, rates, strict=True)
+                      ) / len(depths)
 
 
-def _check_plan(alphas: Sequence[float], depths: Sequence[int]) -> None:
+def _check_plan(alphas: Sequence[float], depths: Sequence[int], offer_rates: Sequence[float] | None
+                ) -> Sequence[float]:
+    """Validates a plan; its offer rates (all 1 when not given)."""
     if len(alphas) != len(depths):
         raise ValueError(f"alphas and depths must have the same length, got {len(alphas)} and {len(depths)}")
     if any(d < 0 for d in depths):
         raise ValueError(f"depths must be >= 0, got {list(depths)}")
+    return _offer_rates(offer_rates, len(alphas))
+
+
+def _offer_rates(offer_rates: Sequence[float] | None, batch: int) -> list[float]:
+    if offer_rates is None:
+        return [1.0] * batch
+    rates = [float(m) for m in offer_rates]
+    if len(rates) != batch:
+        raise ValueError(f"offer_rates must have one entry per sequence ({batch}), got {len(rates)}")
+    if any(not 0.0 < m <= 1.0 for m in rates):
+        raise ValueError(f"offer rates must be in (0, 1], got {rates}")
+    return rates
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -479,18 +529,24 @@ class _Margins:
     """Per-sequence expected tokens by depth, and the marginal gain of each extra draft token.
 
     Item (k, i) is sequence i's k-th draft token, k = 1..limit_i, listed k-major. Its throughput gain is
-    alpha_i^k (expected emitted rises by that much); its latency gain is 1/E_i(k-1) - 1/E_i(k). Both
-    fall as k grows (E is concave and increasing), which makes the greedy allocations below exact.
+    m_i * alpha_i^k (expected emitted rises by that much); its latency gain is 1/E_i(k-1) - 1/E_i(k); its
+    weight is m_i, the draft tokens it adds to the verification on average. Gains per weight fall as k
+    grows (E is concave and increasing), which makes the greedy allocations below exact when the weights
+    are equal (every drafter always offers, or all offer alike).
     """
 
-    def __init__(self, alphas: Sequence[float], limits: Sequence[int], max_depth: int, latency: bool) -> None:
+    def __init__(self, alphas: Sequence[float], limits: Sequence[int], max_depth: int, latency: bool,
+                 offer_rates: Sequence[float]) -> None:
         batch = len(alphas)
         everyone = list(range(batch))
-        power, emitted = [1.0] * batch, [1.0] * batch
+        power, emitted = list(offer_rates), [1.0] * batch  # power: m_i * alpha_i^k
         self.emitted_by_depth = [emitted]  # [depth][sequence]: E_i(depth), depth capped by the sequence's limit
+        self.offer_rates = list(offer_rates)
+        self.equal_weights = len(set(self.offer_rates)) <= 1
         self.seq: list[int] = []
         self.k: list[int] = []
         self.gain: list[float] = []
+        self.weight: list[float] = []
         self.latency_gain: list[float] = []
         prev_latency = [math.inf] * batch
         for k in range(1, max_depth + 1):
@@ -499,9 +555,11 @@ class _Margins:
             if len(live) == batch:
                 grown = list(map(add, emitted, power))
                 self.gain.extend(power)
+                self.weight.extend(self.offer_rates)
             else:
                 grown = [e + p if k <= lim else e for e, p, lim in zip(emitted, power, limits, strict=True)]
                 self.gain.extend(power[i] for i in live)
+                self.weight.extend(self.offer_rates[i] for i in live)
             self.seq.extend(live)
             self.k.extend([k] * len(live))
             if latency:
@@ -513,11 +571,12 @@ class _Margins:
             self.emitted_by_depth.append(emitted)
 
 
-def _ranked(gains: list[float]) -> list[int]:
-    """Item indices by falling gain."""
-    # Python's sort is stable even with reverse=True: equal gains keep their k-major order, so within one
+def _ranked(gains: list[float], weights: list[float]) -> list[int]:
+    """Item indices by falling gain per weight (the knapsack's ratio rule)."""
+    # Python's sort is stable even with reverse=True: equal ratios keep their k-major order, so within one
     # sequence its k-th token always comes before its (k+1)-th and every prefix is a valid plan.
-    return sorted(range(len(gains)), key=gains.__getitem__, reverse=True)
+    ratios = list(map(truediv, gains, weights))
+    return sorted(range(len(gains)), key=ratios.__getitem__, reverse=True)
 
 
 def _allocate(margins: _Margins, order: list[int], batch: int, cap: int, total: int) -> list[int]:
@@ -547,6 +606,10 @@ def _search(margins: _Margins, orders: list[list[int]], steps: StepCosts, max_de
     For a fixed cap D (the largest depth, which sets the draft cost) and total N (which sets the target
     cost), the step time is fixed, so the best plan maximises the summed gains: greedy by marginal gain
     is exact because each sequence's gains fall with depth. Enumerating D and N then gives the optimum.
+    With unequal offer rates the target cost follows the expected verified tokens (the items' summed
+    weights), the order is by gain per weight, and each prefix is the best plan for its own verified total
+    (a knapsack solved greedily where the greedy fills it exactly); a plan in between prefixes can be a
+    little better, so there the result is near-optimal rather than exact.
     A plan whose actual largest depth is below D is charged D's draft cost here, but the same plan is
     also found, correctly charged, under its own cap, so the maximum is still exact.
     Cost: one sort of B*D items, then O(B*D) work per cap, all of it inside C loops (map, compress,
@@ -562,6 +625,7 @@ def _search(margins: _Margins, orders: list[list[int]], steps: StepCosts, max_de
     for o, order in enumerate(orders):
         ks = [margins.k[j] for j in order]
         gains = [margins.gain[j] for j in order]
+        weights = [] if margins.equal_weights else [margins.weight[j] for j in order]
         latency_gains = [margins.latency_gain[j] for j in order] if latency else []
         for cap in range(1, max_depth + 1):
             count = bisect_right(margins.k, cap)  # items with k <= cap (margins.k is k-major, so sorted)
@@ -572,7 +636,14 @@ def _search(margins: _Margins, orders: list[list[int]], steps: StepCosts, max_de
             emitted = accumulate(sel, initial=float(batch))
             next(emitted)  # skip the zero-draft total: the n-th value is n drafts, as step below
             fixed = steps.draft_ms[cap] + steps.overhead_ms[cap]
-            step = map(fixed.__add__, steps.target_ms[1:count + 1])
+            if margins.equal_weights:  # n drafts verify n * m tokens: read the table at n, scaled
+                rate = margins.offer_rates[0] if margins.offer_rates else 1.0
+                targets = steps.target_ms[1:count + 1] if rate == 1.0 else [
+                    steps.target_at(n * rate) for n in range(1, count + 1)]
+            else:
+                sel_weights = weights if cap == max_depth else compress(weights, map(cap.__ge__, ks))
+                targets = list(map(steps.target_at, accumulate(sel_weights)))
+            step = map(fixed.__add__, targets)
             if not latency:
                 scores = list(map(truediv, emitted, step))
                 top = max(scores)
@@ -604,10 +675,12 @@ def _uniform_depths(limits: Sequence[int], depth: int) -> list[int]:
 
 
 def _decide(alphas: Sequence[float], costs: CostModel, max_depth: int, limits: Sequence[int] | None,
-            latency: bool, min_goodput: float, uniform: bool, pinned: int | None) -> DepthDecision:
+            latency: bool, min_goodput: float, uniform: bool, pinned: int | None,
+            offer_rates: Sequence[float] | None) -> DepthDecision:
     alphas = [float(a) for a in alphas]
     if any(not 0.0 <= a <= 1.0 for a in alphas):
         raise ValueError(f"alphas must be in [0, 1], got {alphas}")
+    rates = _offer_rates(offer_rates, len(alphas))
     if max_depth < 0:
         raise ValueError(f"max_depth must be >= 0, got {max_depth}")
     if min_goodput < 0:
@@ -620,17 +693,17 @@ def _decide(alphas: Sequence[float], costs: CostModel, max_depth: int, limits: S
         raise ValueError(f"limits must have one entry per sequence ({batch}), got {len(caps)}")
 
     steps = costs.step_costs(batch, max_depth)
-    margins = _Margins(alphas, caps, max_depth, latency and not uniform and pinned is None)
+    margins = _Margins(alphas, caps, max_depth, latency and not uniform and pinned is None, rates)
 
     def evaluate(depths: Sequence[int]) -> tuple[float, float, float]:
         """(goodput tok/s, step ms, mean ms per token) from the precomputed step costs."""
-        step = steps.step_ms(max(depths), sum(depths))
+        step = steps.step_ms(max(depths), sum(map(mul, rates, depths)))
         emitted = [margins.emitted_by_depth[d][i] for i, d in enumerate(depths)]
         return 1000.0 * sum(emitted) / step, step, step * sum(1.0 / e for e in emitted) / batch
 
     def uniform_goodput_at(depth: int) -> float:
         """As `evaluate` for everyone at `depth` (capped), read straight off the expected-tokens table."""
-        total = depth * batch if limits is None else sum(map(min, caps, repeat(depth)))
+        total = sum(map(mul, rates, map(min, caps, repeat(depth))))
         return 1000.0 * sum(margins.emitted_by_depth[depth]) / steps.step_ms(min(depth, deepest), total)
 
     deepest = max(caps)
@@ -649,13 +722,13 @@ def _decide(alphas: Sequence[float], costs: CostModel, max_depth: int, limits: S
             chosen = best_goodput
         depths = _uniform_depths(caps, chosen)
     else:
-        by_gain = _ranked(margins.gain)
+        by_gain = _ranked(margins.gain, margins.weight)
         if not latency:
             found, _ = _search(margins, [by_gain], steps, max_depth, False, 0.0)
             depths = _allocate(margins, by_gain, batch, found.cap, found.total)
         else:
             # First the unconstrained optimum (exact); if it meets the floor it is the answer.
-            by_latency = _ranked(margins.latency_gain)
+            by_latency = _ranked(margins.latency_gain, margins.weight)
             found, _ = _search(margins, [by_latency], steps, max_depth, True, 0.0)
             depths = _allocate(margins, by_latency, batch, found.cap, found.total)
             if min_goodput > 0 and evaluate(depths)[0] < min_goodput:
@@ -690,21 +763,24 @@ def _reason(depths: Sequence[int], goodput: float, uniform_goodput: Sequence[flo
 
 
 def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
-                  limits: Sequence[int] | None = None, uniform: bool = False) -> DepthDecision:
+                  limits: Sequence[int] | None = None, uniform: bool = False,
+                  offer_rates: Sequence[float] | None = None) -> DepthDecision:
     """Throughput mode: per-sequence depths in [0, max_depth] maximising predicted goodput,
 
-        sum_i expected_emitted(alpha_i, d_i) / (draft_ms(B, max d) [if max d > 0] + target_ms(B, mean(d + 1))
-                                                + overhead_ms(B, max d)).
+        sum_i expected_emitted(alpha_i, d_i, m_i) / (draft_ms(B, max d) [if max d > 0]
+                                                     + target_ms(B, mean(1 + m * d)) + overhead_ms(B, max d)).
 
-    Exact (see `_search`). Depth 0 for everyone (plain decoding) is always a candidate. `limits` caps
-    each sequence's depth (room left in the request or the caches); `uniform` restricts the search to
-    one depth for the whole batch, for comparison.
+    Exact when the offer rates m_i are equal (all 1 when not given), near-optimal otherwise (see `_search`).
+    Depth 0 for everyone (plain decoding) is always a candidate. `limits` caps each sequence's depth (room
+    left in the request or the caches); `uniform` restricts the search to one depth for the whole batch,
+    for comparison.
     """
-    return _decide(alphas, costs, max_depth, limits, False, 0.0, uniform, None)
+    return _decide(alphas, costs, max_depth, limits, False, 0.0, uniform, None, offer_rates)
 
 
 def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_depth: int, min_goodput: float = 0.0,
-                              *, limits: Sequence[int] | None = None, uniform: bool = False) -> DepthDecision:
+                              *, limits: Sequence[int] | None = None, uniform: bool = False,
+                              offer_rates: Sequence[float] | None = None) -> DepthDecision:
     """Latency mode: depths minimising the predicted time per output token, averaged over the sequences,
 
         step_ms * mean_i(1 / expected_emitted(alpha_i, d_i)),
@@ -715,20 +791,22 @@ def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_dep
     times weighs poorly-accepting sequences more: this mode drafts less for a good sequence when that
     slows every other sequence's tokens, and more for poorer ones where a little depth lifts them.)
 
-    Exact, like throughput mode, when the unconstrained optimum meets the floor. When the floor binds,
+    Exact (with equal offer rates), like throughput mode, when the unconstrained optimum meets the floor.
+    When the floor binds,
     it is checked on each (cap, total) candidate's latency-greedy and goodput-greedy allocations: the
     result then meets the floor whenever any plan can and is never slower per token than the
     goodput-optimal plan, but a floor-bound optimum that is neither greedy allocation can be missed.
     """
-    return _decide(alphas, costs, max_depth, limits, True, min_goodput, uniform, None)
+    return _decide(alphas, costs, max_depth, limits, True, min_goodput, uniform, None, offer_rates)
 
 
 def pinned_decision(alphas: Sequence[float], costs: CostModel, depth: int, *, max_depth: int = 0,
-                    limits: Sequence[int] | None = None) -> DepthDecision:
+                    limits: Sequence[int] | None = None, offer_rates: Sequence[float] | None = None
+                    ) -> DepthDecision:
     """Every sequence at `depth` (capped by `limits`), with uniform predictions up to max(depth, max_depth)."""
     if depth < 0:
         raise ValueError(f"depth must be >= 0, got {depth}")
-    return _decide(alphas, costs, max(depth, max_depth), limits, False, 0.0, True, depth)
+    return _decide(alphas, costs, max(depth, max_depth), limits, False, 0.0, True, depth, offer_rates)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -740,13 +818,15 @@ def pinned_decision(alphas: Sequence[float], costs: CostModel, depth: int, *, ma
 class _Fitted:
     costs: CostModel
     fleet_alpha: float
+    fleet_offer_rate: float = 1.0
 
 
 class DepthPolicy:
     """The router's speculation-depth policy: fitted costs and fleet acceptance in, depths per step out.
 
     `update` (off the hot path, about once a second) refits from telemetry; `choose` (every step) turns
-    each sequence's (accepted, rejections) counts into acceptance estimates and picks depths.
+    each sequence's (accepted, rejections) and (offers, misses) counts into acceptance and offer-rate
+    estimates and picks depths.
     Thread-safe without locks: `update` builds a new immutable state and swaps one reference, which
     Python assigns atomically, so `choose` sees either the old state or the new one, never a mix.
     """
@@ -799,13 +879,19 @@ class DepthPolicy:
     def fleet_alpha(self) -> float:
         return self._state.fleet_alpha
 
-    def update(self, samples: Iterable[CostSample], fleet_accepted: int, fleet_rejections: int) -> None:
+    @property
+    def fleet_offer_rate(self) -> float:
+        return self._state.fleet_offer_rate
+
+    def update(self, samples: Iterable[CostSample], fleet_accepted: int, fleet_rejections: int,
+               fleet_offers: int = 0, fleet_misses: int = 0) -> None:
         """Refit from the recent window of cost samples (the whole window, each time) and the fleet's
-        acceptance counts. An empty window means the defaults; when telemetry cannot be read, skip the
-        call and the last model stays."""
+        acceptance and offer counts. An empty window means the defaults; when telemetry cannot be read, skip
+        the call and the last model stays."""
         costs = CostModel.fit(samples, self._defaults, max_tokens=max(33, self.max_depth + 1))
         alpha = acceptance_estimate(fleet_accepted, fleet_rejections, self.default_alpha, self.prior_weight)
-        self._state = _Fitted(costs, alpha)  # one reference swap: atomic
+        offer_rate = offer_estimate(fleet_offers, fleet_misses, 1.0, self.prior_weight)
+        self._state = _Fitted(costs, alpha, offer_rate)  # one reference swap: atomic
 
     def alphas(self, per_sequence_counts: Sequence[tuple[int, int]]) -> list[float]:
         """Each sequence's acceptance estimate from its (accepted, rejections) counts."""
@@ -814,23 +900,42 @@ class DepthPolicy:
     def _alphas(self, per_sequence_counts: Sequence[tuple[int, int]], fleet_alpha: float) -> list[float]:
         return [acceptance_estimate(a, r, fleet_alpha, self.prior_weight) for a, r in per_sequence_counts]
 
-    def choose(self, per_sequence_counts: Sequence[tuple[int, int]],
-               limits: Sequence[int] | None = None) -> DepthDecision:
-        """Depths for one step; `per_sequence_counts[i]` is sequence i's (accepted, rejections)."""
+    def offer_rates(self, offer_counts: Sequence[tuple[int, int]]) -> list[float]:
+        """Each sequence's offer-rate estimate from its (offers, misses) counts."""
+        return self._offer_rates(offer_counts, self._state.fleet_offer_rate, len(offer_counts))
+
+    def _offer_rates(self, offer_counts: Sequence[tuple[int, int]] | None, fleet_rate: float, batch: int
+                     ) -> list[float]:
+        if offer_counts is None:
+            return [fleet_rate] * batch
+        if len(offer_counts) != batch:
+            raise ValueError(f"offer_counts must have one entry per sequence ({batch}), got {len(offer_counts)}")
+        return [offer_estimate(o, m, fleet_rate, self.prior_weight) for o, m in offer_counts]
+
+    def choose(self, per_sequence_counts: Sequence[tuple[int, int]], limits: Sequence[int] | None = None,
+               offer_counts: Sequence[tuple[int, int]] | None = None) -> DepthDecision:
+        """Depths for one step; `per_sequence_counts[i]` is sequence i's (accepted, rejections), `offer_counts[i]`
+        its (offers, misses) (the fleet's offer rate for everyone when not given)."""
         state = self._state  # read once: one consistent model for the whole decision
         alphas = self._alphas(per_sequence_counts, state.fleet_alpha)
+        rates = self._offer_rates(offer_counts, state.fleet_offer_rate, len(alphas))
         if self.pinned_depth is not None:
-            return pinned_decision(alphas, state.costs, self.pinned_depth, max_depth=self.max_depth, limits=limits)
+            return pinned_decision(alphas, state.costs, self.pinned_depth, max_depth=self.max_depth, limits=limits,
+                                   offer_rates=rates)
         if self.mode == "latency":
             return choose_depths_for_latency(alphas, state.costs, self.max_depth, self.min_goodput,
-                                             limits=limits, uniform=self.uniform)
-        return choose_depths(alphas, state.costs, self.max_depth, limits=limits, uniform=self.uniform)
+                                             limits=limits, uniform=self.uniform, offer_rates=rates)
+        return choose_depths(alphas, state.costs, self.max_depth, limits=limits, uniform=self.uniform,
+                             offer_rates=rates)
 
     def choose_tree(self, per_sequence_counts: Sequence[tuple[int, int]],
-                    candidates: Sequence[Sequence[TreePlan]]) -> TreeDecision:
+                    candidates: Sequence[Sequence[TreePlan]],
+                    offer_counts: Sequence[tuple[int, int]] | None = None) -> TreeDecision:
         """The best of ``candidates`` (each one plan per sequence) for one step; see `choose_tree_plan`."""
         state = self._state
-        return choose_tree_plan(self._alphas(per_sequence_counts, state.fleet_alpha), state.costs, candidates)
+        alphas = self._alphas(per_sequence_counts, state.fleet_alpha)
+        rates = self._offer_rates(offer_counts, state.fleet_offer_rate, len(alphas))
+        return choose_tree_plan(alphas, state.costs, candidates, rates)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -880,14 +985,14 @@ class TreeDecision:
     reason: str
 
 
-def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequence[Sequence[TreePlan]]
-                     ) -> TreeDecision:
+def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequence[Sequence[TreePlan]],
+                     offer_rates: Sequence[float] | None = None) -> TreeDecision:
     """The candidate (one `TreePlan` per sequence; the batch drafts one shape, fitted to each sequence's
-    room) maximising predicted goodput:
+    room) maximising predicted goodput, with offer rates m_i (all 1 when not given):
 
-        sum_i tree_expected_emitted(alpha_i, tries_i) / (draft_ms(B, max levels) [if any] +
-                                                         target_ms(B, 1 + mean nodes) +
-                                                         overhead_ms(B, max levels)).
+        sum_i (1 + m_i (tree_expected_emitted(alpha_i, tries_i) - 1)) / (draft_ms(B, max levels) [if any] +
+                                                                    target_ms(B, 1 + mean m * nodes) +
+                                                                    overhead_ms(B, max levels)).
 
     The verify cost of a tree is that of a chain with as many tokens (one forward over every node), so
     at small batch, where extra tokens are nearly free, wide trees win, and at large batch chains or
@@ -896,6 +1001,7 @@ def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequ
     if not candidates:
         raise ValueError("need at least one candidate plan")
     batch = len(alphas)
+    rates = _offer_rates(offer_rates, batch)
     best: TreeDecision | None = None
     scores = []
     for index, plans in enumerate(candidates):
@@ -905,9 +1011,12 @@ def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequ
             return TreeDecision(index, 0.0, 0.0, "no sequences")
         levels = max(p.levels for p in plans)
         draft = costs.predict("draft", batch, float(levels)) if levels else 0.0
-        step = (draft + costs.predict("target", batch, 1 + sum(p.nodes for p in plans) / batch)
+        verified = sum(m * p.nodes for m, p in zip(rates, plans, strict=True))
+        step = (draft + costs.predict("target", batch, 1 + verified / batch)
                 + max(MIN_STEP_MS, costs.predict("overhead", batch, 1.0 + levels)))
-        goodput = 1000.0 * sum(tree_expected_emitted(a, p.tries) for a, p in zip(alphas, plans, strict=True)) / step
+        emitted = sum(1 + m * (tree_expected_emitted(a, p.tries) - 1)
+                      for a, m, p in zip(alphas, rates, plans, strict=True))
+        goodput = 1000.0 * emitted / step
         scores.append(goodput)
         if best is None or goodput > best.goodput * (1 + 1e-12):
             best = TreeDecision(index, goodput, step, "")

@@ -51,19 +51,28 @@ class LatencySample:
 
 @dataclass
 class AcceptanceCounts:
-    """Counts over some steps: ``rejections`` counts sequence-steps in which a draft was rejected;
-    ``proposed[j]``/``accepted[j]`` count drafts at position j (0 = the first draft token)."""
+    """Counts over the sequence-steps that asked for drafts: ``rejections`` counts those in which a draft was
+    rejected, ``misses`` those in which the drafter offered nothing; ``proposed[j]``/``accepted[j]`` count drafts
+    at position j (0 = the first draft token)."""
 
     sequence_steps: int = 0
     accepted: int = 0
     rejections: int = 0
     proposed_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
+    misses: int = 0
+
+    @property
+    def offers(self) -> int:
+        """Sequence-steps in which the drafter offered at least one token."""
+        return self.sequence_steps - self.misses
 
     def add_step(self, drafted: int, accepted: int, rejections: int | None = None) -> None:
         """``rejections``: draft tokens tried and rejected in the step, for a tree (see
-        `specfleet.trees.rejected_tries`); a chain's is whether it stopped short of its end."""
+        `specfleet.trees.rejected_tries`); a chain's is whether it stopped short of its end. ``drafted`` 0 is
+        a miss: asked, the drafter had nothing to offer."""
         self.sequence_steps += 1
+        self.misses += int(drafted == 0)
         self.accepted += accepted
         self.rejections += int(accepted < drafted) if rejections is None else rejections
         _grow(self.proposed_by_position, drafted)
@@ -75,6 +84,7 @@ class AcceptanceCounts:
 
     def merge(self, other: AcceptanceCounts) -> None:
         self.sequence_steps += other.sequence_steps
+        self.misses += other.misses
         self.accepted += other.accepted
         self.rejections += other.rejections
         for mine, theirs in ((self.proposed_by_position, other.proposed_by_position),
@@ -104,9 +114,12 @@ class StepRecord:
     first_token_s: list[float] = field(default_factory=list)  # time to first token of sequences that got theirs
     duration_s: float = 0.0
 
-    def add_sequence(self, drafted: int, accepted: int, emitted: int, rejections: int | None = None) -> None:
+    def add_sequence(self, drafted: int, accepted: int, emitted: int, rejections: int | None = None,
+                     asked: bool = False) -> None:
+        """``asked``: whether the sequence asked for drafts this step; one that asked and got none is a miss, which
+        the policy counts apart from rejections (a sequence that got drafts asked for them)."""
         self.emitted += emitted
-        if drafted or rejections:  # a drafter that offered nothing when asked is a failed try too
+        if drafted or asked:
             self.acceptance.add_step(drafted, accepted, rejections)
         if drafted:
             self.accepted.append(accepted)
@@ -208,7 +221,7 @@ class TelemetryWriter:
 
 def _acceptance_fields(counts: AcceptanceCounts, replica: str) -> dict[str, str | int]:
     return {"replica": replica, "steps": counts.sequence_steps, "accepted": counts.accepted,
-            "rejections": counts.rejections,
+            "rejections": counts.rejections, "misses": counts.misses,
             "proposed_by_position": ",".join(map(str, counts.proposed_by_position)),
             "accepted_by_position": ",".join(map(str, counts.accepted_by_position))}
 
@@ -256,7 +269,7 @@ class TelemetryReader:
         for _, f in acceptance_entries:
             self._acceptance.append(AcceptanceCounts(int(f[b"steps"]), int(f[b"accepted"]), int(f[b"rejections"]),
                                                      _ints(f[b"proposed_by_position"]),
-                                                     _ints(f[b"accepted_by_position"])))
+                                                     _ints(f[b"accepted_by_position"]), int(f.get(b"misses", 0))))
         alive = {replica for replicas in live.values() for replica in replicas}
         acceptance = AcceptanceCounts()
         for counts in self._acceptance:

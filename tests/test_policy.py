@@ -21,6 +21,7 @@ from specfleet.policy import (
     choose_depths,
     choose_depths_for_latency,
     expected_emitted,
+    offer_estimate,
     pinned_decision,
     plan_goodput,
     plan_time_per_token,
@@ -116,6 +117,66 @@ def test_latency_floor_is_met_whenever_reachable(seed: int) -> None:
         else:
             assert decision.goodput == pytest.approx(throughput.goodput, rel=REL)
             assert "unreachable" in decision.reason
+
+
+def _random_offer_rates(rng: random.Random, batch: int) -> list[float]:
+    """Per sequence: always offers (a model drafter), or an n-gram drafter's match rate."""
+    return [rng.choice([1.0, rng.uniform(0.05, 1.0), rng.uniform(0.05, 1.0)]) for _ in range(batch)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_equal_offer_rates_keep_the_search_exact(seed: int) -> None:
+    rng = random.Random(200 + seed)
+    for alphas, costs, max_depth in _brute_force_cases(seed):
+        rates = [rng.uniform(0.05, 1.0)] * len(alphas)
+        plans = _all_plans(len(alphas), max_depth)
+        decision = choose_depths(alphas, costs, max_depth, offer_rates=rates)
+        assert decision.goodput == pytest.approx(plan_goodput(alphas, decision.depths, costs, rates), rel=REL)
+        assert decision.goodput >= max(plan_goodput(alphas, p, costs, rates) for p in plans) * (1 - REL)
+        latency = choose_depths_for_latency(alphas, costs, max_depth, offer_rates=rates)
+        best = min(plan_time_per_token(alphas, p, costs, rates) for p in plans)
+        assert latency.time_per_token_ms <= best * (1 + REL)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unequal_offer_rates_come_within_a_percent_of_brute_force(seed: int) -> None:
+    # Greedy by gain per expected verified token: exact at every prefix of that order, and a plan between two
+    # prefixes can only be slightly better (the knapsack's one-item gap).
+    rng = random.Random(300 + seed)
+    for alphas, costs, max_depth in _brute_force_cases(seed):
+        rates = _random_offer_rates(rng, len(alphas))
+        plans = _all_plans(len(alphas), max_depth)
+        decision = choose_depths(alphas, costs, max_depth, offer_rates=rates)
+        assert decision.goodput == pytest.approx(plan_goodput(alphas, decision.depths, costs, rates), rel=REL)
+        assert decision.goodput >= max(plan_goodput(alphas, p, costs, rates) for p in plans) * 0.99
+        latency = choose_depths_for_latency(alphas, costs, max_depth, offer_rates=rates)
+        best = min(plan_time_per_token(alphas, p, costs, rates) for p in plans)
+        assert latency.time_per_token_ms <= best / 0.99
+
+
+def test_a_drafter_that_rarely_offers_but_is_accepted_drafts_deep_where_verification_is_cheap() -> None:
+    # An n-gram drafter: a match in a quarter of the steps, and then most of its tokens are accepted. Counting the
+    # misses as rejections (alpha = accepted / (accepted + rejections + misses)) makes deep drafts look worthless
+    # and expensive; with the offer rate a miss costs no verification and deep drafts pay where verification is
+    # cheap (a memory-bound batch of 2).
+    costs = CostModel(SATURATING)
+    accepted, rejections, offers, misses = 300, 75, 100, 300
+    lumped = choose_depths([acceptance_estimate(accepted, rejections + misses, 0.5, 0.0)] * 2, costs, 8)
+    alpha = acceptance_estimate(accepted, rejections, 0.5, 0.0)
+    rate = offer_estimate(offers, misses, 1.0, 0.0)
+    split = choose_depths([alpha] * 2, costs, 8, offer_rates=[rate] * 2)
+    assert max(lumped.depths) < 8 and split.depths == (8, 8)
+    # The verify cost is charged for the drafts expected to come: a quarter of 8 per sequence.
+    assert split.step_ms == pytest.approx(costs.step_costs(2, 8).step_ms(8, 2 * 8 * 0.25))
+
+
+def test_offer_estimate_shrinks_to_the_fleet_rate() -> None:
+    assert offer_estimate(0, 0, 0.3, 8.0) == pytest.approx(0.3)
+    assert offer_estimate(30, 10, 0.3, 0.0) == pytest.approx(0.75)
+    assert offer_estimate(30, 10, 0.3, 8.0) == pytest.approx((30 + 8 * 0.3) / 48)
+    assert offer_estimate(0, 50, 0.0, 0.0) > 0  # kept above 0: the search divides by it
+    with pytest.raises(ValueError):
+        offer_estimate(-1, 0, 0.5, 1.0)
 
 
 # --- the shape of the choices ---------------------------------------------------------------------------
@@ -406,6 +467,15 @@ def test_expected_emitted_matches_simulation(alpha: float, depth: int) -> None:
     assert mean == pytest.approx(expected_emitted(alpha, depth), rel=0.03)
 
 
+@pytest.mark.parametrize(("alpha", "depth", "offer_rate"), [(0.8, 8, 0.25), (0.5, 3, 0.6)])
+def test_expected_emitted_with_misses_matches_simulation(alpha: float, depth: int, offer_rate: float) -> None:
+    rng = random.Random(depth)
+    trials = 20000
+    mean = sum(1 + (_simulate_step(rng, alpha, depth) if rng.random() < offer_rate else 0)
+               for _ in range(trials)) / trials
+    assert mean == pytest.approx(expected_emitted(alpha, depth, offer_rate), rel=0.03)
+
+
 # --- the policy object ----------------------------------------------------------------------------------
 
 
@@ -420,6 +490,21 @@ def test_policy_update_swaps_model_and_fleet_rate() -> None:
     assert policy.fleet_alpha == pytest.approx(acceptance_estimate(900, 100, 0.5, policy.prior_weight))
     # Verification now costs 500 ms a token per sequence: drafting never pays.
     assert policy.choose([(90, 10)] * 4).depths == (0, 0, 0, 0)
+
+
+def test_policy_learns_the_fleet_offer_rate_and_each_sequence_its_own() -> None:
+    policy = DepthPolicy(max_depth=8, defaults=SATURATING)
+    assert policy.fleet_offer_rate == 1.0  # before any telemetry: drafters offer when asked
+    policy.update([], fleet_accepted=800, fleet_rejections=200, fleet_offers=250, fleet_misses=750)
+    assert policy.fleet_offer_rate == pytest.approx(offer_estimate(250, 750, 1.0, policy.prior_weight))
+    assert policy.offer_rates([(0, 0), (90, 10), (0, 100)]) == pytest.approx(
+        [policy.fleet_offer_rate, offer_estimate(90, 10, policy.fleet_offer_rate, policy.prior_weight),
+         offer_estimate(0, 100, policy.fleet_offer_rate, policy.prior_weight)])
+    counts = [(400, 100)] * 2
+    assert policy.choose(counts).goodput == pytest.approx(
+        policy.choose(counts, offer_counts=[(0, 0)] * 2).goodput)  # no counts: the fleet's rate
+    with pytest.raises(ValueError, match="offer_counts"):
+        policy.choose(counts, offer_counts=[(1, 1)])
 
 
 def test_policy_choose_per_sequence() -> None:

@@ -56,6 +56,7 @@ def test_samples_and_acceptance_round_trip(server: RedisServer) -> None:
         step = AcceptanceCounts()
         step.add_step(drafted=4, accepted=2)
         step.add_step(drafted=4, accepted=4)
+        step.add_step(drafted=0, accepted=0)  # asked, nothing offered
         router.record_acceptance(step)
         assert _wait(lambda: len(reader.read().samples) == 3)
         view = reader.read()
@@ -63,7 +64,7 @@ def test_samples_and_acceptance_round_trip(server: RedisServer) -> None:
             CostSample("overhead", 4, 1.0, 2.5), CostSample("target", 4, 3.0, 41.5), CostSample("target", 8, 5.0, 77.0)]
         assert view.live_replicas == {"target": ["t0"], "router": ["r0"]}
         a = view.acceptance
-        assert (a.sequence_steps, a.accepted, a.rejections) == (2, 6, 1)
+        assert (a.sequence_steps, a.accepted, a.rejections, a.misses, a.offers) == (3, 6, 1, 1, 2)
         assert a.proposed_by_position == [2, 2, 2, 2] and a.accepted_by_position == [2, 2, 1, 1]
         # Another prefix is another fleet.
         assert TelemetryReader(server.url, prefix="other").read().samples == []
@@ -139,11 +140,11 @@ def test_reader_keeps_its_window_and_fetches_only_new_entries(server: RedisServe
         writer.close()
 
 
-def test_a_drafter_that_offers_nothing_when_asked_counts_as_a_failed_try() -> None:
+def test_a_drafter_that_offers_nothing_when_asked_counts_as_a_miss_not_a_rejection() -> None:
     record = StepRecord(3, [4, 4, 0])
     record.add_sequence(drafted=4, accepted=4, emitted=5, rejections=0)
-    record.add_sequence(drafted=0, accepted=0, emitted=1, rejections=1)  # asked for 4, the drafter had none
+    record.add_sequence(drafted=0, accepted=0, emitted=1, rejections=0, asked=True)  # asked for 4, the drafter had none
     record.add_sequence(drafted=0, accepted=0, emitted=1, rejections=0)  # not asked: no evidence either way
     a = record.acceptance
-    assert (a.sequence_steps, a.accepted, a.rejections) == (2, 4, 1)
+    assert (a.sequence_steps, a.accepted, a.rejections, a.misses, a.offers) == (2, 4, 0, 1, 1)
     assert record.accepted == [4]  # accepted tokens per drafting step: only steps that drafted

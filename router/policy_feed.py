@@ -59,4 +59,5 @@ class PolicyFeed:
         return generate_pb2.PolicyState(
             mode=self.mode, redis_up=self.redis_up, refreshes=self.refreshes,
             cost_samples=self.policy.costs.fitted_roles, fleet_acceptance=self.policy.fleet_alpha,
+            fleet_offer_rate=self.policy.fleet_offer_rate,
             fleet_sequence_steps=self.fleet_sequence_steps, last_decision=self.last_decision)

@@ -406,11 +406,15 @@ def acceptance_estimate(accepted: int, rejections: int, prior_alpha: float, prio
     # pseudo-observations at the fleet rate, so a new sequence starts there and moves as evidence comes.
     if accepted < 0 or rejections < 0:
         raise ValueError(f"accepted and rejections must be >= 0, got {accepted}, {rejections}")
+    return min(max(_shrunk_rate(accepted, rejections, prior_alpha, prior_weight), 0.0), MAX_ALPHA)
+
+
+def _shrunk_rate(successes: int, failures: int, prior: float, prior_weight: float) -> float:
+    """successes / (successes + failures), with ``prior_weight`` pseudo-observations at ``prior``."""
     if prior_weight < 0:
         raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
-    total = accepted + rejections + prior_weight
-    alpha = (accepted + prior_weight * prior_alpha) / total if total > 0 else prior_alpha
-    return min(max(alpha, 0.0), MAX_ALPHA)
+    total = successes + failures + prior_weight
+    return (successes + prior_weight * prior) / total if total > 0 else prior
 
 
 def offer_estimate(offers: int, misses: int, prior_rate: float, prior_weight: float) -> float:
@@ -421,11 +425,7 @@ def offer_estimate(offers: int, misses: int, prior_rate: float, prior_weight: fl
     """
     if offers < 0 or misses < 0:
         raise ValueError(f"offers and misses must be >= 0, got {offers}, {misses}")
-    if prior_weight < 0:
-        raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
-    total = offers + misses + prior_weight
-    rate = (offers + prior_weight * prior_rate) / total if total > 0 else prior_rate
-    return min(max(rate, MIN_OFFER_RATE), 1.0)
+    return min(max(_shrunk_rate(offers, misses, prior_rate, prior_weight), MIN_OFFER_RATE), 1.0)
 
 
 def expected_emitted(alpha: float, depth: int, offer_rate: float = 1.0) -> float:
@@ -636,7 +636,7 @@ def _search(margins: _Margins, orders: list[list[int]], steps: StepCosts, max_de
             emitted = accumulate(sel, initial=float(batch))
             next(emitted)  # skip the zero-draft total: the n-th value is n drafts, as step below
             fixed = steps.draft_ms[cap] + steps.overhead_ms[cap]
-            if margins.equal_weights:  # n drafts verify n * m tokens: read the table at n, scaled
+            if margins.equal_weights:  # one rate m for all: n drafts verify n * m tokens
                 rate = margins.offer_rates[0] if margins.offer_rates else 1.0
                 targets = steps.target_ms[1:count + 1] if rate == 1.0 else [
                     steps.target_at(n * rate) for n in range(1, count + 1)]

@@ -70,6 +70,7 @@ def test_routers_share_measurements_through_redis(cluster, plain) -> None:
     policy = _info(idle).policy
     assert policy.redis_up
     assert policy.fleet_sequence_steps > 0  # acceptance counted by the busy router
+    assert 0 < policy.fleet_offer_rate <= 1  # and the share of its asks the ngram drafter answered
     assert policy.cost_samples["overhead"] > 0  # the busy router's step overheads
     assert policy.cost_samples["target"] > 0 and policy.cost_samples["draft"] > 0
 

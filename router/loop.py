@@ -322,8 +322,12 @@ class StepLoop:
         # every rejected try counts; a chain fails once if it ends before the depth asked for, rejected or cut short
         # by a drafter with nothing more to offer: the next position asked for emitted no draft token.
         missed = requested > 0 and drafted == 0
-        rejections = (0 if missed else rejected_tries(proposal.parents, verdict.accepted_nodes)
-                      if proposal and proposal.parents else int(verdict.accepted < requested))
+        if missed:
+            rejections = 0
+        elif proposal and proposal.parents:
+            rejections = rejected_tries(proposal.parents, verdict.accepted_nodes)
+        else:
+            rejections = int(verdict.accepted < requested)
         kept = seq.commit(list(verdict.tokens), self.max_context)
         seq.stats.steps += 1
         seq.stats.drafted += drafted

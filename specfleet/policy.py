@@ -457,7 +457,7 @@ def plan_step_ms(costs: CostModel, depths: Sequence[int], offer_rates: Sequence[
     if batch == 0:
         return 0.0
     deepest = max(depths)
-    rates = [1.0] * batch if offer_rates is None else offer_rates
+    rates = _offer_rates(offer_rates, batch)
     return costs.step_costs(batch, deepest).step_ms(deepest, sum(map(mul, rates, depths)))
 
 
@@ -541,8 +541,7 @@ class _Margins:
         everyone = list(range(batch))
         power, emitted = list(offer_rates), [1.0] * batch  # power: m_i * alpha_i^k
         self.emitted_by_depth = [emitted]  # [depth][sequence]: E_i(depth), depth capped by the sequence's limit
-        self.offer_rates = list(offer_rates)
-        self.equal_weights = len(set(self.offer_rates)) <= 1
+        self.unit_weights = all(m == 1.0 for m in offer_rates)  # n drafts verify n tokens: the table's own grid
         self.seq: list[int] = []
         self.k: list[int] = []
         self.gain: list[float] = []
@@ -555,11 +554,11 @@ class _Margins:
             if len(live) == batch:
                 grown = list(map(add, emitted, power))
                 self.gain.extend(power)
-                self.weight.extend(self.offer_rates)
+                self.weight.extend(offer_rates)
             else:
                 grown = [e + p if k <= lim else e for e, p, lim in zip(emitted, power, limits, strict=True)]
                 self.gain.extend(power[i] for i in live)
-                self.weight.extend(self.offer_rates[i] for i in live)
+                self.weight.extend(offer_rates[i] for i in live)
             self.seq.extend(live)
             self.k.extend([k] * len(live))
             if latency:
@@ -625,7 +624,7 @@ def _search(margins: _Margins, orders: list[list[int]], steps: StepCosts, max_de
     for o, order in enumerate(orders):
         ks = [margins.k[j] for j in order]
         gains = [margins.gain[j] for j in order]
-        weights = [] if margins.equal_weights else [margins.weight[j] for j in order]
+        weights = [] if margins.unit_weights else [margins.weight[j] for j in order]
         latency_gains = [margins.latency_gain[j] for j in order] if latency else []
         for cap in range(1, max_depth + 1):
             count = bisect_right(margins.k, cap)  # items with k <= cap (margins.k is k-major, so sorted)
@@ -636,13 +635,11 @@ def _search(margins: _Margins, orders: list[list[int]], steps: StepCosts, max_de
             emitted = accumulate(sel, initial=float(batch))
             next(emitted)  # skip the zero-draft total: the n-th value is n drafts, as step below
             fixed = steps.draft_ms[cap] + steps.overhead_ms[cap]
-            if margins.equal_weights:  # one rate m for all: n drafts verify n * m tokens
-                rate = margins.offer_rates[0] if margins.offer_rates else 1.0
-                targets = steps.target_ms[1:count + 1] if rate == 1.0 else [
-                    steps.target_at(n * rate) for n in range(1, count + 1)]
-            else:
+            if margins.unit_weights:
+                targets = steps.target_ms[1:count + 1]
+            else:  # the verified total after each item: the summed expected drafts so far
                 sel_weights = weights if cap == max_depth else compress(weights, map(cap.__ge__, ks))
-                targets = list(map(steps.target_at, accumulate(sel_weights)))
+                targets = map(steps.target_at, accumulate(sel_weights))
             step = map(fixed.__add__, targets)
             if not latency:
                 scores = list(map(truediv, emitted, step))

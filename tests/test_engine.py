@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from specfleet.engine import Extend, LlamaForCausalLM, ModelRunner, SlotKVCache, TreeExtend, UnknownSequenceError
+from specfleet.engine.llama import grouped_attention
 from specfleet.trees import build_tree_rsd_c
 from specfleet.verify import verify_tree_greedy
 
@@ -60,6 +61,22 @@ def test_ragged_batch_truncate_and_extend_match_transformers(tiny_folder: Path) 
         reference = _reference_logits(tiny_folder, toks)[-2:]
         torch.testing.assert_close(ours, reference, atol=TOLERANCE, rtol=TOLERANCE)
         assert runner.cached_len(_name) == len(toks)
+
+
+@pytest.mark.parametrize("width", [1, 2, 5, 8])
+def test_grouped_attention_equals_scaled_dot_product_attention(width: int) -> None:
+    """The matmul attention used for verification widths on CPU: GQA heads, a causal mask over ragged lengths, and
+    a row that sees one key only (a filler row), all as PyTorch's kernel computes them."""
+    g = torch.Generator().manual_seed(width)
+    rows, heads, kv_heads, head_dim, kv_len = 4, 6, 2, 16, 11
+    q = torch.randn(rows, heads, width, head_dim, generator=g)
+    keys, values = (torch.randn(rows, kv_heads, kv_len, head_dim, generator=g) for _ in range(2))
+    lengths = torch.tensor([kv_len, 7, 9, 1])  # the sequence's last query sits at lengths - 1
+    positions = lengths[:, None] - width + torch.arange(width)
+    mask = (torch.arange(kv_len)[None, None, :] <= positions.clamp(min=0)[:, :, None])[:, None]
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf")).unsqueeze(1)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(grouped_attention(q, keys, values, bias), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("hole", [False, True])

@@ -3,11 +3,20 @@
 SmolLM2-135M target, ``ngram`` drafter, greedy, a fixed mixed prompt set (code edits and open questions).
 For each batch size B, every policy serves the same fixed workload: ``--waves`` x B requests (prompts
 taken in turn from the set; at least one request per prompt), which B closed-loop clients take in order,
-each sending its next request when its last one is answered. Goodput is the tokens streamed while all B
-clients are busy, from the first request until the first client finds none left, over that time: the
-batch size being measured, on the same requests for every policy (the drain that follows is a smaller
-batch). Greedy speculation is lossless, so every policy must produce exactly the same tokens (the run
-stops if not).
+each sending its next request when its last one is answered. Greedy speculation is lossless, so every
+policy must produce exactly the same tokens (the run stops if not).
+
+Goodput is measured while all B clients are busy: from the first request until the first client finds none
+left (the drain that follows is a smaller batch). Two measures of it:
+
+- per request (the table's): B x the tokens of the requests that finished in that time over their summed
+  durations, each request counted whole, its prompt's prefill and all its tokens;
+- streamed: the tokens streamed in that time over its length. It undercounts policies whose requests do not
+  finish together: when the time ends, the requests still in flight have had their prefills (a large part of
+  a step here: 81 prompt tokens per 48 generated) but not yet all of their cheaper decode steps. Plain
+  decoding keeps a wave of equal-length requests in lockstep, so for it the time ends with a whole wave
+  done; with speculation requests finish at their own pace and up to B - 1 of them are cut short.
+
 Policies run in turn, in a rotated order each round, and each cell is the median over rounds. Every
 policy runs against the same target and draft services and shares one Redis, so ``auto`` sees the fleet's
 measured costs and acceptance as it would in production.
@@ -40,18 +49,19 @@ DEPTHS = [0, 1, 2, 3, 4, 6, 8]
 class Served:
     outputs: list[list[int]]  # every request's tokens, in request order
     makespan_s: float  # first request sent to last answer
-    steady_tokens_per_s: float  # tokens streamed while all clients were busy (see `serve`)
+    request_tokens_per_s: float  # B x tokens / summed durations of the requests done while all were busy
+    streamed_tokens_per_s: float  # tokens streamed while all clients were busy, over that time
 
 
 def serve(address: str, requests: list[list[int]], batch: int, max_new_tokens: int) -> Served:
     """``batch`` closed-loop clients stream ``requests`` in order, each sending its next when its last one ends.
 
-    The goodput at batch B is measured while B requests are in flight: from the start until the first client
-    finds no request left. After that the batch drains, and how long the drain takes depends on how far
-    apart the last requests finish, not on the batch size being measured (plain decoding keeps a wave of
-    equal-length requests in lockstep; speculation, whose sequences advance at their own pace, does not).
+    Goodput at batch B is measured while B requests are in flight: from the start until the first client
+    finds no request left (see the module's docstring for the two measures). After that the batch drains, and
+    how long the drain takes depends on how far apart the last requests finish, not on the batch size.
     """
     outputs: list[list[int]] = [[] for _ in requests]
+    spans: list[tuple[float, float]] = [(0.0, 0.0)] * len(requests)  # (sent, answered) per request
     arrivals: list[tuple[float, int]] = []  # (time, tokens) of every streamed message; list.append is atomic
     taken = itertools.count()  # next() on a count is atomic under the GIL: each request goes to one client
     ran_dry: list[float] = []
@@ -65,9 +75,11 @@ def serve(address: str, requests: list[list[int]], batch: int, max_new_tokens: i
                     request = generate_pb2.GenerateRequest()
                     request.token_ids.ids.extend(requests[i])
                     request.stopping.max_new_tokens = max_new_tokens
+                    sent = time.perf_counter()
                     for message in stub.GenerateStream(request, timeout=1800):
                         arrivals.append((time.perf_counter(), len(message.token_ids)))
                         outputs[i].extend(message.token_ids)
+                    spans[i] = (sent, time.perf_counter())
                 ran_dry.append(time.perf_counter())
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(err)
@@ -82,19 +94,23 @@ def serve(address: str, requests: list[list[int]], batch: int, max_new_tokens: i
     if errors:
         raise errors[0]
     steady_end = min(ran_dry)
-    steady = sum(n for at, n in arrivals if at <= steady_end) / (steady_end - started)
-    return Served(outputs, makespan, steady)
+    done = [i for i, (_, answered) in enumerate(spans) if answered <= steady_end]
+    per_request = batch * sum(len(outputs[i]) for i in done) / sum(spans[i][1] - spans[i][0] for i in done)
+    streamed = sum(n for at, n in arrivals if at <= steady_end) / (steady_end - started)
+    return Served(outputs, makespan, per_request, streamed)
 
 
 def measure(routers: dict[str, str], prompts: list[list[int]], batch: int, waves: int, rounds: int,
-            max_new_tokens: int) -> dict[str, float]:
-    """Median goodput per policy at one batch size, every policy serving the same requests."""
+            max_new_tokens: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median goodput per policy at one batch size, per request and streamed, every policy serving the same
+    requests."""
     requests = [prompts[i % len(prompts)] for i in range(max(len(prompts), waves * batch))]  # every prompt, once
     policies = list(routers)
     # A short unmeasured pass per policy: the services have seen this batch size, and Redis holds costs for it.
     for p in policies:
         serve(routers[p], requests[:batch], batch, max_new_tokens // 4)
-    rates: dict[str, list[float]] = {p: [] for p in policies}
+    per_request: dict[str, list[float]] = {p: [] for p in policies}
+    streamed: dict[str, list[float]] = {p: [] for p in policies}
     expected: list[list[int]] | None = None
     for r in range(rounds):
         for p in policies[r % len(policies):] + policies[:r % len(policies)]:
@@ -105,11 +121,14 @@ def measure(routers: dict[str, str], prompts: list[list[int]], batch: int, waves
             elif outputs != expected:
                 wrong = next(i for i, (a, b) in enumerate(zip(outputs, expected, strict=True)) if a != b)
                 raise AssertionError(f"policy {p} at batch {batch} changed request {wrong}'s tokens")
-            rates[p].append(served.steady_tokens_per_s)
+            per_request[p].append(served.request_tokens_per_s)
+            streamed[p].append(served.streamed_tokens_per_s)
             print(f"  batch {batch:3d} round {r + 1}  {'depth ' + p if p != 'auto' else 'auto':>8}: "
-                  f"{served.steady_tokens_per_s:7.1f} tokens/s with {batch} in flight; all "
-                  f"{sum(map(len, outputs))} tokens in {served.makespan_s:.1f} s", flush=True)
-    return {p: statistics.median(v) for p, v in rates.items()}
+                  f"{served.request_tokens_per_s:7.1f} tokens/s per request, {served.streamed_tokens_per_s:7.1f} "
+                  f"streamed, with {batch} in flight; all {sum(map(len, outputs))} tokens in "
+                  f"{served.makespan_s:.1f} s", flush=True)
+    return ({p: statistics.median(v) for p, v in per_request.items()},
+            {p: statistics.median(v) for p, v in streamed.items()})
 
 
 def table(results: dict[int, dict[str, float]], policies: list[str]) -> str:
@@ -141,7 +160,7 @@ def plot(results: dict[int, dict[str, float]], policies: list[str], path: Path) 
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.set_xlabel("batch size (requests in flight)")
-    ax.set_ylabel("goodput (generated tokens/s)")
+    ax.set_ylabel("goodput per request (generated tokens/s)")
     ax.set_title("SmolLM2-135M + ngram drafter: fixed depths vs auto")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
@@ -164,6 +183,7 @@ def main() -> None:
     prompts = [chat_ids(load_tokenizer(resolve_model(spec)), p) for p in MIXED]
     policies = [str(d) for d in args.depths] + ["auto"]
     results: dict[int, dict[str, float]] = {}
+    streamed: dict[int, dict[str, float]] = {}
     with fleet() as f:
         redis = ["--redis-url", f.redis()]
         slots = ["--num-slots", str(max(args.batch_sizes) + 4), "--max-seq-len", "1024"]
@@ -172,13 +192,18 @@ def main() -> None:
         routers = {p: f.router(target, draft if p != "0" else None, p, f"router-{p}",
                                [*redis, "--max-queue", "4096"]) for p in policies}
         for batch in args.batch_sizes:
-            results[batch] = measure(routers, prompts, batch, args.waves, args.rounds, args.max_new_tokens)
+            results[batch], streamed[batch] = measure(routers, prompts, batch, args.waves, args.rounds,
+                                                      args.max_new_tokens)
     print()
-    print(f"Goodput (generated tokens/s), SmolLM2-135M target, ngram drafter, greedy, {args.max_new_tokens} new "
-          f"tokens per request, {args.waves} x batch requests per cell, median of {args.rounds} round(s); best "
-          "fixed depth in bold")
+    print(f"Goodput per request (generated tokens/s), SmolLM2-135M target, ngram drafter, greedy, "
+          f"{args.max_new_tokens} new tokens per request, {args.waves} x batch requests per cell, median of "
+          f"{args.rounds} round(s); best fixed depth in bold")
     print()
     print(table(results, policies))
+    print()
+    print("Streamed goodput (tokens streamed while all clients were busy, over that time; see the docstring)")
+    print()
+    print(table(streamed, policies))
     plot(results, policies, args.plot)
     print(f"\nplot: {args.plot}")
 

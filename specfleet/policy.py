@@ -457,7 +457,7 @@ def plan_step_ms(costs: CostModel, depths: Sequence[int], offer_rates: Sequence[
     if batch == 0:
         return 0.0
     deepest = max(depths)
-    rates = _offer_rates(offer_rates, batch)
+    rates = _checked_offer_rates(offer_rates, batch)
     return costs.step_costs(batch, deepest).step_ms(deepest, sum(map(mul, rates, depths)))
 
 
@@ -488,10 +488,11 @@ def _check_plan(alphas: Sequence[float], depths: Sequence[int], offer_rates: Seq
         raise ValueError(f"alphas and depths must have the same length, got {len(alphas)} and {len(depths)}")
     if any(d < 0 for d in depths):
         raise ValueError(f"depths must be >= 0, got {list(depths)}")
-    return _offer_rates(offer_rates, len(alphas))
+    return _checked_offer_rates(offer_rates, len(alphas))
 
 
-def _offer_rates(offer_rates: Sequence[float] | None, batch: int) -> list[float]:
+def _checked_offer_rates(offer_rates: Sequence[float] | None, batch: int) -> list[float]:
+    """Given offer rates, checked (one per sequence, each in (0, 1]); all 1 when not given."""
     if offer_rates is None:
         return [1.0] * batch
     rates = [float(m) for m in offer_rates]
@@ -677,7 +678,7 @@ def _decide(alphas: Sequence[float], costs: CostModel, max_depth: int, limits: S
     alphas = [float(a) for a in alphas]
     if any(not 0.0 <= a <= 1.0 for a in alphas):
         raise ValueError(f"alphas must be in [0, 1], got {alphas}")
-    rates = _offer_rates(offer_rates, len(alphas))
+    rates = _checked_offer_rates(offer_rates, len(alphas))
     if max_depth < 0:
         raise ValueError(f"max_depth must be >= 0, got {max_depth}")
     if min_goodput < 0:
@@ -998,7 +999,7 @@ def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequ
     if not candidates:
         raise ValueError("need at least one candidate plan")
     batch = len(alphas)
-    rates = _offer_rates(offer_rates, batch)
+    rates = _checked_offer_rates(offer_rates, batch)
     best: TreeDecision | None = None
     scores = []
     for index, plans in enumerate(candidates):

@@ -182,7 +182,7 @@ class StepLoop:
 
     def _log_decision(self, batch_size: int, reason: str) -> None:
         summary = f"batch {batch_size}: {reason}"
-        self.feed.last_decision = summary
+        self.feed.record_decision(summary)
         now = time.monotonic()
         if now - self._last_decision_log > self.DECISION_LOG_INTERVAL_S:
             log.info("depth policy on %s, %s", self.target.address, summary)

@@ -3,11 +3,17 @@
 Every ``refresh_s`` a background task reads the recent window from Redis (in a worker thread, so a
 slow Redis never delays a step) and refits the policy. When Redis cannot be read the policy keeps its
 last fitted model (the built-in defaults at start); the change is logged once each way.
+
+A router that has not stepped since its last refit has no use for a new one: it refits every
+``IDLE_REFRESH_S`` instead (so `GetInfo` stays current), and at once when its next step is decided. Many
+idle routers on one fleet then cost Redis and the CPU next to nothing. While Redis is unreachable the
+feed keeps trying every ``refresh_s``, busy or not, to notice its return.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from specfleet.policy import DepthPolicy
@@ -15,6 +21,8 @@ from specfleet.protos import generate_pb2
 from specfleet.telemetry import TelemetrySource
 
 log = logging.getLogger("specfleet.router")
+
+IDLE_REFRESH_S = 10.0
 
 
 class PolicyFeed:
@@ -28,14 +36,24 @@ class PolicyFeed:
         self.fleet_sequence_steps = 0
         self.last_decision = ""
         self._warned = False
+        self._stepped = asyncio.Event()  # set by every decision; cleared at each refit
 
     async def run(self) -> None:
         if self.source is None:
             log.info("no --redis-url: the depth policy uses its built-in cost defaults and this router's acceptance")
             return
         while True:
+            self._stepped.clear()
             await self.refresh()
             await asyncio.sleep(self.refresh_s)
+            if self.redis_up and not self._stepped.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stepped.wait(), max(0.0, IDLE_REFRESH_S - self.refresh_s))
+
+    def record_decision(self, summary: str) -> None:
+        """The step loop's latest choice, for `GetInfo`; it also marks the router busy (see the module doc)."""
+        self.last_decision = summary
+        self._stepped.set()
 
     async def refresh(self) -> None:
         view = await asyncio.to_thread(self.source.read)

@@ -2,7 +2,7 @@
 
 SmolLM2-135M target, ``ngram`` drafter, greedy, a fixed mixed prompt set (code edits and open questions).
 For each batch size B, every policy serves the same fixed workload: ``--waves`` x B requests (prompts
-taken in turn from the set; at least one request per prompt), which B closed-loop clients take in order,
+taken in turn from the set; at least two requests per prompt), which B closed-loop clients take in order,
 each sending its next request when its last one is answered. Greedy speculation is lossless, so every
 policy must produce exactly the same tokens (the run stops if not).
 
@@ -104,7 +104,9 @@ def measure(routers: dict[str, str], prompts: list[list[int]], batch: int, waves
             max_new_tokens: int) -> tuple[dict[str, float], dict[str, float]]:
     """Median goodput per policy at one batch size, per request and streamed, every policy serving the same
     requests."""
-    requests = [prompts[i % len(prompts)] for i in range(max(len(prompts), waves * batch))]  # every prompt, once
+    # Every prompt at least twice: at small batch the requests cut at the end differ between policies (they
+    # finish at their own pace), and with one pass that one or two prompts' acceptance would sway the cell.
+    requests = [prompts[i % len(prompts)] for i in range(max(2 * len(prompts), waves * batch))]
     policies = list(routers)
     # A short unmeasured pass per policy: the services have seen this batch size, and Redis holds costs for it.
     for p in policies:

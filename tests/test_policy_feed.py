@@ -69,7 +69,9 @@ def test_first_step_after_idling_refits_at_once(short_idle) -> None:
         await asyncio.sleep(0.5)
         idle_reads = source.reads
         feed.record_decision("batch 1: depth 0")
-        await asyncio.sleep(0.3)  # well under the idle interval
+        deadline = asyncio.get_running_loop().time() + 1.0  # well under the idle interval
+        while source.reads < 2 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -5,7 +5,7 @@ slow Redis never delays a step) and refits the policy. When Redis cannot be read
 last fitted model (the built-in defaults at start); the change is logged once each way.
 
 A router that has not stepped since its last refit has no use for a new one: it refits every
-``IDLE_REFRESH_S`` instead (so `GetInfo` stays current), and at once when its next step is decided. Many
+``IDLE_REFRESH_S`` instead (so `GetServerInfo` stays current), and at once when its next step is decided. Many
 idle routers on one fleet then cost Redis and the CPU next to nothing. While Redis is unreachable the
 feed keeps trying every ``refresh_s``, busy or not, to notice its return.
 """
@@ -51,7 +51,7 @@ class PolicyFeed:
                     await asyncio.wait_for(self._stepped.wait(), max(0.0, IDLE_REFRESH_S - self.refresh_s))
 
     def record_decision(self, summary: str) -> None:
-        """The step loop's latest choice, for `GetInfo`; it also marks the router busy (see the module doc)."""
+        """The step loop's latest choice, for `GetServerInfo`; it also marks the router busy (see the module doc)."""
         self.last_decision = summary
         self._stepped.set()
 

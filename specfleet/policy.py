@@ -39,6 +39,13 @@ MIN_STEP_MS = 1e-6
 """Floor on a predicted step, so an all-zero cost model cannot divide by zero."""
 MIN_OFFER_RATE = 1e-3
 """Offer rates are kept above 0: the depth search ranks draft tokens by gain per expected verified token."""
+PADDING_SHARE = 0.4
+"""Share of a padded token's verify cost that a plan pays for each row shorter than its widest. The target
+pads each attention group to its widest row: the padding costs attention but no projections or MLP, and
+splitting ragged rows into several groups costs extra calls. Measured on the CPU with SmolLM2-135M
+(`python -m bench.mixed_depths`): mixed plans cost between their real and their fully padded token counts,
+at 0.1-0.45 of the way (about 0.35 at batch 8, less at 32). Pricing them at their real tokens alone made
+plans predicted 1-3% better than one depth for all run 10-25% slower; the upper end keeps them honest."""
 MIN_CELL_SAMPLES = 3
 """Samples a (batch, tokens) cell needs before its median counts as measured. A single slow call (a cold cache,
 a pause) must not make a depth look expensive: the policy would stop choosing it and so never measure it again."""
@@ -131,7 +138,8 @@ class StepCosts:
     """Predicted costs of one step at a fixed batch size, precomputed for the depth search.
 
     `target_ms[n]`: Verify with n draft tokens in total (tokens per sequence 1 + n / batch), linear in
-    between for an expected (fractional) total, see `target_at`;
+    between for an expected (fractional) total, see `target_at`; a plan whose rows differ in width is also
+    charged for its padding, see `verified_drafts`;
     `draft_ms[d]`: Propose with largest depth d (0.0 at d = 0: nothing is drafted); `overhead_ms[d]`: the rest
     of a step whose largest depth is d.
     """
@@ -141,8 +149,12 @@ class StepCosts:
     draft_ms: tuple[float, ...]
     overhead_ms: tuple[float, ...]
 
-    def step_ms(self, max_depth: int, total_drafts: float) -> float:
-        return self.draft_ms[max_depth] + self.target_at(total_drafts) + self.overhead_ms[max_depth]
+    def step_ms(self, max_depth: int, total_drafts: float, widest_total: float | None = None) -> float:
+        """A step whose largest depth is `max_depth` verifying `total_drafts` draft tokens in all, where
+        `widest_total` would be verified if every sequence drafted `max_depth` (None: they all do, no padding)."""
+        widest = total_drafts if widest_total is None else widest_total
+        return (self.draft_ms[max_depth] + self.target_at(verified_drafts(total_drafts, widest))
+                + self.overhead_ms[max_depth])
 
     def target_at(self, total_drafts: float) -> float:
         whole = int(total_drafts)
@@ -150,6 +162,12 @@ class StepCosts:
             return self.target_ms[min(whole, len(self.target_ms) - 1)]
         low = self.target_ms[whole]
         return low + (total_drafts - whole) * (self.target_ms[whole + 1] - low)
+
+
+def verified_drafts(total_drafts: float, widest_total: float) -> float:
+    """The draft tokens a verification is priced at: those it verifies, plus `PADDING_SHARE` of the padding
+    up to the widest row (`widest_total`: the total if every row were that wide). One depth for all: no padding."""
+    return total_drafts + PADDING_SHARE * max(0.0, widest_total - total_drafts)
 
 
 def _rescale(value: float, default_from: float, default_to: float) -> float:
@@ -452,13 +470,14 @@ def expected_emitted(alpha: float, depth: int, offer_rate: float = 1.0) -> float
 
 def plan_step_ms(costs: CostModel, depths: Sequence[int], offer_rates: Sequence[float] | None = None) -> float:
     """Predicted ms of a step: draft at the largest depth (if any), target at 1 + the mean expected draft
-    tokens offered (depth times offer rate), overhead; read off `StepCosts`, as the depth search does."""
+    tokens offered (depth times offer rate) plus the padding charge of `verified_drafts`, overhead; read off
+    `StepCosts`, as the depth search does."""
     batch = len(depths)
     if batch == 0:
         return 0.0
     deepest = max(depths)
     rates = _checked_offer_rates(offer_rates, batch)
-    return costs.step_costs(batch, deepest).step_ms(deepest, sum(map(mul, rates, depths)))
+    return costs.step_costs(batch, deepest).step_ms(deepest, sum(map(mul, rates, depths)), deepest * sum(rates))
 
 
 def plan_goodput(alphas: Sequence[float], depths: Sequence[int], costs: CostModel,
@@ -599,7 +618,7 @@ class _Candidate:
     order: int  # index into the orders searched
 
 
-def _search(margins: _Margins, orders: list[list[int]], steps: StepCosts, max_depth: int,
+def _search(margins: _Margins, orders: list[list[int]], steps: StepCosts, max_depth: int, offered: float,
             latency: bool, min_goodput: float) -> tuple[_Candidate, bool]:
     """Best (cap D, total drafts N, allocation order); True when the goodput floor is met.
 
@@ -610,8 +629,10 @@ def _search(margins: _Margins, orders: list[list[int]], steps: StepCosts, max_de
     weights), the order is by gain per weight, and each prefix is the best plan for its own verified total
     (a knapsack solved greedily where the greedy fills it exactly); a plan in between prefixes can be a
     little better, so there the result is near-optimal rather than exact.
-    A plan whose actual largest depth is below D is charged D's draft cost here, but the same plan is
-    also found, correctly charged, under its own cap, so the maximum is still exact.
+    The padding charge (`verified_drafts`) depends on D and N alone (`offered`: the summed offer rates, so
+    D x offered is what everyone at depth D would verify), which keeps this exact.
+    A plan whose actual largest depth is below D is charged D's draft cost and padding here, but the same
+    plan is also found, correctly charged, under its own cap, so the maximum is still exact.
     Cost: one sort of B*D items, then O(B*D) work per cap, all of it inside C loops (map, compress,
     accumulate), so O(B*D^2) cheap steps rather than a heap per cap.
     """
@@ -636,11 +657,14 @@ def _search(margins: _Margins, orders: list[list[int]], steps: StepCosts, max_de
             emitted = accumulate(sel, initial=float(batch))
             next(emitted)  # skip the zero-draft total: the n-th value is n drafts, as step below
             fixed = steps.draft_ms[cap] + steps.overhead_ms[cap]
+            totals: Iterable[float]
             if margins.unit_weights:
-                targets = steps.target_ms[1:count + 1]
+                totals = range(1, count + 1)
             else:  # the verified total after each item: the summed expected drafts so far
                 sel_weights = weights if cap == max_depth else compress(weights, map(cap.__ge__, ks))
-                targets = map(steps.target_at, accumulate(sel_weights))
+                totals = accumulate(sel_weights)
+            widest = cap * offered
+            targets = map(steps.target_at, map(verified_drafts, totals, repeat(widest)))
             step = map(fixed.__add__, targets)
             if not latency:
                 scores = list(map(truediv, emitted, step))
@@ -693,16 +717,20 @@ def _decide(alphas: Sequence[float], costs: CostModel, max_depth: int, limits: S
     steps = costs.step_costs(batch, max_depth)
     margins = _Margins(alphas, caps, max_depth, latency and not uniform and pinned is None, rates)
 
+    offered = sum(rates)
+
     def evaluate(depths: Sequence[int]) -> tuple[float, float, float]:
         """(goodput tok/s, step ms, mean ms per token) from the precomputed step costs."""
-        step = steps.step_ms(max(depths), sum(map(mul, rates, depths)))
+        deepest = max(depths)
+        step = steps.step_ms(deepest, sum(map(mul, rates, depths)), deepest * offered)
         emitted = [margins.emitted_by_depth[d][i] for i, d in enumerate(depths)]
         return 1000.0 * sum(emitted) / step, step, step * sum(1.0 / e for e in emitted) / batch
 
     def uniform_goodput_at(depth: int) -> float:
         """As `evaluate` for everyone at `depth` (capped), read straight off the expected-tokens table."""
         total = sum(map(mul, rates, map(min, caps, repeat(depth))))
-        return 1000.0 * sum(margins.emitted_by_depth[depth]) / steps.step_ms(min(depth, deepest), total)
+        widest = min(depth, deepest)
+        return 1000.0 * sum(margins.emitted_by_depth[depth]) / steps.step_ms(widest, total, widest * offered)
 
     deepest = max(caps)
     uniform_goodput = tuple(map(uniform_goodput_at, range(max_depth + 1)))
@@ -722,22 +750,22 @@ def _decide(alphas: Sequence[float], costs: CostModel, max_depth: int, limits: S
     else:
         by_gain = _ranked(margins.gain, margins.weight)
         if not latency:
-            found, _ = _search(margins, [by_gain], steps, max_depth, False, 0.0)
+            found, _ = _search(margins, [by_gain], steps, max_depth, offered, False, 0.0)
             depths = _allocate(margins, by_gain, batch, found.cap, found.total)
         else:
             # First the unconstrained optimum (exact); if it meets the floor it is the answer.
             by_latency = _ranked(margins.latency_gain, margins.weight)
-            found, _ = _search(margins, [by_latency], steps, max_depth, True, 0.0)
+            found, _ = _search(margins, [by_latency], steps, max_depth, offered, True, 0.0)
             depths = _allocate(margins, by_latency, batch, found.cap, found.total)
             if min_goodput > 0 and evaluate(depths)[0] < min_goodput:
                 # The floor binds: search the latency-greedy and goodput-greedy allocations with the floor
                 # checked per allocation; the goodput-optimal plan, which meets the floor whenever any plan
                 # does, is among them. If none meets it: the throughput-maximising plan.
                 orders = [by_latency, by_gain]
-                found, floor_met = _search(margins, orders, steps, max_depth, True, min_goodput)
+                found, floor_met = _search(margins, orders, steps, max_depth, offered, True, min_goodput)
                 if not floor_met:
                     orders = [by_gain]
-                    found, _ = _search(margins, orders, steps, max_depth, False, 0.0)
+                    found, _ = _search(margins, orders, steps, max_depth, offered, False, 0.0)
                 depths = _allocate(margins, orders[found.order], batch, found.cap, found.total)
 
     goodput, step, per_token = evaluate(depths)
@@ -766,7 +794,10 @@ def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
     """Throughput mode: per-sequence depths in [0, max_depth] maximising predicted goodput,
 
         sum_i expected_emitted(alpha_i, d_i, m_i) / (draft_ms(B, max d) [if max d > 0]
-                                                     + target_ms(B, mean(1 + m * d)) + overhead_ms(B, max d)).
+                                                     + target_ms(B, mean(1 + m * d) [+ padding])
+                                                     + overhead_ms(B, max d)),
+
+    where a plan with unequal depths pays `PADDING_SHARE` of the tokens padding every row to the widest.
 
     Exact when the offer rates m_i are equal (all 1 when not given), near-optimal otherwise (see `_search`).
     Depth 0 for everyone (plain decoding) is always a candidate. `limits` caps each sequence's depth (room
@@ -989,7 +1020,7 @@ def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequ
     room) maximising predicted goodput, with offer rates m_i (all 1 when not given):
 
         sum_i (1 + m_i (tree_expected_emitted(alpha_i, tries_i) - 1)) / (draft_ms(B, max levels) [if any] +
-                                                                    target_ms(B, 1 + mean m * nodes) +
+                                                                    target_ms(B, 1 + mean m * nodes [+ padding]) +
                                                                     overhead_ms(B, max levels)).
 
     The verify cost of a tree is that of a chain with as many tokens (one forward over every node), so
@@ -1009,7 +1040,8 @@ def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequ
             return TreeDecision(index, 0.0, 0.0, "no sequences")
         levels = max(p.levels for p in plans)
         draft = costs.predict("draft", batch, float(levels)) if levels else 0.0
-        verified = sum(m * p.nodes for m, p in zip(rates, plans, strict=True))
+        verified = verified_drafts(sum(m * p.nodes for m, p in zip(rates, plans, strict=True)),
+                                   max(p.nodes for p in plans) * sum(rates))
         step = (draft + costs.predict("target", batch, 1 + verified / batch)
                 + max(MIN_STEP_MS, costs.predict("overhead", batch, 1.0 + levels)))
         emitted = sum(1 + m * (tree_expected_emitted(a, p.tries) - 1)

@@ -12,6 +12,7 @@ from specfleet.policy import (
     DEFAULT_COSTS,
     MAX_ALPHA,
     MIN_CELL_SAMPLES,
+    PADDING_SHARE,
     AnalyticCost,
     CostFn,
     CostModel,
@@ -24,6 +25,7 @@ from specfleet.policy import (
     offer_estimate,
     pinned_decision,
     plan_goodput,
+    plan_step_ms,
     plan_time_per_token,
 )
 
@@ -239,6 +241,27 @@ def test_per_sequence_plan_beats_or_ties_every_uniform_plan() -> None:
     assert len(set(decision.depths)) > 1
     assert decision.goodput >= max(decision.uniform_goodput)
     assert "vs uniform 0:" in decision.reason
+
+
+def test_a_mixed_plan_pays_for_padding_its_rows_to_the_widest() -> None:
+    """Depths 0 and 8 verify as many drafts as 4 and 4, but the target pads the short row to the long one:
+    the plan is charged `PADDING_SHARE` of the 8 padded tokens on top."""
+    costs = CostModel({"target": AnalyticCost(fixed_ms=10.0, per_token_ms=1.0), "draft": AnalyticCost(),
+                       "overhead": AnalyticCost()})
+    target = costs.step_costs(2, 8).target_at
+    assert plan_step_ms(costs, [4, 4]) == pytest.approx(target(8))
+    assert plan_step_ms(costs, [0, 8]) == pytest.approx(target(8 + PADDING_SHARE * 8))
+    # An n-gram drafter that offers half the time: half as much padding is expected.
+    assert plan_step_ms(costs, [0, 8], [0.5, 0.5]) == pytest.approx(target(4 + PADDING_SHARE * 4))
+
+
+def test_similar_acceptance_gets_one_depth_for_all() -> None:
+    """Sequences a little apart in acceptance gain a few percent from depths of their own, less than the
+    ragged verification costs; sequences far apart still get their own depths."""
+    for batch in (8, 32):
+        alphas = [0.62 + 0.2 * i / batch for i in range(batch)]
+        assert len(set(choose_depths(alphas, CostModel(), 8).depths)) == 1
+    assert len(set(choose_depths([0.9] * 4 + [0.05] * 4, CostModel(), 8).depths)) == 2
 
 
 def test_limits_cap_each_sequence() -> None:

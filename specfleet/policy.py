@@ -44,8 +44,8 @@ PADDING_SHARE = 0.4
 pads each attention group to its widest row: the padding costs attention but no projections or MLP, and
 splitting ragged rows into several groups costs extra calls. Measured on the CPU with SmolLM2-135M
 (`python -m bench.mixed_depths`): mixed plans cost between their real and their fully padded token counts,
-at 0.1-0.45 of the way (about 0.35 at batch 8, less at 32). Pricing them at their real tokens alone made
-plans predicted 1-3% better than one depth for all run 10-25% slower; the upper end keeps them honest."""
+0.12-0.49 of the way, mostly 0.15-0.35. Priced at their real tokens alone they ran 3-38% over their price, and
+plans predicted 1-3% better than one depth for all ran slower; a share near the top keeps them honest."""
 MIN_CELL_SAMPLES = 3
 """Samples a (batch, tokens) cell needs before its median counts as measured. A single slow call (a cold cache,
 a pause) must not make a depth look expensive: the policy would stop choosing it and so never measure it again."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, compress, repeat
 from operator import add, mul, sub, truediv
@@ -156,6 +156,12 @@ class StepCosts:
         return (self.draft_ms[max_depth] + self.target_at(verified_drafts(total_drafts, widest))
                 + self.overhead_ms[max_depth])
 
+    def padded_targets(self, totals: Iterable[float], widest_total: float) -> Iterator[float]:
+        """`target_at(verified_drafts(t, widest_total))` for each total t <= widest_total, with no Python call
+        but `target_at` per total (the depth search's inner loop): there the priced total is affine in t."""
+        keep, padding = 1.0 - PADDING_SHARE, PADDING_SHARE * widest_total
+        return map(self.target_at, map(padding.__add__, map(keep.__mul__, totals)))
+
     def target_at(self, total_drafts: float) -> float:
         whole = int(total_drafts)
         if whole == total_drafts or whole + 1 >= len(self.target_ms):
@@ -166,8 +172,10 @@ class StepCosts:
 
 def verified_drafts(total_drafts: float, widest_total: float) -> float:
     """The draft tokens a verification is priced at: those it verifies, plus `PADDING_SHARE` of the padding
-    up to the widest row (`widest_total`: the total if every row were that wide). One depth for all: no padding."""
-    return total_drafts + PADDING_SHARE * max(0.0, widest_total - total_drafts)
+    up to the widest row (`widest_total` >= `total_drafts`: the total if every row were that wide). One depth
+    for all: no padding."""
+    # Written as `padded_targets` computes it, so the search and the plan's evaluation agree to the last bit.
+    return PADDING_SHARE * widest_total + (1.0 - PADDING_SHARE) * total_drafts
 
 
 def _rescale(value: float, default_from: float, default_to: float) -> float:
@@ -663,9 +671,7 @@ def _search(margins: _Margins, orders: list[list[int]], steps: StepCosts, max_de
             else:  # the verified total after each item: the summed expected drafts so far
                 sel_weights = weights if cap == max_depth else compress(weights, map(cap.__ge__, ks))
                 totals = accumulate(sel_weights)
-            widest = cap * offered
-            targets = map(steps.target_at, map(verified_drafts, totals, repeat(widest)))
-            step = map(fixed.__add__, targets)
+            step = map(fixed.__add__, steps.padded_targets(totals, cap * offered))
             if not latency:
                 scores = list(map(truediv, emitted, step))
                 top = max(scores)

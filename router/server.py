@@ -219,7 +219,8 @@ def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
 def build_policy(config: RouterConfig) -> DepthPolicy:
     if config.pinned_depth is not None:
         return DepthPolicy.fixed(config.pinned_depth)
-    return DepthPolicy(config.max_depth, mode=config.policy_mode, min_goodput=config.min_goodput)
+    return DepthPolicy(config.max_depth, mode=config.policy_mode, min_goodput=config.min_goodput,
+                       min_gain=config.min_draft_gain)
 
 
 async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0, otel: Otel | None = None) -> Router:

@@ -14,6 +14,7 @@ from typing import Any
 
 from specfleet.drafters import DRAFTER_KINDS
 from specfleet.models import DEFAULT_MODEL
+from specfleet.policy import DRAFT_HURDLE
 from specfleet.trees import TREE_METHODS, TreeShape, parse_branching
 
 MAX_DEPTH = 16  # the most draft tokens per sequence per step anywhere in the fleet
@@ -175,6 +176,9 @@ class RouterConfig(ServiceConfig):
                               "latency (minimise time per output token, above --min-goodput)",
                               choices=["throughput", "latency"])
     min_goodput: float = option(0.0, "latency mode: the throughput floor in tokens/s the policy must keep")
+    min_draft_gain: float = option(DRAFT_HURDLE, "auto depth drafts only when it predicts at least this gain over "
+                                   "plain decoding (0.1 is 10 percent); smaller predicted gains are within the cost "
+                                   "model's error (0: always the predicted optimum)")
     policy_refresh_s: float = option(1.0, "how often the cost model is refitted from Redis telemetry")
     default_max_new_tokens: int = option(128, "max_new_tokens when a request does not say")
     max_new_tokens_cap: int = option(4096, "largest max_new_tokens a request may ask for")
@@ -193,6 +197,7 @@ class RouterConfig(ServiceConfig):
         _check(self.depth == "auto" or (self.depth.isdigit() and int(self.depth) <= self.max_depth),
                f"--depth must be auto or an integer in [0, {self.max_depth}] (--max-depth), got {self.depth!r}")
         _check(self.min_goodput >= 0, f"--min-goodput must be >= 0, got {self.min_goodput}")
+        _check(self.min_draft_gain >= 0, f"--min-draft-gain must be >= 0, got {self.min_draft_gain}")
         _check(self.beam_width >= 1, f"--beam-width must be >= 1, got {self.beam_width}")
         _check(1 <= self.max_tree_nodes <= 64, f"--max-tree-nodes must be in [1, 64], got {self.max_tree_nodes}")
         try:

@@ -46,6 +46,12 @@ splitting ragged rows into several groups costs extra calls. Measured on the CPU
 (`python -m bench.mixed_depths`): mixed plans cost between their real and their fully padded token counts,
 0.12-0.49 of the way, mostly 0.15-0.35. Priced at their real tokens alone they ran 3-38% over their price, and
 plans predicted 1-3% better than one depth for all ran slower; a share near the top keeps them honest."""
+DRAFT_HURDLE = 0.1
+"""The smallest predicted gain over plain decoding for which the router's policy drafts at all (`min_gain`).
+A prediction is a fit of noisy timings: where drafting is predicted to gain a few percent, the gain is within
+the model's error and the real sign can be either. Measured on the CPU with SmolLM2-135M and the n-gram
+drafter (`python -m bench.adaptive`): at batch 16 and 32 plans predicted 3-10% above plain decoding ran
+10-25% below it, while at batch 1-4, where drafting pays, the predicted gains were 14-200%."""
 MIN_CELL_SAMPLES = 3
 """Samples a (batch, tokens) cell needs before its median counts as measured. A single slow call (a cold cache,
 a pause) must not make a depth look expensive: the policy would stop choosing it and so never measure it again."""
@@ -704,7 +710,7 @@ def _uniform_depths(limits: Sequence[int], depth: int) -> list[int]:
 
 def _decide(alphas: Sequence[float], costs: CostModel, max_depth: int, limits: Sequence[int] | None,
             latency: bool, min_goodput: float, uniform: bool, pinned: int | None,
-            offer_rates: Sequence[float] | None) -> DepthDecision:
+            offer_rates: Sequence[float] | None, min_gain: float = 0.0) -> DepthDecision:
     alphas = [float(a) for a in alphas]
     if any(not 0.0 <= a <= 1.0 for a in alphas):
         raise ValueError(f"alphas must be in [0, 1], got {alphas}")
@@ -713,6 +719,8 @@ def _decide(alphas: Sequence[float], costs: CostModel, max_depth: int, limits: S
         raise ValueError(f"max_depth must be >= 0, got {max_depth}")
     if min_goodput < 0:
         raise ValueError(f"min_goodput must be >= 0, got {min_goodput}")
+    if min_gain < 0:
+        raise ValueError(f"min_gain must be >= 0, got {min_gain}")
     batch = len(alphas)
     if batch == 0:
         return DepthDecision((), 0.0, 0.0, 0.0, (0.0,) * (max_depth + 1), "no sequences")
@@ -775,7 +783,19 @@ def _decide(alphas: Sequence[float], costs: CostModel, max_depth: int, limits: S
                 depths = _allocate(margins, orders[found.order], batch, found.cap, found.total)
 
     goodput, step, per_token = evaluate(depths)
-    reason = _reason(depths, goodput, uniform_goodput, pinned is not None)
+    hurdle = ""
+    if pinned is None and min_gain > 0 and any(depths):
+        plain = [0] * batch
+        plain_goodput, _, plain_per_token = evaluate(plain)
+        # Latency mode compares time per token, but keeps a drafting plan that plain decoding's goodput can't match.
+        gain = plain_per_token / per_token - 1 if latency else goodput / plain_goodput - 1
+        if gain < min_gain and (not latency or plain_goodput >= min_goodput):
+            lo, hi = min(depths), max(depths)
+            hurdle = (f"; depth{'s' if lo != hi else ''} {lo if lo == hi else f'{lo}-{hi}'} would gain {gain:.0%}, "
+                      f"under the {min_gain:.0%} hurdle")
+            depths = plain
+            goodput, step, per_token = evaluate(depths)
+    reason = _reason(depths, goodput, uniform_goodput, pinned is not None) + hurdle
     if latency and pinned is None:
         reason += f"; {per_token:.1f} ms/token per sequence"
         if min_goodput > 0:
@@ -796,7 +816,7 @@ def _reason(depths: Sequence[int], goodput: float, uniform_goodput: Sequence[flo
 
 def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
                   limits: Sequence[int] | None = None, uniform: bool = False,
-                  offer_rates: Sequence[float] | None = None) -> DepthDecision:
+                  offer_rates: Sequence[float] | None = None, min_gain: float = 0.0) -> DepthDecision:
     """Throughput mode: per-sequence depths in [0, max_depth] maximising predicted goodput,
 
         sum_i expected_emitted(alpha_i, d_i, m_i) / (draft_ms(B, max d) [if max d > 0]
@@ -808,14 +828,15 @@ def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
     Exact when the offer rates m_i are equal (all 1 when not given), near-optimal otherwise (see `_search`).
     Depth 0 for everyone (plain decoding) is always a candidate. `limits` caps each sequence's depth (room
     left in the request or the caches); `uniform` restricts the search to one depth for the whole batch,
-    for comparison.
+    for comparison. A plan predicted to beat plain decoding by less than `min_gain` (0.1: 10%) gives way to it
+    (see `DRAFT_HURDLE`); the plain functions default to 0, the exact optimum.
     """
-    return _decide(alphas, costs, max_depth, limits, False, 0.0, uniform, None, offer_rates)
+    return _decide(alphas, costs, max_depth, limits, False, 0.0, uniform, None, offer_rates, min_gain)
 
 
 def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_depth: int, min_goodput: float = 0.0,
                               *, limits: Sequence[int] | None = None, uniform: bool = False,
-                              offer_rates: Sequence[float] | None = None) -> DepthDecision:
+                              offer_rates: Sequence[float] | None = None, min_gain: float = 0.0) -> DepthDecision:
     """Latency mode: depths minimising the predicted time per output token, averaged over the sequences,
 
         step_ms * mean_i(1 / expected_emitted(alpha_i, d_i)),
@@ -831,8 +852,10 @@ def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_dep
     it is checked on each (cap, total) candidate's latency-greedy and goodput-greedy allocations: the
     result then meets the floor whenever any plan can and is never slower per token than the
     goodput-optimal plan, but a floor-bound optimum that is neither greedy allocation can be missed.
+    With `min_gain`, plain decoding wins unless drafting cuts the time per token by that share (and plain decoding
+    meets the floor).
     """
-    return _decide(alphas, costs, max_depth, limits, True, min_goodput, uniform, None, offer_rates)
+    return _decide(alphas, costs, max_depth, limits, True, min_goodput, uniform, None, offer_rates, min_gain)
 
 
 def pinned_decision(alphas: Sequence[float], costs: CostModel, depth: int, *, max_depth: int = 0,
@@ -868,7 +891,8 @@ class DepthPolicy:
 
     def __init__(self, max_depth: int, mode: str = "throughput", min_goodput: float = 0.0,
                  prior_weight: float = 8.0, default_alpha: float = 0.5, *, uniform: bool = False,
-                 pinned_depth: int | None = None, defaults: Mapping[str, CostFn] | None = None) -> None:
+                 pinned_depth: int | None = None, defaults: Mapping[str, CostFn] | None = None,
+                 min_gain: float = 0.0) -> None:
         """
         max_depth: the deepest draft any sequence gets.
         mode: "throughput" (maximise goodput) or "latency" (minimise time per token above `min_goodput`).
@@ -878,6 +902,8 @@ class DepthPolicy:
         uniform: one depth for the whole batch instead of per sequence.
         pinned_depth: always this depth (as `--depth K`), still reporting predictions.
         defaults: cost functions per role used where there are no samples (DEFAULT_COSTS if None).
+        min_gain: the predicted gain over plain decoding below which it decodes plainly (the router passes
+            `DRAFT_HURDLE` unless told otherwise; 0: the exact optimum).
         """
         if max_depth < 0:
             raise ValueError(f"max_depth must be >= 0, got {max_depth}")
@@ -891,6 +917,8 @@ class DepthPolicy:
             raise ValueError(f"default_alpha must be in [0, {MAX_ALPHA}], got {default_alpha}")
         if pinned_depth is not None and pinned_depth < 0:
             raise ValueError(f"pinned_depth must be >= 0, got {pinned_depth}")
+        if min_gain < 0:
+            raise ValueError(f"min_gain must be >= 0, got {min_gain}")
         self.max_depth = max_depth if pinned_depth is None else max(max_depth, pinned_depth)
         self.mode = mode
         self.min_goodput = min_goodput
@@ -898,6 +926,7 @@ class DepthPolicy:
         self.default_alpha = default_alpha
         self.uniform = uniform
         self.pinned_depth = pinned_depth
+        self.min_gain = min_gain
         self._defaults = dict(DEFAULT_COSTS if defaults is None else defaults)
         self._state = _Fitted(CostModel(self._defaults), default_alpha)
 
@@ -959,9 +988,10 @@ class DepthPolicy:
                                    offer_rates=rates)
         if self.mode == "latency":
             return choose_depths_for_latency(alphas, state.costs, self.max_depth, self.min_goodput,
-                                             limits=limits, uniform=self.uniform, offer_rates=rates)
+                                             limits=limits, uniform=self.uniform, offer_rates=rates,
+                                             min_gain=self.min_gain)
         return choose_depths(alphas, state.costs, self.max_depth, limits=limits, uniform=self.uniform,
-                             offer_rates=rates)
+                             offer_rates=rates, min_gain=self.min_gain)
 
     def choose_tree(self, per_sequence_counts: Sequence[tuple[int, int]],
                     candidates: Sequence[Sequence[TreePlan]],
@@ -970,7 +1000,7 @@ class DepthPolicy:
         state = self._state
         alphas = self._alphas(per_sequence_counts, state.fleet_alpha)
         rates = self._offer_rates(offer_counts, state.fleet_offer_rate, len(alphas))
-        return choose_tree_plan(alphas, state.costs, candidates, rates)
+        return choose_tree_plan(alphas, state.costs, candidates, rates, self.min_gain)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1021,7 +1051,7 @@ class TreeDecision:
 
 
 def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequence[Sequence[TreePlan]],
-                     offer_rates: Sequence[float] | None = None) -> TreeDecision:
+                     offer_rates: Sequence[float] | None = None, min_gain: float = 0.0) -> TreeDecision:
     """The candidate (one `TreePlan` per sequence; the batch drafts one shape, fitted to each sequence's
     room) maximising predicted goodput, with offer rates m_i (all 1 when not given):
 
@@ -1031,14 +1061,17 @@ def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequ
 
     The verify cost of a tree is that of a chain with as many tokens (one forward over every node), so
     at small batch, where extra tokens are nearly free, wide trees win, and at large batch chains or
-    plain decoding. Ties go to the earlier candidate (list cheaper ones first).
+    plain decoding. Ties go to the earlier candidate (list cheaper ones first). A candidate that drafts nothing
+    wins unless the best beats it by `min_gain` (see `DRAFT_HURDLE`).
     """
     if not candidates:
         raise ValueError("need at least one candidate plan")
+    if min_gain < 0:
+        raise ValueError(f"min_gain must be >= 0, got {min_gain}")
     batch = len(alphas)
     rates = _checked_offer_rates(offer_rates, batch)
     best: TreeDecision | None = None
-    scores = []
+    scores, steps = [], []
     for index, plans in enumerate(candidates):
         if len(plans) != batch:
             raise ValueError(f"candidate {index} has {len(plans)} plans for {batch} sequences")
@@ -1054,11 +1087,17 @@ def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequ
                       for a, m, p in zip(alphas, rates, plans, strict=True))
         goodput = 1000.0 * emitted / step
         scores.append(goodput)
+        steps.append(step)
         if best is None or goodput > best.goodput * (1 + 1e-12):
             best = TreeDecision(index, goodput, step, "")
     assert best is not None
+    hurdle = ""
+    plain = next((i for i, plans in enumerate(candidates) if not any(p.nodes for p in plans)), None)
+    if plain is not None and best.index != plain and best.goodput < (1 + min_gain) * scores[plain]:
+        hurdle = f"; the best would gain {best.goodput / scores[plain] - 1:.0%}, under the {min_gain:.0%} hurdle"
+        best = TreeDecision(plain, scores[plain], steps[plain], "")
     mean_nodes = sum(p.nodes for p in candidates[best.index]) / batch
     others = ", ".join(f"{sum(p.nodes for p in plans) / batch:.0f}: {g:.0f}"
                        for plans, g in zip(candidates, scores, strict=True) if plans is not candidates[best.index])
-    reason = f"tree budget {mean_nodes:.1f} nodes ({best.goodput:.0f} tok/s) vs {others or 'nothing else'}"
+    reason = f"tree budget {mean_nodes:.1f} nodes ({best.goodput:.0f} tok/s) vs {others or 'nothing else'}{hurdle}"
     return TreeDecision(best.index, best.goodput, best.step_ms, reason)

@@ -10,6 +10,7 @@ import pytest
 
 from specfleet.policy import (
     DEFAULT_COSTS,
+    DRAFT_HURDLE,
     MAX_ALPHA,
     MIN_CELL_SAMPLES,
     PADDING_SHARE,
@@ -18,9 +19,11 @@ from specfleet.policy import (
     CostModel,
     CostSample,
     DepthPolicy,
+    TreePlan,
     acceptance_estimate,
     choose_depths,
     choose_depths_for_latency,
+    choose_tree_plan,
     expected_emitted,
     offer_estimate,
     pinned_decision,
@@ -262,6 +265,38 @@ def test_similar_acceptance_gets_one_depth_for_all() -> None:
         alphas = [0.62 + 0.2 * i / batch for i in range(batch)]
         assert len(set(choose_depths(alphas, CostModel(), 8).depths)) == 1
     assert len(set(choose_depths([0.9] * 4 + [0.05] * 4, CostModel(), 8).depths)) == 2
+
+
+def test_a_predicted_gain_under_the_hurdle_decodes_plainly() -> None:
+    """Drafting predicted a few percent above plain decoding is within the cost model's error: with `min_gain`
+    the batch decodes plainly, and the reason says what drafting would have gained. A large gain still drafts."""
+    alphas = [0.25] * 32
+    exact = choose_depths(alphas, CostModel(), 8)
+    gain = exact.goodput / exact.uniform_goodput[0] - 1
+    assert max(exact.depths) > 0 and 0 < gain < DRAFT_HURDLE
+    held = choose_depths(alphas, CostModel(), 8, min_gain=DRAFT_HURDLE)
+    assert held.depths == (0,) * 32 and held.goodput == pytest.approx(held.uniform_goodput[0])
+    assert f"would gain {gain:.0%}, under the 10% hurdle" in held.reason
+    assert choose_depths(alphas, CostModel(), 8, min_gain=gain / 2).depths == exact.depths
+    assert choose_depths(alphas, CostModel(), 8, min_gain=DRAFT_HURDLE, uniform=True).depths == (0,) * 32
+    assert choose_depths_for_latency(alphas, CostModel(), 8, min_gain=DRAFT_HURDLE).depths == (0,) * 32
+    clear = [0.7] * 32
+    assert choose_depths(clear, CostModel(), 8, min_gain=DRAFT_HURDLE) == choose_depths(clear, CostModel(), 8)
+    # Plain decoding below the latency mode's floor: drafting stays, whatever the hurdle.
+    floor = 1.02 * exact.uniform_goodput[0]
+    assert any(choose_depths_for_latency(alphas, CostModel(), 8, floor, min_gain=DRAFT_HURDLE).depths)
+    with pytest.raises(ValueError, match="min_gain"):
+        choose_depths(alphas, CostModel(), 8, min_gain=-0.1)
+
+
+def test_a_tree_budget_under_the_hurdle_gives_way_to_plain_decoding() -> None:
+    batch = 32
+    candidates = [[TreePlan(0, ())] * batch, [TreePlan(1, (1,))] * batch]
+    exact = choose_tree_plan([0.25] * batch, CostModel(), candidates)
+    assert exact.index == 1
+    held = choose_tree_plan([0.25] * batch, CostModel(), candidates, min_gain=DRAFT_HURDLE)
+    assert held.index == 0 and "under the 10% hurdle" in held.reason
+    assert choose_tree_plan([0.7] * batch, CostModel(), candidates, min_gain=DRAFT_HURDLE).index == 1
 
 
 def test_limits_cap_each_sequence() -> None:
@@ -547,6 +582,15 @@ def test_policy_modes() -> None:
     assert len(set(uniform.depths)) == 1
     with pytest.raises(ValueError, match="mode"):
         DepthPolicy(max_depth=4, mode="fast")
+
+
+def test_policy_passes_its_hurdle_on() -> None:
+    counts = [(60, 40)] * 4
+    assert any(DepthPolicy(max_depth=8).choose(counts).depths)
+    assert DepthPolicy(max_depth=8, min_gain=100.0).choose(counts).depths == (0,) * 4
+    assert DepthPolicy.fixed(3).choose(counts).depths == (3,) * 4  # a pinned depth ignores it
+    with pytest.raises(ValueError, match="min_gain"):
+        DepthPolicy(max_depth=4, min_gain=-1.0)
 
 
 def test_fixed_policy_pins_the_depth_and_still_predicts() -> None:

@@ -21,14 +21,21 @@ Policies run in turn, in a rotated order each round, and each cell is the median
 policy runs against the same target and draft services and shares one Redis, so ``auto`` sees the fleet's
 measured costs and acceptance as it would in production.
 
+A shared machine's speed drifts between rounds by more than the policies differ, so a third table blocks on
+the round: each value over the geometric mean of all policies in its round (its batch size), median over rounds.
+1.00 is the round's average policy; a machine that runs a whole round 30% slow moves none of them.
+
     python -m bench.adaptive                       # the full table and bench/adaptive.png
     python -m bench.adaptive --batch-sizes 1 8 --rounds 1   # a quick look
+    python -m bench.adaptive --from-log run.log    # the tables again from a saved run's output
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import math
+import re
 import statistics
 import threading
 import time
@@ -100,9 +107,16 @@ def serve(address: str, requests: list[list[int]], batch: int, max_new_tokens: i
     return Served(outputs, makespan, per_request, streamed)
 
 
+Rounds = dict[str, list[float]]
+"""Per policy, one goodput per round, in round order."""
+
+ROUND_LINE = re.compile(r"batch +(\d+) round (\d+) +(?:depth (\d+)|(auto)): +([\d.]+) tokens/s per request, +"
+                        r"([\d.]+) streamed")
+
+
 def measure(routers: dict[str, str], prompts: list[list[int]], batch: int, waves: int, rounds: int,
-            max_new_tokens: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Median goodput per policy at one batch size, per request and streamed, every policy serving the same
+            max_new_tokens: int) -> tuple[Rounds, Rounds]:
+    """Goodput per policy and round at one batch size, per request and streamed, every policy serving the same
     requests."""
     # Every prompt at least twice: at small batch the requests cut at the end differ between policies (they
     # finish at their own pace), and with one pass that one or two prompts' acceptance would sway the cell.
@@ -129,22 +143,64 @@ def measure(routers: dict[str, str], prompts: list[list[int]], batch: int, waves
                   f"{served.request_tokens_per_s:7.1f} tokens/s per request, {served.streamed_tokens_per_s:7.1f} "
                   f"streamed, with {batch} in flight; all {sum(map(len, outputs))} tokens in "
                   f"{served.makespan_s:.1f} s", flush=True)
-    return ({p: statistics.median(v) for p, v in per_request.items()},
-            {p: statistics.median(v) for p, v in streamed.items()})
+    return per_request, streamed
 
 
-def table(results: dict[int, dict[str, float]], policies: list[str]) -> str:
+def medians(rounds: Rounds) -> dict[str, float]:
+    return {p: statistics.median(v) for p, v in rounds.items()}
+
+
+def blocked_on_round(rounds: Rounds) -> dict[str, float]:
+    """Each policy's median over rounds of its goodput relative to the geometric mean of its round."""
+    count = min(map(len, rounds.values()))
+    scale = [math.exp(statistics.mean(math.log(v[r]) for v in rounds.values())) for r in range(count)]
+    return {p: statistics.median(v[r] / scale[r] for r in range(count)) for p, v in rounds.items()}
+
+
+def parse_log(text: str) -> tuple[dict[int, Rounds], dict[int, Rounds]]:
+    """The per-round goodputs (per request, streamed) from a run's printed output."""
+    per_request: dict[int, Rounds] = {}
+    streamed: dict[int, Rounds] = {}
+    for m in ROUND_LINE.finditer(text):
+        batch, policy = int(m.group(1)), m.group(3) or m.group(4)
+        per_request.setdefault(batch, {}).setdefault(policy, []).append(float(m.group(5)))
+        streamed.setdefault(batch, {}).setdefault(policy, []).append(float(m.group(6)))
+    return per_request, streamed
+
+
+def table(results: dict[int, dict[str, float]], policies: list[str], digits: int = 1) -> str:
     fixed = [p for p in policies if p != "auto"]
     lines = ["| batch | " + " | ".join(f"depth {p}" for p in fixed) + " | auto | auto / best fixed |",
              "| ---: | " + " | ".join("---:" for _ in fixed) + " | ---: | ---: |"]
     for batch, row in results.items():
         best = max(fixed, key=lambda p: row[p])
-        cells = [f"**{row[p]:.1f}**" if p == best else f"{row[p]:.1f}" for p in fixed]
-        lines.append(f"| {batch} | " + " | ".join(cells) + f" | {row['auto']:.1f} | {row['auto'] / row[best]:.2f} |")
+        cells = [f"**{row[p]:.{digits}f}**" if p == best else f"{row[p]:.{digits}f}" for p in fixed]
+        lines.append(f"| {batch} | " + " | ".join(cells) + f" | {row['auto']:.{digits}f} | "
+                     f"{row['auto'] / row[best]:.2f} |")
     means = {p: statistics.mean(row[p] for row in results.values()) for p in policies}
-    lines.append("| mean | " + " | ".join(f"{means[p]:.1f}" for p in fixed) + f" | {means['auto']:.1f} | "
+    lines.append("| mean | " + " | ".join(f"{means[p]:.{digits}f}" for p in fixed) + f" | {means['auto']:.{digits}f} | "
                  f"{means['auto'] / max(means[p] for p in fixed):.2f} |")
     return "\n".join(lines)
+
+
+def report(per_request: dict[int, Rounds], streamed: dict[int, Rounds], header: str) -> dict[int, dict[str, float]]:
+    """Prints the three tables; returns the per-request medians (for the plot)."""
+    policies = list(next(iter(per_request.values())))
+    policies = sorted((p for p in policies if p != "auto"), key=int) + ["auto"]
+    results = {b: medians(r) for b, r in per_request.items()}
+    print(header)
+    print()
+    print(table(results, policies))
+    print()
+    print("Streamed goodput (tokens streamed while all clients were busy, over that time; see the docstring)")
+    print()
+    print(table({b: medians(r) for b, r in streamed.items()}, policies))
+    print()
+    print("Per request, blocked on the round: goodput over the geometric mean of all policies in the same round "
+          "(1.00: that round's average policy), median over rounds")
+    print()
+    print(table({b: blocked_on_round(r) for b, r in per_request.items()}, policies, digits=2))
+    return results
 
 
 def plot(results: dict[int, dict[str, float]], policies: list[str], path: Path) -> None:
@@ -179,13 +235,21 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "adaptive.png",
                         help="where the PNG goes (the README shows bench/adaptive.png)")
+    parser.add_argument("--from-log", type=Path, help="print the tables from a saved run's output instead of running")
     args = parser.parse_args()
+    if args.from_log is not None:
+        per_request, streamed = parse_log(args.from_log.read_text())
+        if not per_request:
+            parser.error(f"{args.from_log} has no per-round lines of this bench")
+        report(per_request, streamed, f"Goodput per request (generated tokens/s) from {args.from_log}, median over "
+               "rounds; best fixed depth in bold")
+        return
 
     spec = "smollm2-135m"
     prompts = [chat_ids(load_tokenizer(resolve_model(spec)), p) for p in MIXED]
     policies = [str(d) for d in args.depths] + ["auto"]
-    results: dict[int, dict[str, float]] = {}
-    streamed: dict[int, dict[str, float]] = {}
+    per_request: dict[int, Rounds] = {}
+    streamed: dict[int, Rounds] = {}
     with fleet() as f:
         redis = ["--redis-url", f.redis()]
         slots = ["--num-slots", str(max(args.batch_sizes) + 4), "--max-seq-len", "1024"]
@@ -194,18 +258,13 @@ def main() -> None:
         routers = {p: f.router(target, draft if p != "0" else None, p, f"router-{p}",
                                [*redis, "--max-queue", "4096"]) for p in policies}
         for batch in args.batch_sizes:
-            results[batch], streamed[batch] = measure(routers, prompts, batch, args.waves, args.rounds,
-                                                      args.max_new_tokens)
+            per_request[batch], streamed[batch] = measure(routers, prompts, batch, args.waves, args.rounds,
+                                                          args.max_new_tokens)
     print()
-    print(f"Goodput per request (generated tokens/s), SmolLM2-135M target, ngram drafter, greedy, "
-          f"{args.max_new_tokens} new tokens per request, {args.waves} x batch requests per cell, median of "
-          f"{args.rounds} round(s); best fixed depth in bold")
-    print()
-    print(table(results, policies))
-    print()
-    print("Streamed goodput (tokens streamed while all clients were busy, over that time; see the docstring)")
-    print()
-    print(table(streamed, policies))
+    results = report(per_request, streamed,
+                     f"Goodput per request (generated tokens/s), SmolLM2-135M target, ngram drafter, greedy, "
+                     f"{args.max_new_tokens} new tokens per request, {args.waves} x batch requests per cell, "
+                     f"median of {args.rounds} round(s); best fixed depth in bold")
     plot(results, policies, args.plot)
     print(f"\nplot: {args.plot}")
 

@@ -165,7 +165,10 @@ def parse_log(text: str) -> tuple[dict[int, Rounds], dict[int, Rounds]]:
         batch, policy = int(m.group(1)), m.group(3) or m.group(4)
         per_request.setdefault(batch, {}).setdefault(policy, []).append(float(m.group(5)))
         streamed.setdefault(batch, {}).setdefault(policy, []).append(float(m.group(6)))
-    return per_request, streamed
+    # A run stopped part-way: only the batch sizes every policy has served.
+    policies = set().union(*per_request.values())
+    complete = [b for b, rounds in per_request.items() if set(rounds) == policies]
+    return {b: per_request[b] for b in complete}, {b: streamed[b] for b in complete}
 
 
 def table(results: dict[int, dict[str, float]], policies: list[str], digits: int = 1) -> str:

@@ -51,7 +51,9 @@ DRAFT_HURDLE = 0.1
 A prediction is a fit of noisy timings: where drafting is predicted to gain a few percent, the gain is within
 the model's error and the real sign can be either. Measured on the CPU with SmolLM2-135M and the n-gram
 drafter (`python -m bench.adaptive`): at batch 16 and 32 plans predicted 3-10% above plain decoding ran
-10-25% below it, while at batch 1-4, where drafting pays, the predicted gains were 14-200%."""
+10-25% below it, while at batch 1-4, where drafting pays, the median predicted gain was 14-25%. It also holds
+back some plans that would have gained (at batch 4, predicted 2-10%, measured 7-9%): a fixed margin cannot tell
+where the model is optimistic from where it is right."""
 MIN_CELL_SAMPLES = 3
 """Samples a (batch, tokens) cell needs before its median counts as measured. A single slow call (a cold cache,
 a pause) must not make a depth look expensive: the policy would stop choosing it and so never measure it again."""

@@ -9,6 +9,7 @@ also drop open watch streams and make the next requests fail.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +35,15 @@ class Event:
     body: dict[str, Any]
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up mid-request (a watcher closing its stream) is normal here, not worth a traceback."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class KubernetesApiDouble:
     def __init__(self) -> None:
         self._changed = threading.Condition()
@@ -45,8 +55,7 @@ class KubernetesApiDouble:
         self._failures_left = 0
         self._closed = False
         self.requests: list[str] = []  # "list" or "watch", in order
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, name="k8s-api-double", daemon=True)
 
     def __enter__(self) -> KubernetesApiDouble:

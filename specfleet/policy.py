@@ -788,15 +788,12 @@ def _decide(alphas: Sequence[float], costs: CostModel, max_depth: int, limits: S
     hurdle = ""
     if pinned is None and min_gain > 0 and any(depths):
         plain = [0] * batch
-        plain_goodput, _, plain_per_token = evaluate(plain)
+        plain_goodput, plain_step, plain_per_token = evaluate(plain)
         # Latency mode compares time per token, but keeps a drafting plan that plain decoding's goodput can't match.
         gain = plain_per_token / per_token - 1 if latency else goodput / plain_goodput - 1
         if gain < min_gain and (not latency or plain_goodput >= min_goodput):
-            lo, hi = min(depths), max(depths)
-            hurdle = (f"; depth{'s' if lo != hi else ''} {lo if lo == hi else f'{lo}-{hi}'} would gain {gain:.0%}, "
-                      f"under the {min_gain:.0%} hurdle")
-            depths = plain
-            goodput, step, per_token = evaluate(depths)
+            hurdle = _held_back(_depth_span(depths), gain, min_gain)
+            depths, goodput, step, per_token = plain, plain_goodput, plain_step, plain_per_token
     reason = _reason(depths, goodput, uniform_goodput, pinned is not None) + hurdle
     if latency and pinned is None:
         reason += f"; {per_token:.1f} ms/token per sequence"
@@ -805,13 +802,24 @@ def _decide(alphas: Sequence[float], costs: CostModel, max_depth: int, limits: S
     return DepthDecision(tuple(depths), goodput, step, per_token, uniform_goodput, reason)
 
 
+def _depth_span(depths: Sequence[int]) -> str:
+    """"depth 3" for one depth, "depths 1-4" for a spread."""
+    lo, hi = min(depths), max(depths)
+    return f"depth {lo}" if lo == hi else f"depths {lo}-{hi}"
+
+
+def _held_back(what: str, gain: float, min_gain: float) -> str:
+    """The reason's note when plain decoding wins because drafting's predicted gain is under the hurdle."""
+    return f"; {what} would gain {gain:.0%}, under the {min_gain:.0%} hurdle"
+
+
 def _reason(depths: Sequence[int], goodput: float, uniform_goodput: Sequence[float], pinned: bool) -> str:
     lo, hi = min(depths), max(depths)
     if lo == hi:
-        head = f"{'pinned ' if pinned else ''}depth {lo} ({goodput:.0f} tok/s) vs "
+        head = f"{'pinned ' if pinned else ''}{_depth_span(depths)} ({goodput:.0f} tok/s) vs "
         others = ", ".join(f"{d}: {g:.0f}" for d, g in enumerate(uniform_goodput) if d != lo)
     else:
-        head = f"depths {lo}-{hi} (mean {sum(depths) / len(depths):.1f}, {goodput:.0f} tok/s) vs uniform "
+        head = f"{_depth_span(depths)} (mean {sum(depths) / len(depths):.1f}, {goodput:.0f} tok/s) vs uniform "
         others = ", ".join(f"{d}: {g:.0f}" for d, g in enumerate(uniform_goodput))
     return head + (others or "nothing else")
 
@@ -1096,7 +1104,7 @@ def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequ
     hurdle = ""
     plain = next((i for i, plans in enumerate(candidates) if not any(p.nodes for p in plans)), None)
     if plain is not None and best.index != plain and best.goodput < (1 + min_gain) * scores[plain]:
-        hurdle = f"; the best would gain {best.goodput / scores[plain] - 1:.0%}, under the {min_gain:.0%} hurdle"
+        hurdle = _held_back("the best", best.goodput / scores[plain] - 1, min_gain)
         best = TreeDecision(plain, scores[plain], steps[plain], "")
     mean_nodes = sum(p.nodes for p in candidates[best.index]) / batch
     others = ", ".join(f"{sum(p.nodes for p in plans) / batch:.0f}: {g:.0f}"

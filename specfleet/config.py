@@ -56,8 +56,9 @@ class EngineConfig(ServiceConfig):
     device: str = option("auto", "torch device: cpu, cuda, cuda:1 ... (auto: cuda when present)")
     num_slots: int = option(32, "sequences held in the KV cache at once (least recently used are evicted)")
     max_seq_len: int = option(2048, "longest sequence (prompt + generation) in tokens, capped by the model")
-    cpu_prepack: str = option("on", "on CPU, also keep the linear weights in oneDNN's packed layout: verifying several "
-                              "tokens gets cheaper, weight memory doubles (off: plain weights only)",
+    cpu_prepack: str = option("on", "on CPU, also keep the linear weights in oneDNN's packed layout and time both "
+                              "kernels at load: forwards of a few tokens get cheaper (verification, small "
+                              "batches), weight memory doubles (off: plain weights only)",
                               choices=["on", "off"])
 
     def __post_init__(self) -> None:

@@ -1,15 +1,20 @@
-"""Linear layers that stay fast on CPU when a forward carries several tokens (verification, batches).
+"""Linear layers that stay fast on CPU for every number of rows a forward carries (decode, verification, batches).
 
-On CPU, ``F.linear`` runs MKL's sgemm, which is at its best for one row (a matrix-vector product) but
-handles a few rows poorly: measured on a 2-core Xeon over SmolLM2-135M's weights, 5 rows cost 2.0x one
-row and 9 rows 2.6x. oneDNN with the weight reordered once into its blocked layout costs 1.6x and 1.8x
-there, yet is slower for one or two rows. So a `PrepackedLinear` keeps both layouts and picks by rows:
-speculation verifies depth + 1 tokens per sequence, which is exactly the few-rows case.
+On CPU, ``F.linear`` runs MKL's sgemm, whose speed swings with the row count: on a 2-core Xeon over
+SmolLM2-135M's output layer (49152 x 576), 2 rows cost 2.0x one row and 3 rows 2.9x, more than 4 or 8 rows.
+A whole decode step at batch 2 then took 2.3x the step at batch 1. oneDNN, with the weight reordered once into
+its blocked layout, has no such cliff (5 to 7 ms for 1 to 16 rows there). Which kernel wins for a handful of rows
+differs between machines and builds, so a `PrepackedLinear` holds both layouts and `choose_kernels` times both
+on the model's own weight shapes once at load, for up to `TUNED_ROWS` rows; above that oneDNN wins everywhere
+we measured.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +22,11 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-MIN_PACKED_ROWS = 4
-"""Rows (tokens over the whole batch) from which the oneDNN kernel beats sgemm; measured, see above."""
+TUNED_ROWS = 4
+"""Row counts (tokens over the whole batch) up to which the kernel is chosen by timing; beyond it, oneDNN."""
+
+SGEMM_MARGIN = 0.9
+"""sgemm takes a row count only when it times under this fraction of oneDNN: a near tie is not worth the noise."""
 
 
 def prepacking_available() -> bool:
@@ -26,25 +34,33 @@ def prepacking_available() -> bool:
 
 
 class PrepackedLinear(nn.Module):
-    """An ``nn.Linear`` (same weight and bias) that also holds the weight in oneDNN's layout for many rows."""
+    """An ``nn.Linear`` (same weight and bias) that also holds the weight in oneDNN's layout, and runs a forward
+    on sgemm only for the row counts in ``sgemm_rows``."""
 
-    def __init__(self, linear: nn.Linear, min_packed_rows: int = MIN_PACKED_ROWS) -> None:
+    def __init__(self, linear: nn.Linear, sgemm_rows: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.weight = linear.weight
         self.bias = linear.bias
-        self.min_packed_rows = min_packed_rows
+        self.sgemm_rows = sgemm_rows
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features] -> [..., out_features]
-        if x.numel() < self.min_packed_rows * x.shape[-1]:
-            return F.linear(x, self.weight, self.bias)
+        if x.numel() // x.shape[-1] in self.sgemm_rows:
+            return self.sgemm(x)
+        return self.onednn(x)
+
+    def sgemm(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def onednn(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
-def prepack_linears(model: nn.Module) -> int:
+def prepack_linears(model: nn.Module, *, tune: bool = True) -> int:
     """Replaces every ``nn.Linear`` of a CPU model in float32 or bfloat16 by a `PrepackedLinear` (in place, for
-    inference only: the packed copy does not follow later changes to the weight). Returns how many it replaced;
-    0 where the model is elsewhere or oneDNN is missing. Costs a second copy of the linear weights in memory."""
+    inference only: the packed copy does not follow later changes to the weight) and, with ``tune``, picks each
+    layer's kernel per row count by timing (`choose_kernels`). Returns how many it replaced; 0 where the model is
+    elsewhere or oneDNN is missing. Costs a second copy of the linear weights in memory."""
     first = next(model.parameters())
     if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.bfloat16) or not prepacking_available():
         return 0
@@ -55,4 +71,42 @@ def prepack_linears(model: nn.Module) -> int:
                 setattr(parent, name, PrepackedLinear(child))
                 replaced += 1
     log.debug("prepacked %d linear layers for oneDNN", replaced)
+    if tune:
+        choose_kernels(model)
     return replaced
+
+
+def choose_kernels(model: nn.Module, max_rows: int = TUNED_ROWS) -> dict[tuple[int, int], frozenset[int]]:
+    """Times sgemm and oneDNN on each distinct weight shape of the model's `PrepackedLinear` layers for 1 to
+    ``max_rows`` rows and sets every layer's ``sgemm_rows`` to the row counts sgemm wins clearly. Returns the
+    choice per (out_features, in_features)."""
+    layers_by_shape: dict[tuple[int, int], list[PrepackedLinear]] = defaultdict(list)
+    for module in model.modules():
+        if isinstance(module, PrepackedLinear):
+            layers_by_shape[tuple(module.weight.shape)].append(module)
+    chosen: dict[tuple[int, int], frozenset[int]] = {}
+    with torch.inference_mode():
+        for shape, layers in layers_by_shape.items():
+            layer = layers[0]
+            rows_for_sgemm = set()
+            for rows in range(1, max_rows + 1):
+                x = torch.randn(rows, shape[1], dtype=layer.weight.dtype)
+                if _fastest_call(layer.sgemm, x) < SGEMM_MARGIN * _fastest_call(layer.onednn, x):
+                    rows_for_sgemm.add(rows)
+            chosen[shape] = frozenset(rows_for_sgemm)
+            for each in layers:
+                each.sgemm_rows = chosen[shape]
+    log.info("linear kernels by weight shape (rows on sgemm, the rest on oneDNN): %s",
+             ", ".join(f"{out}x{inp}: {sorted(rows) or 'none'}" for (out, inp), rows in chosen.items()))
+    return chosen
+
+
+def _fastest_call(kernel: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, calls: int = 3) -> float:
+    """The fastest of a few timed calls after a warm one: the least disturbed by other work on the machine."""
+    kernel(x)
+    best = float("inf")
+    for _ in range(calls):
+        start = time.perf_counter()
+        kernel(x)
+        best = min(best, time.perf_counter() - start)
+    return best

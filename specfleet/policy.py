@@ -245,6 +245,53 @@ def _isotonic(values: list[float], weights: list[int]) -> list[float]:
     return [mean for mean, _, n in blocks for _ in range(int(n))]
 
 
+def _extend_deeper(ts: Sequence[float], vs: Sequence[float], t: float) -> float:
+    """A row measured at two or more token points, past its deepest: the last segment's slope, at least flat."""
+    slope = max(0.0, (vs[-1] - vs[-2]) / (ts[-1] - ts[-2]))
+    return vs[-1] + slope * (t - ts[-1])
+
+
+def _along_row(ts: Sequence[float], vs: Sequence[float], t: float) -> float:
+    """A row measured at two or more token points, at `t` >= its first: linear between them, then
+    `_extend_deeper`."""
+    return _interp(ts, vs, t, lambda _, t: _extend_deeper(ts, vs, t))
+
+
+def _borrowed_shape(shapes: Mapping[int, tuple[list[float], list[float]]], default: CostFn, batch: int,
+                    measured_t: float, measured_ms: float, t: float) -> float:
+    """cost(batch, t) for a row with nothing measured between `measured_t` and `t`: its `measured_ms` times
+    cost(t) / cost(measured_t) in the nearest rows measured at two or more token points from min(t, measured_t)
+    on, linear in batch between the nearest below and above; with rows on one side only, that row's ratio moved
+    as the default's ratio moves from its batch size to this one; with none, the default's shape.
+
+    Why not the default's shape alone: a batch size the fleet only passes through (a burst's tail, a few
+    requests just finished) is measured at plain decoding only, and the default, a rough three-number fit, can
+    price deep drafts there far cheaper than the well-measured batch sizes on either side say they cost."""
+    lowest = min(t, measured_t)
+    usable = sorted(b for b, (ts, vs) in shapes.items()
+                    if b != batch and ts[0] <= lowest and _along_row(ts, vs, measured_t) > 0)
+    below = [b for b in usable if b < batch]
+    above = [b for b in usable if b > batch]
+    if not usable or measured_ms <= 0:
+        return _rescale(measured_ms, default(batch, measured_t), default(batch, t))
+
+    def ratio_in(b: int) -> float:
+        ts, vs = shapes[b]
+        return _along_row(ts, vs, t) / _along_row(ts, vs, measured_t)
+
+    if below and above:
+        low, high = below[-1], above[0]
+        u = (batch - low) / (high - low)
+        return measured_ms * ((1 - u) * ratio_in(low) + u * ratio_in(high))
+    nearest = below[-1] if below else above[0]
+    # The nearest row's ratio, moved as the default's ratio moves from that row's batch size to this one.
+    default_there = _rescale(1.0, default(nearest, measured_t), default(nearest, t))
+    if default_there <= 0:
+        return _rescale(measured_ms, default(batch, measured_t), default(batch, t))
+    default_here = _rescale(1.0, default(batch, measured_t), default(batch, t))
+    return measured_ms * ratio_in(nearest) * default_here / default_there
+
+
 def _fit_table(samples: list[CostSample], default: CostFn, max_batch: int, max_tokens: int) -> CostTable | None:
     """Median per (batch, token bucket) cell, filled out to a fixed grid, then made monotone; None when no cell
     has `MIN_CELL_SAMPLES` samples yet."""
@@ -271,18 +318,17 @@ def _fit_table(samples: list[CostSample], default: CostFn, max_batch: int, max_t
 
     # Within a measured batch row: linear between measured token cells. Deeper than the deepest measured
     # cell: the last segment's slope (at least flat), as measured; if that is optimistic the policy will
-    # choose those depths and measure them, so the error corrects itself. Shallower than the shallowest,
-    # or with one measured cell: the default's shape at the measured level (stays positive).
+    # choose those depths and measure them, so the error corrects itself. Shallower than the shallowest, or
+    # with one measured cell: the shape of the rows measured there, see `_borrowed_shape`.
+    spans = {b: (sorted(by_t), [by_t[t] for t in sorted(by_t)]) for b, by_t in rows.items()}
+    shapes = {b: span for b, span in spans.items() if len(span[0]) > 1}
     filled_rows: dict[int, list[float]] = {}
-    for b, by_t in rows.items():
-        ts = sorted(by_t)
-        vs = [by_t[t] for t in ts]
+    for b, (ts, vs) in spans.items():
 
         def row_outside(edge: int, t: float, b: int = b, ts: list[float] = ts, vs: list[float] = vs) -> float:
-            if edge > 0:  # with one cell the edge is 0 on both sides
-                slope = max(0.0, (vs[-1] - vs[-2]) / (ts[-1] - ts[-2]))
-                return vs[-1] + slope * (t - ts[-1])
-            return _rescale(vs[edge], default(b, ts[edge]), default(b, t))
+            if edge > 0 and len(ts) > 1:
+                return _extend_deeper(ts, vs, t)
+            return _borrowed_shape(shapes, default, b, ts[edge], vs[edge], t)
 
         filled_rows[b] = [_interp(ts, vs, t, row_outside) for t in token_points]
 
@@ -324,13 +370,14 @@ class CostModel:
     sequence rounded to `TOKEN_BUCKET`) and each cell with at least `MIN_CELL_SAMPLES` samples keeps its
     median, so noisy outliers do not move it. Within a batch size the medians get a monotone fit weighted by
     their samples and are filled out to whole tokens (plus every measured point): linear between measured
-    points; deeper than the deepest, the last segment's slope (kept non-negative); shallower, the nearest
-    measured value scaled as the default cost function scales. Then, per token point, the measured batch sizes
-    get the same weighted monotone fit, and the grid's other batch sizes (powers of two) are linear between
-    them or, outside, scaled like the default; so a role measured at one batch size and depth still gets
-    sensible costs everywhere (the default's shape at the measured level). A running max keeps the grid
-    non-decreasing in both arguments, and prediction is bilinear on it (so monotone too); past the grid, the
-    edge value is again scaled like the default. A role with no samples uses its default directly.
+    points; deeper than the deepest, the last segment's slope (kept non-negative); shallower, or deeper than a
+    single measured point, the nearest measured value scaled as the batch sizes measured at several depths
+    around it scale (as the default cost function scales when there are none). Then, per token point, the
+    measured batch sizes get the same weighted monotone fit, and the grid's other batch sizes (powers of two)
+    are linear between them or, outside, scaled like the default; so a role measured at one batch size and
+    depth still gets sensible costs everywhere (the default's shape at the measured level). A running max keeps
+    the grid non-decreasing in both arguments, and prediction is bilinear on it (so monotone too); past the
+    grid, the edge value is again scaled like the default. A role with no samples uses its default directly.
 
     Why a table rather than a fitted formula: real costs have knees (memory- to compute-bound, kernel
     tile sizes) that a small formula misses, and the search only asks about batch sizes and depths the

@@ -444,6 +444,38 @@ def test_cost_model_fills_unmeasured_cells_sensibly() -> None:
     assert ratio == pytest.approx(120.0 / DEFAULT_COSTS["target"](16, 1.0))
 
 
+# Costlier per drafted token than the default says: a CPU well past its knee at large batch sizes.
+STEEP_TARGET = AnalyticCost(fixed_ms=16.7, per_seq_ms=4.0, per_token_ms=3.0)
+
+
+def _steep_rows(batches: tuple[int, ...], plain_only: int) -> CostModel:
+    """Target samples from `STEEP_TARGET`: at 1-8 tokens for `batches`, at one token only for `plain_only`."""
+    points = {(b, float(t)): STEEP_TARGET(b, t) for b in batches for t in range(1, 9)}
+    return CostModel.fit(_samples("target", {**points, (plain_only, 1.0): STEEP_TARGET(plain_only, 1.0)}))
+
+
+def test_a_batch_size_measured_only_at_plain_decoding_borrows_its_neighbours_shape() -> None:
+    """A batch size the fleet passes through (a few requests just finished) is measured at one token: deeper,
+    it costs what the measured batch sizes around it say, not the default's far cheaper shape, and the policy
+    decides there as it would with the true costs."""
+    costs = _steep_rows((16, 32), plain_only=29)
+    for tokens in (2.0, 4.0, 7.0, 9.0, 12.0):
+        assert costs.predict("target", 29, tokens) == pytest.approx(STEEP_TARGET(29, tokens), rel=0.01)
+    true_costs = CostModel({**DEFAULT_COSTS, "target": STEEP_TARGET})
+    for alpha in (0.3, 0.6, 0.8):
+        chosen = choose_depths([alpha] * 29, costs, 8, min_gain=DRAFT_HURDLE).depths
+        assert chosen == choose_depths([alpha] * 29, true_costs, 8, min_gain=DRAFT_HURDLE).depths, alpha
+
+
+def test_a_batch_size_past_every_measured_shape_scales_the_nearest_one() -> None:
+    """Above every batch size measured at several depths: the nearest one's shape, moved as the default moves."""
+    costs = _steep_rows((8, 16), plain_only=24)
+    for tokens in (2.0, 7.0, 12.0):
+        assert costs.predict("target", 24, tokens) == pytest.approx(STEEP_TARGET(24, tokens), rel=0.02)
+        default_shape = STEEP_TARGET(24, 1.0) * DEFAULT_COSTS["target"](24, tokens) / DEFAULT_COSTS["target"](24, 1.0)
+        assert default_shape < 0.9 * STEEP_TARGET(24, tokens)  # what the fit would be without its neighbours
+
+
 def test_cost_model_is_monotone() -> None:
     rng = random.Random(7)
     # Noisy, non-monotone samples: costs drawn at random, ignoring batch and tokens.

@@ -239,8 +239,8 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "adaptive.png",
                         help="where the PNG goes (the README shows bench/adaptive.png)")
     parser.add_argument("--from-log", type=Path, help="print the tables from a saved run's output instead of running")
-    parser.add_argument("--log-dir", type=Path, help="keep the services' logs (warnings and errors) here; by default "
-                        "they go to a temporary folder that is removed")
+    parser.add_argument("--log-dir", type=Path, help="keep the services' logs here, at INFO (the router's depth "
+                        "decisions too); by default they go to a temporary folder that is removed")
     args = parser.parse_args()
     if args.from_log is not None:
         per_request, streamed = parse_log(args.from_log.read_text())

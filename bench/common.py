@@ -87,12 +87,13 @@ def specfleet_generate(address: str, ids: list[int], max_new_tokens: int) -> Run
 class Fleet:
     """A real deployment (target, drafts, routers as processes) for a benchmark."""
 
-    def __init__(self, deployment: Deployment) -> None:
+    def __init__(self, deployment: Deployment, log_level: str = "WARNING") -> None:
         self.deployment = deployment
+        self.log_level = log_level
 
     def start(self, role: str, args: list[str], name: str) -> str:
         port = free_port()
-        process = self.deployment.start_service(role, [*args, "--port", str(port), "--log-level", "WARNING"],
+        process = self.deployment.start_service(role, [*args, "--port", str(port), "--log-level", self.log_level],
                                                 name=name)
         address = f"127.0.0.1:{port}"
         wait_serving(process, address, timeout_s=1800)
@@ -112,7 +113,8 @@ class Fleet:
 @contextmanager
 def fleet(log_dir: Path | None = None) -> Iterator[Fleet]:
     with tempfile.TemporaryDirectory() as tmp, Deployment(log_dir or Path(tmp)) as deployment:
-        yield Fleet(deployment)
+        # Logs that are kept are read: at INFO they carry the router's depth decisions as well.
+        yield Fleet(deployment, "WARNING" if log_dir is None else "INFO")
 
 
 def run_rounds(configs: dict[str, Callable[[list[int]], Run]], prompts: list[list[int]], rounds: int,

@@ -267,29 +267,28 @@ def _borrowed_shape(shapes: Mapping[int, tuple[list[float], list[float]]], defau
     Why not the default's shape alone: a batch size the fleet only passes through (a burst's tail, a few
     requests just finished) is measured at plain decoding only, and the default, a rough three-number fit, can
     price deep drafts there far cheaper than the well-measured batch sizes on either side say they cost."""
+    def ratio_in(b: int) -> float:
+        ts, vs = shapes[b]
+        return _along_row(ts, vs, t) / _along_row(ts, vs, measured_t)
+
+    def default_ratio(b: int) -> float:
+        return _rescale(1.0, default(b, measured_t), default(b, t))
+
     lowest = min(t, measured_t)
     usable = sorted(b for b, (ts, vs) in shapes.items()
                     if b != batch and ts[0] <= lowest and _along_row(ts, vs, measured_t) > 0)
     below = [b for b in usable if b < batch]
     above = [b for b in usable if b > batch]
-    if not usable or measured_ms <= 0:
-        return _rescale(measured_ms, default(batch, measured_t), default(batch, t))
-
-    def ratio_in(b: int) -> float:
-        ts, vs = shapes[b]
-        return _along_row(ts, vs, t) / _along_row(ts, vs, measured_t)
-
-    if below and above:
+    if measured_ms > 0 and below and above:
         low, high = below[-1], above[0]
         u = (batch - low) / (high - low)
         return measured_ms * ((1 - u) * ratio_in(low) + u * ratio_in(high))
-    nearest = below[-1] if below else above[0]
-    # The nearest row's ratio, moved as the default's ratio moves from that row's batch size to this one.
-    default_there = _rescale(1.0, default(nearest, measured_t), default(nearest, t))
-    if default_there <= 0:
-        return _rescale(measured_ms, default(batch, measured_t), default(batch, t))
-    default_here = _rescale(1.0, default(batch, measured_t), default(batch, t))
-    return measured_ms * ratio_in(nearest) * default_here / default_there
+    if measured_ms > 0 and usable:
+        # The nearest row's ratio, moved as the default's ratio moves from that row's batch size to this one.
+        nearest = below[-1] if below else above[0]
+        if default_ratio(nearest) > 0:
+            return measured_ms * ratio_in(nearest) * default_ratio(batch) / default_ratio(nearest)
+    return _rescale(measured_ms, default(batch, measured_t), default(batch, t))
 
 
 def _fit_table(samples: list[CostSample], default: CostFn, max_batch: int, max_tokens: int) -> CostTable | None:
@@ -308,8 +307,9 @@ def _fit_table(samples: list[CostSample], default: CostFn, max_batch: int, max_t
         by_row.setdefault(b, []).append((t, ms, len(cells[b, t])))
     # More tokens never cost less: within a row, the monotone fit weighted by each cell's samples, so a few slow
     # calls at one depth cannot raise every deeper depth above a well-measured cheaper one.
-    rows = {b: dict(zip([t for t, _, _ in row], _isotonic([ms for _, ms, _ in row], [n for _, _, n in row]),
-                        strict=True)) for b, row in by_row.items()}
+    # Each row as (token points, ascending; fitted ms).
+    rows = {b: ([t for t, _, _ in row], _isotonic([ms for _, ms, _ in row], [n for _, _, n in row]))
+            for b, row in by_row.items()}
 
     # The grid covers what the search will ask for (powers of two up to max_batch, whole tokens up to
     # max_tokens) plus every measured point, so the fitted medians are reproduced exactly.
@@ -320,10 +320,9 @@ def _fit_table(samples: list[CostSample], default: CostFn, max_batch: int, max_t
     # cell: the last segment's slope (at least flat), as measured; if that is optimistic the policy will
     # choose those depths and measure them, so the error corrects itself. Shallower than the shallowest, or
     # with one measured cell: the shape of the rows measured there, see `_borrowed_shape`.
-    spans = {b: (sorted(by_t), [by_t[t] for t in sorted(by_t)]) for b, by_t in rows.items()}
-    shapes = {b: span for b, span in spans.items() if len(span[0]) > 1}
+    shapes = {b: row for b, row in rows.items() if len(row[0]) > 1}
     filled_rows: dict[int, list[float]] = {}
-    for b, (ts, vs) in spans.items():
+    for b, (ts, vs) in rows.items():
 
         def row_outside(edge: int, t: float, b: int = b, ts: list[float] = ts, vs: list[float] = vs) -> float:
             if edge > 0 and len(ts) > 1:

@@ -25,8 +25,16 @@ A shared machine's speed drifts between rounds by more than the policies differ,
 the round: each value over the geometric mean of all policies in its round (its batch size), median over rounds.
 1.00 is the round's average policy; a machine that runs a whole round 30% slow moves none of them.
 
+The full table's "best fixed depth" is the largest of seven noisy medians, so it sits above that depth's true
+goodput, most where the depths are close: ``auto`` / best fixed is biased low. ``--versus B:D ...`` measures it
+without that bias: given each batch size's best fixed depth from an earlier run, it serves only that depth and
+``auto``, alternating which goes first, and prints the median over rounds of auto / depth D within each round
+(the two served back to back). Every other depth still serves the warm-up pass, so Redis holds the same costs
+as in a full run.
+
     python -m bench.adaptive                       # the full table and bench/adaptive.png
     python -m bench.adaptive --batch-sizes 1 8 --rounds 1   # a quick look
+    python -m bench.adaptive --versus 1:4 2:3 4:6 8:0 16:0 32:0 --rounds 6   # auto against those depths
     python -m bench.adaptive --from-log run.log    # the tables again from a saved run's output
 """
 
@@ -115,9 +123,9 @@ ROUND_LINE = re.compile(r"batch +(\d+) round (\d+) +(?:depth (\d+)|(auto)): +([\
 
 
 def measure(routers: dict[str, str], prompts: list[list[int]], batch: int, waves: int, rounds: int,
-            max_new_tokens: int) -> tuple[Rounds, Rounds]:
+            max_new_tokens: int, measured: list[str] | None = None) -> tuple[Rounds, Rounds]:
     """Goodput per policy and round at one batch size, per request and streamed, every policy serving the same
-    requests."""
+    requests. Only the ``measured`` policies (default: all) serve the measured rounds; all serve the warm-up."""
     # Every prompt at least twice: at small batch the requests cut at the end differ between policies (they
     # finish at their own pace), and with one pass that one or two prompts' acceptance would sway the cell.
     requests = [prompts[i % len(prompts)] for i in range(max(2 * len(prompts), waves * batch))]
@@ -125,6 +133,7 @@ def measure(routers: dict[str, str], prompts: list[list[int]], batch: int, waves
     # A short unmeasured pass per policy: the services have seen this batch size, and Redis holds costs for it.
     for p in policies:
         serve(routers[p], requests[:batch], batch, max_new_tokens // 4)
+    policies = measured or policies
     per_request: dict[str, list[float]] = {p: [] for p in policies}
     streamed: dict[str, list[float]] = {p: [] for p in policies}
     expected: list[list[int]] | None = None
@@ -157,18 +166,29 @@ def blocked_on_round(rounds: Rounds) -> dict[str, float]:
     return {p: statistics.median(v[r] / scale[r] for r in range(count)) for p, v in rounds.items()}
 
 
-def parse_log(text: str) -> tuple[dict[int, Rounds], dict[int, Rounds]]:
-    """The per-round goodputs (per request, streamed) from a run's printed output."""
+def parse_rounds(text: str) -> tuple[dict[int, Rounds], dict[int, Rounds]]:
+    """The per-round goodputs (per request, streamed) of every batch size in a run's printed output."""
     per_request: dict[int, Rounds] = {}
     streamed: dict[int, Rounds] = {}
     for m in ROUND_LINE.finditer(text):
         batch, policy = int(m.group(1)), m.group(3) or m.group(4)
         per_request.setdefault(batch, {}).setdefault(policy, []).append(float(m.group(5)))
         streamed.setdefault(batch, {}).setdefault(policy, []).append(float(m.group(6)))
-    # A run stopped part-way: only the batch sizes every policy has served.
+    return per_request, streamed
+
+
+def parse_log(text: str) -> tuple[dict[int, Rounds], dict[int, Rounds]]:
+    """As ``parse_rounds``, keeping only the batch sizes every policy has served (a run stopped part-way)."""
+    per_request, streamed = parse_rounds(text)
     policies = set().union(*per_request.values())
     complete = [b for b, rounds in per_request.items() if set(rounds) == policies]
     return {b: per_request[b] for b in complete}, {b: streamed[b] for b in complete}
+
+
+def is_versus(per_request: dict[int, Rounds]) -> bool:
+    """Whether a parsed run is a ``--versus`` run: auto and one fixed depth per batch size, not all the same."""
+    pairs = [frozenset(rounds) for rounds in per_request.values()]
+    return bool(pairs) and all(len(p) == 2 and "auto" in p for p in pairs) and len(set(pairs)) > 1
 
 
 def table(results: dict[int, dict[str, float]], policies: list[str], digits: int = 1) -> str:
@@ -206,6 +226,27 @@ def report(per_request: dict[int, Rounds], streamed: dict[int, Rounds], header: 
     return results
 
 
+def report_versus(per_request: dict[int, Rounds], header: str) -> None:
+    """Auto against one fixed depth per batch size: medians, and the median of the ratio within each round."""
+    print(header)
+    print()
+    print("| batch | fixed depth | its goodput | auto | auto / fixed, median of rounds | per round |")
+    print("| ---: | ---: | ---: | ---: | ---: | --- |")
+    for batch, rounds in per_request.items():
+        depth = next(p for p in rounds if p != "auto")
+        ratios = [a / f for a, f in zip(rounds["auto"], rounds[depth], strict=False)]
+        print(f"| {batch} | {depth} | {statistics.median(rounds[depth]):.1f} | {statistics.median(rounds['auto']):.1f} "
+              f"| {statistics.median(ratios):.2f} | {', '.join(f'{r:.2f}' for r in ratios)} |")
+
+
+def versus_depths(pairs: list[str]) -> dict[int, str]:
+    """``B:D`` arguments as {batch size: fixed depth}."""
+    try:
+        return {int(b): str(int(d)) for b, d in (pair.split(":") for pair in pairs)}
+    except ValueError as err:
+        raise SystemExit(f"--versus takes BATCH:DEPTH pairs such as 8:0, not {' '.join(pairs)}") from err
+
+
 def plot(results: dict[int, dict[str, float]], policies: list[str], path: Path) -> None:
     import matplotlib
 
@@ -238,18 +279,29 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "adaptive.png",
                         help="where the PNG goes (the README shows bench/adaptive.png)")
+    parser.add_argument("--versus", nargs="+", metavar="B:D",
+                        help="measure only auto and fixed depth D at each batch size B (the best fixed depths of an "
+                        "earlier run), and print auto / D within each round; see the docstring")
     parser.add_argument("--from-log", type=Path, help="print the tables from a saved run's output instead of running")
     parser.add_argument("--log-dir", type=Path, help="keep the services' logs here, at INFO (the router's depth "
                         "decisions too); by default they go to a temporary folder that is removed")
     args = parser.parse_args()
     if args.from_log is not None:
-        per_request, streamed = parse_log(args.from_log.read_text())
+        text = args.from_log.read_text()
+        if is_versus(parse_rounds(text)[0]):
+            report_versus(parse_rounds(text)[0], f"Auto against one fixed depth per batch size, from {args.from_log}")
+            return
+        per_request, streamed = parse_log(text)
         if not per_request:
             parser.error(f"{args.from_log} has no per-round lines of this bench")
         report(per_request, streamed, f"Goodput per request (generated tokens/s) from {args.from_log}, median over "
                "rounds; best fixed depth in bold")
         return
 
+    versus = versus_depths(args.versus) if args.versus else {}
+    if versus:
+        args.batch_sizes = list(versus)
+        args.depths = sorted(set(args.depths) | {int(d) for d in versus.values()})
     spec = "smollm2-135m"
     prompts = [chat_ids(load_tokenizer(resolve_model(spec)), p) for p in MIXED]
     policies = [str(d) for d in args.depths] + ["auto"]
@@ -264,8 +316,14 @@ def main() -> None:
                                [*redis, "--max-queue", "4096"]) for p in policies}
         for batch in args.batch_sizes:
             per_request[batch], streamed[batch] = measure(routers, prompts, batch, args.waves, args.rounds,
-                                                          args.max_new_tokens)
+                                                          args.max_new_tokens,
+                                                          [versus[batch], "auto"] if versus else None)
     print()
+    if versus:
+        report_versus(per_request, f"Auto against one fixed depth per batch size (goodput per request, generated "
+                      f"tokens/s), {args.max_new_tokens} new tokens per request, {args.waves} x batch requests per "
+                      f"cell, {args.rounds} round(s), alternating which goes first")
+        return
     results = report(per_request, streamed,
                      f"Goodput per request (generated tokens/s), SmolLM2-135M target, ngram drafter, greedy, "
                      f"{args.max_new_tokens} new tokens per request, {args.waves} x batch requests per cell, "

@@ -226,17 +226,36 @@ def report(per_request: dict[int, Rounds], streamed: dict[int, Rounds], header: 
     return results
 
 
+@dataclass
+class Versus:
+    """Auto against one fixed depth at one batch size."""
+
+    depth: str
+    fixed: float  # the depth's median goodput over rounds
+    auto: float  # auto's
+    ratios: list[float]  # auto / depth within each round
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+
+def versus(rounds: Rounds) -> Versus:
+    """Auto against the one fixed depth of a ``--versus`` batch size, paired round by round."""
+    depth = next(p for p in rounds if p != "auto")
+    ratios = [a / f for a, f in zip(rounds["auto"], rounds[depth], strict=False)]
+    return Versus(depth, statistics.median(rounds[depth]), statistics.median(rounds["auto"]), ratios)
+
+
 def report_versus(per_request: dict[int, Rounds], header: str) -> None:
-    """Auto against one fixed depth per batch size: medians, and the median of the ratio within each round."""
     print(header)
     print()
     print("| batch | fixed depth | its goodput | auto | auto / fixed, median of rounds | per round |")
     print("| ---: | ---: | ---: | ---: | ---: | --- |")
     for batch, rounds in per_request.items():
-        depth = next(p for p in rounds if p != "auto")
-        ratios = [a / f for a, f in zip(rounds["auto"], rounds[depth], strict=False)]
-        print(f"| {batch} | {depth} | {statistics.median(rounds[depth]):.1f} | {statistics.median(rounds['auto']):.1f} "
-              f"| {statistics.median(ratios):.2f} | {', '.join(f'{r:.2f}' for r in ratios)} |")
+        v = versus(rounds)
+        print(f"| {batch} | {v.depth} | {v.fixed:.1f} | {v.auto:.1f} | {v.ratio:.2f} | "
+              f"{', '.join(f'{r:.2f}' for r in v.ratios)} |")
 
 
 def versus_depths(pairs: list[str]) -> dict[int, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.adaptive import blocked_on_round, medians, parse_log
+from bench.adaptive import blocked_on_round, is_versus, medians, parse_log, parse_rounds, versus, versus_depths
 
 LOG = """\
   batch   2 round 1   depth 0:    15.1 tokens/s per request,    15.0 streamed, with 2 in flight; all 950 tokens in 6.0 s
@@ -30,3 +30,35 @@ def test_parse_log_reads_every_round_of_every_policy() -> None:
     assert streamed[2]["auto"] == [19.0, 9.0]
     # Two rounds: the median is the mean of auto over its round's geometric mean, sqrt(20 / 15.1) and sqrt(10 / 7.5).
     assert blocked_on_round(per_request[2])["auto"] == pytest.approx(((20 / 15.1) ** 0.5 + (10 / 7.5) ** 0.5) / 2)
+
+
+VERSUS_LOG = """\
+  batch   1 round 1   depth 4:    16.0 tokens/s per request,    16.0 streamed, with 1 in flight; all 950 tokens in 9.0 s
+  batch   1 round 1      auto:    16.0 tokens/s per request,    16.4 streamed, with 1 in flight; all 950 tokens in 8.8 s
+  batch   1 round 2      auto:    12.0 tokens/s per request,    12.1 streamed, with 1 in flight; all 950 tokens in 12. s
+  batch   1 round 2   depth 4:    12.5 tokens/s per request,    12.4 streamed, with 1 in flight; all 950 tokens in 12. s
+  batch   1 round 3   depth 4:    14.0 tokens/s per request,    14.0 streamed, with 1 in flight; all 950 tokens in 10. s
+  batch   1 round 3      auto:    15.4 tokens/s per request,    15.4 streamed, with 1 in flight; all 950 tokens in 10. s
+  batch   8 round 1   depth 0:    70.0 tokens/s per request,    70.0 streamed, with 8 in flight; all 950 tokens in 9.0 s
+  batch   8 round 1      auto:    63.0 tokens/s per request,    63.0 streamed, with 8 in flight; all 950 tokens in 9.0 s
+"""
+
+
+def test_versus_pairs_auto_with_its_fixed_depth_round_by_round() -> None:
+    per_request, _ = parse_rounds(VERSUS_LOG)
+    assert is_versus(per_request)
+    assert not is_versus(parse_log(LOG)[0])  # a full run: the same policies at every batch size
+    at_1 = versus(per_request[1])
+    assert at_1.depth == "4"
+    assert at_1.ratios == pytest.approx([1.0, 12.0 / 12.5, 1.1])
+    # The median of the ratios within each round (1.0), not the ratio of the medians (15.4 / 14.0 = 1.1), which
+    # compares auto's and the depth's values from different rounds.
+    assert at_1.ratio == pytest.approx(1.0)
+    assert at_1.auto / at_1.fixed == pytest.approx(1.1)
+    assert versus(per_request[8]).ratio == pytest.approx(0.9)
+
+
+def test_versus_arguments() -> None:
+    assert versus_depths(["1:4", "32:0"]) == {1: "4", 32: "0"}
+    with pytest.raises(SystemExit, match="BATCH:DEPTH"):
+        versus_depths(["8"])

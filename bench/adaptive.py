@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import random
 import re
 import statistics
 import threading
@@ -223,7 +224,54 @@ def report(per_request: dict[int, Rounds], streamed: dict[int, Rounds], header: 
           "(1.00: that round's average policy), median over rounds")
     print()
     print(table({b: blocked_on_round(r) for b, r in per_request.items()}, policies, digits=2))
+    bias = selection_bias(per_request)
+    print()
+    print(f"Noise: a cell's rounds spread by {bias.cell_sd:.1%} (sd of log goodput). Were auto exactly as good as "
+          f"each batch size's best fixed depth, medians of this many rounds would show it at 0.95 of the best or "
+          f"more at every batch size in {bias.all_within:.0%} of runs (per batch size: "
+          + ", ".join(f"{b} {p:.0%}" for b, p in bias.within.items()) + "); see --versus.")
     return results
+
+
+@dataclass
+class SelectionBias:
+    cell_sd: float  # pooled sd of log goodput over a cell's rounds
+    within: dict[int, float]  # per batch size: chance that auto / best fixed >= 0.95 if auto is the best
+    all_within: float  # chance of that at every batch size at once
+
+
+def selection_bias(per_request: dict[int, Rounds], trials: int = 4000, seed: int = 0) -> SelectionBias:
+    """How often the full table shows ``auto`` within 5% of the best fixed depth when it is exactly as good.
+
+    A simulation: every fixed depth's true goodput is its median here, ``auto``'s equals the best of them, and
+    each round of each cell is off by log-normal noise with the spread the cells' rounds show. The table's best
+    fixed depth is the largest of several noisy medians, so it sits above the truth most where depths are close.
+    """
+    deviations = []
+    for rounds in per_request.values():
+        for values in rounds.values():
+            centre = statistics.mean(math.log(v) for v in values)
+            deviations += [math.log(v) - centre for v in values]
+    count = min(len(v) for rounds in per_request.values() for v in rounds.values())
+    if count < 2:
+        return SelectionBias(0.0, dict.fromkeys(per_request, 1.0), 1.0)
+    cell_sd = math.sqrt(sum(d * d for d in deviations) / len(deviations) * count / (count - 1))
+    rng = random.Random(seed)
+
+    def noisy_median(truth: float) -> float:
+        return statistics.median(truth * math.exp(rng.gauss(0.0, cell_sd)) for _ in range(count))
+
+    hits = {b: 0 for b in per_request}
+    every = 0
+    for _ in range(trials):
+        all_hit = True
+        for batch, rounds in per_request.items():
+            truths = [statistics.median(v) for p, v in rounds.items() if p != "auto"]
+            hit = noisy_median(max(truths)) >= 0.95 * max(noisy_median(t) for t in truths)
+            hits[batch] += hit
+            all_hit &= hit
+        every += all_hit
+    return SelectionBias(cell_sd, {b: h / trials for b, h in hits.items()}, every / trials)
 
 
 @dataclass

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from bench.adaptive import blocked_on_round, is_versus, medians, parse_log, parse_rounds, versus, versus_depths
+from bench.adaptive import (
+    blocked_on_round,
+    is_versus,
+    medians,
+    parse_log,
+    parse_rounds,
+    selection_bias,
+    versus,
+    versus_depths,
+)
 
 LOG = """\
   batch   2 round 1   depth 0:    15.1 tokens/s per request,    15.0 streamed, with 2 in flight; all 950 tokens in 6.0 s
@@ -62,3 +71,13 @@ def test_versus_arguments() -> None:
     assert versus_depths(["1:4", "32:0"]) == {1: "4", 32: "0"}
     with pytest.raises(SystemExit, match="BATCH:DEPTH"):
         versus_depths(["8"])
+
+
+def test_the_best_of_several_noisy_depths_flatters_the_best_fixed_depth() -> None:
+    steady = {8: {"0": [70.0, 70.0, 70.0], "1": [60.0, 60.0, 60.0], "auto": [70.0, 70.0, 70.0]}}
+    assert selection_bias(steady, trials=200).all_within == 1.0  # no noise: auto as good as the best shows as such
+    # Seven depths equally good, every round off by ~9%: an auto just as good falls 5% short of the best of them often.
+    noisy = {8: {str(d): [70.0 * f for f in (0.92, 1.0, 1.09)] for d in range(7)}}
+    bias = selection_bias(noisy, trials=2000)
+    assert bias.cell_sd == pytest.approx(0.087, abs=0.01)
+    assert 0.3 < bias.within[8] < 0.8

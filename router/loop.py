@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING
 import grpc
 
 from router.policy_feed import PolicyFeed
+from router.prediction_audit import PredictionAudit
 from router.replicas import DraftReplica, TargetReplica
 from router.sequence import Sequence, fail
 from specfleet.config import RouterConfig
 from specfleet.otel import RouterMetrics
 from specfleet.policy import TreePlan
 from specfleet.protos import draft_pb2, session_pb2, target_pb2
-from specfleet.telemetry import PREFILL_TOKENS, StepRecord, TelemetryWriter
+from specfleet.telemetry import PREFILL_TOKENS, StepRecord, TelemetryWriter, is_prefill
 from specfleet.trees import TreeShape, chain_shape, rejected_tries
 from specfleet.wire import sampling_to_proto, tree_shape_to_proto
 
@@ -45,6 +46,8 @@ class StepPlan:
     reason: str
     trees: dict[str, TreeShape] = field(default_factory=dict)
     max_nodes: dict[str, int] = field(default_factory=dict)
+    predicted_ms: float = 0.0  # the policy's prediction of the step's time (0: none)
+    predicted_tokens: float = 0.0  # and of the tokens it emits, all sequences
 
     def planned(self, batch: list[Sequence]) -> list[int]:
         """Draft tokens planned per sequence (a tree's node budget), for the step's record."""
@@ -65,6 +68,7 @@ class StepLoop:
         self.telemetry = telemetry
         self.metrics = metrics or RouterMetrics()
         self._last_decision_log = 0.0
+        self.audit = PredictionAudit()
         self.capacity = target.info.num_slots
         self.max_context = target.info.max_seq_len
         self.live: list[Sequence] = []
@@ -109,6 +113,8 @@ class StepLoop:
         started = time.perf_counter()
         with self.metrics.step_span(self.target.address, (seq.span for seq in batch)) as span:
             plan = self.choose(batch)
+            prefills = any(is_prefill(s.tokens[s.target_cached:]) or (
+                plan.depths[s.seq_id] > 0 and is_prefill(s.tokens[s.draft_cached:])) for s in batch)
             proposals, draft_ms = await self.propose(batch, plan)
             verdicts, verify_ms = await self.verify(batch, proposals)
             record = StepRecord(len(batch), plan.planned(batch))
@@ -120,6 +126,9 @@ class StepLoop:
                     self.commit(seq, plan.depths[seq.seq_id], proposals.get(seq.seq_id), verdict, plan.reason,
                                 record, now)
             record.duration_s = time.perf_counter() - started
+            if plan.predicted_ms > 0 and not prefills:
+                self.audit.add(deepest > 0, plan.predicted_ms, record.duration_s * 1000, plan.predicted_tokens,
+                               record.emitted)
             self.record(record, span, deepest, draft_ms, verify_ms)
 
     def record(self, record: StepRecord, span: Span, deepest: int, draft_ms: float, verify_ms: float) -> None:
@@ -144,7 +153,9 @@ class StepLoop:
         shape = self.config.tree_shape
         if shape is None:
             decision = self.feed.policy.choose(counts, [self.depth_room(s) for s in batch], offers)
-            plan = StepPlan({s.seq_id: d for s, d in zip(batch, decision.depths, strict=True)}, decision.reason)
+            plan = StepPlan({s.seq_id: d for s, d in zip(batch, decision.depths, strict=True)}, decision.reason,
+                            predicted_ms=decision.step_ms,
+                            predicted_tokens=decision.goodput * decision.step_ms / 1000.0)
         else:
             plan = self.choose_trees(batch, counts, offers, shape)
         self._log_decision(len(batch), plan.reason)
@@ -166,13 +177,14 @@ class StepLoop:
                     shapes.append(fitted)
         # Each candidate, fitted to each sequence's room.
         per_seq = [[None if c is None else c.fit(*room) for room in rooms] for c in shapes]
-        reason = f"pinned tree {shapes[0].describe() if shapes[0] else 'none'}"
+        plan = StepPlan({}, f"pinned tree {shapes[0].describe() if shapes[0] else 'none'}")
         if len(shapes) > 1:
             plans = [[TreePlan(0, ()) if f is None else TreePlan(f.nodes, f.level_tries()) for f in fitted]
                      for fitted in per_seq]
             decision = self.feed.policy.choose_tree(counts, plans, offers)
-            per_seq, reason = [per_seq[decision.index]], decision.reason
-        plan = StepPlan({}, reason)
+            per_seq = [per_seq[decision.index]]
+            plan = StepPlan({}, decision.reason, predicted_ms=decision.step_ms,
+                            predicted_tokens=decision.goodput * decision.step_ms / 1000.0)
         for seq, fitted in zip(batch, per_seq[0], strict=True):
             plan.depths[seq.seq_id] = 0 if fitted is None else fitted.levels
             if fitted is not None and not fitted.is_chain:  # a chain stays a chain on the wire
@@ -185,7 +197,9 @@ class StepLoop:
         self.feed.record_decision(summary)
         now = time.monotonic()
         if now - self._last_decision_log > self.DECISION_LOG_INTERVAL_S:
-            log.info("depth policy on %s, %s", self.target.address, summary)
+            audit = self.audit.report()
+            log.info("depth policy on %s, %s%s", self.target.address, summary,
+                     f" (since the last line: {audit})" if audit else "")
             self._last_decision_log = now
         else:
             log.debug("depth policy on %s, %s", self.target.address, summary)

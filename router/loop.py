@@ -126,9 +126,9 @@ class StepLoop:
                     self.commit(seq, plan.depths[seq.seq_id], proposals.get(seq.seq_id), verdict, plan.reason,
                                 record, now)
             record.duration_s = time.perf_counter() - started
-            if plan.predicted_ms > 0 and not prefills:
+            if plan.predicted_ms > 0:
                 self.audit.add(deepest > 0, plan.predicted_ms, record.duration_s * 1000, plan.predicted_tokens,
-                               record.emitted)
+                               record.emitted, prefilled=prefills)
             self.record(record, span, deepest, draft_ms, verify_ms)
 
     def record(self, record: StepRecord, span: Span, deepest: int, draft_ms: float, verify_ms: float) -> None:

@@ -28,3 +28,13 @@ def test_a_report_starts_the_tally_over() -> None:
     assert audit.report() == ""
     audit.add(True, 100.0, 90.0, 20.0, 22)
     assert audit.report() == "1 drafting step took 0.90x the predicted time and emitted 1.10x the predicted tokens"
+
+
+def test_steps_that_prefill_are_kept_apart() -> None:
+    audit = PredictionAudit()
+    audit.add(True, 100.0, 250.0, 20.0, 20, prefilled=True)
+    audit.add(False, 80.0, 80.0, 16.0, 16)
+    assert audit.plain.steps == 1 and audit.drafting.steps == 0
+    assert audit.report() == ("1 plain step took 1.00x the predicted time and emitted 1.00x the predicted tokens; "
+                              "1 prefilling drafting step took 2.50x the predicted time and emitted 1.00x the "
+                              "predicted tokens")

@@ -261,13 +261,13 @@ def selection_bias(per_request: dict[int, Rounds], trials: int = 4000, seed: int
     def noisy_median(truth: float) -> float:
         return statistics.median(truth * math.exp(rng.gauss(0.0, cell_sd)) for _ in range(count))
 
+    truths = {b: [statistics.median(v) for p, v in rounds.items() if p != "auto"] for b, rounds in per_request.items()}
     hits = {b: 0 for b in per_request}
     every = 0
     for _ in range(trials):
         all_hit = True
-        for batch, rounds in per_request.items():
-            truths = [statistics.median(v) for p, v in rounds.items() if p != "auto"]
-            hit = noisy_median(max(truths)) >= 0.95 * max(noisy_median(t) for t in truths)
+        for batch in per_request:
+            hit = noisy_median(max(truths[batch])) >= 0.95 * max(noisy_median(t) for t in truths[batch])
             hits[batch] += hit
             all_hit &= hit
         every += all_hit
@@ -355,8 +355,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.from_log is not None:
         text = args.from_log.read_text()
-        if is_versus(parse_rounds(text)[0]):
-            report_versus(parse_rounds(text)[0], f"Auto against one fixed depth per batch size, from {args.from_log}")
+        if is_versus(rounds := parse_rounds(text)[0]):
+            report_versus(rounds, f"Auto against one fixed depth per batch size, from {args.from_log}")
             return
         per_request, streamed = parse_log(text)
         if not per_request:
@@ -365,10 +365,10 @@ def main() -> None:
                "rounds; best fixed depth in bold")
         return
 
-    versus = versus_depths(args.versus) if args.versus else {}
-    if versus:
-        args.batch_sizes = list(versus)
-        args.depths = sorted(set(args.depths) | {int(d) for d in versus.values()})
+    paired = versus_depths(args.versus) if args.versus else {}
+    if paired:
+        args.batch_sizes = list(paired)
+        args.depths = sorted(set(args.depths) | {int(d) for d in paired.values()})
     spec = "smollm2-135m"
     prompts = [chat_ids(load_tokenizer(resolve_model(spec)), p) for p in MIXED]
     policies = [str(d) for d in args.depths] + ["auto"]
@@ -384,9 +384,9 @@ def main() -> None:
         for batch in args.batch_sizes:
             per_request[batch], streamed[batch] = measure(routers, prompts, batch, args.waves, args.rounds,
                                                           args.max_new_tokens,
-                                                          [versus[batch], "auto"] if versus else None)
+                                                          [paired[batch], "auto"] if paired else None)
     print()
-    if versus:
+    if paired:
         report_versus(per_request, f"Auto against one fixed depth per batch size (goodput per request, generated "
                       f"tokens/s), {args.max_new_tokens} new tokens per request, {args.waves} x batch requests per "
                       f"cell, {args.rounds} round(s), alternating which goes first")

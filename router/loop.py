@@ -23,7 +23,7 @@ from router.replicas import DraftReplica, TargetReplica
 from router.sequence import Sequence, fail
 from specfleet.config import RouterConfig
 from specfleet.otel import RouterMetrics
-from specfleet.policy import TreePlan
+from specfleet.policy import DepthDecision, TreeDecision, TreePlan
 from specfleet.protos import draft_pb2, session_pb2, target_pb2
 from specfleet.telemetry import PREFILL_TOKENS, StepRecord, TelemetryWriter, is_prefill
 from specfleet.trees import TreeShape, chain_shape, rejected_tries
@@ -52,6 +52,11 @@ class StepPlan:
     def planned(self, batch: list[Sequence]) -> list[int]:
         """Draft tokens planned per sequence (a tree's node budget), for the step's record."""
         return [self.max_nodes.get(s.seq_id, self.depths[s.seq_id]) for s in batch]
+
+
+def predictions(decision: DepthDecision | TreeDecision) -> dict[str, float]:
+    """A decision's predicted step time and tokens emitted, as `StepPlan` keeps them for the audit."""
+    return {"predicted_ms": decision.step_ms, "predicted_tokens": decision.goodput * decision.step_ms / 1000.0}
 
 
 class StepLoop:
@@ -113,7 +118,8 @@ class StepLoop:
         started = time.perf_counter()
         with self.metrics.step_span(self.target.address, (seq.span for seq in batch)) as span:
             plan = self.choose(batch)
-            prefills = any(is_prefill(s.tokens[s.target_cached:]) or (
+            # Read before the step moves the caches on; only for steps the audit will count.
+            prefills = plan.predicted_ms > 0 and any(is_prefill(s.tokens[s.target_cached:]) or (
                 plan.depths[s.seq_id] > 0 and is_prefill(s.tokens[s.draft_cached:])) for s in batch)
             proposals, draft_ms = await self.propose(batch, plan)
             verdicts, verify_ms = await self.verify(batch, proposals)
@@ -154,8 +160,7 @@ class StepLoop:
         if shape is None:
             decision = self.feed.policy.choose(counts, [self.depth_room(s) for s in batch], offers)
             plan = StepPlan({s.seq_id: d for s, d in zip(batch, decision.depths, strict=True)}, decision.reason,
-                            predicted_ms=decision.step_ms,
-                            predicted_tokens=decision.goodput * decision.step_ms / 1000.0)
+                            **predictions(decision))
         else:
             plan = self.choose_trees(batch, counts, offers, shape)
         self._log_decision(len(batch), plan.reason)
@@ -183,8 +188,7 @@ class StepLoop:
                      for fitted in per_seq]
             decision = self.feed.policy.choose_tree(counts, plans, offers)
             per_seq = [per_seq[decision.index]]
-            plan = StepPlan({}, decision.reason, predicted_ms=decision.step_ms,
-                            predicted_tokens=decision.goodput * decision.step_ms / 1000.0)
+            plan = StepPlan({}, decision.reason, **predictions(decision))
         for seq, fitted in zip(batch, per_seq[0], strict=True):
             plan.depths[seq.seq_id] = 0 if fitted is None else fitted.levels
             if fitted is not None and not fitted.is_chain:  # a chain stays a chain on the wire

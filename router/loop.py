@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from router.policy_feed import PolicyFeed
-from router.prediction_audit import PredictionAudit
+from router.prediction_audit import Calibration, PredictionAudit
 from router.replicas import DraftReplica, TargetReplica
 from router.sequence import Sequence, fail
 from specfleet.config import RouterConfig
@@ -74,6 +74,8 @@ class StepLoop:
         self.metrics = metrics or RouterMetrics()
         self._last_decision_log = 0.0
         self.audit = PredictionAudit()
+        # With --calibration-half-life 0 the policy takes its predictions as they are.
+        self.calibration = Calibration(config.calibration_half_life) if config.calibration_half_life else None
         self.capacity = target.info.num_slots
         self.max_context = target.info.max_seq_len
         self.live: list[Sequence] = []
@@ -133,8 +135,12 @@ class StepLoop:
                                 record, now)
             record.duration_s = time.perf_counter() - started
             if plan.predicted_ms > 0:
-                self.audit.add(deepest > 0, plan.predicted_ms, record.duration_s * 1000, plan.predicted_tokens,
-                               record.emitted, prefilled=prefills)
+                measured_ms = record.duration_s * 1000
+                self.audit.add(deepest > 0, plan.predicted_ms, measured_ms, plan.predicted_tokens, record.emitted,
+                               prefilled=prefills)
+                if self.calibration is not None and not prefills:
+                    self.calibration.add(len(batch), deepest > 0, plan.predicted_ms, measured_ms,
+                                         plan.predicted_tokens, record.emitted)
             self.record(record, span, deepest, draft_ms, verify_ms)
 
     def record(self, record: StepRecord, span: Span, deepest: int, draft_ms: float, verify_ms: float) -> None:
@@ -157,17 +163,18 @@ class StepLoop:
         counts = [(s.stats.accepted, s.stats.rejections) for s in batch]
         offers = [(s.stats.offers, s.stats.misses) for s in batch]
         shape = self.config.tree_shape
+        calibration = 1.0 if self.calibration is None else self.calibration.factor(len(batch))
         if shape is None:
-            decision = self.feed.policy.choose(counts, [self.depth_room(s) for s in batch], offers)
+            decision = self.feed.policy.choose(counts, [self.depth_room(s) for s in batch], offers, calibration)
             plan = StepPlan({s.seq_id: d for s, d in zip(batch, decision.depths, strict=True)}, decision.reason,
                             **predictions(decision))
         else:
-            plan = self.choose_trees(batch, counts, offers, shape)
+            plan = self.choose_trees(batch, counts, offers, shape, calibration)
         self._log_decision(len(batch), plan.reason)
         return plan
 
     def choose_trees(self, batch: list[Sequence], counts: list[tuple[int, int]], offers: list[tuple[int, int]],
-                     shape: TreeShape) -> StepPlan:
+                     shape: TreeShape, calibration: float = 1.0) -> StepPlan:
         """With --depth K the configured shape cut to K levels and --max-tree-nodes; with --depth auto the
         best of plain decoding, chains and the shape at every node budget, by the policy's cost model."""
         rooms = [(self.node_room(s), self.depth_room(s)) for s in batch]
@@ -186,7 +193,7 @@ class StepLoop:
         if len(shapes) > 1:
             plans = [[TreePlan(0, ()) if f is None else TreePlan(f.nodes, f.level_tries()) for f in fitted]
                      for fitted in per_seq]
-            decision = self.feed.policy.choose_tree(counts, plans, offers)
+            decision = self.feed.policy.choose_tree(counts, plans, offers, calibration)
             per_seq = [per_seq[decision.index]]
             plan = StepPlan({}, decision.reason, **predictions(decision))
         for seq, fitted in zip(batch, per_seq[0], strict=True):

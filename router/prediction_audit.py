@@ -10,6 +10,7 @@ the prediction by the prompt's cost, but what the policy chose in them still cou
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -67,3 +68,78 @@ class PredictionAudit:
         parts = [t.describe(kind) for kind, t in self.tallies.items() if t.steps]
         self.tallies = {kind: Tally() for kind in KINDS}
         return "; ".join(parts)
+
+
+@dataclass
+class _Decayed:
+    """Sums over recent steps of one kind, each older step counting a little less."""
+
+    steps: int = 0  # all of them, undecayed
+    predicted_ms: float = 0.0
+    measured_ms: float = 0.0
+    predicted_tokens: float = 0.0
+    emitted_tokens: float = 0.0
+
+    def add(self, keep: float, predicted_ms: float, measured_ms: float, predicted_tokens: float,
+            emitted_tokens: int) -> None:
+        self.steps += 1
+        self.predicted_ms = keep * self.predicted_ms + predicted_ms
+        self.measured_ms = keep * self.measured_ms + measured_ms
+        self.predicted_tokens = keep * self.predicted_tokens + predicted_tokens
+        self.emitted_tokens = keep * self.emitted_tokens + emitted_tokens
+
+    def goodput_ratio(self) -> float:
+        """Measured over predicted goodput: (emitted / predicted tokens) / (measured / predicted time)."""
+        return (self.emitted_tokens * self.predicted_ms) / (self.predicted_tokens * self.measured_ms)
+
+
+class Calibration:
+    """How far the policy's drafting predictions miss, measured on this router's own steps: the correction the
+    drafting hurdle applies to a plan's predicted gain over plain decoding.
+
+    Per batch size (to the nearest power of two), over the last ``half_life`` steps or so of each kind: measured
+    over predicted goodput of the steps that drafted, divided by the same for the steps that decoded plainly. The
+    cost model fits each cell's median, but a drafting step's real cost also holds what the cells do not: the
+    ragged rows' padding, the extra round trip in a busy step, and the optimism of a plan chosen because its
+    prediction came out high; its emitted tokens likewise follow runs of matches that per-sequence rates average
+    away. These misses differ by batch size and machine (drafting steps measured 1.23x their predicted time at
+    batch 16 but emitted 1.2-1.4x their predicted tokens at batch 2, on the same CPU), so a fixed hurdle cannot
+    absorb them. Plain steps in the denominator cancel what both kinds share (a machine running slow as a
+    whole). Steps that prefill a prompt stay out: their prediction leaves the prefill out.
+
+    1.0 (no correction) until a batch size has at least ``min_steps`` of each kind; clamped to
+    [``1 / max_factor``, ``max_factor``]. A correction that holds drafting back stays until drafting is predicted
+    to gain enough to clear it: only drafting steps move the drafting side.
+    """
+
+    def __init__(self, half_life: int = 100, min_steps: int = 8, max_factor: float = 2.0) -> None:
+        if half_life < 1 or min_steps < 1 or max_factor < 1:
+            raise ValueError(f"need half_life >= 1, min_steps >= 1 and max_factor >= 1, got {half_life}, "
+                             f"{min_steps}, {max_factor}")
+        self.keep = 0.5 ** (1.0 / half_life)
+        self.min_steps = min_steps
+        self.max_factor = max_factor
+        self._sums: dict[tuple[int, bool], _Decayed] = {}
+
+    @staticmethod
+    def bucket(batch_size: int) -> int:
+        """The power of two nearest ``batch_size`` (in log terms): 12-22 all count as 16."""
+        return 1 << max(0, round(math.log2(batch_size)))
+
+    def add(self, batch_size: int, drafted: bool, predicted_ms: float, measured_ms: float,
+            predicted_tokens: float, emitted_tokens: int) -> None:
+        """One step that did not prefill, as `PredictionAudit.add` takes it."""
+        if predicted_ms <= 0 or measured_ms <= 0 or predicted_tokens <= 0:
+            return
+        sums = self._sums.setdefault((self.bucket(batch_size), drafted), _Decayed())
+        sums.add(self.keep, predicted_ms, measured_ms, predicted_tokens, emitted_tokens)
+
+    def factor(self, batch_size: int) -> float:
+        bucket = self.bucket(batch_size)
+        drafting, plain = self._sums.get((bucket, True)), self._sums.get((bucket, False))
+        if drafting is None or plain is None or min(drafting.steps, plain.steps) < self.min_steps:
+            return 1.0
+        if plain.emitted_tokens <= 0:  # nothing to compare against (a step emits a token per live sequence)
+            return 1.0
+        ratio = drafting.goodput_ratio() / plain.goodput_ratio()
+        return min(self.max_factor, max(1.0 / self.max_factor, ratio))

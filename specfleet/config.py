@@ -180,6 +180,10 @@ class RouterConfig(ServiceConfig):
     min_draft_gain: float = option(DRAFT_HURDLE, "auto depth drafts only when it predicts at least this gain over "
                                    "plain decoding (0.1 is 10 percent); smaller predicted gains are within the cost "
                                    "model's error (0: always the predicted optimum)")
+    calibration_half_life: int = option(100, "auto depth: the drafting hurdle scales each plan's predicted gain by "
+                                        "how far this router's recent drafting steps beat their predictions, "
+                                        "relative to its plain steps, per batch size; about this many steps "
+                                        "count (0: take the predictions as they are)")
     policy_refresh_s: float = option(1.0, "how often the cost model is refitted from Redis telemetry")
     default_max_new_tokens: int = option(128, "max_new_tokens when a request does not say")
     max_new_tokens_cap: int = option(4096, "largest max_new_tokens a request may ask for")
@@ -199,6 +203,8 @@ class RouterConfig(ServiceConfig):
                f"--depth must be auto or an integer in [0, {self.max_depth}] (--max-depth), got {self.depth!r}")
         _check(self.min_goodput >= 0, f"--min-goodput must be >= 0, got {self.min_goodput}")
         _check(self.min_draft_gain >= 0, f"--min-draft-gain must be >= 0, got {self.min_draft_gain}")
+        _check(self.calibration_half_life >= 0,
+               f"--calibration-half-life must be >= 0, got {self.calibration_half_life}")
         _check(self.beam_width >= 1, f"--beam-width must be >= 1, got {self.beam_width}")
         _check(1 <= self.max_tree_nodes <= 64, f"--max-tree-nodes must be in [1, 64], got {self.max_tree_nodes}")
         try:

@@ -53,7 +53,9 @@ the model's error and the real sign can be either. Measured on the CPU with Smol
 drafter (`python -m bench.adaptive`): at batch 16 and 32 plans predicted 3-10% above plain decoding ran
 10-25% below it, while at batch 1-4, where drafting pays, the median predicted gain was 14-25%. It also holds
 back some plans that would have gained (at batch 4, predicted 2-10%, measured 7-9%): a fixed margin cannot tell
-where the model is optimistic from where it is right."""
+where the model is optimistic from where it is right. The router therefore scales the predicted gain by how its own
+drafting steps at that batch size measured against their predictions (the `calibration` argument) before it
+applies the hurdle."""
 MIN_CELL_SAMPLES = 3
 """Samples a (batch, tokens) cell needs before its median counts as measured. A single slow call (a cold cache,
 a pause) must not make a depth look expensive: the policy would stop choosing it and so never measure it again."""
@@ -758,7 +760,7 @@ def _uniform_depths(limits: Sequence[int], depth: int) -> list[int]:
 
 def _decide(alphas: Sequence[float], costs: CostModel, max_depth: int, limits: Sequence[int] | None,
             latency: bool, min_goodput: float, uniform: bool, pinned: int | None,
-            offer_rates: Sequence[float] | None, min_gain: float = 0.0) -> DepthDecision:
+            offer_rates: Sequence[float] | None, min_gain: float = 0.0, calibration: float = 1.0) -> DepthDecision:
     alphas = [float(a) for a in alphas]
     if any(not 0.0 <= a <= 1.0 for a in alphas):
         raise ValueError(f"alphas must be in [0, 1], got {alphas}")
@@ -769,6 +771,8 @@ def _decide(alphas: Sequence[float], costs: CostModel, max_depth: int, limits: S
         raise ValueError(f"min_goodput must be >= 0, got {min_goodput}")
     if min_gain < 0:
         raise ValueError(f"min_gain must be >= 0, got {min_gain}")
+    if not calibration > 0:
+        raise ValueError(f"calibration must be > 0, got {calibration}")
     batch = len(alphas)
     if batch == 0:
         return DepthDecision((), 0.0, 0.0, 0.0, (0.0,) * (max_depth + 1), "no sequences")
@@ -832,15 +836,17 @@ def _decide(alphas: Sequence[float], costs: CostModel, max_depth: int, limits: S
 
     goodput, step, per_token = evaluate(depths)
     hurdle = ""
-    if pinned is None and min_gain > 0 and any(depths):
+    if pinned is None and (min_gain > 0 or calibration != 1.0) and any(depths):
         plain = [0] * batch
         plain_goodput, plain_step, plain_per_token = evaluate(plain)
         # Latency mode compares time per token, but keeps a drafting plan that plain decoding's goodput can't match.
-        gain = plain_per_token / per_token - 1 if latency else goodput / plain_goodput - 1
+        gain = calibration * (plain_per_token / per_token if latency else goodput / plain_goodput) - 1
         if gain < min_gain and (not latency or plain_goodput >= min_goodput):
-            hurdle = _held_back(_depth_span(depths), gain, min_gain)
+            hurdle = _held_back(_depth_span(depths), gain, min_gain, calibration)
             depths, goodput, step, per_token = plain, plain_goodput, plain_step, plain_per_token
     reason = _reason(depths, goodput, uniform_goodput, pinned is not None) + hurdle
+    if pinned is None and any(depths) and calibration != 1.0:
+        reason += f"; gain x{calibration:.2f} as drafting steps measured"
     if latency and pinned is None:
         reason += f"; {per_token:.1f} ms/token per sequence"
         if min_goodput > 0:
@@ -854,9 +860,10 @@ def _depth_span(depths: Sequence[int]) -> str:
     return f"depth {lo}" if lo == hi else f"depths {lo}-{hi}"
 
 
-def _held_back(what: str, gain: float, min_gain: float) -> str:
+def _held_back(what: str, gain: float, min_gain: float, calibration: float = 1.0) -> str:
     """The reason's note when plain decoding wins because drafting's predicted gain is under the hurdle."""
-    return f"; {what} would gain {gain:.0%}, under the {min_gain:.0%} hurdle"
+    measured = "" if calibration == 1.0 else f" (x{calibration:.2f} as drafting steps measured)"
+    return f"; {what} would gain {gain:.0%}{measured}, under the {min_gain:.0%} hurdle"
 
 
 def _reason(depths: Sequence[int], goodput: float, uniform_goodput: Sequence[float], pinned: bool) -> str:
@@ -872,7 +879,8 @@ def _reason(depths: Sequence[int], goodput: float, uniform_goodput: Sequence[flo
 
 def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
                   limits: Sequence[int] | None = None, uniform: bool = False,
-                  offer_rates: Sequence[float] | None = None, min_gain: float = 0.0) -> DepthDecision:
+                  offer_rates: Sequence[float] | None = None, min_gain: float = 0.0,
+                  calibration: float = 1.0) -> DepthDecision:
     """Throughput mode: per-sequence depths in [0, max_depth] maximising predicted goodput,
 
         sum_i expected_emitted(alpha_i, d_i, m_i) / (draft_ms(B, max d) [if max d > 0]
@@ -885,14 +893,17 @@ def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
     Depth 0 for everyone (plain decoding) is always a candidate. `limits` caps each sequence's depth (room
     left in the request or the caches); `uniform` restricts the search to one depth for the whole batch,
     for comparison. A plan predicted to beat plain decoding by less than `min_gain` (0.1: 10%) gives way to it
-    (see `DRAFT_HURDLE`); the plain functions default to 0, the exact optimum.
+    (see `DRAFT_HURDLE`); the plain functions default to 0, the exact optimum. `calibration` scales drafting's
+    predicted gain over plain decoding before that test: how far measured drafting steps beat their predictions,
+    relative to plain ones (see `router.prediction_audit.Calibration`; 1: as predicted).
     """
-    return _decide(alphas, costs, max_depth, limits, False, 0.0, uniform, None, offer_rates, min_gain)
+    return _decide(alphas, costs, max_depth, limits, False, 0.0, uniform, None, offer_rates, min_gain, calibration)
 
 
 def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_depth: int, min_goodput: float = 0.0,
                               *, limits: Sequence[int] | None = None, uniform: bool = False,
-                              offer_rates: Sequence[float] | None = None, min_gain: float = 0.0) -> DepthDecision:
+                              offer_rates: Sequence[float] | None = None, min_gain: float = 0.0,
+                              calibration: float = 1.0) -> DepthDecision:
     """Latency mode: depths minimising the predicted time per output token, averaged over the sequences,
 
         step_ms * mean_i(1 / expected_emitted(alpha_i, d_i)),
@@ -909,9 +920,10 @@ def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_dep
     result then meets the floor whenever any plan can and is never slower per token than the
     goodput-optimal plan, but a floor-bound optimum that is neither greedy allocation can be missed.
     With `min_gain`, plain decoding wins unless drafting cuts the time per token by that share (and plain decoding
-    meets the floor).
+    meets the floor); `calibration` as in `choose_depths`.
     """
-    return _decide(alphas, costs, max_depth, limits, True, min_goodput, uniform, None, offer_rates, min_gain)
+    return _decide(alphas, costs, max_depth, limits, True, min_goodput, uniform, None, offer_rates, min_gain,
+                   calibration)
 
 
 def pinned_decision(alphas: Sequence[float], costs: CostModel, depth: int, *, max_depth: int = 0,
@@ -1033,9 +1045,10 @@ class DepthPolicy:
         return [offer_estimate(o, m, fleet_rate, self.prior_weight) for o, m in offer_counts]
 
     def choose(self, per_sequence_counts: Sequence[tuple[int, int]], limits: Sequence[int] | None = None,
-               offer_counts: Sequence[tuple[int, int]] | None = None) -> DepthDecision:
+               offer_counts: Sequence[tuple[int, int]] | None = None, calibration: float = 1.0) -> DepthDecision:
         """Depths for one step; `per_sequence_counts[i]` is sequence i's (accepted, rejections), `offer_counts[i]`
-        its (offers, misses) (the fleet's offer rate for everyone when not given)."""
+        its (offers, misses) (the fleet's offer rate for everyone when not given); `calibration` as in
+        `choose_depths`."""
         state = self._state  # read once: one consistent model for the whole decision
         alphas = self._alphas(per_sequence_counts, state.fleet_alpha)
         rates = self._offer_rates(offer_counts, state.fleet_offer_rate, len(alphas))
@@ -1045,18 +1058,19 @@ class DepthPolicy:
         if self.mode == "latency":
             return choose_depths_for_latency(alphas, state.costs, self.max_depth, self.min_goodput,
                                              limits=limits, uniform=self.uniform, offer_rates=rates,
-                                             min_gain=self.min_gain)
+                                             min_gain=self.min_gain, calibration=calibration)
         return choose_depths(alphas, state.costs, self.max_depth, limits=limits, uniform=self.uniform,
-                             offer_rates=rates, min_gain=self.min_gain)
+                             offer_rates=rates, min_gain=self.min_gain, calibration=calibration)
 
     def choose_tree(self, per_sequence_counts: Sequence[tuple[int, int]],
                     candidates: Sequence[Sequence[TreePlan]],
-                    offer_counts: Sequence[tuple[int, int]] | None = None) -> TreeDecision:
+                    offer_counts: Sequence[tuple[int, int]] | None = None, calibration: float = 1.0
+                    ) -> TreeDecision:
         """The best of ``candidates`` (each one plan per sequence) for one step; see `choose_tree_plan`."""
         state = self._state
         alphas = self._alphas(per_sequence_counts, state.fleet_alpha)
         rates = self._offer_rates(offer_counts, state.fleet_offer_rate, len(alphas))
-        return choose_tree_plan(alphas, state.costs, candidates, rates, self.min_gain)
+        return choose_tree_plan(alphas, state.costs, candidates, rates, self.min_gain, calibration)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1107,7 +1121,8 @@ class TreeDecision:
 
 
 def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequence[Sequence[TreePlan]],
-                     offer_rates: Sequence[float] | None = None, min_gain: float = 0.0) -> TreeDecision:
+                     offer_rates: Sequence[float] | None = None, min_gain: float = 0.0,
+                     calibration: float = 1.0) -> TreeDecision:
     """The candidate (one `TreePlan` per sequence; the batch drafts one shape, fitted to each sequence's
     room) maximising predicted goodput, with offer rates m_i (all 1 when not given):
 
@@ -1118,12 +1133,15 @@ def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequ
     The verify cost of a tree is that of a chain with as many tokens (one forward over every node), so
     at small batch, where extra tokens are nearly free, wide trees win, and at large batch chains or
     plain decoding. Ties go to the earlier candidate (list cheaper ones first). A candidate that drafts nothing
-    wins unless the best beats it by `min_gain` (see `DRAFT_HURDLE`).
+    wins unless the best beats it by `min_gain` (see `DRAFT_HURDLE`), its gain first scaled by `calibration` (as
+    in `choose_depths`).
     """
     if not candidates:
         raise ValueError("need at least one candidate plan")
     if min_gain < 0:
         raise ValueError(f"min_gain must be >= 0, got {min_gain}")
+    if not calibration > 0:
+        raise ValueError(f"calibration must be > 0, got {calibration}")
     batch = len(alphas)
     rates = _checked_offer_rates(offer_rates, batch)
     best: TreeDecision | None = None
@@ -1149,11 +1167,13 @@ def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequ
     assert best is not None
     hurdle = ""
     plain = next((i for i, plans in enumerate(candidates) if not any(p.nodes for p in plans)), None)
-    if plain is not None and best.index != plain and best.goodput < (1 + min_gain) * scores[plain]:
-        hurdle = _held_back("the best", best.goodput / scores[plain] - 1, min_gain)
+    if plain is not None and best.index != plain and calibration * best.goodput < (1 + min_gain) * scores[plain]:
+        hurdle = _held_back("the best", calibration * best.goodput / scores[plain] - 1, min_gain, calibration)
         best = TreeDecision(plain, scores[plain], steps[plain], "")
     mean_nodes = sum(p.nodes for p in candidates[best.index]) / batch
     others = ", ".join(f"{sum(p.nodes for p in plans) / batch:.0f}: {g:.0f}"
                        for plans, g in zip(candidates, scores, strict=True) if plans is not candidates[best.index])
     reason = f"tree budget {mean_nodes:.1f} nodes ({best.goodput:.0f} tok/s) vs {others or 'nothing else'}{hurdle}"
+    if best.index != plain and calibration != 1.0:
+        reason += f"; gain x{calibration:.2f} as drafting steps measured"
     return TreeDecision(best.index, best.goodput, best.step_ms, reason)

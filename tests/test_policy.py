@@ -289,6 +289,31 @@ def test_a_predicted_gain_under_the_hurdle_decodes_plainly() -> None:
         choose_depths(alphas, CostModel(), 8, min_gain=-0.1)
 
 
+def test_the_hurdle_scales_the_predicted_gain_by_the_measured_calibration() -> None:
+    """A calibration below 1 (drafting steps measured worse than predicted) can hold back a plan the hurdle alone
+    lets through; one above 1 can let through a plan the hurdle alone holds back. It moves only that test: the plan
+    and its predictions are the model's own."""
+    alphas = [0.25] * 32
+    exact = choose_depths(alphas, CostModel(), 8)
+    gain = exact.goodput / exact.uniform_goodput[0] - 1  # a few percent
+    low = choose_depths(alphas, CostModel(), 8, min_gain=gain / 2, calibration=0.97)
+    assert low.depths == (0,) * 32 and "(x0.97 as drafting steps measured), under the" in low.reason
+    high = choose_depths(alphas, CostModel(), 8, min_gain=DRAFT_HURDLE, calibration=1.1)
+    assert high.depths == choose_depths(alphas, CostModel(), 8, min_gain=DRAFT_HURDLE / 3).depths
+    assert high.depths == exact.depths and high.goodput == exact.goodput
+    assert high.reason.endswith("; gain x1.10 as drafting steps measured")
+    assert choose_depths_for_latency(alphas, CostModel(), 8, min_gain=DRAFT_HURDLE, calibration=1.2).depths \
+        == choose_depths_for_latency(alphas, CostModel(), 8).depths
+    # Even with no hurdle, a plan measured to lose gives way to plain decoding.
+    assert choose_depths(alphas, CostModel(), 8, calibration=0.9).depths == (0,) * 32
+    assert choose_depths(alphas, CostModel(), 8, calibration=1.0) == exact
+    candidates = [[TreePlan(0, ())] * 32, [TreePlan(1, (1,))] * 32]
+    assert choose_tree_plan(alphas, CostModel(), candidates, min_gain=DRAFT_HURDLE, calibration=1.2).index == 1
+    assert choose_tree_plan(alphas, CostModel(), candidates, calibration=0.9).index == 0
+    with pytest.raises(ValueError, match="calibration"):
+        choose_depths(alphas, CostModel(), 8, calibration=0.0)
+
+
 def test_a_tree_budget_under_the_hurdle_gives_way_to_plain_decoding() -> None:
     batch = 32
     candidates = [[TreePlan(0, ())] * batch, [TreePlan(1, (1,))] * batch]
@@ -621,6 +646,8 @@ def test_policy_passes_its_hurdle_on() -> None:
     assert any(DepthPolicy(max_depth=8).choose(counts).depths)
     assert DepthPolicy(max_depth=8, min_gain=100.0).choose(counts).depths == (0,) * 4
     assert DepthPolicy.fixed(3).choose(counts).depths == (3,) * 4  # a pinned depth ignores it
+    assert DepthPolicy(max_depth=8).choose(counts, calibration=0.05).depths == (0,) * 4
+    assert DepthPolicy.fixed(3).choose(counts, calibration=0.05).depths == (3,) * 4
     with pytest.raises(ValueError, match="min_gain"):
         DepthPolicy(max_depth=4, min_gain=-1.0)
 

@@ -5,7 +5,8 @@ adds the prediction each step acted on and what the step then took and emitted, 
 and steps that decoded plainly: a model that misprices drafting alone is the one that picks wrong depths, and
 both ratios near 1.00 say the choices rest on sound numbers. The decision log reports the ratios since its last
 line. Steps that prefill a prompt go apart again: the cost model leaves prefill out, so their time is over
-the prediction by the prompt's cost, but what the policy chose in them still counts.
+the prediction by the prompt's cost, but what the policy chose in them still counts. `Calibration` keeps the same
+comparison per batch size over recent steps, for the drafting hurdle to act on.
 """
 
 from __future__ import annotations

@@ -17,13 +17,27 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Tally:
-    """Sums over a kind of step since the last report."""
+    """Sums over a kind of step: all of them since the last report (the audit), or each older step counting a
+    little less (the calibration)."""
 
-    steps: int = 0
+    steps: int = 0  # all of them, whatever their weight
     predicted_ms: float = 0.0
     measured_ms: float = 0.0
     predicted_tokens: float = 0.0
-    emitted_tokens: int = 0
+    emitted_tokens: float = 0.0
+
+    def add(self, predicted_ms: float, measured_ms: float, predicted_tokens: float, emitted_tokens: int,
+            keep: float = 1.0) -> None:
+        """One step; the sums so far count ``keep`` times (1: a plain sum)."""
+        self.steps += 1
+        self.predicted_ms = keep * self.predicted_ms + predicted_ms
+        self.measured_ms = keep * self.measured_ms + measured_ms
+        self.predicted_tokens = keep * self.predicted_tokens + predicted_tokens
+        self.emitted_tokens = keep * self.emitted_tokens + emitted_tokens
+
+    def goodput_ratio(self) -> float:
+        """Measured over predicted goodput: (emitted / predicted tokens) / (measured / predicted time)."""
+        return self.token_ratio() / self.time_ratio()
 
     def time_ratio(self) -> float:
         return self.measured_ms / self.predicted_ms if self.predicted_ms > 0 else float("nan")
@@ -50,11 +64,7 @@ class PredictionAudit:
         """One step: whether any sequence drafted, the predicted and measured ms, the expected and emitted tokens,
         and whether it prefilled a prompt."""
         tally = self.tallies[("prefilling " if prefilled else "") + ("drafting" if drafted else "plain")]
-        tally.steps += 1
-        tally.predicted_ms += predicted_ms
-        tally.measured_ms += measured_ms
-        tally.predicted_tokens += predicted_tokens
-        tally.emitted_tokens += emitted_tokens
+        tally.add(predicted_ms, measured_ms, predicted_tokens, emitted_tokens)
 
     @property
     def drafting(self) -> Tally:
@@ -69,29 +79,6 @@ class PredictionAudit:
         parts = [t.describe(kind) for kind, t in self.tallies.items() if t.steps]
         self.tallies = {kind: Tally() for kind in KINDS}
         return "; ".join(parts)
-
-
-@dataclass
-class _Decayed:
-    """Sums over recent steps of one kind, each older step counting a little less."""
-
-    steps: int = 0  # all of them, undecayed
-    predicted_ms: float = 0.0
-    measured_ms: float = 0.0
-    predicted_tokens: float = 0.0
-    emitted_tokens: float = 0.0
-
-    def add(self, keep: float, predicted_ms: float, measured_ms: float, predicted_tokens: float,
-            emitted_tokens: int) -> None:
-        self.steps += 1
-        self.predicted_ms = keep * self.predicted_ms + predicted_ms
-        self.measured_ms = keep * self.measured_ms + measured_ms
-        self.predicted_tokens = keep * self.predicted_tokens + predicted_tokens
-        self.emitted_tokens = keep * self.emitted_tokens + emitted_tokens
-
-    def goodput_ratio(self) -> float:
-        """Measured over predicted goodput: (emitted / predicted tokens) / (measured / predicted time)."""
-        return (self.emitted_tokens * self.predicted_ms) / (self.predicted_tokens * self.measured_ms)
 
 
 class Calibration:
@@ -120,7 +107,7 @@ class Calibration:
         self.keep = 0.5 ** (1.0 / half_life)
         self.min_steps = min_steps
         self.max_factor = max_factor
-        self._sums: dict[tuple[int, bool], _Decayed] = {}
+        self._sums: dict[tuple[int, bool], Tally] = {}
 
     @staticmethod
     def bucket(batch_size: int) -> int:
@@ -132,8 +119,8 @@ class Calibration:
         """One step that did not prefill, as `PredictionAudit.add` takes it."""
         if predicted_ms <= 0 or measured_ms <= 0 or predicted_tokens <= 0:
             return
-        sums = self._sums.setdefault((self.bucket(batch_size), drafted), _Decayed())
-        sums.add(self.keep, predicted_ms, measured_ms, predicted_tokens, emitted_tokens)
+        sums = self._sums.setdefault((self.bucket(batch_size), drafted), Tally())
+        sums.add(predicted_ms, measured_ms, predicted_tokens, emitted_tokens, keep=self.keep)
 
     def factor(self, batch_size: int) -> float:
         bucket = self.bucket(batch_size)

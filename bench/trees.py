@@ -57,6 +57,7 @@ class Outcome:
     steps: int
     accepted: int
     seconds: float
+    walks: list[tuple[list[int], list[int]]]  # per step: every draft node's parent, the accepted path's nodes
 
 
 def decode(drafter, verifier: Verifier, prompts: list[list[int]], shape: TreeShape | None, sampling: SamplingParams,
@@ -67,6 +68,7 @@ def decode(drafter, verifier: Verifier, prompts: list[list[int]], shape: TreeSha
     target = {n: len(p) + max_new for n, p in zip(names, prompts, strict=True)}
     draft_cached, target_cached = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
     steps = accepted = 0
+    walks: list[tuple[list[int], list[int]]] = []
     started = time.perf_counter()
     while live := [n for n in names if len(tokens[n]) < target[n]]:
         tree = None if shape is None or shape.is_chain else shape
@@ -82,11 +84,15 @@ def decode(drafter, verifier: Verifier, prompts: list[list[int]], shape: TreeSha
             tokens[n] += list(v.tokens)
             steps += 1
             accepted += v.accepted
+            if p.parents is None:  # a chain: node j's parent is node j - 1
+                walks.append((list(range(-1, len(p.tokens) - 1)), list(range(v.accepted))))
+            else:
+                walks.append((list(p.parents), list(v.accepted_nodes)))
     seconds = time.perf_counter() - started
     drafter.release(names)
     verifier.runner.release(names)
     return Outcome([tokens[n][len(p):][:max_new] for n, p in zip(names, prompts, strict=True)], steps, accepted,
-                   seconds)
+                   seconds, walks)
 
 
 def run_table(title: str, drafter, verifier: Verifier, prompts: list[list[int]], batches: list[int],

@@ -109,13 +109,15 @@ def chain_accepted(walks: Sequence[tuple[Sequence[int], Sequence[int]]], depth: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--prompt-set", choices=["humaneval", "sharegpt"], default="humaneval")
-    parser.add_argument("--max-new", type=int, default=48)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--chain-depth", type=int, default=12)
+    parser.add_argument("--prompts", type=int, default=8, help="prompts, each decoded alone (batch 1)")
+    parser.add_argument("--prompt-set", choices=["humaneval", "sharegpt"], default="humaneval",
+                        help="HumanEval tasks or ShareGPT's opening user turns")
+    parser.add_argument("--max-new", type=int, default=48, help="new tokens per prompt")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--chain-depth", type=int, default=12,
+                        help="depth of the chain that measures first tries (and every chain up to it)")
     parser.add_argument("--tree", default="3,2,2", help="RSD-C branching of the wide tree that measures siblings")
-    parser.add_argument("--budgets", default="3,6,12")
+    parser.add_argument("--budgets", default="3,6,12", help="node budgets to find the best tree for")
     args = parser.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
 

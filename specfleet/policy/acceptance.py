@@ -1,0 +1,66 @@
+"""The acceptance model: each sequence's acceptance rate alpha and offer rate m, and what a step emits.
+
+Rates are maximum-likelihood estimates from a sequence's own counts, shrunk toward the fleet's so that a new
+sequence starts at the fleet rate (`acceptance_estimate`, `offer_estimate`).
+"""
+
+from __future__ import annotations
+
+MAX_ALPHA = 0.999
+"""Acceptance estimates are capped below 1 so a lucky streak never makes unbounded depth look free."""
+MIN_OFFER_RATE = 1e-3
+"""Offer rates are kept above 0: the depth search ranks draft tokens by gain per expected verified token."""
+
+
+def acceptance_estimate(accepted: int, rejections: int, prior_alpha: float, prior_weight: float) -> float:
+    """A sequence's per-token acceptance rate alpha, shrunk toward the fleet-wide rate.
+
+    `accepted`: draft tokens accepted so far; `rejections`: steps that ended in a rejected draft token.
+    Returns (accepted + w * prior) / (accepted + rejections + w), clamped to [0, MAX_ALPHA].
+    """
+    # Why accepted / (accepted + rejections): if each draft token is accepted independently with
+    # probability alpha, a step of depth d accepts a = min(G, d) tokens with G geometric, so its
+    # likelihood is alpha^a * (1 - alpha) when a rejection ended it and alpha^d when all d were accepted.
+    # Over many steps the log-likelihood is accepted * log(alpha) + rejections * log(1 - alpha), maximised
+    # at accepted / (accepted + rejections). accepted / proposed is biased low at larger depth: the tokens
+    # drafted after a rejection are never tested but still count as proposed. The prior acts as w
+    # pseudo-observations at the fleet rate, so a new sequence starts there and moves as evidence comes.
+    if accepted < 0 or rejections < 0:
+        raise ValueError(f"accepted and rejections must be >= 0, got {accepted}, {rejections}")
+    return min(max(_shrunk_rate(accepted, rejections, prior_alpha, prior_weight), 0.0), MAX_ALPHA)
+
+
+def _shrunk_rate(successes: int, failures: int, prior: float, prior_weight: float) -> float:
+    """successes / (successes + failures), with ``prior_weight`` pseudo-observations at ``prior``."""
+    if prior_weight < 0:
+        raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
+    total = successes + failures + prior_weight
+    return (successes + prior_weight * prior) / total if total > 0 else prior
+
+
+def offer_estimate(offers: int, misses: int, prior_rate: float, prior_weight: float) -> float:
+    """A sequence's offer rate m: the chance that its drafter offers a draft when asked, shrunk toward the fleet's.
+
+    `offers`: steps in which the drafter offered at least one token; `misses`: steps in which it was asked and
+    offered none. Returns (offers + w * prior) / (offers + misses + w), clamped to [MIN_OFFER_RATE, 1].
+    """
+    if offers < 0 or misses < 0:
+        raise ValueError(f"offers and misses must be >= 0, got {offers}, {misses}")
+    return min(max(_shrunk_rate(offers, misses, prior_rate, prior_weight), MIN_OFFER_RATE), 1.0)
+
+
+def expected_emitted(alpha: float, depth: int, offer_rate: float = 1.0) -> float:
+    """Expected tokens one step emits at depth `depth`: accepted drafts plus the recovered or bonus token.
+
+    sum_{k=0..depth} alpha^k = (1 - alpha^(depth + 1)) / (1 - alpha) under i.i.d. acceptance (Leviathan et
+    al., 2023); depth 0 is plain decoding: 1. With an offer rate m < 1 the drafts come only in a fraction m
+    of the steps: 1 + m * sum_{k=1..depth} alpha^k.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not 0.0 <= offer_rate <= 1.0:
+        raise ValueError(f"offer_rate must be in [0, 1], got {offer_rate}")
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}")
+    drafts = float(depth) if alpha == 1.0 else (alpha - alpha ** (depth + 1)) / (1.0 - alpha)
+    return 1.0 + offer_rate * drafts

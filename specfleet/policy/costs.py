@@ -1,0 +1,433 @@
+"""The cost model: how long a step's drafting, verification and router overhead take, fitted from telemetry.
+
+Each role's time is a function of the batch size and the tokens per sequence. Where telemetry has measured a
+(batch, tokens) cell, its median counts; elsewhere the defaults' shape is borrowed and rescaled to the nearest
+measurements (`CostModel.fit`). `StepCosts` reads one batch size's curves off for the depth search.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+from statistics import median
+from types import MappingProxyType
+
+ROLES = ("draft", "target", "overhead")
+TOKEN_BUCKET = 0.5
+"""Width of the tokens-per-sequence cells samples are grouped into (the target sees fractional means)."""
+MIN_STEP_MS = 1e-6
+"""Floor on a predicted step, so an all-zero cost model cannot divide by zero."""
+PADDING_SHARE = 0.4
+"""Share of a padded token's verify cost that a plan pays for each row shorter than its widest. The target
+pads each attention group to its widest row: the padding costs attention but no projections or MLP, and
+splitting ragged rows into several groups costs extra calls. Measured on the CPU with SmolLM2-135M
+(`python -m bench.mixed_depths`): mixed plans cost between their real and their fully padded token counts,
+0.12-0.49 of the way, mostly 0.15-0.35. Priced at their real tokens alone they ran 3-38% over their price, and
+plans predicted 1-3% better than one depth for all ran slower; a share near the top keeps them honest."""
+MIN_CELL_SAMPLES = 3
+"""Samples a (batch, tokens) cell needs before its median counts as measured. A single slow call (a cold cache,
+a pause) must not make a depth look expensive: the policy would stop choosing it and so never measure it again."""
+CostFn = Callable[[int, float], float]
+"""(batch_size, tokens_per_seq) -> milliseconds; must be non-decreasing in both arguments."""
+
+
+@dataclass(frozen=True)
+class CostSample:
+    """One latency measurement from telemetry.
+
+    `role` is "draft" (one Propose: `batch_size` sequences, `tokens_per_seq` the largest depth drafted
+    in the call), "target" (one Verify: `tokens_per_seq` the mean tokens fed per sequence, mean(depth + 1))
+    or "overhead" (the rest of a router step: gRPC, (de)serialisation, bookkeeping; `tokens_per_seq` 1 plus
+    the step's largest depth, so a step that calls the drafters is charged the round trip it adds).
+    """
+
+    role: str
+    batch_size: int
+    tokens_per_seq: float
+    ms: float
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"CostSample.role must be one of {ROLES}, got {self.role!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"CostSample.batch_size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.tokens_per_seq) and self.tokens_per_seq >= 0):
+            raise ValueError(f"CostSample.tokens_per_seq must be finite and >= 0, got {self.tokens_per_seq}")
+        if not (math.isfinite(self.ms) and self.ms >= 0):
+            raise ValueError(f"CostSample.ms must be finite and >= 0, got {self.ms}")
+
+
+@dataclass(frozen=True)
+class AnalyticCost:
+    """ms = fixed + per_seq * batch + per_token * n + past_knee * max(0, n - knee), n = batch * tokens_per_seq.
+
+    The knee models a device that is memory-bound up to `knee_tokens` tokens per forward (extra tokens
+    nearly free) and compute-bound beyond it (each token costs `past_knee_ms` more).
+    """
+
+    fixed_ms: float = 0.0
+    per_seq_ms: float = 0.0
+    per_token_ms: float = 0.0
+    knee_tokens: float = math.inf
+    past_knee_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("fixed_ms", "per_seq_ms", "per_token_ms", "knee_tokens", "past_knee_ms"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"AnalyticCost.{name} must be >= 0, got {getattr(self, name)}")
+
+    def __call__(self, batch_size: int, tokens_per_seq: float) -> float:
+        tokens = batch_size * tokens_per_seq
+        return (self.fixed_ms + self.per_seq_ms * batch_size + self.per_token_ms * tokens
+                + self.past_knee_ms * max(0.0, tokens - self.knee_tokens))
+
+
+DEFAULT_COSTS: Mapping[str, CostFn] = MappingProxyType({
+    # Rough CPU numbers for SmolLM2-135M: one token at batch 1 is 25 ms; 8 tokens at batch 1 about 1.45x
+    # that; 8 tokens at batch 16 about 2.2x one token at batch 16. A fixed + per-sequence + per-token form
+    # fits all three (a single per-token slope cannot); no knee is visible on CPU.
+    "target": AnalyticCost(fixed_ms=16.7, per_seq_ms=6.7, per_token_ms=1.6),
+    "draft": AnalyticCost(fixed_ms=0.8, per_token_ms=0.025),  # ngram lookup: about 1 ms a call
+    "overhead": AnalyticCost(fixed_ms=3.0),  # gRPC and bookkeeping of a router step
+})
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """One role's fitted costs: `values[i][j]` ms at `batch_points[i]`, `token_points[j]`.
+
+    Non-decreasing along both axes; `samples` is how many measurements it was fitted from.
+    """
+
+    batch_points: tuple[int, ...]
+    token_points: tuple[float, ...]
+    values: tuple[tuple[float, ...], ...]
+    samples: int
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Predicted costs of one step at a fixed batch size, precomputed for the depth search.
+
+    `target_ms[n]`: Verify with n draft tokens in total (tokens per sequence 1 + n / batch), linear in
+    between for an expected (fractional) total, see `target_at`; a plan whose rows differ in width is also
+    charged for its padding, see `verified_drafts`;
+    `draft_ms[d]`: Propose with largest depth d (0.0 at d = 0: nothing is drafted); `overhead_ms[d]`: the rest
+    of a step whose largest depth is d.
+    """
+
+    batch_size: int
+    target_ms: tuple[float, ...]
+    draft_ms: tuple[float, ...]
+    overhead_ms: tuple[float, ...]
+
+    def step_ms(self, max_depth: int, total_drafts: float, widest_total: float | None = None) -> float:
+        """A step whose largest depth is `max_depth` verifying `total_drafts` draft tokens in all, where
+        `widest_total` would be verified if every sequence drafted `max_depth` (None: they all do, no padding)."""
+        widest = total_drafts if widest_total is None else widest_total
+        return (self.draft_ms[max_depth] + self.target_at(verified_drafts(total_drafts, widest))
+                + self.overhead_ms[max_depth])
+
+    def padded_targets(self, totals: Iterable[float], widest_total: float) -> Iterator[float]:
+        """`target_at(verified_drafts(t, widest_total))` for each total t <= widest_total, with no Python call
+        but `target_at` per total (the depth search's inner loop): there the priced total is affine in t."""
+        keep, padding = 1.0 - PADDING_SHARE, PADDING_SHARE * widest_total
+        return map(self.target_at, map(padding.__add__, map(keep.__mul__, totals)))
+
+    def target_at(self, total_drafts: float) -> float:
+        whole = int(total_drafts)
+        if whole == total_drafts or whole + 1 >= len(self.target_ms):
+            return self.target_ms[min(whole, len(self.target_ms) - 1)]
+        low = self.target_ms[whole]
+        return low + (total_drafts - whole) * (self.target_ms[whole + 1] - low)
+
+
+def verified_drafts(total_drafts: float, widest_total: float) -> float:
+    """The draft tokens a verification is priced at: those it verifies, plus `PADDING_SHARE` of the padding
+    up to the widest row (`widest_total` >= `total_drafts`: the total if every row were that wide). One depth
+    for all: no padding."""
+    # Written as `padded_targets` computes it, so the search and the plan's evaluation agree to the last bit.
+    return PADDING_SHARE * widest_total + (1.0 - PADDING_SHARE) * total_drafts
+
+
+def _rescale(value: float, default_from: float, default_to: float) -> float:
+    """Move `value` the way the default moves from one point to another (by ratio; additive if it is 0)."""
+    if default_from > 0:
+        return value * default_to / default_from
+    return max(0.0, value + default_to - default_from)
+
+
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float, outside: Callable[[int, float], float]) -> float:
+    """Piecewise-linear through (xs, ys); `outside(edge_index, x)` answers beyond the first or last point."""
+    j = bisect_right(xs, x)
+    if 0 < j < len(xs):
+        x0, y0 = xs[j - 1], ys[j - 1]
+        return y0 + (ys[j] - y0) * (x - x0) / (xs[j] - x0)
+    return outside(0 if j == 0 else len(xs) - 1, x)
+
+
+class _Curve:
+    """ms against tokens per sequence at one batch size: linear between the table's token points; past
+    the last one the edge value scaled as the default scales; below the first (under one token, which
+    the search never asks) held flat, which keeps it monotone in batch size too."""
+
+    __slots__ = ("_batch", "_default", "_ts", "_vs")
+
+    def __init__(self, batch: int, default: CostFn, ts: tuple[float, ...], vs: list[float]) -> None:
+        self._batch, self._default, self._ts, self._vs = batch, default, ts, vs
+
+    def _outside(self, edge: int, t: float) -> float:
+        if edge == 0:
+            return self._vs[0]
+        return _rescale(self._vs[edge], self._default(self._batch, self._ts[edge]), self._default(self._batch, t))
+
+    def __call__(self, tokens_per_seq: float) -> float:
+        return _interp(self._ts, self._vs, tokens_per_seq, self._outside)
+
+
+class _DefaultCurve:
+    """A role with no samples: its default cost function at one batch size."""
+
+    __slots__ = ("_batch", "_default")
+
+    def __init__(self, batch: int, default: CostFn) -> None:
+        self._batch, self._default = batch, default
+
+    def __call__(self, tokens_per_seq: float) -> float:
+        return max(0.0, self._default(self._batch, tokens_per_seq))
+
+
+def _isotonic(values: list[float], weights: list[int]) -> list[float]:
+    """The non-decreasing sequence closest to ``values`` in weighted least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, cells]
+    for value, weight in zip(values, weights, strict=True):
+        blocks.append([value, weight, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            mean, w, n = blocks.pop()
+            blocks[-1] = [(blocks[-1][0] * blocks[-1][1] + mean * w) / (blocks[-1][1] + w), blocks[-1][1] + w,
+                          blocks[-1][2] + n]
+    return [mean for mean, _, n in blocks for _ in range(int(n))]
+
+
+def _extend_deeper(ts: Sequence[float], vs: Sequence[float], t: float) -> float:
+    """A row measured at two or more token points, past its deepest: the last segment's slope, at least flat."""
+    slope = max(0.0, (vs[-1] - vs[-2]) / (ts[-1] - ts[-2]))
+    return vs[-1] + slope * (t - ts[-1])
+
+
+def _along_row(ts: Sequence[float], vs: Sequence[float], t: float) -> float:
+    """A row measured at two or more token points, at `t` >= its first: linear between them, then
+    `_extend_deeper`."""
+    return _interp(ts, vs, t, lambda _, t: _extend_deeper(ts, vs, t))
+
+
+def _borrowed_shape(shapes: Mapping[int, tuple[list[float], list[float]]], default: CostFn, batch: int,
+                    measured_t: float, measured_ms: float, t: float) -> float:
+    """cost(batch, t) for a row with nothing measured between `measured_t` and `t`: its `measured_ms` times
+    cost(t) / cost(measured_t) in the nearest rows measured at two or more token points from min(t, measured_t)
+    on, linear in batch between the nearest below and above; with rows on one side only, that row's ratio moved
+    as the default's ratio moves from its batch size to this one; with none, the default's shape.
+
+    Why not the default's shape alone: a batch size the fleet only passes through (a burst's tail, a few
+    requests just finished) is measured at plain decoding only, and the default, a rough three-number fit, can
+    price deep drafts there far cheaper than the well-measured batch sizes on either side say they cost."""
+    def ratio_in(b: int) -> float:
+        ts, vs = shapes[b]
+        return _along_row(ts, vs, t) / _along_row(ts, vs, measured_t)
+
+    def default_ratio(b: int) -> float:
+        return _rescale(1.0, default(b, measured_t), default(b, t))
+
+    lowest = min(t, measured_t)
+    usable = sorted(b for b, (ts, vs) in shapes.items()
+                    if b != batch and ts[0] <= lowest and _along_row(ts, vs, measured_t) > 0)
+    below = [b for b in usable if b < batch]
+    above = [b for b in usable if b > batch]
+    if measured_ms > 0 and below and above:
+        low, high = below[-1], above[0]
+        u = (batch - low) / (high - low)
+        return measured_ms * ((1 - u) * ratio_in(low) + u * ratio_in(high))
+    if measured_ms > 0 and usable:
+        # The nearest row's ratio, moved as the default's ratio moves from that row's batch size to this one.
+        nearest = below[-1] if below else above[0]
+        if default_ratio(nearest) > 0:
+            return measured_ms * ratio_in(nearest) * default_ratio(batch) / default_ratio(nearest)
+    return _rescale(measured_ms, default(batch, measured_t), default(batch, t))
+
+
+def _fit_table(samples: list[CostSample], default: CostFn, max_batch: int, max_tokens: int) -> CostTable | None:
+    """Median per (batch, token bucket) cell, filled out to a fixed grid, then made monotone; None when no cell
+    has `MIN_CELL_SAMPLES` samples yet."""
+    cells: dict[tuple[int, float], list[float]] = {}
+    for s in samples:
+        key = (s.batch_size, round(s.tokens_per_seq / TOKEN_BUCKET) * TOKEN_BUCKET)
+        cells.setdefault(key, []).append(s.ms)
+    # Medians: a GC pause or a cold cache is one outlier. Cells with fewer samples are left to interpolation.
+    measured = {key: median(v) for key, v in cells.items() if len(v) >= MIN_CELL_SAMPLES}
+    if not measured:
+        return None
+    by_row: dict[int, list[tuple[float, float, int]]] = {}
+    for (b, t), ms in sorted(measured.items()):
+        by_row.setdefault(b, []).append((t, ms, len(cells[b, t])))
+    # More tokens never cost less: within a row, the monotone fit weighted by each cell's samples, so a few slow
+    # calls at one depth cannot raise every deeper depth above a well-measured cheaper one.
+    # Each row as (token points, ascending; fitted ms).
+    rows = {b: ([t for t, _, _ in row], _isotonic([ms for _, ms, _ in row], [n for _, _, n in row]))
+            for b, row in by_row.items()}
+
+    # The grid covers what the search will ask for (powers of two up to max_batch, whole tokens up to
+    # max_tokens) plus every measured point, so the fitted medians are reproduced exactly.
+    batch_points = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | set(rows))
+    token_points = sorted({float(t) for t in range(1, max_tokens + 1)} | {t for (_, t) in measured})
+
+    # Within a measured batch row: linear between measured token cells. Deeper than the deepest measured
+    # cell: the last segment's slope (at least flat), as measured; if that is optimistic the policy will
+    # choose those depths and measure them, so the error corrects itself. Shallower than the shallowest, or
+    # with one measured cell: the shape of the rows measured there, see `_borrowed_shape`.
+    shapes = {b: row for b, row in rows.items() if len(row[0]) > 1}
+    filled_rows: dict[int, list[float]] = {}
+    for b, (ts, vs) in rows.items():
+
+        def row_outside(edge: int, t: float, b: int = b, ts: list[float] = ts, vs: list[float] = vs) -> float:
+            if edge > 0 and len(ts) > 1:
+                return _extend_deeper(ts, vs, t)
+            return _borrowed_shape(shapes, default, b, ts[edge], vs[edge], t)
+
+        filled_rows[b] = [_interp(ts, vs, t, row_outside) for t in token_points]
+
+    # More sequences never cost less either: per token point, the monotone fit across the measured batch sizes,
+    # weighted by each row's samples, so a few slow calls at a batch size the fleet only passes through (a
+    # burst's tail) cannot lift every larger batch above its own well-measured cost.
+    measured_batches = sorted(filled_rows)
+    row_samples = [sum(n for _, _, n in by_row[b]) for b in measured_batches]
+    for j in range(len(token_points)):
+        column = _isotonic([filled_rows[b][j] for b in measured_batches], row_samples)
+        for b, ms in zip(measured_batches, column, strict=True):
+            filled_rows[b][j] = ms
+
+    # Across batch sizes, per token point: linear between measured rows, the default's shape beyond them.
+    # (The policy does not choose the batch size, so no exploration would correct a bad extrapolation,
+    # and a slope from two nearby batch sizes is too noisy to carry far.)
+    values = [[0.0] * len(token_points) for _ in batch_points]
+    for j, t in enumerate(token_points):
+        col = [filled_rows[b][j] for b in measured_batches]
+
+        def col_outside(edge: int, b: float, t: float = t, col: list[float] = col) -> float:
+            return _rescale(col[edge], default(measured_batches[edge], t), default(int(b), t))
+
+        for i, b in enumerate(batch_points):
+            values[i][j] = max(0.0, _interp(measured_batches, col, b, col_outside))
+
+    # More work never costs less: a running max along batch, then along tokens, keeps the filled grid monotone
+    # in both (the default's shape beyond the measured points need not be); bilinear keeps it so.
+    for i in range(1, len(batch_points)):
+        values[i] = [max(a, b) for a, b in zip(values[i], values[i - 1], strict=True)]
+    values = [list(accumulate(row, max)) for row in values]
+    return CostTable(tuple(batch_points), tuple(token_points), tuple(tuple(r) for r in values), len(samples))
+
+
+class CostModel:
+    """Predicted milliseconds of a step's parts as a function of batch size and tokens per sequence.
+
+    The choice: a table of medians, interpolated. Samples are grouped into cells by (batch size, tokens per
+    sequence rounded to `TOKEN_BUCKET`) and each cell with at least `MIN_CELL_SAMPLES` samples keeps its
+    median, so noisy outliers do not move it. Within a batch size the medians get a monotone fit weighted by
+    their samples and are filled out to whole tokens (plus every measured point): linear between measured
+    points; deeper than the deepest, the last segment's slope (kept non-negative); shallower, or deeper than a
+    single measured point, the nearest measured value scaled as the batch sizes measured at several depths
+    around it scale (as the default cost function scales when there are none). Then, per token point, the
+    measured batch sizes get the same weighted monotone fit, and the grid's other batch sizes (powers of two)
+    are linear between them or, outside, scaled like the default; so a role measured at one batch size and
+    depth still gets sensible costs everywhere (the default's shape at the measured level). A running max keeps
+    the grid non-decreasing in both arguments, and prediction is bilinear on it (so monotone too); past the
+    grid, the edge value is again scaled like the default. A role with no samples uses its default directly.
+
+    Why a table rather than a fitted formula: real costs have knees (memory- to compute-bound, kernel
+    tile sizes) that a small formula misses, and the search only asks about batch sizes and depths the
+    fleet runs at, which are exactly where the samples are. The default carries the rest.
+
+    Immutable once built (`fit` makes a new one); per-batch curves are memoised, so `predict` and
+    `step_costs` are cheap on the hot path.
+    """
+
+    def __init__(self, defaults: Mapping[str, CostFn] | None = None,
+                 tables: Mapping[str, CostTable] | None = None) -> None:
+        self._defaults = dict(DEFAULT_COSTS if defaults is None else defaults)
+        missing = [role for role in ROLES if role not in self._defaults]
+        if missing:
+            raise ValueError(f"CostModel defaults need every role {ROLES}; missing {missing}")
+        self._tables = dict(tables or {})
+        self._curves: dict[tuple[str, int], Callable[[float], float]] = {}
+        self._steps: dict[tuple[int, int], StepCosts] = {}
+
+    @classmethod
+    def fit(cls, samples: Iterable[CostSample], defaults: Mapping[str, CostFn] | None = None, *,
+            max_batch: int = 256, max_tokens: int = 33) -> CostModel:
+        """A model fitted from a window of samples (all of it, each time); roles without samples use defaults."""
+        if max_batch < 1 or max_tokens < 1:
+            raise ValueError(f"max_batch and max_tokens must be >= 1, got {max_batch}, {max_tokens}")
+        model = cls(defaults)
+        by_role: dict[str, list[CostSample]] = {}
+        for s in samples:
+            by_role.setdefault(s.role, []).append(s)
+        tables = {role: _fit_table(ss, model._defaults[role], max_batch, max_tokens) for role, ss in by_role.items()}
+        return cls(model._defaults, {role: table for role, table in tables.items() if table is not None})
+
+    @property
+    def fitted_roles(self) -> dict[str, int]:
+        """Roles fitted from samples, with how many samples each (for a log line)."""
+        return {role: table.samples for role, table in self._tables.items()}
+
+    def curve(self, role: str, batch_size: int) -> Callable[[float], float]:
+        """ms as a function of tokens per sequence at one batch size (memoised)."""
+        key = (role, batch_size)
+        found = self._curves.get(key)
+        if found is not None:
+            return found
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        default = self._defaults[role]
+        table = self._tables.get(role)
+        curve: Callable[[float], float]
+        if table is None:
+            curve = _DefaultCurve(batch_size, default)
+        else:
+            curve = _Curve(batch_size, default, table.token_points, self._table_row(table, default, batch_size))
+        self._curves[key] = curve  # a dict store is atomic; a racing thread at worst builds the same curve
+        return curve
+
+    @staticmethod
+    def _table_row(table: CostTable, default: CostFn, batch_size: int) -> list[float]:
+        bs, ts, vs = table.batch_points, table.token_points, table.values
+        i = bisect_right(bs, batch_size)
+        if 0 < i < len(bs):
+            u = (batch_size - bs[i - 1]) / (bs[i] - bs[i - 1])
+            return [(1 - u) * a + u * b for a, b in zip(vs[i - 1], vs[i], strict=True)]
+        edge = 0 if i == 0 else len(bs) - 1
+        row = [_rescale(v, default(bs[edge], t), default(batch_size, t)) for v, t in zip(vs[edge], ts, strict=True)]
+        return list(accumulate(row, max))  # keep it monotone in tokens whatever the default's shape
+
+    def predict(self, role: str, batch_size: int, tokens_per_seq: float) -> float:
+        """Predicted ms of one call of `role` with `batch_size` sequences and `tokens_per_seq` tokens each."""
+        return self.curve(role, batch_size)(tokens_per_seq)
+
+    def step_costs(self, batch_size: int, max_depth: int) -> StepCosts:
+        """Everything the depth search needs at one batch size, precomputed once per model (memoised)."""
+        key = (batch_size, max_depth)
+        found = self._steps.get(key)
+        if found is None:
+            target, draft = self.curve("target", batch_size), self.curve("draft", batch_size)
+            overhead = self.curve("overhead", batch_size)
+            found = StepCosts(
+                batch_size=batch_size,
+                target_ms=tuple(target(1 + n / batch_size) for n in range(batch_size * max_depth + 1)),
+                draft_ms=(0.0, *(draft(float(d)) for d in range(1, max_depth + 1))),
+                overhead_ms=tuple(max(MIN_STEP_MS, overhead(1.0 + d)) for d in range(max_depth + 1)),
+            )
+            self._steps[key] = found
+        return found

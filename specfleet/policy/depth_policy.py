@@ -1,0 +1,146 @@
+"""The router's policy object: fitted costs and fleet acceptance in, depths (or a tree plan) per step out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from specfleet.policy.acceptance import MAX_ALPHA, acceptance_estimate, offer_estimate
+from specfleet.policy.costs import DEFAULT_COSTS, CostFn, CostModel, CostSample
+from specfleet.policy.depths import DepthDecision, choose_depths, choose_depths_for_latency, pinned_decision
+from specfleet.policy.tree_budget import TreeDecision, TreePlan, choose_tree_plan
+
+MODES = ("throughput", "latency")
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    costs: CostModel
+    fleet_alpha: float
+    fleet_offer_rate: float = 1.0
+
+
+class DepthPolicy:
+    """The router's speculation-depth policy: fitted costs and fleet acceptance in, depths per step out.
+
+    `update` (off the hot path, about once a second) refits from telemetry; `choose` (every step) turns
+    each sequence's (accepted, rejections) and (offers, misses) counts into acceptance and offer-rate
+    estimates and picks depths.
+    Thread-safe without locks: `update` builds a new immutable state and swaps one reference, which
+    Python assigns atomically, so `choose` sees either the old state or the new one, never a mix.
+    """
+
+    def __init__(self, max_depth: int, mode: str = "throughput", min_goodput: float = 0.0,
+                 prior_weight: float = 8.0, default_alpha: float = 0.5, *, uniform: bool = False,
+                 pinned_depth: int | None = None, defaults: Mapping[str, CostFn] | None = None,
+                 min_gain: float = 0.0) -> None:
+        """
+        max_depth: the deepest draft any sequence gets.
+        mode: "throughput" (maximise goodput) or "latency" (minimise time per token above `min_goodput`).
+        min_goodput: the latency mode's floor in tokens/s (0: none).
+        prior_weight: how many observations the fleet-wide rate counts as in each sequence's estimate.
+        default_alpha: the fleet-wide acceptance rate assumed before any has been measured.
+        uniform: one depth for the whole batch instead of per sequence.
+        pinned_depth: always this depth (as `--depth K`), still reporting predictions.
+        defaults: cost functions per role used where there are no samples (DEFAULT_COSTS if None).
+        min_gain: the predicted gain over plain decoding below which it decodes plainly (the router passes
+            `DRAFT_HURDLE` unless told otherwise; 0: the exact optimum).
+        """
+        if max_depth < 0:
+            raise ValueError(f"max_depth must be >= 0, got {max_depth}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if min_goodput < 0:
+            raise ValueError(f"min_goodput must be >= 0, got {min_goodput}")
+        if prior_weight < 0:
+            raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
+        if not 0.0 <= default_alpha <= MAX_ALPHA:
+            raise ValueError(f"default_alpha must be in [0, {MAX_ALPHA}], got {default_alpha}")
+        if pinned_depth is not None and pinned_depth < 0:
+            raise ValueError(f"pinned_depth must be >= 0, got {pinned_depth}")
+        if min_gain < 0:
+            raise ValueError(f"min_gain must be >= 0, got {min_gain}")
+        self.max_depth = max_depth if pinned_depth is None else max(max_depth, pinned_depth)
+        self.mode = mode
+        self.min_goodput = min_goodput
+        self.prior_weight = prior_weight
+        self.default_alpha = default_alpha
+        self.uniform = uniform
+        self.pinned_depth = pinned_depth
+        self.min_gain = min_gain
+        self._defaults = dict(DEFAULT_COSTS if defaults is None else defaults)
+        self._state = _Fitted(CostModel(self._defaults), default_alpha)
+
+    @classmethod
+    def fixed(cls, depth: int, *, defaults: Mapping[str, CostFn] | None = None) -> DepthPolicy:
+        """A policy that always answers `depth` (the `--depth K` setting)."""
+        return cls(max_depth=depth, pinned_depth=depth, defaults=defaults)
+
+    @property
+    def costs(self) -> CostModel:
+        return self._state.costs
+
+    @property
+    def fleet_alpha(self) -> float:
+        return self._state.fleet_alpha
+
+    @property
+    def fleet_offer_rate(self) -> float:
+        return self._state.fleet_offer_rate
+
+    def update(self, samples: Iterable[CostSample], fleet_accepted: int, fleet_rejections: int,
+               fleet_offers: int = 0, fleet_misses: int = 0) -> None:
+        """Refit from the recent window of cost samples (the whole window, each time) and the fleet's
+        acceptance and offer counts. An empty window means the defaults; when telemetry cannot be read, skip
+        the call and the last model stays."""
+        costs = CostModel.fit(samples, self._defaults, max_tokens=max(33, self.max_depth + 1))
+        alpha = acceptance_estimate(fleet_accepted, fleet_rejections, self.default_alpha, self.prior_weight)
+        offer_rate = offer_estimate(fleet_offers, fleet_misses, 1.0, self.prior_weight)
+        self._state = _Fitted(costs, alpha, offer_rate)  # one reference swap: atomic
+
+    def alphas(self, per_sequence_counts: Sequence[tuple[int, int]]) -> list[float]:
+        """Each sequence's acceptance estimate from its (accepted, rejections) counts."""
+        return self._alphas(per_sequence_counts, self._state.fleet_alpha)
+
+    def _alphas(self, per_sequence_counts: Sequence[tuple[int, int]], fleet_alpha: float) -> list[float]:
+        return [acceptance_estimate(a, r, fleet_alpha, self.prior_weight) for a, r in per_sequence_counts]
+
+    def offer_rates(self, offer_counts: Sequence[tuple[int, int]]) -> list[float]:
+        """Each sequence's offer-rate estimate from its (offers, misses) counts."""
+        return self._offer_rates(offer_counts, self._state.fleet_offer_rate, len(offer_counts))
+
+    def _offer_rates(self, offer_counts: Sequence[tuple[int, int]] | None, fleet_rate: float, batch: int
+                     ) -> list[float]:
+        if offer_counts is None:
+            return [fleet_rate] * batch
+        if len(offer_counts) != batch:
+            raise ValueError(f"offer_counts must have one entry per sequence ({batch}), got {len(offer_counts)}")
+        return [offer_estimate(o, m, fleet_rate, self.prior_weight) for o, m in offer_counts]
+
+    def choose(self, per_sequence_counts: Sequence[tuple[int, int]], limits: Sequence[int] | None = None,
+               offer_counts: Sequence[tuple[int, int]] | None = None, calibration: float = 1.0) -> DepthDecision:
+        """Depths for one step; `per_sequence_counts[i]` is sequence i's (accepted, rejections), `offer_counts[i]`
+        its (offers, misses) (the fleet's offer rate for everyone when not given); `calibration` as in
+        `choose_depths`."""
+        state = self._state  # read once: one consistent model for the whole decision
+        alphas = self._alphas(per_sequence_counts, state.fleet_alpha)
+        rates = self._offer_rates(offer_counts, state.fleet_offer_rate, len(alphas))
+        if self.pinned_depth is not None:
+            return pinned_decision(alphas, state.costs, self.pinned_depth, max_depth=self.max_depth, limits=limits,
+                                   offer_rates=rates)
+        if self.mode == "latency":
+            return choose_depths_for_latency(alphas, state.costs, self.max_depth, self.min_goodput,
+                                             limits=limits, uniform=self.uniform, offer_rates=rates,
+                                             min_gain=self.min_gain, calibration=calibration)
+        return choose_depths(alphas, state.costs, self.max_depth, limits=limits, uniform=self.uniform,
+                             offer_rates=rates, min_gain=self.min_gain, calibration=calibration)
+
+    def choose_tree(self, per_sequence_counts: Sequence[tuple[int, int]],
+                    candidates: Sequence[Sequence[TreePlan]],
+                    offer_counts: Sequence[tuple[int, int]] | None = None, calibration: float = 1.0
+                    ) -> TreeDecision:
+        """The best of ``candidates`` (each one plan per sequence) for one step; see `choose_tree_plan`."""
+        state = self._state
+        alphas = self._alphas(per_sequence_counts, state.fleet_alpha)
+        rates = self._offer_rates(offer_counts, state.fleet_offer_rate, len(alphas))
+        return choose_tree_plan(alphas, state.costs, candidates, rates, self.min_gain, calibration)

@@ -16,7 +16,7 @@ drafting siblings can beat it at that budget.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 
 from bench.common import chat_ids
@@ -26,25 +26,11 @@ from specfleet.drafters.model import ModelDrafter
 from specfleet.engine import ModelRunner
 from specfleet.models import load_tokenizer, resolve_model
 from specfleet.sampling import SamplingParams
-from specfleet.trees import TreeShape, chain_shape
+from specfleet.trees import TreeShape, chain_shape, try_outcomes
 from target_service.verifier import Verifier
 
 Subtree = tuple["Subtree", ...]
 """A static tree shape as the nested tuple of a node's children (a leaf is ``()``), tried in order."""
-
-
-def try_outcomes(parents: Sequence[int], path: Sequence[int]) -> Iterator[tuple[int, int, bool]]:
-    """(depth, try index, accepted) for every draft node recursive rejection tried in one step.
-
-    ``path`` is the accepted nodes from the root's child down; at each node on it (and at the root) the
-    verifier tried the children in order until one was accepted, or all of them."""
-    parent = -1
-    for depth, node in enumerate([*path, None]):
-        children = [j for j, p in enumerate(parents) if p == parent]
-        tried = len(children) if node is None else children.index(node) + 1
-        for i in range(tried):
-            yield depth, i, node is not None and i == tried - 1
-        parent = node
 
 
 def try_rates(walks: Iterable[tuple[Sequence[int], Sequence[int]]]) -> dict[tuple[int, int], tuple[int, int]]:

@@ -22,7 +22,7 @@ committed token; it is not a node, and its children have parent -1 and depth 0.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -610,14 +610,23 @@ def parse_branching(text: str) -> tuple[int, ...]:
     return branching
 
 
+def try_outcomes(parents: Sequence[int], path: Sequence[int]) -> Iterator[tuple[int, int, bool]]:
+    """(depth, try index, accepted) for every draft node recursive rejection tried in one step.
+
+    ``path`` is the accepted nodes from the root's child down: at the root and at each node on it the
+    verifier tried the children in the order drawn until one was accepted, or all of them."""
+    parent = -1
+    for depth, node in enumerate([*path, None]):
+        children = [j for j, p in enumerate(parents) if p == parent]
+        tried = len(children) if node is None else children.index(node) + 1
+        for i in range(tried):
+            yield depth, i, node is not None and i == tried - 1
+        parent = node
+
+
 def rejected_tries(parents: Sequence[int], path: Sequence[int]) -> int:
     """Draft tokens recursive rejection tried and rejected on the way down ``path`` (node indices from
     the root's child): each accepted node's earlier siblings, and every child of the node the path ends
     at. With one acceptance chance alpha per try, accepted / (accepted + this) over many steps is the
     maximum-likelihood alpha; for a chain it is 1 when the chain stopped short of its end, else 0."""
-    rejected, parent = 0, -1
-    for node in [*path, None]:
-        children = [j for j, p in enumerate(parents) if p == parent]
-        rejected += len(children) if node is None else children.index(node)
-        parent = node
-    return rejected
+    return sum(not accepted for _, _, accepted in try_outcomes(parents, path))

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from bench.tree_anatomy import best_static_tree, chain_accepted, describe_tree, tree_nodes, try_outcomes, try_rates
+from bench.tree_anatomy import best_static_tree, chain_accepted, describe_tree, tree_nodes, try_rates
 
 
-def test_try_outcomes_walks_siblings_in_order_and_the_last_nodes_children():
-    # root children 0, 1; node 1 has child 4; the path took the second root child, then node 4, and stopped
-    assert list(try_outcomes([-1, -1, 0, 0, 1], [1, 4])) == [(0, 0, False), (0, 1, True), (1, 0, True)]
-    # a chain of three that accepted one draft: the second was tried and rejected, the third never tried
-    assert list(try_outcomes([-1, 0, 1], [0])) == [(0, 0, True), (1, 0, False)]
+def test_try_rates_count_per_depth_and_try():
     assert try_rates([([-1, 0, 1], [0]), ([-1, 0, 1], [0, 1, 2])]) == {(0, 0): (2, 2), (1, 0): (1, 2), (2, 0): (1, 1)}
 
 

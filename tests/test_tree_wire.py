@@ -15,7 +15,7 @@ from specfleet.engine import ModelRunner
 from specfleet.policy import CostModel, TreePlan, choose_tree_plan, expected_emitted, tree_expected_emitted
 from specfleet.protos import draft_pb2
 from specfleet.sampling import SamplingParams
-from specfleet.trees import TreeShape, chain_shape, parse_branching, rejected_tries
+from specfleet.trees import TreeShape, chain_shape, parse_branching, rejected_tries, try_outcomes
 from specfleet.wire import is_chain, tree_shape_from_proto, tree_shape_to_proto, validate_parents
 from target_service.verifier import Verifier, VerifyItem
 
@@ -50,6 +50,13 @@ def test_tree_shape_round_trips_the_wire() -> None:
     with pytest.raises(ValueError, match="2 nodes but 1 parents"):
         validate_parents([-1], 2, "t")
     assert is_chain([-1, 0, 1]) and not is_chain([-1, -1])
+
+
+def test_try_outcomes_walk_siblings_in_order_and_the_last_nodes_children() -> None:
+    # root children 0, 1; node 1 has child 4; the path took the second root child, then node 4, and stopped
+    assert list(try_outcomes([-1, -1, 0, 0, 1], [1, 4])) == [(0, 0, False), (0, 1, True), (1, 0, True)]
+    # a chain of three that accepted one draft: the second was tried and rejected, the third never tried
+    assert list(try_outcomes([-1, 0, 1], [0])) == [(0, 0, True), (1, 0, False)]
 
 
 def test_rejected_tries_count_every_tried_candidate() -> None:

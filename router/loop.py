@@ -26,7 +26,7 @@ from specfleet.otel import RouterMetrics
 from specfleet.policy import DepthDecision, TreeDecision, TreePlan
 from specfleet.protos import draft_pb2, session_pb2, target_pb2
 from specfleet.telemetry import PREFILL_TOKENS, StepRecord, TelemetryWriter, is_prefill
-from specfleet.trees import TreeShape, chain_shape, rejected_tries
+from specfleet.trees import TreeShape, chain_shape, count_tries
 from specfleet.wire import sampling_to_proto, tree_shape_to_proto
 
 if TYPE_CHECKING:
@@ -160,7 +160,7 @@ class StepLoop:
 
     def choose(self, batch: list[Sequence]) -> StepPlan:
         """The policy's depths, or with --tree the tree shapes, within the room each sequence has left."""
-        counts = [(s.stats.accepted, s.stats.rejections) for s in batch]
+        counts = [(s.stats.accepted - s.stats.sibling_accepted, s.stats.rejections) for s in batch]
         offers = [(s.stats.offers, s.stats.misses) for s in batch]
         shape = self.config.tree_shape
         calibration = 1.0 if self.calibration is None else self.calibration.factor(len(batch))
@@ -193,7 +193,8 @@ class StepLoop:
         if len(shapes) > 1:
             plans = [[TreePlan(0, ()) if f is None else TreePlan(f.nodes, f.level_tries()) for f in fitted]
                      for fitted in per_seq]
-            decision = self.feed.policy.choose_tree(counts, plans, offers, calibration)
+            siblings = [(s.stats.sibling_accepted, s.stats.sibling_tried - s.stats.sibling_accepted) for s in batch]
+            decision = self.feed.policy.choose_tree(counts, plans, offers, calibration, siblings)
             per_seq = [per_seq[decision.index]]
             plan = StepPlan({}, decision.reason, **predictions(decision))
         for seq, fitted in zip(batch, per_seq[0], strict=True):
@@ -343,14 +344,19 @@ class StepLoop:
             seq.draft_cached = min(proposal.cached_len, position + verdict.accepted)
         drafted = len(proposal.tokens) if proposal else 0
         # A miss (asked, offered nothing: an n-gram drafter without a match) costs no verification and says nothing
-        # of acceptance: the policy counts it in the offer rate. Otherwise, for the acceptance estimate: a tree's
-        # every rejected try counts; a chain fails once if it ends before the depth asked for, rejected or cut short
-        # by a drafter with nothing more to offer: the next position asked for emitted no draft token.
+        # of acceptance: the policy counts it in the offer rate. Otherwise, for the acceptance estimate: a chain
+        # fails once if it ends before the depth asked for, rejected or cut short by a drafter with nothing more to
+        # offer: the next position asked for emitted no draft token; a tree counts its rejected first tries the
+        # same way and its later siblings apart (they are accepted less often).
         missed = requested > 0 and drafted == 0
+        tries = None
         if missed:
             rejections = 0
         elif proposal and proposal.parents:
-            rejections = rejected_tries(proposal.parents, verdict.accepted_nodes)
+            tries = count_tries(proposal.parents, verdict.accepted_nodes)
+            rejections = tries.first_rejected
+            seq.stats.sibling_accepted += tries.later_accepted
+            seq.stats.sibling_tried += tries.later_tried
         else:
             rejections = int(verdict.accepted < requested)
         kept = seq.commit(list(verdict.tokens), self.max_context)
@@ -364,7 +370,7 @@ class StepLoop:
         seq.stats.depth = drafted
         seq.stats.depth_reason = reason
         seq.emit(kept)
-        record.add_sequence(drafted, verdict.accepted, len(kept), rejections, asked=requested > 0)
+        record.add_sequence(drafted, verdict.accepted, len(kept), rejections, asked=requested > 0, tries=tries)
         if kept:
             if not seq.first_token_at:
                 seq.first_token_at = now

@@ -68,8 +68,9 @@ class PolicyFeed:
             log.info("Redis telemetry is back: the depth policy refits again")
             self._warned = False
         self.redis_up = True
-        self.policy.update(view.samples, view.acceptance.accepted, view.acceptance.rejections,
-                           view.acceptance.offers, view.acceptance.misses)
+        acceptance = view.acceptance
+        self.policy.update(view.samples, acceptance.first_accepted, acceptance.rejections, acceptance.offers,
+                           acceptance.misses, acceptance.sibling_accepted, acceptance.sibling_rejected)
         self.refreshes += 1
         self.fleet_sequence_steps = view.acceptance.sequence_steps
 

@@ -19,7 +19,9 @@ class SpeculationStats:
     steps: int = 0
     drafted: int = 0
     accepted: int = 0
-    rejections: int = 0  # steps in which a draft token was rejected (the acceptance estimator needs them)
+    rejections: int = 0  # rejected first tries: for a chain, steps in which a draft was rejected (alpha needs them)
+    sibling_accepted: int = 0  # a tree's later siblings accepted (among `accepted`) and tried, for their own rate
+    sibling_tried: int = 0
     offers: int = 0  # steps in which the drafter offered drafts
     misses: int = 0  # steps in which drafts were asked for and none came (the offer-rate estimator needs both)
     emitted: int = 0

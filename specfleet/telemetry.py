@@ -23,11 +23,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import redis
 
 from specfleet.policy import CostSample
+
+if TYPE_CHECKING:  # only annotated here; importing it would load torch
+    from specfleet.trees import TryCounts
 
 log = logging.getLogger("specfleet.telemetry")
 
@@ -51,9 +54,11 @@ class LatencySample:
 
 @dataclass
 class AcceptanceCounts:
-    """Counts over the sequence-steps that asked for drafts: ``rejections`` counts those in which a draft was
-    rejected, ``misses`` those in which the drafter offered nothing; ``proposed[j]``/``accepted[j]`` count drafts
-    at position j (0 = the first draft token)."""
+    """Counts over the sequence-steps that asked for drafts: ``accepted`` counts accepted drafts, ``rejections``
+    rejected first tries (for a chain: steps in which a draft was rejected), ``misses`` steps in which the drafter
+    offered nothing; ``sibling_accepted``/``sibling_tried`` count a tree's later siblings, tried after an elder's
+    rejection (their acceptances are among ``accepted`` too); ``proposed[j]``/``accepted[j]`` count drafts at
+    position j (0 = the first draft token)."""
 
     sequence_steps: int = 0
     accepted: int = 0
@@ -61,16 +66,32 @@ class AcceptanceCounts:
     proposed_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
     misses: int = 0
+    sibling_accepted: int = 0
+    sibling_tried: int = 0
+
+    @property
+    def first_accepted(self) -> int:
+        """Accepted drafts that were the first child tried at their node (every accepted draft of a chain)."""
+        return self.accepted - self.sibling_accepted
+
+    @property
+    def sibling_rejected(self) -> int:
+        return self.sibling_tried - self.sibling_accepted
 
     @property
     def offers(self) -> int:
         """Sequence-steps in which the drafter offered at least one token."""
         return self.sequence_steps - self.misses
 
-    def add_step(self, drafted: int, accepted: int, rejections: int | None = None) -> None:
-        """``rejections``: draft tokens tried and rejected in the step, for a tree (see
-        `specfleet.trees.rejected_tries`); a chain's is whether it stopped short of its end. ``drafted`` 0 is
-        a miss: asked, the drafter had nothing to offer."""
+    def add_step(self, drafted: int, accepted: int, rejections: int | None = None, tries: TryCounts | None = None
+                 ) -> None:
+        """A chain's ``rejections`` is whether it stopped short of its end (by default, whether it accepted fewer
+        than ``drafted``); a tree's come from its ``tries`` (`specfleet.trees.count_tries`). ``drafted`` 0 is a
+        miss: asked, the drafter had nothing to offer."""
+        if tries is not None:
+            rejections = tries.first_rejected
+            self.sibling_accepted += tries.later_accepted
+            self.sibling_tried += tries.later_tried
         self.sequence_steps += 1
         self.misses += int(drafted == 0)
         self.accepted += accepted
@@ -87,6 +108,8 @@ class AcceptanceCounts:
         self.misses += other.misses
         self.accepted += other.accepted
         self.rejections += other.rejections
+        self.sibling_accepted += other.sibling_accepted
+        self.sibling_tried += other.sibling_tried
         for mine, theirs in ((self.proposed_by_position, other.proposed_by_position),
                              (self.accepted_by_position, other.accepted_by_position)):
             _grow(mine, len(theirs))
@@ -115,12 +138,13 @@ class StepRecord:
     duration_s: float = 0.0
 
     def add_sequence(self, drafted: int, accepted: int, emitted: int, rejections: int | None = None,
-                     asked: bool = False) -> None:
+                     asked: bool = False, tries: TryCounts | None = None) -> None:
         """``asked``: whether the sequence asked for drafts this step; one that asked and got none is a miss, which
-        the policy counts apart from rejections (a sequence that got drafts asked for them)."""
+        the policy counts apart from rejections (a sequence that got drafts asked for them). ``rejections`` and
+        ``tries`` as in `AcceptanceCounts.add_step`."""
         self.emitted += emitted
         if drafted or asked:
-            self.acceptance.add_step(drafted, accepted, rejections)
+            self.acceptance.add_step(drafted, accepted, rejections, tries)
         if drafted:
             self.accepted.append(accepted)
 
@@ -222,6 +246,7 @@ class TelemetryWriter:
 def _acceptance_fields(counts: AcceptanceCounts, replica: str) -> dict[str, str | int]:
     return {"replica": replica, "steps": counts.sequence_steps, "accepted": counts.accepted,
             "rejections": counts.rejections, "misses": counts.misses,
+            "sibling_accepted": counts.sibling_accepted, "sibling_tried": counts.sibling_tried,
             "proposed_by_position": ",".join(map(str, counts.proposed_by_position)),
             "accepted_by_position": ",".join(map(str, counts.accepted_by_position))}
 
@@ -269,7 +294,9 @@ class TelemetryReader:
         for _, f in acceptance_entries:
             self._acceptance.append(AcceptanceCounts(int(f[b"steps"]), int(f[b"accepted"]), int(f[b"rejections"]),
                                                      _ints(f[b"proposed_by_position"]),
-                                                     _ints(f[b"accepted_by_position"]), int(f.get(b"misses", 0))))
+                                                     _ints(f[b"accepted_by_position"]), int(f.get(b"misses", 0)),
+                                                     int(f.get(b"sibling_accepted", 0)),
+                                                     int(f.get(b"sibling_tried", 0))))
         alive = {replica for replicas in live.values() for replica in replicas}
         acceptance = AcceptanceCounts()
         for counts in self._acceptance:

@@ -624,9 +624,27 @@ def try_outcomes(parents: Sequence[int], path: Sequence[int]) -> Iterator[tuple[
         parent = node
 
 
-def rejected_tries(parents: Sequence[int], path: Sequence[int]) -> int:
-    """Draft tokens recursive rejection tried and rejected on the way down ``path`` (node indices from
-    the root's child): each accepted node's earlier siblings, and every child of the node the path ends
-    at. With one acceptance chance alpha per try, accepted / (accepted + this) over many steps is the
-    maximum-likelihood alpha; for a chain it is 1 when the chain stopped short of its end, else 0."""
-    return sum(not accepted for _, _, accepted in try_outcomes(parents, path))
+@dataclass(frozen=True)
+class TryCounts:
+    """The tries recursive rejection made in one step, split by how the policy models them: the first child
+    tried at a node is drawn from the draft as a chain's token is, its later siblings only after an elder's
+    rejection and against the target's residual, which accepts them less often."""
+
+    first_rejected: int
+    later_accepted: int
+    later_tried: int
+
+
+def count_tries(parents: Sequence[int], path: Sequence[int]) -> TryCounts:
+    """`TryCounts` of a step whose accepted path is ``path`` (node indices from the root's child). Over many
+    steps, with one acceptance chance per first try, first accepted / (first accepted + first rejected) is its
+    maximum-likelihood rate (for a chain: a rejection is the chain stopping short of its end), and later
+    accepted / later tried the rate of later siblings."""
+    first_rejected = later_accepted = later_tried = 0
+    for _, i, accepted in try_outcomes(parents, path):
+        if i == 0:
+            first_rejected += not accepted
+        else:
+            later_accepted += accepted
+            later_tried += 1
+    return TryCounts(first_rejected, later_accepted, later_tried)

@@ -13,6 +13,7 @@ import redis
 from specfleet.launcher import Deployment, free_port, wait_redis
 from specfleet.policy import CostSample
 from specfleet.telemetry import AcceptanceCounts, StepRecord, TelemetryReader, TelemetryWriter
+from specfleet.trees import TryCounts
 
 
 class RedisServer:
@@ -57,6 +58,7 @@ def test_samples_and_acceptance_round_trip(server: RedisServer) -> None:
         step.add_step(drafted=4, accepted=2)
         step.add_step(drafted=4, accepted=4)
         step.add_step(drafted=0, accepted=0)  # asked, nothing offered
+        step.add_step(drafted=5, accepted=2, tries=TryCounts(first_rejected=1, later_accepted=1, later_tried=3))
         router.record_acceptance(step)
         assert _wait(lambda: len(reader.read().samples) == 3)
         view = reader.read()
@@ -64,8 +66,9 @@ def test_samples_and_acceptance_round_trip(server: RedisServer) -> None:
             CostSample("overhead", 4, 1.0, 2.5), CostSample("target", 4, 3.0, 41.5), CostSample("target", 8, 5.0, 77.0)]
         assert view.live_replicas == {"target": ["t0"], "router": ["r0"]}
         a = view.acceptance
-        assert (a.sequence_steps, a.accepted, a.rejections, a.misses, a.offers) == (3, 6, 1, 1, 2)
-        assert a.proposed_by_position == [2, 2, 2, 2] and a.accepted_by_position == [2, 2, 1, 1]
+        assert (a.sequence_steps, a.accepted, a.rejections, a.misses, a.offers) == (4, 8, 2, 1, 3)
+        assert (a.sibling_accepted, a.sibling_tried, a.first_accepted, a.sibling_rejected) == (1, 3, 7, 2)
+        assert a.proposed_by_position == [3, 3, 3, 3, 1] and a.accepted_by_position == [3, 3, 1, 1]
         # Another prefix is another fleet.
         assert TelemetryReader(server.url, prefix="other").read().samples == []
     finally:

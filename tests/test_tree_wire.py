@@ -12,10 +12,18 @@ from transformers import AutoModelForCausalLM
 from specfleet.drafters import DraftRequest, NgramDrafter
 from specfleet.drafters.model import ModelDrafter
 from specfleet.engine import ModelRunner
-from specfleet.policy import CostModel, TreePlan, choose_tree_plan, expected_emitted, tree_expected_emitted
+from specfleet.policy import (
+    AnalyticCost,
+    CostModel,
+    DepthPolicy,
+    TreePlan,
+    choose_tree_plan,
+    expected_emitted,
+    tree_expected_emitted,
+)
 from specfleet.protos import draft_pb2
 from specfleet.sampling import SamplingParams
-from specfleet.trees import TreeShape, chain_shape, parse_branching, rejected_tries, try_outcomes
+from specfleet.trees import TreeShape, TryCounts, chain_shape, count_tries, parse_branching, try_outcomes
 from specfleet.wire import is_chain, tree_shape_from_proto, tree_shape_to_proto, validate_parents
 from target_service.verifier import Verifier, VerifyItem
 
@@ -59,12 +67,36 @@ def test_try_outcomes_walk_siblings_in_order_and_the_last_nodes_children() -> No
     assert list(try_outcomes([-1, 0, 1], [0])) == [(0, 0, True), (1, 0, False)]
 
 
-def test_rejected_tries_count_every_tried_candidate() -> None:
+def test_count_tries_splits_first_tries_from_later_siblings() -> None:
     parents = [-1, -1, 0, 0, 1]  # root -> 0, 1; 0 -> 2, 3; 1 -> 4
-    assert rejected_tries(parents, []) == 2  # both of the root's children rejected
-    assert rejected_tries(parents, [1, 4]) == 1  # node 0 rejected before 1; 4 is a leaf
-    assert rejected_tries(parents, [0, 3]) == 1  # node 2 rejected before 3
-    assert rejected_tries([-1, 0, 1], [0]) == 1 and rejected_tries([-1, 0, 1], [0, 1, 2]) == 0  # chains
+    assert count_tries(parents, []) == TryCounts(1, 0, 1)  # both of the root's children rejected
+    assert count_tries(parents, [1, 4]) == TryCounts(1, 1, 1)  # node 0 rejected, 1 accepted after it; 4 a leaf
+    assert count_tries(parents, [0, 3]) == TryCounts(1, 1, 1)  # node 2 rejected before 3
+    assert count_tries(parents, [0]) == TryCounts(1, 0, 1)  # both of node 0's children rejected
+    assert count_tries([-1, 0, 1], [0]) == TryCounts(1, 0, 0)  # a chain stopped short
+    assert count_tries([-1, 0, 1], [0, 1, 2]) == TryCounts(0, 0, 0)
+
+
+
+def test_later_siblings_count_at_their_own_rate() -> None:
+    # level 1: the first try 0.6, else the second 0.3: 1 - 0.4 * 0.7; level 2 then a single try at 0.6
+    assert tree_expected_emitted(0.6, (2, 1), sibling_alpha=0.3) == pytest.approx(1 + 0.72 + 0.72 * 0.6)
+    assert tree_expected_emitted(0.6, (3, 2)) == pytest.approx(1 + (1 - 0.4 ** 3) * (1 + (1 - 0.4 ** 2)))
+    assert tree_expected_emitted(0.6, (1, 1), sibling_alpha=0.0) == pytest.approx(expected_emitted(0.6, 2))
+    with pytest.raises(ValueError, match="sibling_alpha"):
+        tree_expected_emitted(0.6, (2,), sibling_alpha=1.5)
+
+
+def test_policy_measures_later_siblings_and_prefers_the_chain_when_they_are_rarely_accepted() -> None:
+    flat = {"draft": AnalyticCost(fixed_ms=1.0), "target": AnalyticCost(fixed_ms=20.0), "overhead": AnalyticCost(2.0)}
+    two_wide, chain_of_two = [TreePlan(2, (2,))], [TreePlan(2, (1, 1))]
+    policy = DepthPolicy(max_depth=4, defaults=flat, prior_weight=8.0)
+    policy.update([], fleet_accepted=300, fleet_rejections=700)  # first tries accepted 30% of the time
+    assert policy.choose_tree([(0, 0)], [chain_of_two, two_wide]).index == 1  # siblings assumed as likely: wide
+    policy.update([], fleet_accepted=300, fleet_rejections=700, fleet_sibling_accepted=5, fleet_sibling_rejected=95)
+    assert policy.choose_tree([(0, 0)], [chain_of_two, two_wide]).index == 0  # measured at 5%: the chain
+    # A sequence's own siblings count too, shrunk toward the fleet's rate.
+    assert policy.choose_tree([(0, 0)], [chain_of_two, two_wide], sibling_counts=[(400, 100)]).index == 1
 
 
 def test_tree_budget_wider_at_small_batch_narrower_at_large() -> None:

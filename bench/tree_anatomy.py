@@ -25,8 +25,9 @@ from bench.trees import decode
 from specfleet.drafters.model import ModelDrafter
 from specfleet.engine import ModelRunner
 from specfleet.models import load_tokenizer, resolve_model
+from specfleet.policy import tree_expected_emitted
 from specfleet.sampling import SamplingParams
-from specfleet.trees import TreeShape, chain_shape, try_outcomes
+from specfleet.trees import TreeShape, chain_shape, count_tries, try_outcomes
 from target_service.verifier import Verifier
 
 Subtree = tuple["Subtree", ...]
@@ -41,6 +42,22 @@ def try_rates(walks: Iterable[tuple[Sequence[int], Sequence[int]]]) -> dict[tupl
             hit, tried = counts.get((depth, i), (0, 0))
             counts[(depth, i)] = (hit + accepted, tried + 1)
     return counts
+
+
+def policy_predictions(walks: Sequence[tuple[Sequence[int], Sequence[int]]], tries: Sequence[int]
+                       ) -> tuple[float, float, float, float, float, float]:
+    """Mean accepted drafts per step of a tree run, and what the policy's model predicts from the run's own
+    counts: (measured, lumped prediction, its rate, split prediction, alpha, beta). Lumped: one rate for every
+    try, accepted / (accepted + rejected tries); split: first tries at alpha, later siblings at beta."""
+    accepted = sum(len(path) for _, path in walks)
+    counts = [count_tries(parents, path) for parents, path in walks]
+    first_rejected = sum(c.first_rejected for c in counts)
+    later_accepted, later_tried = sum(c.later_accepted for c in counts), sum(c.later_tried for c in counts)
+    lumped = accepted / (accepted + first_rejected + later_tried - later_accepted)
+    alpha = (accepted - later_accepted) / (accepted - later_accepted + first_rejected)
+    beta = later_accepted / later_tried if later_tried else alpha
+    return (accepted / len(walks), tree_expected_emitted(lumped, tries) - 1, lumped,
+            tree_expected_emitted(alpha, tries, beta) - 1, alpha, beta)
 
 
 def best_static_tree(rate: Callable[[int, int], float], nodes: int, max_children: int) -> tuple[float, Subtree]:
@@ -159,6 +176,10 @@ def main() -> None:
         bound, bound_shape = best_static_tree(siblings_always_accepted, nodes, max_children=tries)
         print(f"| {nodes} | {chain_accepted(chain_walks, nodes):.2f} | {chain_model:.2f} | {best_value:.2f} | "
               f"{describe_tree(best_shape)} | {bound:.2f} | {describe_tree(bound_shape)} |")
+    measured, lumped, lumped_rate, split, alpha, beta = policy_predictions(tree_walks, wide.branching)
+    print(f"\nRSD-C {args.tree}: {measured:.2f} accepted drafts per step; the policy's model, from the same counts, "
+          f"predicts {lumped:.2f} with one rate for every try ({lumped_rate:.2f}) and {split:.2f} with first tries "
+          f"({alpha:.2f}) and later siblings ({beta:.2f}) apart.")
     print("\nThe first try's rate at each depth is the chain's, so 'chain, by the rates' equals the measured chain "
           "by construction;\na sibling's is pooled over depths, and the last two columns take it as 1, the most any "
           "sibling sampler could reach.")

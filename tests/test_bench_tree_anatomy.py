@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from bench.tree_anatomy import best_static_tree, chain_accepted, describe_tree, tree_nodes, try_rates
+from bench.tree_anatomy import (
+    best_static_tree,
+    chain_accepted,
+    describe_tree,
+    policy_predictions,
+    tree_nodes,
+    try_rates,
+)
 
 
 def test_try_rates_count_per_depth_and_try():
@@ -64,3 +71,11 @@ def test_describe_tree():
     assert describe_tree(((((),),), ((),))) == "(3 | 2)"
     assert describe_tree((((),),)) == "2"
     assert describe_tree(((((),), ()),)) == "1>(2 | 1)"
+
+
+def test_policy_predictions_read_the_rates_off_the_walks():
+    walks = [([-1, -1, 0, 0, 1], [1, 4]), ([-1, -1, 0, 0, 1], [])]  # 2 accepted; 2 first tries and 1 sibling rejected
+    measured, lumped, lumped_rate, split, alpha, beta = policy_predictions(walks, (2, 2))
+    assert (measured, lumped_rate, alpha, beta) == pytest.approx((1.0, 2 / 5, 1 / 3, 1 / 2))
+    assert lumped == pytest.approx((1 - 0.6 ** 2) * (1 + (1 - 0.6 ** 2)))
+    assert split == pytest.approx((1 - (2 / 3) * 0.5) * (1 + (1 - (2 / 3) * 0.5)))

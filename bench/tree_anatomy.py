@@ -25,8 +25,9 @@ from bench.trees import decode
 from specfleet.drafters.model import ModelDrafter
 from specfleet.engine import ModelRunner
 from specfleet.models import load_tokenizer, resolve_model
-from specfleet.policy import tree_expected_emitted
+from specfleet.policy import acceptance_estimate, tree_expected_emitted
 from specfleet.sampling import SamplingParams
+from specfleet.telemetry import AcceptanceCounts
 from specfleet.trees import TreeShape, chain_shape, count_tries, try_outcomes
 from target_service.verifier import Verifier
 
@@ -49,13 +50,13 @@ def policy_predictions(walks: Sequence[tuple[Sequence[int], Sequence[int]]], tri
     """Mean accepted drafts per step of a tree run, and what the policy's model predicts from the run's own
     counts: (measured, lumped prediction, its rate, split prediction, alpha, beta). Lumped: one rate for every
     try, accepted / (accepted + rejected tries); split: first tries at alpha, later siblings at beta."""
-    accepted = sum(len(path) for _, path in walks)
-    counts = [count_tries(parents, path) for parents, path in walks]
-    first_rejected = sum(c.first_rejected for c in counts)
-    later_accepted, later_tried = sum(c.later_accepted for c in counts), sum(c.later_tried for c in counts)
-    lumped = accepted / (accepted + first_rejected + later_tried - later_accepted)
-    alpha = (accepted - later_accepted) / (accepted - later_accepted + first_rejected)
-    beta = later_accepted / later_tried if later_tried else alpha
+    counts = AcceptanceCounts()  # kept as the router keeps them
+    for parents, path in walks:
+        counts.add_step(len(parents), len(path), tries=count_tries(parents, path))
+    accepted = counts.accepted
+    lumped = acceptance_estimate(accepted, counts.rejections + counts.sibling_rejected, 0.0, prior_weight=0.0)
+    alpha = acceptance_estimate(counts.first_accepted, counts.rejections, 0.0, prior_weight=0.0)
+    beta = acceptance_estimate(counts.sibling_accepted, counts.sibling_rejected, alpha, prior_weight=0.0)
     return (accepted / len(walks), tree_expected_emitted(lumped, tries) - 1, lumped,
             tree_expected_emitted(alpha, tries, beta) - 1, alpha, beta)
 

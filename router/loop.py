@@ -160,7 +160,7 @@ class StepLoop:
 
     def choose(self, batch: list[Sequence]) -> StepPlan:
         """The policy's depths, or with --tree the tree shapes, within the room each sequence has left."""
-        counts = [(s.stats.accepted - s.stats.sibling_accepted, s.stats.rejections) for s in batch]
+        counts = [(s.stats.first_accepted, s.stats.rejections) for s in batch]
         offers = [(s.stats.offers, s.stats.misses) for s in batch]
         shape = self.config.tree_shape
         calibration = 1.0 if self.calibration is None else self.calibration.factor(len(batch))
@@ -193,7 +193,7 @@ class StepLoop:
         if len(shapes) > 1:
             plans = [[TreePlan(0, ()) if f is None else TreePlan(f.nodes, f.level_tries()) for f in fitted]
                      for fitted in per_seq]
-            siblings = [(s.stats.sibling_accepted, s.stats.sibling_tried - s.stats.sibling_accepted) for s in batch]
+            siblings = [(s.stats.sibling_accepted, s.stats.sibling_rejected) for s in batch]
             decision = self.feed.policy.choose_tree(counts, plans, offers, calibration, siblings)
             per_seq = [per_seq[decision.index]]
             plan = StepPlan({}, decision.reason, **predictions(decision))

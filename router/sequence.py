@@ -28,6 +28,15 @@ class SpeculationStats:
     depth: int = 0
     depth_reason: str = ""
 
+    @property
+    def first_accepted(self) -> int:
+        """Accepted drafts that were the first child tried at their node (every accepted draft of a chain)."""
+        return self.accepted - self.sibling_accepted
+
+    @property
+    def sibling_rejected(self) -> int:
+        return self.sibling_tried - self.sibling_accepted
+
     def to_proto(self) -> generate_pb2.SpeculationStats:
         return generate_pb2.SpeculationStats(
             steps=self.steps, drafted_tokens=self.drafted, accepted_tokens=self.accepted,

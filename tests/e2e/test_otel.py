@@ -99,7 +99,7 @@ def test_every_metric_is_scraped_with_its_name_type_labels_and_buckets() -> None
         for _, sample in samples[name]:
             assert set(sample.labels) == labels, (name, sample.labels)
 
-    # the names the chart's dashboards are checked against (tests/test_helm.py) are exactly these
+    # the names the chart's dashboards are checked against (tests/deploy/test_helm.py) are exactly these
     from test_helm import COUNTERS_AND_GAUGES
     from test_helm import HISTOGRAMS as DASHBOARD_HISTOGRAMS
 

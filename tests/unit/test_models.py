@@ -210,22 +210,3 @@ def test_fingerprint_same_tokenizer_equal(tmp_path: Path) -> None:
     make(vocab).save_pretrained(tmp_path)
     assert tokenizer_fingerprint(make(vocab)) == tokenizer_fingerprint(load_tokenizer(tmp_path))
     assert tokenizer_fingerprint(make(vocab)) != tokenizer_fingerprint(make({**vocab, "fib": 3, "x": 2}))
-
-
-@pytest.mark.real_model
-def test_real_smollm2_preset(smollm2_dir: Path) -> None:
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    assert is_complete(smollm2_dir)
-    config = json.loads((smollm2_dir / "config.json").read_text())
-    assert config["model_type"] == "llama" and "quantization_config" not in config
-    tokenizer = load_tokenizer(smollm2_dir)
-    assert tokenizer.chat_template and len(tokenizer) == config["vocab_size"]
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
-    weights = load_file(smollm2_dir / "model.safetensors")
-    assert weights["model.embed_tokens.weight"].dtype == torch.float32
-    ids = tokenizer("def fib(n):", return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert out.shape[1] == ids.shape[1] + 4

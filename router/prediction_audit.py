@@ -90,10 +90,10 @@ class Calibration:
     cost model fits each cell's median, but a drafting step's real cost also holds what the cells do not: the
     ragged rows' padding, the extra round trip in a busy step, and the optimism of a plan chosen because its
     prediction came out high; its emitted tokens likewise follow runs of matches that per-sequence rates average
-    away. These misses differ by batch size and machine (drafting steps measured 1.23x their predicted time at
-    batch 16 but emitted 1.2-1.4x their predicted tokens at batch 2, on the same CPU), so a fixed hurdle cannot
-    absorb them. Plain steps in the denominator cancel what both kinds share (a machine running slow as a
-    whole). Steps that prefill a prompt stay out: their prediction leaves the prefill out.
+    away. These misses differ by batch size and machine, optimistic at one batch size and pessimistic at another
+    (measured in bench/adaptive.md), so a fixed hurdle cannot absorb them. Plain steps in the denominator cancel
+    what both kinds share (a machine running slow as a whole). Steps that prefill a prompt stay out: their
+    prediction leaves the prefill out.
 
     1.0 (no correction) until a batch size has at least ``min_steps`` of each kind; clamped to
     [``1 / max_factor``, ``max_factor``]. A correction that holds drafting back stays until drafting is predicted

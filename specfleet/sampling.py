@@ -19,7 +19,7 @@ VERIFY_STREAM = 1
 """Uniforms stream used by the verifier (acceptance tests, recovered and bonus tokens)."""
 FILTER_SHORTLIST = 1024
 """Most probable tokens a top-k/top-p row is first filtered from (see `_top_k_top_p`): top-p's kept set is
-almost always far smaller, and a large vocabulary's full sort costs about a hundred softmaxes."""
+almost always far smaller, and sorting a large vocabulary whole costs many softmaxes (bench/engine_kernels.md)."""
 
 
 @dataclass(frozen=True)

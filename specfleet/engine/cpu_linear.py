@@ -1,12 +1,10 @@
 """Linear layers that stay fast on CPU for every number of rows a forward carries (decode, verification, batches).
 
-On CPU, ``F.linear`` runs MKL's sgemm, whose speed swings with the row count: on a 2-core Xeon over
-SmolLM2-135M's output layer (49152 x 576), 2 rows cost 2.0x one row and 3 rows 2.9x, more than 4 or 8 rows.
-A whole decode step at batch 2 then took 2.3x the step at batch 1. oneDNN, with the weight reordered once into
-its blocked layout, has no such cliff (5 to 7 ms for 1 to 16 rows there). Which kernel wins for a handful of rows
-differs between machines and builds, so a `PrepackedLinear` holds both layouts and `choose_kernels` times both
-on the model's own weight shapes once at load, for up to `TUNED_ROWS` rows; above that oneDNN wins everywhere
-we measured.
+On CPU, ``F.linear`` runs MKL's sgemm, whose speed swings with the row count: a few rows can cost more than
+several, and verification's handful of rows is slow too. oneDNN, with the weight reordered once into its blocked
+layout, has no such cliff. Which kernel wins for a handful of rows differs between machines and builds, so a
+`PrepackedLinear` holds both layouts and `choose_kernels` times both on the model's own weight shapes once at load,
+for up to `TUNED_ROWS` rows; above that oneDNN wins everywhere we measured (bench/engine_kernels.md).
 """
 
 from __future__ import annotations
@@ -23,10 +21,12 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 TUNED_ROWS = 4
-"""Row counts (tokens over the whole batch) up to which the kernel is chosen by timing; beyond it, oneDNN."""
+"""Row counts (tokens over the whole batch) up to which the kernel is chosen by timing; beyond it, oneDNN, which won
+there on every machine measured: sgemm can win only among the few-row shapes (bench/engine_kernels.md)."""
 
 SGEMM_MARGIN = 0.9
-"""sgemm takes a row count only when it times under this fraction of oneDNN: a near tie is not worth the noise."""
+"""sgemm takes a row count only when it times under this fraction of oneDNN: a near tie is not worth the noise of
+one timing at load (bench/engine_kernels.md)."""
 
 
 def prepacking_available() -> bool:

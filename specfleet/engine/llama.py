@@ -104,10 +104,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 GROUPED_MATMUL_WIDTHS = range(2, 9)
 """Group widths (new tokens per sequence) at which CPU attention runs as two batched matmuls (`grouped_attention`)
-rather than ``scaled_dot_product_attention``: verification's few tokens per sequence. Measured on a 2-core Xeon
-(SmolLM2's 9 query / 3 key-value heads, 16 sequences, 200 cached tokens): PyTorch's CPU flash kernel costs 2.5x
-as much for 2 queries per sequence as for 1 (0.83 vs 0.32 ms per layer), the matmuls about the same as for 1
-(0.38 ms); at 1 and from about 16 the flash kernel is as fast or faster."""
+rather than ``scaled_dot_product_attention``: verification's few tokens per sequence. PyTorch's CPU flash kernel is
+tuned for one query per sequence and for long prefills, and at these widths costs far more than one query does,
+while the matmuls cost about the same; at one query and at prefill widths the flash kernel is as fast or faster
+(bench/engine_kernels.md)."""
 
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

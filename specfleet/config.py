@@ -281,8 +281,8 @@ def to_arguments(config: Any, always: Iterable[str] = ()) -> list[str]:
     ``str`` of each parses back to the same value.
     """
     names = {f.name for f in dataclasses.fields(config)}
-    always = set(always)
-    if not always <= names:
-        raise ValueError(f"{type(config).__name__} has no field {', '.join(sorted(always - names))}")
+    named = set(always)
+    if not named <= names:
+        raise ValueError(f"{type(config).__name__} has no field {', '.join(sorted(named - names))}")
     return [f"--{f.name.replace('_', '-')}={getattr(config, f.name)}" for f in dataclasses.fields(config)
-            if f.name in always or getattr(config, f.name) != f.default]
+            if f.name in named or getattr(config, f.name) != f.default]

@@ -7,7 +7,8 @@ import asyncio
 import logging
 import sys
 
-from specfleet.config import DraftConfig, RouterConfig, TargetConfig, add_arguments, from_arguments
+from specfleet.config import DraftConfig, RouterConfig, ServiceConfig, TargetConfig, add_arguments, from_arguments
+from specfleet.up import UpConfig, up
 
 SERVICES = {
     "target": (TargetConfig, "run a target service: the big model, verifying drafts"),
@@ -27,22 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add_arguments(sub, config_cls)
 
-    up = commands.add_parser("up", help="start redis-server, target, draft and router on this machine",
-                             description="Start a whole local deployment as separate processes, wait until "
-                                         "every part reports SERVING, and print where the router listens. "
-                                         "Ctrl-C stops them all.",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    up.add_argument("--model", default="smollm2-135m", help="target model: preset name or local folder")
-    up.add_argument("--drafter", default="ngram", choices=["ngram", "model"], help="draft service kind")
-    up.add_argument("--draft-model", default="", help="model for --drafter model (sharing the target's tokenizer)")
-    up.add_argument("--depth", default="auto", help="draft tokens per step: auto, or a fixed K (0: plain decoding)")
-    up.add_argument("--port", type=int, default=50050, help="router port (draft and target use the next two)")
-    up.add_argument("--redis-url", default="", help="use this Redis instead of starting redis-server")
-    up.add_argument("--max-seq-len", type=int, default=2048, help="longest sequence the services hold")
-    up.add_argument("--num-slots", type=int, default=16, help="sequences each service holds at once")
-    up.add_argument("--log-dir", default="", help="write each process's log here instead of the terminal")
-    up.add_argument("--prompt", default="", help="answer this one prompt through the router, then stop everything")
-    up.add_argument("--max-new-tokens", type=int, default=64, help="with --prompt: tokens to generate")
+    up = commands.add_parser(
+        "up", help="start redis-server, target, draft and router on this machine",
+        description="Start a whole local deployment, one process each: redis-server (unless --redis-url), a target "
+                    "service, a draft service and the router. Waits until every part reports SERVING and prints "
+                    "where the router listens and where each process serves /metrics. With --prompt it answers "
+                    "that prompt and stops everything; otherwise it runs until Ctrl-C. A flag marked [target], "
+                    "[draft] or [router] is that service's flag of the same name, with its default, passed on to "
+                    "it; for the services' other flags start the parts alone (specfleet target|draft|router --help).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(up, UpConfig)
 
     gen = commands.add_parser("generate", help="send a prompt to a router and stream the answer",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -60,24 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in SERVICES:
-        return run_service(args.command, args)
-    if args.command == "up":
-        from specfleet.up import up
+    if args.command == "generate":
+        return generate(args)
+    config_cls = UpConfig if args.command == "up" else SERVICES[args.command][0]
+    try:
+        config = from_arguments(config_cls, args)  # checks every value before anything starts
+    except ValueError as err:
+        print(f"specfleet {args.command}: {err}", file=sys.stderr)
+        return 2
+    return up(config) if args.command == "up" else run_service(args.command, config)
 
-        return up(args)
-    return generate(args)
 
-
-def run_service(role: str, args: argparse.Namespace) -> int:
+def run_service(role: str, config: ServiceConfig) -> int:
     from specfleet.serving import setup_logging
 
-    config_cls, _ = SERVICES[role]
-    try:
-        config = from_arguments(config_cls, args)
-    except ValueError as err:
-        print(f"specfleet {role}: {err}", file=sys.stderr)
-        return 2
     setup_logging(config.log_level)
     if role == "target":
         from target_service.server import run

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,16 @@ MAX_DEPTH = 16  # the most draft tokens per sequence per step anywhere in the fl
 
 def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+def same_as(config_cls: type, name: str, to: str) -> Any:
+    """``config_cls``'s field ``name`` declared again, for a command that passes it on (``specfleet up``).
+
+    The default, help and argparse settings (choices ...) are the field's own, so the two flags cannot drift apart;
+    the help starts with ``[to]``, who receives the value.
+    """
+    source = {f.name: f for f in dataclasses.fields(config_cls)}[name]
+    return field(default=source.default, metadata={**source.metadata, "help": f"[{to}] {source.metadata['help']}"})
 
 
 def _check(condition: bool, message: str) -> None:
@@ -260,3 +271,18 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
 
 def from_arguments(config_cls: type, args: argparse.Namespace) -> Any:
     return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+
+
+def to_arguments(config: Any, always: Iterable[str] = ()) -> list[str]:
+    """The argv that `add_arguments`' parser and `from_arguments` turn back into ``config``.
+
+    One ``--flag=value`` for each field that differs from its default, and for each field named in ``always``
+    (the ``=`` form keeps a value that starts with ``-`` from reading as a flag). Fields hold str, int or float:
+    ``str`` of each parses back to the same value.
+    """
+    names = {f.name for f in dataclasses.fields(config)}
+    named = set(always)
+    if not named <= names:
+        raise ValueError(f"{type(config).__name__} has no field {', '.join(sorted(named - names))}")
+    return [f"--{f.name.replace('_', '-')}={getattr(config, f.name)}" for f in dataclasses.fields(config)
+            if f.name in named or getattr(config, f.name) != f.default]

@@ -2,59 +2,151 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+from specfleet.config import (
+    DraftConfig,
+    EngineConfig,
+    RouterConfig,
+    ServiceConfig,
+    TargetConfig,
+    option,
+    same_as,
+    to_arguments,
+)
 from specfleet.launcher import Deployment, free_port, wait_redis, wait_serving
 
 log = logging.getLogger("specfleet.up")
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py's from_url accepts
 
-def up(args: argparse.Namespace) -> int:
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    router_port, draft_port, target_port = args.port, args.port + 1, args.port + 2
-    metrics_ports = {role: free_port() for role in ("router", "draft", "target")}  # one /metrics per process
-    deployment = Deployment(Path(args.log_dir) if args.log_dir else None)
+
+@dataclass(frozen=True)
+class Services:
+    """The configurations ``up`` starts the services with."""
+
+    target: TargetConfig
+    draft: DraftConfig
+    router: RouterConfig
+
+    def by_role(self) -> dict[str, ServiceConfig]:
+        """By role, in the order they start: the router needs the other two serving."""
+        return {"target": self.target, "draft": self.draft, "router": self.router}
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    """``specfleet up``'s flags: its own, then the services' flags it passes on.
+
+    A flag marked ``[target]``, ``[draft]``, ``[router]`` is that service's field declared again with `same_as`:
+    its default, help and choices are the service's, and `services` hands the value on unchanged, so
+    ``specfleet up`` with no flags runs each service at exactly its own defaults.
+    """
+
+    prompt: str = option("", "answer this one prompt (as a user chat message) through the router, print the answer, "
+                         "then stop everything (empty: keep running until Ctrl-C)")
+    max_new_tokens: int = option(64, "with --prompt: the most tokens to generate")
+    model: str = same_as(TargetConfig, "model", to="target")
+    drafter: str = same_as(DraftConfig, "drafter", to="draft")
+    draft_model: str = option("", "with --drafter model: the draft's model, sharing the target's tokenizer "
+                              "(empty: the target's --model)")
+    device: str = same_as(EngineConfig, "device", to="target, draft")
+    num_slots: int = same_as(EngineConfig, "num_slots", to="target, draft")
+    max_seq_len: int = same_as(EngineConfig, "max_seq_len", to="target, draft")
+    depth: str = same_as(RouterConfig, "depth", to="router")
+    max_depth: int = same_as(RouterConfig, "max_depth", to="router")
+    tree: str = same_as(RouterConfig, "tree", to="router")
+    port: int = option(RouterConfig.port, "the router's port; the draft service listens on the next port and the "
+                       "target on the one after")
+    redis_url: str = option("", "use this running Redis for fleet telemetry, e.g. redis://127.0.0.1:6379/0 "
+                            "(empty: start a redis-server on a free port)")
+    log_dir: str = option("", "write each process's log to <dir>/<name>.log instead of this terminal")
+    log_level: str = same_as(ServiceConfig, "log_level", to="every process")
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535 - 2:
+            raise ValueError(f"--port must be in [1, 65533] (the draft and target take the next two ports), "
+                             f"got {self.port}")
+        if self.redis_url and not self.redis_url.startswith(REDIS_SCHEMES):
+            raise ValueError(f"--redis-url must start with {', '.join(REDIS_SCHEMES)}, got {self.redis_url!r}")
+        if self.draft_model and self.drafter != "model":
+            raise ValueError(f"--draft-model is for --drafter model (the {self.drafter} drafter has no model)")
+        router = self.services(self.redis_url, {}).router  # runs each service's own checks, before anything starts
+        if not 1 <= self.max_new_tokens <= router.max_new_tokens_cap:
+            raise ValueError(f"--max-new-tokens must be in [1, {router.max_new_tokens_cap}] (the router's cap), "
+                             f"got {self.max_new_tokens}")
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {"router": self.port, "draft": self.port + 1, "target": self.port + 2}
+
+    def services(self, redis_url: str, metrics_ports: Mapping[str, int]) -> Services:
+        """Each service's configuration: this deployment's values, the rest the service's defaults.
+
+        ``redis_url`` is the Redis they share (the one ``up`` started unless --redis-url); ``metrics_ports`` gives
+        a role its /metrics port (absent: none).
+        """
+        ports, metrics = self.ports, {role: metrics_ports.get(role, 0) for role in ("target", "draft", "router")}
+        # An ngram draft has no model: it keeps the default, so its argv does not name one.
+        draft_model = (self.draft_model or self.model) if self.drafter == "model" else DraftConfig.model
+        return Services(
+            target=TargetConfig(port=ports["target"], metrics_port=metrics["target"], redis_url=redis_url,
+                                log_level=self.log_level, model=self.model, device=self.device,
+                                num_slots=self.num_slots, max_seq_len=self.max_seq_len),
+            draft=DraftConfig(port=ports["draft"], metrics_port=metrics["draft"], redis_url=redis_url,
+                              log_level=self.log_level, model=draft_model, device=self.device,
+                              num_slots=self.num_slots, max_seq_len=self.max_seq_len, drafter=self.drafter),
+            router=RouterConfig(port=ports["router"], metrics_port=metrics["router"], redis_url=redis_url,
+                                log_level=self.log_level, targets=f"127.0.0.1:{ports['target']}",
+                                drafts=f"127.0.0.1:{ports['draft']}", depth=self.depth, max_depth=self.max_depth,
+                                tree=self.tree),
+        )
+
+    def argvs(self, redis_url: str, metrics_ports: Mapping[str, int]) -> dict[str, list[str]]:
+        """The flags each service is started with: those of `services` that differ from its defaults, and its port."""
+        return {role: to_arguments(config, always=("port",))
+                for role, config in self.services(redis_url, metrics_ports).by_role().items()}
+
+
+def up(config: UpConfig) -> int:
+    """Starts the deployment ``config`` describes, waits until every part serves, then answers --prompt and stops,
+    or runs until Ctrl-C, SIGTERM or a process exiting. Returns the exit code."""
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics_ports = {role: free_port() for role in ("target", "draft", "router")}  # one /metrics per process
+    deployment = Deployment(Path(config.log_dir) if config.log_dir else None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        redis_url = args.redis_url
+        redis_url = config.redis_url
         if not redis_url:
             redis_port = free_port()
             wait_redis(deployment.start_redis(redis_port), redis_port)
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        common = ["--redis-url", redis_url, "--num-slots", str(args.num_slots), "--max-seq-len", str(args.max_seq_len)]
-        target = deployment.start_service("target", ["--model", args.model, "--port", str(target_port), *common,
-                                                     "--metrics-port", str(metrics_ports["target"])])
-        draft_args = ["--drafter", args.drafter, "--port", str(draft_port), *common,
-                      "--metrics-port", str(metrics_ports["draft"])]
-        if args.drafter == "model":
-            draft_args += ["--model", args.draft_model or args.model]
-        draft = deployment.start_service("draft", draft_args)
+        services = config.services(redis_url, metrics_ports)
+        argvs = config.argvs(redis_url, metrics_ports)
+        target = deployment.start_service("target", argvs["target"])
+        draft = deployment.start_service("draft", argvs["draft"])
         log.info("waiting for the draft and target services (the first run converts the model once)")
-        wait_serving(target, f"127.0.0.1:{target_port}")
-        wait_serving(draft, f"127.0.0.1:{draft_port}")
-        router = deployment.start_service("router", [
-            "--port", str(router_port), "--targets", f"127.0.0.1:{target_port}",
-            "--drafts", f"127.0.0.1:{draft_port}", "--depth", str(args.depth), "--redis-url", redis_url,
-            "--metrics-port", str(metrics_ports["router"])])
-        wait_serving(router, f"127.0.0.1:{router_port}")
-        scrape = ", ".join(f"{role} http://127.0.0.1:{port}/metrics" for role, port in metrics_ports.items())
-        print(f"\nspecfleet is up: router on 127.0.0.1:{router_port} (draft {args.drafter} on {draft_port}, "
-              f"target {args.model} on {target_port}, Redis {redis_url})\nmetrics: {scrape}", flush=True)
-        if args.prompt:
+        wait_serving(target, f"127.0.0.1:{services.target.port}")
+        wait_serving(draft, f"127.0.0.1:{services.draft.port}")
+        router = deployment.start_service("router", argvs["router"])
+        router_address = f"127.0.0.1:{services.router.port}"
+        wait_serving(router, router_address)
+        print(f"\n{summary(services, redis_url)}", flush=True)
+        if config.prompt:
             from specfleet.client import make_request, print_stream
 
-            print(f"\n> {args.prompt}\n", flush=True)
-            print_stream(f"127.0.0.1:{router_port}",
-                         make_request(chat=[{"role": "user", "content": args.prompt}],
-                                      max_new_tokens=args.max_new_tokens))
+            print(f"\n> {config.prompt}\n", flush=True)
+            print_stream(router_address, make_request(chat=[{"role": "user", "content": config.prompt}],
+                                                      max_new_tokens=config.max_new_tokens))
             return 0
-        print(f'try:  specfleet generate --router 127.0.0.1:{router_port} --chat "Write a haiku about GPUs"\n'
+        print(f'try:  specfleet generate --router {router_address} --chat "Write a haiku about GPUs"\n'
               "Ctrl-C stops everything.", flush=True)
         while not stop.wait(0.5):
             for process in deployment.processes:
@@ -70,3 +162,13 @@ def up(args: argparse.Namespace) -> int:
     finally:
         log.info("stopping all processes")
         deployment.stop()
+
+
+def summary(services: Services, redis_url: str) -> str:
+    """What is up and where: the lines printed once every part serves."""
+    target, draft, router = services.target, services.draft, services.router
+    drafter = f"{draft.drafter} {draft.model}" if draft.drafter == "model" else draft.drafter
+    scrape = ", ".join(f"{role} http://127.0.0.1:{config.metrics_port}/metrics"
+                       for role, config in services.by_role().items() if config.metrics_port)
+    return (f"specfleet is up: router on 127.0.0.1:{router.port} (draft {drafter} on {draft.port}, "
+            f"target {target.model} on {target.port}, Redis {redis_url})\nmetrics: {scrape}")

@@ -113,23 +113,15 @@ class StepCosts:
     """Predicted costs of one step at a fixed batch size, precomputed for the depth search.
 
     `target_ms[n]`: Verify with n draft tokens in total (tokens per sequence 1 + n / batch), linear in
-    between for an expected (fractional) total, see `target_at`; a plan whose rows differ in width is also
-    charged for its padding, see `verified_drafts`;
-    `draft_ms[d]`: Propose with largest depth d (0.0 at d = 0: nothing is drafted); `overhead_ms[d]`: the rest
-    of a step whose largest depth is d.
+    between for an expected (fractional) total, see `target_at`; `draft_ms[d]`: Propose with largest depth d (0.0
+    at d = 0: nothing is drafted); `overhead_ms[d]`: the rest of a step whose largest depth is d. `price_step`
+    adds them up for one plan.
     """
 
     batch_size: int
     target_ms: tuple[float, ...]
     draft_ms: tuple[float, ...]
     overhead_ms: tuple[float, ...]
-
-    def step_ms(self, max_depth: int, total_drafts: float, widest_total: float | None = None) -> float:
-        """A step whose largest depth is `max_depth` verifying `total_drafts` draft tokens in all, where
-        `widest_total` would be verified if every sequence drafted `max_depth` (None: they all do, no padding)."""
-        widest = total_drafts if widest_total is None else widest_total
-        return (self.draft_ms[max_depth] + self.target_at(verified_drafts(total_drafts, widest))
-                + self.overhead_ms[max_depth])
 
     def padded_targets(self, totals: Iterable[float], widest_total: float) -> Iterator[float]:
         """`target_at(verified_drafts(t, widest_total))` for each total t <= widest_total, with no Python call
@@ -143,6 +135,19 @@ class StepCosts:
             return self.target_ms[min(whole, len(self.target_ms) - 1)]
         low = self.target_ms[whole]
         return low + (total_drafts - whole) * (self.target_ms[whole + 1] - low)
+
+
+def price_step(steps: StepCosts, levels: int, drafts: float, widest: float | None = None) -> float:
+    """Predicted ms of a step: draft at its largest depth `levels` (0: nothing is drafted), target at 1 + the
+    mean draft tokens verified per sequence plus the padding charge of `verified_drafts`, overhead at `levels`.
+
+    `drafts`: the draft tokens verified in all (expected, so fractional with offer rates under 1); `widest`: what
+    would be verified if every row were as wide as the widest (None: all are, no padding). Depth plans and tree
+    budgets are priced alike: a tree of n nodes is verified in one forward over every node, so it costs what a
+    chain of n tokens does, its drafting and overhead what a chain as deep as its levels does.
+    """
+    padded = verified_drafts(drafts, drafts if widest is None else widest)
+    return steps.draft_ms[levels] + steps.target_at(padded) + steps.overhead_ms[levels]
 
 
 def verified_drafts(total_drafts: float, widest_total: float) -> float:

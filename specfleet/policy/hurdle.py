@@ -1,0 +1,67 @@
+"""The drafting hurdle: a drafting plan, a depth plan or a tree budget alike, must beat plain decoding by a margin.
+
+Every search finds its best plan first; `apply_hurdle` then decides whether plain decoding takes its place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DRAFT_HURDLE = 0.1
+"""The smallest predicted gain over plain decoding for which the router's policy drafts at all (`min_gain`).
+A prediction is a fit of noisy timings: where drafting is predicted to gain a few percent, the gain is within
+the model's error and the real sign can be either. Measured on the CPU with SmolLM2-135M and the n-gram
+drafter (`python -m bench.adaptive`): at batch 16 and 32 plans predicted 3-10% above plain decoding ran
+10-25% below it, while at batch 1-4, where drafting pays, the median predicted gain was 14-25%. It also holds
+back some plans that would have gained (at batch 4, predicted 2-10%, measured 7-9%): a fixed margin cannot tell
+where the model is optimistic from where it is right. The router therefore scales the predicted gain by how its own
+drafting steps at that batch size measured against their predictions (the `calibration` argument) before it
+applies the hurdle."""
+
+
+@dataclass(frozen=True)
+class HeldBack:
+    """A drafting plan that gave way to plain decoding: its predicted gain, scaled by the calibration, was under
+    the hurdle."""
+
+    gain: float
+    """The plan's predicted gain over plain decoding, after calibration (0.05: 5%)."""
+    min_gain: float
+    """The hurdle it did not clear."""
+    calibration: float
+    """The factor its predicted advantage was scaled by (1: as predicted)."""
+    depths: tuple[int, ...] = ()
+    """The depth plan held back; empty for a tree budget."""
+
+    def note(self, what: str) -> str:
+        """The reason's note, `what` naming the plan held back."""
+        measured = "" if self.calibration == 1.0 else f" (x{self.calibration:.2f} as drafting steps measured)"
+        return f"; {what} would gain {self.gain:.0%}{measured}, under the {self.min_gain:.0%} hurdle"
+
+
+def check_hurdle(min_gain: float, calibration: float) -> None:
+    """Raises ValueError unless min_gain >= 0 and calibration > 0."""
+    if min_gain < 0:
+        raise ValueError(f"min_gain must be >= 0, got {min_gain}")
+    if not calibration > 0:
+        raise ValueError(f"calibration must be > 0, got {calibration}")
+
+
+def apply_hurdle(advantage: float, min_gain: float, calibration: float, depths: tuple[int, ...] = ()
+                 ) -> HeldBack | None:
+    """Whether a drafting plan gives way to plain decoding: `HeldBack` if so, None if the plan stands.
+
+    `advantage`: the plan's predicted score over plain decoding's, above 1 when it is better (goodput over
+    goodput; in latency mode plain decoding's time per token over the plan's). The plan is held back when
+    calibration * advantage - 1 < min_gain. With no hurdle and calibration 1 it always stands: the search
+    already found it at least as good as plain decoding, which every search considers.
+    """
+    if min_gain == 0.0 and calibration == 1.0:
+        return None
+    gain = calibration * advantage - 1
+    return HeldBack(gain, min_gain, calibration, depths) if gain < min_gain else None
+
+
+def calibration_note(calibration: float) -> str:
+    """The reason's note for a drafting plan chosen with a measured calibration ("" at 1)."""
+    return "" if calibration == 1.0 else f"; gain x{calibration:.2f} as drafting steps measured"

@@ -85,12 +85,12 @@ def checked_offer_rates(offer_rates: Sequence[float] | None, batch: int) -> list
 def tree_expected_emitted(alpha: float, tries: Sequence[int], later_sibling_alpha: float | None = None) -> float:
     """Expected tokens a step emits with a tree: 1 + sum_L prod_{l <= L} (1 - (1 - alpha)(1 - beta)^(tries[l] - 1)).
 
-    The first child tried at a node is accepted with the sequence's per-token rate alpha, as a chain's draft is;
-    each later sibling, tried only after its elders were rejected, with ``later_sibling_alpha`` beta (alpha when not
-    given). Measured with Qwen2.5-Coder-0.5B drafting for 1.5B (`python -m bench.tree_anatomy`), later siblings
-    are accepted well below alpha (0.29-0.35 against first tries' 0.63-0.81 on ShareGPT prompts), so the router
-    measures beta apart. An approximation still: levels are independent, and the rates do not depend on depth or
-    on which sibling it is. For a chain (every tries[l] = 1) it is `expected_emitted` exactly.
+    `tries[l]`: the candidates recursive rejection tries at level l below the accepted path. The first try at a
+    node is accepted with the sequence's per-token rate alpha, as a chain's draft is; each later sibling with
+    ``later_sibling_alpha`` beta (alpha when not given). Later siblings are accepted well below alpha (measured in
+    bench/tree_anatomy.md), so the router measures beta apart. An approximation still: levels are independent, and
+    the rates do not depend on depth or on which sibling it is. For a chain (every tries[l] = 1) it is
+    `expected_emitted` exactly.
     """
     beta = alpha if later_sibling_alpha is None else later_sibling_alpha
     for name, rate in (("alpha", alpha), ("later_sibling_alpha", beta)):

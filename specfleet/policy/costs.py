@@ -21,12 +21,10 @@ TOKEN_BUCKET = 0.5
 MIN_STEP_MS = 1e-6
 """Floor on a predicted step, so an all-zero cost model cannot divide by zero."""
 PADDING_SHARE = 0.4
-"""Share of a padded token's verify cost that a plan pays for each row shorter than its widest. The target
-pads each attention group to its widest row: the padding costs attention but no projections or MLP, and
-splitting ragged rows into several groups costs extra calls. Measured on the CPU with SmolLM2-135M
-(`python -m bench.mixed_depths`): mixed plans cost between their real and their fully padded token counts,
-0.12-0.49 of the way, mostly 0.15-0.35. Priced at their real tokens alone they ran 3-38% over their price, and
-plans predicted 1-3% better than one depth for all ran slower; a share near the top keeps them honest."""
+"""Share of a padded token's verify cost that a plan pays for each row shorter than its widest. The target pads
+each attention group to its widest row, which costs attention but no projections or MLP, so ragged plans cost
+between their real and their fully padded token counts (measured in bench/mixed_depths.md); priced at their real
+tokens alone they looked better than one depth for all and ran slower, so the share sits near the top."""
 MIN_CELL_SAMPLES = 3
 """Samples a (batch, tokens) cell needs before its median counts as measured. A single slow call (a cold cache,
 a pause) must not make a depth look expensive: the policy would stop choosing it and so never measure it again."""
@@ -86,13 +84,15 @@ class AnalyticCost:
 
 
 DEFAULT_COSTS: Mapping[str, CostFn] = MappingProxyType({
-    # Rough CPU numbers for SmolLM2-135M: one token at batch 1 is 25 ms; 8 tokens at batch 1 about 1.45x
-    # that; 8 tokens at batch 16 about 2.2x one token at batch 16. A fixed + per-sequence + per-token form
-    # fits all three (a single per-token slope cannot); no knee is visible on CPU.
+    # SmolLM2-135M verifying on a CPU (the timings it fits are in bench/step_costs.md): one and eight tokens at
+    # batch 1 and eight at batch 16 need a fixed + per-sequence + per-token form (a single per-token slope cannot
+    # fit them all); no knee shows on a CPU.
     "target": AnalyticCost(fixed_ms=16.7, per_seq_ms=6.7, per_token_ms=1.6),
-    "draft": AnalyticCost(fixed_ms=0.8, per_token_ms=0.025),  # ngram lookup: about 1 ms a call
+    "draft": AnalyticCost(fixed_ms=0.8, per_token_ms=0.025),  # an n-gram lookup, nearly free
     "overhead": AnalyticCost(fixed_ms=3.0),  # gRPC and bookkeeping of a router step
 })
+"""Each role's cost until telemetry measures it; a measured role keeps the default's shape only where it has no
+samples (see `CostModel`)."""
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DRAFT_HURDLE = 0.1
-"""The smallest predicted gain over plain decoding for which the router's policy drafts at all (`min_gain`).
-A prediction is a fit of noisy timings: where drafting is predicted to gain a few percent, the gain is within
-the model's error and the real sign can be either. Measured on the CPU with SmolLM2-135M and the n-gram
-drafter (`python -m bench.adaptive`): at batch 16 and 32 plans predicted 3-10% above plain decoding ran
-10-25% below it, while at batch 1-4, where drafting pays, the median predicted gain was 14-25%. It also holds
-back some plans that would have gained (at batch 4, predicted 2-10%, measured 7-9%): a fixed margin cannot tell
-where the model is optimistic from where it is right. The router therefore scales the predicted gain by how its own
-drafting steps at that batch size measured against their predictions (the `calibration` argument) before it
-applies the hurdle."""
+"""The smallest predicted gain over plain decoding for which the router drafts at all (its `min_gain`). A
+prediction is a fit of noisy timings: where it promises a few percent the real sign can be either, and at large
+batch such plans ran slower than plain decoding (measured in bench/adaptive.md). A fixed margin also holds back
+some plans that would have gained, so the router first scales each predicted gain by how its own drafting steps
+measured against their predictions (`calibration`)."""
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,27 @@ per-sequence (accepted, rejections) and (offers, misses) counts; `DepthPolicy` h
 the router.
 
 The parts, each a plain module:
-- `costs`: the cost model, fitted from telemetry (`CostModel`, `CostSample`);
+- `costs`: the cost model, fitted from telemetry (`CostModel`, `CostSample`), and `price_step`, which prices a
+  step of depth plans and tree budgets alike;
 - `acceptance`: per-sequence acceptance and offer rates, and the tokens a step is expected to emit;
-- `depths`: a plan's predicted goodput and the search for the best depths (`choose_depths`);
+- `hurdle`: the margin a drafting plan must beat plain decoding by (`DRAFT_HURDLE`, `apply_hurdle`);
+- `depths`: a plan's predicted goodput and the searches for the best depths (`choose_depths`), each a function
+  returning a plan;
 - `tree_budget`: the same for draft trees, a node budget per step (`choose_tree_plan`);
 - `depth_policy`: `DepthPolicy`, which holds the fitted state for the router.
+
+Decisions (`DepthDecision`, `TreeDecision`) carry the predictions and what their `describe()` needs to write the
+reason; the searches write no text.
 """
 
-from specfleet.policy.acceptance import MAX_ALPHA, MIN_OFFER_RATE, acceptance_estimate, expected_emitted, offer_estimate
+from specfleet.policy.acceptance import (
+    MAX_ALPHA,
+    MIN_OFFER_RATE,
+    acceptance_estimate,
+    expected_emitted,
+    offer_estimate,
+    tree_expected_emitted,
+)
 from specfleet.policy.costs import (
     DEFAULT_COSTS,
     MIN_CELL_SAMPLES,
@@ -39,11 +52,11 @@ from specfleet.policy.costs import (
     CostSample,
     CostTable,
     StepCosts,
+    price_step,
     verified_drafts,
 )
 from specfleet.policy.depth_policy import MODES, DepthPolicy
 from specfleet.policy.depths import (
-    DRAFT_HURDLE,
     DepthDecision,
     choose_depths,
     choose_depths_for_latency,
@@ -52,12 +65,14 @@ from specfleet.policy.depths import (
     plan_step_ms,
     plan_time_per_token,
 )
-from specfleet.policy.tree_budget import TreeDecision, TreePlan, choose_tree_plan, tree_expected_emitted
+from specfleet.policy.hurdle import DRAFT_HURDLE, HeldBack, apply_hurdle
+from specfleet.policy.tree_budget import TreeDecision, TreePlan, choose_tree_plan
 
 __all__ = [
     "DEFAULT_COSTS", "DRAFT_HURDLE", "MAX_ALPHA", "MIN_CELL_SAMPLES", "MIN_OFFER_RATE", "MIN_STEP_MS", "MODES",
     "PADDING_SHARE", "ROLES", "TOKEN_BUCKET", "AnalyticCost", "CostFn", "CostModel", "CostSample", "CostTable",
-    "DepthDecision", "DepthPolicy", "StepCosts", "TreeDecision", "TreePlan", "acceptance_estimate", "choose_depths",
-    "choose_depths_for_latency", "choose_tree_plan", "expected_emitted", "offer_estimate", "pinned_decision",
-    "plan_goodput", "plan_step_ms", "plan_time_per_token", "tree_expected_emitted", "verified_drafts",
+    "DepthDecision", "DepthPolicy", "HeldBack", "StepCosts", "TreeDecision", "TreePlan", "acceptance_estimate",
+    "apply_hurdle", "choose_depths", "choose_depths_for_latency", "choose_tree_plan", "expected_emitted",
+    "offer_estimate", "pinned_decision", "plan_goodput", "plan_step_ms", "plan_time_per_token", "price_step",
+    "tree_expected_emitted", "verified_drafts",
 ]

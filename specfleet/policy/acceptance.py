@@ -1,10 +1,14 @@
 """The acceptance model: each sequence's acceptance rate alpha and offer rate m, and what a step emits.
 
 Rates are maximum-likelihood estimates from a sequence's own counts, shrunk toward the fleet's so that a new
-sequence starts at the fleet rate (`acceptance_estimate`, `offer_estimate`).
+sequence starts at the fleet rate (`acceptance_estimate`, `offer_estimate`). In a draft tree, a node's first
+child is its *first try*, accepted at alpha as a chain's draft is; each *later sibling*, tried only after its
+elders were rejected, has a rate of its own, beta (`tree_expected_emitted`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 MAX_ALPHA = 0.999
 """Acceptance estimates are capped below 1 so a lucky streak never makes unbounded depth look free."""
@@ -64,3 +68,36 @@ def expected_emitted(alpha: float, depth: int, offer_rate: float = 1.0) -> float
         raise ValueError(f"depth must be >= 0, got {depth}")
     drafts = float(depth) if alpha == 1.0 else (alpha - alpha ** (depth + 1)) / (1.0 - alpha)
     return 1.0 + offer_rate * drafts
+
+
+def checked_offer_rates(offer_rates: Sequence[float] | None, batch: int) -> list[float]:
+    """Given offer rates, checked (one per sequence, each in (0, 1]); all 1 when not given."""
+    if offer_rates is None:
+        return [1.0] * batch
+    rates = [float(m) for m in offer_rates]
+    if len(rates) != batch:
+        raise ValueError(f"offer_rates must have one entry per sequence ({batch}), got {len(rates)}")
+    if any(not 0.0 < m <= 1.0 for m in rates):
+        raise ValueError(f"offer rates must be in (0, 1], got {rates}")
+    return rates
+
+
+def tree_expected_emitted(alpha: float, tries: Sequence[int], later_sibling_alpha: float | None = None) -> float:
+    """Expected tokens a step emits with a tree: 1 + sum_L prod_{l <= L} (1 - (1 - alpha)(1 - beta)^(tries[l] - 1)).
+
+    `tries[l]`: the candidates recursive rejection tries at level l below the accepted path. The first try at a
+    node is accepted with the sequence's per-token rate alpha, as a chain's draft is; each later sibling with
+    ``later_sibling_alpha`` beta (alpha when not given). Later siblings are accepted well below alpha (measured in
+    bench/tree_anatomy.md), so the router measures beta apart. An approximation still: levels are independent, and
+    the rates do not depend on depth or on which sibling it is. For a chain (every tries[l] = 1) it is
+    `expected_emitted` exactly.
+    """
+    beta = alpha if later_sibling_alpha is None else later_sibling_alpha
+    for name, rate in (("alpha", alpha), ("later_sibling_alpha", beta)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {rate}")
+    total, reach = 1.0, 1.0
+    for b in tries:
+        reach *= 1.0 - (1.0 - alpha) * (1.0 - beta) ** (b - 1)
+        total += reach
+    return total

@@ -21,12 +21,10 @@ TOKEN_BUCKET = 0.5
 MIN_STEP_MS = 1e-6
 """Floor on a predicted step, so an all-zero cost model cannot divide by zero."""
 PADDING_SHARE = 0.4
-"""Share of a padded token's verify cost that a plan pays for each row shorter than its widest. The target
-pads each attention group to its widest row: the padding costs attention but no projections or MLP, and
-splitting ragged rows into several groups costs extra calls. Measured on the CPU with SmolLM2-135M
-(`python -m bench.mixed_depths`): mixed plans cost between their real and their fully padded token counts,
-0.12-0.49 of the way, mostly 0.15-0.35. Priced at their real tokens alone they ran 3-38% over their price, and
-plans predicted 1-3% better than one depth for all ran slower; a share near the top keeps them honest."""
+"""Share of a padded token's verify cost that a plan pays for each row shorter than its widest. The target pads
+each attention group to its widest row, which costs attention but no projections or MLP, so ragged plans cost
+between their real and their fully padded token counts (measured in bench/mixed_depths.md); priced at their real
+tokens alone they looked better than one depth for all and ran slower, so the share sits near the top."""
 MIN_CELL_SAMPLES = 3
 """Samples a (batch, tokens) cell needs before its median counts as measured. A single slow call (a cold cache,
 a pause) must not make a depth look expensive: the policy would stop choosing it and so never measure it again."""
@@ -86,13 +84,15 @@ class AnalyticCost:
 
 
 DEFAULT_COSTS: Mapping[str, CostFn] = MappingProxyType({
-    # Rough CPU numbers for SmolLM2-135M: one token at batch 1 is 25 ms; 8 tokens at batch 1 about 1.45x
-    # that; 8 tokens at batch 16 about 2.2x one token at batch 16. A fixed + per-sequence + per-token form
-    # fits all three (a single per-token slope cannot); no knee is visible on CPU.
+    # SmolLM2-135M verifying on a CPU (the timings it fits are in bench/step_costs.md): one and eight tokens at
+    # batch 1 and eight at batch 16 need a fixed + per-sequence + per-token form (a single per-token slope cannot
+    # fit them all); no knee shows on a CPU.
     "target": AnalyticCost(fixed_ms=16.7, per_seq_ms=6.7, per_token_ms=1.6),
-    "draft": AnalyticCost(fixed_ms=0.8, per_token_ms=0.025),  # ngram lookup: about 1 ms a call
+    "draft": AnalyticCost(fixed_ms=0.8, per_token_ms=0.025),  # an n-gram lookup, nearly free
     "overhead": AnalyticCost(fixed_ms=3.0),  # gRPC and bookkeeping of a router step
 })
+"""Each role's cost until telemetry measures it; a measured role keeps the default's shape only where it has no
+samples (see `CostModel`)."""
 
 
 @dataclass(frozen=True)
@@ -113,23 +113,15 @@ class StepCosts:
     """Predicted costs of one step at a fixed batch size, precomputed for the depth search.
 
     `target_ms[n]`: Verify with n draft tokens in total (tokens per sequence 1 + n / batch), linear in
-    between for an expected (fractional) total, see `target_at`; a plan whose rows differ in width is also
-    charged for its padding, see `verified_drafts`;
-    `draft_ms[d]`: Propose with largest depth d (0.0 at d = 0: nothing is drafted); `overhead_ms[d]`: the rest
-    of a step whose largest depth is d.
+    between for an expected (fractional) total, see `target_at`; `draft_ms[d]`: Propose with largest depth d (0.0
+    at d = 0: nothing is drafted); `overhead_ms[d]`: the rest of a step whose largest depth is d. `price_step`
+    adds them up for one plan.
     """
 
     batch_size: int
     target_ms: tuple[float, ...]
     draft_ms: tuple[float, ...]
     overhead_ms: tuple[float, ...]
-
-    def step_ms(self, max_depth: int, total_drafts: float, widest_total: float | None = None) -> float:
-        """A step whose largest depth is `max_depth` verifying `total_drafts` draft tokens in all, where
-        `widest_total` would be verified if every sequence drafted `max_depth` (None: they all do, no padding)."""
-        widest = total_drafts if widest_total is None else widest_total
-        return (self.draft_ms[max_depth] + self.target_at(verified_drafts(total_drafts, widest))
-                + self.overhead_ms[max_depth])
 
     def padded_targets(self, totals: Iterable[float], widest_total: float) -> Iterator[float]:
         """`target_at(verified_drafts(t, widest_total))` for each total t <= widest_total, with no Python call
@@ -143,6 +135,19 @@ class StepCosts:
             return self.target_ms[min(whole, len(self.target_ms) - 1)]
         low = self.target_ms[whole]
         return low + (total_drafts - whole) * (self.target_ms[whole + 1] - low)
+
+
+def price_step(steps: StepCosts, levels: int, drafts: float, widest: float | None = None) -> float:
+    """Predicted ms of a step: draft at its largest depth `levels` (0: nothing is drafted), target at 1 + the
+    mean draft tokens verified per sequence plus the padding charge of `verified_drafts`, overhead at `levels`.
+
+    `drafts`: the draft tokens verified in all (expected, so fractional with offer rates under 1); `widest`: what
+    would be verified if every row were as wide as the widest (None: all are, no padding). Depth plans and tree
+    budgets are priced alike: a tree of n nodes is verified in one forward over every node, so it costs what a
+    chain of n tokens does, its drafting and overhead what a chain as deep as its levels does.
+    """
+    padded = verified_drafts(drafts, drafts if widest is None else widest)
+    return steps.draft_ms[levels] + steps.target_at(padded) + steps.overhead_ms[levels]
 
 
 def verified_drafts(total_drafts: float, widest_total: float) -> float:

@@ -18,7 +18,7 @@ class _Fitted:
     costs: CostModel
     fleet_alpha: float
     fleet_offer_rate: float = 1.0
-    fleet_sibling_alpha: float | None = None  # None until a tree's later sibling has been tried
+    fleet_later_sibling_alpha: float | None = None  # None until a tree's later sibling has been tried
 
 
 class DepthPolicy:
@@ -90,20 +90,20 @@ class DepthPolicy:
         return self._state.fleet_offer_rate
 
     def update(self, samples: Iterable[CostSample], fleet_accepted: int, fleet_rejections: int,
-               fleet_offers: int = 0, fleet_misses: int = 0, fleet_sibling_accepted: int = 0,
-               fleet_sibling_rejected: int = 0) -> None:
+               fleet_offers: int = 0, fleet_misses: int = 0, fleet_later_siblings_accepted: int = 0,
+               fleet_later_siblings_rejected: int = 0) -> None:
         """Refit from the recent window of cost samples (the whole window, each time) and the fleet's
         acceptance and offer counts: ``fleet_accepted``/``fleet_rejections`` of first tries (every draft of a
-        chain), ``fleet_sibling_*`` of trees' later siblings. An empty window means the defaults; when
+        chain), ``fleet_later_siblings_*`` of trees' later siblings. An empty window means the defaults; when
         telemetry cannot be read, skip the call and the last model stays."""
         costs = CostModel.fit(samples, self._defaults, max_tokens=max(33, self.max_depth + 1))
         alpha = acceptance_estimate(fleet_accepted, fleet_rejections, self.default_alpha, self.prior_weight)
         offer_rate = offer_estimate(fleet_offers, fleet_misses, 1.0, self.prior_weight)
-        sibling_alpha = None
-        if fleet_sibling_accepted + fleet_sibling_rejected:
-            sibling_alpha = acceptance_estimate(fleet_sibling_accepted, fleet_sibling_rejected, alpha,
-                                                self.prior_weight)
-        self._state = _Fitted(costs, alpha, offer_rate, sibling_alpha)  # one reference swap: atomic
+        later_sibling_alpha = None
+        if fleet_later_siblings_accepted + fleet_later_siblings_rejected:
+            later_sibling_alpha = acceptance_estimate(fleet_later_siblings_accepted, fleet_later_siblings_rejected,
+                                                      alpha, self.prior_weight)
+        self._state = _Fitted(costs, alpha, offer_rate, later_sibling_alpha)  # one reference swap: atomic
 
     def alphas(self, per_sequence_counts: Sequence[tuple[int, int]]) -> list[float]:
         """Each sequence's acceptance estimate from its (accepted, rejections) counts."""
@@ -145,18 +145,18 @@ class DepthPolicy:
     def choose_tree(self, per_sequence_counts: Sequence[tuple[int, int]],
                     candidates: Sequence[Sequence[TreePlan]],
                     offer_counts: Sequence[tuple[int, int]] | None = None, calibration: float = 1.0,
-                    sibling_counts: Sequence[tuple[int, int]] | None = None) -> TreeDecision:
+                    later_sibling_counts: Sequence[tuple[int, int]] | None = None) -> TreeDecision:
         """The best of ``candidates`` (each one plan per sequence) for one step; see `choose_tree_plan`.
-        ``sibling_counts[i]``: sequence i's (accepted, rejected) later siblings, their rate shrunk toward the
+        ``later_sibling_counts[i]``: sequence i's (accepted, rejected) later siblings, their rate shrunk toward the
         fleet's; until any later sibling has been tried anywhere, each sequence's own alpha stands in for it."""
         state = self._state
         alphas = self._alphas(per_sequence_counts, state.fleet_alpha)
         rates = self._offer_rates(offer_counts, state.fleet_offer_rate, len(alphas))
-        sibling_counts = sibling_counts or [(0, 0)] * len(alphas)
-        if len(sibling_counts) != len(alphas):
-            raise ValueError(f"sibling_counts must have one entry per sequence ({len(alphas)}), "
-                             f"got {len(sibling_counts)}")
-        betas = [acceptance_estimate(a, r, state.fleet_sibling_alpha if state.fleet_sibling_alpha is not None
-                                     else alpha, self.prior_weight)
-                 for (a, r), alpha in zip(sibling_counts, alphas, strict=True)]
+        later_sibling_counts = later_sibling_counts or [(0, 0)] * len(alphas)
+        if len(later_sibling_counts) != len(alphas):
+            raise ValueError(f"later_sibling_counts must have one entry per sequence ({len(alphas)}), "
+                             f"got {len(later_sibling_counts)}")
+        fleet_beta = state.fleet_later_sibling_alpha
+        betas = [acceptance_estimate(a, r, alpha if fleet_beta is None else fleet_beta, self.prior_weight)
+                 for (a, r), alpha in zip(later_sibling_counts, alphas, strict=True)]
         return choose_tree_plan(alphas, state.costs, candidates, rates, self.min_gain, calibration, betas)

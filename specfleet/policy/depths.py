@@ -1,9 +1,12 @@
-"""Depth plans: predicted goodput and time per token of a plan, and the search for the best depths.
+"""Depth plans: predicted goodput and time per token of a plan, and the searches for the best depths.
 
-A plan gives each live sequence a depth for one step. `choose_depths` maximises predicted goodput (expected
-tokens emitted over predicted step time), `choose_depths_for_latency` minimises time per output token above
-a goodput floor, `pinned_decision` reports the predictions for a fixed depth. Drafting must beat plain
-decoding by `min_gain` (see `DRAFT_HURDLE`) to be chosen.
+A plan gives each live sequence a depth for one step. Each search is a function of one step's `DepthProblem`
+(acceptance and offer rates, depth caps, step costs) that returns a plan: `throughput_plan` maximises predicted
+goodput (expected tokens emitted over predicted step time), `latency_plan` minimises time per output token above a
+goodput floor, `uniform_plan` and `uniform_latency_plan` do the same with one depth for the whole batch, and
+`pinned_plan` is a fixed depth. The entry points (`choose_depths`, `choose_depths_for_latency`, `pinned_decision`)
+run one, let plain decoding take the place of a plan whose gain is under the hurdle (`apply_hurdle`), and return
+a `DepthDecision`, whose `describe()` writes the reason.
 """
 
 from __future__ import annotations
@@ -12,34 +15,25 @@ import math
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import accumulate, compress, repeat
 from operator import add, mul, sub, truediv
+from typing import NamedTuple
 
-from specfleet.policy.acceptance import expected_emitted
-from specfleet.policy.costs import CostModel, StepCosts
-
-DRAFT_HURDLE = 0.1
-"""The smallest predicted gain over plain decoding for which the router's policy drafts at all (`min_gain`).
-A prediction is a fit of noisy timings: where drafting is predicted to gain a few percent, the gain is within
-the model's error and the real sign can be either. Measured on the CPU with SmolLM2-135M and the n-gram
-drafter (`python -m bench.adaptive`): at batch 16 and 32 plans predicted 3-10% above plain decoding ran
-10-25% below it, while at batch 1-4, where drafting pays, the median predicted gain was 14-25%. It also holds
-back some plans that would have gained (at batch 4, predicted 2-10%, measured 7-9%): a fixed margin cannot tell
-where the model is optimistic from where it is right. The router therefore scales the predicted gain by how its own
-drafting steps at that batch size measured against their predictions (the `calibration` argument) before it
-applies the hurdle."""
+from specfleet.policy.acceptance import checked_offer_rates, expected_emitted
+from specfleet.policy.costs import CostModel, StepCosts, price_step
+from specfleet.policy.hurdle import HeldBack, apply_hurdle, calibration_note, check_hurdle
 
 
 def plan_step_ms(costs: CostModel, depths: Sequence[int], offer_rates: Sequence[float] | None = None) -> float:
-    """Predicted ms of a step: draft at the largest depth (if any), target at 1 + the mean expected draft
-    tokens offered (depth times offer rate) plus the padding charge of `verified_drafts`, overhead; read off
-    `StepCosts`, as the depth search does."""
+    """Predicted ms of a step (`price_step`): draft at the largest depth (if any), target at 1 + the mean expected
+    draft tokens offered (depth times offer rate) plus the padding charge, overhead; as the depth search prices it."""
     batch = len(depths)
     if batch == 0:
         return 0.0
     deepest = max(depths)
     rates = checked_offer_rates(offer_rates, batch)
-    return costs.step_costs(batch, deepest).step_ms(deepest, sum(map(mul, rates, depths)), deepest * sum(rates))
+    return price_step(costs.step_costs(batch, deepest), deepest, sum(map(mul, rates, depths)), deepest * sum(rates))
 
 
 def plan_goodput(alphas: Sequence[float], depths: Sequence[int], costs: CostModel,
@@ -72,21 +66,22 @@ def _check_plan(alphas: Sequence[float], depths: Sequence[int], offer_rates: Seq
     return checked_offer_rates(offer_rates, len(alphas))
 
 
-def checked_offer_rates(offer_rates: Sequence[float] | None, batch: int) -> list[float]:
-    """Given offer rates, checked (one per sequence, each in (0, 1]); all 1 when not given."""
-    if offer_rates is None:
-        return [1.0] * batch
-    rates = [float(m) for m in offer_rates]
-    if len(rates) != batch:
-        raise ValueError(f"offer_rates must have one entry per sequence ({batch}), got {len(rates)}")
-    if any(not 0.0 < m <= 1.0 for m in rates):
-        raise ValueError(f"offer rates must be in (0, 1], got {rates}")
-    return rates
+class DepthPlan(NamedTuple):
+    """Depths for one step and what they are predicted to do (the leading fields of a `DepthDecision`)."""
+
+    depths: tuple[int, ...]
+    """Per sequence, in the order given."""
+    goodput: float
+    """Predicted tokens per second."""
+    step_ms: float
+    """Predicted ms of the step."""
+    time_per_token_ms: float
+    """Predicted ms per output token, averaged over the sequences."""
 
 
 @dataclass(frozen=True)
 class DepthDecision:
-    """The depths for one step and the predictions behind them (for logs and metrics)."""
+    """The depths for one step, the predictions behind them, and what `describe` needs to say why."""
 
     depths: tuple[int, ...]
     """Per sequence, in the order given."""
@@ -98,8 +93,51 @@ class DepthDecision:
     """Predicted ms per output token, averaged over the sequences."""
     uniform_goodput: tuple[float, ...]
     """Predicted tokens per second if every sequence used depth d, for d = 0..max_depth."""
-    reason: str
-    """One human-readable line: the choice against the uniform alternatives."""
+    mode: str = "throughput"
+    """What the depths were chosen for: "throughput", "latency" or "pinned" (a fixed depth)."""
+    min_goodput: float = 0.0
+    """Latency mode's goodput floor in tokens/s (0: none)."""
+    floor_met: bool = True
+    """Latency mode: whether any plan reaches the floor (if none does, these are the best-goodput depths)."""
+    held_back: HeldBack | None = None
+    """The drafting plan that gave way to plain decoding (these depths), its gain under the hurdle; None if none."""
+    calibration: float = 1.0
+    """The factor drafting's predicted gain was scaled by before the hurdle (1: as predicted)."""
+
+    @cached_property
+    def reason(self) -> str:
+        """`describe()`, written once."""
+        return self.describe()
+
+    def describe(self) -> str:
+        """One human-readable line: the choice against the uniform alternatives, and why."""
+        depths = self.depths
+        if not depths:
+            return "no sequences"
+        lo, hi = min(depths), max(depths)
+        if lo == hi:
+            head = f"{'pinned ' if self.mode == 'pinned' else ''}{_depth_span(depths)} ({self.goodput:.0f} tok/s) vs "
+            others = ", ".join(f"{d}: {g:.0f}" for d, g in enumerate(self.uniform_goodput) if d != lo)
+        else:
+            head = f"{_depth_span(depths)} (mean {sum(depths) / len(depths):.1f}, {self.goodput:.0f} tok/s) vs uniform "
+            others = ", ".join(f"{d}: {g:.0f}" for d, g in enumerate(self.uniform_goodput))
+        reason = head + (others or "nothing else")
+        if self.held_back is not None:
+            reason += self.held_back.note(_depth_span(self.held_back.depths))
+        if hi > 0:
+            reason += calibration_note(self.calibration)
+        if self.mode == "latency":
+            reason += f"; {self.time_per_token_ms:.1f} ms/token per sequence"
+            if self.min_goodput > 0:
+                reason += f", floor {self.min_goodput:.0f} tok/s " + ("met" if self.floor_met
+                                                                     else "unreachable: best goodput plan")
+        return reason
+
+
+def _depth_span(depths: Sequence[int]) -> str:
+    """"depth 3" for one depth, "depths 1-4" for a spread."""
+    lo, hi = min(depths), max(depths)
+    return f"depth {lo}" if lo == hi else f"depths {lo}-{hi}"
 
 
 class _Margins:
@@ -112,7 +150,7 @@ class _Margins:
     are equal (every drafter always offers, or all offer alike).
     """
 
-    def __init__(self, alphas: Sequence[float], limits: Sequence[int], max_depth: int, latency: bool,
+    def __init__(self, alphas: Sequence[float], limits: Sequence[int], max_depth: int,
                  offer_rates: Sequence[float]) -> None:
         batch = len(alphas)
         everyone = list(range(batch))
@@ -123,8 +161,6 @@ class _Margins:
         self.k: list[int] = []
         self.gain: list[float] = []
         self.weight: list[float] = []
-        self.latency_gain: list[float] = []
-        prev_latency = [math.inf] * batch
         for k in range(1, max_depth + 1):
             power = list(map(mul, power, alphas))
             live = [i for i in everyone if limits[i] >= k]
@@ -138,13 +174,23 @@ class _Margins:
                 self.weight.extend(offer_rates[i] for i in live)
             self.seq.extend(live)
             self.k.extend([k] * len(live))
-            if latency:
-                # Running min: rounding must never make a later token look better than an earlier one.
-                prev_latency = [min(1.0 / e - 1.0 / g, prev)
-                                for e, g, prev in zip(emitted, grown, prev_latency, strict=True)]
-                self.latency_gain.extend(prev_latency[i] for i in live)
             emitted = grown
             self.emitted_by_depth.append(emitted)
+
+    @cached_property
+    def latency_gain(self) -> list[float]:
+        """Each item's latency gain, in the items' order (worked out when a latency search first asks)."""
+        gains: list[float] = []
+        running = [math.inf] * len(self.emitted_by_depth[0])
+        start = 0
+        for k in range(1, len(self.emitted_by_depth)):
+            # Running min: rounding must never make a later token look better than an earlier one.
+            running = [min(1.0 / e - 1.0 / g, prev) for e, g, prev
+                       in zip(self.emitted_by_depth[k - 1], self.emitted_by_depth[k], running, strict=True)]
+            end = bisect_right(self.k, k, start)
+            gains.extend(map(running.__getitem__, self.seq[start:end]))
+            start = end
+        return gains
 
 
 def _ranked(gains: list[float], weights: list[float]) -> list[int]:
@@ -195,7 +241,7 @@ def _search(margins: _Margins, orders: list[list[int]], steps: StepCosts, max_de
     """
     batch = steps.batch_size
     floor_per_ms = min_goodput / 1000.0
-    plain = steps.step_ms(0, 0)
+    plain = price_step(steps, 0, 0.0)
     feasible = batch >= floor_per_ms * plain
     # Score, maximised: throughput is tokens per ms; latency is minus the mean ms per token.
     best_score = (-plain if feasible else -math.inf) if latency else batch / plain
@@ -247,127 +293,135 @@ def _search(margins: _Margins, orders: list[list[int]], steps: StepCosts, max_de
     return best, feasible
 
 
-def _uniform_depths(limits: Sequence[int], depth: int) -> list[int]:
-    return [min(depth, lim) for lim in limits]
+class DepthProblem:
+    """One step's depth search, set up once for every search to read: each sequence's acceptance rate, offer
+    rate and depth cap, the step costs at this batch size, each sequence's expected tokens by depth and the marginal
+    gain of each draft token (`_Margins`), and the predicted goodput of each depth for all."""
 
+    def __init__(self, alphas: Sequence[float], costs: CostModel, max_depth: int, caps: Sequence[int],
+                 rates: Sequence[float]) -> None:
+        """Checked inputs (see `of`), one or more sequences."""
+        self.size = len(alphas)
+        self.max_depth = max_depth
+        self.caps = caps
+        self.rates = rates
+        self.offered = sum(rates)  # what everyone at depth D verifies, over D
+        self.deepest = max(caps)
+        self.steps = costs.step_costs(self.size, max_depth)
+        self.margins = _Margins(alphas, caps, max_depth, rates)
+        self.uniform_goodput = tuple(map(self._uniform_goodput, range(max_depth + 1)))
 
-def _decide(alphas: Sequence[float], costs: CostModel, max_depth: int, limits: Sequence[int] | None,
-            latency: bool, min_goodput: float, uniform: bool, pinned: int | None,
-            offer_rates: Sequence[float] | None, min_gain: float = 0.0, calibration: float = 1.0) -> DepthDecision:
-    alphas = [float(a) for a in alphas]
-    if any(not 0.0 <= a <= 1.0 for a in alphas):
-        raise ValueError(f"alphas must be in [0, 1], got {alphas}")
-    rates = checked_offer_rates(offer_rates, len(alphas))
-    if max_depth < 0:
-        raise ValueError(f"max_depth must be >= 0, got {max_depth}")
-    if min_goodput < 0:
-        raise ValueError(f"min_goodput must be >= 0, got {min_goodput}")
-    if min_gain < 0:
-        raise ValueError(f"min_gain must be >= 0, got {min_gain}")
-    if not calibration > 0:
-        raise ValueError(f"calibration must be > 0, got {calibration}")
-    batch = len(alphas)
-    if batch == 0:
-        return DepthDecision((), 0.0, 0.0, 0.0, (0.0,) * (max_depth + 1), "no sequences")
-    caps = [max_depth] * batch if limits is None else [min(max(int(lim), 0), max_depth) for lim in limits]
-    if len(caps) != batch:
-        raise ValueError(f"limits must have one entry per sequence ({batch}), got {len(caps)}")
+    @classmethod
+    def of(cls, alphas: Sequence[float], costs: CostModel, max_depth: int, limits: Sequence[int] | None = None,
+           offer_rates: Sequence[float] | None = None) -> DepthProblem | None:
+        """The problem for these sequences, checked; None when there are none. `limits` caps each sequence's depth
+        (room left in the request or the caches), `offer_rates` are all 1 when not given."""
+        alphas = [float(a) for a in alphas]
+        if any(not 0.0 <= a <= 1.0 for a in alphas):
+            raise ValueError(f"alphas must be in [0, 1], got {alphas}")
+        rates = checked_offer_rates(offer_rates, len(alphas))
+        if max_depth < 0:
+            raise ValueError(f"max_depth must be >= 0, got {max_depth}")
+        if not alphas:
+            return None
+        caps = [max_depth] * len(alphas) if limits is None else [min(max(int(lim), 0), max_depth) for lim in limits]
+        if len(caps) != len(alphas):
+            raise ValueError(f"limits must have one entry per sequence ({len(alphas)}), got {len(caps)}")
+        return cls(alphas, costs, max_depth, caps, rates)
 
-    steps = costs.step_costs(batch, max_depth)
-    margins = _Margins(alphas, caps, max_depth, latency and not uniform and pinned is None, rates)
+    def at_depth(self, depth: int) -> list[int]:
+        """Everyone at `depth`, each capped by its own limit."""
+        return [min(depth, cap) for cap in self.caps]
 
-    offered = sum(rates)
-
-    def evaluate(depths: Sequence[int]) -> tuple[float, float, float]:
-        """(goodput tok/s, step ms, mean ms per token) from the precomputed step costs."""
+    def evaluate(self, depths: Sequence[int]) -> DepthPlan:
+        """The plan's predictions, read off the precomputed step costs and expected tokens."""
         deepest = max(depths)
-        step = steps.step_ms(deepest, sum(map(mul, rates, depths)), deepest * offered)
-        emitted = [margins.emitted_by_depth[d][i] for i, d in enumerate(depths)]
-        return 1000.0 * sum(emitted) / step, step, step * sum(1.0 / e for e in emitted) / batch
+        step = price_step(self.steps, deepest, sum(map(mul, self.rates, depths)), deepest * self.offered)
+        by_depth = self.margins.emitted_by_depth
+        emitted = [by_depth[d][i] for i, d in enumerate(depths)]
+        return DepthPlan(tuple(depths), 1000.0 * sum(emitted) / step, step,
+                         step * sum(1.0 / e for e in emitted) / self.size)
 
-    def uniform_goodput_at(depth: int) -> float:
-        """As `evaluate` for everyone at `depth` (capped), read straight off the expected-tokens table."""
-        total = sum(map(mul, rates, map(min, caps, repeat(depth))))
-        widest = min(depth, deepest)
-        return 1000.0 * sum(margins.emitted_by_depth[depth]) / steps.step_ms(widest, total, widest * offered)
+    def _uniform_goodput(self, depth: int) -> float:
+        """`evaluate(at_depth(depth)).goodput`, read straight off the expected-tokens table."""
+        total = sum(map(mul, self.rates, map(min, self.caps, repeat(depth))))
+        widest = min(depth, self.deepest)
+        return (1000.0 * sum(self.margins.emitted_by_depth[depth])
+                / price_step(self.steps, widest, total, widest * self.offered))
 
-    deepest = max(caps)
-    uniform_goodput = tuple(map(uniform_goodput_at, range(max_depth + 1)))
-    floor_met = True
-    if pinned is not None:
-        depths = _uniform_depths(caps, pinned)
-    elif uniform:
-        # The best single depth: throughput maximises goodput; latency minimises time per token above the floor.
-        best_goodput = max(range(max_depth + 1), key=lambda d: (uniform_goodput[d], -d))
-        if latency:
-            ok = [d for d in range(max_depth + 1) if uniform_goodput[d] >= min_goodput]
-            floor_met = bool(ok)
-            chosen = min(ok, key=lambda d: (evaluate(_uniform_depths(caps, d))[2], d)) if ok else best_goodput
-        else:
-            chosen = best_goodput
-        depths = _uniform_depths(caps, chosen)
+
+# --- the searches: each returns a plan -------------------------------------------------------------------
+
+
+def throughput_plan(problem: DepthProblem) -> list[int]:
+    """Per-sequence depths maximising predicted goodput (see `choose_depths`)."""
+    margins = problem.margins
+    by_gain = _ranked(margins.gain, margins.weight)
+    found, _ = _search(margins, [by_gain], problem.steps, problem.max_depth, problem.offered, False, 0.0)
+    return _allocate(margins, by_gain, problem.size, found.cap, found.total)
+
+
+def latency_plan(problem: DepthProblem, min_goodput: float) -> list[int] | None:
+    """Per-sequence depths minimising predicted time per token among plans of at least `min_goodput` tokens/s;
+    None when no plan reaches it (see `choose_depths_for_latency`)."""
+    margins, steps, max_depth, offered = problem.margins, problem.steps, problem.max_depth, problem.offered
+    # First the unconstrained optimum (exact); if it meets the floor it is the answer.
+    by_latency = _ranked(margins.latency_gain, margins.weight)
+    found, _ = _search(margins, [by_latency], steps, max_depth, offered, True, 0.0)
+    depths = _allocate(margins, by_latency, problem.size, found.cap, found.total)
+    if min_goodput <= 0 or problem.evaluate(depths).goodput >= min_goodput:
+        return depths
+    # The floor binds: search the latency-greedy and goodput-greedy allocations with the floor checked per
+    # allocation; the goodput-optimal plan, which meets the floor whenever any plan does, is among them.
+    orders = [by_latency, _ranked(margins.gain, margins.weight)]
+    found, floor_met = _search(margins, orders, steps, max_depth, offered, True, min_goodput)
+    return _allocate(margins, orders[found.order], problem.size, found.cap, found.total) if floor_met else None
+
+
+def uniform_plan(problem: DepthProblem) -> list[int]:
+    """One depth for the whole batch (each sequence capped by its limit): the best predicted goodput, the
+    shallowest on a tie."""
+    goodput = problem.uniform_goodput
+    return problem.at_depth(max(range(problem.max_depth + 1), key=lambda d: (goodput[d], -d)))
+
+
+def uniform_latency_plan(problem: DepthProblem, min_goodput: float) -> list[int] | None:
+    """One depth for the whole batch: the least predicted time per token among depths of at least `min_goodput`
+    tokens/s, the shallowest on a tie; None when no depth reaches it."""
+    ok = [d for d, goodput in enumerate(problem.uniform_goodput) if goodput >= min_goodput]
+    if not ok:
+        return None
+    return problem.at_depth(min(ok, key=lambda d: (problem.evaluate(problem.at_depth(d)).time_per_token_ms, d)))
+
+
+def pinned_plan(problem: DepthProblem, depth: int) -> list[int]:
+    """Everyone at `depth`, each capped by its limit, whatever the predictions say."""
+    return problem.at_depth(depth)
+
+
+# --- the entry points: a search, the hurdle, a decision ----------------------------------------------------
+
+
+def _no_sequences(max_depth: int) -> DepthDecision:
+    return DepthDecision((), 0.0, 0.0, 0.0, (0.0,) * (max_depth + 1))
+
+
+def _with_hurdle(problem: DepthProblem, plan: DepthPlan, min_gain: float, calibration: float,
+                 floor: float | None = None) -> tuple[DepthPlan, HeldBack | None]:
+    """`plan`, or plain decoding in its place when the plan's predicted gain is under the hurdle (`apply_hurdle`).
+    `floor`: latency mode's goodput floor, which plain decoding must meet to take the place (None: throughput
+    mode, where the gain is in goodput rather than in time per token)."""
+    if not any(plan.depths):
+        return plan, None
+    plain = problem.evaluate([0] * problem.size)
+    if floor is None:
+        advantage = plan.goodput / plain.goodput
+    elif plain.goodput < floor:  # latency mode keeps a drafting plan that plain decoding's goodput can't match
+        return plan, None
     else:
-        by_gain = _ranked(margins.gain, margins.weight)
-        if not latency:
-            found, _ = _search(margins, [by_gain], steps, max_depth, offered, False, 0.0)
-            depths = _allocate(margins, by_gain, batch, found.cap, found.total)
-        else:
-            # First the unconstrained optimum (exact); if it meets the floor it is the answer.
-            by_latency = _ranked(margins.latency_gain, margins.weight)
-            found, _ = _search(margins, [by_latency], steps, max_depth, offered, True, 0.0)
-            depths = _allocate(margins, by_latency, batch, found.cap, found.total)
-            if min_goodput > 0 and evaluate(depths)[0] < min_goodput:
-                # The floor binds: search the latency-greedy and goodput-greedy allocations with the floor
-                # checked per allocation; the goodput-optimal plan, which meets the floor whenever any plan
-                # does, is among them. If none meets it: the throughput-maximising plan.
-                orders = [by_latency, by_gain]
-                found, floor_met = _search(margins, orders, steps, max_depth, offered, True, min_goodput)
-                if not floor_met:
-                    orders = [by_gain]
-                    found, _ = _search(margins, orders, steps, max_depth, offered, False, 0.0)
-                depths = _allocate(margins, orders[found.order], batch, found.cap, found.total)
-
-    goodput, step, per_token = evaluate(depths)
-    hurdle = ""
-    if pinned is None and (min_gain > 0 or calibration != 1.0) and any(depths):
-        plain = [0] * batch
-        plain_goodput, plain_step, plain_per_token = evaluate(plain)
-        # Latency mode compares time per token, but keeps a drafting plan that plain decoding's goodput can't match.
-        gain = calibration * (plain_per_token / per_token if latency else goodput / plain_goodput) - 1
-        if gain < min_gain and (not latency or plain_goodput >= min_goodput):
-            hurdle = held_back_note(_depth_span(depths), gain, min_gain, calibration)
-            depths, goodput, step, per_token = plain, plain_goodput, plain_step, plain_per_token
-    reason = _reason(depths, goodput, uniform_goodput, pinned is not None) + hurdle
-    if pinned is None and any(depths) and calibration != 1.0:
-        reason += f"; gain x{calibration:.2f} as drafting steps measured"
-    if latency and pinned is None:
-        reason += f"; {per_token:.1f} ms/token per sequence"
-        if min_goodput > 0:
-            reason += f", floor {min_goodput:.0f} tok/s " + ("met" if floor_met else "unreachable: best goodput plan")
-    return DepthDecision(tuple(depths), goodput, step, per_token, uniform_goodput, reason)
-
-
-def _depth_span(depths: Sequence[int]) -> str:
-    """"depth 3" for one depth, "depths 1-4" for a spread."""
-    lo, hi = min(depths), max(depths)
-    return f"depth {lo}" if lo == hi else f"depths {lo}-{hi}"
-
-
-def held_back_note(what: str, gain: float, min_gain: float, calibration: float = 1.0) -> str:
-    """The reason's note when plain decoding wins because drafting's predicted gain is under the hurdle."""
-    measured = "" if calibration == 1.0 else f" (x{calibration:.2f} as drafting steps measured)"
-    return f"; {what} would gain {gain:.0%}{measured}, under the {min_gain:.0%} hurdle"
-
-
-def _reason(depths: Sequence[int], goodput: float, uniform_goodput: Sequence[float], pinned: bool) -> str:
-    lo, hi = min(depths), max(depths)
-    if lo == hi:
-        head = f"{'pinned ' if pinned else ''}{_depth_span(depths)} ({goodput:.0f} tok/s) vs "
-        others = ", ".join(f"{d}: {g:.0f}" for d, g in enumerate(uniform_goodput) if d != lo)
-    else:
-        head = f"{_depth_span(depths)} (mean {sum(depths) / len(depths):.1f}, {goodput:.0f} tok/s) vs uniform "
-        others = ", ".join(f"{d}: {g:.0f}" for d, g in enumerate(uniform_goodput))
-    return head + (others or "nothing else")
+        advantage = plain.time_per_token_ms / plan.time_per_token_ms
+    held = apply_hurdle(advantage, min_gain, calibration, plan.depths)
+    return (plan, None) if held is None else (plain, held)
 
 
 def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
@@ -390,7 +444,13 @@ def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
     predicted gain over plain decoding before that test: how far measured drafting steps beat their predictions,
     relative to plain ones (see `router.prediction_audit.Calibration`; 1: as predicted).
     """
-    return _decide(alphas, costs, max_depth, limits, False, 0.0, uniform, None, offer_rates, min_gain, calibration)
+    check_hurdle(min_gain, calibration)
+    problem = DepthProblem.of(alphas, costs, max_depth, limits, offer_rates)
+    if problem is None:
+        return _no_sequences(max_depth)
+    depths = uniform_plan(problem) if uniform else throughput_plan(problem)
+    plan, held = _with_hurdle(problem, problem.evaluate(depths), min_gain, calibration)
+    return DepthDecision(*plan, problem.uniform_goodput, held_back=held, calibration=calibration)
 
 
 def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_depth: int, min_goodput: float = 0.0,
@@ -415,8 +475,19 @@ def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_dep
     With `min_gain`, plain decoding wins unless drafting cuts the time per token by that share (and plain decoding
     meets the floor); `calibration` as in `choose_depths`.
     """
-    return _decide(alphas, costs, max_depth, limits, True, min_goodput, uniform, None, offer_rates, min_gain,
-                   calibration)
+    if min_goodput < 0:
+        raise ValueError(f"min_goodput must be >= 0, got {min_goodput}")
+    check_hurdle(min_gain, calibration)
+    problem = DepthProblem.of(alphas, costs, max_depth, limits, offer_rates)
+    if problem is None:
+        return _no_sequences(max_depth)
+    depths = uniform_latency_plan(problem, min_goodput) if uniform else latency_plan(problem, min_goodput)
+    floor_met = depths is not None
+    if depths is None:  # the floor is unreachable: the best goodput
+        depths = uniform_plan(problem) if uniform else throughput_plan(problem)
+    plan, held = _with_hurdle(problem, problem.evaluate(depths), min_gain, calibration, min_goodput)
+    return DepthDecision(*plan, problem.uniform_goodput, mode="latency", min_goodput=min_goodput,
+                            floor_met=floor_met, held_back=held, calibration=calibration)
 
 
 def pinned_decision(alphas: Sequence[float], costs: CostModel, depth: int, *, max_depth: int = 0,
@@ -425,4 +496,7 @@ def pinned_decision(alphas: Sequence[float], costs: CostModel, depth: int, *, ma
     """Every sequence at `depth` (capped by `limits`), with uniform predictions up to max(depth, max_depth)."""
     if depth < 0:
         raise ValueError(f"depth must be >= 0, got {depth}")
-    return _decide(alphas, costs, max(depth, max_depth), limits, False, 0.0, True, depth, offer_rates)
+    problem = DepthProblem.of(alphas, costs, max(depth, max_depth), limits, offer_rates)
+    if problem is None:
+        return _no_sequences(max(depth, max_depth))
+    return DepthDecision(*problem.evaluate(pinned_plan(problem, depth)), problem.uniform_goodput, mode="pinned")

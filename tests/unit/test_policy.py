@@ -30,6 +30,7 @@ from specfleet.policy import (
     plan_goodput,
     plan_step_ms,
     plan_time_per_token,
+    price_step,
 )
 
 REL = 1e-9
@@ -172,7 +173,7 @@ def test_a_drafter_that_rarely_offers_but_is_accepted_drafts_deep_where_verifica
     split = choose_depths([alpha] * 2, costs, 8, offer_rates=[rate] * 2)
     assert max(lumped.depths) < 8 and split.depths == (8, 8)
     # The verify cost is charged for the drafts expected to come: a quarter of 8 per sequence.
-    assert split.step_ms == pytest.approx(costs.step_costs(2, 8).step_ms(8, 2 * 8 * 0.25))
+    assert split.step_ms == pytest.approx(price_step(costs.step_costs(2, 8), 8, 2 * 8 * 0.25))
 
 
 def test_offer_estimate_shrinks_to_the_fleet_rate() -> None:
@@ -312,6 +313,20 @@ def test_the_hurdle_scales_the_predicted_gain_by_the_measured_calibration() -> N
     assert choose_tree_plan(alphas, CostModel(), candidates, calibration=0.9).index == 0
     with pytest.raises(ValueError, match="calibration"):
         choose_depths(alphas, CostModel(), 8, calibration=0.0)
+
+
+def test_a_tree_is_priced_as_a_chain_with_as_many_tokens() -> None:
+    """Depth plans and tree budgets share `price_step`: a candidate of chains costs and yields what the same depth
+    plan does, and a tree of n nodes is verified as n tokens, drafted and overheaded at its levels."""
+    rng = random.Random(400)
+    for alphas, costs, max_depth in _brute_force_cases(0):
+        rates = _random_offer_rates(rng, len(alphas))
+        depths = [rng.randint(0, max_depth) for _ in alphas]
+        chains = choose_tree_plan(alphas, costs, [[TreePlan(d, (1,) * d) for d in depths]], rates)
+        assert chains.step_ms == pytest.approx(plan_step_ms(costs, depths, rates), rel=REL)
+        assert chains.goodput == pytest.approx(plan_goodput(alphas, depths, costs, rates), rel=REL)
+        tree = choose_tree_plan(alphas, costs, [[TreePlan(6, (3, 2))] * len(alphas)])
+        assert tree.step_ms == price_step(costs.step_costs(len(alphas), 6), 2, 6.0 * len(alphas))
 
 
 def test_a_tree_budget_under_the_hurdle_gives_way_to_plain_decoding() -> None:

@@ -80,11 +80,11 @@ def test_count_tries_splits_first_tries_from_later_siblings() -> None:
 
 def test_later_siblings_count_at_their_own_rate() -> None:
     # level 1: the first try 0.6, else the second 0.3: 1 - 0.4 * 0.7; level 2 then a single try at 0.6
-    assert tree_expected_emitted(0.6, (2, 1), sibling_alpha=0.3) == pytest.approx(1 + 0.72 + 0.72 * 0.6)
+    assert tree_expected_emitted(0.6, (2, 1), later_sibling_alpha=0.3) == pytest.approx(1 + 0.72 + 0.72 * 0.6)
     assert tree_expected_emitted(0.6, (3, 2)) == pytest.approx(1 + (1 - 0.4 ** 3) * (1 + (1 - 0.4 ** 2)))
-    assert tree_expected_emitted(0.6, (1, 1), sibling_alpha=0.0) == pytest.approx(expected_emitted(0.6, 2))
-    with pytest.raises(ValueError, match="sibling_alpha"):
-        tree_expected_emitted(0.6, (2,), sibling_alpha=1.5)
+    assert tree_expected_emitted(0.6, (1, 1), later_sibling_alpha=0.0) == pytest.approx(expected_emitted(0.6, 2))
+    with pytest.raises(ValueError, match="later_sibling_alpha"):
+        tree_expected_emitted(0.6, (2,), later_sibling_alpha=1.5)
 
 
 def test_policy_measures_later_siblings_and_prefers_the_chain_when_they_are_rarely_accepted() -> None:
@@ -93,10 +93,11 @@ def test_policy_measures_later_siblings_and_prefers_the_chain_when_they_are_rare
     policy = DepthPolicy(max_depth=4, defaults=flat, prior_weight=8.0)
     policy.update([], fleet_accepted=300, fleet_rejections=700)  # first tries accepted 30% of the time
     assert policy.choose_tree([(0, 0)], [chain_of_two, two_wide]).index == 1  # siblings assumed as likely: wide
-    policy.update([], fleet_accepted=300, fleet_rejections=700, fleet_sibling_accepted=5, fleet_sibling_rejected=95)
+    policy.update([], fleet_accepted=300, fleet_rejections=700, fleet_later_siblings_accepted=5,
+                  fleet_later_siblings_rejected=95)
     assert policy.choose_tree([(0, 0)], [chain_of_two, two_wide]).index == 0  # measured at 5%: the chain
     # A sequence's own siblings count too, shrunk toward the fleet's rate.
-    assert policy.choose_tree([(0, 0)], [chain_of_two, two_wide], sibling_counts=[(400, 100)]).index == 1
+    assert policy.choose_tree([(0, 0)], [chain_of_two, two_wide], later_sibling_counts=[(400, 100)]).index == 1
 
 
 def test_tree_budget_wider_at_small_batch_narrower_at_large() -> None:

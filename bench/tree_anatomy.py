@@ -26,7 +26,7 @@ from specfleet.drafters.model import ModelDrafter
 from specfleet.engine import ModelRunner
 from specfleet.models import load_tokenizer, resolve_model
 from specfleet.policy import acceptance_estimate, tree_expected_emitted
-from specfleet.sampling import SamplingParams
+from specfleet.sampling_params import SamplingParams
 from specfleet.telemetry import AcceptanceCounts
 from specfleet.trees import TreeShape, chain_shape, count_tries, try_outcomes
 from target_service.verifier import Verifier

@@ -28,7 +28,7 @@ from specfleet.drafters import DraftRequest, NgramDrafter
 from specfleet.drafters.model import ModelDrafter
 from specfleet.engine import ModelRunner
 from specfleet.models import load_tokenizer, resolve_model
-from specfleet.sampling import SamplingParams
+from specfleet.sampling_params import SamplingParams
 from specfleet.trees import TreeShape, chain_shape
 from target_service.verifier import Verifier, VerifyItem
 

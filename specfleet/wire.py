@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from specfleet.protos import draft_pb2, generate_pb2, session_pb2
-from specfleet.sampling import SamplingParams
+from specfleet.sampling_params import SamplingParams
 from specfleet.trees import TreeShape
 
 

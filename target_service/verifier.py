@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from specfleet.engine import Extend, ModelRunner, TreeExtend
-from specfleet.sampling import VERIFY_STREAM, SamplingParams, dense_from_pairs, processed_probs, seeded_uniforms
+from specfleet.sampling import VERIFY_STREAM, dense_from_pairs, processed_probs, seeded_uniforms
+from specfleet.sampling_params import SamplingParams
 from specfleet.trees import DraftTree, tree_depths
 from specfleet.verify import verify_chain, verify_greedy, verify_tree, verify_tree_greedy
 

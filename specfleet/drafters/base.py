@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from specfleet.sampling import SamplingParams
+from specfleet.sampling_params import SamplingParams
 from specfleet.trees import TreeShape
 
 

@@ -12,7 +12,7 @@ from specfleet.drafters import DraftRequest, NgramDrafter, find_continuation
 from specfleet.drafters.model import ModelDrafter
 from specfleet.drafters.ngram import find_continuations
 from specfleet.engine import ModelRunner
-from specfleet.sampling import SamplingParams
+from specfleet.sampling_params import SamplingParams
 from specfleet.trees import TreeShape
 
 GREEDY = SamplingParams()

@@ -10,13 +10,13 @@ from specfleet import sampling
 from specfleet.sampling import (
     DRAFT_STREAM,
     VERIFY_STREAM,
-    SamplingParams,
     dense_from_pairs,
     processed_probs,
     sample_from_probs,
     seeded_uniforms,
     top_k_pairs,
 )
+from specfleet.sampling_params import SamplingParams
 
 
 def _process(logits: list[list[float]], temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -22,7 +22,7 @@ from specfleet.policy import (
     tree_expected_emitted,
 )
 from specfleet.protos import draft_pb2
-from specfleet.sampling import SamplingParams
+from specfleet.sampling_params import SamplingParams
 from specfleet.trees import TreeShape, TryCounts, chain_shape, count_tries, parse_branching, try_outcomes
 from specfleet.wire import is_chain, tree_shape_from_proto, tree_shape_to_proto, validate_parents
 from target_service.verifier import Verifier, VerifyItem

@@ -8,7 +8,7 @@ import torch
 
 from specfleet.protos import draft_pb2, generate_pb2, session_pb2
 from specfleet.sampling_params import SamplingParams
-from specfleet.trees import TreeShape
+from specfleet.trees.shapes import ROOT_PARENT, TreeShape
 
 
 def sampling_from_proto(msg: generate_pb2.SamplingParameters) -> SamplingParams:
@@ -72,14 +72,15 @@ def tree_shape_from_proto(msg: draft_pb2.TreeShape, depth: int) -> tuple[TreeSha
 
 
 def validate_parents(parents: Sequence[int], nodes: int, what: str) -> None:
-    """A tree's parent list: one per node, each -1 or an earlier node."""
+    """A tree's parent list: one per node, each ROOT_PARENT (the root) or an earlier node."""
     if len(parents) != nodes:
         raise ValueError(f"{what}: {nodes} nodes but {len(parents)} parents")
     for j, parent in enumerate(parents):
-        if not -1 <= parent < j:
-            raise ValueError(f"{what}: node {j} has parent {parent}; each must be -1 or an earlier node")
+        if not ROOT_PARENT <= parent < j:
+            raise ValueError(f"{what}: node {j} has parent {parent}; each must be {ROOT_PARENT} or an earlier node")
 
 
 def is_chain(parents: Sequence[int]) -> bool:
-    """Whether a tree is a chain (each node the child of the one before): it then travels as a chain."""
-    return all(parent == j - 1 for j, parent in enumerate(parents))
+    """Whether a tree is a chain (each node the child of the one before, the first the root's): it then
+    travels as a chain."""
+    return all(parent == (j - 1 if j else ROOT_PARENT) for j, parent in enumerate(parents))

@@ -12,7 +12,8 @@ import torch
 from specfleet.engine import Extend, ModelRunner, TreeExtend
 from specfleet.sampling import VERIFY_STREAM, dense_from_pairs, processed_probs, seeded_uniforms
 from specfleet.sampling_params import SamplingParams
-from specfleet.trees import DraftTree, tree_depths
+from specfleet.trees.shapes import PAD_TOKEN, ROOT_PARENT
+from specfleet.trees.structure import DraftTree, tree_depths
 from specfleet.verify import verify_chain, verify_greedy, verify_tree, verify_tree_greedy
 
 
@@ -26,7 +27,7 @@ class VerifyItem:
     draft_probs: tuple[torch.Tensor, torch.Tensor] | None
     sampling: SamplingParams
     seed: int = 0
-    # For a tree: each draft token's parent (-1: the last committed token); None for a chain.
+    # For a tree: each draft token's parent (ROOT_PARENT: the last committed token); None for a chain.
     draft_parents: list[int] | None = None
 
     @property
@@ -108,8 +109,8 @@ class Verifier:
 
     def _tree(self, items: list[VerifyItem], vocab: int, with_probs: bool) -> DraftTree:
         nodes = max(len(i.draft_tokens) for i in items)
-        tokens = torch.full((len(items), nodes), -1, dtype=torch.long)
-        parents = torch.full((len(items), nodes), -1, dtype=torch.long)
+        tokens = torch.full((len(items), nodes), PAD_TOKEN, dtype=torch.long)
+        parents = torch.full((len(items), nodes), ROOT_PARENT, dtype=torch.long)
         draft_probs = torch.zeros(len(items), nodes, vocab if with_probs else 0)
         for row, i in enumerate(items):
             n = len(i.draft_tokens)

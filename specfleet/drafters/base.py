@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 
 from specfleet.sampling_params import SamplingParams
-from specfleet.trees import TreeShape
+from specfleet.trees.shapes import TreeShape
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class DraftResult:
     # None for greedy requests.
     draft_probs: tuple[torch.Tensor, torch.Tensor] | None
     cached_len: int  # tokens of the sequence the drafter holds after this call
-    # For a tree: each node's parent (-1 for the root's children), ``tokens`` holding the nodes and
+    # For a tree: each node's parent (ROOT_PARENT for the root's children), ``tokens`` holding the nodes and
     # ``draft_probs`` one distribution per node (given its earlier siblings); None for a chain.
     parents: list[int] | None = None
 

@@ -1,5 +1,5 @@
 """A small causal LM sharing the target's tokenizer drafts autoregressively, batched: chains, or
-trees by RSD-C / RSD-S (`specfleet.trees`) with the nodes evaluated by tree attention."""
+trees by RSD-C / RSD-S (`specfleet.trees.build`) with the nodes evaluated by tree attention."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from specfleet.sampling import (
     seeded_uniforms,
     top_k_pairs,
 )
-from specfleet.trees import DraftTree, TreeShape, build_tree_rsd_c, build_tree_rsd_s
+from specfleet.trees.build import build_tree_rsd_c, build_tree_rsd_s
+from specfleet.trees.shapes import ROOT_PARENT, TreeShape
+from specfleet.trees.structure import DraftTree
 
 GREEDY_TREE_SCALE = 1e4
 """Greedy trees multiply the draft's log-probabilities by this before tree construction, so the Gumbel
@@ -165,7 +167,7 @@ class ModelDrafter:
                 if key not in trie:
                     trie[key] = len(ts)
                     ts.append(path[end - 1])
-                    ps.append(trie[key[:-1]] if end > 1 else -1)
+                    ps.append(trie[key[:-1]] if end > 1 else ROOT_PARENT)
         calls = []
         for row in tries:
             r = group[row]

@@ -4,7 +4,7 @@ Model-free (Saxena 2023, "prompt lookup decoding"): for code edits and summaries
 repeats spans of its input, so the tokens that followed an earlier occurrence of the last few
 tokens are a cheap and often right guess. The draft is deterministic, so its distribution is a
 point mass on each drafted token. Asked for a tree, it merges the continuations of several matches
-into a trie (`find_continuations`), each node again a point mass (`specfleet.trees.tree_from_paths`).
+into a trie (`find_continuations`), each node again a point mass (`specfleet.trees.structure.tree_from_paths`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections import OrderedDict
 import torch
 
 from specfleet.drafters.base import DraftRequest, DraftResult
-from specfleet.trees import tree_from_paths
+from specfleet.trees.structure import tree_from_paths
 
 
 def find_continuation(tokens: list[int], depth: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:

@@ -13,7 +13,7 @@ from specfleet.drafters.model import ModelDrafter
 from specfleet.drafters.ngram import find_continuations
 from specfleet.engine import ModelRunner
 from specfleet.sampling_params import SamplingParams
-from specfleet.trees import TreeShape
+from specfleet.trees.shapes import TreeShape
 
 GREEDY = SamplingParams()
 

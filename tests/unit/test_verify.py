@@ -14,7 +14,7 @@ import torch
 from chi_square import chi_square_pvalue
 
 from specfleet.sampling import dense_from_pairs, processed_probs, sample_from_probs, top_k_pairs
-from specfleet.trees import point_mass_tree, tree_from_paths
+from specfleet.trees.structure import point_mass_tree, tree_from_paths
 from specfleet.verify import VerifyResult, verify_chain, verify_greedy, verify_tree, verify_tree_greedy
 
 VOCAB = 8

@@ -76,7 +76,7 @@ def decode(drafter, verifier: Verifier, prompts: list[list[int]], shape: TreeSha
         proposals = drafter.propose([DraftRequest(n, draft_cached[n], tokens[n][draft_cached[n]:], depth, sampling,
                                                   seed=i, tree=tree) for i, n in enumerate(live)])
         verdicts = verifier.verify([VerifyItem(n, target_cached[n], tokens[n][target_cached[n]:], p.tokens,
-                                               p.draft_probs, sampling, i, p.parents)
+                                               p.draft_top_k, sampling, i, p.parents)
                                     for i, (n, p) in enumerate(zip(live, proposals, strict=True))])
         for n, p, v in zip(live, proposals, verdicts, strict=True):
             draft_cached[n] = min(p.cached_len, len(tokens[n]) + v.accepted)

@@ -324,7 +324,7 @@ class StepLoop:
                 sequence=session_pb2.SequenceDelta(seq_id=s.seq_id, rollback_to=s.target_cached,
                                                    new_tokens=s.tokens[s.target_cached:]),
                 draft_tokens=proposal.tokens if proposal else [],
-                draft_probs=proposal.draft_probs if proposal else [],
+                draft_top_k=proposal.draft_top_k if proposal else [],
                 draft_parents=proposal.parents if proposal else [],
                 sampling=sampling_to_proto(s.sampling), seed=s.seed))
         sent = time.perf_counter()

@@ -1,9 +1,11 @@
-"""Sampling: logits -> processed distribution, seeded inverse-CDF sampling, draft distributions on the wire.
+"""Sampling: logits -> processed distribution, seeded inverse-CDF sampling, and the wire's top-K pairs.
 
 Plain functions on tensors. Randomness comes in as uniforms (see `seeded_uniforms`), so a step is a
 deterministic function of its inputs and tests can seed it. The speculative-sampling algorithms that
-use these distributions live in `specfleet.verify` (Leviathan et al. 2023; Chen et al. 2023). The
-per-request parameters, `SamplingParams`, live in the torch-free `specfleet.sampling_params`.
+use these distributions live in `specfleet.verify` (Leviathan et al. 2023; Chen et al. 2023). A dense
+distribution [..., vocab] is a ``*_probs`` tensor; the same distribution on the wire is its top-K pairs
+(``draft_top_k``: token ids [n, K] and their probabilities [n, K], see `top_k_pairs`). The per-request
+parameters, `SamplingParams`, live in the torch-free `specfleet.sampling_params`.
 """
 
 from __future__ import annotations
@@ -178,9 +180,9 @@ def top_k_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([n, k] int64, [n, k] float32)
     """The k most probable tokens and their probabilities renormalised to sum 1.
 
-    This is the draft distribution q as it travels on the wire: the drafter samples from this
-    truncated, renormalised distribution, so the q the verifier sees is exactly the one the draft
-    token was drawn from, as lossless speculative sampling requires (Leviathan et al. 2023). If fewer
+    This is the draft distribution q as it travels on the wire (``draft_top_k``): the drafter samples
+    from this truncated, renormalised distribution, so the q the verifier sees is exactly the one the
+    draft token was drawn from, as lossless speculative sampling requires (Leviathan et al. 2023). If fewer
     than k tokens have nonzero probability, the extra pairs have probability 0.
     """
     if probs.dim() != 2:
@@ -192,12 +194,12 @@ def top_k_pairs(
     return token_ids, pair_probs
 
 
-def dense_from_pairs(
+def dense_from_top_k(
     token_ids: torch.Tensor,  # [n, k] int64
     pair_probs: torch.Tensor,  # [n, k]
     vocab_size: int,
 ) -> torch.Tensor:  # [n, vocab_size] float32
-    """Inverse of `top_k_pairs`: scatter (token, probability) pairs into a dense distribution.
+    """Inverse of `top_k_pairs`: scatter the wire's top-K (token, probability) pairs into a dense distribution.
 
     Repeated token ids add up, so pairs from any source give a proper distribution.
     """

@@ -15,8 +15,9 @@ Glossary (each word means one thing only; the tree words are those of `specfleet
   (recursive rejection sampling, Jeon et al. 2024).
 - `target_probs` / `draft_probs`: dense distributions [..., vocab], p of the target and q each draft token
   was drawn from (given its earlier siblings, in a tree).
-- the wire's *top-K pairs*: q as it travels between services, the draft's K most probable (token id,
-  probability) pairs per draft token; `specfleet.sampling.dense_from_pairs` makes `draft_probs` of them.
+- the wire's *top-K pairs* (`draft_top_k`): q as it travels between services, the draft's K most probable
+  (token id, probability) pairs per draft token; `specfleet.sampling.dense_from_top_k` makes `draft_probs`
+  of them.
 - `PAD_TOKEN` fills token slots past a step's output; `NO_NODE` fills node slots past an accepted path.
 """
 

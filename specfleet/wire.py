@@ -1,10 +1,13 @@
-"""Conversions between protobuf messages and the library's plain records (the transport layer)."""
+"""Conversions between protobuf messages and the library's plain records (the transport layer).
+
+Free of torch, so that the router imports it without loading torch: the tensor conversions of the wire's
+top-K pairs (``draft_top_k``) live with the services that hold the tensors (`draft_service.server`,
+`target_service.server`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
 
 from specfleet.protos import draft_pb2, generate_pb2, session_pb2
 from specfleet.sampling_params import SamplingParams
@@ -33,14 +36,6 @@ def delta_fields(delta: session_pb2.SequenceDelta) -> tuple[str, int, list[int]]
 def validate_tokens(tokens: Sequence[int], vocab_size: int, what: str) -> None:
     if vocab_size and tokens and max(tokens) >= vocab_size:
         raise ValueError(f"{what}: token id {max(tokens)} is outside the vocabulary of {vocab_size}")
-
-
-def distributions_to_proto(pairs: tuple[torch.Tensor, torch.Tensor] | None) -> list[session_pb2.TokenDistribution]:
-    if pairs is None:
-        return []
-    ids, probs = pairs
-    return [session_pb2.TokenDistribution(token_ids=i.tolist(), probs=p.tolist())
-            for i, p in zip(ids, probs, strict=True)]
 
 
 def info_response(*, model: str, kind: str, vocab_size: int, fingerprint: str, max_seq_len: int, num_slots: int,

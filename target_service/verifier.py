@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from specfleet.engine import Extend, ModelRunner, TreeExtend
-from specfleet.sampling import VERIFY_STREAM, dense_from_pairs, processed_probs, seeded_uniforms
+from specfleet.sampling import VERIFY_STREAM, dense_from_top_k, processed_probs, seeded_uniforms
 from specfleet.sampling_params import SamplingParams
 from specfleet.trees.shapes import PAD_TOKEN, ROOT_PARENT
 from specfleet.trees.structure import DraftTree, tree_depths
@@ -23,8 +23,8 @@ class VerifyItem:
     rollback_to: int
     new_tokens: list[int]
     draft_tokens: list[int]
-    # For sampled requests, the top-K pairs (ids [depth, K], probs [depth, K]) each draft came from.
-    draft_probs: tuple[torch.Tensor, torch.Tensor] | None
+    # For sampled requests, the wire's top-K pairs (ids [depth, K], probs [depth, K]) each draft came from.
+    draft_top_k: tuple[torch.Tensor, torch.Tensor] | None
     sampling: SamplingParams
     seed: int = 0
     # For a tree: each draft token's parent (ROOT_PARENT: the last committed token); None for a chain.
@@ -118,9 +118,9 @@ class Verifier:
                 tokens[row, :n] = torch.tensor(i.draft_tokens, dtype=torch.long)
                 parents[row, :n] = torch.tensor(i.draft_parents, dtype=torch.long)
                 if with_probs:
-                    if i.draft_probs is None:
+                    if i.draft_top_k is None:
                         raise ValueError(f"{i.seq_id}: a sampled request needs the draft distribution of each node")
-                    draft_probs[row, :n] = dense_from_pairs(*i.draft_probs, vocab)
+                    draft_probs[row, :n] = dense_from_top_k(*i.draft_top_k, vocab)
         num_nodes = torch.tensor([len(i.draft_tokens) for i in items])
         return DraftTree(tokens, parents, tree_depths(parents), draft_probs, num_nodes)
 
@@ -182,10 +182,10 @@ class Verifier:
         for row, i in enumerate(items):
             k = len(i.draft_tokens)
             if k:
-                if i.draft_probs is None:
+                if i.draft_top_k is None:
                     raise ValueError(f"{i.seq_id}: a sampled request needs the draft distribution of each draft token")
-                ids, probs = i.draft_probs
-                draft_probs[row, :k] = dense_from_pairs(ids, probs, vocab)
+                ids, probs = i.draft_top_k
+                draft_probs[row, :k] = dense_from_top_k(ids, probs, vocab)
             u = seeded_uniforms(i.seed, i.position, VERIFY_STREAM, k + 1)
             uniforms[row, :k] = u[:k]
             uniforms[row, depth] = u[k]  # the recovered/bonus draw always uses the last column

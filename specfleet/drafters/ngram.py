@@ -86,10 +86,10 @@ class NgramDrafter:
         if request.tree is not None:
             return self._propose_tree(request, tokens)
         draft = find_continuation(tokens, request.depth, self.max_ngram, self.min_ngram)
-        draft_probs = None
+        draft_top_k = None
         if not request.sampling.greedy:
-            draft_probs = (torch.tensor(draft, dtype=torch.long).view(-1, 1), torch.ones(len(draft), 1))
-        return DraftResult(request.seq_id, known=True, tokens=draft, draft_probs=draft_probs,
+            draft_top_k = (torch.tensor(draft, dtype=torch.long).view(-1, 1), torch.ones(len(draft), 1))
+        return DraftResult(request.seq_id, known=True, tokens=draft, draft_top_k=draft_top_k,
                            cached_len=len(tokens))
 
     def _propose_tree(self, request: DraftRequest, tokens: list[int]) -> DraftResult:
@@ -99,10 +99,10 @@ class NgramDrafter:
         paths = find_continuations(tokens, request.depth, budget, self.max_ngram, self.min_ngram)
         tree = tree_from_paths(paths, vocab_size=1 + max((t for p in paths for t in p), default=0))
         nodes = tree.tokens[0].tolist()
-        draft_probs = None
+        draft_top_k = None
         if not request.sampling.greedy:
-            draft_probs = (torch.tensor(nodes, dtype=torch.long).view(-1, 1), torch.ones(len(nodes), 1))
-        return DraftResult(request.seq_id, known=True, tokens=nodes, draft_probs=draft_probs,
+            draft_top_k = (torch.tensor(nodes, dtype=torch.long).view(-1, 1), torch.ones(len(nodes), 1))
+        return DraftResult(request.seq_id, known=True, tokens=nodes, draft_top_k=draft_top_k,
                            cached_len=len(tokens), parents=tree.parents[0].tolist())
 
     def _remember(self, seq_id: str, tokens: list[int]) -> None:

@@ -36,6 +36,6 @@ Glossary (each word means one thing only):
   rejected, against the target's residual, so it is accepted less often than a first try.
 - *accepted*, *recovered* and *bonus* token: the outcome of a step, as defined in `specfleet.verify`.
 - `draft_probs`: always a dense tensor [..., vocab] of the distribution a draft token was drawn from.
-- the wire's *top-K pairs*: the same distributions as they travel between services, the
+- the wire's *top-K pairs* (`draft_top_k`): the same distributions as they travel between services, the
   draft's K most probable (token id, probability) pairs per node (`specfleet.sampling.top_k_pairs`).
 """

@@ -40,10 +40,10 @@ from target_service.verifier import Verifier, VerifyItem
 GREEDY = SamplingParams()
 
 
-def test_shapes_and_sampling_params_load_without_torch() -> None:
-    """The router imports these; in a fresh interpreter neither may pull torch in (through the
+def test_shapes_wire_and_sampling_params_load_without_torch() -> None:
+    """The router imports these; in a fresh interpreter none of them may pull torch in (through the
     `specfleet.trees` package or otherwise)."""
-    code = ("import sys, specfleet.trees.shapes, specfleet.sampling_params; "
+    code = ("import sys, specfleet.trees.shapes, specfleet.wire, specfleet.sampling_params; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
                          text=True, check=True).stdout
@@ -152,7 +152,7 @@ def _decode(drafter, verifier: Verifier, prompts: dict[str, list[int]], shape: T
         proposals = drafter.propose([DraftRequest(n, draft_cached[n], tokens[n][draft_cached[n]:], shape.levels,
                                                   sampling, seed, tree=shape) for n in live])
         verdicts = verifier.verify([VerifyItem(n, target_cached[n], tokens[n][target_cached[n]:], p.tokens,
-                                               p.draft_probs, sampling, seed, p.parents)
+                                               p.draft_top_k, sampling, seed, p.parents)
                                     for n, p in zip(live, proposals, strict=True)])
         for n, p, v in zip(live, proposals, verdicts, strict=True):
             assert list(v.accepted_nodes) == [] or p.parents[v.accepted_nodes[0]] == -1

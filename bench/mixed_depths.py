@@ -23,7 +23,7 @@ from specfleet.engine import ModelRunner
 from specfleet.engine.runner import Extend
 from specfleet.models import resolve_model
 from specfleet.policy import PADDING_SHARE, verified_drafts
-from specfleet.sampling import SamplingParams
+from specfleet.sampling_params import SamplingParams
 from target_service.verifier import Verifier, VerifyItem
 
 CONTEXT = 150

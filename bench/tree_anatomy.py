@@ -4,10 +4,10 @@ Runs a chain and a wide RSD-C tree with the real pair (the same code as ``bench.
 every depth, how often recursive rejection accepted the first, second, third draft it tried at a node.
 Then it asks which tree of N nodes would accept the most under those rates (the positional model of
 Sequoia, Chen et al. 2024, with the first try's rate taken from the chain at each depth so that runs of
-easy tokens count): a node's sibling is tried only after its elder was rejected, so a sibling is worth
-(1 - first-try rate) x (its own rate), against the chain's next node, worth the chance of getting that deep.
-It also asks the same with every sibling accepted whenever tried: if the chain still wins then, no way of
-drafting siblings can beat it at that budget.
+easy tokens count): a later sibling is tried only after its earlier siblings were rejected, so a later
+sibling is worth (1 - first-try rate) x (its own rate), against the chain's next node, worth the chance of
+getting that deep. It also asks the same with every later sibling accepted whenever tried: if the chain still
+wins then, no way of drafting later siblings can beat it at that budget.
 
     python -m bench.tree_anatomy                         # HumanEval, batch 1, temperature 1
     python -m bench.tree_anatomy --prompt-set sharegpt   # where the pair agrees less often
@@ -26,9 +26,9 @@ from specfleet.drafters.model import ModelDrafter
 from specfleet.engine import ModelRunner
 from specfleet.models import load_tokenizer, resolve_model
 from specfleet.policy import acceptance_estimate, tree_expected_emitted
-from specfleet.sampling import SamplingParams
+from specfleet.sampling_params import SamplingParams
 from specfleet.telemetry import AcceptanceCounts
-from specfleet.trees import TreeShape, chain_shape, count_tries, try_outcomes
+from specfleet.trees.shapes import TreeShape, chain_shape, count_tries, try_outcomes
 from target_service.verifier import Verifier
 
 Subtree = tuple["Subtree", ...]
@@ -63,10 +63,10 @@ def policy_predictions(walks: Sequence[tuple[Sequence[int], Sequence[int]]], tri
 
 def best_static_tree(rate: Callable[[int, int], float], nodes: int, max_children: int) -> tuple[float, Subtree]:
     """The tree of at most ``nodes`` nodes with the most expected accepted drafts, when the i-th child tried at
-    a node of depth d is accepted with probability ``rate(d, i)`` given its elder siblings were rejected.
+    a node of depth d is accepted with probability ``rate(d, i)`` given its earlier siblings were rejected.
 
     Dynamic programming over (nodes left, depth, next try): a child accepted with r adds 1 plus the best its
-    own subtree can do; rejected, the remaining nodes go to its younger siblings."""
+    own subtree can do; rejected, the remaining nodes go to its later siblings."""
 
     @cache
     def below(n: int, depth: int) -> tuple[float, Subtree]:
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     parser.add_argument("--chain-depth", type=int, default=12,
                         help="depth of the chain that measures first tries (and every chain up to it)")
-    parser.add_argument("--tree", default="3,2,2", help="RSD-C branching of the wide tree that measures siblings")
+    parser.add_argument("--tree", default="3,2,2", help="RSD-C branching of the wide tree that measures later siblings")
     parser.add_argument("--budgets", default="3,6,12", help="node budgets to find the best tree for")
     args = parser.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -165,7 +165,7 @@ def main() -> None:
         hit, tried = chain.get((min(depth, args.chain_depth - 1), 0), (0, 0))
         return hit / tried if tried >= 10 else pooled(chain, 0)
 
-    def siblings_always_accepted(depth: int, i: int) -> float:
+    def later_siblings_always_accepted(depth: int, i: int) -> float:
         return rate(depth, 0) if i == 0 else 1.0
 
     print("\n| nodes | chain, measured | chain, by the rates | best tree by the rates | its shape "
@@ -174,7 +174,7 @@ def main() -> None:
     for nodes in budgets:
         chain_model, _ = best_static_tree(rate, nodes, max_children=1)
         best_value, best_shape = best_static_tree(rate, nodes, max_children=tries)
-        bound, bound_shape = best_static_tree(siblings_always_accepted, nodes, max_children=tries)
+        bound, bound_shape = best_static_tree(later_siblings_always_accepted, nodes, max_children=tries)
         print(f"| {nodes} | {chain_accepted(chain_walks, nodes):.2f} | {chain_model:.2f} | {best_value:.2f} | "
               f"{describe_tree(best_shape)} | {bound:.2f} | {describe_tree(bound_shape)} |")
     measured, lumped, lumped_rate, split, alpha, beta = policy_predictions(tree_walks, wide.branching)

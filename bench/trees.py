@@ -28,8 +28,8 @@ from specfleet.drafters import DraftRequest, NgramDrafter
 from specfleet.drafters.model import ModelDrafter
 from specfleet.engine import ModelRunner
 from specfleet.models import load_tokenizer, resolve_model
-from specfleet.sampling import SamplingParams
-from specfleet.trees import TreeShape, chain_shape
+from specfleet.sampling_params import SamplingParams
+from specfleet.trees.shapes import ROOT_PARENT, TreeShape, chain_shape
 from target_service.verifier import Verifier, VerifyItem
 
 # (setting, method, shape): at equal depth the trees spend more nodes; at equal nodes they are shallower, so
@@ -76,7 +76,7 @@ def decode(drafter, verifier: Verifier, prompts: list[list[int]], shape: TreeSha
         proposals = drafter.propose([DraftRequest(n, draft_cached[n], tokens[n][draft_cached[n]:], depth, sampling,
                                                   seed=i, tree=tree) for i, n in enumerate(live)])
         verdicts = verifier.verify([VerifyItem(n, target_cached[n], tokens[n][target_cached[n]:], p.tokens,
-                                               p.draft_probs, sampling, i, p.parents)
+                                               p.draft_top_k, sampling, i, p.parents)
                                     for i, (n, p) in enumerate(zip(live, proposals, strict=True))])
         for n, p, v in zip(live, proposals, verdicts, strict=True):
             draft_cached[n] = min(p.cached_len, len(tokens[n]) + v.accepted)
@@ -84,8 +84,9 @@ def decode(drafter, verifier: Verifier, prompts: list[list[int]], shape: TreeSha
             tokens[n] += list(v.tokens)
             steps += 1
             accepted += v.accepted
-            if p.parents is None:  # a chain: node j's parent is node j - 1
-                walks.append((list(range(-1, len(p.tokens) - 1)), list(range(v.accepted))))
+            if p.parents is None:  # a chain: node j's parent is node j - 1, the first node's the root
+                parents = [j - 1 if j else ROOT_PARENT for j in range(len(p.tokens))]
+                walks.append((parents, list(range(v.accepted))))
             else:
                 walks.append((list(p.parents), list(v.accepted_nodes)))
     seconds = time.perf_counter() - started

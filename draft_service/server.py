@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 
 from specfleet.config import DraftConfig
 from specfleet.drafters import Drafter, DraftRequest, NgramDrafter
@@ -18,7 +19,6 @@ from specfleet.serving import serve, servicer_name
 from specfleet.telemetry import TelemetryWriter, is_prefill, writer_for
 from specfleet.wire import (
     delta_fields,
-    distributions_to_proto,
     info_response,
     is_chain,
     sampling_from_proto,
@@ -27,6 +27,15 @@ from specfleet.wire import (
 )
 
 log = logging.getLogger("specfleet.draft")
+
+
+def top_k_to_proto(draft_top_k: tuple[torch.Tensor, torch.Tensor] | None) -> list[session_pb2.TokenDistribution]:
+    """A proposal's top-K pairs (ids [n, K], probs [n, K]) as the wire's distributions; none for greedy ones."""
+    if draft_top_k is None:
+        return []
+    ids, probs = draft_top_k
+    return [session_pb2.TokenDistribution(token_ids=i.tolist(), probs=p.tolist())
+            for i, p in zip(ids, probs, strict=True)]
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
@@ -61,7 +70,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             proposals=[draft_pb2.Proposal(
                 seq_id=r.seq_id,
                 status=session_pb2.ENTRY_STATUS_OK if r.known else session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE,
-                tokens=r.tokens, draft_probs=distributions_to_proto(r.draft_probs), cached_len=r.cached_len,
+                tokens=r.tokens, draft_top_k=top_k_to_proto(r.draft_top_k), cached_len=r.cached_len,
                 # A chain-shaped tree is a chain: it travels (and is verified) as one.
                 parents=r.parents if r.parents is not None and not is_chain(r.parents) else [])
                 for r in results])

@@ -26,7 +26,7 @@ from specfleet.otel import RouterMetrics
 from specfleet.policy import DepthDecision, TreeDecision, TreePlan
 from specfleet.protos import draft_pb2, session_pb2, target_pb2
 from specfleet.telemetry import PREFILL_TOKENS, StepRecord, TelemetryWriter, is_prefill
-from specfleet.trees import TreeShape, chain_shape, count_tries
+from specfleet.trees.shapes import TreeShape, chain_shape, count_tries
 from specfleet.wire import sampling_to_proto, tree_shape_to_proto
 
 if TYPE_CHECKING:
@@ -324,7 +324,7 @@ class StepLoop:
                 sequence=session_pb2.SequenceDelta(seq_id=s.seq_id, rollback_to=s.target_cached,
                                                    new_tokens=s.tokens[s.target_cached:]),
                 draft_tokens=proposal.tokens if proposal else [],
-                draft_probs=proposal.draft_probs if proposal else [],
+                draft_top_k=proposal.draft_top_k if proposal else [],
                 draft_parents=proposal.parents if proposal else [],
                 sampling=sampling_to_proto(s.sampling), seed=s.seed))
         sent = time.perf_counter()
@@ -355,8 +355,8 @@ class StepLoop:
         elif proposal and proposal.parents:
             tries = count_tries(proposal.parents, verdict.accepted_nodes)
             rejections = tries.first_rejected
-            seq.stats.sibling_accepted += tries.later_accepted
-            seq.stats.sibling_tried += tries.later_tried
+            seq.stats.sibling_accepted += tries.later_siblings_accepted
+            seq.stats.sibling_tried += tries.later_siblings_tried
         else:
             rejections = int(verdict.accepted < requested)
         kept = seq.commit(list(verdict.tokens), self.max_context)

@@ -9,7 +9,7 @@ from typing import Any
 
 from router.text import IncrementalDetokenizer, StopMatcher
 from specfleet.protos import generate_pb2
-from specfleet.sampling import SamplingParams
+from specfleet.sampling_params import SamplingParams
 
 FinishReason = int  # a generate_pb2.FinishReason value
 

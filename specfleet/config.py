@@ -16,7 +16,7 @@ from typing import Any
 from specfleet.drafters import DRAFTER_KINDS
 from specfleet.models import DEFAULT_MODEL
 from specfleet.policy import DRAFT_HURDLE
-from specfleet.trees import TREE_METHODS, TreeShape, parse_branching
+from specfleet.trees.shapes import TREE_METHODS, TreeShape, parse_branching
 
 MAX_DEPTH = 16  # the most draft tokens per sequence per step anywhere in the fleet
 

@@ -1,17 +1,20 @@
-"""Sampling: logits -> processed distribution, seeded inverse-CDF sampling, draft distributions on the wire.
+"""Sampling: logits -> processed distribution, seeded inverse-CDF sampling, and the wire's top-K pairs.
 
 Plain functions on tensors. Randomness comes in as uniforms (see `seeded_uniforms`), so a step is a
 deterministic function of its inputs and tests can seed it. The speculative-sampling algorithms that
-use these distributions live in `specfleet.verify` (Leviathan et al. 2023; Chen et al. 2023).
+use these distributions live in `specfleet.verify` (Leviathan et al. 2023; Chen et al. 2023). A dense
+distribution [..., vocab] is a ``*_probs`` tensor; the same distribution on the wire is its top-K pairs
+(``draft_top_k``: token ids [n, K] and their probabilities [n, K], see `top_k_pairs`). The per-request
+parameters, `SamplingParams`, live in the torch-free `specfleet.sampling_params`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-from dataclasses import dataclass
 
 import torch
+
+from specfleet.sampling_params import SamplingParams  # noqa: F401  re-exported: code that loads torch anyway may import it here
 
 DRAFT_STREAM = 0
 """Uniforms stream used by the drafter to sample draft tokens."""
@@ -20,31 +23,6 @@ VERIFY_STREAM = 1
 FILTER_SHORTLIST = 1024
 """Most probable tokens a top-k/top-p row is first filtered from (see `_top_k_top_p`): top-p's kept set is
 almost always far smaller, and sorting a large vocabulary whole costs many softmaxes (bench/engine_kernels.md)."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling parameters, validated at construction."""
-
-    temperature: float = 0.0
-    """Softmax temperature; 0 means greedy (argmax)."""
-    top_k: int = 0
-    """Keep only the k most probable tokens; 0 turns it off."""
-    top_p: float = 1.0
-    """Keep the smallest set of most probable tokens whose mass is >= top_p (nucleus); 1 turns it off."""
-
-    def __post_init__(self) -> None:
-        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        """True when decoding is greedy (temperature 0): the distribution is a point mass at the argmax."""
-        return self.temperature == 0.0
 
 
 def processed_probs(
@@ -202,9 +180,9 @@ def top_k_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([n, k] int64, [n, k] float32)
     """The k most probable tokens and their probabilities renormalised to sum 1.
 
-    This is the draft distribution q as it travels on the wire: the drafter samples from this
-    truncated, renormalised distribution, so the q the verifier sees is exactly the one the draft
-    token was drawn from, as lossless speculative sampling requires (Leviathan et al. 2023). If fewer
+    This is the draft distribution q as it travels on the wire (``draft_top_k``): the drafter samples
+    from this truncated, renormalised distribution, so the q the verifier sees is exactly the one the
+    draft token was drawn from, as lossless speculative sampling requires (Leviathan et al. 2023). If fewer
     than k tokens have nonzero probability, the extra pairs have probability 0.
     """
     if probs.dim() != 2:
@@ -216,12 +194,12 @@ def top_k_pairs(
     return token_ids, pair_probs
 
 
-def dense_from_pairs(
+def dense_from_top_k(
     token_ids: torch.Tensor,  # [n, k] int64
     pair_probs: torch.Tensor,  # [n, k]
     vocab_size: int,
 ) -> torch.Tensor:  # [n, vocab_size] float32
-    """Inverse of `top_k_pairs`: scatter (token, probability) pairs into a dense distribution.
+    """Inverse of `top_k_pairs`: scatter the wire's top-K (token, probability) pairs into a dense distribution.
 
     Repeated token ids add up, so pairs from any source give a proper distribution.
     """

@@ -30,7 +30,7 @@ import redis
 from specfleet.policy import CostSample
 
 if TYPE_CHECKING:  # only annotated here; importing it would load torch
-    from specfleet.trees import TryCounts
+    from specfleet.trees.shapes import TryCounts
 
 log = logging.getLogger("specfleet.telemetry")
 
@@ -90,8 +90,8 @@ class AcceptanceCounts:
         miss: asked, the drafter had nothing to offer."""
         if tries is not None:
             rejections = tries.first_rejected
-            self.sibling_accepted += tries.later_accepted
-            self.sibling_tried += tries.later_tried
+            self.sibling_accepted += tries.later_siblings_accepted
+            self.sibling_tried += tries.later_siblings_tried
         self.sequence_steps += 1
         self.misses += int(drafted == 0)
         self.accepted += accepted

@@ -2,9 +2,23 @@
 and lossless recursive rejection sampling over draft trees.
 
 Plain functions on tensors, vectorised over a batch of sequences with ragged draft lengths (or ragged
-trees). Every step emits the accepted draft tokens plus exactly one token from the target: the
-*recovered* token (sampled from the residual after a rejection) or the *bonus* token (when every draft
-token was accepted, or the accepted path reached a leaf of the tree).
+trees). Every step emits the accepted draft tokens plus exactly one token from the target.
+
+Glossary (each word means one thing only; the tree words are those of `specfleet.trees`):
+- *accepted* token: a draft token that passed its acceptance test (equal to the target's argmax when
+  greedy; u < min(1, p / q) when sampled). A step accepts a prefix of a chain, or a path of a tree.
+- *recovered* token: the target's token after a rejection, sampled from the residual norm(max(0, p - q)).
+- *bonus* token: the target's token when nothing was rejected (every draft accepted, or the accepted path
+  reached a leaf of the tree), sampled from the target's own distribution.
+- *first try*: the first-drawn child of the root or of an accepted node, the first draft tried there.
+- *later sibling*: a child tried after its earlier siblings were all rejected, against the target's residual
+  (recursive rejection sampling, Jeon et al. 2024).
+- `target_probs` / `draft_probs`: dense distributions [..., vocab], p of the target and q each draft token
+  was drawn from (given its earlier siblings, in a tree).
+- the wire's *top-K pairs* (`draft_top_k`): q as it travels between services, the draft's K most probable
+  (token id, probability) pairs per draft token; `specfleet.sampling.dense_from_top_k` makes `draft_probs`
+  of them.
+- `PAD_TOKEN` fills token slots past a step's output; `NO_NODE` fills node slots past an accepted path.
 """
 
 from __future__ import annotations
@@ -14,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from specfleet.sampling import sample_from_probs
-from specfleet.trees import DraftTree, sibling_links
+from specfleet.trees.shapes import NO_NODE, PAD_TOKEN, ROOT_PARENT
+from specfleet.trees.structure import DraftTree, sibling_links
 
 
 @dataclass
@@ -24,7 +39,7 @@ class VerifyResult:
     accepted_counts: torch.Tensor
     """[batch] int64: how many draft tokens were accepted (0..draft_len)."""
     output_tokens: torch.Tensor
-    """[batch, depth + 1] int64: the accepted draft tokens, then the recovered or bonus token; -1 after it."""
+    """[batch, depth + 1] int64: the accepted draft tokens, then the recovered or bonus token; PAD_TOKEN after it."""
 
     def emitted(self, row: int) -> list[int]:
         """The tokens this step emits for one sequence: its accepted drafts and the one target token."""
@@ -54,12 +69,12 @@ def _output_tokens(
     accepted_counts: torch.Tensor,  # [batch]
     next_tokens: torch.Tensor,  # [batch]
 ) -> torch.Tensor:  # [batch, depth + 1]
-    """Accepted drafts, then the recovered or bonus token at index accepted_count, then -1."""
+    """Accepted drafts, then the recovered or bonus token at index accepted_count, then PAD_TOKEN."""
     batch, depth = draft_tokens.shape
     positions = torch.arange(depth + 1, device=draft_tokens.device)[None, :]  # [1, depth + 1]
     padded = torch.cat([draft_tokens.long(), next_tokens.long()[:, None]], dim=1)  # [batch, depth + 1]
     counts = accepted_counts[:, None]
-    out = torch.where(positions < counts, padded, torch.full_like(padded, -1))
+    out = torch.where(positions < counts, padded, torch.full_like(padded, PAD_TOKEN))
     return torch.where(positions == counts, next_tokens.long()[:, None], out)
 
 
@@ -85,7 +100,7 @@ def verify_greedy(
     # Accepted drafts equal the target's argmax, so the whole output is the argmax up to accepted_count.
     output_positions = torch.arange(depth + 1, device=device)[None, :]
     output_tokens = torch.where(
-        output_positions <= accepted_counts[:, None], target_tokens, torch.full_like(target_tokens, -1)
+        output_positions <= accepted_counts[:, None], target_tokens, torch.full_like(target_tokens, PAD_TOKEN)
     )
     return VerifyResult(accepted_counts=accepted_counts, output_tokens=output_tokens)
 
@@ -155,7 +170,7 @@ class TreeVerifyResult(VerifyResult):
     """Outcome of verifying a batch of draft trees: the accepted path, then one target token."""
 
     accepted_nodes: torch.Tensor
-    """[batch, max_depth] int64: node indices of the accepted path from the root down, -1 after it;
+    """[batch, max_depth] int64: node indices of the accepted path from the root down, NO_NODE after it;
     what `ModelRunner.keep_path` keeps of the tree's KV entries."""
 
     def accepted_path(self, row: int) -> list[int]:
@@ -171,10 +186,11 @@ def _check_tree(target: torch.Tensor, tree: DraftTree, target_name: str) -> None
 
 def _tree_result(tree: DraftTree, path: torch.Tensor, counts: torch.Tensor, next_tokens: torch.Tensor
                  ) -> TreeVerifyResult:
-    """Package an accepted path ([batch, nodes] node indices, -1 after counts) and the target token."""
+    """Package an accepted path ([batch, nodes] node indices, NO_NODE after counts) and the target token."""
     width = int(counts.max()) if counts.numel() else 0
     path = path[:, :width]
-    path_tokens = torch.where(path >= 0, tree.tokens.gather(1, path.clamp(min=0)), torch.full_like(path, -1))
+    path_tokens = torch.where(path != NO_NODE, tree.tokens.gather(1, path.clamp(min=0)),
+                              torch.full_like(path, PAD_TOKEN))
     output_tokens = _output_tokens(path_tokens, counts, next_tokens)
     return TreeVerifyResult(accepted_counts=counts, output_tokens=output_tokens, accepted_nodes=path)
 
@@ -185,9 +201,10 @@ def verify_tree_greedy(
 ) -> TreeVerifyResult:
     """Greedy tree verification: the longest path whose every token is the target's argmax after its parent.
 
-    From the root, descend into the first-drawn child whose token equals the target's argmax at the
-    current node; stop where none does and emit that argmax (recovered, or bonus at a leaf). The output
-    equals greedy decoding with the target alone (SpecInfer, Miao et al. 2024).
+    From the root, descend into the first child in drawn order (the first try, then the later siblings)
+    whose token equals the target's argmax at the current node; stop where none does and emit that argmax
+    (recovered, or bonus at a leaf). The output equals greedy decoding with the target alone (SpecInfer,
+    Miao et al. 2024).
     """
     _check_tree(target_logits, tree, "target_logits")
     device = target_logits.device
@@ -197,9 +214,9 @@ def verify_tree_greedy(
     # A node matches when its token is the argmax at its parent (row parent + 1).
     matches = tree.valid & (tree.tokens == argmax.gather(1, tree.parents + 1))  # [batch, nodes]
     node_ids = torch.arange(nodes, device=device)[None, :]
-    current = torch.full((batch,), -1, dtype=torch.long, device=device)
+    current = torch.full((batch,), ROOT_PARENT, dtype=torch.long, device=device)  # the root
     counts = torch.zeros(batch, dtype=torch.long, device=device)
-    path = torch.full((batch, nodes), -1, dtype=torch.long, device=device)
+    path = torch.full((batch, nodes), NO_NODE, dtype=torch.long, device=device)
     for _ in range(nodes):
         # First drawn (lowest index) matching child of the current node, or none.
         candidates = matches & (tree.parents == current[:, None])
@@ -222,13 +239,13 @@ def verify_tree(
     SpecInfer's multi-step speculative sampling, Miao et al. 2024).
 
     At the current node (first the root) with target distribution p_1 = p, try its children x_1, x_2,
-    ... in the order they were drawn: accept x_i (node j) iff uniforms[:, j] < min(1, p_i(x_i) /
-    q_i(x_i)), where q_i = ``tree.draft_probs`` at x_i (the distribution x_i was drawn from given the
-    earlier siblings; see `DraftTree`). On acceptance descend into x_i with p = target_probs at x_i; on
-    rejection p_{i+1} = norm(max(0, p_i - q_i)) (kept as p_i if that has zero mass, which only float
-    rounding can cause). When the current node has no child left the step ends with a token sampled
-    from the current p, the recovered token after a rejection or the bonus token at a leaf, with
-    uniforms[:, nodes] through `sample_from_probs`. Whatever the tree, the emitted tokens are
+    ... in the order they were drawn (x_1 the first try, the others later siblings): accept x_i (node j)
+    iff uniforms[:, j] < min(1, p_i(x_i) / q_i(x_i)), where q_i = ``tree.draft_probs`` at x_i (the
+    distribution x_i was drawn from given the earlier siblings; see `DraftTree`). On acceptance descend
+    into x_i with p = target_probs at x_i; on rejection p_{i+1} = norm(max(0, p_i - q_i)) (kept as p_i if
+    that has zero mass, which only float rounding can cause). When the current node has no child left the
+    step ends with a token sampled from the current p, the recovered token after a rejection or the bonus
+    token at a leaf, with uniforms[:, nodes] through `sample_from_probs`. Whatever the tree, the emitted tokens are
     distributed exactly as tokens sampled from the target one by one. On a chain (one child per node)
     this is `verify_chain`, uniform for uniform.
     """
@@ -245,12 +262,12 @@ def verify_tree(
     rows = torch.arange(batch, device=device)
 
     residual = target_probs[:, 0].double()  # [batch, vocab]: p_i at the current node
-    candidate = first_child[:, 0].clone()  # [batch]: the next child to try, -1 when none is left
+    candidate = first_child[:, 0].clone()  # [batch]: the next child to try, NO_NODE when none is left
     counts = torch.zeros(batch, dtype=torch.long, device=device)
-    path = torch.full((batch, nodes), -1, dtype=torch.long, device=device)
+    path = torch.full((batch, nodes), NO_NODE, dtype=torch.long, device=device)
     # Each node is tried at most once, so nodes rounds settle every row.
     for _ in range(nodes):
-        trying = candidate >= 0
+        trying = candidate != NO_NODE
         if not trying.any():
             break
         r, node = rows[trying], candidate[trying]

@@ -1,14 +1,17 @@
-"""Conversions between protobuf messages and the library's plain records (the transport layer)."""
+"""Conversions between protobuf messages and the library's plain records (the transport layer).
+
+Free of torch, so that the router imports it without loading torch: the tensor conversions of the wire's
+top-K pairs (``draft_top_k``) live with the services that hold the tensors (`draft_service.server`,
+`target_service.server`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from specfleet.protos import draft_pb2, generate_pb2, session_pb2
-from specfleet.sampling import SamplingParams
-from specfleet.trees import TreeShape
+from specfleet.sampling_params import SamplingParams
+from specfleet.trees.shapes import ROOT_PARENT, TreeShape
 
 
 def sampling_from_proto(msg: generate_pb2.SamplingParameters) -> SamplingParams:
@@ -33,14 +36,6 @@ def delta_fields(delta: session_pb2.SequenceDelta) -> tuple[str, int, list[int]]
 def validate_tokens(tokens: Sequence[int], vocab_size: int, what: str) -> None:
     if vocab_size and tokens and max(tokens) >= vocab_size:
         raise ValueError(f"{what}: token id {max(tokens)} is outside the vocabulary of {vocab_size}")
-
-
-def distributions_to_proto(pairs: tuple[torch.Tensor, torch.Tensor] | None) -> list[session_pb2.TokenDistribution]:
-    if pairs is None:
-        return []
-    ids, probs = pairs
-    return [session_pb2.TokenDistribution(token_ids=i.tolist(), probs=p.tolist())
-            for i, p in zip(ids, probs, strict=True)]
 
 
 def info_response(*, model: str, kind: str, vocab_size: int, fingerprint: str, max_seq_len: int, num_slots: int,
@@ -72,14 +67,15 @@ def tree_shape_from_proto(msg: draft_pb2.TreeShape, depth: int) -> tuple[TreeSha
 
 
 def validate_parents(parents: Sequence[int], nodes: int, what: str) -> None:
-    """A tree's parent list: one per node, each -1 or an earlier node."""
+    """A tree's parent list: one per node, each ROOT_PARENT (the root) or an earlier node."""
     if len(parents) != nodes:
         raise ValueError(f"{what}: {nodes} nodes but {len(parents)} parents")
     for j, parent in enumerate(parents):
-        if not -1 <= parent < j:
-            raise ValueError(f"{what}: node {j} has parent {parent}; each must be -1 or an earlier node")
+        if not ROOT_PARENT <= parent < j:
+            raise ValueError(f"{what}: node {j} has parent {parent}; each must be {ROOT_PARENT} or an earlier node")
 
 
 def is_chain(parents: Sequence[int]) -> bool:
-    """Whether a tree is a chain (each node the child of the one before): it then travels as a chain."""
-    return all(parent == j - 1 for j, parent in enumerate(parents))
+    """Whether a tree is a chain (each node the child of the one before, the first the root's): it then
+    travels as a chain."""
+    return all(parent == (j - 1 if j else ROOT_PARENT) for j, parent in enumerate(parents))

@@ -68,24 +68,24 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         if not new_tokens:
             raise ValueError(f"{seq_id}: every verify entry needs at least one new token")
         sampling = sampling_from_proto(entry.sampling)
-        draft_probs = None
+        draft_top_k = None
         if not sampling.greedy and entry.draft_tokens:
-            if len(entry.draft_probs) != len(entry.draft_tokens):
+            if len(entry.draft_top_k) != len(entry.draft_tokens):
                 raise ValueError(f"{seq_id}: {len(entry.draft_tokens)} draft tokens but "
-                                 f"{len(entry.draft_probs)} draft distributions")
-            width = max(len(d.token_ids) for d in entry.draft_probs)
-            ids = torch.zeros(len(entry.draft_probs), width, dtype=torch.long)
-            probs = torch.zeros(len(entry.draft_probs), width)
-            for row, dist in enumerate(entry.draft_probs):
-                validate_tokens(dist.token_ids, vocab, f"{seq_id}: draft_probs")
+                                 f"{len(entry.draft_top_k)} draft distributions")
+            width = max(len(d.token_ids) for d in entry.draft_top_k)
+            ids = torch.zeros(len(entry.draft_top_k), width, dtype=torch.long)
+            probs = torch.zeros(len(entry.draft_top_k), width)
+            for row, dist in enumerate(entry.draft_top_k):
+                validate_tokens(dist.token_ids, vocab, f"{seq_id}: draft_top_k")
                 ids[row, : len(dist.token_ids)] = torch.tensor(list(dist.token_ids), dtype=torch.long)
                 probs[row, : len(dist.probs)] = torch.tensor(list(dist.probs))
-            draft_probs = (ids, probs)
+            draft_top_k = (ids, probs)
         parents = None
         if entry.draft_parents:
             validate_parents(entry.draft_parents, len(entry.draft_tokens), f"{seq_id}: draft_parents")
             parents = list(entry.draft_parents)
-        return VerifyItem(seq_id, rollback_to, new_tokens, list(entry.draft_tokens), draft_probs, sampling, entry.seed,
+        return VerifyItem(seq_id, rollback_to, new_tokens, list(entry.draft_tokens), draft_top_k, sampling, entry.seed,
                           parents)
 
     async def Release(self, request: session_pb2.ReleaseSequencesRequest, context: grpc.aio.ServicerContext

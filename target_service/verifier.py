@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import torch
 
 from specfleet.engine import Extend, ModelRunner, TreeExtend
-from specfleet.sampling import VERIFY_STREAM, SamplingParams, dense_from_pairs, processed_probs, seeded_uniforms
-from specfleet.trees import DraftTree, tree_depths
+from specfleet.sampling import VERIFY_STREAM, dense_from_top_k, processed_probs, seeded_uniforms
+from specfleet.sampling_params import SamplingParams
+from specfleet.trees.shapes import PAD_TOKEN, ROOT_PARENT
+from specfleet.trees.structure import DraftTree, tree_depths
 from specfleet.verify import verify_chain, verify_greedy, verify_tree, verify_tree_greedy
 
 
@@ -21,11 +23,11 @@ class VerifyItem:
     rollback_to: int
     new_tokens: list[int]
     draft_tokens: list[int]
-    # For sampled requests, the top-K pairs (ids [depth, K], probs [depth, K]) each draft came from.
-    draft_probs: tuple[torch.Tensor, torch.Tensor] | None
+    # For sampled requests, the wire's top-K pairs (ids [depth, K], probs [depth, K]) each draft came from.
+    draft_top_k: tuple[torch.Tensor, torch.Tensor] | None
     sampling: SamplingParams
     seed: int = 0
-    # For a tree: each draft token's parent (-1: the last committed token); None for a chain.
+    # For a tree: each draft token's parent (ROOT_PARENT: the last committed token); None for a chain.
     draft_parents: list[int] | None = None
 
     @property
@@ -107,8 +109,8 @@ class Verifier:
 
     def _tree(self, items: list[VerifyItem], vocab: int, with_probs: bool) -> DraftTree:
         nodes = max(len(i.draft_tokens) for i in items)
-        tokens = torch.full((len(items), nodes), -1, dtype=torch.long)
-        parents = torch.full((len(items), nodes), -1, dtype=torch.long)
+        tokens = torch.full((len(items), nodes), PAD_TOKEN, dtype=torch.long)
+        parents = torch.full((len(items), nodes), ROOT_PARENT, dtype=torch.long)
         draft_probs = torch.zeros(len(items), nodes, vocab if with_probs else 0)
         for row, i in enumerate(items):
             n = len(i.draft_tokens)
@@ -116,9 +118,9 @@ class Verifier:
                 tokens[row, :n] = torch.tensor(i.draft_tokens, dtype=torch.long)
                 parents[row, :n] = torch.tensor(i.draft_parents, dtype=torch.long)
                 if with_probs:
-                    if i.draft_probs is None:
+                    if i.draft_top_k is None:
                         raise ValueError(f"{i.seq_id}: a sampled request needs the draft distribution of each node")
-                    draft_probs[row, :n] = dense_from_pairs(*i.draft_probs, vocab)
+                    draft_probs[row, :n] = dense_from_top_k(*i.draft_top_k, vocab)
         num_nodes = torch.tensor([len(i.draft_tokens) for i in items])
         return DraftTree(tokens, parents, tree_depths(parents), draft_probs, num_nodes)
 
@@ -180,10 +182,10 @@ class Verifier:
         for row, i in enumerate(items):
             k = len(i.draft_tokens)
             if k:
-                if i.draft_probs is None:
+                if i.draft_top_k is None:
                     raise ValueError(f"{i.seq_id}: a sampled request needs the draft distribution of each draft token")
-                ids, probs = i.draft_probs
-                draft_probs[row, :k] = dense_from_pairs(ids, probs, vocab)
+                ids, probs = i.draft_top_k
+                draft_probs[row, :k] = dense_from_top_k(ids, probs, vocab)
             u = seeded_uniforms(i.seed, i.position, VERIFY_STREAM, k + 1)
             uniforms[row, :k] = u[:k]
             uniforms[row, depth] = u[k]  # the recovered/bonus draw always uses the last column

@@ -7,8 +7,8 @@ from typing import Protocol
 
 import torch
 
-from specfleet.sampling import SamplingParams
-from specfleet.trees import TreeShape
+from specfleet.sampling_params import SamplingParams
+from specfleet.trees.shapes import TreeShape
 
 
 @dataclass(frozen=True)
@@ -37,17 +37,17 @@ class DraftResult:
     seq_id: str
     known: bool  # False: no state for seq_id, the caller must resend the whole sequence
     tokens: list[int]
-    # The exact distribution each token was drawn from, as top-K pairs (ids [n, K], probs [n, K]);
+    # The exact distribution each token was drawn from, as the wire's top-K pairs (ids [n, K], probs [n, K]);
     # None for greedy requests.
-    draft_probs: tuple[torch.Tensor, torch.Tensor] | None
+    draft_top_k: tuple[torch.Tensor, torch.Tensor] | None
     cached_len: int  # tokens of the sequence the drafter holds after this call
-    # For a tree: each node's parent (-1 for the root's children), ``tokens`` holding the nodes and
-    # ``draft_probs`` one distribution per node (given its earlier siblings); None for a chain.
+    # For a tree: each node's parent (ROOT_PARENT for the root's children), ``tokens`` holding the nodes and
+    # ``draft_top_k`` one distribution per node (given its earlier siblings); None for a chain.
     parents: list[int] | None = None
 
     @classmethod
     def unknown(cls, seq_id: str) -> DraftResult:
-        return cls(seq_id, known=False, tokens=[], draft_probs=None, cached_len=0)
+        return cls(seq_id, known=False, tokens=[], draft_top_k=None, cached_len=0)
 
 
 class Drafter(Protocol):

@@ -1,5 +1,5 @@
 """A small causal LM sharing the target's tokenizer drafts autoregressively, batched: chains, or
-trees by RSD-C / RSD-S (`specfleet.trees`) with the nodes evaluated by tree attention."""
+trees by RSD-C / RSD-S (`specfleet.trees.build`) with the nodes evaluated by tree attention."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ from specfleet.drafters.base import DraftRequest, DraftResult
 from specfleet.engine import Extend, ModelRunner, TreeExtend
 from specfleet.sampling import (
     DRAFT_STREAM,
-    dense_from_pairs,
+    dense_from_top_k,
     processed_probs,
     sample_from_probs,
     seeded_generator,
     seeded_uniforms,
     top_k_pairs,
 )
-from specfleet.trees import DraftTree, TreeShape, build_tree_rsd_c, build_tree_rsd_s
+from specfleet.trees.build import build_tree_rsd_c, build_tree_rsd_s
+from specfleet.trees.shapes import ROOT_PARENT, TreeShape
+from specfleet.trees.structure import DraftTree
 
 GREEDY_TREE_SCALE = 1e4
 """Greedy trees multiply the draft's log-probabilities by this before tree construction, so the Gumbel
@@ -71,15 +73,15 @@ class ModelDrafter:
             if r.seq_id in results:
                 continue
             toks = drafts.get(r.seq_id, [])
-            draft_probs = None
+            draft_top_k = None
             if not r.sampling.greedy:
                 got = pairs.get(r.seq_id, [])
                 k = self.num_pairs
-                draft_probs = (torch.stack([p[0] for p in got]) if got else torch.empty(0, k, dtype=torch.long),
+                draft_top_k = (torch.stack([p[0] for p in got]) if got else torch.empty(0, k, dtype=torch.long),
                                torch.stack([p[1] for p in got]) if got else torch.empty(0, k))
             if r.depth == 0:  # nothing drafted: just keep the committed tokens
                 self.runner.extend([Extend(r.seq_id, r.rollback_to, list(r.new_tokens))])
-            results[r.seq_id] = DraftResult(r.seq_id, known=True, tokens=toks, draft_probs=draft_probs,
+            results[r.seq_id] = DraftResult(r.seq_id, known=True, tokens=toks, draft_top_k=draft_top_k,
                                             cached_len=self.runner.cached_len(r.seq_id) or 0)
         return [results[r.seq_id] for r in requests]
 
@@ -165,7 +167,7 @@ class ModelDrafter:
                 if key not in trie:
                     trie[key] = len(ts)
                     ts.append(path[end - 1])
-                    ps.append(trie[key[:-1]] if end > 1 else -1)
+                    ps.append(trie[key[:-1]] if end > 1 else ROOT_PARENT)
         calls = []
         for row in tries:
             r = group[row]
@@ -185,16 +187,16 @@ class ModelDrafter:
         probs = processed_probs(logits, torch.tensor([1.0 if p.greedy else p.temperature for p in params]),
                                 torch.tensor([p.top_k for p in params]), torch.tensor([p.top_p for p in params]))
         ids, pair_probs = top_k_pairs(probs, k)
-        logprobs = dense_from_pairs(ids, pair_probs, logits.shape[-1]).log()
+        logprobs = dense_from_top_k(ids, pair_probs, logits.shape[-1]).log()
         return torch.where(greedy[:, None], logprobs * GREEDY_TREE_SCALE, logprobs)
 
     def _tree_result(self, request: DraftRequest, tree: DraftTree, row: int) -> DraftResult:
         n = int(tree.num_nodes[row])
-        draft_probs = None
+        draft_top_k = None
         if not request.sampling.greedy:
             # Each node's q_i has at most K tokens (a subset of the top-K pairs), so its top-K is all of it.
-            draft_probs = top_k_pairs(tree.draft_probs[row, :n], min(self.num_pairs, tree.vocab_size)) if n else (
+            draft_top_k = top_k_pairs(tree.draft_probs[row, :n], min(self.num_pairs, tree.vocab_size)) if n else (
                 torch.empty(0, self.num_pairs, dtype=torch.long), torch.empty(0, self.num_pairs))
-        return DraftResult(request.seq_id, known=True, tokens=tree.tokens[row, :n].tolist(), draft_probs=draft_probs,
+        return DraftResult(request.seq_id, known=True, tokens=tree.tokens[row, :n].tolist(), draft_top_k=draft_top_k,
                            cached_len=self.runner.cached_len(request.seq_id) or 0,
                            parents=tree.parents[row, :n].tolist())

@@ -4,7 +4,7 @@ Model-free (Saxena 2023, "prompt lookup decoding"): for code edits and summaries
 repeats spans of its input, so the tokens that followed an earlier occurrence of the last few
 tokens are a cheap and often right guess. The draft is deterministic, so its distribution is a
 point mass on each drafted token. Asked for a tree, it merges the continuations of several matches
-into a trie (`find_continuations`), each node again a point mass (`specfleet.trees.tree_from_paths`).
+into a trie (`find_continuations`), each node again a point mass (`specfleet.trees.structure.tree_from_paths`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections import OrderedDict
 import torch
 
 from specfleet.drafters.base import DraftRequest, DraftResult
-from specfleet.trees import tree_from_paths
+from specfleet.trees.structure import tree_from_paths
 
 
 def find_continuation(tokens: list[int], depth: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
@@ -86,10 +86,10 @@ class NgramDrafter:
         if request.tree is not None:
             return self._propose_tree(request, tokens)
         draft = find_continuation(tokens, request.depth, self.max_ngram, self.min_ngram)
-        draft_probs = None
+        draft_top_k = None
         if not request.sampling.greedy:
-            draft_probs = (torch.tensor(draft, dtype=torch.long).view(-1, 1), torch.ones(len(draft), 1))
-        return DraftResult(request.seq_id, known=True, tokens=draft, draft_probs=draft_probs,
+            draft_top_k = (torch.tensor(draft, dtype=torch.long).view(-1, 1), torch.ones(len(draft), 1))
+        return DraftResult(request.seq_id, known=True, tokens=draft, draft_top_k=draft_top_k,
                            cached_len=len(tokens))
 
     def _propose_tree(self, request: DraftRequest, tokens: list[int]) -> DraftResult:
@@ -99,10 +99,10 @@ class NgramDrafter:
         paths = find_continuations(tokens, request.depth, budget, self.max_ngram, self.min_ngram)
         tree = tree_from_paths(paths, vocab_size=1 + max((t for p in paths for t in p), default=0))
         nodes = tree.tokens[0].tolist()
-        draft_probs = None
+        draft_top_k = None
         if not request.sampling.greedy:
-            draft_probs = (torch.tensor(nodes, dtype=torch.long).view(-1, 1), torch.ones(len(nodes), 1))
-        return DraftResult(request.seq_id, known=True, tokens=nodes, draft_probs=draft_probs,
+            draft_top_k = (torch.tensor(nodes, dtype=torch.long).view(-1, 1), torch.ones(len(nodes), 1))
+        return DraftResult(request.seq_id, known=True, tokens=nodes, draft_top_k=draft_top_k,
                            cached_len=len(tokens), parents=tree.parents[0].tolist())
 
     def _remember(self, seq_id: str, tokens: list[int]) -> None:

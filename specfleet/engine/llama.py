@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from specfleet.engine.kv_cache import SlotKVCache
-from specfleet.trees import tree_attention_mask, tree_depths, tree_position_ids
+from specfleet.trees.structure import tree_attention_mask, tree_depths, tree_position_ids
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 

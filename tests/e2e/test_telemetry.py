@@ -13,7 +13,7 @@ import redis
 from specfleet.launcher import Deployment, free_port, wait_redis
 from specfleet.policy import CostSample
 from specfleet.telemetry import AcceptanceCounts, StepRecord, TelemetryReader, TelemetryWriter
-from specfleet.trees import TryCounts
+from specfleet.trees.shapes import TryCounts
 
 
 class RedisServer:
@@ -58,7 +58,8 @@ def test_samples_and_acceptance_round_trip(server: RedisServer) -> None:
         step.add_step(drafted=4, accepted=2)
         step.add_step(drafted=4, accepted=4)
         step.add_step(drafted=0, accepted=0)  # asked, nothing offered
-        step.add_step(drafted=5, accepted=2, tries=TryCounts(first_rejected=1, later_accepted=1, later_tried=3))
+        step.add_step(drafted=5, accepted=2,
+                      tries=TryCounts(first_rejected=1, later_siblings_accepted=1, later_siblings_tried=3))
         router.record_acceptance(step)
         assert _wait(lambda: len(reader.read().samples) == 3)
         view = reader.read()

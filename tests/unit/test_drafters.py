@@ -12,8 +12,8 @@ from specfleet.drafters import DraftRequest, NgramDrafter, find_continuation
 from specfleet.drafters.model import ModelDrafter
 from specfleet.drafters.ngram import find_continuations
 from specfleet.engine import ModelRunner
-from specfleet.sampling import SamplingParams
-from specfleet.trees import TreeShape
+from specfleet.sampling_params import SamplingParams
+from specfleet.trees.shapes import TreeShape
 
 GREEDY = SamplingParams()
 
@@ -36,7 +36,7 @@ def test_find_continuation_no_match_and_short_tail() -> None:
 def test_ngram_sessions_roll_back_and_report_unknown() -> None:
     drafter = NgramDrafter()
     [first] = drafter.propose([DraftRequest("s", 0, [1, 2, 3, 1, 2], 2, GREEDY)])
-    assert first.known and first.tokens == [3, 1] and first.cached_len == 5 and first.draft_probs is None
+    assert first.known and first.tokens == [3, 1] and first.cached_len == 5 and first.draft_top_k is None
     # One draft accepted plus a target token: roll back to 5 and append [3, 7].
     [second] = drafter.propose([DraftRequest("s", 5, [3, 7], 2, GREEDY)])
     assert second.cached_len == 7
@@ -47,7 +47,7 @@ def test_ngram_sessions_roll_back_and_report_unknown() -> None:
 
 def test_ngram_sampled_drafts_carry_point_masses() -> None:
     [result] = NgramDrafter().propose([DraftRequest("s", 0, [4, 5, 6, 4, 5], 2, SamplingParams(temperature=1.0))])
-    ids, probs = result.draft_probs
+    ids, probs = result.draft_top_k
     assert ids.tolist() == [[6], [4]] and probs.tolist() == [[1.0], [1.0]]
 
 
@@ -72,7 +72,7 @@ def test_model_drafter_greedy_equals_transformers_generate(tiny_model: Path) -> 
     drafter = ModelDrafter(ModelRunner.from_folder(tiny_model, num_slots=4, max_seq_len=64), target_vocab_size=97)
     first = drafter.propose([DraftRequest(name, 0, toks, 4, GREEDY) for name, toks in prompts.items()])
     for result, toks in zip(first, prompts.values(), strict=True):
-        assert result.known and result.tokens == reference(toks, 4) and result.draft_probs is None
+        assert result.known and result.tokens == reference(toks, 4) and result.draft_top_k is None
     # The target accepted one draft of each and added token 7: roll back past the other drafts.
     grown = {name: toks + [r.tokens[0], 7] for (name, toks), r in zip(prompts.items(), first, strict=True)}
     second = drafter.propose([DraftRequest(name, len(prompts[name]), toks[-2:], 3, GREEDY)
@@ -85,7 +85,7 @@ def test_model_drafter_sampled_drafts_come_from_their_pairs(tiny_model: Path) ->
     drafter = ModelDrafter(ModelRunner.from_folder(tiny_model, num_slots=2, max_seq_len=64), top_k_pairs=16)
     request = DraftRequest("s", 0, [1, 2, 3], 5, SamplingParams(temperature=1.0, top_p=0.9), seed=7)
     [result] = drafter.propose([request])
-    ids, probs = result.draft_probs
+    ids, probs = result.draft_top_k
     assert ids.shape == probs.shape == (5, 16)
     torch.testing.assert_close(probs.sum(-1), torch.ones(5))
     for row, token in enumerate(result.tokens):
@@ -115,7 +115,7 @@ def test_ngram_tree_is_a_trie_of_point_masses_and_keeps_the_session() -> None:
                            max_nodes=7)
     [result] = drafter.propose([request])
     assert result.tokens == [7, 7, 2, 4, 5, 1, 9] and result.parents == [-1, 0, 1, -1, 3, 4, -1]
-    ids, probs = result.draft_probs
+    ids, probs = result.draft_top_k
     assert ids.view(-1).tolist() == result.tokens and probs.view(-1).tolist() == [1.0] * 7
     assert result.cached_len == len(tokens)
     # Next step: node 0 accepted and a target token: the session rolls back and continues as for chains.
@@ -138,7 +138,7 @@ def test_model_drafter_greedy_tree_holds_the_greedy_chain_and_rolls_back(tiny_mo
     drafter = ModelDrafter(ModelRunner.from_folder(tiny_model, num_slots=4, max_seq_len=64))
     results = drafter.propose([DraftRequest(name, 0, toks, 3, GREEDY, tree=shape) for name, toks in prompts.items()])
     for result, toks in zip(results, prompts.values(), strict=True):
-        assert result.known and result.cached_len == len(toks) and result.draft_probs is None
+        assert result.known and result.cached_len == len(toks) and result.draft_top_k is None
         assert len(result.tokens) == len(result.parents) <= shape.nodes
         first_path, node = [], -1
         while node in result.parents:
@@ -157,7 +157,7 @@ def test_model_drafter_sampled_tree_is_exact_and_seeded_per_sequence(tiny_model:
     sampling = SamplingParams(temperature=1.0)
     request = DraftRequest("s", 0, [1, 2, 3], 3, sampling, seed=5, tree=TreeShape("rsd-c", (3, 2)))
     [alone] = drafter.propose([request])
-    ids, probs = alone.draft_probs
+    ids, probs = alone.draft_top_k
     assert len(alone.tokens) == 9 and ids.shape == probs.shape == (9, 16)
     torch.testing.assert_close(probs.sum(-1), torch.ones(9))
     for row, token in enumerate(alone.tokens):

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from specfleet.engine import Extend, LlamaForCausalLM, ModelRunner, SlotKVCache, TreeExtend, UnknownSequenceError
 from specfleet.engine.llama import grouped_attention
-from specfleet.trees import build_tree_rsd_c
+from specfleet.trees.build import build_tree_rsd_c
 from specfleet.verify import verify_tree_greedy
 
 TOLERANCE = 1e-4

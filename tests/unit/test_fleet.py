@@ -11,7 +11,7 @@ from router.sequence import Sequence
 from specfleet.config import RouterConfig
 from specfleet.otel import RouterMetrics
 from specfleet.protos import session_pb2
-from specfleet.sampling import SamplingParams
+from specfleet.sampling_params import SamplingParams
 
 # Nothing listens here: Release calls to a replica that left fail, as they may, and are not waited for.
 NOWHERE = "127.0.0.1:9"

@@ -10,13 +10,13 @@ from specfleet import sampling
 from specfleet.sampling import (
     DRAFT_STREAM,
     VERIFY_STREAM,
-    SamplingParams,
-    dense_from_pairs,
+    dense_from_top_k,
     processed_probs,
     sample_from_probs,
     seeded_uniforms,
     top_k_pairs,
 )
+from specfleet.sampling_params import SamplingParams
 
 
 def _process(logits: list[list[float]], temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -204,7 +204,7 @@ def test_top_k_pairs_round_trip() -> None:
     assert token_ids.shape == pair_probs.shape == (2, 3)
     assert token_ids[0].tolist() == [1, 4, 3]
     assert pair_probs[1, 2] == 0  # fewer than k tokens with nonzero probability
-    torch.testing.assert_close(dense_from_pairs(token_ids, pair_probs, vocab_size=6), probs)
+    torch.testing.assert_close(dense_from_top_k(token_ids, pair_probs, vocab_size=6), probs)
 
 
 def test_top_k_pairs_truncates_and_renormalises() -> None:
@@ -212,14 +212,14 @@ def test_top_k_pairs_truncates_and_renormalises() -> None:
     token_ids, pair_probs = top_k_pairs(probs, k=2)
     assert token_ids.tolist() == [[3, 2]]
     torch.testing.assert_close(pair_probs, torch.tensor([[4 / 7, 3 / 7]]))
-    torch.testing.assert_close(dense_from_pairs(token_ids, pair_probs, 4), torch.tensor([[0, 0, 3 / 7, 4 / 7]]))
+    torch.testing.assert_close(dense_from_top_k(token_ids, pair_probs, 4), torch.tensor([[0, 0, 3 / 7, 4 / 7]]))
 
 
 def test_top_k_pairs_checks_k() -> None:
     with pytest.raises(ValueError, match="k must be"):
         top_k_pairs(torch.ones(1, 4) / 4, k=5)
     with pytest.raises(ValueError, match="pair_probs"):
-        dense_from_pairs(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 4), 8)
+        dense_from_top_k(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 4), 8)
 
 
 def test_sampling_params_defaults_and_greedy() -> None:

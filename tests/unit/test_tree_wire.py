@@ -3,6 +3,8 @@ verification in process (drafter -> verifier -> keep_path) against plain greedy 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,12 +24,35 @@ from specfleet.policy import (
     tree_expected_emitted,
 )
 from specfleet.protos import draft_pb2
-from specfleet.sampling import SamplingParams
-from specfleet.trees import TreeShape, TryCounts, chain_shape, count_tries, parse_branching, try_outcomes
+from specfleet.sampling_params import SamplingParams
+from specfleet.trees.shapes import (
+    ROOT_PARENT,
+    TreeShape,
+    TryCounts,
+    chain_shape,
+    count_tries,
+    parse_branching,
+    try_outcomes,
+)
 from specfleet.wire import is_chain, tree_shape_from_proto, tree_shape_to_proto, validate_parents
 from target_service.verifier import Verifier, VerifyItem
 
 GREEDY = SamplingParams()
+
+
+def test_shapes_wire_and_sampling_params_load_without_torch() -> None:
+    """The router imports these; in a fresh interpreter none of them may pull torch in (through the
+    `specfleet.trees` package or otherwise)."""
+    code = ("import sys, specfleet.trees.shapes, specfleet.wire, specfleet.sampling_params; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_root_parent_matches_the_wire() -> None:
+    assert ROOT_PARENT == -1  # draft.proto and target.proto give the root's children parent -1
+    assert validate_parents([ROOT_PARENT, 0, ROOT_PARENT], 3, "t") is None and is_chain([ROOT_PARENT, 0])
 
 
 def test_shapes_fit_node_and_depth_budgets() -> None:
@@ -128,7 +153,7 @@ def _decode(drafter, verifier: Verifier, prompts: dict[str, list[int]], shape: T
         proposals = drafter.propose([DraftRequest(n, draft_cached[n], tokens[n][draft_cached[n]:], shape.levels,
                                                   sampling, seed, tree=shape) for n in live])
         verdicts = verifier.verify([VerifyItem(n, target_cached[n], tokens[n][target_cached[n]:], p.tokens,
-                                               p.draft_probs, sampling, seed, p.parents)
+                                               p.draft_top_k, sampling, seed, p.parents)
                                     for n, p in zip(live, proposals, strict=True)])
         for n, p, v in zip(live, proposals, verdicts, strict=True):
             assert list(v.accepted_nodes) == [] or p.parents[v.accepted_nodes[0]] == -1

@@ -24,19 +24,17 @@ import torch
 from chi_square import chi_square_pvalue
 
 from specfleet.sampling import processed_probs
-from specfleet.trees import (
+from specfleet.trees.build import build_tree_rsd_c, build_tree_rsd_s
+from specfleet.trees.structure import (
     DraftTree,
-    build_tree_rsd_c,
-    build_tree_rsd_s,
-    gumbel_top_k,
     point_mass_tree,
     sibling_links,
     tree_attention_mask,
     tree_depths,
     tree_from_paths,
     tree_position_ids,
-    without_replacement_probs,
 )
+from specfleet.trees.without_replacement import gumbel_top_k, without_replacement_probs
 from specfleet.verify import verify_chain, verify_tree
 
 VOCAB = 6

@@ -13,8 +13,8 @@ import pytest
 import torch
 from chi_square import chi_square_pvalue
 
-from specfleet.sampling import dense_from_pairs, processed_probs, sample_from_probs, top_k_pairs
-from specfleet.trees import point_mass_tree, tree_from_paths
+from specfleet.sampling import dense_from_top_k, processed_probs, sample_from_probs, top_k_pairs
+from specfleet.trees.structure import point_mass_tree, tree_from_paths
 from specfleet.verify import VerifyResult, verify_chain, verify_greedy, verify_tree, verify_tree_greedy
 
 VOCAB = 8
@@ -205,7 +205,7 @@ def _models_top_p_target_top_k_wire_draft() -> ToyModels:
     target = processed_probs(target_logits, *_params(VOCAB + 1, 1.0, top_p=0.9))
     draft = processed_probs(draft_logits, *_params(VOCAB + 1, 1.0))
     token_ids, pair_probs = top_k_pairs(draft, k=4)
-    return ToyModels(target, dense_from_pairs(token_ids, pair_probs, VOCAB))
+    return ToyModels(target, dense_from_top_k(token_ids, pair_probs, VOCAB))
 
 
 def _models_low_temperature_top_k() -> ToyModels:

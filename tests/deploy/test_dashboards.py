@@ -28,8 +28,8 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from dashboards import DASHBOARDS, fill_in, panels
 from helm_tools import NAMESPACE, RELEASE
-from test_helm import DASHBOARDS, fill_in, panels
 
 from specfleet.client import make_request
 from specfleet.launcher import Deployment, Process, free_port, wait_redis, wait_serving

@@ -232,7 +232,7 @@ def test_chart_runs_existing_subcommands_with_arguments_the_cli_parses(rendering
 
 
 def test_values_schema_names_what_the_cli_accepts() -> None:
-    from specfleet.drafters import DRAFTER_KINDS
+    from specfleet.config import DRAFTER_KINDS
     from specfleet.models import PRESETS
 
     definitions = SCHEMA["definitions"]

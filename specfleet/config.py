@@ -13,11 +13,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from specfleet.drafters import DRAFTER_KINDS
 from specfleet.models import DEFAULT_MODEL
 from specfleet.policy import DRAFT_HURDLE
 from specfleet.trees.shapes import TREE_METHODS, TreeShape, parse_branching
 
+DRAFTER_KINDS = ("ngram", "model")  # the drafters a draft service runs (specfleet.drafters)
 MAX_DEPTH = 16  # the most draft tokens per sequence per step anywhere in the fleet
 
 

@@ -3,6 +3,4 @@
 from specfleet.drafters.base import Drafter, DraftRequest, DraftResult
 from specfleet.drafters.ngram import NgramDrafter, find_continuation
 
-DRAFTER_KINDS = ("ngram", "model")
-
-__all__ = ["DRAFTER_KINDS", "DraftRequest", "DraftResult", "Drafter", "NgramDrafter", "find_continuation"]
+__all__ = ["DraftRequest", "DraftResult", "Drafter", "NgramDrafter", "find_continuation"]

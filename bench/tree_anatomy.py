@@ -27,7 +27,7 @@ from specfleet.engine import ModelRunner
 from specfleet.models import load_tokenizer, resolve_model
 from specfleet.policy import acceptance_estimate, tree_expected_emitted
 from specfleet.sampling_params import SamplingParams
-from specfleet.telemetry import AcceptanceCounts
+from specfleet.stats import AcceptanceCounts, SequenceStep
 from specfleet.trees.shapes import TreeShape, chain_shape, count_tries, try_outcomes
 from target_service.verifier import Verifier
 
@@ -52,11 +52,14 @@ def policy_predictions(walks: Sequence[tuple[Sequence[int], Sequence[int]]], tri
     try, accepted / (accepted + rejected tries); split: first tries at alpha, later siblings at beta."""
     counts = AcceptanceCounts()  # kept as the router keeps them
     for parents, path in walks:
-        counts.add_step(len(parents), len(path), tries=count_tries(parents, path))
+        step = count_tries(parents, path)
+        counts.observe(SequenceStep(len(parents), len(parents), len(path), step.first_rejected,
+                                    step.later_siblings_accepted, step.later_siblings_tried))
     accepted = counts.accepted
-    lumped = acceptance_estimate(accepted, counts.rejections + counts.sibling_rejected, 0.0, prior_weight=0.0)
+    lumped = acceptance_estimate(accepted, counts.rejections + counts.later_siblings_rejected, 0.0, prior_weight=0.0)
     alpha = acceptance_estimate(counts.first_accepted, counts.rejections, 0.0, prior_weight=0.0)
-    beta = acceptance_estimate(counts.sibling_accepted, counts.sibling_rejected, alpha, prior_weight=0.0)
+    beta = acceptance_estimate(counts.later_siblings_accepted, counts.later_siblings_rejected, alpha,
+                               prior_weight=0.0)
     return (accepted / len(walks), tree_expected_emitted(lumped, tries) - 1, lumped,
             tree_expected_emitted(alpha, tries, beta) - 1, alpha, beta)
 

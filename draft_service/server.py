@@ -16,7 +16,8 @@ from specfleet.otel import Otel, ServiceMetrics
 from specfleet.otel import setup as setup_otel
 from specfleet.protos import draft_pb2, draft_pb2_grpc, session_pb2
 from specfleet.serving import serve, servicer_name
-from specfleet.telemetry import TelemetryWriter, is_prefill, writer_for
+from specfleet.speculation import is_prefill
+from specfleet.telemetry import TelemetryWriter, writer_for
 from specfleet.wire import (
     delta_fields,
     info_response,

@@ -18,13 +18,21 @@ from collections.abc import Sequence as Seq
 import grpc
 
 from router.discovery import PoolWatcher
+from router.draft_link import GrpcDraftLink
+from router.draft_pool import DraftPool
+from router.live_request import LiveRequest
 from router.loop import StepLoop
+from router.observers import MetricsExporter, TelemetryExporter
+from router.planner import Planner
 from router.policy_feed import PolicyFeed
-from router.replicas import DraftReplica, TargetReplica, check_compatible, fetch_info
-from router.sequence import Sequence, fail
+from router.ports import StepObserver
+from router.prediction_audit import Calibration, PredictionAudit
+from router.replicas import DraftReplica, ReplicaError, ReplicaGone, TargetReplica, check_compatible
+from router.strategies import Strategies
+from router.target_link import GrpcTargetLink
+from router.target_verifier import TargetVerifier
 from specfleet.config import RouterConfig
 from specfleet.otel import RouterMetrics
-from specfleet.protos import session_pb2
 from specfleet.telemetry import TelemetryWriter
 
 log = logging.getLogger("specfleet.router")
@@ -35,6 +43,35 @@ JOIN_RETRY_S = (1.0, 30.0)  # first and longest wait between GetInfo attempts
 # end the step loop that made them); every call has its own deadline, so this only bounds a stuck one.
 CLOSE_AFTER_S = 1.0
 CLOSE_GRACE_S = 120.0
+DRAFT_POOL = "draft-pool"  # the strategy of every request today: a separate drafter from the draft pool
+
+
+def connect_target(address: str, interceptors: Seq[grpc.aio.ClientInterceptor] = ()) -> TargetReplica:
+    return TargetReplica(address, GrpcTargetLink(address, interceptors))
+
+
+def connect_draft(address: str, interceptors: Seq[grpc.aio.ClientInterceptor] = ()) -> DraftReplica:
+    return DraftReplica(address, GrpcDraftLink(address, interceptors))
+
+
+def step_loop_for(target: TargetReplica, config: RouterConfig, feed: PolicyFeed, telemetry: TelemetryWriter | None,
+                  metrics: RouterMetrics) -> StepLoop:
+    """The step loop of one target replica (which has answered GetInfo), wired to its ports: the draft pool as
+    its strategy, the target behind a verifier, the policy behind a planner, and the step's observers."""
+    assert target.info is not None
+    audit = PredictionAudit()
+    # With --calibration-half-life 0 the policy takes its predictions as they are.
+    calibration = Calibration(config.calibration_half_life) if config.calibration_half_life else None
+    strategies = Strategies({DRAFT_POOL: DraftPool(config.draft_timeout_ms, config.draft_retry_s, metrics)})
+    planner = Planner(config, feed, strategies, target.address, target.info.max_seq_len, audit, calibration)
+    observers: list[StepObserver] = [audit, MetricsExporter(metrics)]
+    if calibration is not None:
+        observers.append(calibration)
+    if telemetry is not None:
+        observers.append(TelemetryExporter(telemetry))
+    return StepLoop(target.address, planner, strategies, TargetVerifier(target, config.verify_timeout_ms / 1000,
+                                                                       metrics),
+                    observers, metrics, capacity=target.info.num_slots, max_context=target.info.max_seq_len)
 
 
 class Fleet:
@@ -46,8 +83,9 @@ class Fleet:
         self.metrics = metrics
         self.interceptors = interceptors
         self.loops: dict[str, StepLoop] = {}  # by target address
+        self.targets: dict[str, TargetReplica] = {}  # the replicas those loops verify on
         self.drafts: list[DraftReplica] = []
-        self.parked: dict[str, Sequence] = {}  # by seq_id, waiting for a target
+        self.parked: dict[str, LiveRequest] = {}  # by seq_id, waiting for a target
         # Loops of targets that left, while their step is being cancelled: their sequences are in transit and must
         # still be seen when a draft leaves at the same moment.
         self.leaving: list[StepLoop] = []
@@ -79,7 +117,7 @@ class Fleet:
     def live(self) -> int:
         return sum(len(loop.live) for loop in self.loops.values())
 
-    def place(self, seq: Sequence) -> None:
+    def place(self, seq: LiveRequest) -> None:
         """Hands ``seq`` to the least loaded target that has room for its context, or parks it until one joins."""
         fitting = [loop for loop in self.loops.values() if loop.max_context > len(seq.tokens)]
         if fitting:
@@ -109,10 +147,10 @@ class Fleet:
         draft_sets = aiter(drafts.addresses()) if drafts is not None else None
         first_drafts = await anext(draft_sets, frozenset()) if draft_sets is not None else frozenset()
 
-        joined_targets = [TargetReplica.connect(a, self.interceptors) for a in sorted(first)]
-        joined_drafts = [DraftReplica.connect(a, self.interceptors) for a in sorted(first_drafts)]
+        joined_targets = [connect_target(a, self.interceptors) for a in sorted(first)]
+        joined_drafts = [connect_draft(a, self.interceptors) for a in sorted(first_drafts)]
         replicas: list[TargetReplica | DraftReplica] = [*joined_targets, *joined_drafts]
-        infos = await asyncio.gather(*(fetch_info(r.stub, r.address, connect_timeout_s) for r in replicas))
+        infos = await asyncio.gather(*(r.link.info(connect_timeout_s) for r in replicas))
         for replica, info in zip(replicas, infos, strict=True):
             replica.info = info
             log.info("%s at %s: model %r, %d slots x %d tokens", info.kind, replica.address, info.model,
@@ -152,7 +190,7 @@ class Fleet:
             await self._remove_target(address)
 
     async def _join_target(self, address: str) -> None:
-        target = TargetReplica.connect(address, self.interceptors)
+        target = connect_target(address, self.interceptors)
         if await self._introduce(target):
             self._add_target(target)
             parked = [s for s in self.parked.values() if not s.finished]
@@ -166,12 +204,14 @@ class Fleet:
                      f"; it takes {len(parked)} waiting request(s)" if parked else "")
 
     def _add_target(self, target: TargetReplica) -> None:
-        loop = StepLoop(target, self.config, self.feed, self.telemetry, self.metrics)
+        loop = step_loop_for(target, self.config, self.feed, self.telemetry, self.metrics)
         self.loops[target.address] = loop
+        self.targets[target.address] = target
         self._runs[target.address] = asyncio.get_running_loop().create_task(loop.run())
 
     async def _remove_target(self, address: str) -> None:
         loop = self.loops.pop(address)
+        target = self.targets.pop(address)
         run = self._runs.pop(address)
         self.leaving.append(loop)
         run.cancel()  # at an await: a step's verdicts are either all committed or none
@@ -187,15 +227,15 @@ class Fleet:
                  else f"no target left: {len(moving)} sequence(s) wait up to {self.config.target_wait_s:.0f} s "
                       "for one")
         log.warning("target %s left; %s", address, where)
-        self._spawn(self._close(loop.target, [s.seq_id for s in moving]))
+        self._spawn(self._close(target, [s.seq_id for s in moving]))
 
-    def _give_up(self, seq: Sequence) -> None:
+    def _give_up(self, seq: LiveRequest) -> None:
         self._give_ups.pop(seq.seq_id, None)
         if self.parked.pop(seq.seq_id, None) is seq and not seq.finished:
             log.warning("request %s waited %.0f s and no target came: UNAVAILABLE", seq.request_id,
                         self.config.target_wait_s)
-            fail(seq, grpc.StatusCode.UNAVAILABLE,
-                 f"no target replica could take the request within {self.config.target_wait_s:.0f} s")
+            seq.fail(grpc.StatusCode.UNAVAILABLE,
+                     f"no target replica could take the request within {self.config.target_wait_s:.0f} s")
 
     # -- drafts -----------------------------------------------------------------------------------
 
@@ -210,7 +250,7 @@ class Fleet:
             self._remove_draft(draft)
 
     async def _join_draft(self, address: str) -> None:
-        draft = DraftReplica.connect(address, self.interceptors)
+        draft = connect_draft(address, self.interceptors)
         if not await self._introduce(draft):
             return
         self.drafts.append(draft)
@@ -248,7 +288,7 @@ class Fleet:
         try:
             while True:
                 try:
-                    replica.info = await fetch_info(replica.stub, replica.address, JOIN_TIMEOUT_S)
+                    replica.info = await replica.link.info(JOIN_TIMEOUT_S)
                     break
                 except ConnectionError as err:
                     log.warning("%s; asking again in %.0f s", err, wait)
@@ -261,10 +301,10 @@ class Fleet:
         except ValueError as err:
             log.error("not using %s: %s", replica.address, err)
             (self._refused_targets if is_target else self._refused_drafts).add(replica.address)
-            await replica.channel.close()
+            await replica.link.close()
             return False
         except asyncio.CancelledError:
-            await replica.channel.close()
+            await replica.link.close()
             raise
         return True
 
@@ -272,12 +312,12 @@ class Fleet:
         """Frees the moved sequences on a replica that may still be up (scaled down, not crashed), then closes
         its channel once calls under way have ended."""
         if seq_ids:
-            with contextlib.suppress(grpc.aio.AioRpcError):  # gone for good: nothing to free
-                await replica.stub.Release(session_pb2.ReleaseSequencesRequest(seq_ids=seq_ids), timeout=2)
+            with contextlib.suppress(ReplicaError, ReplicaGone):  # gone for good: nothing to free
+                await replica.link.release(seq_ids, timeout_s=2)
         await asyncio.sleep(CLOSE_AFTER_S)
-        await replica.channel.close(grace=CLOSE_GRACE_S)
+        await replica.link.close(grace_s=CLOSE_GRACE_S)
 
-    def _sequences(self) -> Iterator[Sequence]:
+    def _sequences(self) -> Iterator[LiveRequest]:
         for loop in [*self.loops.values(), *self.leaving]:
             yield from loop.live
             yield from loop.waiting

@@ -17,7 +17,6 @@ import contextlib
 import logging
 
 from specfleet.policy import DepthPolicy
-from specfleet.protos import generate_pb2
 from specfleet.telemetry import TelemetrySource
 
 log = logging.getLogger("specfleet.router")
@@ -70,13 +69,6 @@ class PolicyFeed:
         self.redis_up = True
         acceptance = view.acceptance
         self.policy.update(view.samples, acceptance.first_accepted, acceptance.rejections, acceptance.offers,
-                           acceptance.misses, acceptance.sibling_accepted, acceptance.sibling_rejected)
+                           acceptance.misses, acceptance.later_siblings_accepted, acceptance.later_siblings_rejected)
         self.refreshes += 1
         self.fleet_sequence_steps = view.acceptance.sequence_steps
-
-    def state(self) -> generate_pb2.PolicyState:
-        return generate_pb2.PolicyState(
-            mode=self.mode, redis_up=self.redis_up, refreshes=self.refreshes,
-            cost_samples=self.policy.costs.fitted_roles, fleet_acceptance=self.policy.fleet_alpha,
-            fleet_offer_rate=self.policy.fleet_offer_rate,
-            fleet_sequence_steps=self.fleet_sequence_steps, last_decision=self.last_decision)

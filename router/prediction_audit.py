@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from specfleet.stats import StepStats
+
 
 @dataclass
 class Tally:
@@ -66,6 +68,12 @@ class PredictionAudit:
         tally = self.tallies[("prefilling " if prefilled else "") + ("drafting" if drafted else "plain")]
         tally.add(predicted_ms, measured_ms, predicted_tokens, emitted_tokens)
 
+    def observe(self, stats: StepStats) -> None:
+        """A step the policy made a prediction for."""
+        if stats.predicted_ms > 0:
+            self.add(stats.drafted, stats.predicted_ms, stats.duration_s * 1000, stats.predicted_tokens, stats.emitted,
+                     prefilled=stats.prefilled)
+
     @property
     def drafting(self) -> Tally:
         return self.tallies["drafting"]
@@ -113,6 +121,12 @@ class Calibration:
     def bucket(batch_size: int) -> int:
         """The power of two nearest ``batch_size`` (in log terms): 12-22 all count as 16."""
         return 1 << max(0, round(math.log2(batch_size)))
+
+    def observe(self, stats: StepStats) -> None:
+        """A step the policy made a prediction for, unless it prefilled a prompt."""
+        if stats.predicted_ms > 0 and not stats.prefilled:
+            self.add(stats.batch_size, stats.drafted, stats.predicted_ms, stats.duration_s * 1000,
+                     stats.predicted_tokens, stats.emitted)
 
     def add(self, batch_size: int, drafted: bool, predicted_ms: float, measured_ms: float,
             predicted_tokens: float, emitted_tokens: int) -> None:

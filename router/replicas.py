@@ -1,58 +1,60 @@
-"""gRPC clients for the draft and target replicas, with what the router knows about each."""
+"""The draft and target replicas the router drives, with what it knows about each."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import grpc
-
-from specfleet.protos import draft_pb2_grpc, session_pb2, target_pb2_grpc
-from specfleet.serving import MAX_MESSAGE_BYTES
+if TYPE_CHECKING:
+    from router.ports import DraftLink, TargetLink
 
 log = logging.getLogger("specfleet.router")
 
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """What a draft or target service says about itself (GetInfo)."""
+
+    model: str  # the model spec it was started with ("" for a model-free drafter)
+    kind: str  # "target" or the drafter kind
+    vocab_size: int  # 0 for a model-free drafter
+    tokenizer_fingerprint: str  # "" for a model-free drafter: it works with any tokenizer
+    max_seq_len: int  # the longest sequence it can hold (0: no limit)
+    num_slots: int
+    live_sequences: int = 0
+    eos_token_ids: tuple[int, ...] = ()
 
 
-async def fetch_info(stub, address: str, timeout_s: float) -> session_pb2.GetServiceInfoResponse:
-    """GetInfo, waiting for the replica to come up for at most ``timeout_s``."""
-    try:
-        return await stub.GetInfo(session_pb2.GetServiceInfoRequest(), timeout=timeout_s, wait_for_ready=True)
-    except grpc.aio.AioRpcError as err:
-        raise ConnectionError(f"no answer from {address} within {timeout_s:.0f} s: {err.details()}") from err
+class ReplicaError(Exception):
+    """A call to a replica failed (unreachable, timed out, or refused): ``code`` is the gRPC status's name."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"{code}: {details}")
+        self.code, self.details = code, details
+
+
+class ReplicaGone(Exception):
+    """The replica's channel was closed: it left the pool since the call was planned."""
 
 
 @dataclass
 class TargetReplica:
     address: str
-    channel: grpc.aio.Channel
-    stub: target_pb2_grpc.TargetServiceStub
-    info: session_pb2.GetServiceInfoResponse | None = None
-
-    @classmethod
-    def connect(cls, address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> TargetReplica:
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors or None)
-        return cls(address, channel, target_pb2_grpc.TargetServiceStub(channel))
+    link: TargetLink
+    info: ReplicaInfo | None = None
 
 
 @dataclass
 class DraftReplica:
     address: str
-    channel: grpc.aio.Channel
-    stub: draft_pb2_grpc.DraftServiceStub
-    info: session_pb2.GetServiceInfoResponse | None = None
+    link: DraftLink
+    info: ReplicaInfo | None = None
     assigned: int = 0  # live sequences pinned here
     unavailable_until: float = 0.0
     last_error: str = field(default="", repr=False)
 
-    @classmethod
-    def connect(cls, address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> DraftReplica:
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors or None)
-        return cls(address, channel, draft_pb2_grpc.DraftServiceStub(channel))
 
     @property
     def available(self) -> bool:
@@ -84,3 +86,11 @@ def check_compatible(targets: list[TargetReplica], drafts: list[DraftReplica]) -
                 f"{info.kind} at {replica.address} ({info.model}, vocabulary {info.vocab_size}) does not share the "
                 f"tokenizer of the target at {reference.address} ({reference.info.model}, vocabulary "
                 f"{reference.info.vocab_size}): every draft and target must use one tokenizer")
+
+
+async def release_on(link: DraftLink | TargetLink, seq_ids: list[str]) -> None:
+    """Frees ``seq_ids`` on one replica; one that fails or has left evicts them later by itself."""
+    try:
+        await link.release(seq_ids)
+    except (ReplicaError, ReplicaGone) as err:
+        log.warning("release failed (the replica will evict the sequence later): %s", err)

@@ -12,16 +12,16 @@ import grpc
 
 from router.discovery import watcher_for
 from router.fleet import Fleet
+from router.live_request import FinishReason, LiveRequest, StreamChunk, StreamError
 from router.policy_feed import PolicyFeed
-from router.sequence import Sequence, StreamError
 from router.text import IncrementalDetokenizer, StopMatcher
-from specfleet.client import FINISH_NAMES
 from specfleet.config import RouterConfig
 from specfleet.otel import Otel, RouterMetrics
 from specfleet.otel import setup as setup_otel
 from specfleet.policy import DepthPolicy
 from specfleet.protos import generate_pb2, generate_pb2_grpc
 from specfleet.serving import serve, servicer_name
+from specfleet.stats import SpeculationSummary
 from specfleet.wire import sampling_from_proto
 
 log = logging.getLogger("specfleet.router")
@@ -47,7 +47,7 @@ class Router:
         self.eos_ids = eos_ids
         self.model = fleet.reference.info.model
         self.vocab_size = fleet.reference.info.vocab_size
-        self.requests: dict[str, Sequence] = {}
+        self.requests: dict[str, LiveRequest] = {}
         self.router_id = router_id  # keeps seq_ids unique when routers share replicas
         self._counter = 0
 
@@ -63,7 +63,7 @@ class Router:
     def live(self) -> int:
         return self.fleet.live
 
-    def admit(self, request: generate_pb2.GenerateRequest, metadata: Any = ()) -> Sequence:
+    def admit(self, request: generate_pb2.GenerateRequest, metadata: Any = ()) -> LiveRequest:
         """Validates ``request`` and hands it to the least loaded step loop; raises RequestError. ``metadata`` (the
         call's) may carry the caller's trace context."""
         request_id = request.request_id or secrets.token_hex(8)
@@ -88,7 +88,7 @@ class Router:
                                f"{self.queued} requests are already waiting (--max-queue {self.config.max_queue})")
 
         self._counter += 1
-        seq = Sequence(
+        seq = LiveRequest(
             request_id=request_id, seq_id=f"{self.router_id}-{self._counter}", tokens=list(prompt),
             prompt_len=len(prompt), sampling=sampling,
             seed=request.sampling.seed if request.sampling.HasField("seed") else secrets.randbits(63),
@@ -100,7 +100,7 @@ class Router:
         self.fleet.place(seq)
         return seq
 
-    def forget(self, seq: Sequence, deadline_passed: bool = False) -> None:
+    def forget(self, seq: LiveRequest, deadline_passed: bool = False) -> None:
         """The handler is done with ``seq``: if it is still running, the client went away (or its deadline passed)."""
         outcome, code = seq.outcome(deadline_passed)
         if not seq.finished:
@@ -109,14 +109,14 @@ class Router:
                      "ran past the client's deadline" if deadline_passed else "cancelled by the client")
         self.requests.pop(seq.request_id, None)
         self.metrics.end_request(seq.span, outcome, code, generated_tokens=len(seq.tokens) - seq.prompt_len,
-                                 finish_reason=FINISH_NAMES[seq.finish_reason],
+                                 finish_reason=seq.finish_reason.value if seq.finish_reason else "unspecified",
                                  time_per_output_token_s=seq.time_per_output_token())
 
     def abort(self, request_id: str) -> bool:
         seq = self.requests.get(request_id)
         if seq is None or seq.finished:
             return False
-        seq.finish(generate_pb2.FINISH_REASON_ABORTED)
+        seq.finish(FinishReason.ABORTED)
         log.info("request %s aborted", request_id)
         return True
 
@@ -159,11 +159,9 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
         seq = await self._admit(request, context)
         try:
             while True:
-                message = await seq.outbox.get()
-                if isinstance(message, StreamError):
-                    await context.abort(message.code, message.message)
-                yield message
-                if message.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED:
+                chunk = await self._next_chunk(seq, context)
+                yield response(seq, chunk.token_ids, chunk.text, chunk)
+                if chunk.finish_reason is not None:
                     return
         finally:
             self.router.forget(seq, deadline_passed(context))
@@ -175,15 +173,11 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
         text: list[str] = []
         try:
             while True:
-                message = await seq.outbox.get()
-                if isinstance(message, StreamError):
-                    await context.abort(message.code, message.message)
-                tokens.extend(message.token_ids)
-                text.append(message.text)
-                if message.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED:
-                    return generate_pb2.GenerateResponse(
-                        request_id=seq.request_id, token_ids=tokens, text="".join(text),
-                        finish_reason=message.finish_reason, stats=message.stats, prompt_tokens=seq.prompt_len)
+                chunk = await self._next_chunk(seq, context)
+                tokens.extend(chunk.token_ids)
+                text.append(chunk.text)
+                if chunk.finish_reason is not None:
+                    return response(seq, tokens, "".join(text), chunk)
         finally:
             self.router.forget(seq, deadline_passed(context))
 
@@ -199,9 +193,17 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
             live_requests=r.live, queued_requests=r.queued,
             max_context=r.max_context, depth=r.config.pinned_depth or 0, depth_setting=r.config.depth,
             max_new_tokens_cap=r.config.max_new_tokens_cap, target_addresses=sorted(fleet.loops),
-            draft_addresses=[d.address for d in fleet.drafts], policy=r.feed.state())
+            draft_addresses=[d.address for d in fleet.drafts], policy=policy_state(r.feed))
 
-    async def _admit(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Sequence:
+    @staticmethod
+    async def _next_chunk(seq: LiveRequest, context: grpc.aio.ServicerContext) -> StreamChunk:
+        """The request's next stream message; an error ends the call with its status."""
+        message = await seq.outbox.get()
+        if isinstance(message, StreamError):
+            await context.abort(message.code, message.message)
+        return message
+
+    async def _admit(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> LiveRequest:
         metadata = context.invocation_metadata()
         try:
             return self.router.admit(request, metadata)
@@ -209,6 +211,33 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
             self.router.metrics.request_rejected(err.code.name, err.message, metadata)
             await context.abort(err.code, err.message)
             raise  # not reached: abort raises
+
+
+_FINISH_REASONS = {None: generate_pb2.FINISH_REASON_UNSPECIFIED, FinishReason.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
+                   FinishReason.EOS: generate_pb2.FINISH_REASON_EOS, FinishReason.STOP: generate_pb2.FINISH_REASON_STOP,
+                   FinishReason.ABORTED: generate_pb2.FINISH_REASON_ABORTED}
+
+
+def response(seq: LiveRequest, token_ids: list[int], text: str, chunk: StreamChunk) -> generate_pb2.GenerateResponse:
+    """A stream message (or, with every token and the whole text, the answer of `Generate`) ending at ``chunk``."""
+    return generate_pb2.GenerateResponse(
+        request_id=seq.request_id, token_ids=token_ids, text=text, finish_reason=_FINISH_REASONS[chunk.finish_reason],
+        stats=stats_to_proto(chunk.stats), prompt_tokens=seq.prompt_len)
+
+
+def policy_state(feed: PolicyFeed) -> generate_pb2.PolicyState:
+    policy = feed.policy
+    return generate_pb2.PolicyState(
+        mode=feed.mode, redis_up=feed.redis_up, refreshes=feed.refreshes, cost_samples=policy.costs.fitted_roles,
+        fleet_acceptance=policy.fleet_alpha, fleet_offer_rate=policy.fleet_offer_rate,
+        fleet_sequence_steps=feed.fleet_sequence_steps, last_decision=feed.last_decision)
+
+
+def stats_to_proto(stats: SpeculationSummary) -> generate_pb2.SpeculationStats:
+    return generate_pb2.SpeculationStats(
+        steps=stats.steps, drafted_tokens=stats.drafted_tokens, accepted_tokens=stats.accepted_tokens,
+        acceptance_rate=stats.acceptance_rate, mean_tokens_per_step=stats.mean_tokens_per_step,
+        depth=stats.last_drafted, depth_reason=stats.reason)
 
 
 def deadline_passed(context: grpc.aio.ServicerContext) -> bool:

@@ -45,7 +45,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import INVALID_SPAN, Link, NoOpTracer, Span, SpanKind, Status, StatusCode, Tracer
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
-from specfleet.telemetry import StepRecord
+from specfleet.stats import StepStats
 
 log = logging.getLogger("specfleet.otel")
 
@@ -180,7 +180,7 @@ def _gauge(read: Callable[[], float], attributes: dict[str, str] | None = None
 
 
 class RouterMetrics:
-    """The router's metrics and spans. The step loop hands it a `StepRecord` per step; nothing here runs per token.
+    """The router's metrics and spans. The step loop hands it a `StepStats` per step; nothing here runs per token.
 
     As Prometheus shows them: specfleet_requests_total{outcome,code}, specfleet_generated_tokens_total,
     specfleet_time_to_first_token_seconds, specfleet_time_per_output_token_seconds, specfleet_step_batch_size,
@@ -287,26 +287,26 @@ class RouterMetrics:
                                                  kind=SpanKind.INTERNAL, links=links,
                                                  attributes={"specfleet.target": target})
 
-    def annotate_step(self, span: Span, record: StepRecord) -> None:
+    def annotate_step(self, span: Span, stats: StepStats) -> None:
         if span.is_recording():
             span.set_attributes({
-                "specfleet.batch_size": record.batch_size, "specfleet.depth.max": max(record.depths, default=0),
-                "specfleet.depth.mean": sum(record.depths) / max(1, len(record.depths)),
-                "specfleet.drafted_tokens": sum(record.acceptance.proposed_by_position),
-                "specfleet.accepted_tokens": record.acceptance.accepted, "specfleet.emitted_tokens": record.emitted})
+                "specfleet.batch_size": stats.batch_size, "specfleet.depth.max": max(stats.planned, default=0),
+                "specfleet.depth.mean": sum(stats.planned) / max(1, len(stats.planned)),
+                "specfleet.drafted_tokens": stats.acceptance.drafted,
+                "specfleet.accepted_tokens": stats.acceptance.accepted, "specfleet.emitted_tokens": stats.emitted})
 
-    def record_step(self, record: StepRecord) -> None:
+    def record_step(self, stats: StepStats) -> None:
         """A few instrument calls per sequence (depth, accepted) and per draft position, a few per step."""
-        depth_label = {"depth": str(max(record.depths, default=0))}
-        self.step_batch_size.record(record.batch_size)
-        for depth in record.depths:
+        depth_label = {"depth": str(max(stats.planned, default=0))}
+        self.step_batch_size.record(stats.batch_size)
+        for depth in stats.planned:
             self.speculation_depth.record(depth)
-        for accepted in record.accepted:
+        for accepted in stats.accepted:
             self.accepted_tokens_per_step.record(accepted)
-        for seconds in record.first_token_s:
+        for seconds in stats.first_token_s:
             self.time_to_first_token.record(seconds)
-        acceptance = record.acceptance
-        drafted = sum(acceptance.proposed_by_position)
+        acceptance = stats.acceptance
+        drafted = acceptance.drafted
         if drafted:
             self.draft_tokens.add(drafted)
             self.accepted_tokens.add(acceptance.accepted)
@@ -314,9 +314,9 @@ class RouterMetrics:
                 self.draft_position_proposed.add(count, {"position": str(position)})
             for position, count in enumerate(acceptance.accepted_by_position):
                 self.draft_position_accepted.add(count, {"position": str(position)})
-        self.generated_tokens.add(record.emitted)
-        self.step_emitted_tokens.add(record.emitted, depth_label)
-        self.step_duration.add(record.duration_s, depth_label)
+        self.generated_tokens.add(stats.emitted)
+        self.step_emitted_tokens.add(stats.emitted, depth_label)
+        self.step_duration.add(stats.duration_s, depth_label)
 
     def record_draft_rtt(self, replica: str, seconds: float) -> None:
         self.draft_latency.record(seconds, {"replica": replica})

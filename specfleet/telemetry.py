@@ -22,15 +22,13 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import redis
 
 from specfleet.policy import CostSample
-
-if TYPE_CHECKING:  # only annotated here; importing it would load torch
-    from specfleet.trees.shapes import TryCounts
+from specfleet.stats import AcceptanceCounts
 
 log = logging.getLogger("specfleet.telemetry")
 
@@ -38,9 +36,6 @@ DEFAULT_PREFIX = "specfleet"
 LATENCY_STREAM_CAP = 20_000
 ACCEPTANCE_STREAM_CAP = 5_000
 HEARTBEAT_TTL_S = 10.0
-# A step sends each sequence the tokens committed since its last call: at most the accepted drafts plus
-# one (17 at the deepest). More than that is a (re)prefill of a whole prompt.
-PREFILL_TOKENS = 18
 
 
 @dataclass(frozen=True)
@@ -50,103 +45,6 @@ class LatencySample:
     batch_size: int
     tokens_per_seq: float
     ms: float
-
-
-@dataclass
-class AcceptanceCounts:
-    """Counts over the sequence-steps that asked for drafts: ``accepted`` counts accepted drafts, ``rejections``
-    rejected first tries (for a chain: steps in which a draft was rejected), ``misses`` steps in which the drafter
-    offered nothing; ``sibling_accepted``/``sibling_tried`` count a tree's later siblings, tried after an elder's
-    rejection (their acceptances are among ``accepted`` too); ``proposed[j]``/``accepted[j]`` count drafts at
-    position j (0 = the first draft token)."""
-
-    sequence_steps: int = 0
-    accepted: int = 0
-    rejections: int = 0
-    proposed_by_position: list[int] = field(default_factory=list)
-    accepted_by_position: list[int] = field(default_factory=list)
-    misses: int = 0
-    sibling_accepted: int = 0
-    sibling_tried: int = 0
-
-    @property
-    def first_accepted(self) -> int:
-        """Accepted drafts that were the first child tried at their node (every accepted draft of a chain)."""
-        return self.accepted - self.sibling_accepted
-
-    @property
-    def sibling_rejected(self) -> int:
-        return self.sibling_tried - self.sibling_accepted
-
-    @property
-    def offers(self) -> int:
-        """Sequence-steps in which the drafter offered at least one token."""
-        return self.sequence_steps - self.misses
-
-    def add_step(self, drafted: int, accepted: int, rejections: int | None = None, tries: TryCounts | None = None
-                 ) -> None:
-        """A chain's ``rejections`` is whether it stopped short of its end (by default, whether it accepted fewer
-        than ``drafted``); a tree's come from its ``tries`` (`specfleet.trees.count_tries`). ``drafted`` 0 is a
-        miss: asked, the drafter had nothing to offer."""
-        if tries is not None:
-            rejections = tries.first_rejected
-            self.sibling_accepted += tries.later_siblings_accepted
-            self.sibling_tried += tries.later_siblings_tried
-        self.sequence_steps += 1
-        self.misses += int(drafted == 0)
-        self.accepted += accepted
-        self.rejections += int(accepted < drafted) if rejections is None else rejections
-        _grow(self.proposed_by_position, drafted)
-        _grow(self.accepted_by_position, accepted)
-        for j in range(drafted):
-            self.proposed_by_position[j] += 1
-        for j in range(accepted):
-            self.accepted_by_position[j] += 1
-
-    def merge(self, other: AcceptanceCounts) -> None:
-        self.sequence_steps += other.sequence_steps
-        self.misses += other.misses
-        self.accepted += other.accepted
-        self.rejections += other.rejections
-        self.sibling_accepted += other.sibling_accepted
-        self.sibling_tried += other.sibling_tried
-        for mine, theirs in ((self.proposed_by_position, other.proposed_by_position),
-                             (self.accepted_by_position, other.accepted_by_position)):
-            _grow(mine, len(theirs))
-            for j, n in enumerate(theirs):
-                mine[j] += n
-
-    def empty(self) -> bool:
-        return self.sequence_steps == 0
-
-
-def _grow(counts: list[int], length: int) -> None:
-    counts.extend([0] * (length - len(counts)))
-
-
-@dataclass
-class StepRecord:
-    """What one router step did, filled by the step loop and read by the exporters (the acceptance counts go to
-    Redis for the depth policy; everything goes to OpenTelemetry, see specfleet/otel.py)."""
-
-    batch_size: int
-    depths: list[int]  # the depth chosen for each sequence
-    acceptance: AcceptanceCounts = field(default_factory=AcceptanceCounts)
-    accepted: list[int] = field(default_factory=list)  # draft tokens accepted, per sequence that got drafts
-    emitted: int = 0  # tokens emitted, all sequences
-    first_token_s: list[float] = field(default_factory=list)  # time to first token of sequences that got theirs
-    duration_s: float = 0.0
-
-    def add_sequence(self, drafted: int, accepted: int, emitted: int, rejections: int | None = None,
-                     asked: bool = False, tries: TryCounts | None = None) -> None:
-        """``asked``: whether the sequence asked for drafts this step; one that asked and got none is a miss, which
-        the policy counts apart from rejections (a sequence that got drafts asked for them). ``rejections`` and
-        ``tries`` as in `AcceptanceCounts.add_step`."""
-        self.emitted += emitted
-        if drafted or asked:
-            self.acceptance.add_step(drafted, accepted, rejections, tries)
-        if drafted:
-            self.accepted.append(accepted)
 
 
 @dataclass(frozen=True)
@@ -246,9 +144,21 @@ class TelemetryWriter:
 def _acceptance_fields(counts: AcceptanceCounts, replica: str) -> dict[str, str | int]:
     return {"replica": replica, "steps": counts.sequence_steps, "accepted": counts.accepted,
             "rejections": counts.rejections, "misses": counts.misses,
-            "sibling_accepted": counts.sibling_accepted, "sibling_tried": counts.sibling_tried,
+            "later_siblings_accepted": counts.later_siblings_accepted,
+            "later_siblings_tried": counts.later_siblings_tried,
             "proposed_by_position": ",".join(map(str, counts.proposed_by_position)),
             "accepted_by_position": ",".join(map(str, counts.accepted_by_position))}
+
+
+def _acceptance_from_fields(f: dict[bytes, bytes]) -> AcceptanceCounts:
+    """An acceptance entry as `_acceptance_fields` writes it. Fields newer writers add default to 0, and the later
+    sibling counts are read under the names older writers gave them too (sibling_accepted, sibling_tried)."""
+    return AcceptanceCounts(
+        sequence_steps=int(f[b"steps"]), accepted=int(f[b"accepted"]), rejections=int(f[b"rejections"]),
+        misses=int(f.get(b"misses", 0)),
+        later_siblings_accepted=int(f.get(b"later_siblings_accepted", f.get(b"sibling_accepted", 0))),
+        later_siblings_tried=int(f.get(b"later_siblings_tried", f.get(b"sibling_tried", 0))),
+        proposed_by_position=_ints(f[b"proposed_by_position"]), accepted_by_position=_ints(f[b"accepted_by_position"]))
 
 
 def _ints(text: bytes) -> list[int]:
@@ -292,11 +202,10 @@ class TelemetryReader:
             except (KeyError, ValueError):  # another version's or a hand-written entry: skip it
                 continue
         for _, f in acceptance_entries:
-            self._acceptance.append(AcceptanceCounts(int(f[b"steps"]), int(f[b"accepted"]), int(f[b"rejections"]),
-                                                     _ints(f[b"proposed_by_position"]),
-                                                     _ints(f[b"accepted_by_position"]), int(f.get(b"misses", 0)),
-                                                     int(f.get(b"sibling_accepted", 0)),
-                                                     int(f.get(b"sibling_tried", 0))))
+            try:
+                self._acceptance.append(_acceptance_from_fields(f))
+            except (KeyError, ValueError):
+                continue
         alive = {replica for replicas in live.values() for replica in replicas}
         acceptance = AcceptanceCounts()
         for counts in self._acceptance:
@@ -314,11 +223,6 @@ class TelemetryReader:
 
     def close(self) -> None:
         self._client.close()
-
-
-def is_prefill(new_tokens: list[int]) -> bool:
-    """A call that (re)sends a whole prompt costs what the prompt costs: keep it out of the step-cost model."""
-    return len(new_tokens) > PREFILL_TOKENS
 
 
 def replica_name(role: str, port: int) -> str:

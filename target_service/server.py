@@ -17,7 +17,8 @@ from specfleet.otel import Otel, ServiceMetrics
 from specfleet.otel import setup as setup_otel
 from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
 from specfleet.serving import serve, servicer_name
-from specfleet.telemetry import TelemetryWriter, is_prefill, writer_for
+from specfleet.speculation import is_prefill
+from specfleet.telemetry import TelemetryWriter, writer_for
 from specfleet.wire import delta_fields, info_response, sampling_from_proto, validate_parents, validate_tokens
 from target_service.verifier import Verifier, VerifyItem
 

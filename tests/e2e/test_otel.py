@@ -24,7 +24,7 @@ from specfleet.client import make_request, stream
 from specfleet.launcher import Deployment, free_port, wait_serving
 from specfleet.otel import SECONDS_BUCKETS, ClientTracing, RouterMetrics, ServerTracing, ServiceMetrics, setup
 from specfleet.protos import draft_pb2_grpc, generate_pb2_grpc, target_pb2_grpc
-from specfleet.telemetry import StepRecord
+from specfleet.stats import SequenceStep, StepStats
 
 COUNTERS = {
     "specfleet_requests_total", "specfleet_generated_tokens_total", "specfleet_draft_tokens_total",
@@ -70,10 +70,10 @@ def test_every_metric_is_scraped_with_its_name_type_labels_and_buckets() -> None
     try:
         router = RouterMetrics(otel)
         router.observe(queue_depth=lambda: 3, live_requests=lambda: 2, redis_up=lambda: True)
-        record = StepRecord(batch_size=2, depths=[3, 0], first_token_s=[0.05], duration_s=0.02)
-        record.add_sequence(drafted=3, accepted=2, emitted=3)
-        record.add_sequence(drafted=0, accepted=0, emitted=1)
-        router.record_step(record)
+        stats = StepStats("target-0:50052", batch_size=2, planned=[3, 0], deepest=3, duration_s=0.02)
+        stats.observe(SequenceStep(3, drafted=3, accepted=2, first_rejected=1, emitted=3), first_token_s=0.05)
+        stats.observe(SequenceStep(0, emitted=1))
+        router.record_step(stats)
         router.record_draft_rtt("draft-0:50051", 0.003)
         router.record_verify_rtt("target-0:50052", 0.012)
         router.record_reprefills("target", 1)
@@ -100,8 +100,8 @@ def test_every_metric_is_scraped_with_its_name_type_labels_and_buckets() -> None
             assert set(sample.labels) == labels, (name, sample.labels)
 
     # the names the chart's dashboards are checked against (tests/deploy/test_helm.py) are exactly these
-    from test_helm import COUNTERS_AND_GAUGES
-    from test_helm import HISTOGRAMS as DASHBOARD_HISTOGRAMS
+    from dashboards import COUNTERS_AND_GAUGES
+    from dashboards import HISTOGRAMS as DASHBOARD_HISTOGRAMS
 
     assert COUNTERS | GAUGES == COUNTERS_AND_GAUGES and HISTOGRAMS == DASHBOARD_HISTOGRAMS
 

@@ -12,8 +12,8 @@ import redis
 
 from specfleet.launcher import Deployment, free_port, wait_redis
 from specfleet.policy import CostSample
-from specfleet.telemetry import AcceptanceCounts, StepRecord, TelemetryReader, TelemetryWriter
-from specfleet.trees.shapes import TryCounts
+from specfleet.stats import AcceptanceCounts, SequenceStep
+from specfleet.telemetry import TelemetryReader, TelemetryWriter
 
 
 class RedisServer:
@@ -55,11 +55,11 @@ def test_samples_and_acceptance_round_trip(server: RedisServer) -> None:
         target.record_latency(8, 5.0, 77.0)
         router.record_latency(4, 1.0, 2.5, role="overhead")
         step = AcceptanceCounts()
-        step.add_step(drafted=4, accepted=2)
-        step.add_step(drafted=4, accepted=4)
-        step.add_step(drafted=0, accepted=0)  # asked, nothing offered
-        step.add_step(drafted=5, accepted=2,
-                      tries=TryCounts(first_rejected=1, later_siblings_accepted=1, later_siblings_tried=3))
+        step.observe(SequenceStep(4, drafted=4, accepted=2, first_rejected=1))
+        step.observe(SequenceStep(4, drafted=4, accepted=4))
+        step.observe(SequenceStep(4))  # asked, nothing offered
+        step.observe(SequenceStep(5, drafted=5, accepted=2, first_rejected=1, later_siblings_accepted=1,
+                                  later_siblings_tried=3))
         router.record_acceptance(step)
         assert _wait(lambda: len(reader.read().samples) == 3)
         view = reader.read()
@@ -68,7 +68,8 @@ def test_samples_and_acceptance_round_trip(server: RedisServer) -> None:
         assert view.live_replicas == {"target": ["t0"], "router": ["r0"]}
         a = view.acceptance
         assert (a.sequence_steps, a.accepted, a.rejections, a.misses, a.offers) == (4, 8, 2, 1, 3)
-        assert (a.sibling_accepted, a.sibling_tried, a.first_accepted, a.sibling_rejected) == (1, 3, 7, 2)
+        assert (a.later_siblings_accepted, a.later_siblings_tried, a.first_accepted, a.later_siblings_rejected) == (
+            1, 3, 7, 2)
         assert a.proposed_by_position == [3, 3, 3, 3, 1] and a.accepted_by_position == [3, 3, 1, 1]
         # Another prefix is another fleet.
         assert TelemetryReader(server.url, prefix="other").read().samples == []
@@ -142,13 +143,3 @@ def test_reader_keeps_its_window_and_fetches_only_new_entries(server: RedisServe
         assert _wait(lambda: [s.ms for s in reader.read().samples] == [2.0, 3.0, 4.0])  # the newest 3
     finally:
         writer.close()
-
-
-def test_a_drafter_that_offers_nothing_when_asked_counts_as_a_miss_not_a_rejection() -> None:
-    record = StepRecord(3, [4, 4, 0])
-    record.add_sequence(drafted=4, accepted=4, emitted=5, rejections=0)
-    record.add_sequence(drafted=0, accepted=0, emitted=1, rejections=0, asked=True)  # asked for 4, the drafter had none
-    record.add_sequence(drafted=0, accepted=0, emitted=1, rejections=0)  # not asked: no evidence either way
-    a = record.acceptance
-    assert (a.sequence_steps, a.accepted, a.rejections, a.misses, a.offers) == (2, 4, 0, 1, 1)
-    assert record.accepted == [4]  # accepted tokens per drafting step: only steps that drafted

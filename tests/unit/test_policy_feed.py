@@ -9,7 +9,8 @@ import pytest
 from router import policy_feed
 from router.policy_feed import PolicyFeed
 from specfleet.policy import DepthPolicy
-from specfleet.telemetry import AcceptanceCounts, FleetView
+from specfleet.stats import AcceptanceCounts
+from specfleet.telemetry import FleetView
 
 
 class CountingSource:

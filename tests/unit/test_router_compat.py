@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from router.replicas import DraftReplica, TargetReplica, check_compatible
-from specfleet.protos import session_pb2
+from router.replicas import DraftReplica, ReplicaInfo, TargetReplica, check_compatible
 
 
-def _info(kind: str, model: str, vocab: int, fingerprint: str) -> session_pb2.GetServiceInfoResponse:
-    return session_pb2.GetServiceInfoResponse(kind=kind, model=model, vocab_size=vocab,
-                                              tokenizer_fingerprint=fingerprint)
+def _info(kind: str, model: str, vocab: int, fingerprint: str) -> ReplicaInfo:
+    return ReplicaInfo(model, kind, vocab, fingerprint, max_seq_len=2048, num_slots=8)
 
 
-def _target(info: session_pb2.GetServiceInfoResponse) -> TargetReplica:
-    return TargetReplica("10.0.0.1:50052", channel=None, stub=None, info=info)
+def _target(info: ReplicaInfo) -> TargetReplica:
+    return TargetReplica("10.0.0.1:50052", link=None, info=info)
 
 
-def _draft(info: session_pb2.GetServiceInfoResponse) -> DraftReplica:
-    return DraftReplica("10.0.0.2:50051", channel=None, stub=None, info=info)
+def _draft(info: ReplicaInfo) -> DraftReplica:
+    return DraftReplica("10.0.0.2:50051", link=None, info=info)
 
 
 def test_same_tokenizer_and_model_free_drafters_pass() -> None:

@@ -1,0 +1,117 @@
+"""Speculation from a separate drafter: a pool of draft services, one batched `Propose` per replica per step.
+
+Each sequence is pinned to one draft replica, which keeps it as a session: a call carries the tokens committed
+since the drafter last saw it and the length to roll back to. The drafter also feeds itself its own drafts, so
+after a step it holds the committed tokens plus those drafts; only the accepted ones stay valid (`settle`).
+
+A draft replica that fails or is slow costs speculation, not requests: its sequences get no drafts this step
+(the step runs them at depth 0) and it is skipped for ``retry_s``; one that left the pool since the step began
+(its channel closed) is skipped quietly, its sequences already moved to another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+
+from router.live_request import LiveRequest
+from router.replicas import DraftReplica, ReplicaError, ReplicaGone, release_on
+from specfleet.otel import RouterMetrics
+from specfleet.speculation import (
+    PREFILL_TOKENS,
+    DraftAsk,
+    Proposal,
+    Proposals,
+    SessionDelta,
+    SessionReply,
+    StepPlan,
+    Verdict,
+)
+
+log = logging.getLogger("specfleet.router")
+
+
+class DraftPool:
+    def __init__(self, timeout_ms: float, retry_s: float, metrics: RouterMetrics) -> None:
+        self.timeout_ms = timeout_ms
+        self.retry_s = retry_s
+        self.metrics = metrics
+        # By seq_id, for the step under way: the tokens the drafter holds after its call, and where the drafts began.
+        self._drafted: dict[str, tuple[int, int]] = {}
+
+    def room(self, seq: LiveRequest) -> int | None:
+        draft = seq.draft
+        if draft is None or not draft.available:
+            return 0
+        if draft.info is not None and draft.info.max_seq_len:
+            return max(0, draft.info.max_seq_len - len(seq.tokens))
+        return None
+
+    async def propose(self, batch: list[LiveRequest], plan: StepPlan) -> Proposals:
+        groups: dict[str, list[LiveRequest]] = {}
+        for seq in batch:
+            if plan.draft(seq.seq_id).levels > 0:
+                groups.setdefault(seq.draft.address, []).append(seq)
+        replies = await asyncio.gather(*(self._propose_on(seqs[0].draft, seqs, plan) for seqs in groups.values()))
+        self._drafted = {seq_id: (reply.cached_len[seq_id], len(seq.tokens))
+                         for reply, seqs in zip(replies, groups.values(), strict=True)
+                         for seq in seqs if (seq_id := seq.seq_id) in reply.answers}
+        return Proposals({seq_id: p for reply in replies for seq_id, p in reply.answers.items()},
+                         max((reply.compute_ms for reply in replies), default=0.0))
+
+    def settle(self, batch: list[LiveRequest], verdicts: Mapping[str, Verdict]) -> None:
+        for seq in batch:
+            drafted = self._drafted.get(seq.seq_id)
+            verdict = verdicts.get(seq.seq_id)
+            if drafted is not None and verdict is not None:
+                cached_len, position = drafted
+                seq.draft_cached = min(cached_len, position + verdict.accepted)
+        self._drafted = {}
+
+    async def release(self, seqs: list[LiveRequest]) -> None:
+        """Unpins finished sequences from their drafts (which then take new ones first) and frees them there."""
+        drafts = {s.draft.address: s.draft for s in seqs if s.draft is not None}
+        for seq in seqs:
+            if seq.draft is not None:
+                seq.draft.assigned -= 1
+        await asyncio.gather(*(release_on(d.link, [s.seq_id for s in seqs if s.draft is d]) for d in drafts.values()))
+
+    async def _propose_on(self, draft: DraftReplica, seqs: list[LiveRequest], plan: StepPlan
+                          ) -> SessionReply[Proposal]:
+        try:
+            reply = await self._call(draft, seqs, plan)
+            # Only those still pinned here: a sequence moved off a draft that left is prefilled by its new one.
+            resend = [s for s in seqs if s.seq_id in reply.unknown and s.draft is draft]
+            if resend:  # the drafter lost them (restart, eviction): send the whole context once
+                self.metrics.record_reprefills("draft", len(resend))
+                for seq in resend:
+                    seq.draft_cached = 0
+                more = await self._call(draft, resend, plan)
+                reply.answers.update(more.answers)
+                reply.cached_len.update(more.cached_len)
+                reply.compute_ms += more.compute_ms
+        except ReplicaGone as err:
+            log.info("draft %s left during a step (%s): this step runs without its drafts", draft.address, err)
+            return SessionReply({}, {}, [], 0.0)
+        except ReplicaError as err:
+            # draft_cached stays: whether or not the call got through, the drafter holds at least that many
+            # tokens (or reports the sequence unknown), and the next call rolls back to it. Resetting it would
+            # turn one slow call into a full re-prefill, slower still, on every retry.
+            draft.mark_failed(str(err), self.retry_s)
+            return SessionReply({}, {}, [], 0.0)
+        draft.mark_ok()
+        return reply
+
+    async def _call(self, draft: DraftReplica, seqs: list[LiveRequest], plan: StepPlan) -> SessionReply[Proposal]:
+        asks = [DraftAsk(SessionDelta(s.seq_id, s.draft_cached, s.tokens[s.draft_cached:]), plan.draft(s.seq_id),
+                         s.sampling, s.seed) for s in seqs]
+        # A call that prefills a prompt is legitimately slower than a step: its timeout grows with the longest
+        # prompt it carries. Otherwise a long prompt would time out on every retry and never be drafted for.
+        longest = max(len(a.delta.new_tokens) for a in asks)
+        timeout_s = self.timeout_ms / 1000 * max(1.0, longest / PREFILL_TOKENS)
+        sent = time.perf_counter()
+        reply = await draft.link.propose(asks, timeout_s)
+        self.metrics.record_draft_rtt(draft.address, time.perf_counter() - sent)
+        return reply

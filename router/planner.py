@@ -1,0 +1,136 @@
+"""Choosing a step's plan: what each sequence drafts, within the room its request, the target and its strategy
+leave, by the depth policy (a chain depth per sequence, or with --tree a tree shape per step).
+
+The decision and its reason go to the policy feed (for `GetServerInfo`) and, every few seconds, to the log,
+with how the steps since the last line compared with their predictions (`router.prediction_audit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from router.live_request import LiveRequest
+from router.policy_feed import PolicyFeed
+from router.ports import Proposer
+from router.prediction_audit import Calibration, PredictionAudit
+from specfleet.config import RouterConfig
+from specfleet.policy import DepthDecision, TreeDecision, TreePlan
+from specfleet.speculation import DraftPlan, StepPlan, is_prefill
+from specfleet.trees.shapes import TreeShape, chain_shape
+
+log = logging.getLogger("specfleet.router")
+
+DECISION_LOG_INTERVAL_S = 5.0
+"""How often the decision goes to the log at INFO (each one goes at DEBUG): often enough to follow a run."""
+
+
+class Planner:
+    def __init__(self, config: RouterConfig, feed: PolicyFeed, strategies: Proposer, target: str, max_context: int,
+                 audit: PredictionAudit | None = None, calibration: Calibration | None = None) -> None:
+        self.config = config
+        self.feed = feed
+        self.strategies = strategies
+        self.target = target
+        self.max_context = max_context
+        self.audit = audit
+        self.calibration = calibration
+        self._last_log = 0.0
+
+    def plan(self, batch: list[LiveRequest]) -> StepPlan:
+        """The policy's depths, or with --tree the tree shapes, within the room each sequence has left."""
+        calibration = 1.0 if self.calibration is None else self.calibration.factor(len(batch))
+        shape = self.config.tree_shape
+        if shape is None:
+            decision = self.feed.policy.choose([_first_tries(s) for s in batch], [self.depth_room(s) for s in batch],
+                                               [_offers(s) for s in batch], calibration)
+            plan = StepPlan({s.seq_id: DraftPlan(d) for s, d in zip(batch, decision.depths, strict=True)},
+                            decision.reason, *_predictions(decision))
+        else:
+            plan = self._trees(batch, shape, calibration)
+        if plan.predicted_ms > 0 and self._prefills(batch, plan):  # only the audited steps need to know
+            plan = dataclasses.replace(plan, prefills=True)
+        self._log(len(batch), plan.reason)
+        return plan
+
+    def depth_room(self, seq: LiveRequest) -> int:
+        """Most draft tokens ``seq`` can use: what its request, the target's cache and its strategy allow."""
+        limits = [self.config.max_depth, seq.max_new_tokens - (len(seq.tokens) - seq.prompt_len) - 1,
+                  self.max_context - len(seq.tokens)]
+        return self._within(seq, limits)
+
+    def node_room(self, seq: LiveRequest) -> int:
+        """Most tree nodes ``seq`` can use: the budget, and what the caches can hold after its tokens."""
+        return self._within(seq, [self.config.max_tree_nodes, self.max_context - len(seq.tokens)])
+
+    def _within(self, seq: LiveRequest, limits: list[int]) -> int:
+        room = self.strategies.room(seq)
+        if room is not None:
+            limits.append(room)
+        return max(0, min(limits))
+
+    def _trees(self, batch: list[LiveRequest], shape: TreeShape, calibration: float) -> StepPlan:
+        """With --depth K the configured shape cut to K levels and --max-tree-nodes; with --depth auto the
+        best of plain decoding, chains and the shape at every node budget, by the policy's cost model."""
+        rooms = [(self.node_room(s), self.depth_room(s)) for s in batch]
+        pinned = self.config.pinned_depth
+        if pinned is not None:
+            shapes = [shape.fit(self.config.max_tree_nodes, pinned)]
+        else:
+            shapes = [None, *(chain_shape(d) for d in range(1, self.config.max_depth + 1))]
+            for budget in range(2, self.config.max_tree_nodes + 1):
+                fitted = shape.fit(budget, self.config.max_depth)
+                if fitted is not None and not fitted.is_chain and fitted not in shapes:
+                    shapes.append(fitted)
+        # Each candidate, fitted to each sequence's room.
+        per_seq = [[None if c is None else c.fit(*room) for room in rooms] for c in shapes]
+        reason, predicted = f"pinned tree {shapes[0].describe() if shapes[0] else 'none'}", (0.0, 0.0)
+        if len(shapes) > 1:
+            plans = [[TreePlan(0, ()) if f is None else TreePlan(f.nodes, f.level_tries()) for f in fitted]
+                     for fitted in per_seq]
+            later_siblings = [(s.stats.acceptance.later_siblings_accepted,
+                               s.stats.acceptance.later_siblings_rejected) for s in batch]
+            decision = self.feed.policy.choose_tree([_first_tries(s) for s in batch], plans,
+                                                    [_offers(s) for s in batch], calibration, later_siblings)
+            per_seq = [per_seq[decision.index]]
+            reason, predicted = decision.reason, _predictions(decision)
+        return StepPlan({s.seq_id: _tree_plan(fitted) for s, fitted in zip(batch, per_seq[0], strict=True)}, reason,
+                        *predicted)
+
+    def _prefills(self, batch: list[LiveRequest], plan: StepPlan) -> bool:
+        """Whether the step (re)sends some sequence's whole prompt, read before the step moves the caches on."""
+        return any(is_prefill(s.tokens[s.target_cached:]) or (
+            plan.draft(s.seq_id).levels > 0 and is_prefill(s.tokens[s.draft_cached:])) for s in batch)
+
+    def _log(self, batch_size: int, reason: str) -> None:
+        summary = f"batch {batch_size}: {reason}"
+        self.feed.record_decision(summary)
+        now = time.monotonic()
+        if now - self._last_log > DECISION_LOG_INTERVAL_S:
+            audit = self.audit.report() if self.audit is not None else ""
+            log.info("depth policy on %s, %s%s", self.target, summary,
+                     f" (since the last line: {audit})" if audit else "")
+            self._last_log = now
+        else:
+            log.debug("depth policy on %s, %s", self.target, summary)
+
+
+def _tree_plan(fitted: TreeShape | None) -> DraftPlan:
+    if fitted is None:
+        return DraftPlan()
+    return DraftPlan(fitted.levels, None if fitted.is_chain else fitted)  # a chain stays a chain on the wire
+
+
+def _first_tries(seq: LiveRequest) -> tuple[int, int]:
+    """(accepted, rejected) first tries: what the policy's acceptance estimate counts."""
+    return seq.stats.acceptance.first_accepted, seq.stats.acceptance.rejections
+
+
+def _offers(seq: LiveRequest) -> tuple[int, int]:
+    return seq.stats.acceptance.offers, seq.stats.acceptance.misses
+
+
+def _predictions(decision: DepthDecision | TreeDecision) -> tuple[float, float]:
+    """A decision's predicted step time and tokens emitted, as `StepPlan` keeps them for the audit."""
+    return decision.step_ms, decision.goodput * decision.step_ms / 1000.0

@@ -1,0 +1,45 @@
+"""The router's gRPC client of a target service: `Verify` with the library's values in and out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from router.grpc_link import GrpcLink, delta_to_proto
+from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
+from specfleet.speculation import SessionReply, Verdict, VerifyAsk
+from specfleet.wire import sampling_to_proto
+
+
+class GrpcTargetLink(GrpcLink):
+    def __init__(self, address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> None:
+        super().__init__(address, target_pb2_grpc.TargetServiceStub, interceptors)
+
+    async def verify(self, asks: list[VerifyAsk], timeout_s: float) -> SessionReply[Verdict]:
+        response = await self.call(self.stub.Verify, target_pb2.VerifyRequest(entries=[_entry(a) for a in asks]),
+                                   timeout_s)
+        reply = SessionReply[Verdict]({}, {}, [], response.compute_ms)
+        for v in response.verdicts:
+            if v.status == session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE:
+                reply.unknown.append(v.seq_id)
+                continue
+            reply.answers[v.seq_id] = Verdict(tuple(v.tokens), v.accepted, tuple(v.accepted_nodes))
+            reply.cached_len[v.seq_id] = v.cached_len
+        return reply
+
+
+def _entry(ask: VerifyAsk) -> target_pb2.VerifyEntry:
+    delta, proposal = ask.delta, ask.proposal
+    entry = target_pb2.VerifyEntry(sequence=delta_to_proto(delta.seq_id, delta.rollback_to, delta.new_tokens),
+                                   sampling=sampling_to_proto(ask.sampling), seed=ask.seed)
+    if proposal is not None:
+        if proposal.draft_next:
+            raise ValueError(f"{delta.seq_id}: the target service does not draft for the next step "
+                             "(self-drafting is not in its API)")
+        entry.draft_tokens.extend(proposal.tokens)
+        entry.draft_top_k.extend(session_pb2.TokenDistribution(token_ids=d.token_ids, probs=d.probs)
+                                 for d in proposal.draft_top_k)
+        if proposal.parents is not None:
+            entry.draft_parents.extend(proposal.parents)
+    return entry

@@ -1,0 +1,295 @@
+"""In-process stand-ins behind the step loop's ports, for tests that run the real loop in milliseconds.
+
+`ToyModel` is the "target model": a deterministic next token for any context, so plain greedy decoding has one
+right answer (`ToyModel.generate`) that speculation must reproduce token for token. `FakeTarget` and
+`FakeDrafter` keep sessions as the real services do (roll back, append, say when they do not know a sequence),
+so the router's real session code runs against them; the two strategies at the end draft in the ways the loop
+has no code for, self-drafted and drafted ahead, to show they plug in without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from router.live_request import LiveRequest
+from router.replicas import ReplicaError, ReplicaInfo
+from router.text import IncrementalDetokenizer, StopMatcher
+from specfleet.sampling_params import SamplingParams
+from specfleet.speculation import (
+    DraftAsk,
+    Proposal,
+    Proposals,
+    SessionReply,
+    StepPlan,
+    Verdict,
+    VerifyAsk,
+)
+from specfleet.stats import StepStats
+from specfleet.trees.shapes import ROOT_PARENT
+
+VOCAB = 50
+
+
+@dataclass(frozen=True)
+class ToyModel:
+    """Greedy next token of a context: a fixed hash of its last two tokens and its length."""
+
+    def next_token(self, tokens: list[int]) -> int:
+        return (7 * tokens[-1] + 3 * (tokens[-2] if len(tokens) > 1 else 0) + len(tokens)) % VOCAB
+
+    def generate(self, prompt: list[int], n: int) -> list[int]:
+        tokens = list(prompt)
+        for _ in range(n):
+            tokens.append(self.next_token(tokens))
+        return tokens[len(prompt):]
+
+    def guess(self, tokens: list[int], n: int, wrong_every: int = 3) -> list[int]:
+        """A drafter's continuation of ``tokens``: right except at every ``wrong_every``-th position of the
+        sequence, so some drafts are rejected."""
+        out, context = [], list(tokens)
+        for _ in range(n):
+            token = self.next_token(context)
+            if len(context) % wrong_every == 0:
+                token = (token + 1) % VOCAB
+            out.append(token)
+            context.append(token)
+        return out
+
+
+class Sessions:
+    """Per-sequence caches as a service keeps them: a call rolls back, then appends."""
+
+    def __init__(self) -> None:
+        self.cache: dict[str, list[int]] = {}
+
+    def apply(self, seq_id: str, rollback_to: int, new_tokens: list[int]) -> list[int] | None:
+        """The sequence after the call's delta, or None when it is unknown (and rollback_to says it should be known)."""
+        if seq_id not in self.cache and rollback_to > 0:
+            return None
+        tokens = self.cache.get(seq_id, [])[:rollback_to] + list(new_tokens)
+        self.cache[seq_id] = tokens
+        return tokens
+
+    def forget(self, seq_id: str) -> None:
+        self.cache.pop(seq_id, None)
+
+
+@dataclass
+class FakeTarget:
+    """A `TargetLink`: greedy verification of chains and trees against the `ToyModel`. A proposal with
+    ``draft_next`` also gets the next step's candidates from the same call (with some wrong, as a drafter's)."""
+
+    model: ToyModel = field(default_factory=ToyModel)
+    sessions: Sessions = field(default_factory=Sessions)
+    asks: list[list[VerifyAsk]] = field(default_factory=list)  # every call's entries
+    released: list[str] = field(default_factory=list)
+    calls_in_flight: int = 0
+
+    async def verify(self, asks: list[VerifyAsk], timeout_s: float) -> SessionReply[Verdict]:
+        self.asks.append(asks)
+        self.calls_in_flight += 1
+        await asyncio.sleep(0)  # a real call yields to the event loop: work drafted ahead runs meanwhile
+        self.calls_in_flight -= 1
+        reply = SessionReply[Verdict]({}, {}, [], 1.0)
+        for ask in asks:
+            tokens = self.sessions.apply(ask.delta.seq_id, ask.delta.rollback_to, ask.delta.new_tokens)
+            if tokens is None:
+                reply.unknown.append(ask.delta.seq_id)
+                continue
+            verdict = self._verdict(tokens, ask.proposal)
+            reply.answers[ask.delta.seq_id] = verdict
+            accepted = list(verdict.tokens[:-1])
+            self.sessions.cache[ask.delta.seq_id] = tokens + accepted  # the target's token is not cached yet
+            reply.cached_len[ask.delta.seq_id] = len(tokens) + len(accepted)
+        return reply
+
+    def _verdict(self, tokens: list[int], proposal: Proposal | None) -> Verdict:
+        path: list[int] = []
+        accepted: list[int] = []
+        drafts = proposal.tokens if proposal is not None else ()
+        parents = proposal.parents if proposal is not None and proposal.parents is not None else tuple(
+            range(-1, len(drafts) - 1))
+        parent = ROOT_PARENT
+        while True:
+            want = self.model.next_token(tokens + accepted)
+            match = next((j for j, p in enumerate(parents) if p == parent and drafts[j] == want), None)
+            if match is None:
+                break
+            path.append(match)
+            accepted.append(want)
+            parent = match
+        emitted = (*accepted, self.model.next_token(tokens + accepted))
+        next_proposal = None
+        if proposal is not None and proposal.draft_next:
+            next_proposal = Proposal(tuple(self.model.guess(tokens + list(emitted), proposal.draft_next)))
+        return Verdict(emitted, len(accepted), tuple(path) if proposal and proposal.parents else (), next_proposal)
+
+    async def release(self, seq_ids: list[str], timeout_s: float = 10.0) -> None:
+        self.released.extend(seq_ids)
+        for seq_id in seq_ids:
+            self.sessions.forget(seq_id)
+
+    async def info(self, timeout_s: float) -> ReplicaInfo:
+        return ReplicaInfo("toy", "target", VOCAB, "toy", 256, 8)
+
+    async def close(self, grace_s: float | None = None) -> None:
+        pass
+
+
+@dataclass
+class FakeDrafter:
+    """A `DraftLink`: chains from `ToyModel.guess`, with sessions; ``fail_calls`` makes its next calls fail."""
+
+    model: ToyModel = field(default_factory=ToyModel)
+    sessions: Sessions = field(default_factory=Sessions)
+    fail_calls: int = 0
+    calls: int = 0
+
+    async def propose(self, asks: list[DraftAsk], timeout_s: float) -> SessionReply[Proposal]:
+        self.calls += 1
+        await asyncio.sleep(0)
+        if self.fail_calls:
+            self.fail_calls -= 1
+            raise ReplicaError("UNAVAILABLE", "the drafter is down")
+        reply = SessionReply[Proposal]({}, {}, [], 0.5)
+        for ask in asks:
+            tokens = self.sessions.apply(ask.delta.seq_id, ask.delta.rollback_to, ask.delta.new_tokens)
+            if tokens is None:
+                reply.unknown.append(ask.delta.seq_id)
+                continue
+            drafts = self.model.guess(tokens, ask.plan.levels)
+            self.sessions.cache[ask.delta.seq_id] = tokens + drafts  # a drafter feeds itself its drafts
+            reply.answers[ask.delta.seq_id] = Proposal(tuple(drafts))
+            reply.cached_len[ask.delta.seq_id] = len(tokens) + len(drafts)
+        return reply
+
+    async def release(self, seq_ids: list[str], timeout_s: float = 10.0) -> None:
+        for seq_id in seq_ids:
+            self.sessions.forget(seq_id)
+
+    async def info(self, timeout_s: float) -> ReplicaInfo:
+        return ReplicaInfo("toy-draft", "model", VOCAB, "toy", 256, 8)
+
+    async def close(self, grace_s: float | None = None) -> None:
+        pass
+
+
+class SelfDrafted:
+    """Strategy (b): the target drafts the next step's candidates in the same pass as its verdict. `propose` hands
+    out what the last verdict brought and asks for more; no drafter is called."""
+
+    def __init__(self) -> None:
+        self.candidates: dict[str, tuple[int, ...]] = {}
+        self.served = 0  # draft tokens handed out
+
+    def room(self, seq: LiveRequest) -> int | None:
+        return None
+
+    async def propose(self, batch: list[LiveRequest], plan: StepPlan) -> Proposals:
+        proposals = {}
+        for seq in batch:
+            levels = plan.draft(seq.seq_id).levels
+            if levels:
+                tokens = self.candidates.pop(seq.seq_id, ())[:levels]
+                self.served += len(tokens)
+                proposals[seq.seq_id] = Proposal(tokens, draft_next=levels)
+        return Proposals(proposals)
+
+    def settle(self, batch: list[LiveRequest], verdicts: Mapping[str, Verdict]) -> None:
+        for seq in batch:
+            verdict = verdicts.get(seq.seq_id)
+            if verdict is not None and verdict.next_proposal is not None:
+                self.candidates[seq.seq_id] = verdict.next_proposal.tokens
+
+    async def release(self, seqs: list[LiveRequest]) -> None:
+        for seq in seqs:
+            self.candidates.pop(seq.seq_id, None)
+
+
+class DraftedAhead:
+    """Strategy (c): while the target verifies step t, draft step t+1 as if step t's drafts were all accepted and
+    the target's own token were the draft's next one; `propose` uses that when it came true, else drafts now."""
+
+    def __init__(self, target: FakeTarget, wrong_every: int = 5) -> None:
+        self.model = ToyModel()
+        self.wrong_every = wrong_every
+        self.target = target
+        self.ahead: dict[str, tuple[list[int], asyncio.Task[list[int]]]] = {}  # seq_id -> (assumed context, drafts)
+        self.served_ahead = 0  # proposals taken from drafts made ahead
+        self.overlapped = 0  # drafts made ahead while a verify call was in flight
+
+    def room(self, seq: LiveRequest) -> int | None:
+        return None
+
+    async def propose(self, batch: list[LiveRequest], plan: StepPlan) -> Proposals:
+        proposals = {}
+        for seq in batch:
+            levels = plan.draft(seq.seq_id).levels
+            if not levels:
+                continue
+            tokens = await self._ready(seq, levels) or self.model.guess(seq.tokens, levels, self.wrong_every)
+            proposals[seq.seq_id] = Proposal(tuple(tokens))
+            assumed = seq.tokens + tokens
+            self.ahead[seq.seq_id] = (assumed, asyncio.get_running_loop().create_task(
+                self._draft_ahead(assumed, levels + 1)))
+        return Proposals(proposals)
+
+    async def _ready(self, seq: LiveRequest, levels: int) -> list[int]:
+        """The drafts made ahead for ``seq`` if the committed tokens took the path they assumed."""
+        assumed, task = self.ahead.pop(seq.seq_id, ([], None))
+        if task is None:
+            return []
+        drafts = await task
+        committed = seq.tokens[len(assumed):]
+        if seq.tokens[:len(assumed)] != assumed or committed != drafts[:len(committed)] or len(committed) != 1:
+            return []
+        self.served_ahead += 1
+        return drafts[1:1 + levels]
+
+    async def _draft_ahead(self, assumed: list[int], n: int) -> list[int]:
+        verifying = False
+        for _ in range(3):  # drafting takes a few turns of the event loop, as a call to a drafter would
+            await asyncio.sleep(0)
+            verifying |= self.target.calls_in_flight > 0
+        self.overlapped += verifying
+        return self.model.guess(assumed, n, self.wrong_every)
+
+    def settle(self, batch: list[LiveRequest], verdicts: Mapping[str, Verdict]) -> None:
+        pass
+
+    async def release(self, seqs: list[LiveRequest]) -> None:
+        for seq in seqs:
+            _, task = self.ahead.pop(seq.seq_id, (None, None))
+            if task is not None:
+                task.cancel()
+
+
+class Recorder:
+    """A `StepObserver` that keeps every step's stats."""
+
+    def __init__(self) -> None:
+        self.steps: list[StepStats] = []
+
+    def observe(self, stats: StepStats) -> None:
+        self.steps.append(stats)
+
+
+class NoTracing:
+    def step_span(self, target: str, request_spans: Iterable[object]) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+class ToyTokenizer:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f" {i}" for i in ids)
+
+
+def live_request(seq_id: str, prompt: list[int], max_new_tokens: int, strategy: str = "draft-pool",
+                 draft: object = None) -> LiveRequest:
+    return LiveRequest(request_id=seq_id, seq_id=seq_id, tokens=list(prompt), prompt_len=len(prompt),
+                       sampling=SamplingParams(), seed=0, max_new_tokens=max_new_tokens, eos_ids=frozenset(),
+                       ignore_eos=True, detokenizer=IncrementalDetokenizer(ToyTokenizer()), stops=StopMatcher([]),
+                       draft=draft, strategy=strategy)

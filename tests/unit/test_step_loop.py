@@ -1,0 +1,189 @@
+"""The real step loop, in process, behind in-process ports (`step_fakes`): greedy output equals plain decoding of
+the toy model while requests join and leave, while the target loses a sequence, while the drafter fails, and
+with strategies the loop has no code for (self-drafted, drafted ahead) in one batch."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from step_fakes import (
+    DraftedAhead,
+    FakeDrafter,
+    FakeTarget,
+    NoTracing,
+    Recorder,
+    SelfDrafted,
+    ToyModel,
+    live_request,
+)
+
+from router.draft_pool import DraftPool
+from router.live_request import FinishReason, LiveRequest, StreamChunk
+from router.loop import StepLoop
+from router.planner import Planner
+from router.policy_feed import PolicyFeed
+from router.ports import Proposer
+from router.replicas import DraftReplica, TargetReplica
+from router.strategies import Strategies
+from router.target_verifier import TargetVerifier
+from specfleet.config import RouterConfig
+from specfleet.otel import RouterMetrics
+from specfleet.policy import DepthPolicy
+
+PROMPTS = [[3, 1, 4], [1, 5, 9, 2, 6], [5, 3], [8, 9, 7, 9]]
+
+
+class Harness:
+    """A step loop over a `FakeTarget`, with the draft pool on a `FakeDrafter` and any other strategies."""
+
+    def __init__(self, depth: int = 3, capacity: int = 8, extra: dict[str, Proposer] | None = None,
+                 config: RouterConfig | None = None) -> None:
+        self.config = config or RouterConfig(depth=str(depth), draft_retry_s=60.0)
+        metrics = RouterMetrics()
+        self.target = FakeTarget()
+        self.drafter = FakeDrafter()
+        self.draft = DraftReplica("draft:1", self.drafter)
+        self.pool = DraftPool(self.config.draft_timeout_ms, self.config.draft_retry_s, metrics)
+        self.strategies = Strategies({"draft-pool": self.pool, **(extra or {})})
+        feed = PolicyFeed(DepthPolicy.fixed(depth), None, 1.0, "throughput")
+        planner = Planner(self.config, feed, self.strategies, "target:1", max_context=256)
+        self.recorder = Recorder()
+        self.loop = StepLoop("target:1", planner, self.strategies,
+                             TargetVerifier(TargetReplica("target:1", self.target), 10.0, metrics), [self.recorder],
+                             NoTracing(), capacity=capacity, max_context=256)
+
+    def request(self, seq_id: str, prompt: list[int], max_new_tokens: int, strategy: str = "draft-pool"
+                ) -> LiveRequest:
+        return live_request(seq_id, prompt, max_new_tokens, strategy, self.draft if strategy == "draft-pool" else None)
+
+
+async def _finish(seq: LiveRequest) -> list[int]:
+    """The request's streamed tokens, once its last message came."""
+    tokens: list[int] = []
+    while True:
+        chunk = await asyncio.wait_for(seq.outbox.get(), 10)
+        assert isinstance(chunk, StreamChunk), chunk
+        tokens.extend(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            assert chunk.finish_reason == FinishReason.LENGTH
+            return tokens
+
+
+async def _serve(harness: Harness, seqs: list[LiveRequest], late: list[LiveRequest] = ()) -> list[list[int]]:
+    """Runs the loop until every request is done; ``late`` ones join once the first step has run."""
+    run = asyncio.get_running_loop().create_task(harness.loop.run())
+    for seq in seqs:
+        harness.loop.submit(seq)
+    if late:
+        while not harness.recorder.steps:
+            await asyncio.sleep(0)
+        for seq in late:
+            harness.loop.submit(seq)
+    outputs = await asyncio.gather(*(_finish(s) for s in [*seqs, *late]))
+    run.cancel()
+    await asyncio.gather(run, return_exceptions=True)
+    return outputs
+
+
+def _plain(prompts: list[list[int]], lengths: list[int]) -> list[list[int]]:
+    return [ToyModel().generate(p, n) for p, n in zip(prompts, lengths, strict=True)]
+
+
+def test_requests_join_and_leave_between_steps_and_output_equals_plain_decoding() -> None:
+    harness = Harness(depth=3)
+    lengths = [5, 20, 9, 14]
+    first = [harness.request(f"s{i}", PROMPTS[i], lengths[i]) for i in range(2)]
+    late = [harness.request(f"s{i}", PROMPTS[i], lengths[i]) for i in range(2, 4)]
+    outputs = asyncio.run(_serve(harness, first, late))
+
+    assert outputs == _plain(PROMPTS, lengths)
+    sizes = [s.batch_size for s in harness.recorder.steps]
+    assert sizes[0] == 2 and max(sizes) == 4 and sizes[-1] < 4  # joined after the first step; the short ones left
+    assert sum(s.acceptance.accepted for s in harness.recorder.steps) > 0  # speculation did happen
+    assert sorted(harness.target.released) == ["s0", "s1", "s2", "s3"]  # finished requests are freed on the target
+    assert harness.drafter.sessions.cache == {}  # and on the drafter
+
+
+def test_a_sequence_the_target_lost_is_sent_again_whole_and_loses_nothing() -> None:
+    harness = Harness(depth=2)
+    seqs = [harness.request(f"s{i}", PROMPTS[i], 16) for i in range(2)]
+
+    class ForgetOnce:
+        def observe(self, stats) -> None:
+            if len(harness.recorder.steps) == 3:
+                harness.target.sessions.forget("s1")  # as a restarted or evicting target would
+
+    harness.loop.observers.insert(0, ForgetOnce())
+    outputs = asyncio.run(_serve(harness, seqs))
+
+    assert outputs == _plain(PROMPTS[:2], [16, 16])
+    resent = [ask for call in harness.target.asks for ask in call if ask.delta.seq_id == "s1"
+              and ask.delta.rollback_to == 0]
+    assert len(resent) == 2  # its first prefill, and once more after the target lost it
+    whole = resent[1].delta.new_tokens  # the whole context: the prompt and every token committed so far
+    assert len(whole) > len(PROMPTS[1]) and whole == (PROMPTS[1] + outputs[1])[:len(whole)]
+
+
+def test_a_failing_drafter_drops_the_step_to_plain_decoding_and_is_skipped_for_a_while() -> None:
+    harness = Harness(depth=4)
+    seqs = [harness.request(f"s{i}", PROMPTS[i], 12) for i in range(3)]
+
+    class FailAtStep2:
+        def observe(self, stats) -> None:
+            if len(harness.recorder.steps) == 1:  # observing step 1 (the recorder comes after this observer)
+                harness.drafter.fail_calls = 1
+
+    harness.loop.observers.insert(0, FailAtStep2())
+    outputs = asyncio.run(_serve(harness, seqs))
+
+    assert outputs == _plain(PROMPTS[:3], [12] * 3)
+    steps = harness.recorder.steps
+    assert steps[2].deepest == 4 and steps[2].acceptance.drafted == 0  # planned drafts, got none: every sequence
+    assert steps[2].acceptance.misses == 3  # missed and decoded plainly
+    assert all(s.deepest == 0 for s in steps[3:])  # the failed draft is skipped (retry after 60 s)
+    assert not harness.draft.available and harness.drafter.calls == 3
+
+
+def test_strategies_the_loop_has_no_code_for_plug_in_and_keep_greedy_output() -> None:
+    """Self-drafted (the target's verdict brings the next drafts) and drafted ahead (drafted while the target
+    verifies), beside the draft pool in one batch, through the real loop."""
+    self_drafted = SelfDrafted()
+    harness = Harness(depth=3, extra={"self": self_drafted})
+    ahead = DraftedAhead(harness.target)
+    harness.strategies.strategies["ahead"] = ahead
+    lengths = [18, 24, 15, 21]
+    seqs = [harness.request("pool", PROMPTS[0], lengths[0]),
+            harness.request("self", PROMPTS[1], lengths[1], strategy="self"),
+            harness.request("ahead", PROMPTS[2], lengths[2], strategy="ahead"),
+            harness.request("ahead-2", PROMPTS[3], lengths[3], strategy="ahead")]
+    outputs = asyncio.run(_serve(harness, seqs))
+
+    assert outputs == _plain(PROMPTS, lengths)
+    assert self_drafted.served > 0  # drafts came with the verdicts
+    assert ahead.served_ahead > 0 and ahead.overlapped > 0  # drafted while the target verified, and used
+    accepted = {s.seq_id: s.stats.acceptance.accepted for s in seqs}
+    assert all(n > 0 for n in accepted.values()), accepted
+
+
+def test_a_request_of_a_strategy_the_router_does_not_run_is_refused_with_its_name() -> None:
+    harness = Harness()
+    seq = harness.request("s0", PROMPTS[0], 4, strategy="nowhere")
+    with pytest.raises(ValueError, match="'nowhere'"):
+        asyncio.run(harness.strategies.propose([seq], harness.loop.planner.plan([seq])))
+
+
+def test_the_loop_its_strategies_policy_and_stats_load_neither_protobuf_stubs_nor_torch() -> None:
+    """Only the transport edge (the links, the servers) builds or reads protobuf; the model stays in the services."""
+    modules = ("router.loop", "router.planner", "router.strategies", "router.draft_pool", "router.target_verifier",
+               "router.live_request", "router.observers", "router.prediction_audit", "router.policy_feed",
+               "specfleet.policy", "specfleet.stats", "specfleet.speculation")
+    code = (f"import sys, {', '.join(modules)}; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'google') or "
+            "m.startswith('specfleet.v1')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -20,7 +20,7 @@ import grpc
 from router.discovery import PoolWatcher
 from router.draft_link import GrpcDraftLink
 from router.draft_pool import DraftPool
-from router.live_request import LiveRequest
+from router.live_request import DRAFT_POOL, LiveRequest
 from router.loop import StepLoop
 from router.observers import MetricsExporter, TelemetryExporter
 from router.planner import Planner
@@ -43,7 +43,6 @@ JOIN_RETRY_S = (1.0, 30.0)  # first and longest wait between GetInfo attempts
 # end the step loop that made them); every call has its own deadline, so this only bounds a stuck one.
 CLOSE_AFTER_S = 1.0
 CLOSE_GRACE_S = 120.0
-DRAFT_POOL = "draft-pool"  # the strategy of every request today: a separate drafter from the draft pool
 
 
 def connect_target(address: str, interceptors: Seq[grpc.aio.ClientInterceptor] = ()) -> TargetReplica:

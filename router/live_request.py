@@ -17,6 +17,9 @@ from router.text import IncrementalDetokenizer, StopMatcher
 from specfleet.sampling_params import SamplingParams
 from specfleet.stats import RequestStats, SpeculationSummary
 
+DRAFT_POOL = "draft-pool"
+"""The strategy every request drafts with today: a separate drafter from the draft pool (`router.draft_pool`)."""
+
 
 class FinishReason(enum.Enum):
     """Why a request ended."""
@@ -66,7 +69,7 @@ class LiveRequest:
     target_cached: int = 0
     draft_cached: int = 0
     draft: Any = None  # the DraftReplica this request is pinned to, if any
-    strategy: str = "draft-pool"  # where its drafts come from (see router.strategies)
+    strategy: str = DRAFT_POOL  # where its drafts come from (see router.strategies)
     finish_reason: FinishReason | None = None
     cancelled: bool = False  # the client went away: stop quietly
     error: StreamError | None = None  # what failed it, if something did

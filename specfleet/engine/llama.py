@@ -191,7 +191,7 @@ class BatchLayout:
     def slot_span(self) -> slice | None:
         """The cache rows lo..hi this group reads through a view, or None to gather its own rows: a view when its
         slots span at most twice as many rows as it has sequences, where the filler rows' attention costs less
-        than copying every member's keys and values in each layer (the copies took 28% of a ragged verify)."""
+        than copying every member's keys and values in each layer (measured in bench/engine_kernels.md)."""
         lo, hi = int(self.slots.min()), int(self.slots.max())
         return slice(lo, hi + 1) if hi + 1 - lo <= 2 * len(self.slots) else None
 
@@ -199,7 +199,7 @@ class BatchLayout:
         """The rows of one layer's keys or values ([slots, kv_heads, max_len, head_dim]) that attention reads."""
         if self.slot_span is not None:
             return cache_layer[self.slot_span, :, : self.kv_len]
-        # index_select copies whole [kv_len, head_dim] runs; advanced indexing goes element by element, ~3x slower.
+        # index_select copies whole [kv_len, head_dim] runs; advanced indexing goes element by element.
         return cache_layer[:, :, : self.kv_len].index_select(0, self.slots)
 
     @cached_property

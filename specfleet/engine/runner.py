@@ -18,6 +18,7 @@ import torch
 from specfleet.engine.cpu_linear import prepack_linears
 from specfleet.engine.kv_cache import CacheFullError
 from specfleet.engine.llama import BatchLayout, LlamaForCausalLM, PassLayout, causal_layout, tree_layout
+from specfleet.trees.shapes import ROOT_PARENT
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +184,9 @@ class ModelRunner:
             if not r.tokens:
                 raise ValueError(f"{r.seq_id}: need >= 1 new committed token (the tree's root)")
             if len(r.tree_parents) != len(r.tree_tokens) or any(
-                    not -1 <= parent < j for j, parent in enumerate(r.tree_parents)):
-                raise ValueError(f"{r.seq_id}: tree_parents must give each node -1 or an earlier node, "
-                                 f"one per tree token")
+                    not ROOT_PARENT <= parent < j for j, parent in enumerate(r.tree_parents)):
+                raise ValueError(f"{r.seq_id}: tree_parents must give each node {ROOT_PARENT} or an earlier node, "
+                                 "one per tree token")
         slots = self._claim_slots(requests, [len(r.tokens) + len(r.tree_tokens) for r in requests])
         logits = self._run_passes([len(r.tokens) + len(r.tree_tokens) for r in requests], slots, lambda group: (
             self._tree_group([requests[i] for i in group], [slots[i] for i in group])))
@@ -219,7 +220,7 @@ class ModelRunner:
         pending = self._trees.get(seq_id)
         if pending is None or pending.prefix_len != prefix_len:
             raise ValueError(f"{seq_id}: no draft tree after {prefix_len} committed tokens to keep a path of")
-        parent = -1
+        parent = ROOT_PARENT
         for node in node_indices:
             if not 0 <= node < len(pending.parents) or pending.parents[node] != parent:
                 raise ValueError(f"{seq_id}: {node_indices} is not a path from the root of its draft tree")

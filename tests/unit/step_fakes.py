@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from router.live_request import LiveRequest
+from router.live_request import DRAFT_POOL, LiveRequest
 from router.replicas import ReplicaError, ReplicaInfo
 from router.text import IncrementalDetokenizer, StopMatcher
 from specfleet.sampling_params import SamplingParams
@@ -78,15 +78,34 @@ class Sessions:
 
 
 @dataclass
-class FakeTarget:
-    """A `TargetLink`: greedy verification of chains and trees against the `ToyModel`. A proposal with
-    ``draft_next`` also gets the next step's candidates from the same call (with some wrong, as a drafter's)."""
+class FakeService:
+    """What the fake target and drafter share: the toy model, sessions, and the calls every service answers."""
 
     model: ToyModel = field(default_factory=ToyModel)
     sessions: Sessions = field(default_factory=Sessions)
-    asks: list[list[VerifyAsk]] = field(default_factory=list)  # every call's entries
     released: list[str] = field(default_factory=list)
+    kind = "service"
+
+    async def release(self, seq_ids: list[str], timeout_s: float = 10.0) -> None:
+        self.released.extend(seq_ids)
+        for seq_id in seq_ids:
+            self.sessions.forget(seq_id)
+
+    async def info(self, timeout_s: float) -> ReplicaInfo:
+        return ReplicaInfo("toy", self.kind, VOCAB, "toy", max_seq_len=256, num_slots=8)
+
+    async def close(self, grace_s: float | None = None) -> None:
+        pass
+
+
+@dataclass
+class FakeTarget(FakeService):
+    """A `TargetLink`: greedy verification of chains and trees against the `ToyModel`. A proposal with
+    ``draft_next`` also gets the next step's candidates from the same call (with some wrong, as a drafter's)."""
+
+    asks: list[list[VerifyAsk]] = field(default_factory=list)  # every call's entries
     calls_in_flight: int = 0
+    kind = "target"
 
     async def verify(self, asks: list[VerifyAsk], timeout_s: float) -> SessionReply[Verdict]:
         self.asks.append(asks)
@@ -127,26 +146,14 @@ class FakeTarget:
             next_proposal = Proposal(tuple(self.model.guess(tokens + list(emitted), proposal.draft_next)))
         return Verdict(emitted, len(accepted), tuple(path) if proposal and proposal.parents else (), next_proposal)
 
-    async def release(self, seq_ids: list[str], timeout_s: float = 10.0) -> None:
-        self.released.extend(seq_ids)
-        for seq_id in seq_ids:
-            self.sessions.forget(seq_id)
-
-    async def info(self, timeout_s: float) -> ReplicaInfo:
-        return ReplicaInfo("toy", "target", VOCAB, "toy", 256, 8)
-
-    async def close(self, grace_s: float | None = None) -> None:
-        pass
-
 
 @dataclass
-class FakeDrafter:
+class FakeDrafter(FakeService):
     """A `DraftLink`: chains from `ToyModel.guess`, with sessions; ``fail_calls`` makes its next calls fail."""
 
-    model: ToyModel = field(default_factory=ToyModel)
-    sessions: Sessions = field(default_factory=Sessions)
     fail_calls: int = 0
     calls: int = 0
+    kind = "model"
 
     async def propose(self, asks: list[DraftAsk], timeout_s: float) -> SessionReply[Proposal]:
         self.calls += 1
@@ -165,16 +172,6 @@ class FakeDrafter:
             reply.answers[ask.delta.seq_id] = Proposal(tuple(drafts))
             reply.cached_len[ask.delta.seq_id] = len(tokens) + len(drafts)
         return reply
-
-    async def release(self, seq_ids: list[str], timeout_s: float = 10.0) -> None:
-        for seq_id in seq_ids:
-            self.sessions.forget(seq_id)
-
-    async def info(self, timeout_s: float) -> ReplicaInfo:
-        return ReplicaInfo("toy-draft", "model", VOCAB, "toy", 256, 8)
-
-    async def close(self, grace_s: float | None = None) -> None:
-        pass
 
 
 class SelfDrafted:
@@ -287,7 +284,7 @@ class ToyTokenizer:
         return "".join(f" {i}" for i in ids)
 
 
-def live_request(seq_id: str, prompt: list[int], max_new_tokens: int, strategy: str = "draft-pool",
+def live_request(seq_id: str, prompt: list[int], max_new_tokens: int, strategy: str = DRAFT_POOL,
                  draft: object = None) -> LiveRequest:
     return LiveRequest(request_id=seq_id, seq_id=seq_id, tokens=list(prompt), prompt_len=len(prompt),
                        sampling=SamplingParams(), seed=0, max_new_tokens=max_new_tokens, eos_ids=frozenset(),

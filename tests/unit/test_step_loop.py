@@ -22,7 +22,7 @@ from step_fakes import (
 )
 
 from router.draft_pool import DraftPool
-from router.live_request import FinishReason, LiveRequest, StreamChunk
+from router.live_request import DRAFT_POOL, FinishReason, LiveRequest, StreamChunk
 from router.loop import StepLoop
 from router.planner import Planner
 from router.policy_feed import PolicyFeed
@@ -48,7 +48,7 @@ class Harness:
         self.drafter = FakeDrafter()
         self.draft = DraftReplica("draft:1", self.drafter)
         self.pool = DraftPool(self.config.draft_timeout_ms, self.config.draft_retry_s, metrics)
-        self.strategies = Strategies({"draft-pool": self.pool, **(extra or {})})
+        self.strategies = Strategies({DRAFT_POOL: self.pool, **(extra or {})})
         feed = PolicyFeed(DepthPolicy.fixed(depth), None, 1.0, "throughput")
         planner = Planner(self.config, feed, self.strategies, "target:1", max_context=256)
         self.recorder = Recorder()
@@ -56,9 +56,9 @@ class Harness:
                              TargetVerifier(TargetReplica("target:1", self.target), 10.0, metrics), [self.recorder],
                              NoTracing(), capacity=capacity, max_context=256)
 
-    def request(self, seq_id: str, prompt: list[int], max_new_tokens: int, strategy: str = "draft-pool"
+    def request(self, seq_id: str, prompt: list[int], max_new_tokens: int, strategy: str = DRAFT_POOL
                 ) -> LiveRequest:
-        return live_request(seq_id, prompt, max_new_tokens, strategy, self.draft if strategy == "draft-pool" else None)
+        return live_request(seq_id, prompt, max_new_tokens, strategy, self.draft if strategy == DRAFT_POOL else None)
 
 
 async def _finish(seq: LiveRequest) -> list[int]:

@@ -21,7 +21,7 @@ import grpc
 from router.live_request import LiveRequest
 from router.planner import Planner
 from router.ports import Proposer, StepObserver, StepTracer, Verifier
-from specfleet.speculation import Proposals, StepPlan, Verdict, Verdicts
+from specfleet.speculation import Proposals, StepPlan, Verdicts
 from specfleet.stats import SequenceStep, StepStats
 
 log = logging.getLogger("specfleet.router")
@@ -29,11 +29,12 @@ log = logging.getLogger("specfleet.router")
 
 @dataclass(frozen=True)
 class Committed:
-    """One sequence's part of a step once its verdict is committed: the tokens it kept of the verdict's."""
+    """One sequence's part of a step once its verdict is committed: the tokens it kept of the verdict's (fewer when
+    a stop condition came first), and how its step went."""
 
     seq: LiveRequest
-    verdict: Verdict
     kept: list[int]
+    step: SequenceStep
 
 
 class StepLoop:
@@ -93,33 +94,43 @@ class StepLoop:
             plan = self.planner.plan(batch)
             proposals = await self.proposer.propose(batch, plan)
             verdicts = await self.verifier.verify(batch, proposals)
-            committed = self.commit(batch, verdicts)
-            self.emit(committed)
+            committed = self.commit(batch, plan, proposals, verdicts)
+            first_tokens_s = self.emit(committed)
             self.proposer.settle(batch, verdicts)
-            self.observe(self.stats(batch, plan, proposals, verdicts, committed, started))
+            self.observe(self.step_stats(batch, plan, proposals, verdicts, committed, first_tokens_s, started))
 
-    def commit(self, batch: list[LiveRequest], verdicts: Verdicts) -> list[Committed]:
-        """Appends each verdict's tokens to its sequence, up to the sequence's first stop condition."""
-        return [Committed(seq, verdict, seq.commit(verdict.tokens, self.max_context))
-                for seq in batch if (verdict := verdicts.get(seq.seq_id)) is not None and not seq.finished]
+    def commit(self, batch: list[LiveRequest], plan: StepPlan, proposals: Proposals, verdicts: Verdicts
+               ) -> list[Committed]:
+        """Appends each verdict's tokens to its sequence, up to the sequence's first stop condition, and counts the
+        step in the request's own stats (which its stream reports)."""
+        committed = []
+        for seq in batch:
+            verdict = verdicts.get(seq.seq_id)
+            if verdict is None or seq.finished:
+                continue
+            kept = seq.commit(verdict.tokens, self.max_context)
+            step = SequenceStep.of(plan.draft(seq.seq_id).tokens, proposals.get(seq.seq_id), verdict, len(kept))
+            seq.stats.observe(step, plan.reason)
+            committed.append(Committed(seq, kept, step))
+        return committed
 
-    def emit(self, committed: list[Committed]) -> None:
+    def emit(self, committed: list[Committed]) -> list[float]:
+        """Streams each request's new tokens; returns the times to first token of those that got their first."""
+        now = time.perf_counter()
+        first_tokens_s = []
         for part in committed:
             part.seq.emit(part.kept)
+            if part.kept and (first_token_s := part.seq.mark_emitted(now)) is not None:
+                first_tokens_s.append(first_token_s)
+        return first_tokens_s
 
-    def stats(self, batch: list[LiveRequest], plan: StepPlan, proposals: Proposals, verdicts: Verdicts,
-              committed: list[Committed], started: float) -> StepStats:
-        """The step's `StepStats`; each sequence's own stats take their part too."""
+    def step_stats(self, batch: list[LiveRequest], plan: StepPlan, proposals: Proposals, verdicts: Verdicts,
+                   committed: list[Committed], first_tokens_s: list[float], started: float) -> StepStats:
         stats = StepStats(self.target, len(batch), [plan.draft(s.seq_id).tokens for s in batch], plan.deepest,
                           proposals.compute_ms, verdicts.compute_ms, plan.predicted_ms, plan.predicted_tokens,
-                          plan.prefills)
-        now = time.perf_counter()
+                          plan.prefills, first_token_s=first_tokens_s)
         for part in committed:
-            seq = part.seq
-            step = SequenceStep.of(plan.draft(seq.seq_id).tokens, proposals.get(seq.seq_id), part.verdict,
-                                   len(part.kept))
-            seq.stats.observe(step, plan.reason)
-            stats.observe(step, seq.mark_emitted(now) if part.kept else None)
+            stats.observe(part.step)
         stats.duration_s = time.perf_counter() - started
         return stats
 

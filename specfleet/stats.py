@@ -197,11 +197,9 @@ class StepStats:
         """Whether the step asked any sequence for drafts."""
         return self.deepest > 0
 
-    def observe(self, step: SequenceStep, first_token_s: float | None = None) -> None:
-        """One sequence's part; ``first_token_s``: its time to first token, if it got its first token now."""
+    def observe(self, step: SequenceStep) -> None:
+        """One sequence's part."""
         self.acceptance.observe(step)
         self.emitted += step.emitted
         if step.drafted:
             self.accepted.append(step.accepted)
-        if first_token_s is not None:
-            self.first_token_s.append(first_token_s)

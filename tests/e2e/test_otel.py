@@ -70,8 +70,9 @@ def test_every_metric_is_scraped_with_its_name_type_labels_and_buckets() -> None
     try:
         router = RouterMetrics(otel)
         router.observe(queue_depth=lambda: 3, live_requests=lambda: 2, redis_up=lambda: True)
-        stats = StepStats("target-0:50052", batch_size=2, planned=[3, 0], deepest=3, duration_s=0.02)
-        stats.observe(SequenceStep(3, drafted=3, accepted=2, first_rejected=1, emitted=3), first_token_s=0.05)
+        stats = StepStats("target-0:50052", batch_size=2, planned=[3, 0], deepest=3, first_token_s=[0.05],
+                          duration_s=0.02)
+        stats.observe(SequenceStep(3, drafted=3, accepted=2, first_rejected=1, emitted=3))
         stats.observe(SequenceStep(0, emitted=1))
         router.record_step(stats)
         router.record_draft_rtt("draft-0:50051", 0.003)

@@ -187,3 +187,27 @@ def test_the_loop_its_strategies_policy_and_stats_load_neither_protobuf_stubs_no
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_each_message_carries_the_stats_of_the_step_that_sent_it() -> None:
+    harness = Harness(depth=3)
+    seq = harness.request("s0", PROMPTS[1], 17)
+
+    async def chunks() -> list[StreamChunk]:
+        run = asyncio.get_running_loop().create_task(harness.loop.run())
+        harness.loop.submit(seq)
+        out = [await asyncio.wait_for(seq.outbox.get(), 10)]
+        while out[-1].finish_reason is None:
+            out.append(await asyncio.wait_for(seq.outbox.get(), 10))
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        return out
+
+    messages = asyncio.run(chunks())
+    for n, chunk in enumerate(messages, start=1):  # one message per step
+        assert chunk.stats.steps == n
+        sent = sum(len(c.token_ids) for c in messages[:n])
+        assert chunk.stats.mean_tokens_per_step == sent / n
+        assert chunk.stats.reason.startswith("pinned depth")  # 3, or what room the request has left
+    last = messages[-1].stats
+    assert last.accepted_tokens == seq.stats.acceptance.accepted and last.drafted_tokens == seq.stats.drafted

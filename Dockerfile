@@ -57,6 +57,6 @@ USER 10001:10001
 WORKDIR /home/specfleet
 
 # router, draft, target gRPC ports and the Prometheus metrics port
-EXPOSE 50050 50051 50052 9464
+EXPOSE 50050 50051 50052 9464 8000
 ENTRYPOINT ["specfleet"]
 CMD ["--help"]

@@ -1,4 +1,4 @@
-"""The router's public gRPC service: validates requests, admits them to a step loop, streams back."""
+"""The router's public gRPC service, the edge of `router.admission` (protobuf in and out), and the router's start."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 
+from router.admission import GenerationRequest, RequestError, Router
 from router.discovery import watcher_for
 from router.fleet import Fleet
 from router.live_request import FinishReason, LiveRequest, StreamChunk, StreamError
+from router.openai_api import EmbeddedServer, build_app, start_http
 from router.policy_feed import PolicyFeed
-from router.text import IncrementalDetokenizer, StopMatcher
 from specfleet.config import RouterConfig
 from specfleet.otel import Otel, RouterMetrics
 from specfleet.otel import setup as setup_otel
@@ -22,132 +22,8 @@ from specfleet.policy import DepthPolicy
 from specfleet.protos import generate_pb2, generate_pb2_grpc
 from specfleet.serving import serve, servicer_name
 from specfleet.stats import SpeculationSummary
-from specfleet.wire import sampling_from_proto
 
 log = logging.getLogger("specfleet.router")
-
-
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-class Router:
-    """Admission and bookkeeping over the fleet's step loops (one per target replica)."""
-
-    def __init__(self, config: RouterConfig, fleet: Fleet, tokenizer: Any, eos_ids: frozenset[int],
-                 feed: PolicyFeed, router_id: str, metrics: RouterMetrics | None = None) -> None:
-        assert fleet.reference is not None and fleet.reference.info is not None
-        self.config = config
-        self.feed = feed
-        self.metrics = metrics or RouterMetrics()
-        self.fleet = fleet
-        self.tokenizer = tokenizer
-        self.eos_ids = eos_ids
-        self.model = fleet.reference.info.model
-        self.vocab_size = fleet.reference.info.vocab_size
-        self.requests: dict[str, LiveRequest] = {}
-        self.router_id = router_id  # keeps seq_ids unique when routers share replicas
-        self._counter = 0
-
-    @property
-    def max_context(self) -> int:
-        return self.fleet.max_context
-
-    @property
-    def queued(self) -> int:
-        return self.fleet.queued
-
-    @property
-    def live(self) -> int:
-        return self.fleet.live
-
-    def admit(self, request: generate_pb2.GenerateRequest, metadata: Any = ()) -> LiveRequest:
-        """Validates ``request`` and hands it to the least loaded step loop; raises RequestError. ``metadata`` (the
-        call's) may carry the caller's trace context."""
-        request_id = request.request_id or secrets.token_hex(8)
-        if request_id in self.requests:
-            raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already live")
-        prompt = self._prompt_tokens(request)
-        if len(prompt) >= self.max_context:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"prompt is {len(prompt)} tokens but the target's context holds {self.max_context} "
-                               "(prompt plus at least one new token)")
-        stopping = request.stopping
-        max_new = stopping.max_new_tokens if stopping.HasField("max_new_tokens") else self.config.default_max_new_tokens
-        if not 1 <= max_new <= self.config.max_new_tokens_cap:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"max_new_tokens must be in [1, {self.config.max_new_tokens_cap}], got {max_new}")
-        try:
-            sampling = sampling_from_proto(request.sampling)
-        except ValueError as err:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
-        if self.queued >= self.config.max_queue:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{self.queued} requests are already waiting (--max-queue {self.config.max_queue})")
-
-        self._counter += 1
-        seq = LiveRequest(
-            request_id=request_id, seq_id=f"{self.router_id}-{self._counter}", tokens=list(prompt),
-            prompt_len=len(prompt), sampling=sampling,
-            seed=request.sampling.seed if request.sampling.HasField("seed") else secrets.randbits(63),
-            max_new_tokens=max_new, eos_ids=self.eos_ids, ignore_eos=stopping.ignore_eos,
-            detokenizer=IncrementalDetokenizer(self.tokenizer), stops=StopMatcher(list(stopping.stop)),
-            draft=self.fleet.pick_draft())
-        seq.span = self.metrics.start_request(request_id, len(prompt), metadata)
-        self.requests[request_id] = seq
-        self.fleet.place(seq)
-        return seq
-
-    def forget(self, seq: LiveRequest, deadline_passed: bool = False) -> None:
-        """The handler is done with ``seq``: if it is still running, the client went away (or its deadline passed)."""
-        outcome, code = seq.outcome(deadline_passed)
-        if not seq.finished:
-            seq.cancelled = True
-            log.info("request %s %s", seq.request_id,
-                     "ran past the client's deadline" if deadline_passed else "cancelled by the client")
-        self.requests.pop(seq.request_id, None)
-        self.metrics.end_request(seq.span, outcome, code, generated_tokens=len(seq.tokens) - seq.prompt_len,
-                                 finish_reason=seq.finish_reason.value if seq.finish_reason else "unspecified",
-                                 time_per_output_token_s=seq.time_per_output_token())
-
-    def abort(self, request_id: str) -> bool:
-        seq = self.requests.get(request_id)
-        if seq is None or seq.finished:
-            return False
-        seq.finish(FinishReason.ABORTED)
-        log.info("request %s aborted", request_id)
-        return True
-
-    def _prompt_tokens(self, request: generate_pb2.GenerateRequest) -> list[int]:
-        kind = request.WhichOneof("prompt")
-        if kind == "text":
-            tokens = self.tokenizer.encode(request.text)
-        elif kind == "token_ids":
-            tokens = list(request.token_ids.ids)
-            if tokens and max(tokens) >= self.vocab_size:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"token id {max(tokens)} is outside the vocabulary of {self.vocab_size}")
-        elif kind == "chat":
-            tokens = self._render_chat(request.chat)
-        else:
-            tokens = []
-        if not tokens:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty: set text, token_ids or chat")
-        return tokens
-
-    def _render_chat(self, chat: generate_pb2.ChatMessages) -> list[int]:
-        messages = [{"role": m.role, "content": m.content} for m in chat.messages]
-        bad = [m["role"] for m in messages if m["role"] not in ("system", "user", "assistant")]
-        if bad:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown chat role {bad[0]!r}")
-        if not messages:
-            return []
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "the model has no chat template: send text")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
 
 class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
@@ -206,11 +82,25 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
     async def _admit(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> LiveRequest:
         metadata = context.invocation_metadata()
         try:
-            return self.router.admit(request, metadata)
+            return self.router.admit(request_from_proto(request), metadata)
         except RequestError as err:
             self.router.metrics.request_rejected(err.code.name, err.message, metadata)
             await context.abort(err.code, err.message)
             raise  # not reached: abort raises
+
+
+def request_from_proto(msg: generate_pb2.GenerateRequest) -> GenerationRequest:
+    kind, sampling, stopping = msg.WhichOneof("prompt"), msg.sampling, msg.stopping
+    return GenerationRequest(
+        text=msg.text if kind == "text" else None,
+        token_ids=tuple(msg.token_ids.ids) if kind == "token_ids" else None,
+        chat=tuple((m.role, m.content) for m in msg.chat.messages) if kind == "chat" else None,
+        request_id=msg.request_id,
+        max_new_tokens=stopping.max_new_tokens if stopping.HasField("max_new_tokens") else None,
+        temperature=sampling.temperature if sampling.HasField("temperature") else 0.0, top_k=sampling.top_k,
+        top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
+        seed=sampling.seed if sampling.HasField("seed") else None, stop=tuple(stopping.stop),
+        ignore_eos=stopping.ignore_eos)
 
 
 _FINISH_REASONS = {None: generate_pb2.FINISH_REASON_UNSPECIFIED, FinishReason.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
@@ -294,9 +184,19 @@ async def run(config: RouterConfig) -> None:
         generate_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(router), server)
         return [servicer_name(generate_pb2, "GenerationService")]
 
+    http: list[tuple[EmbeddedServer, asyncio.Task]] = []
+
+    async def start_http_api() -> None:
+        if config.http_port:
+            app = build_app(router, config.served_model_name or router.model)
+            http.append(await start_http(app, config.host, config.http_port))
+
     async def stop_loops() -> None:
+        for server, task in http:
+            server.should_exit = True
+            await task
         feed_task.cancel()
         await router.fleet.stop()
 
     # No server interceptor here: each request's span is the router's server span (it continues the caller's trace).
-    await serve("router", config.host, config.port, register, on_stop=stop_loops, otel=otel)
+    await serve("router", config.host, config.port, register, on_start=start_http_api, on_stop=stop_loops, otel=otel)

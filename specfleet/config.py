@@ -168,6 +168,10 @@ class RouterConfig(ServiceConfig):
     """The router: the public gRPC front door and the speculation loop."""
 
     port: int = option(50050, "public gRPC port")
+    http_port: int = option(0, "port of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                            "/v1/models, /health) on --host, e.g. 8000 (0: no HTTP API)")
+    served_model_name: str = option("", "the model name the OpenAI API serves and requests must name (empty: the "
+                                    "target's --model)")
     targets: str = option("127.0.0.1:50052", f"target services: {POOL_SYNTAX}")
     drafts: str = option("127.0.0.1:50051", "draft services, as for --targets (empty: no speculation)")
     depth: str = option("auto", "draft tokens per step: auto (chosen each step, per sequence, from live "
@@ -209,6 +213,9 @@ class RouterConfig(ServiceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(0 <= self.http_port < 65536, f"--http-port must be in [0, 65535], got {self.http_port}")
+        _check(self.http_port == 0 or self.http_port not in (self.port, self.metrics_port),
+               "--http-port must differ from --port and --metrics-port")
         _check(1 <= self.max_depth <= MAX_DEPTH, f"--max-depth must be in [1, {MAX_DEPTH}], got {self.max_depth}")
         _check(self.depth == "auto" or (self.depth.isdigit() and int(self.depth) <= self.max_depth),
                f"--depth must be auto or an integer in [0, {self.max_depth}] (--max-depth), got {self.depth!r}")

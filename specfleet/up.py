@@ -64,6 +64,8 @@ class UpConfig:
     tree: str = same_as(RouterConfig, "tree", to="router")
     port: int = option(RouterConfig.port, "the router's port; the draft service listens on the next port and the "
                        "target on the one after")
+    http_port: int = option(8000, "[router] port of the OpenAI-compatible HTTP API on 127.0.0.1 (0: none; the router "
+                            "alone serves none unless given --http-port)")
     redis_url: str = option("", "use this running Redis for fleet telemetry, e.g. redis://127.0.0.1:6379/0 "
                             "(empty: start a redis-server on a free port)")
     log_dir: str = option("", "write each process's log to <dir>/<name>.log instead of this terminal")
@@ -73,6 +75,9 @@ class UpConfig:
         if not 1 <= self.port <= 65535 - 2:
             raise ValueError(f"--port must be in [1, 65533] (the draft and target take the next two ports), "
                              f"got {self.port}")
+        if self.http_port and self.http_port in self.ports.values():
+            raise ValueError(f"--http-port {self.http_port} is one of the gRPC ports {sorted(self.ports.values())} "
+                             "(--port and the next two)")
         if self.redis_url and not self.redis_url.startswith(REDIS_SCHEMES):
             raise ValueError(f"--redis-url must start with {', '.join(REDIS_SCHEMES)}, got {self.redis_url!r}")
         if self.draft_model and self.drafter != "model":
@@ -105,7 +110,7 @@ class UpConfig:
             router=RouterConfig(port=ports["router"], metrics_port=metrics["router"], redis_url=redis_url,
                                 log_level=self.log_level, targets=f"127.0.0.1:{ports['target']}",
                                 drafts=f"127.0.0.1:{ports['draft']}", depth=self.depth, max_depth=self.max_depth,
-                                tree=self.tree),
+                                tree=self.tree, http_port=self.http_port),
         )
 
     def argvs(self, redis_url: str, metrics_ports: Mapping[str, int]) -> dict[str, list[str]]:
@@ -170,5 +175,6 @@ def summary(services: Services, redis_url: str) -> str:
     drafter = f"{draft.drafter} {draft.model}" if draft.drafter == "model" else draft.drafter
     scrape = ", ".join(f"{role} http://127.0.0.1:{config.metrics_port}/metrics"
                        for role, config in services.by_role().items() if config.metrics_port)
+    http = f"\nOpenAI API: http://127.0.0.1:{router.http_port}/v1 (model {target.model!r})" if router.http_port else ""
     return (f"specfleet is up: router on 127.0.0.1:{router.port} (draft {drafter} on {draft.port}, "
-            f"target {target.model} on {target.port}, Redis {redis_url})\nmetrics: {scrape}")
+            f"target {target.model} on {target.port}, Redis {redis_url})\nmetrics: {scrape}{http}")

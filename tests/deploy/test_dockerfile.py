@@ -166,7 +166,7 @@ def test_dockerignore_keeps_the_sources_and_drops_the_rest() -> None:
 def test_exposed_ports_are_the_charts() -> None:
     exposed = {int(port) for i in stages()["final"] if i.cmd == "EXPOSE" for port in i.value}
     assert exposed == {VALUES["router"]["port"], VALUES["draft"]["port"], VALUES["target"]["port"],
-                       VALUES["metrics"]["port"]}
+                       VALUES["metrics"]["port"], VALUES["router"]["httpPort"]}
 
 
 def test_hadolint() -> None:

@@ -270,6 +270,21 @@ def test_router_service_exposes_the_public_port(value_set: str) -> None:
     container = service_containers(objs)["router"]
     assert {"name": "grpc", "containerPort": 50050, "protocol": "TCP"} in container["ports"]
     assert router["spec"]["selector"] == by_component(objs, "Deployment")["router"]["spec"]["selector"]["matchLabels"]
+    http = next(port for port in router["spec"]["ports"] if port["name"] == "http")
+    assert (http["port"], http["targetPort"], http["appProtocol"]) == (8000, "http", "http")
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in container["ports"]
+
+
+def test_the_openai_api_is_on_by_default_and_can_be_turned_off() -> None:
+    from specfleet.cli import build_parser
+    from specfleet.config import RouterConfig, from_arguments
+
+    for sets, port in (((), 8000), (("router.httpPort=8080",), 8080), (("router.httpPort=0",), 0)):
+        objs = render(sets=sets)
+        args = service_containers(objs)["router"]["args"]
+        assert from_arguments(RouterConfig, build_parser().parse_args(args)).http_port == port, sets
+        ports = by_component(objs, "Service")["router"]["spec"]["ports"]
+        assert [p["port"] for p in ports if p["name"] == "http"] == ([port] if port else [])
 
 
 @pytest.mark.parametrize("value_set", list(VALUE_SETS))

@@ -18,7 +18,7 @@ from specfleet.config import DraftConfig, RouterConfig, TargetConfig, from_argum
 from specfleet.up import Services, UpConfig, summary
 
 # The flags of `up` alone; every other flag of `up` is a service's.
-UP_ONLY = {"--prompt", "--max-new-tokens", "--draft-model", "--port", "--redis-url", "--log-dir"}
+UP_ONLY = {"--prompt", "--max-new-tokens", "--draft-model", "--port", "--http-port", "--redis-url", "--log-dir"}
 # A valid value other than the default for each flag `up` shares with the services.
 OTHER_VALUES = {"--model": "qwen2.5-coder-0.5b", "--drafter": "model", "--device": "cpu", "--num-slots": 8,
                 "--max-seq-len": 512, "--depth": "3", "--max-depth": 12, "--tree": "rsd-c", "--log-level": "DEBUG"}
@@ -47,7 +47,8 @@ def up_config(argv: list[str]) -> UpConfig:
 
 def test_up_without_flags_runs_every_service_at_its_own_defaults() -> None:
     assert up_config([]) == UpConfig()
-    assert UpConfig().services("", {}) == Services(TargetConfig(), DraftConfig(), RouterConfig())
+    # The one value up sets itself: a local deployment serves the OpenAI API (a router alone serves none).
+    assert UpConfig().services("", {}) == Services(TargetConfig(), DraftConfig(), RouterConfig(http_port=8000))
 
 
 def test_every_flag_up_shares_with_a_service_has_its_default_type_choices_and_help() -> None:

@@ -247,6 +247,11 @@ itself never contacts the hub). Called with (dict "root" $ "component" ... "mode
 - name: metrics
   containerPort: {{ .root.Values.metrics.port }}
   protocol: TCP
+{{- if $values.httpPort }}
+- name: http
+  containerPort: {{ $values.httpPort }}
+  protocol: TCP
+{{- end }}
 {{- end }}
 
 {{/* Native gRPC probes on grpc.health.v1; the startup probe covers model download and conversion. */}}

@@ -2,10 +2,13 @@
 router, at batch 1 and 16.
 
 SmolLM2-135M target, ``ngram`` drafter at a fixed depth (so both APIs run the same steps), greedy, 10 chat prompts
-(code edits and open questions). For each batch size B, B clients stream requests back to back (each prompt in
-turn) through gRPC (``GenerateStream``) and through HTTP (``/v1/chat/completions`` with ``stream: true``, the
-official ``openai`` client), the two in alternating order each round; tokens/s is all tokens streamed over the
-round's wall time. Both must stream the same text (greedy is deterministic): the run stops if not.
+(code edits and open questions). For each batch size B, B clients stream requests back to back (each prompt in turn)
+through gRPC (``GenerateStream``) and through HTTP (``/v1/chat/completions`` with ``stream: true``): with the
+official ``openai`` client, and with a lean client that reads the server-sent events as JSON lines (``httpx``), so
+that what the client itself costs on a small machine shows apart from what the server costs. The APIs take turns in
+a rotated order each round; tokens/s is all tokens streamed over the round's wall time, and the router's CPU seconds
+per round (the same requests for every API) say where the time goes. Every API must stream the same text (greedy is
+deterministic): the run stops if not.
 
     python -m bench.http_overhead                       # batch 1 and 16, 3 rounds
     python -m bench.http_overhead --batch-sizes 16 --rounds 5
@@ -14,11 +17,15 @@ round's wall time. Both must stream the same text (greedy is deterministic): the
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import httpx
 import openai
 
 from bench.common import fleet
@@ -55,6 +62,35 @@ def http_stream(base_url: str, model: str) -> Stream:
                 tokens = chunk.usage.completion_tokens
         return "".join(text), tokens
     return run
+
+
+def raw_http_stream(base_url: str, model: str) -> Stream:
+    local = threading.local()
+
+    def run(messages: list[dict[str, str]], max_tokens: int) -> tuple[str, int]:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=base_url, timeout=1800)
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        text, tokens = [], 0
+        with local.client.stream("POST", "/chat/completions", json=body) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if event["choices"]:
+                    text.append(event["choices"][0]["delta"].get("content") or "")
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+        return "".join(text), tokens
+    return run
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def serve(run: Stream, prompts: list[list[dict[str, str]]], batch: int, requests: int, max_tokens: int
@@ -100,29 +136,39 @@ def main() -> None:
         router = f.router(target, draft, args.depth, "router", ["--http-port", str(http_port)])
         base_url = f"http://127.0.0.1:{http_port}/v1"
         model = openai.OpenAI(base_url=base_url, api_key="unused").models.list().data[0].id
-        apis = {"gRPC": grpc_stream(router), "HTTP": http_stream(base_url, model)}
+        apis = {"gRPC": grpc_stream(router), "HTTP, openai client": http_stream(base_url, model),
+                "HTTP, lean client": raw_http_stream(base_url, model)}
+        router_pid = next(p.popen.pid for p in f.deployment.processes if p.name == "router")
         serve(apis["gRPC"], prompts, 1, len(prompts), 8)  # warm-up: every prompt's first pass
         rows = []
         for batch in args.batch_sizes:
             requests = max(len(prompts), 2 * batch)
             rates: dict[str, list[float]] = {name: [] for name in apis}
+            cpu: dict[str, list[float]] = {name: [] for name in apis}  # the router's CPU seconds per round
+            client_cpu: dict[str, list[float]] = {name: [] for name in apis}  # the clients' (this process's)
             for r in range(args.rounds):
-                order = list(apis) if r % 2 == 0 else list(apis)[::-1]
+                names = list(apis)
+                order = names[r % len(names):] + names[:r % len(names)]
                 texts = {}
                 for name in order:
+                    before, client_before = cpu_seconds(router_pid), time.process_time()
                     rate, texts[name] = serve(apis[name], prompts, batch, requests, args.max_new_tokens)
                     rates[name].append(rate)
+                    cpu[name].append(cpu_seconds(router_pid) - before)
+                    client_cpu[name].append(time.process_time() - client_before)
                     print(f"  batch {batch} round {r + 1}: {name} {rate:.1f} tokens/s", flush=True)
-                if texts["gRPC"] != texts["HTTP"]:
-                    raise AssertionError(f"the two APIs streamed different text at batch {batch}")
-            ratios = [h / g for h, g in zip(rates["HTTP"], rates["gRPC"], strict=True)]
-            rows.append((batch, statistics.median(rates["gRPC"]), statistics.median(rates["HTTP"]),
-                         statistics.median(ratios), ratios))
-    print("\n| batch | gRPC tokens/s | HTTP tokens/s | HTTP / gRPC, median of rounds | per round |")
-    print("| ---: | ---: | ---: | ---: | --- |")
-    for batch, grpc_rate, http_rate, ratio, ratios in rows:
-        rounds = ", ".join(f"{x:.2f}" for x in ratios)
-        print(f"| {batch} | {grpc_rate:.1f} | {http_rate:.1f} | {ratio:.2f} | {rounds} |")
+                if len({tuple(sorted(t.items())) for t in texts.values()}) != 1:
+                    raise AssertionError(f"the APIs streamed different text at batch {batch}")
+            rows.append((batch, rates, cpu, client_cpu))
+    print("\n| batch | API | tokens/s | / gRPC, median of rounds | per round | router CPU s, median | "
+          "client CPU s, median |")
+    print("| ---: | --- | ---: | ---: | --- | ---: | ---: |")
+    for batch, rates, cpu, client_cpu in rows:
+        for name in rates:
+            ratios = [x / g for x, g in zip(rates[name], rates["gRPC"], strict=True)]
+            print(f"| {batch} | {name} | {statistics.median(rates[name]):.1f} | {statistics.median(ratios):.2f} | "
+                  f"{', '.join(f'{x:.2f}' for x in ratios)} | {statistics.median(cpu[name]):.1f} | "
+                  f"{statistics.median(client_cpu[name]):.1f} |")
 
 
 if __name__ == "__main__":

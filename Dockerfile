@@ -41,7 +41,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY proto ./proto
 COPY specfleet ./specfleet
 COPY router ./router

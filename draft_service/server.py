@@ -15,6 +15,7 @@ from specfleet.drafters import Drafter, DraftRequest, NgramDrafter
 from specfleet.otel import Otel, ServiceMetrics
 from specfleet.otel import setup as setup_otel
 from specfleet.protos import draft_pb2, draft_pb2_grpc, session_pb2
+from specfleet.security import internal_guard
 from specfleet.serving import serve, servicer_name
 from specfleet.speculation import is_prefill
 from specfleet.telemetry import TelemetryWriter, writer_for
@@ -122,6 +123,7 @@ def build_servicer(config: DraftConfig, otel: Otel | None = None) -> DraftServic
 
 
 async def run(config: DraftConfig) -> None:
+    guard = internal_guard(config.internal_token_file)  # before the model loads: a bad token file fails at once
     otel = setup_otel("draft", config.host, config.metrics_port)
     servicer = build_servicer(config, otel)
 
@@ -129,5 +131,6 @@ async def run(config: DraftConfig) -> None:
         draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server)
         return [servicer_name(draft_pb2, "DraftService")]
 
-    # The router's calls carry its trace context: each continues here in a server span.
-    await serve("draft", config.host, config.port, register, interceptors=otel.server_interceptors(), otel=otel)
+    # Only callers with the internal token (if there is one) get in; the router's calls carry its trace context.
+    interceptors = [*guard, *otel.server_interceptors()]
+    await serve("draft", config.host, config.port, register, interceptors=interceptors, otel=otel)

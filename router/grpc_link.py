@@ -30,7 +30,10 @@ class GrpcLink:
         try:
             msg = await self.stub.GetInfo(session_pb2.GetServiceInfoRequest(), timeout=timeout_s, wait_for_ready=True)
         except grpc.aio.AioRpcError as err:
-            raise ConnectionError(f"no answer from {self.address} within {timeout_s:.0f} s: {err.details()}") from err
+            if err.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                raise ConnectionError(f"no answer from {self.address} within {timeout_s:.0f} s: {err.details()}"
+                                      ) from err
+            raise ConnectionError(f"{self.address} refused GetInfo ({err.code().name}): {err.details()}") from err
         return ReplicaInfo(msg.model, msg.kind, msg.vocab_size, msg.tokenizer_fingerprint, msg.max_seq_len,
                            msg.num_slots, msg.live_sequences, tuple(msg.eos_token_ids))
 

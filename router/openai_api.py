@@ -24,13 +24,14 @@ from typing import Any, Literal
 
 import grpc
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from router.admission import GenerationRequest, RequestError, Router
 from router.live_request import FinishReason, LiveRequest, StreamChunk, StreamError
+from specfleet.security import bearer, matches
 from specfleet.stats import SpeculationSummary
 
 log = logging.getLogger("specfleet.router")
@@ -189,10 +190,22 @@ class CompletionRequest(_Sampling):
         return {"text": prompt} if isinstance(prompt, str) else {"token_ids": tuple(prompt)}
 
 
-def build_app(router: Router, served_model: str) -> FastAPI:
-    """The HTTP API over ``router``, serving its target's model under the name ``served_model``."""
+def build_app(router: Router, served_model: str, api_keys: frozenset[str] = frozenset()) -> FastAPI:
+    """The HTTP API over ``router``, serving its target's model under the name ``served_model``; with ``api_keys``,
+    every route but /health wants one of them as ``Authorization: Bearer <key>``."""
+
+    async def authorized(request: Request) -> None:
+        if not api_keys:
+            return
+        presented = bearer(request.headers.get("authorization"))
+        if not presented or not matches(presented, api_keys):
+            raise ApiError(401, "the API key is wrong" if presented else
+                           "an API key is needed: send Authorization: Bearer <key>", "authentication_error",
+                           code="invalid_api_key")
+
     app = FastAPI(title="specfleet", summary="OpenAI-compatible API of a speculative-decoding router",
                   docs_url=None, redoc_url=None)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -210,12 +223,12 @@ def build_app(router: Router, served_model: str) -> FastAPI:
         up = bool(router.fleet.loops)
         return JSONResponse({"status": "ok" if up else "no target"}, status_code=200 if up else 503)
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": served_model, "object": "model", "created": 0,
                                             "owned_by": "specfleet"}]}
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         _check(body, served_model)
         chat = tuple((m.role, m.text()) for m in body.messages)
@@ -223,13 +236,14 @@ def build_app(router: Router, served_model: str) -> FastAPI:
         generation = body.generation(max_tokens, _request_id(request), chat=chat)
         return await _answer(router, request, generation, body, Shape("chat.completion", "chatcmpl", served_model))
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         _check(body, served_model)
         max_tokens = COMPLETIONS_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         generation = body.generation(max_tokens, _request_id(request), **body.prompt_fields())
         return await _answer(router, request, generation, body, Shape("text_completion", "cmpl", served_model))
 
+    app.include_router(v1)
     return app
 
 
@@ -371,14 +385,17 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-async def start_http(app: FastAPI, host: str, port: int) -> tuple[EmbeddedServer, asyncio.Task]:
-    """Serves ``app`` on ``host:port`` in this event loop; OSError if it cannot listen there."""
+async def start_http(app: FastAPI, host: str, port: int, tls_cert: str = "", tls_key: str = ""
+                     ) -> tuple[EmbeddedServer, asyncio.Task]:
+    """Serves ``app`` on ``host:port`` in this event loop (over TLS with a certificate and key); OSError if it cannot
+    listen there."""
     server = EmbeddedServer(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
-                                           access_log=False))
+                                           access_log=False, ssl_certfile=tls_cert or None,
+                                           ssl_keyfile=tls_key or None))
     task = asyncio.get_running_loop().create_task(server.serve())
     while not server.started:
         if task.done():
             raise OSError(f"the OpenAI API cannot listen on {host}:{port}")
         await asyncio.sleep(0.02)
-    log.info("OpenAI-compatible API on http://%s:%d/v1", host, port)
+    log.info("OpenAI-compatible API on %s://%s:%d/v1", "https" if tls_cert else "http", host, port)
     return server, task

@@ -20,6 +20,7 @@ from specfleet.otel import Otel, RouterMetrics
 from specfleet.otel import setup as setup_otel
 from specfleet.policy import DepthPolicy
 from specfleet.protos import generate_pb2, generate_pb2_grpc
+from specfleet.security import api_key_guard, api_keys, server_credentials, token_senders
 from specfleet.serving import serve, servicer_name
 from specfleet.stats import SpeculationSummary
 
@@ -157,7 +158,8 @@ async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0, o
     feed = PolicyFeed(build_policy(config), reader, config.policy_refresh_s, config.policy_mode)
     metrics = RouterMetrics(otel)
     # Trace context goes into the Propose/Verify calls.
-    fleet = Fleet(config, feed, writer, metrics, otel.client_interceptors())
+    fleet = Fleet(config, feed, writer, metrics, [*token_senders(config.internal_token_file),
+                                                   *otel.client_interceptors()])
     drafts = watcher_for(config.draft_pool) if config.speculates else None
     await fleet.start(watcher_for(config.target_pool), drafts, connect_timeout_s)
     reference = fleet.reference.info
@@ -172,13 +174,17 @@ async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0, o
 
 
 async def run(config: RouterConfig) -> None:
+    # Secrets and certificates first: a file that cannot be read stops the router before it connects to anything.
+    keys, guard = api_keys(config.api_key_file), api_key_guard(config.api_key_file)
+    credentials = server_credentials(config.tls_cert, config.tls_key)
     otel = setup_otel("router", config.host, config.metrics_port)
     router = await build_router(config, otel=otel)
     feed_task = asyncio.get_running_loop().create_task(router.feed.run())
     how = (f"chosen each step by the {config.policy_mode} policy (up to {config.max_depth})"
            if config.pinned_depth is None else f"pinned at {config.pinned_depth}")
-    log.info("speculation depth %s; %d target(s) from %s, %d draft(s) from %s", how, len(router.fleet.loops),
-             config.target_pool, len(router.fleet.drafts), config.draft_pool if config.speculates else "none")
+    log.info("speculation depth %s; %d target(s) from %s, %d draft(s) from %s; %s", how, len(router.fleet.loops),
+             config.target_pool, len(router.fleet.drafts), config.draft_pool if config.speculates else "none",
+             f"{len(keys)} API key(s)" if keys else "no API key needed")
 
     def register(server: grpc.aio.Server) -> list[str]:
         generate_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(router), server)
@@ -188,8 +194,8 @@ async def run(config: RouterConfig) -> None:
 
     async def start_http_api() -> None:
         if config.http_port:
-            app = build_app(router, config.served_model_name or router.model)
-            http.append(await start_http(app, config.host, config.http_port))
+            app = build_app(router, config.served_model_name or router.model, keys)
+            http.append(await start_http(app, config.host, config.http_port, config.tls_cert, config.tls_key))
 
     async def stop_loops() -> None:
         for server, task in http:
@@ -198,5 +204,6 @@ async def run(config: RouterConfig) -> None:
         feed_task.cancel()
         await router.fleet.stop()
 
-    # No server interceptor here: each request's span is the router's server span (it continues the caller's trace).
-    await serve("router", config.host, config.port, register, on_start=start_http_api, on_stop=stop_loops, otel=otel)
+    # No tracing interceptor here: each request's span is the router's server span (it continues the caller's trace).
+    await serve("router", config.host, config.port, register, on_start=start_http_api, on_stop=stop_loops, otel=otel,
+                interceptors=guard, credentials=credentials)

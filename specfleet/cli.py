@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from specfleet.config import DraftConfig, RouterConfig, ServiceConfig, TargetConfig, add_arguments, from_arguments
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(up, UpConfig)
 
     gen = commands.add_parser("generate", help="send a prompt to a router and stream the answer",
+                              description="Send a prompt to a router's gRPC API and stream the answer, then its "
+                                          "speculation stats. A router that wants an API key gets the one in "
+                                          "$SPECFLEET_API_KEY.",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--router", default="127.0.0.1:50050", help="router address")
@@ -50,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--tls-ca", default="", help="PEM certificate(s) to trust: talk to a router that serves TLS")
     return parser
 
 
@@ -87,14 +92,15 @@ def run_service(role: str, config: ServiceConfig) -> int:
 def generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from specfleet.client import make_request, print_stream
+    from specfleet.client import API_KEY_ENV, make_request, print_stream
 
     chat = [{"role": "user", "content": args.prompt}] if args.chat else None
     request = make_request(None if chat else args.prompt, chat=chat, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                            stop=args.stop)
     try:
-        print_stream(args.router, request)
+        # A router with API keys wants one: from the environment, not a flag others can read in the process list.
+        print_stream(args.router, request, api_key=os.environ.get(API_KEY_ENV, ""), tls_ca=args.tls_ca)
     except grpc.RpcError as err:
         print(f"\nspecfleet generate: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1

@@ -35,20 +35,35 @@ def make_request(prompt: str | list[int] | None = None, *, chat: list[dict[str, 
     return request
 
 
-def stream(address: str, request: generate_pb2.GenerateRequest, timeout_s: float | None = None
-           ) -> Iterator[generate_pb2.GenerateResponse]:
-    with grpc.insecure_channel(address) as channel:
-        yield from generate_pb2_grpc.GenerationServiceStub(channel).GenerateStream(request, timeout=timeout_s)
+API_KEY_ENV = "SPECFLEET_API_KEY"
+"""The API key `specfleet generate` sends, when the router wants one."""
+
+
+def channel(address: str, tls_ca: str = "") -> grpc.Channel:
+    """A channel to a router; over TLS, trusting the PEM certificate(s) in ``tls_ca``, when it is given."""
+    if not tls_ca:
+        return grpc.insecure_channel(address)
+    with open(tls_ca, "rb") as pem:
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=pem.read()))
+
+
+def stream(address: str, request: generate_pb2.GenerateRequest, timeout_s: float | None = None, *, api_key: str = "",
+           tls_ca: str = "") -> Iterator[generate_pb2.GenerateResponse]:
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+    with channel(address, tls_ca) as open_channel:
+        yield from generate_pb2_grpc.GenerationServiceStub(open_channel).GenerateStream(request, timeout=timeout_s,
+                                                                                         metadata=metadata)
 
 
 FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in generate_pb2.FinishReason.items()}
 
 
-def print_stream(address: str, request: generate_pb2.GenerateRequest, out=sys.stdout) -> generate_pb2.GenerateResponse:
+def print_stream(address: str, request: generate_pb2.GenerateRequest, out=sys.stdout, *, api_key: str = "",
+                 tls_ca: str = "") -> generate_pb2.GenerateResponse:
     """Streams an answer to ``out`` and ends with a line of speculation stats; returns the last message."""
     last = None
     count = 0
-    for message in stream(address, request):
+    for message in stream(address, request, api_key=api_key, tls_ca=tls_ca):
         out.write(message.text)
         out.flush()
         count += len(message.token_ids)

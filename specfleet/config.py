@@ -51,6 +51,9 @@ class ServiceConfig:
     redis_url: str = option("", "Redis for fleet telemetry, e.g. redis://127.0.0.1:6379/0 (empty: none)")
     telemetry_prefix: str = option("specfleet", "prefix of every Redis key this fleet uses")
     log_level: str = option("INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    internal_token_file: str = option("", "file holding the token router, draft and target share: draft and target "
+                                      "answer only callers that send it, the router sends it (else the "
+                                      "SPECFLEET_INTERNAL_TOKEN environment variable; neither: no token)")
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, f"--port must be in [0, 65535], got {self.port}")
@@ -172,6 +175,12 @@ class RouterConfig(ServiceConfig):
                             "/v1/models, /health) on --host, e.g. 8000 (0: no HTTP API)")
     served_model_name: str = option("", "the model name the OpenAI API serves and requests must name (empty: the "
                                     "target's --model)")
+    api_key_file: str = option("", "file of API keys, one per line: clients of the public APIs must send one "
+                               "(HTTP: Authorization: Bearer <key>; gRPC: the same authorization metadata); the "
+                               "SPECFLEET_API_KEYS environment variable adds comma-separated keys (neither: no key "
+                               "needed)")
+    tls_cert: str = option("", "PEM certificate: serve the public gRPC and HTTP ports over TLS (with --tls-key)")
+    tls_key: str = option("", "PEM private key of --tls-cert")
     targets: str = option("127.0.0.1:50052", f"target services: {POOL_SYNTAX}")
     drafts: str = option("127.0.0.1:50051", "draft services, as for --targets (empty: no speculation)")
     depth: str = option("auto", "draft tokens per step: auto (chosen each step, per sequence, from live "
@@ -213,6 +222,7 @@ class RouterConfig(ServiceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(bool(self.tls_cert) == bool(self.tls_key), "--tls-cert and --tls-key go together")
         _check(0 <= self.http_port < 65536, f"--http-port must be in [0, 65535], got {self.http_port}")
         _check(self.http_port == 0 or self.http_port not in (self.port, self.metrics_port),
                "--http-port must differ from --port and --metrics-port")

@@ -91,10 +91,13 @@ class Deployment:
         self.stop()
 
 
-def wait_serving(process: Process, address: str, timeout_s: float = 600.0) -> None:
-    """Blocks until ``address`` reports SERVING on grpc.health.v1; raises if the process dies first."""
+def wait_serving(process: Process, address: str, timeout_s: float = 600.0, tls_ca: str = "") -> None:
+    """Blocks until ``address`` reports SERVING on grpc.health.v1 (over TLS trusting ``tls_ca``, when given); raises
+    if the process dies first."""
+    from specfleet.client import channel as open_channel
+
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, tls_ca) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if process.popen.poll() is not None:

@@ -35,10 +35,11 @@ async def serve(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     otel: Otel | None = None,
     grace_s: float = 5.0,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> None:
     """Runs a gRPC server until SIGINT/SIGTERM. ``register`` adds the servicers and returns their
     full service names, which are reported SERVING on ``grpc.health.v1`` and listed by reflection.
-    ``otel``'s exporters are flushed at the end."""
+    ``otel``'s exporters are flushed at the end; with ``credentials`` the port speaks TLS."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
                              interceptors=interceptors or None)
@@ -47,7 +48,8 @@ async def serve(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                          reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"{name}: cannot listen on {host}:{port}")
     await server.start()
@@ -55,7 +57,7 @@ async def serve(
         await on_start()
     for service in ["", *services]:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("%s serving on %s:%d", name, host, bound)
+    log.info("%s serving on %s:%d%s", name, host, bound, " (TLS)" if credentials else "")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

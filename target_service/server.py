@@ -16,6 +16,7 @@ from specfleet.models import load_tokenizer, resolve_model, tokenizer_fingerprin
 from specfleet.otel import Otel, ServiceMetrics
 from specfleet.otel import setup as setup_otel
 from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
+from specfleet.security import internal_guard
 from specfleet.serving import serve, servicer_name
 from specfleet.speculation import is_prefill
 from specfleet.telemetry import TelemetryWriter, writer_for
@@ -132,6 +133,7 @@ def eos_token_ids(folder, tokenizer) -> list[int]:
 
 
 async def run(config: TargetConfig) -> None:
+    guard = internal_guard(config.internal_token_file)  # before the model loads: a bad token file fails at once
     otel = setup_otel("target", config.host, config.metrics_port)
     servicer = build_servicer(config, otel)
 
@@ -139,5 +141,6 @@ async def run(config: TargetConfig) -> None:
         target_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server)
         return [servicer_name(target_pb2, "TargetService")]
 
-    # The router's calls carry its trace context: each continues here in a server span.
-    await serve("target", config.host, config.port, register, interceptors=otel.server_interceptors(), otel=otel)
+    # Only callers with the internal token (if there is one) get in; the router's calls carry its trace context.
+    interceptors = [*guard, *otel.server_interceptors()]
+    await serve("target", config.host, config.port, register, interceptors=interceptors, otel=otel)

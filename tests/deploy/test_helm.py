@@ -121,12 +121,19 @@ def test_every_value_set_renders_the_three_services() -> None:
 
 
 @pytest.mark.parametrize("name", list(RENDERINGS))
-def test_every_service_container_has_grpc_probes(name: str) -> None:
+def test_every_service_container_has_health_probes(name: str) -> None:
+    """Native gRPC probes on grpc.health.v1; a router serving TLS, which the kubelet's gRPC probes cannot speak, is
+    probed on its HTTP API's /health over HTTPS."""
     for service, container in service_containers(rendered(name)).items():
         ports = {port["name"]: port["containerPort"] for port in container["ports"]}
         assert int(flag_value(container["args"], "--port")) == ports["grpc"], service
+        tls = "--tls-cert" in container["args"]
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            assert container[probe]["grpc"] == {"port": ports["grpc"]}, (service, probe)
+            if tls:
+                assert container[probe]["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTPS"}, (
+                    service, probe)
+            else:
+                assert container[probe]["grpc"] == {"port": ports["grpc"]}, (service, probe)
         startup = container["startupProbe"]
         allowed_s = startup["periodSeconds"] * startup["failureThreshold"]
         assert allowed_s >= 600, f"{service}: the startup probe must allow for model loading"
@@ -545,3 +552,48 @@ def test_dashboards_configmaps(value_set: str) -> None:
 
 def test_dashboards_can_be_turned_off() -> None:
     assert not objects(render("default", ("dashboards.enabled=false",)), "ConfigMap")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# security: API keys, the internal token and TLS from existing Secrets
+
+SECURED = ("security.apiKeys.existingSecret=keys", "security.internalToken.existingSecret=token",
+           "security.tls.existingSecret=router-tls")
+
+
+def secret_env(container: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in container["env"] if e["name"].startswith("SPECFLEET_") and "valueFrom" in e}
+
+
+def test_without_secrets_nothing_is_sealed() -> None:
+    containers = service_containers(render())
+    assert all(not secret_env(c) and "--tls-cert" not in c["args"] for c in containers.values())
+
+
+def test_secrets_reach_the_services_that_check_them() -> None:
+    from specfleet.cli import build_parser
+    from specfleet.config import RouterConfig, from_arguments
+
+    objs = render(sets=SECURED)
+    containers = service_containers(objs)
+    assert secret_env(containers["router"]) == {"SPECFLEET_INTERNAL_TOKEN": ("token", "token"),
+                                                "SPECFLEET_API_KEYS": ("keys", "api-keys")}
+    for service in ("draft", "target"):  # they check the token; API keys are the router's business
+        assert secret_env(containers[service]) == {"SPECFLEET_INTERNAL_TOKEN": ("token", "token")}, service
+    config = from_arguments(RouterConfig, build_parser().parse_args(containers["router"]["args"]))
+    assert (config.tls_cert, config.tls_key) == ("/etc/specfleet/tls/tls.crt", "/etc/specfleet/tls/tls.key")
+    assert {"name": "tls", "mountPath": "/etc/specfleet/tls", "readOnly": True} in containers["router"]["volumeMounts"]
+    pod = by_component(objs, "Deployment")["router"]["spec"]["template"]["spec"]
+    assert {"name": "tls", "secret": {"secretName": "router-tls"}} in pod["volumes"]
+
+
+def test_a_tls_router_without_the_http_api_is_probed_on_its_port() -> None:
+    router = service_containers(render(sets=(*SECURED, "router.httpPort=0")))["router"]
+    assert all(router[p]["tcpSocket"] == {"port": "grpc"} for p in ("livenessProbe", "readinessProbe"))
+
+
+def test_the_public_example_seals_everything() -> None:
+    containers = service_containers(render("gpu-external-redis"))
+    assert "SPECFLEET_API_KEYS" in secret_env(containers["router"]) and "--tls-cert" in containers["router"]["args"]
+    assert all("SPECFLEET_INTERNAL_TOKEN" in secret_env(c) for c in containers.values())

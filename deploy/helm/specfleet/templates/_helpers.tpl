@@ -189,6 +189,21 @@ itself never contacts the hub). Called with (dict "root" $ "component" ... "mode
       name: {{ $secret }}
       key: {{ include "specfleet.redis.secretKey" $root }}
 {{- end }}
+{{- $security := $root.Values.security }}
+{{- with $security.internalToken.existingSecret }}
+- name: SPECFLEET_INTERNAL_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $security.internalToken.secretKey }}
+{{- end }}
+{{- if and (eq .component "router") $security.apiKeys.existingSecret }}
+- name: SPECFLEET_API_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ $security.apiKeys.existingSecret }}
+      key: {{ $security.apiKeys.secretKey }}
+{{- end }}
 - name: OTEL_SERVICE_NAME
   value: {{ printf "%s-%s" $root.Values.otel.serviceNamePrefix .component | quote }}
 {{- $attributes := list (printf "service.namespace=%s" $root.Release.Namespace) "service.instance.id=$(POD_NAME)" "k8s.pod.name=$(POD_NAME)" "k8s.namespace.name=$(POD_NAMESPACE)" "k8s.node.name=$(NODE_NAME)" (printf "service.version=%s" $root.Chart.AppVersion) }}
@@ -254,15 +269,33 @@ itself never contacts the hub). Called with (dict "root" $ "component" ... "mode
 {{- end }}
 {{- end }}
 
-{{/* Native gRPC probes on grpc.health.v1; the startup probe covers model download and conversion. */}}
+{{/* Native gRPC probes on grpc.health.v1; the startup probe covers model download and conversion. The kubelet's
+gRPC probes speak no TLS: a router serving TLS is probed on its HTTP API's /health over HTTPS instead (or, without
+one, on its port's TCP). */}}
 {{- define "specfleet.probes" -}}
 {{- $values := index .root.Values .component }}
+{{- $tls := and (eq .component "router") .root.Values.security.tls.existingSecret }}
 {{- range $kind := list "startup" "liveness" "readiness" }}
 {{ $kind }}Probe:
+  {{- if and $tls $values.httpPort }}
+  httpGet:
+    path: /health
+    port: http
+    scheme: HTTPS
+  {{- else if $tls }}
+  tcpSocket:
+    port: grpc
+  {{- else }}
   grpc:
     port: {{ $values.port }}
+  {{- end }}
   {{- toYaml (index $values.probes $kind) | nindent 2 }}
 {{- end }}
+{{- end }}
+
+{{/* Where the router finds its TLS certificate and key. */}}
+{{- define "specfleet.tlsPath" -}}
+/etc/specfleet/tls
 {{- end }}
 
 {{- define "specfleet.lifecycle" -}}
@@ -289,6 +322,11 @@ lifecycle:
   mountPath: /cache
 - name: tmp
   mountPath: /tmp
+{{- if and (eq .component "router") .root.Values.security.tls.existingSecret }}
+- name: tls
+  mountPath: {{ include "specfleet.tlsPath" . }}
+  readOnly: true
+{{- end }}
 {{- if ne .root.Values.models.volume.type "none" }}
 - name: models
   mountPath: {{ .root.Values.models.volume.mountPath }}
@@ -308,6 +346,11 @@ lifecycle:
 {{- end }}
 - name: tmp
   emptyDir: {}
+{{- if and (eq .component "router") $root.Values.security.tls.existingSecret }}
+- name: tls
+  secret:
+    secretName: {{ $root.Values.security.tls.existingSecret }}
+{{- end }}
 {{- if eq $root.Values.models.volume.type "persistentVolumeClaim" }}
 - name: models
   persistentVolumeClaim:

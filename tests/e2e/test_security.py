@@ -1,0 +1,167 @@
+"""Keys, the internal token and TLS, against real services: a draft and a target that answer only callers with the
+internal token, and a router that wants an API key on both public APIs and serves them over TLS."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import ssl
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from specfleet.client import make_request, stream
+from specfleet.launcher import Deployment, free_port, wait_redis, wait_serving
+from specfleet.protos import draft_pb2, draft_pb2_grpc, session_pb2, target_pb2, target_pb2_grpc
+
+pytestmark = pytest.mark.real_model
+
+TOKEN = "internal-token-for-the-test"
+KEYS = ("key-one", "key-two")  # one in the key file, one in the environment
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost, and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@dataclass
+class Sealed:
+    deployment: Deployment
+    addresses: dict[str, str]  # target, draft, router (gRPC, TLS) by role
+    https: str  # the router's OpenAI API
+    ca: str  # the certificate to trust
+
+
+@pytest.fixture(scope="module")
+def sealed(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[Sealed]:
+    folder = tmp_path_factory.mktemp("sealed")
+    token_file, key_file = folder / "token", folder / "keys"
+    token_file.write_text(TOKEN + "\n")
+    key_file.write_text(f"# the router's API keys\n{KEYS[0]}\n")
+    cert, key = _self_signed(folder)
+    with Deployment(folder / "logs") as deployment:
+        redis_port = free_port()
+        wait_redis(deployment.start_redis(redis_port), redis_port)
+        addresses = {}
+        common = ["--internal-token-file", str(token_file), "--redis-url", f"redis://127.0.0.1:{redis_port}/0"]
+        for name, args in (("target", ["--model", str(smollm2_dir), "--num-slots", "4", "--max-seq-len", "512"]),
+                           ("draft", ["--drafter", "ngram"])):
+            port = free_port()
+            process = deployment.start_service(name, [*args, *common, "--port", str(port)], name=f"sealed-{name}")
+            addresses[name] = f"127.0.0.1:{port}"
+            wait_serving(process, addresses[name])
+        router_port, http_port = free_port(), free_port()
+        process = deployment.start(
+            "sealed-router", [sys.executable, "-m", "specfleet.cli", "router", "--port", str(router_port),
+                              "--http-port", str(http_port), "--targets", addresses["target"], "--drafts",
+                              addresses["draft"], "--depth", "3", "--api-key-file", str(key_file),
+                              "--tls-cert", str(cert), "--tls-key", str(key), *common],
+            env={"SPECFLEET_API_KEYS": KEYS[1]})
+        addresses["router"] = f"127.0.0.1:{router_port}"
+        wait_serving(process, addresses["router"], tls_ca=str(cert))
+        yield Sealed(deployment, addresses, f"https://127.0.0.1:{http_port}/v1", str(cert))
+
+
+def _calls(address: str, service: str, metadata) -> dict[str, object]:
+    """The status each call of ``service`` (draft or target) gets from ``address`` with ``metadata``: OK when it got
+    through; and the health check's."""
+    delta = session_pb2.SequenceDelta(seq_id="intruder", new_tokens=[1, 2, 3])
+    outcomes: dict[str, object] = {}
+    with grpc.insecure_channel(address) as channel:
+        stub = (target_pb2_grpc.TargetServiceStub if service == "target" else draft_pb2_grpc.DraftServiceStub)(channel)
+        calls = {"GetInfo": (stub.GetInfo, session_pb2.GetServiceInfoRequest()),
+                 "Release": (stub.Release, session_pb2.ReleaseSequencesRequest(seq_ids=["x"]))}
+        if service == "target":
+            calls["Verify"] = (stub.Verify, target_pb2.VerifyRequest(entries=[target_pb2.VerifyEntry(sequence=delta)]))
+        else:
+            calls["Propose"] = (stub.Propose, draft_pb2.ProposeRequest(entries=[draft_pb2.ProposeEntry(
+                sequence=delta, depth=2)]))
+        for name, (method, request) in calls.items():
+            try:
+                method(request, timeout=30, metadata=metadata)
+                outcomes[name] = grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                outcomes[name] = err.code()
+        outcomes["Health"] = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                                       timeout=30).status
+    return outcomes
+
+
+def test_draft_and_target_answer_only_callers_with_the_internal_token(sealed: Sealed) -> None:
+    for service in ("target", "draft"):
+        for metadata in (None, (("x-specfleet-token", "a guess"),)):
+            outcomes = _calls(sealed.addresses[service], service, metadata)
+            assert outcomes.pop("Health") == health_pb2.HealthCheckResponse.SERVING  # probes need no token
+            assert set(outcomes.values()) == {grpc.StatusCode.UNAUTHENTICATED}, (service, outcomes)
+        with_token = _calls(sealed.addresses[service], service, (("x-specfleet-token", TOKEN),))
+        assert with_token["GetInfo"] == with_token["Release"] == grpc.StatusCode.OK
+
+
+def test_a_router_without_the_token_cannot_use_them(sealed: Sealed) -> None:
+    port = free_port()
+    process = sealed.deployment.start("tokenless-router", [
+        sys.executable, "-m", "specfleet.cli", "router", "--port", str(port), "--targets", sealed.addresses["target"],
+        "--drafts", "", "--depth", "0"])
+    with pytest.raises(RuntimeError, match="internal token is missing"):
+        wait_serving(process, f"127.0.0.1:{port}", timeout_s=120)
+
+
+def test_the_public_grpc_api_wants_a_key_over_tls(sealed: Sealed) -> None:
+    router, ca = sealed.addresses["router"], sealed.ca
+    request = make_request("def fib(n):", max_new_tokens=8)
+    for key, code in (("", grpc.StatusCode.UNAUTHENTICATED), ("not-a-key", grpc.StatusCode.UNAUTHENTICATED)):
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stream(router, request, timeout_s=60, api_key=key, tls_ca=ca))
+        assert refused.value.code() == code
+    answers = [[t for m in stream(router, request, timeout_s=300, api_key=key, tls_ca=ca) for t in m.token_ids]
+               for key in KEYS]  # the file's key and the environment's
+    assert len(answers[0]) == 8 and answers[0] == answers[1]
+    with pytest.raises(grpc.RpcError) as plain:  # no TLS: the handshake fails
+        list(stream(router, request, timeout_s=10, api_key=KEYS[0]))
+    assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_http_api_wants_a_key_over_tls(sealed: Sealed) -> None:
+    base, ca = sealed.https, ssl.create_default_context(cafile=sealed.ca)
+
+    def client(key: str, verify: ssl.SSLContext | bool = ca) -> openai.OpenAI:
+        return openai.OpenAI(base_url=base, api_key=key, max_retries=0, timeout=300,
+                             http_client=httpx.Client(verify=verify))
+
+    with pytest.raises(openai.AuthenticationError, match="API key is wrong"):
+        client("not-a-key").models.list()
+    model = client(KEYS[0]).models.list().data[0].id
+    answer = client(KEYS[1]).completions.create(model=model, prompt="def fib(n):", max_tokens=8, temperature=0)
+    assert answer.usage.completion_tokens == 8
+    assert httpx.get(base.removesuffix("/v1") + "/health", verify=ca).status_code == 200  # probes need no key
+    missing = httpx.get(base + "/models", verify=ca)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.APIConnectionError):  # a client that does not trust the certificate
+        client(KEYS[0], verify=True).models.list()

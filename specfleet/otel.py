@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -50,6 +51,9 @@ from specfleet.stats import StepStats
 log = logging.getLogger("specfleet.otel")
 
 SCOPE = "specfleet"
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+"""The OTLP transports the services export over (OTEL_EXPORTER_OTLP_PROTOCOL); the SDK's http/json exporter is not
+published for Python."""
 # Histogram bucket boundaries by unit: latencies from 1 ms to a minute, draft positions (a depth or an accepted
 # count is an integer in [0, 16]) one bucket each, batch sizes in powers of two.
 SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0,
@@ -147,26 +151,31 @@ def _exporters(signal: str) -> list[Any]:
         return []
     for name in sorted(names - {"otlp", "console"}):
         log.warning("%s=%s is not supported here (otlp, console or none); ignored", variable, name)
+    protocol = (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
+                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
     if "otlp" in names:
         if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
                 or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")):
             names.discard("otlp")  # no collector configured: nothing to push to
-        elif (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
-              or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")) != "grpc":
-            log.warning("only OTLP over grpc is supported here: %s go over grpc", signal)
+        elif protocol not in OTLP_PROTOCOLS:
+            log.warning("OTLP protocol %r is not supported here (%s): %s go over grpc", protocol,
+                        " or ".join(OTLP_PROTOCOLS), signal)
+            protocol = "grpc"
     names &= {"otlp", "console"}
     if not names:
         return []
+    # OTLP/HTTP posts protobuf to <endpoint>/v1/<signal>; OTLP/gRPC calls the collector's services on <endpoint>.
+    over = "http" if protocol == "http/protobuf" else "grpc"
     if signal == "traces":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-        kinds: dict[str, Callable[[], Any]] = {"otlp": OTLPSpanExporter, "console": ConsoleSpanExporter}
+        otlp = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{over}.trace_exporter").OTLPSpanExporter
+        kinds: dict[str, Callable[[], Any]] = {"otlp": otlp, "console": ConsoleSpanExporter}
     else:
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
         from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 
-        kinds = {"otlp": OTLPMetricExporter, "console": ConsoleMetricExporter}
+        otlp = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{over}.metric_exporter").OTLPMetricExporter
+        kinds = {"otlp": otlp, "console": ConsoleMetricExporter}
     return [kinds[name]() for name in sorted(names)]
 
 

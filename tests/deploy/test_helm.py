@@ -430,6 +430,8 @@ def test_otel_enabled_without_endpoint_fails() -> None:
     ("router.maxDepth=17", "maxDepth"),
     ("draft.drafter=medusa", "drafter"),
     ("router.port=70000", "port"),
+    ("router.httpPort=70000", "httpPort"),
+    ("otel.protocol=http/json", "protocol"),  # the services export OTLP over grpc or http/protobuf only
     ("target.port=0", "port"),
     ("metrics.port=65536", "port"),
     ("target.gpu=-1", "gpu"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -144,6 +145,49 @@ def test_without_an_endpoint_nothing_is_set_up(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
     assert not setup("draft").tracing
+
+
+def test_otlp_over_http_posts_spans_and_metrics_to_the_collector(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf: protobuf POSTs to <endpoint>/v1/traces and /v1/metrics."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: dict[str, list[bytes]] = {}
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server hook's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            assert self.headers["Content-Type"] == "application/x-protobuf"
+            received.setdefault(self.path, []).append(body)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=collector.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.server_port}")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+        otel = setup("router")
+        otel.tracer.start_span("a step").end()
+        RouterMetrics(otel).record_reprefills("target", 1)
+        otel.shutdown()  # flushes both
+    finally:
+        collector.shutdown()
+    spans = ExportTraceServiceRequest.FromString(received["/v1/traces"][0])
+    assert [s.name for rs in spans.resource_spans for ss in rs.scope_spans for s in ss.spans] == ["a step"]
+    metrics = ExportMetricsServiceRequest.FromString(received["/v1/metrics"][-1])
+    names = {m.name for rm in metrics.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    assert "specfleet_reprefills" in names
 
 
 # ---------------------------------------------------------------------------------------------------------------------

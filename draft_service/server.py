@@ -133,4 +133,5 @@ async def run(config: DraftConfig) -> None:
 
     # Only callers with the internal token (if there is one) get in; the router's calls carry its trace context.
     interceptors = [*guard, *otel.server_interceptors()]
-    await serve("draft", config.host, config.port, register, interceptors=interceptors, otel=otel)
+    await serve("draft", config.host, config.port, register, interceptors=interceptors, otel=otel,
+                drain_timeout_s=config.drain_timeout_s)

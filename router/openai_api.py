@@ -385,13 +385,15 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-async def start_http(app: FastAPI, host: str, port: int, tls_cert: str = "", tls_key: str = ""
-                     ) -> tuple[EmbeddedServer, asyncio.Task]:
+async def start_http(app: FastAPI, host: str, port: int, tls_cert: str = "", tls_key: str = "",
+                     drain_timeout_s: float = 60.0) -> tuple[EmbeddedServer, asyncio.Task]:
     """Serves ``app`` on ``host:port`` in this event loop (over TLS with a certificate and key); OSError if it cannot
-    listen there."""
+    listen there. Told to exit, it stops accepting connections and gives responses under way ``drain_timeout_s`` to
+    finish."""
     server = EmbeddedServer(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
                                            access_log=False, ssl_certfile=tls_cert or None,
-                                           ssl_keyfile=tls_key or None))
+                                           ssl_keyfile=tls_key or None,
+                                           timeout_graceful_shutdown=max(1, round(drain_timeout_s))))
     task = asyncio.get_running_loop().create_task(server.serve())
     while not server.started:
         if task.done():

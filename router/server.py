@@ -195,15 +195,19 @@ async def run(config: RouterConfig) -> None:
     async def start_http_api() -> None:
         if config.http_port:
             app = build_app(router, config.served_model_name or router.model, keys)
-            http.append(await start_http(app, config.host, config.http_port, config.tls_cert, config.tls_key))
+            http.append(await start_http(app, config.host, config.http_port, config.tls_cert, config.tls_key,
+                                         config.drain_timeout_s))
 
-    async def stop_loops() -> None:
+    async def drain_http_api() -> None:  # beside the gRPC server's drain: the step loops run until both are done
         for server, task in http:
             server.should_exit = True
             await task
+
+    async def stop_loops() -> None:
         feed_task.cancel()
         await router.fleet.stop()
 
     # No tracing interceptor here: each request's span is the router's server span (it continues the caller's trace).
-    await serve("router", config.host, config.port, register, on_start=start_http_api, on_stop=stop_loops, otel=otel,
-                interceptors=guard, credentials=credentials)
+    await serve("router", config.host, config.port, register, on_start=start_http_api, on_drain=drain_http_api,
+                on_stop=stop_loops, otel=otel, interceptors=guard, credentials=credentials,
+                drain_timeout_s=config.drain_timeout_s)

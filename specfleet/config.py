@@ -51,6 +51,9 @@ class ServiceConfig:
     redis_url: str = option("", "Redis for fleet telemetry, e.g. redis://127.0.0.1:6379/0 (empty: none)")
     telemetry_prefix: str = option("specfleet", "prefix of every Redis key this fleet uses")
     log_level: str = option("INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    drain_timeout_s: float = option(60.0, "on SIGTERM or SIGINT, health goes NOT_SERVING at once, new calls are "
+                                    "refused, and calls under way (a router's streams included) get this long to "
+                                    "finish")
     internal_token_file: str = option("", "file holding the token router, draft and target share: draft and target "
                                       "answer only callers that send it, the router sends it (else the "
                                       "SPECFLEET_INTERNAL_TOKEN environment variable; neither: no token)")
@@ -59,6 +62,7 @@ class ServiceConfig:
         _check(0 <= self.port < 65536, f"--port must be in [0, 65535], got {self.port}")
         _check(0 <= self.metrics_port < 65536, f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
         _check(self.metrics_port == 0 or self.metrics_port != self.port, "--metrics-port must differ from --port")
+        _check(self.drain_timeout_s >= 0, f"--drain-timeout-s must be >= 0, got {self.drain_timeout_s}")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -31,15 +32,20 @@ async def serve(
     register: Callable[[grpc.aio.Server], list[str]],
     *,
     on_start: Callable[[], Awaitable[None]] | None = None,
+    on_drain: Callable[[], Awaitable[None]] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     otel: Otel | None = None,
-    grace_s: float = 5.0,
+    drain_timeout_s: float = 5.0,
     credentials: grpc.ServerCredentials | None = None,
 ) -> None:
     """Runs a gRPC server until SIGINT/SIGTERM. ``register`` adds the servicers and returns their
     full service names, which are reported SERVING on ``grpc.health.v1`` and listed by reflection.
-    ``otel``'s exporters are flushed at the end; with ``credentials`` the port speaks TLS."""
+    With ``credentials`` the port speaks TLS.
+
+    On the signal the server drains: health goes NOT_SERVING at once, new calls are refused (UNAVAILABLE), and calls
+    under way, streams included, get ``drain_timeout_s`` to finish, while ``on_drain`` (another server of the same
+    process, say) drains beside it. Then ``on_stop`` runs and ``otel``'s exporters are flushed."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
                              interceptors=interceptors or None)
@@ -64,9 +70,11 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("%s shutting down (draining for up to %.0f s)", name, grace_s)
+    log.info("%s shutting down: calls under way get up to %.0f s to finish", name, drain_timeout_s)
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace_s)  # in-flight calls may finish; new ones are refused
+    started = time.monotonic()
+    await asyncio.gather(server.stop(drain_timeout_s), *([on_drain()] if on_drain is not None else []))
+    log.info("%s drained in %.1f s", name, time.monotonic() - started)
     if on_stop is not None:
         await on_stop()
     if otel is not None:

@@ -143,4 +143,5 @@ async def run(config: TargetConfig) -> None:
 
     # Only callers with the internal token (if there is one) get in; the router's calls carry its trace context.
     interceptors = [*guard, *otel.server_interceptors()]
-    await serve("target", config.host, config.port, register, interceptors=interceptors, otel=otel)
+    await serve("target", config.host, config.port, register, interceptors=interceptors, otel=otel,
+                drain_timeout_s=config.drain_timeout_s)

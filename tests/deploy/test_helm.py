@@ -147,6 +147,9 @@ def test_pods_drain_before_they_stop(name: str) -> None:
         sleep = container["lifecycle"]["preStop"]["exec"]["command"]
         assert sleep[0] == "sleep"
         assert int(sleep[1]) < pod["terminationGracePeriodSeconds"], component(deployment)
+        # The service's own drain (streams and calls under way) fits after the sleep, with time to spare.
+        drain = float(flag_value(container["args"], "--drain-timeout-s"))
+        assert 0 < int(sleep[1]) + drain <= pod["terminationGracePeriodSeconds"] - 5, component(deployment)
 
 
 @pytest.mark.parametrize("name", list(RENDERINGS))

@@ -252,6 +252,13 @@ itself never contacts the hub). Called with (dict "root" $ "component" ... "mode
 - {{ .root.Values.metrics.port | quote }}
 - --log-level
 - {{ .root.Values.logLevel | quote }}
+{{- /* The drain fits in the pod's grace period after the preStop sleep, with a few seconds to spare. */}}
+{{- $drain := sub (sub (int $values.terminationGracePeriodSeconds) (int $values.preStopSleepSeconds)) 5 }}
+{{- if lt $drain 1 }}
+{{- fail (printf "%s.terminationGracePeriodSeconds must exceed preStopSleepSeconds by more than 5 s (the drain)" .component) }}
+{{- end }}
+- --drain-timeout-s
+- {{ $drain | quote }}
 {{- end }}
 
 {{- define "specfleet.ports" -}}

@@ -22,6 +22,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
+from specfleet.config import ENGINE_DTYPES, EngineConfig
 from specfleet.engine import (
     Extend,
     LlamaForCausalLM,
@@ -33,6 +34,7 @@ from specfleet.engine import (
 )
 from specfleet.engine.llama import grouped_attention
 from specfleet.engine.rope import default_inverse_frequencies
+from specfleet.engine.runner import DTYPES, engine_dtype
 from specfleet.trees.build import build_tree_rsd_c
 from specfleet.verify import verify_tree_greedy
 
@@ -487,3 +489,45 @@ def test_an_unsupported_architecture_names_itself_and_the_supported_ones(tmp_pat
 def test_what_the_forward_lacks_is_refused_by_name(raw: dict, complaint: str) -> None:
     with pytest.raises(ValueError, match=re.escape(complaint)):
         ModelConfig.from_dict({**TINY, "num_hidden_layers": 2, **raw})
+
+
+# --dtype: bfloat16 and float16 against transformers run in the same dtype. Both forwards round every activation to
+# 8 (bfloat16) or 11 (float16) significant bits, in a different order of operations, so the tiny models' logits
+# (about 0.5 in size, where a bfloat16 step is 1/256) agree to a few such steps, not to TOLERANCE; greedy decoding
+# on a short prompt still picks the same tokens.
+HALF_TOLERANCE = {"bfloat16": 1e-2, "float16": 2e-3}
+
+
+@pytest.mark.parametrize("name, dtype", [("llama", "bfloat16"), ("qwen3-window", "bfloat16"), ("llama", "float16")])
+def test_half_precision_matches_transformers_in_that_dtype(name: str, dtype: str, tmp_path: Path) -> None:
+    folder = _save_tiny(tmp_path, _tiny_config(name), random_norms=name != "llama")
+    torch_dtype = getattr(torch, dtype)
+    runner = ModelRunner.from_folder(folder, num_slots=1, max_seq_len=64, dtype=dtype)
+    assert runner.model.lm_head.weight.dtype == torch_dtype and runner.cache.keys[0].dtype == torch_dtype
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).eval()
+    prompt = [5, 17, 3, 88, 42, 9, 1, 60]
+    [ours] = runner.extend([Extend("a", 0, prompt, num_logits=len(prompt))])
+    with torch.no_grad():
+        expected = reference(torch.tensor([prompt])).logits[0].float()
+        greedy: list[int] = []
+        for _ in range(8):
+            greedy.append(int(reference(torch.tensor([prompt + greedy])).logits[0, -1].argmax()))
+    torch.testing.assert_close(ours, expected, atol=HALF_TOLERANCE[dtype], rtol=HALF_TOLERANCE[dtype])
+    tokens = [int(ours[-1].argmax())]
+    while len(tokens) < len(greedy):
+        [logits] = runner.extend([Extend("a", len(prompt) + len(tokens) - 1, tokens[-1:])])
+        tokens.append(int(logits[-1].argmax()))
+    assert tokens == greedy
+
+
+def test_dtype_names() -> None:
+    """``auto`` keeps what the engine always did: bfloat16 on CUDA, float32 elsewhere; the CLI offers every name."""
+    assert engine_dtype("auto", "cpu") == torch.float32
+    assert engine_dtype("auto", "cuda:1") == torch.bfloat16
+    assert engine_dtype("float16", "cpu") == torch.float16 and engine_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        engine_dtype("int8", "cpu")
+    assert ("auto", *DTYPES) == ENGINE_DTYPES
+    assert EngineConfig(dtype="bfloat16").dtype == "bfloat16"
+    with pytest.raises(ValueError, match=r"--dtype must be one of auto, float32, bfloat16, float16, got 'half'"):
+        EngineConfig(dtype="half")

@@ -71,7 +71,8 @@ class EngineConfig(ServiceConfig):
     """A service that runs a model on the slot KV cache."""
 
     model: str = option(DEFAULT_MODEL, "model: a preset name (smollm2-135m, qwen2.5-coder-0.5b, "
-                        "qwen2.5-coder-1.5b) or a local Hugging Face model folder")
+                        "qwen2.5-coder-1.5b), a local Hugging Face model folder, or a hub id (org/name) already in "
+                        "the local Hugging Face cache")
     device: str = option("auto", "torch device: cpu, cuda, cuda:1 ... (auto: cuda when present)")
     dtype: str = option("auto", "dtype of the weights, activations and KV cache (auto: bfloat16 on CUDA, float32 "
                         "elsewhere)", choices=list(ENGINE_DTYPES))

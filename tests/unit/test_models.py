@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
+import os
+import shutil
+import socket
 import subprocess
 import tarfile
 import time
@@ -19,6 +23,7 @@ from specfleet.models import (
     PRESETS,
     Preset,
     cache_root,
+    hub_cache_dir,
     is_complete,
     join_parts,
     load_tokenizer,
@@ -210,3 +215,101 @@ def test_fingerprint_same_tokenizer_equal(tmp_path: Path) -> None:
     make(vocab).save_pretrained(tmp_path)
     assert tokenizer_fingerprint(make(vocab)) == tokenizer_fingerprint(load_tokenizer(tmp_path))
     assert tokenizer_fingerprint(make(vocab)) != tokenizer_fingerprint(make({**vocab, "fib": 3, "x": 2}))
+
+
+# Hub ids, from a cache laid out as huggingface_hub lays it out.
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hub_cache(root: Path, repo_id: str, source: Path, skip: tuple[str, ...] = ()) -> Path:
+    """``source``'s files cached as a download of ``repo_id`` at COMMIT: content-addressed blobs, a snapshot
+    folder of relative symlinks to them, and ``refs/main`` naming the commit. Returns the snapshot folder."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for file in source.iterdir():
+        if file.name in skip:
+            continue
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return snapshot
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a hub id must resolve without network access")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+
+
+@pytest.fixture
+def hub_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A clean Hugging Face environment whose hub cache is tmp_path/hub (given by HF_HUB_CACHE)."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_hub_id_resolves_from_the_local_cache_without_network(tiny_llama: Path, hub_env: Path,
+                                                              no_network: None) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from specfleet.engine import Extend, ModelRunner
+
+    snapshot = _hub_cache(hub_env, "specfleet-test/tiny-llama", tiny_llama)
+    assert resolve_model("specfleet-test/tiny-llama") == snapshot
+    assert resolve_model(f"specfleet-test/tiny-llama@{COMMIT}") == snapshot
+    assert resolve_model("specfleet-test/tiny-llama@main") == snapshot
+    # The engine runs the cached snapshot (weights behind symlinks) as transformers runs the original folder.
+    tokens = [3, 14, 15, 9, 26, 5]
+    [ours] = ModelRunner.from_folder(snapshot, num_slots=1, max_seq_len=32).extend(
+        [Extend("a", 0, tokens, num_logits=len(tokens))])
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()(torch.tensor([tokens])).logits[0]
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_hub_cache_follows_hf_home(tiny_llama: Path, hub_env: Path, monkeypatch: pytest.MonkeyPatch,
+                                   tmp_path: Path, no_network: None) -> None:
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    assert hub_cache_dir() == tmp_path / "hf-home" / "hub"
+    snapshot = _hub_cache(tmp_path / "hf-home" / "hub", "specfleet-test/tiny-llama", tiny_llama)
+    assert resolve_model("specfleet-test/tiny-llama") == snapshot
+    monkeypatch.delenv("HF_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hub_cache_dir() == tmp_path / "xdg" / "huggingface" / "hub"
+
+
+def test_uncached_hub_id_names_the_id_the_cache_and_how_to_fetch_it(hub_env: Path, no_network: None) -> None:
+    with pytest.raises(ValueError) as info:
+        resolve_model("specfleet-test/not-cached")
+    message = str(info.value)
+    assert "specfleet-test/not-cached" in message and str(hub_env) in message
+    assert "hf download specfleet-test/not-cached" in message
+    with pytest.raises(ValueError, match=r"specfleet-test/not-cached at revision v2 .*--revision v2"):
+        resolve_model("specfleet-test/not-cached@v2")
+
+
+def test_cached_snapshot_without_weights_is_a_clear_error(tiny_llama: Path, hub_env: Path, no_network: None) -> None:
+    _hub_cache(hub_env, "specfleet-test/config-only", tiny_llama, skip=("model.safetensors",))
+    with pytest.raises(ValueError, match=r"specfleet-test/config-only .* has no \*\.safetensors weights: fetch it"):
+        resolve_model("specfleet-test/config-only")
+
+
+def test_a_local_folder_wins_over_a_hub_id_of_the_same_spelling(tiny_llama: Path, hub_env: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``org/name`` that is a folder under the working directory is that folder, as before hub ids."""
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "name").symlink_to(tiny_llama)
+    _hub_cache(hub_env, "org/name", tiny_llama)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("org/name") == Path("org/name")

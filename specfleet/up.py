@@ -57,6 +57,7 @@ class UpConfig:
     draft_model: str = option("", "with --drafter model: the draft's model, sharing the target's tokenizer "
                               "(empty: the target's --model)")
     device: str = same_as(EngineConfig, "device", to="target, draft")
+    dtype: str = same_as(EngineConfig, "dtype", to="target, draft")
     num_slots: int = same_as(EngineConfig, "num_slots", to="target, draft")
     max_seq_len: int = same_as(EngineConfig, "max_seq_len", to="target, draft")
     depth: str = same_as(RouterConfig, "depth", to="router")
@@ -102,10 +103,10 @@ class UpConfig:
         draft_model = (self.draft_model or self.model) if self.drafter == "model" else DraftConfig.model
         return Services(
             target=TargetConfig(port=ports["target"], metrics_port=metrics["target"], redis_url=redis_url,
-                                log_level=self.log_level, model=self.model, device=self.device,
+                                log_level=self.log_level, model=self.model, device=self.device, dtype=self.dtype,
                                 num_slots=self.num_slots, max_seq_len=self.max_seq_len),
             draft=DraftConfig(port=ports["draft"], metrics_port=metrics["draft"], redis_url=redis_url,
-                              log_level=self.log_level, model=draft_model, device=self.device,
+                              log_level=self.log_level, model=draft_model, device=self.device, dtype=self.dtype,
                               num_slots=self.num_slots, max_seq_len=self.max_seq_len, drafter=self.drafter),
             router=RouterConfig(port=ports["router"], metrics_port=metrics["router"], redis_url=redis_url,
                                 log_level=self.log_level, targets=f"127.0.0.1:{ports['target']}",

@@ -440,6 +440,7 @@ def test_otel_enabled_without_endpoint_fails() -> None:
     ("target.gpu=-1", "gpu"),
     ("target.numSlots=0", "numSlots"),
     ("target.device=tpu", "device"),
+    ("target.dtype=int8", "dtype"),
     ("target.model.source=s3", "source"),
     ("target.model.name=llama-3", "name"),  # not a preset
     ("target.model.source=path", "name"),  # a path must be absolute
@@ -602,3 +603,13 @@ def test_the_public_example_seals_everything() -> None:
     containers = service_containers(render("gpu-external-redis"))
     assert "SPECFLEET_API_KEYS" in secret_env(containers["router"]) and "--tls-cert" in containers["router"]["args"]
     assert all("SPECFLEET_INTERNAL_TOKEN" in secret_env(c) for c in containers.values())
+
+
+def test_the_engines_dtype_reaches_draft_and_target() -> None:
+    from specfleet.cli import build_parser
+    from specfleet.config import DraftConfig, TargetConfig, from_arguments
+
+    containers = service_containers(render(sets=("target.dtype=bfloat16", "draft.dtype=float16")))
+    parser = build_parser()
+    assert from_arguments(TargetConfig, parser.parse_args(containers["target"]["args"])).dtype == "bfloat16"
+    assert from_arguments(DraftConfig, parser.parse_args(containers["draft"]["args"])).dtype == "float16"

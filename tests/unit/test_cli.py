@@ -20,7 +20,8 @@ from specfleet.up import Services, UpConfig, summary
 # The flags of `up` alone; every other flag of `up` is a service's.
 UP_ONLY = {"--prompt", "--max-new-tokens", "--draft-model", "--port", "--http-port", "--redis-url", "--log-dir"}
 # A valid value other than the default for each flag `up` shares with the services.
-OTHER_VALUES = {"--model": "qwen2.5-coder-0.5b", "--drafter": "model", "--device": "cpu", "--num-slots": 8,
+OTHER_VALUES = {"--model": "qwen2.5-coder-0.5b", "--drafter": "model", "--device": "cpu", "--dtype": "bfloat16",
+                "--num-slots": 8,
                 "--max-seq-len": 512, "--depth": "3", "--max-depth": 12, "--tree": "rsd-c", "--log-level": "DEBUG"}
 README_PROMPT = "Explain speculative decoding in one sentence."
 

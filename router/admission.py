@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,8 +127,10 @@ class Router:
             log.info("request %s %s", seq.request_id,
                      "ran past the client's deadline" if deadline_passed else "cancelled by the client")
         self.requests.pop(seq.request_id, None)
-        self.metrics.end_request(seq.span, outcome, code, generated_tokens=len(seq.tokens) - seq.prompt_len,
+        self.metrics.end_request(seq.span, outcome, code, prompt_tokens=seq.prompt_len,
+                                 generated_tokens=len(seq.tokens) - seq.prompt_len,
                                  finish_reason=seq.finish_reason.value if seq.finish_reason else "unspecified",
+                                 e2e_s=time.perf_counter() - seq.admitted_at, queue_s=seq.queue_time(),
                                  time_per_output_token_s=seq.time_per_output_token())
 
     def abort(self, request_id: str) -> bool:

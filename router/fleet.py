@@ -116,6 +116,12 @@ class Fleet:
     def live(self) -> int:
         return sum(len(loop.live) for loop in self.loops.values())
 
+    @property
+    def slot_usage(self) -> float:
+        """The fraction of its targets' sequence slots the live requests hold (0 with no target)."""
+        slots = sum(loop.capacity for loop in self.loops.values())
+        return self.live / slots if slots else 0.0
+
     def place(self, seq: LiveRequest) -> None:
         """Hands ``seq`` to the least loaded target that has room for its context, or parks it until one joins."""
         fitting = [loop for loop in self.loops.values() if loop.max_context > len(seq.tokens)]

@@ -76,6 +76,7 @@ class LiveRequest:
     outbox: asyncio.Queue[StreamChunk | StreamError] = field(default_factory=asyncio.Queue)
     # For the metrics and traces: when it was admitted and got its first and latest tokens (perf_counter), its span.
     admitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float = 0.0  # when a step loop took it from its queue
     first_token_at: float = 0.0
     last_token_at: float = 0.0
     span: Any = None
@@ -102,13 +103,13 @@ class LiveRequest:
                 break
         return kept
 
-    def mark_emitted(self, now: float) -> float | None:
-        """Notes that tokens reached the client at ``now``; the time to first token if these were the first."""
+    def mark_emitted(self, now: float) -> float:
+        """Notes that tokens reached the client at ``now``; returns how long it waited for them (since admission for
+        the first tokens, else since the previous ones)."""
+        waited = now - (self.last_token_at or self.admitted_at)
+        self.first_token_at = self.first_token_at or now
         self.last_token_at = now
-        if self.first_token_at:
-            return None
-        self.first_token_at = now
-        return now - self.admitted_at
+        return waited
 
     def emit(self, new_tokens: list[int]) -> None:
         """Queues one stream message for the tokens just committed (and the end, if reached)."""
@@ -140,6 +141,10 @@ class LiveRequest:
         if self.finish_reason is not None:
             return "ok", "OK"
         return ("deadline", "DEADLINE_EXCEEDED") if deadline_passed else ("aborted", "CANCELLED")
+
+    def queue_time(self) -> float | None:
+        """From admission until a step loop took it (None: it never left the queue)."""
+        return self.started_at - self.admitted_at if self.started_at else None
 
     def time_per_output_token(self) -> float | None:
         generated = len(self.tokens) - self.prompt_len

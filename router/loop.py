@@ -37,6 +37,15 @@ class Committed:
     step: SequenceStep
 
 
+@dataclass(frozen=True)
+class TokenLatencies:
+    """How long the sequences that got tokens in a step waited for them: since admission for their first tokens,
+    since their previous tokens for the others."""
+
+    first_token_s: list[float]
+    inter_token_s: list[float]
+
+
 class StepLoop:
     """Drives the sequences pinned to one target replica."""
 
@@ -95,9 +104,9 @@ class StepLoop:
             proposals = await self.proposer.propose(batch, plan)
             verdicts = await self.verifier.verify(batch, proposals)
             committed = self.commit(batch, plan, proposals, verdicts)
-            first_tokens_s = self.emit(committed)
+            latencies = self.emit(committed)
             self.proposer.settle(batch, verdicts)
-            self.observe(self.step_stats(batch, plan, proposals, verdicts, committed, first_tokens_s, started))
+            self.observe(self.step_stats(batch, plan, proposals, verdicts, committed, latencies, started))
 
     def commit(self, batch: list[LiveRequest], plan: StepPlan, proposals: Proposals, verdicts: Verdicts
                ) -> list[Committed]:
@@ -114,21 +123,24 @@ class StepLoop:
             committed.append(Committed(seq, kept, step))
         return committed
 
-    def emit(self, committed: list[Committed]) -> list[float]:
-        """Streams each request's new tokens; returns the times to first token of those that got their first."""
+    def emit(self, committed: list[Committed]) -> TokenLatencies:
+        """Streams each request's new tokens; returns how long each waited for them."""
         now = time.perf_counter()
-        first_tokens_s = []
+        latencies = TokenLatencies([], [])
         for part in committed:
             part.seq.emit(part.kept)
-            if part.kept and (first_token_s := part.seq.mark_emitted(now)) is not None:
-                first_tokens_s.append(first_token_s)
-        return first_tokens_s
+            if part.kept:
+                first = not part.seq.first_token_at
+                waited = part.seq.mark_emitted(now)
+                (latencies.first_token_s if first else latencies.inter_token_s).append(waited)
+        return latencies
 
     def step_stats(self, batch: list[LiveRequest], plan: StepPlan, proposals: Proposals, verdicts: Verdicts,
-                   committed: list[Committed], first_tokens_s: list[float], started: float) -> StepStats:
+                   committed: list[Committed], latencies: TokenLatencies, started: float) -> StepStats:
         stats = StepStats(self.target, len(batch), [plan.draft(s.seq_id).tokens for s in batch], plan.deepest,
                           proposals.compute_ms, verdicts.compute_ms, plan.predicted_ms, plan.predicted_tokens,
-                          plan.prefills, first_token_s=first_tokens_s)
+                          plan.prefills, first_token_s=latencies.first_token_s,
+                          inter_token_s=latencies.inter_token_s)
         for part in committed:
             stats.observe(part.step)
         stats.duration_s = time.perf_counter() - started
@@ -142,6 +154,7 @@ class StepLoop:
         while self.waiting and len(self.live) < self.capacity:
             seq = self.waiting.popleft()
             if not seq.finished:
+                seq.started_at = seq.started_at or time.perf_counter()
                 self.live.append(seq)
 
     def _retire(self) -> None:

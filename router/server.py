@@ -168,8 +168,9 @@ async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0, o
         await fleet.stop()
         raise ValueError("the router's tokenizer differs from the target's: pass --tokenizer with the target's model")
     router = Router(config, fleet, tokenizer, frozenset(reference.eos_token_ids), feed, router_id, metrics)
-    metrics.observe(queue_depth=lambda: router.queued, live_requests=lambda: router.live,
-                    redis_up=lambda: feed.redis_up)
+    metrics.serve(config.served_model_name or router.model, queue_depth=lambda: router.queued,
+                  live_requests=lambda: router.live, slot_usage=lambda: fleet.slot_usage,
+                  redis_up=lambda: feed.redis_up)
     return router
 
 

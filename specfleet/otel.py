@@ -1,7 +1,8 @@
 """OpenTelemetry in the three services: every metric they export, the SDK set-up, and trace context over gRPC.
 
-Metrics are served to Prometheus on ``--metrics-port`` (``/metrics``; 0: no endpoint) and pushed over OTLP/gRPC when
-a collector is configured; traces go over OTLP/gRPC. Everything else is the standard ``OTEL_*`` environment:
+Metrics are served to Prometheus on ``--metrics-port`` (``/metrics``; 0: no endpoint) and pushed over OTLP when a
+collector is configured, as traces are (over gRPC, or HTTP with ``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf``).
+Everything else is the standard ``OTEL_*`` environment:
 
     OTEL_EXPORTER_OTLP_ENDPOINT                  the collector, e.g. http://otel-collector:4317 (or the per-signal
     (_TRACES_ENDPOINT, _METRICS_ENDPOINT)        variables); unset: nothing is pushed and no spans are made
@@ -12,7 +13,8 @@ a collector is configured; traces go over OTLP/gRPC. Everything else is the stan
 
 Every metric name is in `RouterMetrics` and `ServiceMetrics` below. The names are chosen so that Prometheus shows
 exactly the names the chart's dashboards use: counters get ``_total``, and the unit is appended (``s`` ->
-``_seconds``; an annotation such as ``{token}`` adds nothing). Histogram buckets follow the unit (`BUCKETS`).
+``_seconds``; an annotation such as ``{token}`` adds nothing). Histogram buckets follow the unit (`BUCKETS`). The
+router also serves its measurements under vLLM's names on /metrics (`specfleet.vllm_metrics`).
 
 Traces: the router makes a ``request`` span per request (admission to the end of its stream; a child of the caller's
 span when the Generate call carries W3C trace context) and a ``step`` span per step. A step serves many requests, so
@@ -36,17 +38,17 @@ from typing import Any
 import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeter, Observation
-from opentelemetry.sdk.metrics import Histogram, MeterProvider
+from opentelemetry.metrics import CallbackOptions, Histogram, Meter, NoOpMeter, Observation
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import INVALID_SPAN, Link, NoOpTracer, Span, SpanKind, Status, StatusCode, Tracer
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, disable_created_metrics, start_http_server
 
 from specfleet.stats import StepStats
+from specfleet.vllm_metrics import VllmMetrics
 
 log = logging.getLogger("specfleet.otel")
 
@@ -58,6 +60,8 @@ published for Python."""
 # count is an integer in [0, 16]) one bucket each, batch sizes in powers of two.
 SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0,
                    5.0, 10.0, 20.0, 30.0, 60.0)
+# A whole request, or its wait for a slot, may take many minutes.
+REQUEST_SECONDS_BUCKETS = (*SECONDS_BUCKETS, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 BUCKETS = {
     "s": SECONDS_BUCKETS,
     "{token}": tuple(float(k) for k in range(17)),
@@ -77,6 +81,7 @@ class Otel:
     meter: Meter = field(default_factory=lambda: NoOpMeter(SCOPE))
     tracer: Tracer = field(default_factory=NoOpTracer)
     metrics_port: int = 0  # where /metrics is served (0: nowhere)
+    registry: CollectorRegistry | None = None  # what /metrics serves, for metrics OpenTelemetry cannot name
     _closers: list[Callable[[], Any]] = field(default_factory=list, repr=False)
 
     @property
@@ -117,19 +122,17 @@ def setup(role: str, host: str = "127.0.0.1", metrics_port: int = 0) -> Otel:
     readers: list[Any] = [PeriodicExportingMetricReader(exporter) for exporter in _exporters("metrics")]
     registry = None
     if metrics_port:
+        disable_created_metrics()  # as vLLM: no *_created series beside each counter and histogram
         registry = CollectorRegistry()  # this service's own, so several services can live in one test process
         ProcessCollector(registry=registry)
         readers.append(PrometheusMetricReader(registry=registry, scope_info_enabled=False))
     if readers:
-        views = [View(instrument_type=Histogram, instrument_unit=unit,
-                      aggregation=ExplicitBucketHistogramAggregation(boundaries))
-                 for unit, boundaries in BUCKETS.items()]
-        meter_provider = MeterProvider(metric_readers=readers, resource=resource, views=views)
+        meter_provider = MeterProvider(metric_readers=readers, resource=resource)
         otel.meter = meter_provider.get_meter(SCOPE)
         otel._closers.append(meter_provider.shutdown)
     if registry is not None:
         server, _ = start_http_server(metrics_port, addr=host, registry=registry)
-        otel.metrics_port = server.server_port
+        otel.metrics_port, otel.registry = server.server_port, registry
         otel._closers += [server.server_close, server.shutdown]  # run last to first: stop serving, then close
         log.info("%s metrics on http://%s:%d/metrics", role, host, otel.metrics_port)
     return otel
@@ -188,37 +191,52 @@ def _gauge(read: Callable[[], float], attributes: dict[str, str] | None = None
     return lambda options: [Observation(read(), attributes)]
 
 
+def _histogram(meter: Meter, name: str, unit: str, description: str,
+               buckets: tuple[float, ...] | None = None) -> Histogram:
+    """A histogram with the buckets of its unit (`BUCKETS`) unless given its own."""
+    return meter.create_histogram(name, unit, description,
+                                  explicit_bucket_boundaries_advisory=list(buckets or BUCKETS[unit]))
+
+
 class RouterMetrics:
     """The router's metrics and spans. The step loop hands it a `StepStats` per step; nothing here runs per token.
 
-    As Prometheus shows them: specfleet_requests_total{outcome,code}, specfleet_generated_tokens_total,
-    specfleet_time_to_first_token_seconds, specfleet_time_per_output_token_seconds, specfleet_step_batch_size,
+    As Prometheus shows them: specfleet_requests_total{outcome,code}, specfleet_prompt_tokens_total,
+    specfleet_generated_tokens_total, specfleet_time_to_first_token_seconds, specfleet_time_per_output_token_seconds,
+    specfleet_e2e_request_latency_seconds, specfleet_request_queue_time_seconds, specfleet_step_batch_size,
     specfleet_speculation_depth, specfleet_accepted_tokens_per_step (histograms), specfleet_draft_tokens_total,
     specfleet_accepted_tokens_total, specfleet_draft_position_proposed_total{position},
     specfleet_draft_position_accepted_total{position}, specfleet_step_emitted_tokens_total{depth},
     specfleet_step_duration_seconds_total{depth}, specfleet_draft_latency_seconds{replica},
     specfleet_verify_latency_seconds{replica} (histograms), specfleet_reprefills_total{role} (0 per role from the
-    start), and the gauges specfleet_queue_depth, specfleet_live_requests, specfleet_redis_up.
+    start), and the gauges specfleet_queue_depth, specfleet_live_requests, specfleet_slot_usage, specfleet_redis_up.
+    Beside them on /metrics, the same measurements under vLLM's names (`specfleet.vllm_metrics`).
     """
 
     def __init__(self, otel: Otel | None = None) -> None:
-        otel = otel or Otel()
+        otel = self._otel = otel or Otel()
         meter = self._meter = otel.meter
         self.tracer, self.tracing = otel.tracer, otel.tracing
+        self.vllm = VllmMetrics()  # named for the model once it is known (`serve`)
         self.requests = meter.create_counter(
             "specfleet_requests", "{request}", "finished requests by outcome (ok, error, aborted, deadline) and "
             "gRPC status code; requests rejected at admission count as errors")
+        self.prompt_tokens = meter.create_counter("specfleet_prompt_tokens", "{token}",
+                                                  "prompt tokens of the requests admitted")
         self.generated_tokens = meter.create_counter("specfleet_generated_tokens", "{token}", "tokens generated")
-        self.time_to_first_token = meter.create_histogram(
-            "specfleet_time_to_first_token", "s", "from admission to the step that produced the first token")
-        self.time_per_output_token = meter.create_histogram(
-            "specfleet_time_per_output_token", "s", "per request: (last token - first token) / (tokens - 1)")
-        self.step_batch_size = meter.create_histogram("specfleet_step_batch_size", "{sequence}",
-                                                      "sequences in a step")
-        self.speculation_depth = meter.create_histogram("specfleet_speculation_depth", "{token}",
-                                                        "depth chosen for a sequence in a step")
-        self.accepted_tokens_per_step = meter.create_histogram(
-            "specfleet_accepted_tokens_per_step", "{token}", "draft tokens accepted, per sequence per step "
+        self.time_to_first_token = _histogram(
+            meter, "specfleet_time_to_first_token", "s", "from admission to the step that produced the first token")
+        self.time_per_output_token = _histogram(
+            meter, "specfleet_time_per_output_token", "s", "per request: (last token - first token) / (tokens - 1)")
+        self.e2e_request_latency = _histogram(meter, "specfleet_e2e_request_latency", "s",
+                                              "from admission to the request's end", REQUEST_SECONDS_BUCKETS)
+        self.request_queue_time = _histogram(meter, "specfleet_request_queue_time", "s",
+                                             "from admission to a place in a step loop", REQUEST_SECONDS_BUCKETS)
+        self.step_batch_size = _histogram(meter, "specfleet_step_batch_size", "{sequence}", "sequences in a step")
+        self.speculation_depth = _histogram(meter, "specfleet_speculation_depth", "{token}",
+                                            "depth chosen for a sequence in a step")
+        self.accepted_tokens_per_step = _histogram(
+            meter, "specfleet_accepted_tokens_per_step", "{token}", "draft tokens accepted, per sequence per step "
             "(sequences that got draft tokens)")
         self.draft_tokens = meter.create_counter("specfleet_draft_tokens", "{token}", "draft tokens verified")
         self.accepted_tokens = meter.create_counter("specfleet_accepted_tokens", "{token}", "draft tokens accepted")
@@ -231,10 +249,10 @@ class RouterMetrics:
         self.step_duration = meter.create_counter(
             "specfleet_step_duration", "s", "time spent in steps, by the step's largest depth (goodput by depth: "
             "rate of specfleet_step_emitted_tokens_total / rate of this)")
-        self.draft_latency = meter.create_histogram("specfleet_draft_latency", "s",
-                                                    "Propose round trip seen by the router, by draft replica")
-        self.verify_latency = meter.create_histogram("specfleet_verify_latency", "s",
-                                                     "Verify round trip seen by the router, by target replica")
+        self.draft_latency = _histogram(meter, "specfleet_draft_latency", "s",
+                                        "Propose round trip seen by the router, by draft replica")
+        self.verify_latency = _histogram(meter, "specfleet_verify_latency", "s",
+                                         "Verify round trip seen by the router, by target replica")
         self.reprefills = meter.create_counter(
             "specfleet_reprefills", "{sequence}", "sequences resent whole because a service lost them, by role")
         # A healthy fleet never re-prefills: without a zero from the start the series would not exist, and the
@@ -242,32 +260,48 @@ class RouterMetrics:
         for role in ("draft", "target"):
             self.reprefills.add(0, {"role": role})
 
-    def observe(self, queue_depth: Callable[[], int], live_requests: Callable[[], int],
-                redis_up: Callable[[], bool]) -> None:
-        """The router's state gauges, read when metrics are collected."""
+    def serve(self, model_name: str, queue_depth: Callable[[], int], live_requests: Callable[[], int],
+              slot_usage: Callable[[], float], redis_up: Callable[[], bool]) -> None:
+        """The router's state gauges, read when metrics are collected, and the vLLM-named series for
+        ``model_name`` (the name the OpenAI API serves)."""
         meter = self._meter
         meter.create_observable_gauge("specfleet_queue_depth", [_gauge(queue_depth)], "{request}",
                                       "requests waiting for a slot")
         meter.create_observable_gauge("specfleet_live_requests", [_gauge(live_requests)], "{request}",
                                       "requests in the step loops")
+        meter.create_observable_gauge("specfleet_slot_usage", [_gauge(slot_usage)], "1",
+                                      "fraction of the targets' sequence slots held by this router's requests")
         meter.create_observable_gauge("specfleet_redis_up", [_gauge(lambda: int(redis_up()))], "1",
                                       "1 while the depth policy reads fleet telemetry from Redis")
+        self.vllm = VllmMetrics(self._otel.registry, model_name)
+        self.vllm.watch(running=live_requests, waiting=queue_depth, slot_usage=slot_usage)
 
     # -- requests ---------------------------------------------------------------------------------------------------
 
     def start_request(self, request_id: str, prompt_tokens: int, metadata: Any = ()) -> Span:
-        """The request's span (a child of the caller's span if ``metadata`` carries trace context)."""
+        """Counts an admitted request's prompt; its span (a child of the caller's span if ``metadata`` carries trace
+        context)."""
+        self.prompt_tokens.add(prompt_tokens)
+        self.vllm.request_admitted(prompt_tokens)
         if not self.tracing:
             return INVALID_SPAN
         return self.tracer.start_span("request", context=propagate.extract(_carrier(metadata)), kind=SpanKind.SERVER,
                                       attributes={"specfleet.request_id": request_id,
                                                   "specfleet.prompt_tokens": prompt_tokens})
 
-    def end_request(self, span: Span | None, outcome: str, code: str, *, generated_tokens: int, finish_reason: str,
+    def end_request(self, span: Span | None, outcome: str, code: str, *, prompt_tokens: int, generated_tokens: int,
+                    finish_reason: str, e2e_s: float, queue_s: float | None,
                     time_per_output_token_s: float | None) -> None:
+        """A request that was admitted has ended; ``queue_s`` None: it never left the queue."""
         self.requests.add(1, {"outcome": outcome, "code": code})
+        self.e2e_request_latency.record(e2e_s)
+        if queue_s is not None:
+            self.request_queue_time.record(queue_s)
         if time_per_output_token_s is not None:
             self.time_per_output_token.record(time_per_output_token_s)
+        self.vllm.request_finished(finish_reason, outcome, prompt_tokens=prompt_tokens,
+                                   generated_tokens=generated_tokens, e2e_s=e2e_s, queue_s=queue_s,
+                                   time_per_output_token_s=time_per_output_token_s)
         if span is not None and span.is_recording():
             span.set_attributes({"specfleet.generated_tokens": generated_tokens,
                                  "specfleet.finish_reason": finish_reason, "specfleet.outcome": outcome,
@@ -326,6 +360,7 @@ class RouterMetrics:
         self.generated_tokens.add(stats.emitted)
         self.step_emitted_tokens.add(stats.emitted, depth_label)
         self.step_duration.add(stats.duration_s, depth_label)
+        self.vllm.record_step(stats)
 
     def record_draft_rtt(self, replica: str, seconds: float) -> None:
         self.draft_latency.record(seconds, {"replica": replica})
@@ -347,8 +382,8 @@ class ServiceMetrics:
     def __init__(self, otel: Otel | None, role: str, live_sequences: Callable[[], int]) -> None:
         meter = (otel or Otel()).meter
         self._role = {"role": role}
-        self.batch_latency = meter.create_histogram(
-            "specfleet_service_batch_latency", "s", "compute time of one Propose or Verify batch, by role")
+        self.batch_latency = _histogram(
+            meter, "specfleet_service_batch_latency", "s", "compute time of one Propose or Verify batch, by role")
         meter.create_observable_gauge("specfleet_service_live_sequences", [_gauge(live_sequences, self._role)],
                                       "{sequence}", "sequences held in the service's cache, by role")
 

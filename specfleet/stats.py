@@ -190,6 +190,7 @@ class StepStats:
     accepted: list[int] = field(default_factory=list)  # accepted drafts, per sequence that got drafts
     emitted: int = 0  # tokens emitted, all sequences
     first_token_s: list[float] = field(default_factory=list)  # time to first token of those that got theirs
+    inter_token_s: list[float] = field(default_factory=list)  # of the others that got tokens: time since their last
     duration_s: float = 0.0
 
     @property

@@ -14,14 +14,16 @@ from helm_tools import CHART
 DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
 # The metric families the services export (histograms with _bucket/_sum/_count, as Prometheus shows them).
 COUNTERS_AND_GAUGES = {
-    "specfleet_requests_total", "specfleet_generated_tokens_total", "specfleet_draft_tokens_total",
+    "specfleet_requests_total", "specfleet_prompt_tokens_total", "specfleet_generated_tokens_total",
+    "specfleet_draft_tokens_total",
     "specfleet_accepted_tokens_total", "specfleet_draft_position_proposed_total",
     "specfleet_draft_position_accepted_total", "specfleet_step_emitted_tokens_total",
-    "specfleet_step_duration_seconds_total", "specfleet_queue_depth", "specfleet_live_requests",
+    "specfleet_step_duration_seconds_total", "specfleet_queue_depth", "specfleet_live_requests", "specfleet_slot_usage",
     "specfleet_reprefills_total", "specfleet_redis_up", "specfleet_service_live_sequences",
 }
 HISTOGRAMS = {
-    "specfleet_time_to_first_token_seconds", "specfleet_time_per_output_token_seconds", "specfleet_step_batch_size",
+    "specfleet_time_to_first_token_seconds", "specfleet_time_per_output_token_seconds",
+    "specfleet_e2e_request_latency_seconds", "specfleet_request_queue_time_seconds", "specfleet_step_batch_size",
     "specfleet_speculation_depth", "specfleet_accepted_tokens_per_step", "specfleet_draft_latency_seconds",
     "specfleet_verify_latency_seconds", "specfleet_service_batch_latency_seconds",
 }

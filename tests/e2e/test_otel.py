@@ -24,18 +24,21 @@ from prometheus_client.parser import text_string_to_metric_families
 from specfleet.client import make_request, stream
 from specfleet.launcher import Deployment, free_port, wait_serving
 from specfleet.otel import SECONDS_BUCKETS, ClientTracing, RouterMetrics, ServerTracing, ServiceMetrics, setup
-from specfleet.protos import draft_pb2_grpc, generate_pb2_grpc, target_pb2_grpc
+from specfleet.protos import draft_pb2_grpc, generate_pb2, generate_pb2_grpc, target_pb2_grpc
 from specfleet.stats import SequenceStep, StepStats
 
 COUNTERS = {
-    "specfleet_requests_total", "specfleet_generated_tokens_total", "specfleet_draft_tokens_total",
+    "specfleet_requests_total", "specfleet_prompt_tokens_total", "specfleet_generated_tokens_total",
+    "specfleet_draft_tokens_total",
     "specfleet_accepted_tokens_total", "specfleet_draft_position_proposed_total",
     "specfleet_draft_position_accepted_total", "specfleet_step_emitted_tokens_total",
     "specfleet_step_duration_seconds_total", "specfleet_reprefills_total",
 }
-GAUGES = {"specfleet_queue_depth", "specfleet_live_requests", "specfleet_redis_up", "specfleet_service_live_sequences"}
+GAUGES = {"specfleet_queue_depth", "specfleet_live_requests", "specfleet_slot_usage", "specfleet_redis_up",
+          "specfleet_service_live_sequences"}
 HISTOGRAMS = {
-    "specfleet_time_to_first_token_seconds", "specfleet_time_per_output_token_seconds", "specfleet_step_batch_size",
+    "specfleet_time_to_first_token_seconds", "specfleet_time_per_output_token_seconds",
+    "specfleet_e2e_request_latency_seconds", "specfleet_request_queue_time_seconds", "specfleet_step_batch_size",
     "specfleet_speculation_depth", "specfleet_accepted_tokens_per_step", "specfleet_draft_latency_seconds",
     "specfleet_verify_latency_seconds", "specfleet_service_batch_latency_seconds",
 }
@@ -70,17 +73,18 @@ def test_every_metric_is_scraped_with_its_name_type_labels_and_buckets() -> None
     otel = setup("router", "127.0.0.1", free_port())
     try:
         router = RouterMetrics(otel)
-        router.observe(queue_depth=lambda: 3, live_requests=lambda: 2, redis_up=lambda: True)
+        router.serve("tiny", queue_depth=lambda: 3, live_requests=lambda: 2, slot_usage=lambda: 0.25,
+                     redis_up=lambda: True)
         stats = StepStats("target-0:50052", batch_size=2, planned=[3, 0], deepest=3, first_token_s=[0.05],
-                          duration_s=0.02)
+                          inter_token_s=[0.02], duration_s=0.02)
         stats.observe(SequenceStep(3, drafted=3, accepted=2, first_rejected=1, emitted=3))
         stats.observe(SequenceStep(0, emitted=1))
         router.record_step(stats)
         router.record_draft_rtt("draft-0:50051", 0.003)
         router.record_verify_rtt("target-0:50052", 0.012)
         router.record_reprefills("target", 1)
-        router.end_request(router.start_request("r1", 7), "ok", "OK", generated_tokens=4, finish_reason="eos",
-                           time_per_output_token_s=0.01)
+        router.end_request(router.start_request("r1", 7), "ok", "OK", prompt_tokens=7, generated_tokens=4,
+                           finish_reason="eos", e2e_s=0.4, queue_s=0.1, time_per_output_token_s=0.01)
         router.request_rejected("INVALID_ARGUMENT", "prompt is empty")
         ServiceMetrics(otel, "draft", lambda: 2).record_batch(0.002)
         ServiceMetrics(otel, "target", lambda: 1).record_batch(0.02)
@@ -122,6 +126,69 @@ def test_every_metric_is_scraped_with_its_name_type_labels_and_buckets() -> None
     assert value(samples, "specfleet_accepted_tokens_per_step_count") == 1  # only the sequence that drafted
     assert value(samples, "specfleet_service_live_sequences", role="draft") == 2
     assert value(samples, "specfleet_redis_up") == 1
+
+
+VLLM_FAMILIES = {
+    "vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge", "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:prompt_tokens": "counter", "vllm:generation_tokens": "counter", "vllm:request_success": "counter",
+    "vllm:request_prompt_tokens": "histogram", "vllm:request_generation_tokens": "histogram",
+    "vllm:time_to_first_token_seconds": "histogram", "vllm:inter_token_latency_seconds": "histogram",
+    "vllm:request_time_per_output_token_seconds": "histogram", "vllm:e2e_request_latency_seconds": "histogram",
+    "vllm:request_queue_time_seconds": "histogram", "vllm:spec_decode_num_drafts": "counter",
+    "vllm:spec_decode_num_draft_tokens": "counter", "vllm:spec_decode_num_accepted_tokens": "counter",
+    "vllm:spec_decode_num_accepted_tokens_per_pos": "counter",
+}
+
+
+def families(port: int) -> dict[str, Any]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def test_vllm_names_beside_ours_with_the_model_name() -> None:
+    """The tools built on vLLM's metrics (KEDA recipes, the inference gateway's endpoint picker, dashboards) find
+    them by name, type and model_name label, counting what ours count."""
+    otel = setup("router", "127.0.0.1", free_port())
+    try:
+        router = RouterMetrics(otel)
+        router.serve("tiny-model", queue_depth=lambda: 3, live_requests=lambda: 2, slot_usage=lambda: 0.25,
+                     redis_up=lambda: True)
+        stats = StepStats("target-0:50052", batch_size=2, planned=[3, 0], deepest=3, first_token_s=[0.05],
+                          inter_token_s=[0.02], duration_s=0.02)
+        stats.observe(SequenceStep(3, drafted=3, accepted=2, first_rejected=1, emitted=3))
+        stats.observe(SequenceStep(0, emitted=1))
+        router.record_step(stats)
+        router.end_request(router.start_request("r1", 7), "ok", "OK", prompt_tokens=7, generated_tokens=4,
+                           finish_reason="eos", e2e_s=0.4, queue_s=0.1, time_per_output_token_s=0.01)
+        router.end_request(router.start_request("r2", 5), "aborted", "CANCELLED", prompt_tokens=5,
+                           generated_tokens=0, finish_reason="unspecified", e2e_s=0.2, queue_s=None,
+                           time_per_output_token_s=None)
+        found = families(otel.metrics_port)
+        samples = scrape(otel.metrics_port)
+    finally:
+        otel.shutdown()
+
+    vllm = {name: family for name, family in found.items() if name.startswith("vllm:")}
+    assert {name: family.type for name, family in vllm.items()} == VLLM_FAMILIES
+    for family in vllm.values():
+        assert family.samples and all(s.labels["model_name"] == "tiny-model" for s in family.samples), family.name
+        assert not any(s.name.endswith("_created") for s in family.samples), family.name
+    assert value(samples, "vllm:num_requests_waiting") == 3 and value(samples, "vllm:num_requests_running") == 2
+    assert value(samples, "vllm:kv_cache_usage_perc") == 0.25 == value(samples, "specfleet_slot_usage")
+    assert value(samples, "vllm:prompt_tokens_total") == 12 == value(samples, "specfleet_prompt_tokens_total")
+    assert value(samples, "vllm:generation_tokens_total") == 4 == value(samples, "specfleet_generated_tokens_total")
+    assert value(samples, "vllm:request_success_total", finished_reason="stop") == 1
+    assert value(samples, "vllm:request_success_total", finished_reason="abort") == 1
+    assert value(samples, "vllm:e2e_request_latency_seconds_count") == 2
+    assert value(samples, "vllm:request_queue_time_seconds_count") == 1  # r2 never left the queue
+    assert value(samples, "vllm:inter_token_latency_seconds_sum") == pytest.approx(0.02)
+    assert value(samples, "vllm:spec_decode_num_drafts_total") == 1
+    assert value(samples, "vllm:spec_decode_num_draft_tokens_total") == 3 == value(samples,
+                                                                                   "specfleet_draft_tokens_total")
+    assert value(samples, "vllm:spec_decode_num_accepted_tokens_total") == 2
+    per_position = {s.labels["position"]: s.value
+                    for _, s in samples["vllm:spec_decode_num_accepted_tokens_per_pos_total"]}
+    assert per_position == {"0": 1, "1": 1, "2": 0}
 
 
 def test_reprefill_counters_start_at_zero() -> None:
@@ -450,6 +517,7 @@ def test_cancel_and_deadline_release_the_sequences_through_the_interceptors(flee
     assert wait_live(fleet.draft, draft_pb2_grpc.DraftServiceStub, 0) == 0
 
     router = scrape(fleet.metrics_ports["router"])
+    assert value(router, "vllm:request_success_total", finished_reason="abort") == 2
     assert value(router, "specfleet_requests_total", outcome="aborted", code="CANCELLED") == 1
     assert value(router, "specfleet_requests_total", outcome="deadline", code="DEADLINE_EXCEEDED") == 1
     assert value(router, "specfleet_live_requests") == 0
@@ -459,3 +527,24 @@ def test_cancel_and_deadline_release_the_sequences_through_the_interceptors(flee
         assert value(service, "specfleet_service_live_sequences", role=role) == 0
         assert value(service, "specfleet_service_batch_latency_seconds_count", role=role) > 0
 
+
+
+def test_the_router_serves_vllm_names_for_its_model(fleet: Fleet) -> None:
+    """From a real router: vLLM's counters agree with ours, labelled with the model the OpenAI API serves."""
+    for _ in range(2):
+        list(stream(fleet.router, make_request("def fib(n): return n", max_new_tokens=12, ignore_eos=True)))
+    with grpc.insecure_channel(fleet.router) as channel:
+        served = generate_pb2_grpc.GenerationServiceStub(channel).GetServerInfo(
+            generate_pb2.GetServerInfoRequest(), timeout=10).model
+    router = scrape(fleet.metrics_ports["router"])
+    models = {s.labels["model_name"] for name, found in router.items() if name.startswith("vllm:") for _, s in found}
+    assert models == {served}
+    for ours, theirs in (("specfleet_generated_tokens_total", "vllm:generation_tokens_total"),
+                         ("specfleet_prompt_tokens_total", "vllm:prompt_tokens_total"),
+                         ("specfleet_draft_tokens_total", "vllm:spec_decode_num_draft_tokens_total"),
+                         ("specfleet_accepted_tokens_total", "vllm:spec_decode_num_accepted_tokens_total"),
+                         ("specfleet_e2e_request_latency_seconds_count", "vllm:e2e_request_latency_seconds_count")):
+        assert value(router, ours) == value(router, theirs) > 0, (ours, theirs)
+    assert value(router, "vllm:spec_decode_num_draft_tokens_total") > 0  # the ngram drafter drafted (depth 2)
+    assert value(router, "vllm:request_success_total", finished_reason="length") >= 2
+    assert value(router, "vllm:num_requests_running") == 0 == value(router, "vllm:kv_cache_usage_perc")

@@ -31,9 +31,12 @@ import contextlib
 import importlib
 import logging
 import os
+import socket
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from opentelemetry import propagate, trace
@@ -45,7 +48,8 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import INVALID_SPAN, Link, NoOpTracer, Span, SpanKind, Status, StatusCode, Tracer
-from prometheus_client import CollectorRegistry, ProcessCollector, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, disable_created_metrics, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from specfleet.stats import StepStats
 from specfleet.vllm_metrics import VllmMetrics
@@ -131,11 +135,36 @@ def setup(role: str, host: str = "127.0.0.1", metrics_port: int = 0) -> Otel:
         otel.meter = meter_provider.get_meter(SCOPE)
         otel._closers.append(meter_provider.shutdown)
     if registry is not None:
-        server, _ = start_http_server(metrics_port, addr=host, registry=registry)
+        server = _serve_metrics(host, metrics_port, registry)
         otel.metrics_port, otel.registry = server.server_port, registry
         otel._closers += [server.server_close, server.shutdown]  # run last to first: stop serving, then close
         log.info("%s metrics on http://%s:%d/metrics", role, host, otel.metrics_port)
     return otel
+
+
+def _serve_metrics(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
+    """/metrics on ``host:port`` (a thread of its own) in Prometheus' text format, whatever the scraper accepts.
+
+    prometheus_client's OpenMetrics output turns the ``:`` of vLLM's names into ``_`` in the sample lines but not in
+    their TYPE lines (prometheus/client_python#1177), so a Prometheus that negotiates OpenMetrics would store an
+    untyped ``vllm_num_requests_waiting``. The text format keeps every name as it is.
+    """
+    metrics = make_wsgi_app(registry)
+
+    def text_format(environ: dict[str, Any], start_response: Any) -> Any:
+        return metrics({**environ, "HTTP_ACCEPT": "text/plain"}, start_response)
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+    server = make_server(host, port, text_format, Server, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # one line per scrape is noise
+        pass
 
 
 def service_resource(role: str) -> Resource:

@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from dashboards import DASHBOARDS, fill_in, panels
+from dashboards import ADAPTER_VALUES, DASHBOARDS, fill_in, panels
 from helm_tools import NAMESPACE, RELEASE
 
 from specfleet.client import make_request
@@ -351,3 +351,63 @@ def test_dashboard_query_returns_data(loaded_fleet: LoadedFleet, query: PanelQue
 def test_every_panel_query_is_checked() -> None:
     assert len(QUERIES) >= 30
     assert {q.dashboard for q in QUERIES} == {path.name for path in DASHBOARDS}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what is built on vLLM's names, and the autoscalers' metrics
+
+# Queries as vLLM's community dashboards, KEDA recipes and the inference gateway's endpoint picker write them.
+VLLM_QUERIES = {
+    "requests running": 'sum by (model_name) (vllm:num_requests_running{namespace="$namespace"})',
+    "requests waiting": 'sum by (model_name) (vllm:num_requests_waiting{namespace="$namespace"})',
+    "KV cache usage": 'max by (model_name) (vllm:kv_cache_usage_perc{namespace="$namespace"})',
+    "TTFT p99": "histogram_quantile(0.99, sum by (le, model_name) "
+                "(rate(vllm:time_to_first_token_seconds_bucket[$__rate_interval])))",
+    "ITL p50": "histogram_quantile(0.5, sum by (le) (rate(vllm:inter_token_latency_seconds_bucket[$__rate_interval])))",
+    "TPOT mean": "rate(vllm:request_time_per_output_token_seconds_sum[$__rate_interval]) / "
+                 "rate(vllm:request_time_per_output_token_seconds_count[$__rate_interval])",
+    "E2E p90": "histogram_quantile(0.9, sum by (le) (rate(vllm:e2e_request_latency_seconds_bucket[$__rate_interval])))",
+    "queue time mean": "rate(vllm:request_queue_time_seconds_sum[$__rate_interval]) / "
+                       "rate(vllm:request_queue_time_seconds_count[$__rate_interval])",
+    "prompt tokens/s": "sum(rate(vllm:prompt_tokens_total[$__rate_interval]))",
+    "generation tokens/s": "sum(rate(vllm:generation_tokens_total[$__rate_interval]))",
+    "finished by reason": "sum by (finished_reason) (increase(vllm:request_success_total[$__rate_interval]))",
+    "draft acceptance rate": "sum(rate(vllm:spec_decode_num_accepted_tokens_total[$__rate_interval])) / "
+                             "sum(rate(vllm:spec_decode_num_draft_tokens_total[$__rate_interval]))",
+    "mean acceptance length": "1 + sum(rate(vllm:spec_decode_num_accepted_tokens_total[$__rate_interval])) / "
+                              "sum(rate(vllm:spec_decode_num_drafts_total[$__rate_interval]))",
+    "acceptance by position": "sum by (position) (rate(vllm:spec_decode_num_accepted_tokens_per_pos_total"
+                              "[$__rate_interval])) / ignoring(position) group_left "
+                              "sum(rate(vllm:spec_decode_num_drafts_total[$__rate_interval]))",
+}
+
+
+def finite_results(fleet: LoadedFleet, promql: str) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 5 * SCRAPE_INTERVAL_S  # a straggling scrape of the last seconds
+    while True:
+        result = [sample for sample in fleet.prometheus.query(promql, fleet.evaluated_at)
+                  if math.isfinite(float(sample["value"][1]))]
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(SCRAPE_INTERVAL_S)
+
+
+@pytest.mark.parametrize("name", list(VLLM_QUERIES))
+def test_queries_written_for_vllm_return_data(loaded_fleet: LoadedFleet, name: str) -> None:
+    promql = fill_in(VLLM_QUERIES[name], {**GRAFANA_BUILTINS, "namespace": NAMESPACE})
+    assert finite_results(loaded_fleet, promql), f"no data for {name}: {promql}"
+
+
+def test_the_adapter_rules_give_every_pod_its_metric(loaded_fleet: LoadedFleet) -> None:
+    """Each rule of prometheus-adapter-values.yaml, with its placeholders filled in as the adapter fills them for
+    an HPA's request about the pods of our namespace, returns one value per pod that serves the series."""
+    rules = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    pods_by_series = {"specfleet_service_live_sequences": {f"{RELEASE}-specfleet-{r}-0" for r in ("draft", "target")},
+                      "vllm:num_requests_waiting": {f"{RELEASE}-specfleet-router-0"}}
+    assert {rule["seriesQuery"].split("{")[0] for rule in rules} == set(pods_by_series)
+    for rule in rules:
+        series = rule["seriesQuery"].split("{")[0]
+        promql = (rule["metricsQuery"].replace("<<.Series>>", series)
+                  .replace("<<.LabelMatchers>>", f'namespace="{NAMESPACE}",pod=~".+"').replace("<<.GroupBy>>", "pod"))
+        result = finite_results(loaded_fleet, promql)
+        assert {sample["metric"]["pod"] for sample in result} == pods_by_series[series], promql

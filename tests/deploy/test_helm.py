@@ -14,7 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dashboards import COUNTERS_AND_GAUGES, DASHBOARDS, HISTOGRAMS, KNOWN_SERIES, as_promql, expressions, panels
+import yaml
+from dashboards import (
+    ADAPTER_VALUES,
+    COUNTERS_AND_GAUGES,
+    DASHBOARDS,
+    HISTOGRAMS,
+    KNOWN_SERIES,
+    VLLM_FAMILIES,
+    as_promql,
+    expressions,
+    panels,
+)
 from helm_tools import (
     CHART,
     NAMESPACE,
@@ -232,6 +243,30 @@ def test_autoscaled_deployments_leave_replicas_to_the_hpa() -> None:
         assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                                  "name": f"{FULLNAME}-{service}"}
     assert not objects(render("default"), "HorizontalPodAutoscaler")
+
+
+def adapter_rules() -> list[dict[str, Any]]:
+    return yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+
+
+def test_the_hpas_scale_on_metrics_the_shipped_adapter_rules_serve() -> None:
+    """prometheus-adapter-values.yaml turns exported gauges into per-pod custom metrics, named as the HPAs ask."""
+    rules = adapter_rules()
+    served = set()
+    for rule in rules:
+        series = re.fullmatch(r"([\w:]+)\{(.*)\}", rule["seriesQuery"])
+        assert series, rule["seriesQuery"]
+        assert series.group(1) in COUNTERS_AND_GAUGES | {n for n, t in VLLM_FAMILIES.items() if t == "gauge"}
+        assert 'namespace!=""' in series.group(2) and 'pod!=""' in series.group(2)  # the ServiceMonitor's labels
+        assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+        assert re.fullmatch(rule["name"]["matches"], series.group(1))
+        served.add(rule["name"]["as"])
+    hpas = by_component(render("gpu-external-redis"), "HorizontalPodAutoscaler")
+    asked = {metric["pods"]["metric"]["name"] for hpa in hpas.values() for metric in hpa["spec"]["metrics"]
+             if metric["type"] == "Pods"}
+    assert asked and asked <= served
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert defaults["target"]["autoscaling"]["customMetric"]["name"] in served
 
 
 def test_pdbs_select_their_component() -> None:
@@ -510,7 +545,7 @@ def test_dashboards_use_only_exported_metrics_and_cover_them() -> None:
     used = set()
     for path in DASHBOARDS:
         for expr in expressions(path):
-            names = set(re.findall(r"\bspecfleet_[a-z_]+", expr))
+            names = set(re.findall(r"\bspecfleet_[a-z0-9_]+", expr))
             assert names <= KNOWN_SERIES, f"{path.name}: unknown series {names - KNOWN_SERIES} in {expr}"
             used |= names
     families = {re.sub(r"_(bucket|sum|count)$", "", name) if name not in COUNTERS_AND_GAUGES else name

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from dashboards import VLLM_FAMILIES
 from live_sequences import live_sequences, wait_live
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -128,18 +129,6 @@ def test_every_metric_is_scraped_with_its_name_type_labels_and_buckets() -> None
     assert value(samples, "specfleet_redis_up") == 1
 
 
-VLLM_FAMILIES = {
-    "vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge", "vllm:kv_cache_usage_perc": "gauge",
-    "vllm:prompt_tokens": "counter", "vllm:generation_tokens": "counter", "vllm:request_success": "counter",
-    "vllm:request_prompt_tokens": "histogram", "vllm:request_generation_tokens": "histogram",
-    "vllm:time_to_first_token_seconds": "histogram", "vllm:inter_token_latency_seconds": "histogram",
-    "vllm:request_time_per_output_token_seconds": "histogram", "vllm:e2e_request_latency_seconds": "histogram",
-    "vllm:request_queue_time_seconds": "histogram", "vllm:spec_decode_num_drafts": "counter",
-    "vllm:spec_decode_num_draft_tokens": "counter", "vllm:spec_decode_num_accepted_tokens": "counter",
-    "vllm:spec_decode_num_accepted_tokens_per_pos": "counter",
-}
-
-
 def families(port: int) -> dict[str, Any]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return {family.name: family for family in text_string_to_metric_families(text)}
@@ -165,9 +154,14 @@ def test_vllm_names_beside_ours_with_the_model_name() -> None:
                            time_per_output_token_s=None)
         found = families(otel.metrics_port)
         samples = scrape(otel.metrics_port)
+        # what a Prometheus asks for: OpenMetrics first; the answer must keep the colons in the sample lines
+        asking = urllib.request.Request(f"http://127.0.0.1:{otel.metrics_port}/metrics", headers={
+            "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"})
+        negotiated = urllib.request.urlopen(asking, timeout=10).read().decode()
     finally:
         otel.shutdown()
 
+    assert 'vllm:num_requests_waiting{model_name="tiny-model"} 3.0' in negotiated.splitlines()
     vllm = {name: family for name, family in found.items() if name.startswith("vllm:")}
     assert {name: family.type for name, family in vllm.items()} == VLLM_FAMILIES
     for family in vllm.values():

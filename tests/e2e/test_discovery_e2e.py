@@ -9,6 +9,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import httpx
+import openai
 import pytest
 from k8s_api_double import Endpoint, KubernetesApiDouble
 from live_sequences import wait_live
@@ -81,10 +83,11 @@ def test_router_follows_its_pools_without_failing_or_changing_a_request(cluster,
     with KubernetesApiDouble() as api, ThreadPoolExecutor(len(PROMPTS) + 2) as pool:
         _publish(api, "target", target_a)
         _publish(api, "draft", ngram)
-        port = free_port()
+        port, http_port = free_port(), free_port()
         process = cluster.deployment.start(
             "router-discovery",
-            [sys.executable, "-m", "specfleet.cli", "router", "--port", str(port), "--depth", "4",
+            [sys.executable, "-m", "specfleet.cli", "router", "--port", str(port), "--http-port", str(http_port),
+             "--depth", "4",
              "--targets", f"k8s://target.{E2E_NAMESPACE}:grpc", "--drafts", f"k8s://draft.{E2E_NAMESPACE}:grpc",
              "--redis-url", cluster.redis_url, "--target-wait-s", "3"],
             env={"KUBECONFIG": str(api.write_kubeconfig(tmp_path / "kubeconfig"))})
@@ -119,6 +122,12 @@ def test_router_follows_its_pools_without_failing_or_changing_a_request(cluster,
         with pytest.raises(grpc.RpcError) as caught:
             Running(pool, router, requests[0]).future.result()
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "no target replica" in caught.value.details()
+        # the OpenAI API says the same with a 503, and its health check fails
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as unavailable:
+            client.completions.create(model=client.models.list().data[0].id, prompt="hello", max_tokens=4)
+        assert unavailable.value.status_code == 503 and "no target replica" in unavailable.value.message
+        assert httpx.get(f"http://127.0.0.1:{http_port}/health").status_code == 503
         # ... or, if a target comes back in time, is served by it, drafting again on a returning draft.
         waiting = Running(pool, router, requests[1])
         _eventually(lambda: _server_info(router).queued_requests == 1)

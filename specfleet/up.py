@@ -167,7 +167,7 @@ def up(config: UpConfig) -> int:
         return 1
     finally:
         log.info("stopping all processes")
-        deployment.stop()
+        deployment.stop(timeout_s=30.0, in_order=True)
 
 
 def summary(services: Services, redis_url: str) -> str:

@@ -3,8 +3,11 @@ requests parked while no target is left.
 
 Replicas come and go between steps. A target that leaves has its loop cancelled (at an await, never between a
 verdict and its commit, so no token is lost or doubled) and its sequences move to another target's loop, which
-re-prefills them; a draft that leaves has its sequences re-pinned to another draft, which re-prefills them, or run
-at depth 0. Either way the output is unchanged: every token is the target's.
+re-prefills them. A target that stops answering (`TargetLost`, a fixed address as much as a discovered one) ends
+its loop the same way, uncommitted; its sequences move, and it is asked for its info again, with backoff, until it
+answers and rejoins. A draft that leaves has its sequences re-pinned to another draft, which re-prefills them, or
+run at depth 0. Either way the output is unchanged: every token is the target's. A request moves at most
+``--max-moves`` times.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from router.planner import Planner
 from router.policy_feed import PolicyFeed
 from router.ports import StepObserver
 from router.prediction_audit import Calibration, PredictionAudit
-from router.replicas import DraftReplica, ReplicaError, ReplicaGone, TargetReplica, check_compatible
+from router.replicas import DraftReplica, ReplicaError, ReplicaGone, TargetLost, TargetReplica, check_compatible
 from router.strategies import Strategies
 from router.target_link import GrpcTargetLink
 from router.target_verifier import TargetVerifier
@@ -89,6 +92,7 @@ class Fleet:
         # still be seen when a draft leaves at the same moment.
         self.leaving: list[StepLoop] = []
         self.reference: TargetReplica | None = None  # the first target: every replica must share its tokenizer
+        self._wanted_targets: frozenset[str] = frozenset()  # what discovery last said the pool holds
         self._runs: dict[str, asyncio.Task] = {}  # each loop's run()
         self._give_ups: dict[str, asyncio.TimerHandle] = {}  # by seq_id: when a parked request stops waiting
         # By address: replicas being asked for their info, and incompatible ones (not asked again while they stay).
@@ -162,6 +166,7 @@ class Fleet:
                      info.num_slots, info.max_seq_len)
         check_compatible(joined_targets, joined_drafts)
         self.reference = joined_targets[0]
+        self._wanted_targets = first
         for target in joined_targets:
             self._add_target(target)
         self.drafts.extend(joined_drafts)
@@ -186,6 +191,7 @@ class Fleet:
     # -- targets ----------------------------------------------------------------------------------
 
     async def _reconcile_targets(self, wanted: frozenset[str]) -> None:
+        self._wanted_targets = wanted
         self._refused_targets &= wanted  # one that leaves and comes back is asked again
         for address in sorted(wanted - self.loops.keys() - self._joining_targets.keys() - self._refused_targets):
             self._join(self._joining_targets, address, self._join_target(address))
@@ -212,9 +218,20 @@ class Fleet:
         loop = step_loop_for(target, self.config, self.feed, self.telemetry, self.metrics)
         self.loops[target.address] = loop
         self.targets[target.address] = target
-        self._runs[target.address] = asyncio.get_running_loop().create_task(loop.run())
+        run = self._runs[target.address] = asyncio.get_running_loop().create_task(loop.run())
+        run.add_done_callback(self._on_loop_end)
+
+    def _on_loop_end(self, run: asyncio.Task) -> None:
+        if run.cancelled():  # removed by the fleet, which moves the sequences itself
+            return
+        error = run.exception()
+        if isinstance(error, TargetLost) and self._runs.get(error.address) is run:
+            self._spawn(self._lose_target(error))
+        elif error is not None:
+            log.error("the step loop of a target ended unexpectedly", exc_info=error)
 
     async def _remove_target(self, address: str) -> None:
+        """Discovery says ``address`` left the pool: its loop stops and its sequences move."""
         loop = self.loops.pop(address)
         target = self.targets.pop(address)
         run = self._runs.pop(address)
@@ -222,17 +239,44 @@ class Fleet:
         run.cancel()  # at an await: a step's verdicts are either all committed or none
         await asyncio.gather(run, return_exceptions=True)
         self.leaving.remove(loop)
-        moving = loop.drain()
-        for seq in moving:
+        moving = self._move(loop.drain())
+        log.warning("target %s left; %s", address, self._where(moving))
+        self._spawn(self._close(target, [s.seq_id for s in moving]))
+
+    async def _lose_target(self, lost: TargetLost) -> None:
+        """``lost.address`` stopped answering and its loop ended: its sequences move, and it is asked again until it
+        answers (then it rejoins) or leaves the pool."""
+        address = lost.address
+        loop = self.loops.pop(address)
+        target = self.targets.pop(address)
+        self._runs.pop(address)
+        moving = self._move(loop.drain())
+        log.warning("%s; %s; asking it again until it answers", lost, self._where(moving))
+        await target.link.close()
+        if address in self._wanted_targets and address not in self._joining_targets:
+            self._join(self._joining_targets, address, self._join_target(address))
+
+    def _move(self, seqs: list[LiveRequest]) -> list[LiveRequest]:
+        """Places sequences whose target is gone on the others, to be re-prefilled there; those that moved
+        --max-moves times already fail instead. Returns those that moved."""
+        moving = []
+        for seq in seqs:
+            seq.moves += 1
+            if seq.moves > self.config.max_moves:
+                seq.fail(grpc.StatusCode.UNAVAILABLE, f"the request lost its target {seq.moves} times "
+                         f"(--max-moves {self.config.max_moves})")
+                continue
             seq.target_cached = 0  # the next target prefills it from its tokens
+            moving.append(seq)
             self.place(seq)
         if moving:
             self.metrics.record_reprefills("target", len(moving))
-        where = (f"{len(moving)} sequence(s) moved to the other {len(self.loops)} target(s)" if self.loops
-                 else f"no target left: {len(moving)} sequence(s) wait up to {self.config.target_wait_s:.0f} s "
-                      "for one")
-        log.warning("target %s left; %s", address, where)
-        self._spawn(self._close(target, [s.seq_id for s in moving]))
+        return moving
+
+    def _where(self, moving: list[LiveRequest]) -> str:
+        if self.loops:
+            return f"{len(moving)} sequence(s) moved to the other {len(self.loops)} target(s)"
+        return f"no target left: {len(moving)} sequence(s) wait up to {self.config.target_wait_s:.0f} s for one"
 
     def _give_up(self, seq: LiveRequest) -> None:
         self._give_ups.pop(seq.seq_id, None)

@@ -68,6 +68,7 @@ class LiveRequest:
     # How many leading tokens of ``tokens`` each service holds in its cache (0: send everything).
     target_cached: int = 0
     draft_cached: int = 0
+    moves: int = 0  # times it moved to another target (its own failed or left)
     draft: Any = None  # the DraftReplica this request is pinned to, if any
     strategy: str = DRAFT_POOL  # where its drafts come from (see router.strategies)
     finish_reason: FinishReason | None = None

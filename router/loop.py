@@ -21,6 +21,7 @@ import grpc
 from router.live_request import LiveRequest
 from router.planner import Planner
 from router.ports import Proposer, StepObserver, StepTracer, Verifier
+from router.replicas import TargetLost
 from specfleet.speculation import Proposals, StepPlan, Verdicts
 from specfleet.stats import SequenceStep, StepStats
 
@@ -89,6 +90,8 @@ class StepLoop:
                 continue
             try:
                 await self.step([s for s in self.live if not s.finished])
+            except TargetLost:  # nothing was committed: the fleet moves the sequences to another target
+                raise
             except Exception as err:  # a bug must not strand every request on this replica
                 log.exception("step failed on %s", self.target)
                 for seq in self.live:

@@ -39,6 +39,15 @@ class ReplicaGone(Exception):
     """The replica's channel was closed: it left the pool since the call was planned."""
 
 
+class TargetLost(Exception):
+    """A target stopped answering (unreachable, refusing new calls while it drains, or past the Verify deadline).
+    Its step loop ends without committing the step, and its sequences move to the other targets."""
+
+    def __init__(self, address: str, error: ReplicaError) -> None:
+        super().__init__(f"target {address} stopped answering: {error}")
+        self.address, self.error = address, error
+
+
 @dataclass
 class TargetReplica:
     address: str

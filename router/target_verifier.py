@@ -3,7 +3,8 @@
 The target keeps each sequence's KV cache between calls, so a call carries only the tokens committed since the
 target last saw the sequence and the length to roll back to (its rejected drafts). A target that lost a
 sequence (restarted, evicted) says so, and the sequence is sent again whole in a second call of the same step:
-a re-prefill, never a wrong token.
+a re-prefill, never a wrong token. A target that does not answer at all raises `TargetLost`: nothing of the step is
+committed, and the fleet moves its sequences to the other targets, which re-prefill them.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from collections.abc import Mapping
 import grpc
 
 from router.live_request import LiveRequest
-from router.replicas import ReplicaError, TargetReplica, release_on
+from router.replicas import ReplicaError, TargetLost, TargetReplica, release_on
 from specfleet.otel import RouterMetrics
 from specfleet.speculation import Proposal, SessionDelta, SessionReply, Verdict, Verdicts, VerifyAsk
 
 log = logging.getLogger("specfleet.router")
+
+# How a target that is down (or draining, or stuck) answers; any other failure is the request's or the target's bug.
+UNANSWERED = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 
 
 class TargetVerifier:
@@ -42,6 +46,8 @@ class TargetVerifier:
                 reply.cached_len.update(more.cached_len)
                 reply.compute_ms += more.compute_ms
         except ReplicaError as err:
+            if err.code in UNANSWERED:
+                raise TargetLost(self.target.address, err) from err
             log.error("verify on %s failed: %s", self.target.address, err)
             for seq in batch:
                 seq.fail(grpc.StatusCode.UNAVAILABLE, f"target {self.target.address} failed: {err.details}")

@@ -223,11 +223,15 @@ class RouterConfig(ServiceConfig):
     max_queue: int = option(1024, "requests waiting for a slot before new ones get RESOURCE_EXHAUSTED")
     draft_timeout_ms: float = option(2000.0, "a Propose slower than this is dropped: the step runs at depth 0 "
                                      "(scaled up for a Propose that prefills a long prompt)")
-    verify_timeout_ms: float = option(60000.0, "a Verify slower than this fails its requests with UNAVAILABLE")
+    verify_timeout_ms: float = option(60000.0, "a Verify slower than this counts as its target failing: the "
+                                      "target's sequences move to another target")
     draft_retry_s: float = option(2.0, "after a draft failure, skip that draft replica for this long")
     tokenizer: str = option("", "model spec to take the tokenizer from (default: the target's model)")
-    target_wait_s: float = option(60.0, "while a k8s:// pool has no ready target, requests wait this long for one "
-                                  "(within their deadline) before failing with UNAVAILABLE")
+    target_wait_s: float = option(60.0, "while no target is up (none ready in a k8s:// pool, or every one failed), "
+                                  "requests wait this long for one (within their deadline) before failing with "
+                                  "UNAVAILABLE")
+    max_moves: int = option(3, "times a request may move to another target after its target failed or left "
+                            "(each move re-prefills it there) before it fails with UNAVAILABLE")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -254,6 +258,7 @@ class RouterConfig(ServiceConfig):
                "--targets needs at least one host:port or a k8s:// Service")
         parse_pool(self.drafts, "--drafts")
         _check(self.target_wait_s > 0, f"--target-wait-s must be > 0, got {self.target_wait_s}")
+        _check(self.max_moves >= 0, f"--max-moves must be >= 0, got {self.max_moves}")
         _check(1 <= self.default_max_new_tokens <= self.max_new_tokens_cap,
                "need 1 <= --default-max-new-tokens <= --max-new-tokens-cap")
         _check(self.draft_timeout_ms > 0 and self.verify_timeout_ms > 0, "timeouts must be > 0")

@@ -1,17 +1,24 @@
-"""The router when replicas leave mid-step: no sequence keeps a draft that has left, and no step fails for it."""
+"""The router when replicas leave or fail mid-step: no sequence keeps a replica that has gone, and no request fails
+for it."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
+from step_fakes import VOCAB, FakeDrafter, FakeTarget, Sessions, ToyModel, live_request
+
+import router.fleet as fleet_module
 from router.draft_pool import DraftPool
 from router.fleet import Fleet, connect_draft, connect_target, step_loop_for
 from router.live_request import LiveRequest
-from router.replicas import DraftReplica, ReplicaInfo
+from router.policy_feed import PolicyFeed
+from router.replicas import DraftReplica, ReplicaError, ReplicaInfo, TargetReplica
 from specfleet.config import RouterConfig
 from specfleet.otel import RouterMetrics
+from specfleet.policy import DepthPolicy
 from specfleet.sampling_params import SamplingParams
-from specfleet.speculation import DraftPlan, StepPlan
+from specfleet.speculation import DraftPlan, SessionReply, StepPlan, Verdict, VerifyAsk
 
 # Nothing listens here: Release calls to a replica that left fail, as they may, and are not waited for.
 NOWHERE = "127.0.0.1:9"
@@ -67,3 +74,97 @@ def test_a_step_whose_draft_left_since_it_began_runs_without_drafts() -> None:
         return dict(await pool.propose([seq], StepPlan({"s0": DraftPlan(4)}, "pinned")))
 
     assert asyncio.run(scenario()) == {}
+
+
+@dataclass
+class DyingTarget(FakeTarget):
+    """A fake target that can be killed and brought back: while dead, calls fail as gRPC says an unreachable
+    server fails (UNAVAILABLE) and GetInfo finds nobody."""
+
+    alive: bool = True
+    calls: int = 0
+    die_after_calls: int = 0  # 0: never by itself
+
+    async def verify(self, asks: list[VerifyAsk], timeout_s: float) -> SessionReply[Verdict]:
+        self.calls += 1
+        if self.die_after_calls and self.calls > self.die_after_calls:
+            self.alive = False
+        if not self.alive:
+            self.sessions = Sessions()  # a restart loses every cache
+            raise ReplicaError("UNAVAILABLE", "failed to connect to all addresses")
+        return await super().verify(asks, timeout_s)
+
+    async def info(self, timeout_s: float) -> ReplicaInfo:
+        if not self.alive:
+            raise ConnectionError("no answer from the target")
+        return await super().info(timeout_s)
+
+
+def test_a_target_that_stops_answering_costs_a_re_prefill_and_rejoins_when_back(monkeypatch) -> None:
+    """A fixed pool of two: one target dies mid-generation. Its sequences move to the other one (re-prefilled, output
+    unchanged, nothing failed), new requests go only to the live one, and the dead one rejoins once it answers."""
+    monkeypatch.setattr(fleet_module, "JOIN_RETRY_S", (0.01, 0.05))
+    dying, staying = DyingTarget(die_after_calls=3), DyingTarget()
+    fakes = {"a:1": dying, "b:2": staying}
+    monkeypatch.setattr(fleet_module, "connect_target", lambda address, interceptors=(): TargetReplica(
+        address, fakes[address]))
+    model = ToyModel()
+
+    async def scenario() -> tuple[list[list[int]], list[list[int]], Fleet]:
+        fleet = Fleet(RouterConfig(depth="3", targets="a:1,b:2", drafts="d:1"), feed=_fixed_depth(3),
+                      telemetry=None, metrics=RouterMetrics())
+        draft = DraftReplica("d:1", FakeDrafter(), ReplicaInfo("toy", "model", VOCAB, "toy", 256, 8))
+        fleet.drafts = [draft]
+        for address in ("a:1", "b:2"):
+            fleet._add_target(TargetReplica(address, fakes[address], await fakes[address].info(1)))
+        fleet.reference, fleet._wanted_targets = fleet.targets["a:1"], frozenset(fakes)
+        first = [live_request(f"s{i}", [i + 1, i + 2], 12, draft=draft) for i in range(4)]
+        for seq in first:
+            fleet.loops["a:1"].submit(seq)
+        await _until(lambda: "a:1" not in fleet.loops)  # it died and left
+        later = [live_request(f"t{i}", [i + 5, i + 6], 6, draft=draft) for i in range(2)]
+        for seq in later:
+            fleet.place(seq)
+        await _until(lambda: all(s.finished for s in [*first, *later]))
+        assert all(s.error is None and s.moves == 1 for s in first) and all(s.moves == 0 for s in later)
+        assert staying.calls > 0 and "a:1" in fleet._joining_targets  # asked again, with backoff
+        dying.alive, dying.die_after_calls = True, 0
+        await _until(lambda: "a:1" in fleet.loops)
+        await fleet.stop()
+        return [s.generated for s in first], [s.generated for s in later], fleet
+
+    first, later, fleet = asyncio.run(scenario())
+    assert first == [model.generate([i + 1, i + 2], 12) for i in range(4)]
+    assert later == [model.generate([i + 5, i + 6], 6) for i in range(2)]
+
+
+def test_a_request_that_lost_its_target_too_often_fails_with_the_reason(monkeypatch) -> None:
+    monkeypatch.setattr(fleet_module, "JOIN_RETRY_S", (0.01, 0.05))
+    dying = DyingTarget(die_after_calls=1)
+    monkeypatch.setattr(fleet_module, "connect_target", lambda address, interceptors=(): TargetReplica(address,
+                                                                                                          dying))
+
+    async def scenario() -> LiveRequest:
+        fleet = Fleet(RouterConfig(depth="0", targets="a:1", max_moves=0), feed=_fixed_depth(0), telemetry=None,
+                      metrics=RouterMetrics())
+        fleet._add_target(TargetReplica("a:1", dying, await dying.info(1)))
+        fleet.reference, fleet._wanted_targets = fleet.targets["a:1"], frozenset({"a:1"})
+        seq = live_request("s0", [1, 2], 8)
+        fleet.place(seq)
+        await _until(lambda: seq.finished)
+        await fleet.stop()
+        return seq
+
+    seq = asyncio.run(scenario())
+    assert seq.error is not None and seq.error.code.name == "UNAVAILABLE" and "--max-moves 0" in seq.error.message
+
+
+def _fixed_depth(depth: int) -> PolicyFeed:
+    return PolicyFeed(DepthPolicy.fixed(depth), None, 1.0, "throughput")
+
+
+async def _until(condition, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.005)

@@ -1,0 +1,127 @@
+"""A target that dies costs a re-prefill, not a request: with two fixed target replicas, `kill -9` of one while
+streams run moves its sequences to the other (outputs identical to an uninterrupted run, greedy and seeded
+sampling), new requests go to the live one only, and the killed replica rejoins once it is started again."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from specfleet.client import make_request, stream
+from specfleet.launcher import Deployment, Process, free_port, wait_serving
+from specfleet.protos import generate_pb2, generate_pb2_grpc
+
+PROMPTS = ["def add(a, b):", "The capital of France is", "1, 2, 3, 4,", "Once upon a time",
+           "import numpy as np", "Dear team,", "SELECT * FROM", "The quick brown fox"]
+NEW_TOKENS = 160  # long enough to be mid-stream when the kill comes
+
+
+def requests(tag: str) -> list[generate_pb2.GenerateRequest]:
+    """Six greedy requests and two sampled ones with a seed: each has one right answer."""
+    made = [make_request(p, max_new_tokens=NEW_TOKENS, ignore_eos=True) for p in PROMPTS[:6]]
+    made += [make_request(p, max_new_tokens=NEW_TOKENS, ignore_eos=True, temperature=0.9, top_p=0.95, seed=11 + i)
+             for i, p in enumerate(PROMPTS[6:])]
+    for i, request in enumerate(made):
+        request.request_id = f"{tag}-{i}"
+    return made
+
+
+class Streaming:
+    """One streaming request on a thread: its tokens, and whether its first message has come."""
+
+    def __init__(self, pool: ThreadPoolExecutor, router: str, request: generate_pb2.GenerateRequest) -> None:
+        self.started = threading.Event()
+        self.tokens: list[int] = []
+        self.future = pool.submit(self._run, router, request)
+
+    def _run(self, router: str, request: generate_pb2.GenerateRequest) -> list[int]:
+        for message in stream(router, request, timeout_s=300):
+            self.tokens.extend(message.token_ids)
+            self.started.set()
+        return self.tokens
+
+
+def server_info(router: str) -> generate_pb2.GetServerInfoResponse:
+    with grpc.insecure_channel(router) as channel:
+        return generate_pb2_grpc.GenerationServiceStub(channel).GetServerInfo(generate_pb2.GetServerInfoRequest(),
+                                                                              timeout=10)
+
+
+def eventually(condition, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout_s:.0f} s"
+        time.sleep(0.1)
+
+
+@dataclass
+class TwoTargets:
+    deployment: Deployment
+    model: Path
+    ports: dict[str, int]
+    processes: dict[str, Process]
+    router: str  # over both targets, drafting
+    reference: str  # plain decoding on target b alone
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    def start_target(self, name: str) -> None:
+        args = ["--model", str(self.model), "--device", "cpu", "--num-slots", "16", "--max-seq-len", "1024",
+                "--port", str(self.ports[name])]
+        self.processes[name] = self.deployment.start_service("target", args, name=f"target-{name}")
+        wait_serving(self.processes[name], self.address(name), timeout_s=300)
+
+
+@pytest.fixture(scope="module")
+def two_targets(tiny_draft_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoTargets]:
+    with Deployment(tmp_path_factory.mktemp("failover-logs")) as deployment:
+        fleet = TwoTargets(deployment, tiny_draft_dir, {name: free_port() for name in ("a", "b", "draft", "router",
+                                                                                        "reference")}, {}, "", "")
+        for name in ("a", "b"):
+            fleet.start_target(name)
+        draft = deployment.start_service("draft", ["--drafter", "ngram", "--port", str(fleet.ports["draft"])])
+        wait_serving(draft, fleet.address("draft"))
+        for name, args in (("router", ["--targets", f"{fleet.address('a')},{fleet.address('b')}", "--drafts",
+                                       fleet.address("draft"), "--depth", "3"]),
+                           ("reference", ["--targets", fleet.address("b"), "--depth", "0"])):
+            process = deployment.start(name, [sys.executable, "-m", "specfleet.cli", "router", "--port",
+                                              str(fleet.ports[name]), *args])
+            wait_serving(process, fleet.address(name))
+        fleet.router, fleet.reference = fleet.address("router"), fleet.address("reference")
+        yield fleet
+
+
+def test_kill_9_of_a_target_mid_stream_loses_nothing_and_it_rejoins(two_targets: TwoTargets) -> None:
+    fleet = two_targets
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        expected = [s.future.result() for s in [Streaming(pool, fleet.reference, r) for r in requests("ref")]]
+
+        running = [Streaming(pool, fleet.router, r) for r in requests("first")]
+        assert all(s.started.wait(120) for s in running)
+        fleet.processes["a"].popen.kill()  # kill -9, mid-stream
+        fleet.processes["a"].popen.wait()
+        assert not all(s.future.done() for s in running), "the streams ended before the kill: nothing was tested"
+        assert [s.future.result() for s in running] == expected  # none failed, none changed
+
+        eventually(lambda: list(server_info(fleet.router).target_addresses) == [fleet.address("b")],
+                   "the router drops the dead target")
+        after = [Streaming(pool, fleet.router, r) for r in requests("after")]
+        assert [s.future.result() for s in after] == expected
+
+        fleet.start_target("a")  # the same address, started again
+        eventually(lambda: len(server_info(fleet.router).target_addresses) == 2, "the target rejoins")
+        again = [Streaming(pool, fleet.router, r) for r in requests("again")]
+        assert [s.future.result() for s in again] == expected
+
+    log = fleet.deployment.processes[[p.name for p in fleet.deployment.processes].index("router")].log_tail(400)
+    assert f"target {fleet.address('a')} stopped answering" in log and "moved to the other 1 target(s)" in log
+    assert f"target {fleet.address('a')} joined" in log

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from collections.abc import Sequence as Seq
 
 import grpc
@@ -57,7 +57,7 @@ def connect_draft(address: str, interceptors: Seq[grpc.aio.ClientInterceptor] = 
 
 
 def step_loop_for(target: TargetReplica, config: RouterConfig, feed: PolicyFeed, telemetry: TelemetryWriter | None,
-                  metrics: RouterMetrics) -> StepLoop:
+                  metrics: RouterMetrics, on_draining: Callable[[str], None] | None = None) -> StepLoop:
     """The step loop of one target replica (which has answered GetInfo), wired to its ports: the draft pool as
     its strategy, the target behind a verifier, the policy behind a planner, and the step's observers."""
     assert target.info is not None
@@ -71,9 +71,9 @@ def step_loop_for(target: TargetReplica, config: RouterConfig, feed: PolicyFeed,
         observers.append(calibration)
     if telemetry is not None:
         observers.append(TelemetryExporter(telemetry))
-    return StepLoop(target.address, planner, strategies, TargetVerifier(target, config.verify_timeout_ms / 1000,
-                                                                       metrics),
-                    observers, metrics, capacity=target.info.num_slots, max_context=target.info.max_seq_len)
+    verifier = TargetVerifier(target, config.verify_timeout_ms / 1000, metrics, on_draining)
+    return StepLoop(target.address, planner, strategies, verifier, observers, metrics,
+                    capacity=target.info.num_slots, max_context=target.info.max_seq_len)
 
 
 class Fleet:
@@ -127,8 +127,10 @@ class Fleet:
         return self.live / slots if slots else 0.0
 
     def place(self, seq: LiveRequest) -> None:
-        """Hands ``seq`` to the least loaded target that has room for its context, or parks it until one joins."""
-        fitting = [loop for loop in self.loops.values() if loop.max_context > len(seq.tokens)]
+        """Hands ``seq`` to the least loaded target that has room for its context and is not shutting down, or parks
+        it until one joins."""
+        fitting = [loop for address, loop in self.loops.items()
+                   if loop.max_context > len(seq.tokens) and not self.targets[address].draining]
         if fitting:
             min(fitting, key=lambda loop: loop.load).submit(seq)
             return
@@ -215,11 +217,32 @@ class Fleet:
                      f"; it takes {len(parked)} waiting request(s)" if parked else "")
 
     def _add_target(self, target: TargetReplica) -> None:
-        loop = step_loop_for(target, self.config, self.feed, self.telemetry, self.metrics)
+        loop = step_loop_for(target, self.config, self.feed, self.telemetry, self.metrics, self._target_draining)
         self.loops[target.address] = loop
         self.targets[target.address] = target
         run = self._runs[target.address] = asyncio.get_running_loop().create_task(loop.run())
         run.add_done_callback(self._on_loop_end)
+
+    def _target_draining(self, address: str) -> None:
+        """``address`` says it is shutting down: the requests waiting for its slots go to the others, those it holds
+        finish there, and once it holds none it is retired and asked again until a successor answers."""
+        loop = self.loops[address]
+        waiting = [s for s in loop.waiting if not s.finished]
+        loop.waiting.clear()
+        for seq in waiting:
+            self.place(seq)
+        log.warning("target %s is shutting down: it finishes its %d live sequence(s), %d waiting request(s) go "
+                    "elsewhere", address, len(loop.live), len(waiting))
+        self._spawn(self._retire_when_idle(address, loop))
+
+    async def _retire_when_idle(self, address: str, loop: StepLoop) -> None:
+        while self.loops.get(address) is loop and any(not s.finished for s in loop.live):
+            await asyncio.sleep(0.1)
+        if self.loops.get(address) is not loop:  # it failed or left meanwhile: handled there
+            return
+        await self._remove_target(address, "finished its sequences and stops")
+        if address in self._wanted_targets and address not in self._joining_targets:
+            self._join(self._joining_targets, address, self._join_target(address))
 
     def _on_loop_end(self, run: asyncio.Task) -> None:
         if run.cancelled():  # removed by the fleet, which moves the sequences itself
@@ -230,8 +253,9 @@ class Fleet:
         elif error is not None:
             log.error("the step loop of a target ended unexpectedly", exc_info=error)
 
-    async def _remove_target(self, address: str) -> None:
-        """Discovery says ``address`` left the pool: its loop stops and its sequences move."""
+    async def _remove_target(self, address: str, why: str = "left") -> None:
+        """Discovery says ``address`` left the pool (or it finished draining): its loop stops and its sequences
+        move."""
         loop = self.loops.pop(address)
         target = self.targets.pop(address)
         run = self._runs.pop(address)
@@ -240,7 +264,7 @@ class Fleet:
         await asyncio.gather(run, return_exceptions=True)
         self.leaving.remove(loop)
         moving = self._move(loop.drain())
-        log.warning("target %s left; %s", address, self._where(moving))
+        log.warning("target %s %s; %s", address, why, self._where(moving))
         self._spawn(self._close(target, [s.seq_id for s in moving]))
 
     async def _lose_target(self, lost: TargetLost) -> None:
@@ -337,7 +361,10 @@ class Fleet:
         try:
             while True:
                 try:
-                    replica.info = await replica.link.info(JOIN_TIMEOUT_S)
+                    info = await replica.link.info(JOIN_TIMEOUT_S)
+                    if info.draining:
+                        raise ConnectionError(f"{replica.address} is shutting down")
+                    replica.info = info
                     break
                 except ConnectionError as err:
                     log.warning("%s; asking again in %.0f s", err, wait)

@@ -25,6 +25,7 @@ class ReplicaInfo:
     num_slots: int
     live_sequences: int = 0
     eos_token_ids: tuple[int, ...] = ()
+    draining: bool = False  # shutting down: it takes no new sequences
 
 
 class ReplicaError(Exception):
@@ -53,6 +54,7 @@ class TargetReplica:
     address: str
     link: TargetLink
     info: ReplicaInfo | None = None
+    draining: bool = False  # its replies say it is shutting down: new requests go elsewhere
 
 
 @dataclass

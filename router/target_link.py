@@ -19,7 +19,7 @@ class GrpcTargetLink(GrpcLink):
     async def verify(self, asks: list[VerifyAsk], timeout_s: float) -> SessionReply[Verdict]:
         response = await self.call(self.stub.Verify, target_pb2.VerifyRequest(entries=[_entry(a) for a in asks]),
                                    timeout_s)
-        reply = SessionReply[Verdict]({}, {}, [], response.compute_ms)
+        reply = SessionReply[Verdict]({}, {}, [], response.compute_ms, response.draining)
         for v in response.verdicts:
             if v.status == session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE:
                 reply.unknown.append(v.seq_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import grpc
 
@@ -27,10 +27,12 @@ UNANSWERED = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 
 
 class TargetVerifier:
-    def __init__(self, target: TargetReplica, timeout_s: float, metrics: RouterMetrics) -> None:
+    def __init__(self, target: TargetReplica, timeout_s: float, metrics: RouterMetrics,
+                 on_draining: Callable[[str], None] | None = None) -> None:
         self.target = target
         self.timeout_s = timeout_s
         self.metrics = metrics
+        self.on_draining = on_draining  # told once, when the target first says it is shutting down
 
     async def verify(self, batch: list[LiveRequest], proposals: Mapping[str, Proposal]) -> Verdicts:
         try:
@@ -55,6 +57,10 @@ class TargetVerifier:
         for seq in batch:
             if seq.seq_id in reply.cached_len:
                 seq.target_cached = reply.cached_len[seq.seq_id]
+        if reply.draining and not self.target.draining:
+            self.target.draining = True
+            if self.on_draining is not None:
+                self.on_draining(self.target.address)
         return Verdicts(reply.answers, reply.compute_ms)
 
     async def _call(self, seqs: list[LiveRequest], proposals: Mapping[str, Proposal]) -> SessionReply[Verdict]:

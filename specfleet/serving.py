@@ -7,6 +7,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
@@ -19,6 +20,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a batch of long prompts plus top-K draft distributions
+
+
+@dataclass
+class Sessions:
+    """A service that holds sequences for its routers (the target): on the signal ``draining`` turns true (its
+    replies tell the routers, which send it no new sequences), and it goes on answering until ``held()`` is 0
+    (the routers finished and released them) or the drain timeout passes."""
+
+    held: Callable[[], int]
+    draining: bool = False
 
 
 def setup_logging(level: str) -> None:
@@ -38,6 +49,7 @@ async def serve(
     otel: Otel | None = None,
     drain_timeout_s: float = 5.0,
     credentials: grpc.ServerCredentials | None = None,
+    sessions: Sessions | None = None,
 ) -> None:
     """Runs a gRPC server until SIGINT/SIGTERM. ``register`` adds the servicers and returns their
     full service names, which are reported SERVING on ``grpc.health.v1`` and listed by reflection.
@@ -45,7 +57,8 @@ async def serve(
 
     On the signal the server drains: health goes NOT_SERVING at once, new calls are refused (UNAVAILABLE), and calls
     under way, streams included, get ``drain_timeout_s`` to finish, while ``on_drain`` (another server of the same
-    process, say) drains beside it. Then ``on_stop`` runs and ``otel``'s exporters are flushed."""
+    process, say) drains beside it. Then ``on_stop`` runs and ``otel``'s exporters are flushed. A service with
+    ``sessions`` first keeps taking calls until the sequences it holds are finished, within the same timeout."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
                              interceptors=interceptors or None)
@@ -73,12 +86,27 @@ async def serve(
     log.info("%s shutting down: calls under way get up to %.0f s to finish", name, drain_timeout_s)
     await health_servicer.enter_graceful_shutdown()
     started = time.monotonic()
-    await asyncio.gather(server.stop(drain_timeout_s), *([on_drain()] if on_drain is not None else []))
+    if sessions is not None:
+        await _finish_sessions(name, sessions, drain_timeout_s)
+    remaining_s = max(1.0, drain_timeout_s - (time.monotonic() - started))
+    await asyncio.gather(server.stop(remaining_s), *([on_drain()] if on_drain is not None else []))
     log.info("%s drained in %.1f s", name, time.monotonic() - started)
     if on_stop is not None:
         await on_stop()
     if otel is not None:
         await asyncio.to_thread(otel.shutdown)
+
+
+async def _finish_sessions(name: str, sessions: Sessions, timeout_s: float) -> None:
+    sessions.draining = True
+    held, deadline = sessions.held(), time.monotonic() + timeout_s
+    if held:
+        log.info("%s finishes the %d sequence(s) it holds before it stops (up to %.0f s)", name, held, timeout_s)
+    while sessions.held() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    if sessions.held():
+        log.warning("%s stops with %d sequence(s) unfinished: their routers move them elsewhere", name,
+                    sessions.held())
 
 
 def servicer_name(service_descriptor_holder, service: str) -> str:

@@ -185,3 +185,4 @@ class SessionReply(Generic[T]):
     cached_len: dict[str, int]
     unknown: list[str]
     compute_ms: float
+    draining: bool = False  # the service is shutting down: it finishes what it holds but takes nothing new

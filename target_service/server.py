@@ -17,7 +17,7 @@ from specfleet.otel import Otel, ServiceMetrics
 from specfleet.otel import setup as setup_otel
 from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
 from specfleet.security import internal_guard
-from specfleet.serving import serve, servicer_name
+from specfleet.serving import Sessions, serve, servicer_name
 from specfleet.speculation import is_prefill
 from specfleet.telemetry import TelemetryWriter, writer_for
 from specfleet.wire import delta_fields, info_response, sampling_from_proto, validate_parents, validate_tokens
@@ -35,6 +35,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         self.metrics = ServiceMetrics(otel, "target", lambda: verifier.runner.live_sequences)
         self.fingerprint = fingerprint
         self.eos_ids = eos_ids
+        self.sessions = Sessions(lambda: verifier.runner.live_sequences)
         # One model, one thread: batches run one after another, the event loop stays free for health checks.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-model")
 
@@ -55,7 +56,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
             tokens_per_seq = sum(len(i.new_tokens) + len(i.draft_tokens) for i in items) / len(items)
             self.telemetry.record_latency(len(items), tokens_per_seq, elapsed_ms)
         return target_pb2.VerifyResponse(
-            compute_ms=elapsed_ms,
+            compute_ms=elapsed_ms, draining=self.sessions.draining,
             verdicts=[target_pb2.Verdict(
                 seq_id=v.seq_id,
                 status=session_pb2.ENTRY_STATUS_OK if v.known else session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE,
@@ -101,7 +102,8 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         runner = self.verifier.runner
         return info_response(model=self.config.model, kind="target", vocab_size=runner.vocab_size,
                              fingerprint=self.fingerprint, max_seq_len=runner.max_seq_len,
-                             num_slots=runner.num_slots, live=runner.live_sequences, eos_ids=self.eos_ids)
+                             num_slots=runner.num_slots, live=runner.live_sequences, eos_ids=self.eos_ids,
+                             draining=self.sessions.draining)
 
 
 def build_servicer(config: TargetConfig, otel: Otel | None = None) -> TargetServicer:
@@ -144,4 +146,4 @@ async def run(config: TargetConfig) -> None:
     # Only callers with the internal token (if there is one) get in; the router's calls carry its trace context.
     interceptors = [*guard, *otel.server_interceptors()]
     await serve("target", config.host, config.port, register, interceptors=interceptors, otel=otel,
-                drain_timeout_s=config.drain_timeout_s)
+                drain_timeout_s=config.drain_timeout_s, sessions=servicer.sessions)

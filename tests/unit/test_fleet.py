@@ -168,3 +168,58 @@ async def _until(condition, timeout_s: float = 10.0) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.005)
+
+
+@dataclass
+class DrainingTarget(FakeTarget):
+    """A fake target that can be told to shut down: its replies and its info then say so."""
+
+    draining: bool = False
+
+    async def verify(self, asks: list[VerifyAsk], timeout_s: float) -> SessionReply[Verdict]:
+        reply = await super().verify(asks, timeout_s)
+        reply.draining = self.draining
+        return reply
+
+    async def info(self, timeout_s: float) -> ReplicaInfo:
+        info = await super().info(timeout_s)
+        return ReplicaInfo(**{**info.__dict__, "draining": self.draining})
+
+
+def test_a_target_shutting_down_finishes_its_sequences_and_gets_no_new_ones(monkeypatch) -> None:
+    monkeypatch.setattr(fleet_module, "JOIN_RETRY_S", (0.01, 0.05))
+    stopping, staying = DrainingTarget(), DrainingTarget()
+    fakes = {"a:1": stopping, "b:2": staying}
+    monkeypatch.setattr(fleet_module, "connect_target", lambda address, interceptors=(): TargetReplica(
+        address, fakes[address]))
+    model = ToyModel()
+
+    async def scenario() -> tuple[list[LiveRequest], list[LiveRequest], Fleet]:
+        fleet = Fleet(RouterConfig(depth="0", targets="a:1,b:2"), feed=_fixed_depth(0), telemetry=None,
+                      metrics=RouterMetrics())
+        for address in ("a:1", "b:2"):
+            fleet._add_target(TargetReplica(address, fakes[address], await fakes[address].info(1)))
+        fleet.reference, fleet._wanted_targets = fleet.targets["a:1"], frozenset(fakes)
+        fleet.loops["a:1"].capacity = 2  # two run there, one waits for a slot
+        held = [live_request(f"s{i}", [i + 1, i + 2], 30) for i in range(3)]
+        for seq in held:
+            fleet.loops["a:1"].submit(seq)
+        await _until(lambda: len(stopping.asks) >= 2)
+        stopping.draining = True  # SIGTERM
+        await _until(lambda: fleet.targets["a:1"].draining)
+        later = [live_request(f"t{i}", [i + 5], 4) for i in range(2)]
+        for seq in later:
+            fleet.place(seq)
+        await _until(lambda: all(s.finished for s in [*held, *later]))
+        await _until(lambda: "a:1" not in fleet.loops)  # retired once idle, asked again: still shutting down
+        stopping.draining = False  # its successor answers
+        await _until(lambda: "a:1" in fleet.loops)
+        await fleet.stop()
+        return held, later, fleet
+
+    held, later, fleet = asyncio.run(scenario())
+    on_a = {ask.delta.seq_id for asks in stopping.asks for ask in asks}
+    assert on_a >= {"s0", "s1"} and not on_a & {"s2", "t0", "t1"}  # the waiting one and the new ones went to b
+    assert all(s.moves == 0 and s.error is None for s in held)
+    assert [s.generated for s in held] == [model.generate([i + 1, i + 2], 30) for i in range(3)]
+    assert [s.generated for s in later] == [model.generate([i + 5], 4) for i in range(2)]

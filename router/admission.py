@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from router.canary import Canary
 from router.fleet import Fleet
 from router.live_request import FinishReason, LiveRequest
 from router.policy_feed import PolicyFeed
@@ -69,6 +70,8 @@ class Router:
         self.vocab_size = fleet.reference.info.vocab_size
         self.requests: dict[str, LiveRequest] = {}
         self.router_id = router_id  # keeps seq_ids unique when routers share replicas
+        self.canary = Canary(config.canary_share, fleet.place, fleet.has_room, tokenizer,
+                             lambda matched, replay, at: self.metrics.record_canary(matched, replay.request_id, at))
         self._counter = 0
 
     @property
@@ -127,6 +130,7 @@ class Router:
             log.info("request %s %s", seq.request_id,
                      "ran past the client's deadline" if deadline_passed else "cancelled by the client")
         self.requests.pop(seq.request_id, None)
+        self.canary.consider(seq)
         self.metrics.end_request(seq.span, outcome, code, prompt_tokens=seq.prompt_len,
                                  generated_tokens=len(seq.tokens) - seq.prompt_len,
                                  finish_reason=seq.finish_reason.value if seq.finish_reason else "unspecified",

@@ -120,6 +120,11 @@ class Fleet:
     def live(self) -> int:
         return sum(len(loop.live) for loop in self.loops.values())
 
+    def has_room(self) -> bool:
+        """Nothing waits for a slot and at most half of them are taken: room for background work."""
+        slots = sum(loop.capacity for loop in self.loops.values())
+        return self.queued == 0 and self.live * 2 <= slots
+
     @property
     def slot_usage(self) -> float:
         """The fraction of its targets' sequence slots the live requests hold (0 with no target)."""

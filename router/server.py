@@ -206,6 +206,7 @@ async def run(config: RouterConfig) -> None:
 
     async def stop_loops() -> None:
         feed_task.cancel()
+        await router.canary.stop()
         await router.fleet.stop()
 
     # No tracing interceptor here: each request's span is the router's server span (it continues the caller's trace).

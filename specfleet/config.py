@@ -230,6 +230,9 @@ class RouterConfig(ServiceConfig):
     target_wait_s: float = option(60.0, "while no target is up (none ready in a k8s:// pool, or every one failed), "
                                   "requests wait this long for one (within their deadline) before failing with "
                                   "UNAVAILABLE")
+    canary_share: float = option(0.0, "share of finished greedy requests generated again by plain decoding, in the "
+                                 "background while the targets have room, to check that speculation changed no "
+                                 "token (specfleet_canary_mismatches_total); 0: off")
     max_moves: int = option(3, "times a request may move to another target after its target failed or left "
                             "(each move re-prefills it there) before it fails with UNAVAILABLE")
 
@@ -259,6 +262,7 @@ class RouterConfig(ServiceConfig):
         parse_pool(self.drafts, "--drafts")
         _check(self.target_wait_s > 0, f"--target-wait-s must be > 0, got {self.target_wait_s}")
         _check(self.max_moves >= 0, f"--max-moves must be >= 0, got {self.max_moves}")
+        _check(0 <= self.canary_share <= 1, f"--canary-share must be in [0, 1], got {self.canary_share}")
         _check(1 <= self.default_max_new_tokens <= self.max_new_tokens_cap,
                "need 1 <= --default-max-new-tokens <= --max-new-tokens-cap")
         _check(self.draft_timeout_ms > 0 and self.verify_timeout_ms > 0, "timeouts must be > 0")

@@ -238,7 +238,8 @@ class RouterMetrics:
     specfleet_draft_position_accepted_total{position}, specfleet_step_emitted_tokens_total{depth},
     specfleet_step_duration_seconds_total{depth}, specfleet_draft_latency_seconds{replica},
     specfleet_verify_latency_seconds{replica} (histograms), specfleet_reprefills_total{role} (0 per role from the
-    start), and the gauges specfleet_queue_depth, specfleet_live_requests, specfleet_slot_usage, specfleet_redis_up.
+    start), specfleet_canary_replays_total, specfleet_canary_mismatches_total (0 from the start), and the gauges
+    specfleet_queue_depth, specfleet_live_requests, specfleet_slot_usage, specfleet_redis_up.
     Beside them on /metrics, the same measurements under vLLM's names (`specfleet.vllm_metrics`).
     """
 
@@ -284,10 +285,16 @@ class RouterMetrics:
                                          "Verify round trip seen by the router, by target replica")
         self.reprefills = meter.create_counter(
             "specfleet_reprefills", "{sequence}", "sequences resent whole because a service lost them, by role")
+        self.canary_replays = meter.create_counter(
+            "specfleet_canary_replays", "{request}", "finished greedy requests generated again by plain decoding")
+        self.canary_mismatches = meter.create_counter(
+            "specfleet_canary_mismatches", "{request}", "canary replays whose answer differed from the request's")
         # A healthy fleet never re-prefills: without a zero from the start the series would not exist, and the
         # dashboards' re-prefill panel would say "No data" instead of 0.
         for role in ("draft", "target"):
             self.reprefills.add(0, {"role": role})
+        self.canary_replays.add(0)  # likewise for the canary's panel and alert
+        self.canary_mismatches.add(0)
 
     def serve(self, model_name: str, queue_depth: Callable[[], int], live_requests: Callable[[], int],
               slot_usage: Callable[[], float], redis_up: Callable[[], bool]) -> None:
@@ -399,6 +406,17 @@ class RouterMetrics:
 
     def record_reprefills(self, role: str, sequences: int) -> None:
         self.reprefills.add(sequences, {"role": role})
+
+    def record_canary(self, matched: bool, request_id: str, first_difference: int | None) -> None:
+        self.canary_replays.add(1)
+        if matched:
+            return
+        self.canary_mismatches.add(1)
+        if self.tracing:
+            span = self.tracer.start_span("canary mismatch", attributes={
+                "specfleet.request_id": request_id, "specfleet.first_difference": first_difference or 0})
+            span.set_status(Status(StatusCode.ERROR, "a greedy answer differs from plain decoding"))
+            span.end()
 
 
 class ServiceMetrics:

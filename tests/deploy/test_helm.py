@@ -29,6 +29,7 @@ from dashboards import (
 from helm_tools import (
     CHART,
     NAMESPACE,
+    PROMETHEUS_RULE_API,
     RELEASE,
     SERVICE_MONITOR_API,
     VALUE_SETS,
@@ -62,7 +63,7 @@ EVERYTHING = (*HUB_TARGET, "draft.autoscaling.enabled=true", "target.autoscaling
 RENDERINGS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     **{name: (name, (), ()) for name in VALUE_SETS},
     "gpu-external-redis+servicemonitor": ("gpu-external-redis", (), (SERVICE_MONITOR_API,)),
-    "everything": ("default", EVERYTHING, (SERVICE_MONITOR_API,)),
+    "everything": ("default", EVERYTHING, (SERVICE_MONITOR_API, PROMETHEUS_RULE_API)),
 }
 
 
@@ -100,8 +101,11 @@ def test_objects_validate_against_kubernetes_schemas(name: str) -> None:
     for obj in objs:
         where = f"{obj['kind']}/{obj['metadata']['name']}"
         assert obj["metadata"].get("namespace", NAMESPACE) == NAMESPACE, where
-        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
-            check_service_monitor(obj)  # a CRD: no schema shipped with kubernetes-validate
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):  # CRDs: no schema shipped with kubernetes-validate
+            if obj["kind"] == "ServiceMonitor":
+                check_service_monitor(obj)
+            else:
+                assert obj["kind"] == "PrometheusRule" and obj["spec"]["groups"], where
             continue
         try:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
@@ -432,6 +436,26 @@ def test_service_monitor_needs_values_and_the_operator() -> None:
     assert not objects(render("default", (), (SERVICE_MONITOR_API,)), "ServiceMonitor")  # operator, not enabled
     (monitor,) = objects(rendered("gpu-external-redis+servicemonitor"), "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_the_canary_alert_needs_the_operator_and_parses_with_promtool(tmp_path: Path) -> None:
+    """The PrometheusRule comes with the ServiceMonitor (where the operator serves the kind), and promtool accepts
+    its rules, which read a metric the router exports."""
+    assert not objects(render("default", ("serviceMonitor.enabled=true",), (SERVICE_MONITOR_API,)), "PrometheusRule")
+    everything = rendered("everything")
+    (rule,) = objects(everything, "PrometheusRule")
+    alerts = [r for group in rule["spec"]["groups"] for r in group["rules"]]
+    assert [a["alert"] for a in alerts] == ["SpecfleetCanaryMismatch"]
+    assert set(re.findall(r"\bspecfleet_[a-z0-9_]+", alerts[0]["expr"])) <= KNOWN_SERIES
+    assert not objects(render("default", ("serviceMonitor.enabled=true", "serviceMonitor.alerts=false"),
+                              (SERVICE_MONITOR_API, PROMETHEUS_RULE_API)), "PrometheusRule")
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}, width=1000))
+    result = subprocess.run([promtool_binary(), "check", "rules", str(rules_file)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (router,) = [c for c in service_containers(everything).values() if flag_value(c["args"], "--canary-share")]
+    assert flag_value(router["args"], "--canary-share") == "0.01"
 
 
 def test_opentelemetry_environment() -> None:

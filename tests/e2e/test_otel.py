@@ -33,7 +33,8 @@ COUNTERS = {
     "specfleet_draft_tokens_total",
     "specfleet_accepted_tokens_total", "specfleet_draft_position_proposed_total",
     "specfleet_draft_position_accepted_total", "specfleet_step_emitted_tokens_total",
-    "specfleet_step_duration_seconds_total", "specfleet_reprefills_total",
+    "specfleet_step_duration_seconds_total", "specfleet_reprefills_total", "specfleet_canary_replays_total",
+    "specfleet_canary_mismatches_total",
 }
 GAUGES = {"specfleet_queue_depth", "specfleet_live_requests", "specfleet_slot_usage", "specfleet_redis_up",
           "specfleet_service_live_sequences"}

@@ -83,7 +83,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
     async def _admit(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> LiveRequest:
         metadata = context.invocation_metadata()
         try:
-            return self.router.admit(request_from_proto(request), metadata)
+            return await self.router.admit(request_from_proto(request), metadata)
         except RequestError as err:
             self.router.metrics.request_rejected(err.code.name, err.message, metadata)
             await context.abort(err.code, err.message)
@@ -94,7 +94,7 @@ def request_from_proto(msg: generate_pb2.GenerateRequest) -> GenerationRequest:
     kind, sampling, stopping = msg.WhichOneof("prompt"), msg.sampling, msg.stopping
     return GenerationRequest(
         text=msg.text if kind == "text" else None,
-        token_ids=tuple(msg.token_ids.ids) if kind == "token_ids" else None,
+        token_ids=msg.token_ids.ids if kind == "token_ids" else None,  # counted before it is copied
         chat=tuple((m.role, m.content) for m in msg.chat.messages) if kind == "chat" else None,
         request_id=msg.request_id,
         max_new_tokens=stopping.max_new_tokens if stopping.HasField("max_new_tokens") else None,
@@ -208,6 +208,7 @@ async def run(config: RouterConfig) -> None:
         feed_task.cancel()
         await router.canary.stop()
         await router.fleet.stop()
+        router.close()
 
     # No tracing interceptor here: each request's span is the router's server span (it continues the caller's trace).
     await serve("router", config.host, config.port, register, on_start=start_http_api, on_drain=drain_http_api,

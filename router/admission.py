@@ -30,6 +30,7 @@ from router.tokenizing import PromptTokenizer
 from specfleet.config import RouterConfig
 from specfleet.otel import RouterMetrics
 from specfleet.sampling_params import SamplingParams
+from specfleet.security import AUTHORIZATION, Access, bearer
 
 log = logging.getLogger("specfleet.router")
 
@@ -72,7 +73,8 @@ class Router:
     """Admission and bookkeeping over the fleet's step loops (one per target replica)."""
 
     def __init__(self, config: RouterConfig, fleet: Fleet, tokenizer: Any, eos_ids: frozenset[int],
-                 feed: PolicyFeed, router_id: str, metrics: RouterMetrics | None = None) -> None:
+                 feed: PolicyFeed, router_id: str, metrics: RouterMetrics | None = None,
+                 access: Access | None = None) -> None:
         assert fleet.reference is not None and fleet.reference.info is not None
         self.config = config
         self.feed = feed
@@ -87,9 +89,9 @@ class Router:
         # Requests admitted but still tokenising, by request_id: they hold their id and their place in the queue.
         self.tokenizing: set[str] = set()
         self.router_id = router_id  # keeps seq_ids unique when routers share replicas
+        self.access = access or Access()
         self.canary = Canary(config.canary_share, fleet.place, fleet.has_room, tokenizer,
                              lambda matched, replay, at: self.metrics.record_canary(matched, replay.request_id, at))
-        self._counter = 0
 
     @property
     def max_context(self) -> int:
@@ -134,14 +136,16 @@ class Router:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty: set text, token_ids or chat")
         self._check_context(len(prompt))
 
-        self._counter += 1
+        # A seq_id names the sequence on draft and target services shared with other routers: unguessable, so no
+        # other caller can name it there.
         seq = LiveRequest(
-            request_id=request_id, seq_id=f"{self.router_id}-{self._counter}", tokens=prompt,
+            request_id=request_id, seq_id=f"{self.router_id}-{secrets.token_hex(12)}", tokens=prompt,
             prompt_len=len(prompt), sampling=sampling,
             seed=request.seed if request.seed is not None else secrets.randbits(63),
             max_new_tokens=max_new, eos_ids=self.eos_ids, ignore_eos=request.ignore_eos,
             detokenizer=IncrementalDetokenizer(self.tokenizer), stops=StopMatcher(list(request.stop)),
-            draft=self.fleet.pick_draft(), admitted_at=arrived)
+            draft=self.fleet.pick_draft(), admitted_at=arrived,
+            owner=Access.caller(bearer(dict(metadata or ()).get(AUTHORIZATION))))
         seq.span = self.metrics.start_request(request_id, len(prompt), metadata)
         self.requests[request_id] = seq
         self.fleet.place(seq)
@@ -165,9 +169,14 @@ class Router:
                                  e2e_s=time.perf_counter() - seq.admitted_at, queue_s=seq.queue_time(),
                                  time_per_output_token_s=seq.time_per_output_token())
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, key: str = "") -> bool:
+        """Ends ``request_id`` if the caller presenting ``key`` started it or is an admin; False otherwise, as for an
+        unknown id (so nobody learns the ids of others' requests)."""
         seq = self.requests.get(request_id)
         if seq is None or seq.finished:
+            return False
+        if not self.access.is_admin(key) and seq.owner != Access.caller(key):
+            log.info("request %s: an Abort from a caller who did not start it was refused", request_id)
             return False
         seq.finish(FinishReason.ABORTED)
         log.info("request %s aborted", request_id)

@@ -188,6 +188,9 @@ class RouterConfig(ServiceConfig):
                                "(HTTP: Authorization: Bearer <key>; gRPC: the same authorization metadata); the "
                                "SPECFLEET_API_KEYS environment variable adds comma-separated keys (neither: no key "
                                "needed)")
+    admin_key_file: str = option("", "file of admin keys, one per line (SPECFLEET_ADMIN_KEYS adds comma-separated "
+                                 "ones): API keys that may also abort anyone's request and see the internal "
+                                 "addresses in GetServerInfo; without any API key every caller may")
     tls_cert: str = option("", "PEM certificate: serve the public gRPC and HTTP ports over TLS (with --tls-key)")
     tls_key: str = option("", "PEM private key of --tls-cert")
     targets: str = option("127.0.0.1:50052", f"target services: {POOL_SYNTAX}")

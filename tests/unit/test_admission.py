@@ -132,3 +132,23 @@ def test_prompts_are_tokenised_off_the_event_loop_holding_their_place_and_id() -
 
 def test_utf8_size_counts_bytes() -> None:
     assert [utf8_size(t) for t in ("", "abc", "é", "日本", "\U0001f600", "\ud800")] == [0, 3, 2, 6, 4, 3]
+
+
+def test_seq_ids_are_unguessable_and_requests_belong_to_the_key_that_started_them() -> None:
+    from specfleet.security import Access
+
+    async def scenario() -> None:
+        router, _ = _router()
+        router.access = Access(frozenset({"alice", "bob", "root"}), frozenset({"root"}))
+        mine = await router.admit(GenerationRequest(text="abc", request_id="a"), [("authorization", "Bearer alice")])
+        theirs = await router.admit(GenerationRequest(text="abc", request_id="b"), [("authorization", "Bearer bob")])
+        for seq in (mine, theirs):
+            router.requests[seq.request_id] = seq
+        prefix, _, secret = mine.seq_id.partition("-")
+        assert prefix == "r" and len(secret) == 24 and secret != theirs.seq_id.partition("-")[2]  # 96 random bits
+        assert mine.owner == Access.caller("alice") and "alice" not in mine.owner  # a digest, not the key
+        assert not router.abort("a", "bob") and not mine.finished  # not hers to end
+        assert router.abort("a", "alice") and mine.finished
+        assert router.abort("b", "root")  # an admin may
+
+    asyncio.run(scenario())

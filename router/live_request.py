@@ -69,6 +69,7 @@ class LiveRequest:
     target_cached: int = 0
     draft_cached: int = 0
     moves: int = 0  # times it moved to another target (its own failed or left)
+    owner: str = ""  # who started it (`specfleet.security.Access.caller`): only they, or an admin, may abort it
     draft: Any = None  # the DraftReplica this request is pinned to, if any
     strategy: str = DRAFT_POOL  # where its drafts come from (see router.strategies)
     finish_reason: FinishReason | None = None

@@ -291,7 +291,7 @@ class Shape:
 async def _answer(router: Router, request: Request, generation: GenerationRequest, body: _Sampling, shape: Shape
                   ) -> Any:
     try:
-        seq = router.admit(generation, list(request.headers.items()))
+        seq = await router.admit(generation, list(request.headers.items()))
     except RequestError as err:
         router.metrics.request_rejected(err.code.name, err.message, list(request.headers.items()))
         raise ApiError.of(err) from err

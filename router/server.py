@@ -20,7 +20,7 @@ from specfleet.otel import Otel, RouterMetrics
 from specfleet.otel import setup as setup_otel
 from specfleet.policy import DepthPolicy
 from specfleet.protos import generate_pb2, generate_pb2_grpc
-from specfleet.security import api_key_guard, api_keys, server_credentials, token_senders
+from specfleet.security import AUTHORIZATION, Access, api_key_guard, bearer, server_credentials, token_senders
 from specfleet.serving import serve, servicer_name
 from specfleet.stats import SpeculationSummary
 
@@ -60,17 +60,20 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
 
     async def Abort(self, request: generate_pb2.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> generate_pb2.AbortResponse:
-        return generate_pb2.AbortResponse(aborted=self.router.abort(request.request_id))
+        return generate_pb2.AbortResponse(aborted=self.router.abort(request.request_id, presented_key(context)))
 
     async def GetServerInfo(self, request: generate_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
                             ) -> generate_pb2.GetServerInfoResponse:
         r, fleet = self.router, self.router.fleet
-        return generate_pb2.GetServerInfoResponse(
+        info = generate_pb2.GetServerInfoResponse(
             model=r.model, draft_kinds=sorted({d.info.kind for d in fleet.drafts if d.info}),
             live_requests=r.live, queued_requests=r.queued,
             max_context=r.max_context, depth=r.config.pinned_depth or 0, depth_setting=r.config.depth,
-            max_new_tokens_cap=r.config.max_new_tokens_cap, target_addresses=sorted(fleet.loops),
-            draft_addresses=[d.address for d in fleet.drafts], policy=policy_state(r.feed))
+            max_new_tokens_cap=r.config.max_new_tokens_cap, policy=policy_state(r.feed))
+        if r.access.is_admin(presented_key(context)):  # where the internal services are is for admins only
+            info.target_addresses.extend(sorted(fleet.loops))
+            info.draft_addresses.extend(d.address for d in fleet.drafts)
+        return info
 
     @staticmethod
     async def _next_chunk(seq: LiveRequest, context: grpc.aio.ServicerContext) -> StreamChunk:
@@ -83,18 +86,23 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
     async def _admit(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> LiveRequest:
         metadata = context.invocation_metadata()
         try:
-            return self.router.admit(request_from_proto(request), metadata)
+            return await self.router.admit(request_from_proto(request), metadata)
         except RequestError as err:
             self.router.metrics.request_rejected(err.code.name, err.message, metadata)
             await context.abort(err.code, err.message)
             raise  # not reached: abort raises
 
 
+def presented_key(context: grpc.aio.ServicerContext) -> str:
+    """The API key the call carries ("" for none); the API key guard has already checked it."""
+    return bearer(dict(context.invocation_metadata() or ()).get(AUTHORIZATION))
+
+
 def request_from_proto(msg: generate_pb2.GenerateRequest) -> GenerationRequest:
     kind, sampling, stopping = msg.WhichOneof("prompt"), msg.sampling, msg.stopping
     return GenerationRequest(
         text=msg.text if kind == "text" else None,
-        token_ids=tuple(msg.token_ids.ids) if kind == "token_ids" else None,
+        token_ids=msg.token_ids.ids if kind == "token_ids" else None,  # counted before it is copied
         chat=tuple((m.role, m.content) for m in msg.chat.messages) if kind == "chat" else None,
         request_id=msg.request_id,
         max_new_tokens=stopping.max_new_tokens if stopping.HasField("max_new_tokens") else None,
@@ -143,7 +151,8 @@ def build_policy(config: RouterConfig) -> DepthPolicy:
                        min_gain=config.min_draft_gain)
 
 
-async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0, otel: Otel | None = None) -> Router:
+async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0, otel: Otel | None = None,
+                       access: Access | None = None) -> Router:
     """Connects to the pools (and follows them from then on), loads the tokenizer and builds the router."""
     from specfleet.models import load_tokenizer, resolve_model, tokenizer_fingerprint
     from specfleet.telemetry import TelemetryReader, TelemetryWriter
@@ -167,7 +176,7 @@ async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0, o
     if tokenizer_fingerprint(tokenizer) != reference.tokenizer_fingerprint:
         await fleet.stop()
         raise ValueError("the router's tokenizer differs from the target's: pass --tokenizer with the target's model")
-    router = Router(config, fleet, tokenizer, frozenset(reference.eos_token_ids), feed, router_id, metrics)
+    router = Router(config, fleet, tokenizer, frozenset(reference.eos_token_ids), feed, router_id, metrics, access)
     metrics.serve(config.served_model_name or router.model, queue_depth=lambda: router.queued,
                   live_requests=lambda: router.live, slot_usage=lambda: fleet.slot_usage,
                   redis_up=lambda: feed.redis_up)
@@ -176,10 +185,11 @@ async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0, o
 
 async def run(config: RouterConfig) -> None:
     # Secrets and certificates first: a file that cannot be read stops the router before it connects to anything.
-    keys, guard = api_keys(config.api_key_file), api_key_guard(config.api_key_file)
+    access = Access.from_files(config.api_key_file, config.admin_key_file)
+    keys, guard = access.keys, api_key_guard(access)
     credentials = server_credentials(config.tls_cert, config.tls_key)
     otel = setup_otel("router", config.host, config.metrics_port)
-    router = await build_router(config, otel=otel)
+    router = await build_router(config, otel=otel, access=access)
     feed_task = asyncio.get_running_loop().create_task(router.feed.run())
     how = (f"chosen each step by the {config.policy_mode} policy (up to {config.max_depth})"
            if config.pinned_depth is None else f"pinned at {config.pinned_depth}")
@@ -208,6 +218,7 @@ async def run(config: RouterConfig) -> None:
         feed_task.cancel()
         await router.canary.stop()
         await router.fleet.stop()
+        router.close()
 
     # No tracing interceptor here: each request's span is the router's server span (it continues the caller's trace).
     await serve("router", config.host, config.port, register, on_start=start_http_api, on_drain=drain_http_api,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+from collections import deque
 from typing import Any
 
 
@@ -31,39 +33,69 @@ class IncrementalDetokenizer:
 
 
 class StopMatcher:
-    """Finds the first stop string in streamed text and says how much text is safe to emit."""
+    """Finds the first stop string in streamed text and says how much text is safe to emit.
+
+    A step costs about its new text plus one search per stop string over the new text and the longest stop's
+    length before it, however long the text grows: only the end of the text is kept (what is not emitted yet, and
+    the window a stop can start in), and the text held back is found from the places it could start, each looked
+    at once or a few times.
+    """
 
     def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.text = ""  # all text seen so far
-        self.emitted = 0  # characters of it already handed out
+        # Sorted: the stops that start with a given text lie next to each other (see `_starts_longer_stop`).
+        self.stops = sorted({s for s in stops if s})
+        self.first_chars = frozenset(s[0] for s in self.stops)
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.text = ""  # the end of the text seen so far, from ``start`` on
+        self.start = 0  # where ``text`` begins in the whole text
+        self.emitted = 0  # characters of the whole text already handed out
+        # Places in the whole text, in order, where an end of the text that could still grow into a stop string may
+        # start: a stop's first character there. A place that stops being one never becomes one again (the text
+        # only grows), so places are dropped from the front for good.
+        self.candidates: deque[int] = deque()
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Adds ``delta``; returns (text now safe to emit, whether a stop string was found)."""
-        search_from = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
+        end_before = self.start + len(self.text)
+        search_from = max(0, end_before - self.longest) - self.start
         self.text += delta
         hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
         if hits:
-            end = min(hits)
-            out = self.text[self.emitted: end] if end > self.emitted else ""
-            self.emitted = max(self.emitted, end)
-            return out, True
-        safe = len(self.text) - self._held_back()
-        out = self.text[self.emitted: safe] if safe > self.emitted else ""
-        self.emitted = max(self.emitted, safe)
+            return self._emit_until(self.start + min(hits)), True
+        # Only the last (longest - 1) characters can start a stop string the text has not finished yet.
+        nearest = max(0, len(delta) - self.longest + 1)
+        self.candidates.extend(end_before + k for k in range(nearest, len(delta)) if delta[k] in self.first_chars)
+        out = self._emit_until(self.start + len(self.text) - self._held_back())
+        self._forget_emitted()
         return out, False
 
     def flush(self) -> str:
-        out = self.text[self.emitted:]
-        self.emitted = len(self.text)
+        return self._emit_until(self.start + len(self.text))
+
+    def _emit_until(self, end: int) -> str:
+        out = self.text[self.emitted - self.start: end - self.start] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
         return out
 
+    def _forget_emitted(self) -> None:
+        """Drops the text that is emitted and that no stop string found later can start in."""
+        keep_from = max(self.start, min(self.emitted, self.start + len(self.text) - self.longest))
+        self.text = self.text[keep_from - self.start:]
+        self.start = keep_from
+
     def _held_back(self) -> int:
-        """Length of the longest suffix of the text that could still grow into a stop string."""
-        longest = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
+        """Length of the longest end of the text that could still grow into a stop string."""
+        end = self.start + len(self.text)
+        while self.candidates:
+            place = self.candidates[0]
+            # Too far from the end first: such a place may lie before ``start``, in text already dropped.
+            if end - place < self.longest and self._starts_longer_stop(self.text[place - self.start:]):
+                return end - place
+            self.candidates.popleft()
+        return 0
+
+    def _starts_longer_stop(self, tail: str) -> bool:
+        """Whether a stop string longer than ``tail`` starts with it."""
+        # The stops that start with ``tail`` come first among those >= it in sorted order, ``tail`` itself first.
+        at = bisect.bisect_left(self.stops, tail)
+        return any(stop.startswith(tail) and len(stop) > len(tail) for stop in self.stops[at: at + 2])

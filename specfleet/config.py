@@ -188,6 +188,9 @@ class RouterConfig(ServiceConfig):
                                "(HTTP: Authorization: Bearer <key>; gRPC: the same authorization metadata); the "
                                "SPECFLEET_API_KEYS environment variable adds comma-separated keys (neither: no key "
                                "needed)")
+    admin_key_file: str = option("", "file of admin keys, one per line (SPECFLEET_ADMIN_KEYS adds comma-separated "
+                                 "ones): API keys that may also abort anyone's request and see the internal "
+                                 "addresses in GetServerInfo; without any API key every caller may")
     tls_cert: str = option("", "PEM certificate: serve the public gRPC and HTTP ports over TLS (with --tls-key)")
     tls_key: str = option("", "PEM private key of --tls-cert")
     targets: str = option("127.0.0.1:50052", f"target services: {POOL_SYNTAX}")
@@ -221,6 +224,15 @@ class RouterConfig(ServiceConfig):
     default_max_new_tokens: int = option(128, "max_new_tokens when a request does not say")
     max_new_tokens_cap: int = option(4096, "largest max_new_tokens a request may ask for")
     max_queue: int = option(1024, "requests waiting for a slot before new ones get RESOURCE_EXHAUSTED")
+    max_prompt_bytes: int = option(1 << 20, "largest prompt in UTF-8 bytes (the text, or the chat messages' contents "
+                                   "together), refused with INVALID_ARGUMENT before it is tokenised. 1 MiB is "
+                                   "about 256K tokens of English: more than any preset's context holds (32K "
+                                   "tokens at most), so only prompts that could never fit are refused unread; "
+                                   "raise it for targets with a longer context")
+    max_stop_strings: int = option(16, "most stop strings a request may give (OpenAI's 4 is too few for chat "
+                                   "templates' several end markers); each one is searched in every step's text")
+    max_stop_length: int = option(256, "longest stop string in characters: stop strings are markers, and text "
+                                  "that might still grow into one is held back from the stream")
     draft_timeout_ms: float = option(2000.0, "a Propose slower than this is dropped: the step runs at depth 0 "
                                      "(scaled up for a Propose that prefills a long prompt)")
     verify_timeout_ms: float = option(60000.0, "a Verify slower than this counts as its target failing: the "
@@ -266,6 +278,9 @@ class RouterConfig(ServiceConfig):
         _check(1 <= self.default_max_new_tokens <= self.max_new_tokens_cap,
                "need 1 <= --default-max-new-tokens <= --max-new-tokens-cap")
         _check(self.draft_timeout_ms > 0 and self.verify_timeout_ms > 0, "timeouts must be > 0")
+        _check(self.max_prompt_bytes >= 1, f"--max-prompt-bytes must be >= 1, got {self.max_prompt_bytes}")
+        _check(self.max_stop_strings >= 0, f"--max-stop-strings must be >= 0, got {self.max_stop_strings}")
+        _check(self.max_stop_length >= 1, f"--max-stop-length must be >= 1, got {self.max_stop_length}")
 
     @property
     def pinned_depth(self) -> int | None:

@@ -7,6 +7,9 @@ ports.
 - **The internal token.** Draft and target services configured with a token answer only callers that send it
   (``x-specfleet-token`` metadata), which the router does when it has the same token: a client that reaches a
   draft or target port cannot call ``Propose``, ``Verify`` or ``Release``, nor read ``GetInfo``.
+- **Callers.** A request belongs to the key that started it: only that key, or an admin key, may abort it, and
+  only an admin key sees the internal addresses in ``GetServerInfo``. A router without API keys cannot tell callers
+  apart, so every caller is its admin.
 - **TLS** on the router's public ports (gRPC and HTTP) from a certificate and key in PEM files.
 
 Secrets come from files (a Kubernetes Secret mounted as one) or environment variables, never from a flag's value,
@@ -15,15 +18,19 @@ which any user of the machine can read in the process list. Keys are compared in
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 API_KEYS_ENV = "SPECFLEET_API_KEYS"
 """Comma-separated API keys the router accepts, beside those in ``--api-key-file``."""
+ADMIN_KEYS_ENV = "SPECFLEET_ADMIN_KEYS"
+"""Comma-separated admin keys, beside those in ``--admin-key-file``."""
 INTERNAL_TOKEN_ENV = "SPECFLEET_INTERNAL_TOKEN"
 """The token router, draft and target share, when ``--internal-token-file`` is not given."""
 TOKEN_HEADER = "x-specfleet-token"
@@ -48,6 +55,31 @@ def read_secrets(path: str, env: str, *, separator: str = "\n") -> frozenset[str
 
 def api_keys(path: str) -> frozenset[str]:
     return read_secrets(path, API_KEYS_ENV, separator=",")
+
+
+def admin_keys(path: str) -> frozenset[str]:
+    return read_secrets(path, ADMIN_KEYS_ENV, separator=",")
+
+
+@dataclass(frozen=True)
+class Access:
+    """The router's public keys: ``keys`` (any of them may call), of which ``admin`` may also act for others."""
+
+    keys: frozenset[str] = frozenset()
+    admin: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_files(cls, key_file: str, admin_file: str) -> Access:
+        admin = admin_keys(admin_file)
+        return cls(api_keys(key_file) | admin, admin)
+
+    @staticmethod
+    def caller(key: str) -> str:
+        """Who presented ``key``, as requests record their owner: a digest, so the key itself is kept nowhere."""
+        return hashlib.sha256(key.encode()).hexdigest()[:32] if key else ""
+
+    def is_admin(self, key: str) -> bool:
+        return not self.keys or (bool(key) and matches(key, self.admin))
 
 
 def internal_token(path: str) -> str:
@@ -115,10 +147,9 @@ def internal_guard(token_file: str) -> list[grpc.aio.ServerInterceptor]:
     return [RequireSecret(TOKEN_HEADER, frozenset({token}), "the internal token")] if token else []
 
 
-def api_key_guard(key_file: str) -> list[grpc.aio.ServerInterceptor]:
+def api_key_guard(access: Access) -> list[grpc.aio.ServerInterceptor]:
     """The router's public gRPC server's check of API keys, if any are configured."""
-    keys = api_keys(key_file)
-    return [RequireSecret(AUTHORIZATION, keys, "the API key", bearer_scheme=True)] if keys else []
+    return [RequireSecret(AUTHORIZATION, access.keys, "the API key", bearer_scheme=True)] if access.keys else []
 
 
 def server_credentials(cert: str, key: str) -> grpc.ServerCredentials | None:

@@ -14,6 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from specfleet.undecodable import RefuseUndecodable
+
 if TYPE_CHECKING:
     from specfleet.otel import Otel
 
@@ -53,15 +55,16 @@ async def serve(
 ) -> None:
     """Runs a gRPC server until SIGINT/SIGTERM. ``register`` adds the servicers and returns their
     full service names, which are reported SERVING on ``grpc.health.v1`` and listed by reflection.
-    With ``credentials`` the port speaks TLS.
+    With ``credentials`` the port speaks TLS. A unary request that does not parse gets INVALID_ARGUMENT.
 
     On the signal the server drains: health goes NOT_SERVING at once, new calls are refused (UNAVAILABLE), and calls
     under way, streams included, get ``drain_timeout_s`` to finish, while ``on_drain`` (another server of the same
     process, say) drains beside it. Then ``on_stop`` runs and ``otel``'s exporters are flushed. A service with
     ``sessions`` first keeps taking calls until the sequences it holds are finished, within the same timeout."""
+    # Innermost, the undecodable requests' refusal: the interceptors around it see every call as usual.
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
-                             interceptors=interceptors or None)
+                             interceptors=[*interceptors, RefuseUndecodable()])
     services = register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

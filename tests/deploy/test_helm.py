@@ -622,7 +622,8 @@ def test_dashboards_can_be_turned_off() -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # security: API keys, the internal token and TLS from existing Secrets
 
-SECURED = ("security.apiKeys.existingSecret=keys", "security.internalToken.existingSecret=token",
+SECURED = ("security.apiKeys.existingSecret=keys", "security.adminKeys.existingSecret=admins",
+           "security.internalToken.existingSecret=token",
            "security.tls.existingSecret=router-tls")
 
 
@@ -643,7 +644,8 @@ def test_secrets_reach_the_services_that_check_them() -> None:
     objs = render(sets=SECURED)
     containers = service_containers(objs)
     assert secret_env(containers["router"]) == {"SPECFLEET_INTERNAL_TOKEN": ("token", "token"),
-                                                "SPECFLEET_API_KEYS": ("keys", "api-keys")}
+                                                "SPECFLEET_API_KEYS": ("keys", "api-keys"),
+                                                "SPECFLEET_ADMIN_KEYS": ("admins", "admin-keys")}
     for service in ("draft", "target"):  # they check the token; API keys are the router's business
         assert secret_env(containers[service]) == {"SPECFLEET_INTERNAL_TOKEN": ("token", "token")}, service
     config = from_arguments(RouterConfig, build_parser().parse_args(containers["router"]["args"]))

@@ -21,14 +21,23 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from specfleet.client import make_request, stream
+from specfleet.client import channel, make_request, stream
 from specfleet.launcher import Deployment, free_port, wait_redis, wait_serving
-from specfleet.protos import draft_pb2, draft_pb2_grpc, session_pb2, target_pb2, target_pb2_grpc
+from specfleet.protos import (
+    draft_pb2,
+    draft_pb2_grpc,
+    generate_pb2,
+    generate_pb2_grpc,
+    session_pb2,
+    target_pb2,
+    target_pb2_grpc,
+)
 
 pytestmark = pytest.mark.real_model
 
 TOKEN = "internal-token-for-the-test"
 KEYS = ("key-one", "key-two")  # one in the key file, one in the environment
+ADMIN_KEY = "key-of-the-admin"
 
 
 def _self_signed(folder: Path) -> tuple[Path, Path]:
@@ -83,7 +92,7 @@ def sealed(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Itera
                               "--http-port", str(http_port), "--targets", addresses["target"], "--drafts",
                               addresses["draft"], "--depth", "3", "--api-key-file", str(key_file),
                               "--tls-cert", str(cert), "--tls-key", str(key), *common],
-            env={"SPECFLEET_API_KEYS": KEYS[1]})
+            env={"SPECFLEET_API_KEYS": KEYS[1], "SPECFLEET_ADMIN_KEYS": ADMIN_KEY})
         addresses["router"] = f"127.0.0.1:{router_port}"
         wait_serving(process, addresses["router"], tls_ca=str(cert))
         yield Sealed(deployment, addresses, f"https://127.0.0.1:{http_port}/v1", str(cert))
@@ -165,3 +174,35 @@ def test_the_http_api_wants_a_key_over_tls(sealed: Sealed) -> None:
     assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.APIConnectionError):  # a client that does not trust the certificate
         client(KEYS[0], verify=True).models.list()
+
+
+def test_only_the_caller_or_an_admin_aborts_a_request_or_sees_the_internal_addresses(sealed: Sealed) -> None:
+    router, ca = sealed.addresses["router"], sealed.ca
+
+    def as_caller(key: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {key}"),)
+
+    with channel(router, ca) as open_channel:
+        stub = generate_pb2_grpc.GenerationServiceStub(open_channel)
+        for owner, other in ((KEYS[0], KEYS[1]), (KEYS[1], ADMIN_KEY)):
+            request = make_request("def fib(n):", request_id=f"owned-by-{owner}", max_new_tokens=400, ignore_eos=True)
+            call = stub.GenerateStream(request, timeout=300, metadata=as_caller(owner))
+            next(call)
+            aborted = stub.Abort(generate_pb2.AbortRequest(request_id=request.request_id), timeout=30,
+                                 metadata=as_caller(other)).aborted
+            if other == ADMIN_KEY:
+                assert aborted  # an admin may end anyone's request
+            else:
+                assert not aborted  # another caller may not, and learns nothing: as for an unknown id
+                next(call)  # still streaming
+                assert stub.Abort(generate_pb2.AbortRequest(request_id=request.request_id), timeout=30,
+                                  metadata=as_caller(owner)).aborted
+            assert list(call)[-1].finish_reason == generate_pb2.FINISH_REASON_ABORTED
+
+        def info(key: str) -> generate_pb2.GetServerInfoResponse:
+            return stub.GetServerInfo(generate_pb2.GetServerInfoRequest(), timeout=30, metadata=as_caller(key))
+
+        assert not info(KEYS[0]).target_addresses and not info(KEYS[0]).draft_addresses
+        assert list(info(ADMIN_KEY).target_addresses) == [sealed.addresses["target"]]
+        assert list(info(ADMIN_KEY).draft_addresses) == [sealed.addresses["draft"]]
+        assert info(KEYS[0]).model == info(ADMIN_KEY).model

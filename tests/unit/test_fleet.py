@@ -175,9 +175,12 @@ class DrainingTarget(FakeTarget):
     """A fake target that can be told to shut down: its replies and its info then say so."""
 
     draining: bool = False
+    drain_at_call: int = 0  # the call whose reply first says so (0: only when told)
 
     async def verify(self, asks: list[VerifyAsk], timeout_s: float) -> SessionReply[Verdict]:
         reply = await super().verify(asks, timeout_s)
+        if self.drain_at_call and len(self.asks) >= self.drain_at_call:
+            self.draining, self.drain_at_call = True, 0  # SIGTERM, at a known point of the generation
         reply.draining = self.draining
         return reply
 
@@ -188,7 +191,7 @@ class DrainingTarget(FakeTarget):
 
 def test_a_target_shutting_down_finishes_its_sequences_and_gets_no_new_ones(monkeypatch) -> None:
     monkeypatch.setattr(fleet_module, "JOIN_RETRY_S", (0.01, 0.05))
-    stopping, staying = DrainingTarget(), DrainingTarget()
+    stopping, staying = DrainingTarget(drain_at_call=2), DrainingTarget()
     fakes = {"a:1": stopping, "b:2": staying}
     monkeypatch.setattr(fleet_module, "connect_target", lambda address, interceptors=(): TargetReplica(
         address, fakes[address]))
@@ -204,8 +207,6 @@ def test_a_target_shutting_down_finishes_its_sequences_and_gets_no_new_ones(monk
         held = [live_request(f"s{i}", [i + 1, i + 2], 30) for i in range(3)]
         for seq in held:
             fleet.loops["a:1"].submit(seq)
-        await _until(lambda: len(stopping.asks) >= 2)
-        stopping.draining = True  # SIGTERM
         await _until(lambda: fleet.targets["a:1"].draining)
         later = [live_request(f"t{i}", [i + 5], 4) for i in range(2)]
         for seq in later:

@@ -43,3 +43,16 @@ def test_tls_certificate_and_key_go_together() -> None:
     with pytest.raises(ValueError, match="--tls-cert and --tls-key go together"):
         RouterConfig(tls_cert="cert.pem")
     assert RouterConfig(tls_cert="cert.pem", tls_key="key.pem").tls_key == "key.pem"
+
+
+def test_admin_keys_are_api_keys_and_an_open_router_treats_everyone_as_admin(tmp_path: Path, monkeypatch) -> None:
+    from specfleet.security import ADMIN_KEYS_ENV, Access
+
+    keys = tmp_path / "keys"
+    keys.write_text("alice\n")
+    monkeypatch.setenv(ADMIN_KEYS_ENV, "root")
+    access = Access.from_files(str(keys), "")
+    assert access.keys == {"alice", "root"} and access.admin == {"root"}
+    assert access.is_admin("root") and not access.is_admin("alice") and not access.is_admin("")
+    assert Access().is_admin("") and Access().is_admin("anyone")  # no keys: callers cannot be told apart
+    assert Access.caller("alice") == Access.caller("alice") != Access.caller("bob") and Access.caller("") == ""

@@ -204,6 +204,13 @@ itself never contacts the hub). Called with (dict "root" $ "component" ... "mode
       name: {{ $security.apiKeys.existingSecret }}
       key: {{ $security.apiKeys.secretKey }}
 {{- end }}
+{{- if and (eq .component "router") $security.adminKeys.existingSecret }}
+- name: SPECFLEET_ADMIN_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ $security.adminKeys.existingSecret }}
+      key: {{ $security.adminKeys.secretKey }}
+{{- end }}
 - name: OTEL_SERVICE_NAME
   value: {{ printf "%s-%s" $root.Values.otel.serviceNamePrefix .component | quote }}
 {{- $attributes := list (printf "service.namespace=%s" $root.Release.Namespace) "service.instance.id=$(POD_NAME)" "k8s.pod.name=$(POD_NAME)" "k8s.namespace.name=$(POD_NAMESPACE)" "k8s.node.name=$(NODE_NAME)" (printf "service.version=%s" $root.Chart.AppVersion) }}

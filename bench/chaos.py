@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import math
 import random
@@ -53,7 +52,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -857,58 +856,84 @@ def fuzz(ctx: Context) -> ScenarioResult:
 # --- scenario 6: overload --------------------------------------------------------------------------------------
 
 
-async def timed_calls(address: str, calls: int, make_call: Callable, channels: int = 10
-                      ) -> list[tuple[str, float, object]]:
-    """``calls`` calls at once, spread over ``channels`` connections (as separate clients would open): for each,
-    its status, its latency in ms, and its reply."""
+@dataclass
+class Answer:
+    """One call of a burst: its status, its latency from the client's side, and its reply."""
+
+    status: str
+    ms: float
+    reply: object = None
+
+
+Call = Callable[[generate_pb2_grpc.GenerationServiceStub, int], Awaitable]
+
+
+async def timed(stub: generate_pb2_grpc.GenerationServiceStub, i: int, make_call: Call) -> Answer:
+    start = time.perf_counter()
+    try:
+        reply = await make_call(stub, i)
+        return Answer("OK", (time.perf_counter() - start) * 1000.0, reply)
+    except grpc.aio.AioRpcError as err:
+        return Answer(err.code().name, (time.perf_counter() - start) * 1000.0)
+
+
+async def burst(address: str, calls: int, make_call: Call, held: int = 0, probes: int = 0, channels: int = 10
+                ) -> tuple[list[Answer], list[Answer]]:
+    """``calls`` calls at once, spread over ``channels`` connections as separate clients would open them. Once all
+    but ``held`` are answered (the router holds those: its queue is full), ``probes`` more calls one at a time,
+    each answered before the next (until one is admitted): what one call costs when nothing else is arriving."""
     opened = [grpc.aio.insecure_channel(address) for _ in range(channels)]
+    stubs = [generate_pb2_grpc.GenerationServiceStub(channel) for channel in opened]
     try:
         for channel in opened:
             await channel.channel_ready()
-
-        async def one(i: int) -> tuple[str, float, object]:
-            stub = generate_pb2_grpc.GenerationServiceStub(opened[i % channels])
-            start = time.perf_counter()
-            try:
-                reply = await make_call(stub, i)
-                return "OK", (time.perf_counter() - start) * 1000.0, reply
-            except grpc.aio.AioRpcError as err:
-                return err.code().name, (time.perf_counter() - start) * 1000.0, None
-
-        return await asyncio.gather(*(one(i) for i in range(calls)))
+        tasks = [asyncio.create_task(timed(stubs[i % channels], i, make_call)) for i in range(calls)]
+        deadline = time.monotonic() + 30
+        while sum(t.done() for t in tasks) < calls - held and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        probed: list[Answer] = []
+        while len(probed) < probes and (not probed or probed[-1].status != "OK"):  # admitted: the queue has room
+            probed.append(await timed(stubs[0], calls + len(probed), make_call))
+        return list(await asyncio.gather(*tasks)), probed
     finally:
         for channel in opened:
             await channel.close()
 
 
-def overload(ctx: Context, calls: int = 200, slots: int = 2, queue: int = 8, new_tokens: int = 8) -> ScenarioResult:
+def latency_note(what: str, answers: list[Answer], status: str) -> str:
+    ms = [a.ms for a in answers if a.status == status]
+    return f"{what}: p50 {percentile(ms, 50):.1f} ms, p99 {percentile(ms, 99):.1f} ms"
+
+
+def overload(ctx: Context, calls: int = 200, slots: int = 2, queue: int = 8, new_tokens: int = 32,
+             probes: int = 20) -> ScenarioResult:
     result = ScenarioResult(f"6. {calls} requests at once, {slots} slots, --max-queue {queue}")
     ctx.fleet.target("slim", slots=slots)
     router = ctx.fleet.router("overload", ["slim"], "--max-queue", str(queue))
 
-    def generate(stub: generate_pb2_grpc.GenerationServiceStub, i: int) -> object:
+    def generate(stub: generate_pb2_grpc.GenerationServiceStub, i: int) -> Awaitable:
         return stub.Generate(make_request(PROMPTS[i % len(PROMPTS)], max_new_tokens=new_tokens, ignore_eos=True),
                              timeout=STREAM_TIMEOUT_S)
 
-    def server_info(stub: generate_pb2_grpc.GenerationServiceStub, i: int) -> object:
+    def server_info(stub: generate_pb2_grpc.GenerationServiceStub, i: int) -> Awaitable:
         return stub.GetServerInfo(generate_pb2.GetServerInfoRequest(), timeout=STREAM_TIMEOUT_S)
 
-    asyncio.run(timed_calls(router, slots, generate))  # warm: the router's first requests pay one-off costs
-    answers = asyncio.run(timed_calls(router, calls, generate))
-    rejected = [ms for status, ms, _ in answers if status == "RESOURCE_EXHAUSTED"]
-    admitted = [(status, reply) for status, _, reply in answers if status != "RESOURCE_EXHAUSTED"]
-    result.requests = len(answers)
-    result.statuses.update(status for status, _, _ in answers)
-    result.failed = sum(status != "OK" or len(reply.token_ids) != new_tokens for status, reply in admitted)
+    asyncio.run(burst(router, slots, generate))  # warm: the router's first requests pay one-off costs
+    answers, probed = asyncio.run(burst(router, calls, generate, held=slots + queue, probes=probes))
+    rejected = [a.ms for a in answers if a.status == "RESOURCE_EXHAUSTED"]
+    admitted = [a for a in [*answers, *probed] if a.status != "RESOURCE_EXHAUSTED"]
+    result.requests = len(answers) + len(probed)
+    result.statuses.update(a.status for a in [*answers, *probed])
+    result.failed = sum(a.status != "OK" or len(a.reply.token_ids) != new_tokens for a in admitted)
     result.check("every admitted request completes", result.failed == 0)
-    p50, p99 = percentile(rejected, 50), percentile(rejected, 99)
+    p99 = percentile(rejected, 99)
     result.check(f"rejection p99 < {REJECTION_P99_BAR_MS:.0f} ms", bool(rejected) and p99 < REJECTION_P99_BAR_MS)
-    info = [ms for status, ms, _ in asyncio.run(timed_calls(router, calls, server_info)) if status == "OK"]
-    result.note(f"{len(admitted)} admitted; rejections p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
-                f"max {max(rejected, default=math.nan):.1f} ms; "
-                f"the same burst of GetServerInfo: p50 {percentile(info, 50):.1f} ms, "
-                f"p99 {percentile(info, 99):.1f} ms")
-    result.raw.update(rejection_ms=rejected, server_info_ms=info)
+    info, _ = asyncio.run(burst(router, calls, server_info))
+    result.note(f"{len(admitted)} admitted; " + "; ".join([
+        latency_note("rejections in the burst", answers, "RESOURCE_EXHAUSTED"),
+        latency_note(f"{probes} more one at a time", probed, "RESOURCE_EXHAUSTED"),
+        latency_note(f"a burst of {calls} GetServerInfo", info, "OK")]))
+    result.raw.update(rejection_ms=rejected, probe_ms=[a.ms for a in probed], server_info_ms=[a.ms for a in info])
     ctx.fleet.stop("overload")
     ctx.fleet.stop("slim")
     return result
@@ -937,7 +962,7 @@ def stop_disruptors(new_tokens: int) -> list[tuple[str, generate_pb2.GenerateReq
     never = "\x01"  # a character SmolLM2 does not produce here
     return [(f"{count} stops x {length}",
              make_request(PROMPTS[1], max_new_tokens=new_tokens, ignore_eos=True,
-                          stop=[never + f"{i:04d}" * (length // 4) for i in range(count)]))
+                          stop=[(never + f"{i:04d}" * length)[:length] for i in range(count)]))
             for count, length in ((16, 256), (1000, 1000))]
 
 
@@ -951,41 +976,37 @@ class Disruption:
     answered: float
 
 
-def disrupt(address: str, requests: list[tuple[str, generate_pb2.GenerateRequest]], stop: threading.Event,
-            pause_s: float) -> list[Disruption]:
-    """Sends ``requests`` in turn, ``pause_s`` apart, until ``stop``."""
+def disrupt(address: str, requests: list[tuple[str, generate_pb2.GenerateRequest]], pause_s: float
+            ) -> list[Disruption]:
+    """Sends ``requests`` one after another, ``pause_s`` apart."""
     sent = []
-    for name, request in itertools.cycle(requests):
+    for name, request in requests:
         start = time.monotonic()
         status = grpc_status(lambda r=request: list(stream(address, r, timeout_s=STREAM_TIMEOUT_S)))
         sent.append(Disruption(name, status, start, time.monotonic()))
-        if stop.wait(pause_s):
-            return sent
-    return sent  # not reached: cycle() is endless
+        time.sleep(pause_s)
+    return sent
 
 
 def streams_beside(ctx: Context, address: str, tag: str, n: int,
-                   disruptors: list[tuple[list[tuple[str, generate_pb2.GenerateRequest]], float]]
+                   disruptors: list[list[tuple[str, generate_pb2.GenerateRequest]]]
                    ) -> tuple[list[StreamRun], list[Disruption]]:
-    """``n`` greedy streams while each disruptor loop sends its requests (started a moment before them)."""
-    stop = threading.Event()
-    loops = [ctx.pool.submit(disrupt, address, requests, stop, pause_s) for requests, pause_s in disruptors]
-    time.sleep(0.5)
-    try:
-        runs = ctx.run_streams(address, tag, n)
-    finally:
-        stop.set()
-    return runs, [d for loop in loops for d in loop.result()]
+    """``n`` greedy streams; once each has its first message, every disruptor sends its requests beside them."""
+    streams = ctx.start_streams(address, tag, n)
+    streams.wait_started()
+    senders = [ctx.pool.submit(disrupt, address, requests, 1.0) for requests in disruptors]
+    runs = streams.results()
+    return runs, [d for sender in senders for d in sender.result()]
 
 
-def gaps(ctx: Context, rounds: int = 2, n: int = 4) -> ScenarioResult:
+def gaps(ctx: Context, rounds: int = 3, n: int = 4) -> ScenarioResult:
     result = ScenarioResult(f"7. gaps of {n} streams beside huge inputs")
     limits = ["--max-prompt-bytes", str(8 * MIB)] if "--max-prompt-bytes" in router_flags() else []
     router = ctx.fleet.router("gaps", ["a", "b"], *limits)
     expected = ctx.expected(n)
-    # One loop sends the big prompts a second apart (each is one request's worth of work, not a flood); the
-    # other keeps a request with many stop strings generating beside the streams.
-    disruptors = [(prompt_disruptors(ctx.new_tokens), 1.0), (stop_disruptors(ctx.new_tokens), 0.0)]
+    # Two clients beside the streams: one sends a big prompt within the limit, then one over it; the other a
+    # request with stop strings at the limits (it generates beside the streams), then one far over them.
+    disruptors = [prompt_disruptors(ctx.new_tokens), stop_disruptors(ctx.new_tokens)]
     quiet, busy = [], []
     for r in range(rounds):  # alternating, so that a drift of the machine hits both alike
         quiet_runs = ctx.run_streams(router, f"quiet-{r}", n)

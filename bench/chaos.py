@@ -1062,15 +1062,17 @@ def client_pool(workers: int) -> Iterator[ThreadPoolExecutor]:
 
 @contextmanager
 def signals_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so that every process started is stopped either way."""
+    """SIGTERM and SIGINT unwind as Ctrl-C does, so that every process started is stopped either way (SIGINT too:
+    a shell starts background jobs with it ignored)."""
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_scenarios(names: list[str], ctx: Context) -> list[ScenarioResult]:

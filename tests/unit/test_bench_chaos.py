@@ -10,13 +10,13 @@ import pytest
 from bench.chaos import (
     ScenarioResult,
     StreamRun,
-    fuzz_cases,
     is_fault,
     percentile,
     scenario_names,
     table,
     worst_gap_ms,
 )
+from bench.chaos_fuzz import fuzz_cases
 from specfleet.protos import generate_pb2
 
 

@@ -665,8 +665,29 @@ async def timed(stub: generate_pb2_grpc.GenerationServiceStub, i: int, make_call
         return Answer(err.code().name, (time.perf_counter() - start) * 1000.0)
 
 
-async def burst(address: str, calls: int, make_call: Call, held: int = 0, probes: int = 0, channels: int = 10
-                ) -> tuple[list[Answer], list[Answer]]:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time process ``pid`` has used so far (Linux; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Burst:
+    """A burst's answers, the calls sent one at a time after it, and what answering the burst cost: its wall time
+    and the CPU time of the router and of this client meanwhile (ms)."""
+
+    answers: list[Answer]
+    probed: list[Answer]
+    wall_ms: float
+    router_cpu_ms: float
+    client_cpu_ms: float
+
+
+async def burst(address: str, router_pid: int, calls: int, make_call: Call, held: int = 0, probes: int = 0,
+                channels: int = 10) -> Burst:
     """``calls`` calls at once, spread over ``channels`` connections as separate clients would open them. Once all
     but ``held`` are answered (the router holds those: its queue is full), ``probes`` more calls one at a time,
     each answered before the next (until one is admitted): what one call costs when nothing else is arriving."""
@@ -675,14 +696,17 @@ async def burst(address: str, calls: int, make_call: Call, held: int = 0, probes
     try:
         for channel in opened:
             await channel.channel_ready()
+        wall, router_cpu, client_cpu = time.perf_counter(), cpu_seconds(router_pid), time.process_time()
         tasks = [asyncio.create_task(timed(stubs[i % channels], i, make_call)) for i in range(calls)]
         deadline = time.monotonic() + 30
         while sum(t.done() for t in tasks) < calls - held and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
+        wall, router_cpu, client_cpu = (time.perf_counter() - wall, cpu_seconds(router_pid) - router_cpu,
+                                        time.process_time() - client_cpu)
         probed: list[Answer] = []
         while len(probed) < probes and (not probed or probed[-1].status != "OK"):  # admitted: the queue has room
             probed.append(await timed(stubs[0], calls + len(probed), make_call))
-        return list(await asyncio.gather(*tasks)), probed
+        return Burst(list(await asyncio.gather(*tasks)), probed, wall * 1000, router_cpu * 1000, client_cpu * 1000)
     finally:
         for channel in opened:
             await channel.close()
@@ -693,11 +717,17 @@ def latency_note(what: str, answers: list[Answer], status: str) -> str:
     return f"{what}: p50 {percentile(ms, 50):.1f} ms, p99 {percentile(ms, 99):.1f} ms"
 
 
+def cost_note(b: Burst) -> str:
+    return (f"answered in {b.wall_ms:.0f} ms, using {b.router_cpu_ms:.0f} ms of router CPU and {b.client_cpu_ms:.0f} "
+            "of client CPU")
+
+
 def overload(ctx: Context, calls: int = 200, slots: int = 2, queue: int = 8, new_tokens: int = 32,
              probes: int = 20) -> ScenarioResult:
     result = ScenarioResult(f"6. {calls} requests at once, {slots} slots, --max-queue {queue}")
     ctx.fleet.target("slim", slots=slots)
     router = ctx.fleet.router("overload", ["slim"], "--max-queue", str(queue))
+    pid = ctx.fleet.process("overload").popen.pid
 
     def generate(stub: generate_pb2_grpc.GenerationServiceStub, i: int) -> Awaitable:
         return stub.Generate(make_request(PROMPTS[i % len(PROMPTS)], max_new_tokens=new_tokens, ignore_eos=True),
@@ -706,22 +736,26 @@ def overload(ctx: Context, calls: int = 200, slots: int = 2, queue: int = 8, new
     def server_info(stub: generate_pb2_grpc.GenerationServiceStub, i: int) -> Awaitable:
         return stub.GetServerInfo(generate_pb2.GetServerInfoRequest(), timeout=STREAM_TIMEOUT_S)
 
-    asyncio.run(burst(router, slots, generate))  # warm: the router's first requests pay one-off costs
-    answers, probed = asyncio.run(burst(router, calls, generate, held=slots + queue, probes=probes))
-    rejected = [a.ms for a in answers if a.status == "RESOURCE_EXHAUSTED"]
-    admitted = [a for a in [*answers, *probed] if a.status != "RESOURCE_EXHAUSTED"]
-    result.requests = len(answers) + len(probed)
-    result.statuses.update(a.status for a in [*answers, *probed])
+    asyncio.run(burst(router, pid, slots, generate))  # warm: the router's first requests pay one-off costs
+    flood = asyncio.run(burst(router, pid, calls, generate, held=slots + queue, probes=probes))
+    every = [*flood.answers, *flood.probed]
+    rejected = [a.ms for a in flood.answers if a.status == "RESOURCE_EXHAUSTED"]
+    admitted = [a for a in every if a.status != "RESOURCE_EXHAUSTED"]
+    result.requests = len(every)
+    result.statuses.update(a.status for a in every)
     result.failed = sum(a.status != "OK" or len(a.reply.token_ids) != new_tokens for a in admitted)
     result.check("every admitted request completes", result.failed == 0)
     p99 = percentile(rejected, 99)
     result.check(f"rejection p99 < {REJECTION_P99_BAR_MS:.0f} ms", bool(rejected) and p99 < REJECTION_P99_BAR_MS)
-    info, _ = asyncio.run(burst(router, calls, server_info))
+    info = asyncio.run(burst(router, pid, calls, server_info))
     result.note(f"{len(admitted)} admitted; " + "; ".join([
-        latency_note("rejections in the burst", answers, "RESOURCE_EXHAUSTED"),
-        latency_note(f"{probes} more one at a time", probed, "RESOURCE_EXHAUSTED"),
-        latency_note(f"a burst of {calls} GetServerInfo", info, "OK")]))
-    result.raw.update(rejection_ms=rejected, probe_ms=[a.ms for a in probed], server_info_ms=[a.ms for a in info])
+        latency_note("rejections in the burst", flood.answers, "RESOURCE_EXHAUSTED") + f" ({cost_note(flood)})",
+        latency_note(f"{len(flood.probed)} more one at a time", flood.probed, "RESOURCE_EXHAUSTED"),
+        latency_note(f"a burst of {calls} GetServerInfo", info.answers, "OK") + f" ({cost_note(info)})"]))
+    result.raw.update(rejection_ms=rejected, probe_ms=[a.ms for a in flood.probed],
+                      server_info_ms=[a.ms for a in info.answers],
+                      costs={name: {k: v for k, v in asdict(b).items() if k.endswith("_ms")}
+                             for name, b in (("rejections", flood), ("server_info", info))})
     ctx.fleet.stop("overload")
     ctx.fleet.stop("slim")
     return result

@@ -35,6 +35,8 @@ from specfleet.security import AUTHORIZATION, Access, bearer
 log = logging.getLogger("specfleet.router")
 
 CHAT_ROLES = ("system", "user", "assistant")
+MAX_REQUEST_ID = 256  # characters
+MAX_TOP_K = (1 << 31) - 1
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,9 @@ class Router:
         RequestError. ``metadata`` (the call's) may carry the caller's trace context."""
         arrived = time.perf_counter()
         request_id = request.request_id or secrets.token_hex(8)
+        if len(request_id) > MAX_REQUEST_ID:  # quoted in errors, whose metadata clients cap at a few KiB
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"request_id is {len(request_id)} characters; at most {MAX_REQUEST_ID}")
         if request_id in self.requests or request_id in self.tokenizing:
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already live")
         prompt_size = self._check_prompt(request)
@@ -123,6 +128,13 @@ class Router:
             sampling = SamplingParams(request.temperature, request.top_k, request.top_p)
         except ValueError as err:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
+        # The wire to the target carries top_k as int32 and the seed as uint64: a value past them (the HTTP API's
+        # JSON integers have no bound) would fail the whole step of every request batched with it.
+        if sampling.top_k > MAX_TOP_K:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be at most {MAX_TOP_K}, got "
+                                                                 f"{sampling.top_k}")
+        if request.seed is not None and not 0 <= request.seed < 1 << 64:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"seed must be in [0, 2^64), got {request.seed}")
         if self.queued >= self.config.max_queue:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"{self.queued} requests are already waiting (--max-queue {self.config.max_queue})")

@@ -152,3 +152,14 @@ def test_seq_ids_are_unguessable_and_requests_belong_to_the_key_that_started_the
         assert router.abort("b", "root")  # an admin may
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("request_", "words"), [
+    (GenerationRequest(text="hi", seed=1 << 64), "seed must be in [0, 2^64)"),
+    (GenerationRequest(text="hi", seed=-1), "seed must be in [0, 2^64)"),
+    (GenerationRequest(text="hi", top_k=10 ** 20), "top_k must be at most"),
+    (GenerationRequest(text="hi", request_id="x" * 257), "request_id is 257 characters; at most 256"),
+])
+def test_values_the_wire_cannot_carry_are_refused_at_admission(request_: GenerationRequest, words: str) -> None:
+    refused = _refusal(_router()[0], request_)
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT and words in refused.message

@@ -22,16 +22,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a batch of long prompts plus top-K draft distributions
+# A draining service whose routers have not called for this long holds only abandoned sequences: a router that
+# steps calls every few milliseconds, or within its draft timeout (2 s by default) when a draft is slow.
+DRAIN_IDLE_S = 5.0
 
 
 @dataclass
 class Sessions:
     """A service that holds sequences for its routers (the target): on the signal ``draining`` turns true (its
     replies tell the routers, which send it no new sequences), and it goes on answering until ``held()`` is 0
-    (the routers finished and released them) or the drain timeout passes."""
+    (the routers finished and released them), no router has called for ``DRAIN_IDLE_S`` (they are gone, and their
+    sequences with them), or the drain timeout passes."""
 
     held: Callable[[], int]
     draining: bool = False
+    last_call: float = 0.0  # time.monotonic() of the last call that worked on sequences (`touched`)
+
+    def touched(self) -> None:
+        self.last_call = time.monotonic()
 
 
 def setup_logging(level: str) -> None:
@@ -105,11 +113,14 @@ async def _finish_sessions(name: str, sessions: Sessions, timeout_s: float) -> N
     held, deadline = sessions.held(), time.monotonic() + timeout_s
     if held:
         log.info("%s finishes the %d sequence(s) it holds before it stops (up to %.0f s)", name, held, timeout_s)
-    while sessions.held() and time.monotonic() < deadline:
+    sessions.touched()  # the idle clock starts at the signal
+    while sessions.held() and time.monotonic() < deadline and time.monotonic() - sessions.last_call < DRAIN_IDLE_S:
         await asyncio.sleep(0.1)
     if sessions.held():
-        log.warning("%s stops with %d sequence(s) unfinished: their routers move them elsewhere", name,
-                    sessions.held())
+        timed_out = time.monotonic() >= deadline
+        why = "the drain timeout passed" if timed_out else f"no router called for {DRAIN_IDLE_S:.0f} s"
+        log.warning("%s stops with %d sequence(s) unfinished (%s): their routers, if any, move them elsewhere", name,
+                    sessions.held(), why)
 
 
 def servicer_name(service_descriptor_holder, service: str) -> str:

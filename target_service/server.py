@@ -46,6 +46,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         started = time.perf_counter()
+        self.sessions.touched()
         try:
             verdicts = await asyncio.get_running_loop().run_in_executor(self.executor, self.verifier.verify, items)
         except ValueError as err:

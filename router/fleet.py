@@ -120,15 +120,19 @@ class Fleet:
     def live(self) -> int:
         return sum(len(loop.live) for loop in self.loops.values())
 
+    @property
+    def slots(self) -> int:
+        """Sequence slots of all targets."""
+        return sum(loop.capacity for loop in self.loops.values())
+
     def has_room(self) -> bool:
         """Nothing waits for a slot and at most half of them are taken: room for background work."""
-        slots = sum(loop.capacity for loop in self.loops.values())
-        return self.queued == 0 and self.live * 2 <= slots
+        return self.queued == 0 and self.live * 2 <= self.slots
 
     @property
     def slot_usage(self) -> float:
         """The fraction of its targets' sequence slots the live requests hold (0 with no target)."""
-        slots = sum(loop.capacity for loop in self.loops.values())
+        slots = self.slots
         return self.live / slots if slots else 0.0
 
     def place(self, seq: LiveRequest) -> None:
@@ -246,8 +250,7 @@ class Fleet:
         if self.loops.get(address) is not loop:  # it failed or left meanwhile: handled there
             return
         await self._remove_target(address, "finished its sequences and stops")
-        if address in self._wanted_targets and address not in self._joining_targets:
-            self._join(self._joining_targets, address, self._join_target(address))
+        self._ask_again(address)
 
     def _on_loop_end(self, run: asyncio.Task) -> None:
         if run.cancelled():  # removed by the fleet, which moves the sequences itself
@@ -282,6 +285,11 @@ class Fleet:
         moving = self._move(loop.drain())
         log.warning("%s; %s; asking it again until it answers", lost, self._where(moving))
         await target.link.close()
+        self._ask_again(address)
+
+    def _ask_again(self, address: str) -> None:
+        """Asks a target that stopped or failed for its info, with backoff, until it answers and rejoins (while the
+        pool still holds it)."""
         if address in self._wanted_targets and address not in self._joining_targets:
             self._join(self._joining_targets, address, self._join_target(address))
 

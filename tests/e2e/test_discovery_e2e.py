@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,8 +13,9 @@ import openai
 import pytest
 from k8s_api_double import Endpoint, KubernetesApiDouble
 from live_sequences import wait_live
+from streaming import Streaming
 
-from specfleet.client import make_request, stream
+from specfleet.client import make_request
 from specfleet.launcher import free_port, wait_serving
 from specfleet.protos import draft_pb2_grpc, generate_pb2, generate_pb2_grpc, target_pb2_grpc
 
@@ -31,21 +31,6 @@ PROMPTS = [
     "Fix the typo: 'The quick brwn fox jumps over the lazy dog.'",
     "Count: 1, 2, 3, 4, 5, 6,",
 ]
-
-
-class Running:
-    """One streaming request on a thread: its tokens, and whether its first message has come."""
-
-    def __init__(self, pool: ThreadPoolExecutor, address: str, request: generate_pb2.GenerateRequest) -> None:
-        self.started = threading.Event()
-        self.tokens: list[int] = []
-        self.future = pool.submit(self._run, address, request)
-
-    def _run(self, address: str, request: generate_pb2.GenerateRequest) -> list[int]:
-        for message in stream(address, request, timeout_s=300):
-            self.tokens.extend(message.token_ids)
-            self.started.set()
-        return self.tokens
 
 
 def _requests() -> list[generate_pb2.GenerateRequest]:
@@ -78,7 +63,7 @@ def test_router_follows_its_pools_without_failing_or_changing_a_request(cluster,
                                                     "--max-seq-len", "1024", "--redis-url", cluster.redis_url])
     plain = cluster.router("router-plain", target="target", draft=None, depth=0)
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        expected = [r.future.result() for r in [Running(pool, plain, q) for q in _requests()]]
+        expected = [r.future.result() for r in [Streaming(pool, plain, q) for q in _requests()]]
 
     with KubernetesApiDouble() as api, ThreadPoolExecutor(len(PROMPTS) + 2) as pool:
         _publish(api, "target", target_a)
@@ -97,11 +82,11 @@ def test_router_follows_its_pools_without_failing_or_changing_a_request(cluster,
         requests = _requests()
 
         # A second target joins while the first wave runs on the first; the second wave goes to it.
-        first_wave = [Running(pool, router, q) for q in requests[:4]]
+        first_wave = [Streaming(pool, router, q) for q in requests[:4]]
         assert all(r.started.wait(120) for r in first_wave)
         _publish(api, "target", target_b)
         _eventually(lambda: sorted(_server_info(router).target_addresses) == sorted([target_a, target_b]))
-        second_wave = [Running(pool, router, q) for q in requests[4:]]
+        second_wave = [Streaming(pool, router, q) for q in requests[4:]]
         assert all(r.started.wait(120) for r in second_wave)
 
         # The first target turns not-ready and the only draft goes away, both mid-generation: the first wave moves
@@ -120,7 +105,7 @@ def test_router_follows_its_pools_without_failing_or_changing_a_request(cluster,
         _publish(api, "target", target_b, ready=False)
         _eventually(lambda: not _server_info(router).target_addresses)
         with pytest.raises(grpc.RpcError) as caught:
-            Running(pool, router, requests[0]).future.result()
+            Streaming(pool, router, requests[0]).future.result()
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "no target replica" in caught.value.details()
         # the OpenAI API says the same with a 503, and its health check fails
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
@@ -129,7 +114,7 @@ def test_router_follows_its_pools_without_failing_or_changing_a_request(cluster,
         assert unavailable.value.status_code == 503 and "no target replica" in unavailable.value.message
         assert httpx.get(f"http://127.0.0.1:{http_port}/health").status_code == 503
         # ... or, if a target comes back in time, is served by it, drafting again on a returning draft.
-        waiting = Running(pool, router, requests[1])
+        waiting = Streaming(pool, router, requests[1])
         _eventually(lambda: _server_info(router).queued_requests == 1)
         _publish(api, "draft", ngram)
         _publish(api, "target", target_a)

@@ -71,22 +71,29 @@ def value(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
 # metric names, as Prometheus scrapes them
 
 
+def serving_one_step(otel: Any, model_name: str) -> RouterMetrics:
+    """Router metrics serving ``model_name`` (3 queued, 2 live, a quarter of the slots) after one step of two
+    sequences (one drafted 3 and had 2 accepted) and one request that ended well (7 prompt tokens, 4 generated)."""
+    router = RouterMetrics(otel)
+    router.serve(model_name, queue_depth=lambda: 3, live_requests=lambda: 2, slot_usage=lambda: 0.25,
+                 redis_up=lambda: True)
+    stats = StepStats("target-0:50052", batch_size=2, planned=[3, 0], deepest=3, first_token_s=[0.05],
+                      inter_token_s=[0.02], duration_s=0.02)
+    stats.observe(SequenceStep(3, drafted=3, accepted=2, first_rejected=1, emitted=3))
+    stats.observe(SequenceStep(0, emitted=1))
+    router.record_step(stats)
+    router.end_request(router.start_request("r1", 7), "ok", "OK", prompt_tokens=7, generated_tokens=4,
+                       finish_reason="eos", e2e_s=0.4, queue_s=0.1, time_per_output_token_s=0.01)
+    return router
+
+
 def test_every_metric_is_scraped_with_its_name_type_labels_and_buckets() -> None:
     otel = setup("router", "127.0.0.1", free_port())
     try:
-        router = RouterMetrics(otel)
-        router.serve("tiny", queue_depth=lambda: 3, live_requests=lambda: 2, slot_usage=lambda: 0.25,
-                     redis_up=lambda: True)
-        stats = StepStats("target-0:50052", batch_size=2, planned=[3, 0], deepest=3, first_token_s=[0.05],
-                          inter_token_s=[0.02], duration_s=0.02)
-        stats.observe(SequenceStep(3, drafted=3, accepted=2, first_rejected=1, emitted=3))
-        stats.observe(SequenceStep(0, emitted=1))
-        router.record_step(stats)
+        router = serving_one_step(otel, "tiny")
         router.record_draft_rtt("draft-0:50051", 0.003)
         router.record_verify_rtt("target-0:50052", 0.012)
         router.record_reprefills("target", 1)
-        router.end_request(router.start_request("r1", 7), "ok", "OK", prompt_tokens=7, generated_tokens=4,
-                           finish_reason="eos", e2e_s=0.4, queue_s=0.1, time_per_output_token_s=0.01)
         router.request_rejected("INVALID_ARGUMENT", "prompt is empty")
         ServiceMetrics(otel, "draft", lambda: 2).record_batch(0.002)
         ServiceMetrics(otel, "target", lambda: 1).record_batch(0.02)
@@ -140,16 +147,7 @@ def test_vllm_names_beside_ours_with_the_model_name() -> None:
     them by name, type and model_name label, counting what ours count."""
     otel = setup("router", "127.0.0.1", free_port())
     try:
-        router = RouterMetrics(otel)
-        router.serve("tiny-model", queue_depth=lambda: 3, live_requests=lambda: 2, slot_usage=lambda: 0.25,
-                     redis_up=lambda: True)
-        stats = StepStats("target-0:50052", batch_size=2, planned=[3, 0], deepest=3, first_token_s=[0.05],
-                          inter_token_s=[0.02], duration_s=0.02)
-        stats.observe(SequenceStep(3, drafted=3, accepted=2, first_rejected=1, emitted=3))
-        stats.observe(SequenceStep(0, emitted=1))
-        router.record_step(stats)
-        router.end_request(router.start_request("r1", 7), "ok", "OK", prompt_tokens=7, generated_tokens=4,
-                           finish_reason="eos", e2e_s=0.4, queue_s=0.1, time_per_output_token_s=0.01)
+        router = serving_one_step(otel, "tiny-model")
         router.end_request(router.start_request("r2", 5), "aborted", "CANCELLED", prompt_tokens=5,
                            generated_tokens=0, finish_reason="unspecified", e2e_s=0.2, queue_s=None,
                            time_per_output_token_s=None)

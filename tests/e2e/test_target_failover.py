@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+from streaming import Streaming
 
-from specfleet.client import make_request, stream
+from specfleet.client import make_request
 from specfleet.launcher import Deployment, Process, free_port, wait_serving
 from specfleet.protos import generate_pb2, generate_pb2_grpc
 
@@ -39,21 +39,6 @@ def requests(tag: str) -> list[generate_pb2.GenerateRequest]:
     for i, request in enumerate(made):
         request.request_id = f"{tag}-{i}"
     return made
-
-
-class Streaming:
-    """One streaming request on a thread: its tokens, and whether its first message has come."""
-
-    def __init__(self, pool: ThreadPoolExecutor, router: str, request: generate_pb2.GenerateRequest) -> None:
-        self.started = threading.Event()
-        self.tokens: list[int] = []
-        self.future = pool.submit(self._run, router, request)
-
-    def _run(self, router: str, request: generate_pb2.GenerateRequest) -> list[int]:
-        for message in stream(router, request, timeout_s=300):
-            self.tokens.extend(message.token_ids)
-            self.started.set()
-        return self.tokens
 
 
 def same_answers(got: list[list[int]], expected: list[list[int]]) -> bool:
@@ -114,27 +99,38 @@ def two_targets(tiny_draft_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         yield fleet
 
 
+def answers(pool: ThreadPoolExecutor, router: str, tag: str) -> list[list[int]]:
+    return [s.future.result() for s in [Streaming(pool, router, r) for r in requests(tag)]]
+
+
+def interrupted(pool: ThreadPoolExecutor, router: str, tag: str, interrupt: Callable[[], object]) -> list[Streaming]:
+    """The streams of ``requests(tag)``, interrupted once each has had its first message."""
+    running = [Streaming(pool, router, r) for r in requests(tag)]
+    assert all(s.started.wait(120) for s in running)
+    interrupt()
+    assert not all(s.future.done() for s in running), "the streams ended before the interruption: nothing was tested"
+    return running
+
+
+def kill_9(process: Process) -> None:
+    process.popen.kill()
+    process.popen.wait()
+
+
 def test_kill_9_of_a_target_mid_stream_loses_nothing_and_it_rejoins(two_targets: TwoTargets) -> None:
     fleet = two_targets
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        expected = [s.future.result() for s in [Streaming(pool, fleet.reference, r) for r in requests("ref")]]
-
-        running = [Streaming(pool, fleet.router, r) for r in requests("first")]
-        assert all(s.started.wait(120) for s in running)
-        fleet.processes["a"].popen.kill()  # kill -9, mid-stream
-        fleet.processes["a"].popen.wait()
-        assert not all(s.future.done() for s in running), "the streams ended before the kill: nothing was tested"
+        expected = answers(pool, fleet.reference, "ref")
+        running = interrupted(pool, fleet.router, "first", lambda: kill_9(fleet.processes["a"]))
         assert same_answers([s.future.result() for s in running], expected)  # none failed, none changed
 
         eventually(lambda: list(server_info(fleet.router).target_addresses) == [fleet.address("b")],
                    "the router drops the dead target")
-        after = [Streaming(pool, fleet.router, r) for r in requests("after")]
-        assert same_answers([s.future.result() for s in after], expected)
+        assert same_answers(answers(pool, fleet.router, "after"), expected)
 
         fleet.start_target("a")  # the same address, started again
         eventually(lambda: len(server_info(fleet.router).target_addresses) == 2, "the target rejoins")
-        again = [Streaming(pool, fleet.router, r) for r in requests("again")]
-        assert same_answers([s.future.result() for s in again], expected)
+        assert same_answers(answers(pool, fleet.router, "again"), expected)
 
     log = router_log(fleet)
     assert f"target {fleet.address('a')} stopped answering" in log and "moved to the other 1 target(s)" in log
@@ -144,11 +140,9 @@ def test_kill_9_of_a_target_mid_stream_loses_nothing_and_it_rejoins(two_targets:
 def test_sigterm_of_a_target_beside_another_cuts_nothing_and_its_successor_joins(two_targets: TwoTargets) -> None:
     fleet = two_targets
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        expected = [s.future.result() for s in [Streaming(pool, fleet.reference, r) for r in requests("ref2")]]
-        running = [Streaming(pool, fleet.router, r) for r in requests("drained")]
-        assert all(s.started.wait(120) for s in running)
-        fleet.processes["a"].popen.send_signal(signal.SIGTERM)
-        assert not all(s.future.done() for s in running), "the streams ended before the signal: nothing was tested"
+        expected = answers(pool, fleet.reference, "ref2")
+        running = interrupted(pool, fleet.router, "drained",
+                              lambda: fleet.processes["a"].popen.send_signal(signal.SIGTERM))
         later = [Streaming(pool, fleet.router, r) for r in requests("during")]  # while a drains: they go to b
         assert same_answers([s.future.result() for s in running], expected)
         assert same_answers([s.future.result() for s in later], expected)
@@ -156,8 +150,7 @@ def test_sigterm_of_a_target_beside_another_cuts_nothing_and_its_successor_joins
 
         fleet.start_target("a")
         eventually(lambda: len(server_info(fleet.router).target_addresses) == 2, "the restarted target joins")
-        assert same_answers([s.future.result() for s in [Streaming(pool, fleet.router, r) for r in requests("back")]],
-                            expected)
+        assert same_answers(answers(pool, fleet.router, "back"), expected)
     log = router_log(fleet)
     assert f"target {fleet.address('a')} is shutting down" in log
 
@@ -165,11 +158,9 @@ def test_sigterm_of_a_target_beside_another_cuts_nothing_and_its_successor_joins
 def test_sigterm_of_a_lone_target_lets_every_stream_finish(two_targets: TwoTargets) -> None:
     fleet = two_targets
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        expected = [s.future.result() for s in [Streaming(pool, fleet.reference, r) for r in requests("ref3")]]
-        running = [Streaming(pool, fleet.address("lone-router"), r) for r in requests("alone")]
-        assert all(s.started.wait(120) for s in running)
-        fleet.processes["lone"].popen.send_signal(signal.SIGTERM)
-        assert not all(s.future.done() for s in running), "the streams ended before the signal: nothing was tested"
+        expected = answers(pool, fleet.reference, "ref3")
+        running = interrupted(pool, fleet.address("lone-router"), "alone",
+                              lambda: fleet.processes["lone"].popen.send_signal(signal.SIGTERM))
         assert same_answers([s.future.result() for s in running], expected)
         assert fleet.processes["lone"].popen.wait(60) == 0
 

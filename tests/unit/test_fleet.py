@@ -103,21 +103,14 @@ class DyingTarget(FakeTarget):
 def test_a_target_that_stops_answering_costs_a_re_prefill_and_rejoins_when_back(monkeypatch) -> None:
     """A fixed pool of two: one target dies mid-generation. Its sequences move to the other one (re-prefilled, output
     unchanged, nothing failed), new requests go only to the live one, and the dead one rejoins once it answers."""
-    monkeypatch.setattr(fleet_module, "JOIN_RETRY_S", (0.01, 0.05))
     dying, staying = DyingTarget(die_after_calls=3), DyingTarget()
-    fakes = {"a:1": dying, "b:2": staying}
-    monkeypatch.setattr(fleet_module, "connect_target", lambda address, interceptors=(): TargetReplica(
-        address, fakes[address]))
+    fakes = _fixed_pool(monkeypatch, {"a:1": dying, "b:2": staying})
     model = ToyModel()
 
     async def scenario() -> tuple[list[list[int]], list[list[int]], Fleet]:
-        fleet = Fleet(RouterConfig(depth="3", targets="a:1,b:2", drafts="d:1"), feed=_fixed_depth(3),
-                      telemetry=None, metrics=RouterMetrics())
+        fleet = await _fleet_over(fakes, RouterConfig(depth="3", targets="a:1,b:2", drafts="d:1"))
         draft = DraftReplica("d:1", FakeDrafter(), ReplicaInfo("toy", "model", VOCAB, "toy", 256, 8))
         fleet.drafts = [draft]
-        for address in ("a:1", "b:2"):
-            fleet._add_target(TargetReplica(address, fakes[address], await fakes[address].info(1)))
-        fleet.reference, fleet._wanted_targets = fleet.targets["a:1"], frozenset(fakes)
         first = [live_request(f"s{i}", [i + 1, i + 2], 12, draft=draft) for i in range(4)]
         for seq in first:
             fleet.loops["a:1"].submit(seq)
@@ -139,16 +132,10 @@ def test_a_target_that_stops_answering_costs_a_re_prefill_and_rejoins_when_back(
 
 
 def test_a_request_that_lost_its_target_too_often_fails_with_the_reason(monkeypatch) -> None:
-    monkeypatch.setattr(fleet_module, "JOIN_RETRY_S", (0.01, 0.05))
-    dying = DyingTarget(die_after_calls=1)
-    monkeypatch.setattr(fleet_module, "connect_target", lambda address, interceptors=(): TargetReplica(address,
-                                                                                                          dying))
+    fakes = _fixed_pool(monkeypatch, {"a:1": DyingTarget(die_after_calls=1)})
 
     async def scenario() -> LiveRequest:
-        fleet = Fleet(RouterConfig(depth="0", targets="a:1", max_moves=0), feed=_fixed_depth(0), telemetry=None,
-                      metrics=RouterMetrics())
-        fleet._add_target(TargetReplica("a:1", dying, await dying.info(1)))
-        fleet.reference, fleet._wanted_targets = fleet.targets["a:1"], frozenset({"a:1"})
+        fleet = await _fleet_over(fakes, RouterConfig(depth="0", targets="a:1", max_moves=0))
         seq = live_request("s0", [1, 2], 8)
         fleet.place(seq)
         await _until(lambda: seq.finished)
@@ -159,8 +146,23 @@ def test_a_request_that_lost_its_target_too_often_fails_with_the_reason(monkeypa
     assert seq.error is not None and seq.error.code.name == "UNAVAILABLE" and "--max-moves 0" in seq.error.message
 
 
-def _fixed_depth(depth: int) -> PolicyFeed:
-    return PolicyFeed(DepthPolicy.fixed(depth), None, 1.0, "throughput")
+def _fixed_pool(monkeypatch, fakes: dict[str, FakeTarget]) -> dict[str, FakeTarget]:
+    """A fixed pool of fake targets, by address: connecting to an address reaches its fake, and a lost one is asked
+    again within milliseconds."""
+    monkeypatch.setattr(fleet_module, "JOIN_RETRY_S", (0.01, 0.05))
+    monkeypatch.setattr(fleet_module, "connect_target", lambda address, interceptors=(): TargetReplica(
+        address, fakes[address]))
+    return fakes
+
+
+async def _fleet_over(fakes: dict[str, FakeTarget], config: RouterConfig) -> Fleet:
+    """A fleet running a step loop on each fake target (the first is the reference), at the config's fixed depth."""
+    fleet = Fleet(config, PolicyFeed(DepthPolicy.fixed(int(config.depth)), None, 1.0, "throughput"), None,
+                  RouterMetrics())
+    for address, fake in fakes.items():
+        fleet._add_target(TargetReplica(address, fake, await fake.info(1)))
+    fleet.reference, fleet._wanted_targets = fleet.targets[next(iter(fakes))], frozenset(fakes)
+    return fleet
 
 
 async def _until(condition, timeout_s: float = 10.0) -> None:
@@ -190,19 +192,12 @@ class DrainingTarget(FakeTarget):
 
 
 def test_a_target_shutting_down_finishes_its_sequences_and_gets_no_new_ones(monkeypatch) -> None:
-    monkeypatch.setattr(fleet_module, "JOIN_RETRY_S", (0.01, 0.05))
     stopping, staying = DrainingTarget(drain_at_call=2), DrainingTarget()
-    fakes = {"a:1": stopping, "b:2": staying}
-    monkeypatch.setattr(fleet_module, "connect_target", lambda address, interceptors=(): TargetReplica(
-        address, fakes[address]))
+    fakes = _fixed_pool(monkeypatch, {"a:1": stopping, "b:2": staying})
     model = ToyModel()
 
     async def scenario() -> tuple[list[LiveRequest], list[LiveRequest], Fleet]:
-        fleet = Fleet(RouterConfig(depth="0", targets="a:1,b:2"), feed=_fixed_depth(0), telemetry=None,
-                      metrics=RouterMetrics())
-        for address in ("a:1", "b:2"):
-            fleet._add_target(TargetReplica(address, fakes[address], await fakes[address].info(1)))
-        fleet.reference, fleet._wanted_targets = fleet.targets["a:1"], frozenset(fakes)
+        fleet = await _fleet_over(fakes, RouterConfig(depth="0", targets="a:1,b:2"))
         fleet.loops["a:1"].capacity = 2  # two run there, one waits for a slot
         held = [live_request(f"s{i}", [i + 1, i + 2], 30) for i in range(3)]
         for seq in held:

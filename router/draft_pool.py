@@ -12,9 +12,11 @@ A draft replica that fails or is slow costs speculation, not requests: its seque
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from router.live_request import LiveRequest
 from router.replicas import DraftReplica, ReplicaError, ReplicaGone, release_on
@@ -22,6 +24,7 @@ from specfleet.otel import RouterMetrics
 from specfleet.speculation import (
     PREFILL_TOKENS,
     DraftAsk,
+    DraftPlan,
     Proposal,
     Proposals,
     SessionDelta,
@@ -31,6 +34,17 @@ from specfleet.speculation import (
 )
 
 log = logging.getLogger("specfleet.router")
+
+
+@dataclass(frozen=True)
+class DraftCall:
+    """One sequence's entry in a call to its drafter: draft ``plan`` after ``context``, of which the drafter holds
+    the first ``held`` tokens (the call rolls it back to them and sends the rest)."""
+
+    seq: LiveRequest
+    context: list[int]
+    held: int
+    plan: DraftPlan
 
 
 class DraftPool:
@@ -50,16 +64,27 @@ class DraftPool:
         return None
 
     async def propose(self, batch: list[LiveRequest], plan: StepPlan) -> Proposals:
-        groups: dict[str, list[LiveRequest]] = {}
-        for seq in batch:
-            if plan.draft(seq.seq_id).levels > 0:
-                groups.setdefault(seq.draft.address, []).append(seq)
-        replies = await asyncio.gather(*(self._propose_on(seqs[0].draft, seqs, plan) for seqs in groups.values()))
-        self._drafted = {seq_id: (reply.cached_len[seq_id], len(seq.tokens))
-                         for reply, seqs in zip(replies, groups.values(), strict=True)
-                         for seq in seqs if (seq_id := seq.seq_id) in reply.answers}
-        return Proposals({seq_id: p for reply in replies for seq_id, p in reply.answers.items()},
-                         max((reply.compute_ms for reply in replies), default=0.0))
+        calls = [DraftCall(seq, seq.tokens, seq.draft_cached, plan.draft(seq.seq_id)) for seq in batch
+                 if plan.draft(seq.seq_id).levels > 0]
+        proposals, cached_len = await self.draft(calls)
+        self._drafted = {seq_id: (held, len(seq.tokens)) for seq in batch
+                         if (held := cached_len.get(seq_id := seq.seq_id)) is not None}
+        return proposals
+
+    async def draft(self, calls: list[DraftCall]) -> tuple[Proposals, dict[str, int]]:
+        """One batched `Propose` per replica for ``calls``, in parallel: the proposals, and the tokens of each
+        call's context the drafter now holds (its drafts fed back to it included)."""
+        groups: dict[str, list[DraftCall]] = {}
+        for call in calls:
+            groups.setdefault(call.seq.draft.address, []).append(call)
+        if len(groups) == 1:  # the usual case: one replica, called without a task of its own
+            (group,) = groups.values()
+            replies = [await self._propose_on(group[0].seq.draft, group)]
+        else:
+            replies = await asyncio.gather(*(self._propose_on(g[0].seq.draft, g) for g in groups.values()))
+        return (Proposals({seq_id: p for reply in replies for seq_id, p in reply.answers.items()},
+                          max((reply.compute_ms for reply in replies), default=0.0)),
+                {seq_id: n for reply in replies for seq_id, n in reply.cached_len.items()})
 
     def settle(self, batch: list[LiveRequest], verdicts: Mapping[str, Verdict]) -> None:
         for seq in batch:
@@ -78,17 +103,18 @@ class DraftPool:
                 seq.draft.assigned -= 1
         await asyncio.gather(*(release_on(d.link, [s.seq_id for s in seqs if s.draft is d]) for d in drafts.values()))
 
-    async def _propose_on(self, draft: DraftReplica, seqs: list[LiveRequest], plan: StepPlan
-                          ) -> SessionReply[Proposal]:
+    async def _propose_on(self, draft: DraftReplica, calls: list[DraftCall]) -> SessionReply[Proposal]:
         try:
-            reply = await self._call(draft, seqs, plan)
-            # Only those still pinned here: a sequence moved off a draft that left is prefilled by its new one.
-            resend = [s for s in seqs if s.seq_id in reply.unknown and s.draft is draft]
+            reply = await self._call(draft, calls)
+            # Only those still pinned here and still running: a sequence moved off a draft that left is prefilled by
+            # its new one, and a finished one must not be brought back to life by its resend.
+            resend = [dataclasses.replace(c, held=0) for c in calls
+                      if c.seq.seq_id in reply.unknown and c.seq.draft is draft and not c.seq.finished]
             if resend:  # the drafter lost them (restart, eviction): send the whole context once
                 self.metrics.record_reprefills("draft", len(resend))
-                for seq in resend:
-                    seq.draft_cached = 0
-                more = await self._call(draft, resend, plan)
+                for call in resend:
+                    call.seq.draft_cached = 0
+                more = await self._call(draft, resend)
                 reply.answers.update(more.answers)
                 reply.cached_len.update(more.cached_len)
                 reply.compute_ms += more.compute_ms
@@ -104,9 +130,9 @@ class DraftPool:
         draft.mark_ok()
         return reply
 
-    async def _call(self, draft: DraftReplica, seqs: list[LiveRequest], plan: StepPlan) -> SessionReply[Proposal]:
-        asks = [DraftAsk(SessionDelta(s.seq_id, s.draft_cached, s.tokens[s.draft_cached:]), plan.draft(s.seq_id),
-                         s.sampling, s.seed) for s in seqs]
+    async def _call(self, draft: DraftReplica, calls: list[DraftCall]) -> SessionReply[Proposal]:
+        asks = [DraftAsk(SessionDelta(c.seq.seq_id, c.held, c.context[c.held:]), c.plan, c.seq.sampling, c.seq.seed)
+                for c in calls]
         # A call that prefills a prompt is legitimately slower than a step: its timeout grows with the longest
         # prompt it carries. Otherwise a long prompt would time out on every retry and never be drafted for.
         longest = max(len(a.delta.new_tokens) for a in asks)

@@ -21,6 +21,7 @@ from collections.abc import Sequence as Seq
 import grpc
 
 from router.discovery import PoolWatcher
+from router.draft_ahead import DraftAhead
 from router.draft_link import GrpcDraftLink
 from router.draft_pool import DraftPool
 from router.live_request import DRAFT_POOL, LiveRequest
@@ -64,7 +65,8 @@ def step_loop_for(target: TargetReplica, config: RouterConfig, feed: PolicyFeed,
     audit = PredictionAudit()
     # With --calibration-half-life 0 the policy takes its predictions as they are.
     calibration = Calibration(config.calibration_half_life) if config.calibration_half_life else None
-    strategies = Strategies({DRAFT_POOL: DraftPool(config.draft_timeout_ms, config.draft_retry_s, metrics)})
+    pool = DraftPool(config.draft_timeout_ms, config.draft_retry_s, metrics)
+    strategies = Strategies({DRAFT_POOL: DraftAhead(pool, metrics) if config.draft_ahead else pool})
     planner = Planner(config, feed, strategies, target.address, target.info.max_seq_len, audit, calibration)
     observers: list[StepObserver] = [audit, MetricsExporter(metrics)]
     if calibration is not None:

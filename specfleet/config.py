@@ -238,6 +238,10 @@ class RouterConfig(ServiceConfig):
     verify_timeout_ms: float = option(60000.0, "a Verify slower than this counts as its target failing: the "
                                       "target's sequences move to another target")
     draft_retry_s: float = option(2.0, "after a draft failure, skip that draft replica for this long")
+    draft_ahead: bool = option(False, "draft the next step while the target verifies this one (DuoDecoding): "
+                               "each sequence's drafter continues its drafts as if all were accepted, and those "
+                               "drafts are used when they came true; drafting then costs no wall time when it "
+                               "fits inside the verify, as a CPU drafter beside a GPU target does")
     tokenizer: str = option("", "model spec to take the tokenizer from (default: the target's model)")
     target_wait_s: float = option(60.0, "while no target is up (none ready in a k8s:// pool, or every one failed), "
                                   "requests wait this long for one (within their deadline) before failing with "
@@ -315,8 +319,11 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
     for f in dataclasses.fields(config_cls):
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                            help=help_text, **meta)
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):  # --flag / --no-flag
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            continue
+        parser.add_argument(flag, type=type(f.default), default=f.default, help=help_text, **meta)
 
 
 def from_arguments(config_cls: type, args: argparse.Namespace) -> Any:
@@ -327,12 +334,18 @@ def to_arguments(config: Any, always: Iterable[str] = ()) -> list[str]:
     """The argv that `add_arguments`' parser and `from_arguments` turn back into ``config``.
 
     One ``--flag=value`` for each field that differs from its default, and for each field named in ``always``
-    (the ``=`` form keeps a value that starts with ``-`` from reading as a flag). Fields hold str, int or float:
-    ``str`` of each parses back to the same value.
+    (the ``=`` form keeps a value that starts with ``-`` from reading as a flag). Fields hold str, int or float,
+    whose ``str`` parses back to the same value, or bool (``--flag`` or ``--no-flag``).
     """
     names = {f.name for f in dataclasses.fields(config)}
     named = set(always)
     if not named <= names:
         raise ValueError(f"{type(config).__name__} has no field {', '.join(sorted(named - names))}")
-    return [f"--{f.name.replace('_', '-')}={getattr(config, f.name)}" for f in dataclasses.fields(config)
+    def argument(name: str, value: Any) -> str:
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):
+            return f"--{flag}" if value else f"--no-{flag}"
+        return f"--{flag}={value}"
+
+    return [argument(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
             if f.name in named or getattr(config, f.name) != f.default]

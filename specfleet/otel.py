@@ -238,7 +238,8 @@ class RouterMetrics:
     specfleet_draft_position_accepted_total{position}, specfleet_step_emitted_tokens_total{depth},
     specfleet_step_duration_seconds_total{depth}, specfleet_draft_latency_seconds{replica},
     specfleet_verify_latency_seconds{replica} (histograms), specfleet_reprefills_total{role} (0 per role from the
-    start), specfleet_canary_replays_total, specfleet_canary_mismatches_total (0 from the start), and the gauges
+    start), specfleet_drafts_ahead_total{outcome}, specfleet_canary_replays_total,
+    specfleet_canary_mismatches_total (0 from the start), and the gauges
     specfleet_queue_depth, specfleet_live_requests, specfleet_slot_usage, specfleet_redis_up.
     Beside them on /metrics, the same measurements under vLLM's names (`specfleet.vllm_metrics`).
     """
@@ -285,6 +286,9 @@ class RouterMetrics:
                                          "Verify round trip seen by the router, by target replica")
         self.reprefills = meter.create_counter(
             "specfleet_reprefills", "{sequence}", "sequences resent whole because a service lost them, by role")
+        self.drafts_ahead = meter.create_counter(
+            "specfleet_drafts_ahead", "{proposal}", "drafts made ahead while the target verified (--draft-ahead), "
+            "by outcome: used (they came true) or dropped")
         self.canary_replays = meter.create_counter(
             "specfleet_canary_replays", "{request}", "finished greedy requests generated again by plain decoding")
         self.canary_mismatches = meter.create_counter(
@@ -293,6 +297,8 @@ class RouterMetrics:
         # dashboards' re-prefill panel would say "No data" instead of 0.
         for role in ("draft", "target"):
             self.reprefills.add(0, {"role": role})
+        for outcome in ("used", "dropped"):
+            self.drafts_ahead.add(0, {"outcome": outcome})
         self.canary_replays.add(0)  # likewise for the canary's panel and alert
         self.canary_mismatches.add(0)
 
@@ -406,6 +412,9 @@ class RouterMetrics:
 
     def record_reprefills(self, role: str, sequences: int) -> None:
         self.reprefills.add(sequences, {"role": role})
+
+    def record_drafts_ahead(self, used: bool) -> None:
+        self.drafts_ahead.add(1, {"outcome": "used" if used else "dropped"})
 
     def record_canary(self, matched: bool, request_id: str, first_difference: int | None) -> None:
         self.canary_replays.add(1)

@@ -3,8 +3,8 @@
 `ToyModel` is the "target model": a deterministic next token for any context, so plain greedy decoding has one
 right answer (`ToyModel.generate`) that speculation must reproduce token for token. `FakeTarget` and
 `FakeDrafter` keep sessions as the real services do (roll back, append, say when they do not know a sequence),
-so the router's real session code runs against them; the two strategies at the end draft in the ways the loop
-has no code for, self-drafted and drafted ahead, to show they plug in without it.
+so the router's real session code runs against them; `SelfDrafted` drafts in a way the loop has no code for, the
+target's verdict bringing the next drafts, to show it plugs in without it.
 """
 
 from __future__ import annotations
@@ -149,9 +149,11 @@ class FakeTarget(FakeService):
 
 @dataclass
 class FakeDrafter(FakeService):
-    """A `DraftLink`: chains from `ToyModel.guess`, with sessions; ``fail_calls`` makes its next calls fail."""
+    """A `DraftLink`: chains from `ToyModel.guess` (wrong at every ``wrong_every``-th position), with sessions;
+    ``fail_calls`` makes its next calls fail."""
 
     fail_calls: int = 0
+    wrong_every: int = 3
     calls: int = 0
     kind = "model"
 
@@ -167,7 +169,7 @@ class FakeDrafter(FakeService):
             if tokens is None:
                 reply.unknown.append(ask.delta.seq_id)
                 continue
-            drafts = self.model.guess(tokens, ask.plan.levels)
+            drafts = self.model.guess(tokens, ask.plan.levels, self.wrong_every)
             self.sessions.cache[ask.delta.seq_id] = tokens + drafts  # a drafter feeds itself its drafts
             reply.answers[ask.delta.seq_id] = Proposal(tuple(drafts))
             reply.cached_len[ask.delta.seq_id] = len(tokens) + len(drafts)
@@ -204,64 +206,6 @@ class SelfDrafted:
     async def release(self, seqs: list[LiveRequest]) -> None:
         for seq in seqs:
             self.candidates.pop(seq.seq_id, None)
-
-
-class DraftedAhead:
-    """Strategy (c): while the target verifies step t, draft step t+1 as if step t's drafts were all accepted and
-    the target's own token were the draft's next one; `propose` uses that when it came true, else drafts now."""
-
-    def __init__(self, target: FakeTarget, wrong_every: int = 5) -> None:
-        self.model = ToyModel()
-        self.wrong_every = wrong_every
-        self.target = target
-        self.ahead: dict[str, tuple[list[int], asyncio.Task[list[int]]]] = {}  # seq_id -> (assumed context, drafts)
-        self.served_ahead = 0  # proposals taken from drafts made ahead
-        self.overlapped = 0  # drafts made ahead while a verify call was in flight
-
-    def room(self, seq: LiveRequest) -> int | None:
-        return None
-
-    async def propose(self, batch: list[LiveRequest], plan: StepPlan) -> Proposals:
-        proposals = {}
-        for seq in batch:
-            levels = plan.draft(seq.seq_id).levels
-            if not levels:
-                continue
-            tokens = await self._ready(seq, levels) or self.model.guess(seq.tokens, levels, self.wrong_every)
-            proposals[seq.seq_id] = Proposal(tuple(tokens))
-            assumed = seq.tokens + tokens
-            self.ahead[seq.seq_id] = (assumed, asyncio.get_running_loop().create_task(
-                self._draft_ahead(assumed, levels + 1)))
-        return Proposals(proposals)
-
-    async def _ready(self, seq: LiveRequest, levels: int) -> list[int]:
-        """The drafts made ahead for ``seq`` if the committed tokens took the path they assumed."""
-        assumed, task = self.ahead.pop(seq.seq_id, ([], None))
-        if task is None:
-            return []
-        drafts = await task
-        committed = seq.tokens[len(assumed):]
-        if seq.tokens[:len(assumed)] != assumed or committed != drafts[:len(committed)] or len(committed) != 1:
-            return []
-        self.served_ahead += 1
-        return drafts[1:1 + levels]
-
-    async def _draft_ahead(self, assumed: list[int], n: int) -> list[int]:
-        verifying = False
-        for _ in range(3):  # drafting takes a few turns of the event loop, as a call to a drafter would
-            await asyncio.sleep(0)
-            verifying |= self.target.calls_in_flight > 0
-        self.overlapped += verifying
-        return self.model.guess(assumed, n, self.wrong_every)
-
-    def settle(self, batch: list[LiveRequest], verdicts: Mapping[str, Verdict]) -> None:
-        pass
-
-    async def release(self, seqs: list[LiveRequest]) -> None:
-        for seq in seqs:
-            _, task = self.ahead.pop(seq.seq_id, (None, None))
-            if task is not None:
-                task.cancel()
 
 
 class Recorder:

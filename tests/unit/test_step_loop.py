@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from step_fakes import (
-    DraftedAhead,
     FakeDrafter,
     FakeTarget,
     NoTracing,
@@ -21,6 +20,7 @@ from step_fakes import (
     live_request,
 )
 
+from router.draft_ahead import DraftAhead
 from router.draft_pool import DraftPool
 from router.live_request import DRAFT_POOL, FinishReason, LiveRequest, StreamChunk
 from router.loop import StepLoop
@@ -153,18 +153,20 @@ def test_strategies_the_loop_has_no_code_for_plug_in_and_keep_greedy_output() ->
     verifies), beside the draft pool in one batch, through the real loop."""
     self_drafted = SelfDrafted()
     harness = Harness(depth=3, extra={"self": self_drafted})
-    ahead = DraftedAhead(harness.target)
+    metrics = RouterMetrics()
+    ahead = DraftAhead(DraftPool(2000.0, 60.0, metrics), metrics)
     harness.strategies.strategies["ahead"] = ahead
+    ahead_draft = DraftReplica("draft:2", FakeDrafter(wrong_every=7))
     lengths = [18, 24, 15, 21]
     seqs = [harness.request("pool", PROMPTS[0], lengths[0]),
             harness.request("self", PROMPTS[1], lengths[1], strategy="self"),
-            harness.request("ahead", PROMPTS[2], lengths[2], strategy="ahead"),
-            harness.request("ahead-2", PROMPTS[3], lengths[3], strategy="ahead")]
+            live_request("ahead", PROMPTS[2], lengths[2], "ahead", ahead_draft),
+            live_request("ahead-2", PROMPTS[3], lengths[3], "ahead", ahead_draft)]
     outputs = asyncio.run(_serve(harness, seqs))
 
     assert outputs == _plain(PROMPTS, lengths)
     assert self_drafted.served > 0  # drafts came with the verdicts
-    assert ahead.served_ahead > 0 and ahead.overlapped > 0  # drafted while the target verified, and used
+    assert ahead.outcomes["used"] > 0  # drafted while the target verified, and used
     accepted = {s.seq_id: s.stats.acceptance.accepted for s in seqs}
     assert all(n > 0 for n in accepted.values()), accepted
 

@@ -148,7 +148,7 @@ def build_policy(config: RouterConfig) -> DepthPolicy:
     if config.pinned_depth is not None:
         return DepthPolicy.fixed(config.pinned_depth)
     return DepthPolicy(config.max_depth, mode=config.policy_mode, min_goodput=config.min_goodput,
-                       min_gain=config.min_draft_gain)
+                       min_gain=config.min_draft_gain, drafts_ahead=config.draft_ahead)
 
 
 async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0, otel: Otel | None = None,

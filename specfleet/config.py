@@ -271,6 +271,8 @@ class RouterConfig(ServiceConfig):
             parse_branching(self.tree_branching)
         except ValueError as err:
             raise ValueError(f"--tree-branching: {err}") from None
+        _check(not (self.draft_ahead and self.tree != "none"), "--draft-ahead drafts chains ahead: it does not "
+               "combine with --tree")
         _check(self.policy_refresh_s > 0, f"--policy-refresh-s must be > 0, got {self.policy_refresh_s}")
         target_pool = parse_pool(self.targets, "--targets")  # raises on a malformed pool
         _check(not isinstance(target_pool, StaticPool) or bool(target_pool.addresses),

@@ -7,11 +7,12 @@ measurements (`CostModel.fit`). `StepCosts` reads one batch size's curves off fo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, repeat
 from statistics import median
 from types import MappingProxyType
 
@@ -122,6 +123,19 @@ class StepCosts:
     target_ms: tuple[float, ...]
     draft_ms: tuple[float, ...]
     overhead_ms: tuple[float, ...]
+    ahead_ms: tuple[float, ...] | None = None
+    """Drafting ahead (None: off): `ahead_ms[d]`, the Propose of d + 1 levels made while the target verifies, and
+    `drafting_now[d]`, the chance that some sequence's drafts made ahead are dropped, so the step drafts now too."""
+    drafting_now: tuple[float, ...] = ()
+
+    def step_times(self, levels: int, targets: Iterable[float]) -> Iterator[float]:
+        """The step's ms at largest depth `levels` for each verify's ms in `targets`: drafting, verifying and the
+        overhead one after the other; drafting ahead, the drafts for the next step overlap the verify, so the
+        longer of the two counts, plus drafting now when drafts made ahead are dropped (as likely as not)."""
+        if self.ahead_ms is None:
+            return map((self.draft_ms[levels] + self.overhead_ms[levels]).__add__, targets)
+        now = self.drafting_now[levels] * self.draft_ms[levels] + self.overhead_ms[levels]
+        return map(now.__add__, map(max, repeat(self.ahead_ms[levels]), targets))
 
     def padded_targets(self, totals: Iterable[float], widest_total: float) -> Iterator[float]:
         """`target_at(verified_drafts(t, widest_total))` for each total t <= widest_total, with no Python call
@@ -139,7 +153,8 @@ class StepCosts:
 
 def price_step(steps: StepCosts, levels: int, drafts: float, widest: float | None = None) -> float:
     """Predicted ms of a step: draft at its largest depth `levels` (0: nothing is drafted), target at 1 + the
-    mean draft tokens verified per sequence plus the padding charge of `verified_drafts`, overhead at `levels`.
+    mean draft tokens verified per sequence plus the padding charge of `verified_drafts`, overhead at `levels`;
+    drafting ahead, the drafts for the next step overlap the verify (`StepCosts.step_times`).
 
     `drafts`: the draft tokens verified in all (expected, so fractional with offer rates under 1); `widest`: what
     would be verified if every row were as wide as the widest (None: all are, no padding). Depth plans and tree
@@ -147,7 +162,7 @@ def price_step(steps: StepCosts, levels: int, drafts: float, widest: float | Non
     chain of n tokens does, its drafting and overhead what a chain as deep as its levels does.
     """
     padded = verified_drafts(drafts, drafts if widest is None else widest)
-    return steps.draft_ms[levels] + steps.target_at(padded) + steps.overhead_ms[levels]
+    return next(steps.step_times(levels, (steps.target_at(padded),)))
 
 
 def verified_drafts(total_drafts: float, widest_total: float) -> float:
@@ -359,7 +374,10 @@ class CostModel:
     """
 
     def __init__(self, defaults: Mapping[str, CostFn] | None = None,
-                 tables: Mapping[str, CostTable] | None = None) -> None:
+                 tables: Mapping[str, CostTable] | None = None, *, ahead_alpha: float | None = None) -> None:
+        """``ahead_alpha``: the router drafts ahead (--draft-ahead), and a draft comes true this often (the fleet's
+        acceptance rate); None: drafting and verifying take turns."""
+        self.ahead_alpha = ahead_alpha
         self._defaults = dict(DEFAULT_COSTS if defaults is None else defaults)
         missing = [role for role in ROLES if role not in self._defaults]
         if missing:
@@ -370,7 +388,7 @@ class CostModel:
 
     @classmethod
     def fit(cls, samples: Iterable[CostSample], defaults: Mapping[str, CostFn] | None = None, *,
-            max_batch: int = 256, max_tokens: int = 33) -> CostModel:
+            max_batch: int = 256, max_tokens: int = 33, ahead_alpha: float | None = None) -> CostModel:
         """A model fitted from a window of samples (all of it, each time); roles without samples use defaults."""
         if max_batch < 1 or max_tokens < 1:
             raise ValueError(f"max_batch and max_tokens must be >= 1, got {max_batch}, {max_tokens}")
@@ -379,7 +397,8 @@ class CostModel:
         for s in samples:
             by_role.setdefault(s.role, []).append(s)
         tables = {role: _fit_table(ss, model._defaults[role], max_batch, max_tokens) for role, ss in by_role.items()}
-        return cls(model._defaults, {role: table for role, table in tables.items() if table is not None})
+        return cls(model._defaults, {role: table for role, table in tables.items() if table is not None},
+                   ahead_alpha=ahead_alpha)
 
     @property
     def fitted_roles(self) -> dict[str, int]:
@@ -434,5 +453,12 @@ class CostModel:
                 draft_ms=(0.0, *(draft(float(d)) for d in range(1, max_depth + 1))),
                 overhead_ms=tuple(max(MIN_STEP_MS, overhead(1.0 + d)) for d in range(max_depth + 1)),
             )
+            if self.ahead_alpha is not None:
+                # Drafts made ahead at depth d are used when all d drafts and the guess of the target's own token
+                # came true, for every sequence of the batch (one dropped: the step drafts now for it).
+                found = dataclasses.replace(
+                    found, ahead_ms=(0.0, *(draft(float(d + 1)) for d in range(1, max_depth + 1))),
+                    drafting_now=(0.0, *(1.0 - self.ahead_alpha ** (batch_size * (d + 1))
+                                         for d in range(1, max_depth + 1))))
             self._steps[key] = found
         return found

@@ -34,7 +34,7 @@ class DepthPolicy:
     def __init__(self, max_depth: int, mode: str = "throughput", min_goodput: float = 0.0,
                  prior_weight: float = 8.0, default_alpha: float = 0.5, *, uniform: bool = False,
                  pinned_depth: int | None = None, defaults: Mapping[str, CostFn] | None = None,
-                 min_gain: float = 0.0) -> None:
+                 min_gain: float = 0.0, drafts_ahead: bool = False) -> None:
         """
         max_depth: the deepest draft any sequence gets.
         mode: "throughput" (maximise goodput) or "latency" (minimise time per token above `min_goodput`).
@@ -46,6 +46,8 @@ class DepthPolicy:
         defaults: cost functions per role used where there are no samples (DEFAULT_COSTS if None).
         min_gain: the predicted gain over plain decoding below which it decodes plainly (the router passes
             `DRAFT_HURDLE` unless told otherwise; 0: the exact optimum).
+        drafts_ahead: the router drafts the next step while the target verifies (--draft-ahead): steps are priced
+            with drafting overlapping the verify (`specfleet.policy.costs.StepCosts.step_times`).
         """
         if max_depth < 0:
             raise ValueError(f"max_depth must be >= 0, got {max_depth}")
@@ -69,8 +71,10 @@ class DepthPolicy:
         self.uniform = uniform
         self.pinned_depth = pinned_depth
         self.min_gain = min_gain
+        self.drafts_ahead = drafts_ahead
         self._defaults = dict(DEFAULT_COSTS if defaults is None else defaults)
-        self._state = _Fitted(CostModel(self._defaults), default_alpha)
+        self._state = _Fitted(CostModel(self._defaults, ahead_alpha=default_alpha if drafts_ahead else None),
+                              default_alpha)
 
     @classmethod
     def fixed(cls, depth: int, *, defaults: Mapping[str, CostFn] | None = None) -> DepthPolicy:
@@ -96,8 +100,9 @@ class DepthPolicy:
         acceptance and offer counts: ``fleet_accepted``/``fleet_rejections`` of first tries (every draft of a
         chain), ``fleet_later_siblings_*`` of trees' later siblings. An empty window means the defaults; when
         telemetry cannot be read, skip the call and the last model stays."""
-        costs = CostModel.fit(samples, self._defaults, max_tokens=max(33, self.max_depth + 1))
         alpha = acceptance_estimate(fleet_accepted, fleet_rejections, self.default_alpha, self.prior_weight)
+        costs = CostModel.fit(samples, self._defaults, max_tokens=max(33, self.max_depth + 2),
+                              ahead_alpha=alpha if self.drafts_ahead else None)
         offer_rate = offer_estimate(fleet_offers, fleet_misses, 1.0, self.prior_weight)
         later_sibling_alpha = None
         if fleet_later_siblings_accepted + fleet_later_siblings_rejected:

@@ -21,7 +21,7 @@ from operator import add, mul, sub, truediv
 from typing import NamedTuple
 
 from specfleet.policy.acceptance import checked_offer_rates, expected_emitted
-from specfleet.policy.costs import CostModel, StepCosts, price_step
+from specfleet.policy.costs import CostModel, StepCosts, price_step, verified_drafts
 from specfleet.policy.hurdle import HeldBack, apply_hurdle, calibration_note, check_hurdle
 
 
@@ -103,6 +103,8 @@ class DepthDecision:
     """The drafting plan that gave way to plain decoding (these depths), its gain under the hurdle; None if none."""
     calibration: float = 1.0
     """The factor drafting's predicted gain was scaled by before the hurdle (1: as predicted)."""
+    ahead: str = ""
+    """Drafting ahead: how the drafts made ahead fit the verify they overlap (`DepthProblem.ahead_note`)."""
 
     @cached_property
     def reason(self) -> str:
@@ -125,7 +127,7 @@ class DepthDecision:
         if self.held_back is not None:
             reason += self.held_back.note(_depth_span(self.held_back.depths))
         if hi > 0:
-            reason += calibration_note(self.calibration)
+            reason += calibration_note(self.calibration) + self.ahead
         if self.mode == "latency":
             reason += f"; {self.time_per_token_ms:.1f} ms/token per sequence"
             if self.min_goodput > 0:
@@ -259,14 +261,13 @@ def _search(margins: _Margins, orders: list[list[int]], steps: StepCosts, max_de
             sel = gains if cap == max_depth else compress(gains, map(cap.__ge__, ks))
             emitted = accumulate(sel, initial=float(batch))
             next(emitted)  # skip the zero-draft total: the n-th value is n drafts, as step below
-            fixed = steps.draft_ms[cap] + steps.overhead_ms[cap]
             totals: Iterable[float]
             if margins.unit_weights:
                 totals = range(1, count + 1)
             else:  # the verified total after each item: the summed expected drafts so far
                 sel_weights = weights if cap == max_depth else compress(weights, map(cap.__ge__, ks))
                 totals = accumulate(sel_weights)
-            step = map(fixed.__add__, steps.padded_targets(totals, cap * offered))
+            step = steps.step_times(cap, steps.padded_targets(totals, cap * offered))
             if not latency:
                 scores = list(map(truediv, emitted, step))
                 top = max(scores)
@@ -341,6 +342,17 @@ class DepthProblem:
         emitted = [by_depth[d][i] for i, d in enumerate(depths)]
         return DepthPlan(tuple(depths), 1000.0 * sum(emitted) / step, step,
                          step * sum(1.0 / e for e in emitted) / self.size)
+
+    def ahead_note(self, depths: Sequence[int]) -> str:
+        """Drafting ahead, how the plan's drafts made ahead fit inside the verify they overlap (what sizes them: a
+        deeper draft that outlasts the verify makes the step wait for it); "" otherwise."""
+        deepest = max(depths, default=0)
+        if self.steps.ahead_ms is None or deepest == 0:
+            return ""
+        verify = self.steps.target_at(verified_drafts(sum(map(mul, self.rates, depths)), deepest * self.offered))
+        ahead = self.steps.ahead_ms[deepest]
+        return (f"; drafting {deepest + 1} ahead takes {ahead:.1f} ms, {'within' if ahead <= verify else 'past'} "
+                f"the {verify:.1f} ms verify")
 
     def _uniform_goodput(self, depth: int) -> float:
         """`evaluate(at_depth(depth)).goodput`, read straight off the expected-tokens table."""
@@ -450,7 +462,8 @@ def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
         return _no_sequences(max_depth)
     depths = uniform_plan(problem) if uniform else throughput_plan(problem)
     plan, held = _with_hurdle(problem, problem.evaluate(depths), min_gain, calibration)
-    return DepthDecision(*plan, problem.uniform_goodput, held_back=held, calibration=calibration)
+    return DepthDecision(*plan, problem.uniform_goodput, held_back=held, calibration=calibration,
+                         ahead=problem.ahead_note(plan.depths))
 
 
 def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_depth: int, min_goodput: float = 0.0,
@@ -487,7 +500,8 @@ def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_dep
         depths = uniform_plan(problem) if uniform else throughput_plan(problem)
     plan, held = _with_hurdle(problem, problem.evaluate(depths), min_gain, calibration, min_goodput)
     return DepthDecision(*plan, problem.uniform_goodput, mode="latency", min_goodput=min_goodput,
-                            floor_met=floor_met, held_back=held, calibration=calibration)
+                         floor_met=floor_met, held_back=held, calibration=calibration,
+                         ahead=problem.ahead_note(plan.depths))
 
 
 def pinned_decision(alphas: Sequence[float], costs: CostModel, depth: int, *, max_depth: int = 0,

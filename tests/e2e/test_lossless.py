@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from specfleet.client import make_request, stream
+from specfleet.launcher import free_port
 from specfleet.models import load_tokenizer
 
 pytestmark = pytest.mark.real_model
@@ -76,3 +79,25 @@ def test_greedy_equals_target_alone(cluster, drafter: str, depth: int | str, pro
 def test_plain_decoding_depth_zero(cluster, prompt_ids, reference) -> None:
     address = cluster.router("router-plain", target="target", draft=None, depth=0)
     assert _generate_all(address, prompt_ids[:3]) == reference[:3]
+
+
+def _drafts_ahead(metrics_port: int) -> dict[str, float]:
+    """specfleet_drafts_ahead_total by outcome, from the router's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return {sample.labels["outcome"]: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == "specfleet_drafts_ahead_total"}
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "tiny"])
+@pytest.mark.parametrize("depth", [2, "auto"])
+def test_greedy_equals_target_alone_when_drafting_ahead(cluster, drafter: str, depth: int | str, prompt_ids,
+                                                         reference) -> None:
+    """Drafts made ahead while the target verifies are used when they came true and dropped when not: either way
+    the tokens are the target's."""
+    metrics_port = free_port()
+    address = cluster.router(f"router-ahead-{drafter}-{depth}", target="target", draft=drafter, depth=depth,
+                             extra=["--draft-ahead", "--metrics-port", str(metrics_port)])
+    assert _generate_all(address, prompt_ids) == reference
+    if drafter == "ngram" and depth == 2:  # prompt lookup comes true often on these prompts, and not always
+        outcomes = _drafts_ahead(metrics_port)
+        assert outcomes["used"] > 0 and outcomes["dropped"] > 0, outcomes

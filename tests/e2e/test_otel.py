@@ -34,7 +34,7 @@ COUNTERS = {
     "specfleet_accepted_tokens_total", "specfleet_draft_position_proposed_total",
     "specfleet_draft_position_accepted_total", "specfleet_step_emitted_tokens_total",
     "specfleet_step_duration_seconds_total", "specfleet_reprefills_total", "specfleet_canary_replays_total",
-    "specfleet_canary_mismatches_total",
+    "specfleet_canary_mismatches_total", "specfleet_drafts_ahead_total",
 }
 GAUGES = {"specfleet_queue_depth", "specfleet_live_requests", "specfleet_slot_usage", "specfleet_redis_up",
           "specfleet_service_live_sequences"}
@@ -49,6 +49,7 @@ LABELS = {
     "specfleet_draft_position_accepted_total": {"position"}, "specfleet_step_emitted_tokens_total": {"depth"},
     "specfleet_step_duration_seconds_total": {"depth"}, "specfleet_draft_latency_seconds_bucket": {"replica", "le"},
     "specfleet_verify_latency_seconds_bucket": {"replica", "le"}, "specfleet_reprefills_total": {"role"},
+    "specfleet_drafts_ahead_total": {"outcome"},
     "specfleet_service_batch_latency_seconds_bucket": {"role", "le"}, "specfleet_service_live_sequences": {"role"},
 }
 

@@ -76,3 +76,17 @@ def test_greedy_equals_target_alone(cluster, drafter: str, depth: int | str, pro
 def test_plain_decoding_depth_zero(cluster, prompt_ids, reference) -> None:
     address = cluster.router("router-plain", target="target", draft=None, depth=0)
     assert _generate_all(address, prompt_ids[:3]) == reference[:3]
+
+
+def test_greedy_with_a_llamacpp_draft_equals_plain_decoding(cluster, prompt_ids, reference) -> None:
+    """SmolLM2's Q4_1 GGUF run by llama.cpp drafts for the float32 SmolLM2 target: quantization gets some of its
+    drafts rejected, and changes no output token."""
+    if "llamacpp" not in cluster.addresses:
+        # One llama.cpp thread: the target and the router share this machine's cores, and llama.cpp's threads stall
+        # at every layer while another process holds one of theirs.
+        cluster.start("llamacpp", "draft", ["--drafter", "llamacpp", "--model", "smollm2-135m", "--threads", "1",
+                                            "--num-slots", "24", "--max-seq-len", "1024",
+                                            "--redis-url", cluster.redis_url])
+    plain = _generate_all(cluster.router("router-plain", target="target", draft=None, depth=0), prompt_ids)
+    address = cluster.router("router-llamacpp", target="target", draft="llamacpp", depth=4)
+    assert _generate_all(address, prompt_ids) == plain == reference

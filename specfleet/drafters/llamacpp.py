@@ -2,7 +2,7 @@
 
 Where a ``model`` drafter runs a float copy of a small LM in torch, this one runs the GGUF as it is packaged, 4-bit
 quantized, with llama.cpp's CPU kernels: a fraction of the float copy's memory, and on a 2-core CPU a depth-4 draft
-of SmolLM2-135M in a quarter of the time at batch 1, half at batch 4 (docs/engine.md). Quantization moves its
+of SmolLM2-135M in about a quarter of the time at batch 1, half at batch 4 (docs/engine.md). Quantization moves its
 drafts a little away from the float model's, which costs some acceptance and never correctness: the target
 verifies every draft token.
 

@@ -215,6 +215,24 @@ def test_unknown_sequences_release_and_lru_eviction(gguf: Path, prompts) -> None
         drafter.close()
 
 
+def test_long_first_batches_are_split_and_a_sequence_holds_up_to_max_seq_len(gguf: Path, prompts) -> None:
+    """Prompts longer together than a decode takes (max_seq_len tokens) go in several decodes; a sequence holds up
+    to max_seq_len tokens (its drafts cut to fit), and a request for more is refused."""
+    drafter = LlamaCppDrafter(gguf, num_slots=3, max_seq_len=48, threads=THREADS)
+    try:
+        long = [(p * 20)[:30] for p in prompts[:3]]  # 90 tokens in all
+        batched = drafter.propose([ask(f"l{i}", 0, p, 3) for i, p in enumerate(long)])
+        assert [r.tokens for r in batched] == [fresh_tokens(gguf, p, 3) for p in long]
+        drafter.release([f"l{i}" for i in range(3)])
+
+        (full,) = drafter.propose([ask("full", 0, long[0] + long[1][:17], 3)])  # 47 tokens: room for one fed draft
+        assert full.tokens == fresh_tokens(gguf, long[0] + long[1][:17], 2) and full.cached_len == 48
+        with pytest.raises(ValueError, match="49 tokens exceed the cache's 48-token limit"):
+            drafter.propose([ask("full", 48, [5], 1)])
+    finally:
+        drafter.close()
+
+
 def fresh_tokens(gguf: Path, prompt: list[int], count: int) -> list[int]:
     return llama_cpp_greedy(gguf, prompt, count)[0]
 

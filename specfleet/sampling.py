@@ -11,10 +11,12 @@ parameters, `SamplingParams`, live in the torch-free `specfleet.sampling_params`
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import torch
 
-from specfleet.sampling_params import SamplingParams  # noqa: F401  re-exported: code that loads torch anyway may import it here
+# Also re-exported: code that loads torch anyway may import it here.
+from specfleet.sampling_params import SamplingParams
 
 DRAFT_STREAM = 0
 """Uniforms stream used by the drafter to sample draft tokens."""
@@ -150,6 +152,37 @@ def sample_from_probs(
     nonzero = probs > 0  # [n, vocab]
     last_nonzero = vocab - 1 - nonzero.flip(-1).to(torch.uint8).argmax(dim=-1)  # [n]
     return torch.minimum(tokens, last_nonzero)
+
+
+def sample_drafts(
+    logits: torch.Tensor,  # [n, vocab]
+    params: Sequence[SamplingParams],  # [n]
+    uniforms: Sequence[float],  # [n] in [0, 1)
+    num_pairs: int,
+) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor] | None]]:
+    """One draft token per row, as every model drafter picks it: greedy rows take the argmax; sampled rows draw
+    (with their uniform) from their processed distribution truncated to its top ``num_pairs`` pairs, returned with
+    the token: the exact q sent to the target (None for greedy rows)."""
+    if all(p.greedy for p in params):  # nothing to sample: skip the softmax and top-K over the whole vocabulary
+        return [int(t) for t in logits.argmax(dim=-1).tolist()], [None] * len(params)
+    probs = processed_probs(
+        logits,
+        torch.tensor([p.temperature for p in params]),
+        torch.tensor([p.top_k for p in params]),
+        torch.tensor([p.top_p for p in params]),
+    )
+    ids, pair_probs = top_k_pairs(probs, min(num_pairs, probs.shape[-1]))
+    picks = sample_from_probs(pair_probs, torch.tensor(list(uniforms), dtype=torch.float64))
+    tokens: list[int] = []
+    chosen: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    for row, p in enumerate(params):
+        if p.greedy:
+            tokens.append(int(logits[row].argmax()))
+            chosen.append(None)
+        else:
+            tokens.append(int(ids[row, picks[row]]))
+            chosen.append((ids[row], pair_probs[row]))
+    return tokens, chosen
 
 
 def seeded_uniforms(seed: int, position: int, stream: int, count: int) -> torch.Tensor:  # [count] float64

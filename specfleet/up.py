@@ -25,6 +25,7 @@ from specfleet.launcher import Deployment, free_port, wait_redis, wait_serving
 log = logging.getLogger("specfleet.up")
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py's from_url accepts
+MODEL_DRAFTERS = ("model", "llamacpp")  # the drafters that run a model: --draft-model, else the target's --model
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,8 @@ class UpConfig:
     max_new_tokens: int = option(64, "with --prompt: the most tokens to generate")
     model: str = same_as(TargetConfig, "model", to="target")
     drafter: str = same_as(DraftConfig, "drafter", to="draft")
-    draft_model: str = option("", "with --drafter model: the draft's model, sharing the target's tokenizer "
-                              "(empty: the target's --model)")
+    draft_model: str = option("", "with --drafter model or llamacpp: the draft's model, sharing the target's "
+                              "tokenizer (llamacpp: a preset or a .gguf file; empty: the target's --model)")
     device: str = same_as(EngineConfig, "device", to="target, draft")
     dtype: str = same_as(EngineConfig, "dtype", to="target, draft")
     num_slots: int = same_as(EngineConfig, "num_slots", to="target, draft")
@@ -81,8 +82,9 @@ class UpConfig:
                              "(--port and the next two)")
         if self.redis_url and not self.redis_url.startswith(REDIS_SCHEMES):
             raise ValueError(f"--redis-url must start with {', '.join(REDIS_SCHEMES)}, got {self.redis_url!r}")
-        if self.draft_model and self.drafter != "model":
-            raise ValueError(f"--draft-model is for --drafter model (the {self.drafter} drafter has no model)")
+        if self.draft_model and self.drafter not in MODEL_DRAFTERS:
+            raise ValueError(f"--draft-model is for --drafter model or llamacpp (the {self.drafter} drafter has no "
+                             "model)")
         router = self.services(self.redis_url, {}).router  # runs each service's own checks, before anything starts
         if not 1 <= self.max_new_tokens <= router.max_new_tokens_cap:
             raise ValueError(f"--max-new-tokens must be in [1, {router.max_new_tokens_cap}] (the router's cap), "
@@ -100,7 +102,7 @@ class UpConfig:
         """
         ports, metrics = self.ports, {role: metrics_ports.get(role, 0) for role in ("target", "draft", "router")}
         # An ngram draft has no model: it keeps the default, so its argv does not name one.
-        draft_model = (self.draft_model or self.model) if self.drafter == "model" else DraftConfig.model
+        draft_model = (self.draft_model or self.model) if self.drafter in MODEL_DRAFTERS else DraftConfig.model
         return Services(
             target=TargetConfig(port=ports["target"], metrics_port=metrics["target"], redis_url=redis_url,
                                 log_level=self.log_level, model=self.model, device=self.device, dtype=self.dtype,
@@ -173,7 +175,7 @@ def up(config: UpConfig) -> int:
 def summary(services: Services, redis_url: str) -> str:
     """What is up and where: the lines printed once every part serves."""
     target, draft, router = services.target, services.draft, services.router
-    drafter = f"{draft.drafter} {draft.model}" if draft.drafter == "model" else draft.drafter
+    drafter = f"{draft.drafter} {draft.model}" if draft.drafter in MODEL_DRAFTERS else draft.drafter
     scrape = ", ".join(f"{role} http://127.0.0.1:{config.metrics_port}/metrics"
                        for role, config in services.by_role().items() if config.metrics_port)
     http = f"\nOpenAI API: http://127.0.0.1:{router.http_port}/v1 (model {target.model!r})" if router.http_port else ""

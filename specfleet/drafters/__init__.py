@@ -1,4 +1,5 @@
-"""Drafters behind one interface: ``model`` (a small LM) and ``ngram`` (prompt lookup)."""
+"""Drafters behind one interface: ``model`` (a small LM), ``ngram`` (prompt lookup) and ``llamacpp`` (a GGUF model
+run by llama.cpp; `specfleet.drafters.llamacpp`, imported on its own: llama-cpp-python is an optional extra)."""
 
 from specfleet.drafters.base import Drafter, DraftRequest, DraftResult
 from specfleet.drafters.ngram import NgramDrafter, find_continuation

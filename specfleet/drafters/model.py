@@ -11,7 +11,7 @@ from specfleet.sampling import (
     DRAFT_STREAM,
     dense_from_top_k,
     processed_probs,
-    sample_from_probs,
+    sample_drafts,
     seeded_generator,
     seeded_uniforms,
     top_k_pairs,
@@ -61,7 +61,8 @@ class ModelDrafter:
         steps = [Extend(r.seq_id, r.rollback_to, list(r.new_tokens)) for r in active]
         for position in range(max((r.depth for r in active), default=0)):
             logits = torch.cat(self.runner.extend(steps))  # [len(active), vocab]
-            tokens, chosen_pairs = self._sample(active, logits, [uniforms[r.seq_id][position] for r in active])
+            tokens, chosen_pairs = sample_drafts(logits, [r.sampling for r in active],
+                                                 [float(uniforms[r.seq_id][position]) for r in active], self.num_pairs)
             for r, token, pair in zip(active, tokens, chosen_pairs, strict=True):
                 drafts[r.seq_id].append(token)
                 if pair is not None:
@@ -84,30 +85,6 @@ class ModelDrafter:
             results[r.seq_id] = DraftResult(r.seq_id, known=True, tokens=toks, draft_top_k=draft_top_k,
                                             cached_len=self.runner.cached_len(r.seq_id) or 0)
         return [results[r.seq_id] for r in requests]
-
-    def _sample(self, requests: list[DraftRequest], logits: torch.Tensor, uniforms: list[float]
-                ) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor] | None]]:
-        """Greedy rows take the argmax; sampled rows draw from their processed distribution
-        truncated to its top-K (the exact q sent to the target)."""
-        params = [r.sampling for r in requests]
-        probs = processed_probs(
-            logits,
-            torch.tensor([p.temperature for p in params]),
-            torch.tensor([p.top_k for p in params]),
-            torch.tensor([p.top_p for p in params]),
-        )
-        ids, pair_probs = top_k_pairs(probs, min(self.num_pairs, probs.shape[-1]))
-        picks = sample_from_probs(pair_probs, torch.tensor(uniforms, dtype=torch.float64))
-        tokens: list[int] = []
-        chosen: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        for row, p in enumerate(params):
-            if p.greedy:
-                tokens.append(int(logits[row].argmax()))
-                chosen.append(None)
-            else:
-                tokens.append(int(ids[row, picks[row]]))
-                chosen.append((ids[row], pair_probs[row]))
-        return tokens, chosen
 
     # -- trees ----------------------------------------------------------------------------------
 

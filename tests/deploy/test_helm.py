@@ -368,6 +368,11 @@ def test_without_drafts_the_router_runs_plain_decoding() -> None:
     assert flag_value(service_containers(objs)["router"]["args"], "--drafts") == ""
 
 
+def test_a_llamacpp_draft_gets_its_model() -> None:
+    args = service_containers(render("default", ("draft.drafter=llamacpp",)))["draft"]["args"]
+    assert (flag_value(args, "--drafter"), flag_value(args, "--model")) == ("llamacpp", "qwen2.5-coder-0.5b")
+
+
 def test_router_passes_depth_and_limits() -> None:
     args = service_containers(render("default"))["router"]["args"]
     assert (flag_value(args, "--depth"), flag_value(args, "--max-depth")) == ("auto", "16")
@@ -509,6 +514,8 @@ def test_otel_enabled_without_endpoint_fails() -> None:
     ("externalRedis.url=redis://user:secret@host:6379/0", "url"),
     ("logLevel=LOUD", "logLevel"),
     ("target.replica=2", "replica"),  # a typo: unknown key
+    # a llamacpp draft runs a GGUF file (a preset's or a path), not a hub model folder
+    ("draft.drafter=llamacpp,draft.model.source=huggingface,draft.model.name=Qwen/Qwen2.5-0.5B", "source"),
     ("tagret.replicas=2", "tagret"),  # an unknown top-level key
 ])
 def test_schema_rejects_bad_values(bad: str, key: str) -> None:

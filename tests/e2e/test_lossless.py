@@ -81,6 +81,25 @@ def test_plain_decoding_depth_zero(cluster, prompt_ids, reference) -> None:
     assert _generate_all(address, prompt_ids[:3]) == reference[:3]
 
 
+def _start_llamacpp(cluster) -> None:
+    """SmolLM2's Q4_1 GGUF run by llama.cpp as a draft service, started on first use."""
+    if "llamacpp" not in cluster.addresses:
+        # One llama.cpp thread: the target and the router share this machine's cores, and llama.cpp's threads stall
+        # at every layer while another process holds one of theirs.
+        cluster.start("llamacpp", "draft", ["--drafter", "llamacpp", "--model", "smollm2-135m", "--threads", "1",
+                                            "--num-slots", "24", "--max-seq-len", "1024",
+                                            "--redis-url", cluster.redis_url])
+
+
+def test_greedy_with_a_llamacpp_draft_equals_plain_decoding(cluster, prompt_ids, reference) -> None:
+    """SmolLM2's Q4_1 GGUF run by llama.cpp drafts for the float32 SmolLM2 target: quantization gets some of its
+    drafts rejected, and changes no output token."""
+    _start_llamacpp(cluster)
+    plain = _generate_all(cluster.router("router-plain", target="target", draft=None, depth=0), prompt_ids)
+    address = cluster.router("router-llamacpp", target="target", draft="llamacpp", depth=4)
+    assert _generate_all(address, prompt_ids) == plain == reference
+
+
 def _drafts_ahead(metrics_port: int) -> dict[str, float]:
     """specfleet_drafts_ahead_total by outcome, from the router's /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
@@ -88,16 +107,18 @@ def _drafts_ahead(metrics_port: int) -> dict[str, float]:
             for sample in family.samples if sample.name == "specfleet_drafts_ahead_total"}
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "tiny"])
-@pytest.mark.parametrize("depth", [2, "auto"])
+@pytest.mark.parametrize(("drafter", "depth"), [("ngram", 2), ("ngram", "auto"), ("tiny", 2), ("llamacpp", 3),
+                                                ("llamacpp", "auto")])
 def test_greedy_equals_target_alone_when_drafting_ahead(cluster, drafter: str, depth: int | str, prompt_ids,
                                                          reference) -> None:
     """Drafts made ahead while the target verifies are used when they came true and dropped when not: either way
     the tokens are the target's."""
+    if drafter == "llamacpp":
+        _start_llamacpp(cluster)
     metrics_port = free_port()
     address = cluster.router(f"router-ahead-{drafter}-{depth}", target="target", draft=drafter, depth=depth,
                              extra=["--draft-ahead", "--metrics-port", str(metrics_port)])
     assert _generate_all(address, prompt_ids) == reference
-    if drafter == "ngram" and depth == 2:  # prompt lookup comes true often on these prompts, and not always
+    if depth != "auto" and drafter != "tiny":  # these drafts come true often on these prompts, and not always
         outcomes = _drafts_ahead(metrics_port)
         assert outcomes["used"] > 0 and outcomes["dropped"] > 0, outcomes

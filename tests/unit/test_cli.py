@@ -95,6 +95,8 @@ def test_the_draft_model_defaults_to_the_targets_and_an_ngram_draft_names_none()
     ngram = up_config(["--model", "qwen2.5-coder-1.5b"]).services("", {})
     assert ngram.draft.model == DraftConfig().model
     assert ngram.target.model == "qwen2.5-coder-1.5b"
+    llamacpp = up_config(["--model", "qwen2.5-coder-1.5b", "--drafter", "llamacpp"]).services("", {})
+    assert (llamacpp.draft.drafter, llamacpp.draft.model) == ("llamacpp", "qwen2.5-coder-1.5b")  # the preset's GGUF
 
 
 @pytest.mark.parametrize("argv", [

@@ -1,4 +1,5 @@
-"""specfleet.models: resolving --model to a local folder, and the preset cache's locking (no network)."""
+"""specfleet.models: resolving --model to a local folder (or GGUF file), and the preset cache's locking (no
+network)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ from specfleet.models import (
     is_complete,
     join_parts,
     load_tokenizer,
+    materialize_gguf,
     materialize_preset,
     pip_download,
+    resolve_gguf,
     resolve_model,
     tokenizer_fingerprint,
 )
@@ -156,6 +159,81 @@ def test_concurrent_processes_convert_once(tmp_path: Path) -> None:
     assert calls.read_text().splitlines() == [FAKE.name]
     assert results.read_text().splitlines() == [f"{tmp_path / 'cache' / FAKE.name} True"] * 4
     assert (tmp_path / "cache" / FAKE.name / MARKER).is_file()
+
+
+def fake_fetch(calls: Path | None = None, delay_s: float = 0.0):
+    """A GGUF fetcher writing a small file into its work folder; appends a line to ``calls`` each time it runs."""
+
+    def fetch(preset: Preset, work_dir: Path) -> Path:
+        if calls is not None:
+            with open(calls, "a") as handle:
+                handle.write(f"{preset.name}\n")
+        target = work_dir / preset.gguf_name
+        with open(target, "wb") as handle:
+            handle.write(b"GGUF")
+            handle.flush()
+            time.sleep(delay_s)  # a window in which a reader must not see the file
+            handle.write(b"1234")
+        return target
+
+    return fetch
+
+
+def test_gguf_is_fetched_once_then_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setitem(PRESETS, FAKE.name, FAKE)
+    monkeypatch.setattr(models, "fetch_gguf", fake_fetch(calls))
+    first = resolve_gguf(FAKE.name, cache_dir=tmp_path / "cache")
+    second = resolve_gguf(FAKE.name, cache_dir=tmp_path / "cache")
+    assert first == second == tmp_path / "cache" / "gguf" / FAKE.gguf_name
+    assert first.read_bytes() == b"GGUF1234" and calls.read_text().splitlines() == [FAKE.name]
+    assert sorted(p.name for p in first.parent.iterdir()) == [FAKE.gguf_name, f"{FAKE.gguf_name}.lock"]
+
+
+def test_gguf_failed_fetch_leaves_nothing_and_leftovers_are_removed(tmp_path: Path) -> None:
+    def broken(preset: Preset, work_dir: Path) -> Path:
+        (work_dir / preset.gguf_name).write_bytes(b"GGU")
+        raise RuntimeError("network down")
+
+    with pytest.raises(RuntimeError, match="network down"):
+        materialize_gguf(FAKE, tmp_path, broken)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{FAKE.gguf_name}.lock"]
+    (tmp_path / f".{FAKE.gguf_name}.download-dead").mkdir()  # left by a killed process
+    assert materialize_gguf(FAKE, tmp_path, fake_fetch()).read_bytes() == b"GGUF1234"
+    assert not (tmp_path / f".{FAKE.gguf_name}.download-dead").exists()
+
+
+def _gguf_in_child(root: str, calls: str, results: str) -> None:
+    path = materialize_gguf(FAKE, Path(root), fake_fetch(Path(calls), delay_s=0.5))
+    with open(results, "a") as handle:
+        handle.write(f"{path} {path.read_bytes().decode()}\n")
+
+
+def test_concurrent_processes_fetch_a_gguf_once(tmp_path: Path) -> None:
+    calls, results = tmp_path / "calls.txt", tmp_path / "results.txt"
+    ctx = multiprocessing.get_context("fork")
+    children = [ctx.Process(target=_gguf_in_child, args=(str(tmp_path / "gguf"), str(calls), str(results)))
+                for _ in range(4)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(30)
+        assert child.exitcode == 0
+    assert calls.read_text().splitlines() == [FAKE.name]
+    assert results.read_text().splitlines() == [f"{tmp_path / 'gguf' / FAKE.gguf_name} GGUF1234"] * 4
+
+
+def test_a_local_gguf_is_returned_as_is_and_anything_else_is_refused(tmp_path: Path) -> None:
+    local = tmp_path / "my model.gguf"
+    local.write_bytes(b"GGUF")
+    assert resolve_gguf(str(local)) == local
+    (tmp_path / "weights.bin").write_bytes(b"GGUF")
+    for spec, why in [(str(tmp_path / "weights.bin"), "is not a .gguf file"), (str(tmp_path), "is not a .gguf file"),
+                      ("no-such-model", "is neither a preset nor an existing file")]:
+        with pytest.raises(ValueError, match=why) as info:
+            resolve_gguf(spec, cache_dir=tmp_path / "cache")
+        assert "smollm2-135m" in str(info.value) and "local .gguf file" in str(info.value)
+    assert not (tmp_path / "cache").exists()
 
 
 def _wheel(path: Path, members: dict[str, bytes]) -> Path:

@@ -206,8 +206,10 @@ class RouterConfig(ServiceConfig):
     max_depth: int = option(8, "largest depth the policy may choose (at most 16)")
     tree: str = option("none", "draft trees instead of chains: none, rsd-c (Gumbel-Top-k with --tree-branching "
                        "children per level), rsd-s (stochastic beam search keeping --beam-width sequences per "
-                       "level) or iid (independent sampling with replacement in rsd-c's shape, a baseline); an "
-                       "ngram drafter merges several prompt-lookup matches whatever the method",
+                       "level), iid (independent sampling with replacement in rsd-c's shape, a baseline) or duo "
+                       "(DuoDecoding: up to --tree-branching's first number of sequences with distinct first "
+                       "tokens, as many as the draft is unsure of, each a chain); an ngram drafter merges several "
+                       "prompt-lookup matches whatever the method",
                        choices=["none", *TREE_METHODS])
     tree_branching: str = option("2,2,1", "rsd-c: children per node at each level, e.g. 2,2,1 (its length caps "
                                  "the levels)")
@@ -301,9 +303,11 @@ class RouterConfig(ServiceConfig):
 
     @property
     def tree_shape(self) -> TreeShape | None:
-        """The configured tree shape at its fullest (None: chains). RSD-S gets --max-depth levels."""
+        """The configured tree shape at its fullest (None: chains). RSD-S and duo get --max-depth levels."""
         if self.tree in ("rsd-c", "iid"):
             return TreeShape(self.tree, parse_branching(self.tree_branching))
+        if self.tree == "duo":
+            return TreeShape("duo", (parse_branching(self.tree_branching)[0], *([1] * (self.max_depth - 1))))
         if self.tree == "rsd-s":
             return TreeShape("rsd-s", beam_width=self.beam_width, depth=self.max_depth)
         return None

@@ -46,7 +46,7 @@ def info_response(*, model: str, kind: str, vocab_size: int, fingerprint: str, m
 
 
 _METHODS = {"rsd-c": draft_pb2.TREE_METHOD_RSD_C, "rsd-s": draft_pb2.TREE_METHOD_RSD_S,
-            "iid": draft_pb2.TREE_METHOD_IID}
+            "iid": draft_pb2.TREE_METHOD_IID, "duo": draft_pb2.TREE_METHOD_DUO}
 
 
 def tree_shape_to_proto(shape: TreeShape, max_nodes: int = 0) -> draft_pb2.TreeShape:
@@ -59,7 +59,7 @@ def tree_shape_from_proto(msg: draft_pb2.TreeShape, depth: int) -> tuple[TreeSha
     Raises ValueError for a malformed shape."""
     methods = {v: k for k, v in _METHODS.items()}
     if msg.method not in methods:
-        raise ValueError(f"tree.method must be TREE_METHOD_RSD_C, _RSD_S or _IID, got {msg.method}")
+        raise ValueError(f"tree.method must be TREE_METHOD_RSD_C, _RSD_S, _IID or _DUO, got {msg.method}")
     method = methods[msg.method]
     if method == "rsd-s":
         return TreeShape(method, beam_width=msg.beam_width, depth=max(depth, 1)), msg.max_nodes

@@ -17,6 +17,7 @@ from specfleet.sampling import (
     top_k_pairs,
 )
 from specfleet.trees.build import build_tree_rsd_c, build_tree_rsd_s
+from specfleet.trees.duo import build_tree_duo
 from specfleet.trees.shapes import ROOT_PARENT, TreeShape
 from specfleet.trees.structure import DraftTree
 
@@ -129,6 +130,8 @@ class ModelDrafter:
                              torch.zeros(len(group), dtype=torch.long))
         if shape.method == "rsd-s":
             return build_tree_rsd_s(draft_logprobs, len(group), shape.beam_width, shape.depth, generators)
+        if shape.method == "duo":
+            return build_tree_duo(draft_logprobs, len(group), shape.branching[0], shape.levels, generators)
         return build_tree_rsd_c(draft_logprobs, len(group), shape.branching, generators,
                                 replacement=shape.method == "iid")
 

@@ -20,9 +20,11 @@ NO_NODE = -1
 """A node index slot that names no node (past the end of an accepted path, a node without a child or a next
 sibling): node indices start at 0, so it can never be mistaken for a real node."""
 
-TREE_METHODS = ("rsd-c", "rsd-s", "iid")
+TREE_METHODS = ("rsd-c", "rsd-s", "iid", "duo")
 """RSD-C and RSD-S sample siblings without replacement; iid (a benchmark baseline, SpecInfer-style)
-samples them independently, with replacement, in RSD-C's shapes."""
+samples them independently, with replacement, in RSD-C's shapes; duo drafts up to ``branching[0]`` sequences with
+distinct first tokens, as many as the draft is unsure of (DuoDecoding's rule, `specfleet.trees.duo`), each
+continued as a chain: RSD-C's shape (k, 1, 1, ...) with k chosen per sequence and step."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class TreeShape:
             raise ValueError(f"tree method must be one of {TREE_METHODS}, got {self.method!r}")
         if self.method != "rsd-s" and (not self.branching or min(self.branching) < 1):
             raise ValueError(f"{self.method} needs a non-empty branching of positive ints, got {list(self.branching)}")
+        if self.method == "duo" and any(b != 1 for b in self.branching[1:]):
+            raise ValueError(f"duo drafts chains below its first tokens: branching (k, 1, 1, ...), got "
+                             f"{list(self.branching)}")
         if self.method == "rsd-s" and (self.beam_width < 1 or self.depth < 1):
             raise ValueError(f"rsd-s needs beam_width >= 1 and depth >= 1, got {self.beam_width}, {self.depth}")
 

@@ -49,6 +49,8 @@ def plain(cluster, prompt_ids) -> list[list[int]]:
     ("tiny", ["--tree", "rsd-c", "--tree-branching", "2,2,1"], 3),
     ("tiny", ["--tree", "rsd-s", "--beam-width", "3", "--max-depth", "4"], 4),
     ("ngram", ["--tree", "rsd-s", "--beam-width", "2", "--max-tree-nodes", "12"], "auto"),
+    ("tiny", ["--tree", "duo", "--tree-branching", "4", "--max-depth", "3"], 3),
+    ("tiny", ["--tree", "duo", "--tree-branching", "4", "--max-tree-nodes", "12"], "auto"),
 ])
 def test_greedy_trees_equal_plain_decoding(cluster, drafter: str, tree: list[str], depth: int | str, prompt_ids,
                                            plain) -> None:

@@ -72,7 +72,7 @@ def test_shapes_fit_node_and_depth_budgets() -> None:
 
 
 def test_tree_shape_round_trips_the_wire() -> None:
-    for shape in (TreeShape("rsd-c", (3, 2)), TreeShape("rsd-s", beam_width=4, depth=5)):
+    for shape in (TreeShape("rsd-c", (3, 2)), TreeShape("rsd-s", beam_width=4, depth=5), TreeShape("duo", (4, 1))):
         msg = tree_shape_to_proto(shape, max_nodes=12)
         assert tree_shape_from_proto(draft_pb2.TreeShape.FromString(msg.SerializeToString()), 5) == (shape, 12)
     with pytest.raises(ValueError, match="tree.method"):
@@ -167,7 +167,8 @@ def _decode(drafter, verifier: Verifier, prompts: dict[str, list[int]], shape: T
 PROMPTS = {"a": [3, 14, 15, 92, 65, 3, 14], "b": [35, 89, 79, 32, 38, 46, 26, 43, 38, 32]}
 
 
-@pytest.mark.parametrize("shape", [TreeShape("rsd-c", (2, 2, 1)), TreeShape("rsd-s", beam_width=3, depth=3)])
+@pytest.mark.parametrize("shape", [TreeShape("rsd-c", (2, 2, 1)), TreeShape("rsd-s", beam_width=3, depth=3),
+                                   TreeShape("duo", (4, 1, 1))])
 def test_greedy_tree_steps_equal_greedy_decoding(tiny_model: Path, shape: TreeShape) -> None:
     """The tiny model drafting for itself (its trees' first paths are always right, the other nodes
     wrong), and the ngram drafter (point-mass tries from prompt lookup, mostly wrong): both must give

@@ -25,6 +25,7 @@ from chi_square import chi_square_pvalue
 
 from specfleet.sampling import processed_probs
 from specfleet.trees.build import build_tree_rsd_c, build_tree_rsd_s
+from specfleet.trees.duo import build_tree_duo
 from specfleet.trees.structure import (
     DraftTree,
     point_mass_tree,
@@ -226,6 +227,10 @@ def _iid(*branching: int) -> TreeMaker:
                                                       replacement=True)
 
 
+def _duo(max_branches: int, levels: int) -> TreeMaker:
+    return lambda models, last, gen: build_tree_duo(models.draft_logprobs(last), len(last), max_branches, levels, gen)
+
+
 def _rsd_s(beam_width: int, depth: int) -> TreeMaker:
     return lambda models, last, gen: build_tree_rsd_s(models.draft_logprobs(last), len(last), beam_width, depth, gen)
 
@@ -255,6 +260,7 @@ TREES: dict[str, TreeMaker] = {
     "rsd_s_4x2": _rsd_s(4, 2),
     "ngram": _ngram_tree,
     "iid_3x2": _iid(3, 2),
+    "duo_4x2": _duo(4, 2),
 }
 
 
@@ -329,6 +335,7 @@ def _candidates_as_uniform_draws(make_tree: TreeMaker) -> TreeMaker:
     ("rsd_c_2x2", _siblings_share_first_q),
     ("rsd_c_4", _siblings_share_first_q),
     ("rsd_s_3x3", _siblings_share_first_q),
+    ("duo_4x2", _siblings_share_first_q),
     ("ngram", _candidates_as_uniform_draws),
 ])
 def test_harness_catches_wrong_trees(tree_name: str, wrong: Callable[[TreeMaker], TreeMaker], model_name: str

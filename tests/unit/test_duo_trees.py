@@ -1,6 +1,8 @@
 """DuoDecoding's multi-sequence drafts: how many sequences the rule drafts, on hand-built distributions, and the
 trees it builds (RSD-C's (k, 1, ...) per row). Their losslessness is tested with every other tree's, in
-test_trees.py (``duo_4x2``), and greedy decoding through a real drafter and verifier in test_tree_wire.py."""
+test_trees.py (``duo_4x2``; on its toy draft duo branches in two of seven contexts, too few for a wrong sibling q to
+show, so the harness's power against that is shown on the RSD-C trees whose builder duo calls), and greedy decoding
+through a real drafter and verifier in test_tree_wire.py."""
 
 from __future__ import annotations
 

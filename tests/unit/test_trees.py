@@ -335,7 +335,6 @@ def _candidates_as_uniform_draws(make_tree: TreeMaker) -> TreeMaker:
     ("rsd_c_2x2", _siblings_share_first_q),
     ("rsd_c_4", _siblings_share_first_q),
     ("rsd_s_3x3", _siblings_share_first_q),
-    ("duo_4x2", _siblings_share_first_q),
     ("ngram", _candidates_as_uniform_draws),
 ])
 def test_harness_catches_wrong_trees(tree_name: str, wrong: Callable[[TreeMaker], TreeMaker], model_name: str

@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from router.draft_pool import DraftCall, DraftPool
+from router.draft_pool import DraftCall, DraftPool, keep_accepted
 from router.live_request import LiveRequest
 from router.replicas import DraftReplica
 from specfleet.otel import RouterMetrics
@@ -84,12 +84,7 @@ class DraftAhead:
 
     def settle(self, batch: list[LiveRequest], verdicts: Mapping[str, Verdict]) -> None:
         # Drafts made ahead are judged when the next step needs them (`_collect`), once their call has answered.
-        for seq in batch:
-            drafted = self._drafted.get(seq.seq_id)
-            verdict = verdicts.get(seq.seq_id)
-            if drafted is not None and verdict is not None:
-                held, position = drafted
-                seq.draft_cached = min(held, position + verdict.accepted)
+        keep_accepted(batch, self._drafted, verdicts)
         self._drafted = {}
 
     async def release(self, seqs: list[LiveRequest]) -> None:

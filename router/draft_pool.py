@@ -87,12 +87,7 @@ class DraftPool:
                 {seq_id: n for reply in replies for seq_id, n in reply.cached_len.items()})
 
     def settle(self, batch: list[LiveRequest], verdicts: Mapping[str, Verdict]) -> None:
-        for seq in batch:
-            drafted = self._drafted.get(seq.seq_id)
-            verdict = verdicts.get(seq.seq_id)
-            if drafted is not None and verdict is not None:
-                cached_len, position = drafted
-                seq.draft_cached = min(cached_len, position + verdict.accepted)
+        keep_accepted(batch, self._drafted, verdicts)
         self._drafted = {}
 
     async def release(self, seqs: list[LiveRequest]) -> None:
@@ -141,3 +136,15 @@ class DraftPool:
         reply = await draft.link.propose(asks, timeout_s)
         self.metrics.record_draft_rtt(draft.address, time.perf_counter() - sent)
         return reply
+
+
+def keep_accepted(batch: list[LiveRequest], drafted: Mapping[str, tuple[int, int]], verdicts: Mapping[str, Verdict]
+                  ) -> None:
+    """Each drafted sequence's drafter session, once its verdict is in: of the tokens it held after its call
+    (``drafted``: that count and where the drafts began, by seq_id), those committed stay valid."""
+    for seq in batch:
+        held = drafted.get(seq.seq_id)
+        verdict = verdicts.get(seq.seq_id)
+        if held is not None and verdict is not None:
+            cached_len, position = held
+            seq.draft_cached = min(cached_len, position + verdict.accepted)

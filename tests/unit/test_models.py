@@ -13,6 +13,7 @@ import subprocess
 import tarfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -146,16 +147,20 @@ def _resolve_in_child(root: str, calls: str, results: str) -> None:
         handle.write(f"{folder} {complete}\n")
 
 
-def test_concurrent_processes_convert_once(tmp_path: Path) -> None:
-    calls, results = tmp_path / "calls.txt", tmp_path / "results.txt"
+def _run_in_children(target: Callable[..., None], args: tuple[str, ...], count: int = 4) -> None:
+    """``target(*args)`` in ``count`` forked processes at once; each must exit cleanly within 30 s."""
     ctx = multiprocessing.get_context("fork")
-    args = (str(tmp_path / "cache"), str(calls), str(results))
-    children = [ctx.Process(target=_resolve_in_child, args=args) for _ in range(4)]
+    children = [ctx.Process(target=target, args=args) for _ in range(count)]
     for child in children:
         child.start()
     for child in children:
         child.join(30)
         assert child.exitcode == 0
+
+
+def test_concurrent_processes_convert_once(tmp_path: Path) -> None:
+    calls, results = tmp_path / "calls.txt", tmp_path / "results.txt"
+    _run_in_children(_resolve_in_child, (str(tmp_path / "cache"), str(calls), str(results)))
     assert calls.read_text().splitlines() == [FAKE.name]
     assert results.read_text().splitlines() == [f"{tmp_path / 'cache' / FAKE.name} True"] * 4
     assert (tmp_path / "cache" / FAKE.name / MARKER).is_file()
@@ -211,14 +216,7 @@ def _gguf_in_child(root: str, calls: str, results: str) -> None:
 
 def test_concurrent_processes_fetch_a_gguf_once(tmp_path: Path) -> None:
     calls, results = tmp_path / "calls.txt", tmp_path / "results.txt"
-    ctx = multiprocessing.get_context("fork")
-    children = [ctx.Process(target=_gguf_in_child, args=(str(tmp_path / "gguf"), str(calls), str(results)))
-                for _ in range(4)]
-    for child in children:
-        child.start()
-    for child in children:
-        child.join(30)
-        assert child.exitcode == 0
+    _run_in_children(_gguf_in_child, (str(tmp_path / "gguf"), str(calls), str(results)))
     assert calls.read_text().splitlines() == [FAKE.name]
     assert results.read_text().splitlines() == [f"{tmp_path / 'gguf' / FAKE.gguf_name} GGUF1234"] * 4
 

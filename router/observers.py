@@ -23,7 +23,9 @@ class TelemetryExporter:
         # What the services do not see: gRPC, (de)serialisation and the loop's own bookkeeping. A step that calls
         # the drafters pays one more round trip, so it goes under its depth (1 + depth, as Verify's).
         overhead_ms = stats.duration_s * 1000 - stats.draft_ms - stats.verify_ms
-        self.writer.record_latency(stats.batch_size, 1.0 + stats.deepest, max(0.0, overhead_ms), role="overhead")
+        # It reads no KV cache: context 0, whatever the sequences' lengths.
+        self.writer.record_latency(stats.batch_size, 1.0 + stats.deepest, max(0.0, overhead_ms), role="overhead",
+                                   context=0.0)
         if not stats.acceptance.empty():
             self.writer.record_acceptance(stats.acceptance)
 

@@ -44,7 +44,7 @@ class Planner:
         shape = self.config.tree_shape
         if shape is None:
             decision = self.feed.policy.choose([_first_tries(s) for s in batch], [self.depth_room(s) for s in batch],
-                                               [_offers(s) for s in batch], calibration)
+                                               [_offers(s) for s in batch], calibration, _contexts(batch))
             plan = StepPlan({s.seq_id: DraftPlan(d) for s, d in zip(batch, decision.depths, strict=True)},
                             decision.reason, *_predictions(decision))
         else:
@@ -92,7 +92,8 @@ class Planner:
             later_siblings = [(s.stats.acceptance.later_siblings_accepted,
                                s.stats.acceptance.later_siblings_rejected) for s in batch]
             decision = self.feed.policy.choose_tree([_first_tries(s) for s in batch], plans,
-                                                    [_offers(s) for s in batch], calibration, later_siblings)
+                                                    [_offers(s) for s in batch], calibration, later_siblings,
+                                                    _contexts(batch))
             per_seq = [per_seq[decision.index]]
             reason, predicted = decision.reason, _predictions(decision)
         return StepPlan({s.seq_id: _tree_plan(fitted) for s, fitted in zip(batch, per_seq[0], strict=True)}, reason,
@@ -129,6 +130,12 @@ def _first_tries(seq: LiveRequest) -> tuple[int, int]:
 
 def _offers(seq: LiveRequest) -> tuple[int, int]:
     return seq.stats.acceptance.offers, seq.stats.acceptance.misses
+
+
+def _contexts(batch: list[LiveRequest]) -> list[int]:
+    """Each sequence's KV length in this step: its committed tokens, where its drafts and the target's verify
+    start (the statistic the services' latency samples carry)."""
+    return [len(s.tokens) for s in batch]
 
 
 def _predictions(decision: DepthDecision | TreeDecision) -> tuple[float, float]:

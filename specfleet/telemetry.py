@@ -4,12 +4,14 @@ Services write through a `TelemetryWriter`, which queues records and flushes the
 thread, so a slow or absent Redis never stalls a step. The router's policy reads a `FleetView`
 through `TelemetryReader` about once a second. Everything lives under one key prefix:
 
-    {prefix}:latency              capped stream of latency samples (role, replica, batch, tokens, ms)
+    {prefix}:latency              capped stream of latency samples (role, replica, batch, tokens, ms, context)
     {prefix}:acceptance           capped stream of acceptance counts per flush of each router
     {prefix}:heartbeat:{role}:{replica}   a key with a TTL, refreshed while the replica lives
 
 Samples of a replica whose heartbeat expired are ignored: a dead replica's old numbers should not
-steer the fleet.
+steer the fleet. A latency sample's ``context`` (the call's mean KV length per sequence, `CostSample.context`) is
+written only when known; an entry without it (an older writer) reads as unknown, and readers that predate it ignore
+it, so old and new replicas share one stream.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class LatencySample:
     batch_size: int
     tokens_per_seq: float
     ms: float
+    context: float | None = None  # mean KV length per sequence of the call (None: unknown), see CostSample.context
 
 
 @dataclass(frozen=True)
@@ -90,10 +93,13 @@ class TelemetryWriter:
         self._thread = threading.Thread(target=self._run, name=f"telemetry-{role}", daemon=True)
         self._thread.start()
 
-    def record_latency(self, batch_size: int, tokens_per_seq: float, ms: float, role: str | None = None) -> None:
+    def record_latency(self, batch_size: int, tokens_per_seq: float, ms: float, role: str | None = None,
+                       context: float | None = None) -> None:
+        """One call's latency; ``context``: its mean KV length per sequence (`CostSample.context`; None: unknown)."""
         # A full queue means Redis has been down for a while: old news is worth little anyway.
         with contextlib.suppress(queue.Full):
-            self._samples.put_nowait(LatencySample(role or self.role, self.replica, batch_size, tokens_per_seq, ms))
+            self._samples.put_nowait(LatencySample(role or self.role, self.replica, batch_size, tokens_per_seq, ms,
+                                                   context))
 
     def record_acceptance(self, counts: AcceptanceCounts) -> None:
         with self._lock:
@@ -119,9 +125,7 @@ class TelemetryWriter:
         try:
             pipe = self._client.pipeline(transaction=False)
             for s in samples:
-                pipe.xadd(self.latency_key, {"role": s.role, "replica": s.replica, "batch": s.batch_size,
-                                             "tokens": s.tokens_per_seq, "ms": round(s.ms, 3)},
-                          maxlen=self.latency_cap, approximate=False)
+                pipe.xadd(self.latency_key, _latency_fields(s), maxlen=self.latency_cap, approximate=False)
             if not acceptance.empty():
                 pipe.xadd(self.acceptance_key, _acceptance_fields(acceptance, self.replica),
                           maxlen=self.acceptance_cap, approximate=False)
@@ -139,6 +143,22 @@ class TelemetryWriter:
         if not self.redis_up:
             log.info("Redis at %s is back: telemetry resumes", self.url)
         self.redis_up = True
+
+
+def _latency_fields(sample: LatencySample) -> dict[str, str | int | float]:
+    fields: dict[str, str | int | float] = {"role": sample.role, "replica": sample.replica,
+                                            "batch": sample.batch_size, "tokens": sample.tokens_per_seq,
+                                            "ms": round(sample.ms, 3)}
+    if sample.context is not None:  # absent, not empty, when unknown: the format older writers wrote
+        fields["context"] = round(sample.context, 3)
+    return fields
+
+
+def _cost_sample_from_fields(f: dict[bytes, bytes]) -> CostSample:
+    """A latency entry as `_latency_fields` writes it; one without a context (an older writer's) has context None."""
+    context = f.get(b"context")
+    return CostSample(f[b"role"].decode(), int(f[b"batch"]), float(f[b"tokens"]), float(f[b"ms"]),
+                      None if context is None else float(context))
 
 
 def _acceptance_fields(counts: AcceptanceCounts, replica: str) -> dict[str, str | int]:
@@ -197,8 +217,7 @@ class TelemetryReader:
             return None
         for _, f in latency:
             try:
-                self._latency.append((f[b"replica"].decode(), CostSample(
-                    f[b"role"].decode(), int(f[b"batch"]), float(f[b"tokens"]), float(f[b"ms"]))))
+                self._latency.append((f[b"replica"].decode(), _cost_sample_from_fields(f)))
             except (KeyError, ValueError):  # another version's or a hand-written entry: skip it
                 continue
         for _, f in acceptance_entries:

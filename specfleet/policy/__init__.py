@@ -18,8 +18,9 @@ per-sequence (accepted, rejections) and (offers, misses) counts; `DepthPolicy` h
 the router.
 
 The parts, each a plain module:
-- `costs`: the cost model, fitted from telemetry (`CostModel`, `CostSample`), and `price_step`, which prices a
-  step of depth plans and tree budgets alike;
+- `costs`: the cost model, fitted from telemetry (`CostModel`, `CostSample`; time as a function of batch size,
+  tokens per sequence and the batch's mean KV length, `ContextCost`), and `price_step`, which prices a step of
+  depth plans and tree budgets alike;
 - `acceptance`: per-sequence acceptance and offer rates, and the tokens a step is expected to emit;
 - `hurdle`: the margin a drafting plan must beat plain decoding by (`DRAFT_HURDLE`, `apply_hurdle`);
 - `depths`: a plan's predicted goodput and the searches for the best depths (`choose_depths`), each a function
@@ -44,14 +45,18 @@ from specfleet.policy.costs import (
     MIN_CELL_SAMPLES,
     MIN_STEP_MS,
     PADDING_SHARE,
+    REFERENCE_CONTEXT,
     ROLES,
     TOKEN_BUCKET,
     AnalyticCost,
+    ContextCost,
     CostFn,
     CostModel,
     CostSample,
     CostTable,
     StepCosts,
+    context_bucket,
+    kv_passes,
     price_step,
     verified_drafts,
 )
@@ -70,9 +75,9 @@ from specfleet.policy.tree_budget import TreeDecision, TreePlan, choose_tree_pla
 
 __all__ = [
     "DEFAULT_COSTS", "DRAFT_HURDLE", "MAX_ALPHA", "MIN_CELL_SAMPLES", "MIN_OFFER_RATE", "MIN_STEP_MS", "MODES",
-    "PADDING_SHARE", "ROLES", "TOKEN_BUCKET", "AnalyticCost", "CostFn", "CostModel", "CostSample", "CostTable",
-    "DepthDecision", "DepthPolicy", "HeldBack", "StepCosts", "TreeDecision", "TreePlan", "acceptance_estimate",
-    "apply_hurdle", "choose_depths", "choose_depths_for_latency", "choose_tree_plan", "expected_emitted",
-    "offer_estimate", "pinned_decision", "plan_goodput", "plan_step_ms", "plan_time_per_token", "price_step",
-    "tree_expected_emitted", "verified_drafts",
+    "PADDING_SHARE", "REFERENCE_CONTEXT", "ROLES", "TOKEN_BUCKET", "AnalyticCost", "ContextCost", "CostFn",
+    "CostModel", "CostSample", "CostTable", "DepthDecision", "DepthPolicy", "HeldBack", "StepCosts", "TreeDecision",
+    "TreePlan", "acceptance_estimate", "apply_hurdle", "choose_depths", "choose_depths_for_latency",
+    "choose_tree_plan", "context_bucket", "expected_emitted", "kv_passes", "offer_estimate", "pinned_decision",
+    "plan_goodput", "plan_step_ms", "plan_time_per_token", "price_step", "tree_expected_emitted", "verified_drafts",
 ]

@@ -1,8 +1,12 @@
 """The cost model: how long a step's drafting, verification and router overhead take, fitted from telemetry.
 
-Each role's time is a function of the batch size and the tokens per sequence. Where telemetry has measured a
-(batch, tokens) cell, its median counts; elsewhere the defaults' shape is borrowed and rescaled to the nearest
-measurements (`CostModel.fit`). `StepCosts` reads one batch size's curves off for the depth search.
+Each role's time is a function of the batch size, the tokens per sequence and the context: the mean KV length per
+sequence of the call (the sum of the batch's KV lengths over its size). It has two parts. A (batch, tokens) table,
+the cost at the role's reference context: where telemetry has measured a (batch, tokens) cell, its median counts;
+elsewhere the defaults' shape is borrowed and rescaled to the nearest measurements (`CostModel.fit`). And a KV
+term, `ContextCost`: reading the KV cache past the reference context, linear in batch x context per forward pass
+(MagicDec: at long contexts a step is bound by loading the KV, which grows with batch x context), its slope fitted
+per role from samples at several contexts. `StepCosts` reads one batch size's curves off for the depth search.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import math
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, repeat
+from itertools import accumulate, combinations, repeat
 from statistics import median
 from types import MappingProxyType
 
@@ -30,7 +34,11 @@ MIN_CELL_SAMPLES = 3
 """Samples a (batch, tokens) cell needs before its median counts as measured. A single slow call (a cold cache,
 a pause) must not make a depth look expensive: the policy would stop choosing it and so never measure it again."""
 CostFn = Callable[[int, float], float]
-"""(batch_size, tokens_per_seq) -> milliseconds; must be non-decreasing in both arguments."""
+"""(batch_size, tokens_per_seq) -> milliseconds at the reference context; must be non-decreasing in both arguments.
+A cost function may also carry `per_kv_ms`, its KV term's slope (`AnalyticCost` does; 0 when absent)."""
+REFERENCE_CONTEXT = 256.0
+"""The mean KV length per sequence a default cost function's (batch, tokens) costs stand for (the short prompts
+the defaults were timed with), and the context a sample written without one is taken to have been measured at."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,11 @@ class CostSample:
     batch_size: int
     tokens_per_seq: float
     ms: float
+    context: float | None = None
+    """The call's mean KV length per sequence (times `batch_size`: the KV tokens it reads per pass). A target's:
+    each sequence's committed length (its first draft token's position); a draft's: the KV its drafter attends
+    over at that position (less than the position for a window + sink cache); the router's overhead: 0 (it reads no
+    KV). None: unknown (a writer from before contexts were recorded), taken as the role's reference context."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -57,11 +70,14 @@ class CostSample:
             raise ValueError(f"CostSample.tokens_per_seq must be finite and >= 0, got {self.tokens_per_seq}")
         if not (math.isfinite(self.ms) and self.ms >= 0):
             raise ValueError(f"CostSample.ms must be finite and >= 0, got {self.ms}")
+        if self.context is not None and not (math.isfinite(self.context) and self.context >= 0):
+            raise ValueError(f"CostSample.context must be finite and >= 0 (or None), got {self.context}")
 
 
 @dataclass(frozen=True)
 class AnalyticCost:
-    """ms = fixed + per_seq * batch + per_token * n + past_knee * max(0, n - knee), n = batch * tokens_per_seq.
+    """ms = fixed + per_seq * batch + per_token * n + past_knee * max(0, n - knee), n = batch * tokens_per_seq,
+    at the reference context; past it, `per_kv_ms` per KV token read (see `ContextCost`).
 
     The knee models a device that is memory-bound up to `knee_tokens` tokens per forward (extra tokens
     nearly free) and compute-bound beyond it (each token costs `past_knee_ms` more).
@@ -72,9 +88,10 @@ class AnalyticCost:
     per_token_ms: float = 0.0
     knee_tokens: float = math.inf
     past_knee_ms: float = 0.0
+    per_kv_ms: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("fixed_ms", "per_seq_ms", "per_token_ms", "knee_tokens", "past_knee_ms"):
+        for name in ("fixed_ms", "per_seq_ms", "per_token_ms", "knee_tokens", "past_knee_ms", "per_kv_ms"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"AnalyticCost.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -87,13 +104,130 @@ class AnalyticCost:
 DEFAULT_COSTS: Mapping[str, CostFn] = MappingProxyType({
     # SmolLM2-135M verifying on a CPU (the timings it fits are in bench/step_costs.md): one and eight tokens at
     # batch 1 and eight at batch 16 need a fixed + per-sequence + per-token form (a single per-token slope cannot
-    # fit them all); no knee shows on a CPU.
-    "target": AnalyticCost(fixed_ms=16.7, per_seq_ms=6.7, per_token_ms=1.6),
+    # fit them all); no knee shows on a CPU. Past the reference context each sequence's verify reads its KV cache,
+    # about 0.02 ms a cached token on a CPU (bench/step_costs.md); the n-gram drafter and the router read none.
+    "target": AnalyticCost(fixed_ms=16.7, per_seq_ms=6.7, per_token_ms=1.6, per_kv_ms=0.02),
     "draft": AnalyticCost(fixed_ms=0.8, per_token_ms=0.025),  # an n-gram lookup, nearly free
     "overhead": AnalyticCost(fixed_ms=3.0),  # gRPC and bookkeeping of a router step
 })
 """Each role's cost until telemetry measures it; a measured role keeps the default's shape only where it has no
 samples (see `CostModel`)."""
+
+
+def kv_passes(role: str, tokens_per_seq: float) -> float:
+    """Forward passes over each sequence's KV cache in one call of `role`: a Verify runs one over every token fed
+    (a chain or a tree), a Propose one per level drafted (each level needs the one before), and the router's
+    overhead reads no KV."""
+    if role == "target":
+        return 1.0
+    if role == "draft":
+        return max(1.0, tokens_per_seq)
+    return 0.0
+
+
+def context_bucket(context: float) -> int:
+    """`context` rounded up to four significant bits (at most an eighth more): the step-cost memo's key, so it
+    holds about eight contexts per doubling; rounding up never prices a step below the context it runs at."""
+    n = max(0, math.ceil(context))
+    if n < 16:
+        return n
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+@dataclass(frozen=True)
+class ContextCost:
+    """One role's KV term: ms = per_kv_ms * batch * kv_passes(role, tokens_per_seq) * max(0, context - reference).
+
+    Which statistic: the call's mean KV length per sequence (`CostSample.context`), which times the batch size is
+    the KV tokens one pass reads. Why linear in batch x context per pass: speculative steps feed a few tokens per
+    sequence (at most a few dozen), within one query tile of the attention, so each pass loads every sequence's
+    KV once and is bound by that load, not by the t x context products of the attention's arithmetic (MagicDec,
+    Chen et al. 2024: at long contexts and large batches the KV load dominates a decoding step, and a draft over a
+    fixed window + sink cache does not grow with it). Below `reference` the (batch, tokens) table holds flat: it
+    was measured there, and shorter contexts are not priced below it.
+    """
+
+    per_kv_ms: float = 0.0
+    """ms per KV token one pass reads (per sequence), >= 0."""
+    reference: float = REFERENCE_CONTEXT
+    """The context the role's (batch, tokens) costs stand for: the shortest context of its samples, or
+    `REFERENCE_CONTEXT` when none carried one."""
+    fitted: bool = False
+    """Whether `per_kv_ms` was fitted from samples at several contexts (else the default cost function's)."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.per_kv_ms) and self.per_kv_ms >= 0):
+            raise ValueError(f"ContextCost.per_kv_ms must be finite and >= 0, got {self.per_kv_ms}")
+        if not (math.isfinite(self.reference) and self.reference >= 0):
+            raise ValueError(f"ContextCost.reference must be finite and >= 0, got {self.reference}")
+
+    def __call__(self, role: str, batch_size: int, tokens_per_seq: float, context: float | None) -> float:
+        """The KV term's ms; 0 for context None (the reference context)."""
+        if context is None or self.per_kv_ms == 0.0 or context <= self.reference:
+            return 0.0
+        return self.per_kv_ms * batch_size * kv_passes(role, tokens_per_seq) * (context - self.reference)
+
+
+def mean_context(contexts: Sequence[float] | None, batch: int) -> float | None:
+    """The batch's mean KV length per sequence, the statistic the cost model prices at; None stays None (each role's
+    reference context)."""
+    if contexts is None:
+        return None
+    if len(contexts) != batch:
+        raise ValueError(f"contexts must have one entry per sequence ({batch}), got {len(contexts)}")
+    if any(not (math.isfinite(c) and c >= 0) for c in contexts):
+        raise ValueError(f"contexts must be finite and >= 0, got {list(contexts)}")
+    return sum(contexts) / batch if batch else None
+
+
+def context_note(context: int | None) -> str:
+    """The reason's note on the context a step was priced at ("" when none was given)."""
+    return "" if context is None else f"; context {context} tokens"
+
+
+def default_context_cost(default: CostFn) -> ContextCost:
+    """A role's KV term before any sample with a context: the default cost function's slope (`per_kv_ms`, 0 when
+    it has none) past `REFERENCE_CONTEXT`."""
+    return ContextCost(float(getattr(default, "per_kv_ms", 0.0)), REFERENCE_CONTEXT)
+
+
+def _fit_context_cost(role: str, samples: list[CostSample], default: CostFn) -> ContextCost:
+    """The role's KV term from its samples that carry a context.
+
+    Reference: their shortest context. Slope: within each (batch, tokens) cell the batch and tokens are fixed, so
+    the cost differences between the cell's contexts are the KV term's; each context bucket (`context_bucket`)
+    with `MIN_CELL_SAMPLES` samples gives a point (median context, median ms), every pair of points in a cell a
+    slope (ms difference over the KV tokens read more), and the role's slope is the median of all of them, at
+    least 0: Theil-Sen over medians, so neither a slow call nor one noisy cell moves it. A role whose costs do not
+    grow with context (a window + sink draft, the router's overhead) gets about 0. With no cell measured at two
+    contexts, the default's slope."""
+    known = [s for s in samples if s.context is not None]
+    if not known:
+        return default_context_cost(default)
+    reference = min(s.context for s in known if s.context is not None)
+    cells: dict[tuple[int, float], dict[int, list[CostSample]]] = {}
+    for s in known:
+        assert s.context is not None
+        cell = cells.setdefault((s.batch_size, round(s.tokens_per_seq / TOKEN_BUCKET) * TOKEN_BUCKET), {})
+        cell.setdefault(context_bucket(s.context), []).append(s)
+    slopes: list[float] = []
+    for (batch, tokens), by_context in cells.items():
+        reads = batch * kv_passes(role, tokens)
+        points = sorted((median(s.context for s in ss if s.context is not None), median(s.ms for s in ss))
+                        for ss in by_context.values() if len(ss) >= MIN_CELL_SAMPLES)
+        slopes.extend((ms_b - ms_a) / (reads * (c_b - c_a))
+                      for (c_a, ms_a), (c_b, ms_b) in combinations(points, 2) if c_b > c_a and reads > 0)
+    if not slopes:
+        return ContextCost(default_context_cost(default).per_kv_ms, reference)
+    return ContextCost(max(0.0, median(slopes)), reference, fitted=True)
+
+
+def _at_reference(role: str, samples: list[CostSample], context_cost: ContextCost) -> list[CostSample]:
+    """The samples with their KV term past the reference taken off: what the (batch, tokens) table is fitted to."""
+    return [s if s.context is None else dataclasses.replace(
+        s, ms=max(0.0, s.ms - context_cost(role, s.batch_size, s.tokens_per_seq, s.context)), context=None)
+        for s in samples]
 
 
 @dataclass(frozen=True)
@@ -111,12 +245,12 @@ class CostTable:
 
 @dataclass(frozen=True)
 class StepCosts:
-    """Predicted costs of one step at a fixed batch size, precomputed for the depth search.
+    """Predicted costs of one step at a fixed batch size (and context), precomputed for the depth search.
 
     `target_ms[n]`: Verify with n draft tokens in total (tokens per sequence 1 + n / batch), linear in
     between for an expected (fractional) total, see `target_at`; `draft_ms[d]`: Propose with largest depth d (0.0
     at d = 0: nothing is drafted); `overhead_ms[d]`: the rest of a step whose largest depth is d. `price_step`
-    adds them up for one plan.
+    adds them up for one plan. Each includes its role's KV term at `context`.
     """
 
     batch_size: int
@@ -127,6 +261,9 @@ class StepCosts:
     """Drafting ahead (None: off): `ahead_ms[d]`, the Propose of d + 1 levels made while the target verifies, and
     `drafting_now[d]`, the chance that some sequence's drafts made ahead are dropped, so the step drafts now too."""
     drafting_now: tuple[float, ...] = ()
+    context: int | None = None
+    """The batch's mean KV length per sequence these costs were priced at, rounded up by `context_bucket` (None:
+    each role's reference context)."""
 
     def step_times(self, levels: int, targets: Iterable[float]) -> Iterator[float]:
         """The step's ms at largest depth `levels` for each verify's ms in `targets`: drafting, verifying and the
@@ -365,6 +502,11 @@ class CostModel:
     the grid non-decreasing in both arguments, and prediction is bilinear on it (so monotone too); past the
     grid, the edge value is again scaled like the default. A role with no samples uses its default directly.
 
+    Context: the table is each role's cost at its reference context; a `ContextCost` per role adds the KV read
+    past it (fitted by `fit` from samples at several contexts, else the default's `per_kv_ms`), and the table is
+    fitted to the samples with that term taken off. When every sample has the same context, or none has one, the
+    table is what it would be without contexts, and a context of None (the callers that do not say) prices at it.
+
     Why a table rather than a fitted formula: real costs have knees (memory- to compute-bound, kernel
     tile sizes) that a small formula misses, and the search only asks about batch sizes and depths the
     fleet runs at, which are exactly where the samples are. The default carries the rest.
@@ -374,36 +516,49 @@ class CostModel:
     """
 
     def __init__(self, defaults: Mapping[str, CostFn] | None = None,
-                 tables: Mapping[str, CostTable] | None = None, *, ahead_alpha: float | None = None) -> None:
+                 tables: Mapping[str, CostTable] | None = None, *, ahead_alpha: float | None = None,
+                 context_costs: Mapping[str, ContextCost] | None = None) -> None:
         """``ahead_alpha``: the router drafts ahead (--draft-ahead), and a draft comes true this often (the fleet's
-        acceptance rate); None: drafting and verifying take turns."""
+        acceptance rate); None: drafting and verifying take turns. ``context_costs``: each role's KV term (a role
+        not given: its default's, `default_context_cost`)."""
         self.ahead_alpha = ahead_alpha
         self._defaults = dict(DEFAULT_COSTS if defaults is None else defaults)
         missing = [role for role in ROLES if role not in self._defaults]
         if missing:
             raise ValueError(f"CostModel defaults need every role {ROLES}; missing {missing}")
         self._tables = dict(tables or {})
+        given = dict(context_costs or {})
+        self._context_costs = {role: given.get(role) or default_context_cost(self._defaults[role]) for role in ROLES}
         self._curves: dict[tuple[str, int], Callable[[float], float]] = {}
-        self._steps: dict[tuple[int, int], StepCosts] = {}
+        self._steps: dict[tuple[int, int, int | None], StepCosts] = {}
 
     @classmethod
     def fit(cls, samples: Iterable[CostSample], defaults: Mapping[str, CostFn] | None = None, *,
             max_batch: int = 256, max_tokens: int = 33, ahead_alpha: float | None = None) -> CostModel:
-        """A model fitted from a window of samples (all of it, each time); roles without samples use defaults."""
+        """A model fitted from a window of samples (all of it, each time); roles without samples use defaults.
+        Each role's KV term first (`_fit_context_cost`), then its table from the samples at its reference context."""
         if max_batch < 1 or max_tokens < 1:
             raise ValueError(f"max_batch and max_tokens must be >= 1, got {max_batch}, {max_tokens}")
         model = cls(defaults)
         by_role: dict[str, list[CostSample]] = {}
         for s in samples:
             by_role.setdefault(s.role, []).append(s)
-        tables = {role: _fit_table(ss, model._defaults[role], max_batch, max_tokens) for role, ss in by_role.items()}
+        context_costs = {role: _fit_context_cost(role, ss, model._defaults[role]) for role, ss in by_role.items()}
+        tables = {role: _fit_table(_at_reference(role, ss, context_costs[role]), model._defaults[role], max_batch,
+                                   max_tokens) for role, ss in by_role.items()}
         return cls(model._defaults, {role: table for role, table in tables.items() if table is not None},
-                   ahead_alpha=ahead_alpha)
+                   ahead_alpha=ahead_alpha, context_costs=context_costs)
 
     @property
     def fitted_roles(self) -> dict[str, int]:
         """Roles fitted from samples, with how many samples each (for a log line)."""
         return {role: table.samples for role, table in self._tables.items()}
+
+    def context_cost(self, role: str) -> ContextCost:
+        """The role's KV term."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        return self._context_costs[role]
 
     def curve(self, role: str, batch_size: int) -> Callable[[float], float]:
         """ms as a function of tokens per sequence at one batch size (memoised)."""
@@ -436,22 +591,28 @@ class CostModel:
         row = [_rescale(v, default(bs[edge], t), default(batch_size, t)) for v, t in zip(vs[edge], ts, strict=True)]
         return list(accumulate(row, max))  # keep it monotone in tokens whatever the default's shape
 
-    def predict(self, role: str, batch_size: int, tokens_per_seq: float) -> float:
-        """Predicted ms of one call of `role` with `batch_size` sequences and `tokens_per_seq` tokens each."""
-        return self.curve(role, batch_size)(tokens_per_seq)
+    def predict(self, role: str, batch_size: int, tokens_per_seq: float, context: float | None = None) -> float:
+        """Predicted ms of one call of `role` with `batch_size` sequences and `tokens_per_seq` tokens each, at a
+        mean KV length per sequence of `context` (None: the role's reference context)."""
+        return self.curve(role, batch_size)(tokens_per_seq) + self._context_costs[role](
+            role, batch_size, tokens_per_seq, context)
 
-    def step_costs(self, batch_size: int, max_depth: int) -> StepCosts:
-        """Everything the depth search needs at one batch size, precomputed once per model (memoised)."""
-        key = (batch_size, max_depth)
+    def step_costs(self, batch_size: int, max_depth: int, context: float | None = None) -> StepCosts:
+        """Everything the depth search needs at one batch size and the batch's mean KV length per sequence
+        (`context`, rounded up by `context_bucket`; None: each role's reference context), precomputed once per
+        model (memoised)."""
+        bucket = None if context is None else context_bucket(context)
+        key = (batch_size, max_depth, bucket)
         found = self._steps.get(key)
         if found is None:
-            target, draft = self.curve("target", batch_size), self.curve("draft", batch_size)
-            overhead = self.curve("overhead", batch_size)
+            target, draft = self._priced("target", batch_size, bucket), self._priced("draft", batch_size, bucket)
+            overhead = self._priced("overhead", batch_size, bucket)
             found = StepCosts(
                 batch_size=batch_size,
                 target_ms=tuple(target(1 + n / batch_size) for n in range(batch_size * max_depth + 1)),
                 draft_ms=(0.0, *(draft(float(d)) for d in range(1, max_depth + 1))),
                 overhead_ms=tuple(max(MIN_STEP_MS, overhead(1.0 + d)) for d in range(max_depth + 1)),
+                context=bucket,
             )
             if self.ahead_alpha is not None:
                 # Drafts made ahead at depth d are used when all d drafts and the guess of the target's own token
@@ -462,3 +623,10 @@ class CostModel:
                                          for d in range(1, max_depth + 1))))
             self._steps[key] = found
         return found
+
+    def _priced(self, role: str, batch_size: int, context: int | None) -> Callable[[float], float]:
+        """The role's ms against tokens per sequence at one batch size and context: its curve plus its KV term."""
+        curve, kv = self.curve(role, batch_size), self._context_costs[role]
+        if context is None or kv(role, batch_size, 1.0, context) == 0.0:
+            return curve
+        return lambda tokens_per_seq: curve(tokens_per_seq) + kv(role, batch_size, tokens_per_seq, context)

@@ -130,30 +130,33 @@ class DepthPolicy:
         return [offer_estimate(o, m, fleet_rate, self.prior_weight) for o, m in offer_counts]
 
     def choose(self, per_sequence_counts: Sequence[tuple[int, int]], limits: Sequence[int] | None = None,
-               offer_counts: Sequence[tuple[int, int]] | None = None, calibration: float = 1.0) -> DepthDecision:
+               offer_counts: Sequence[tuple[int, int]] | None = None, calibration: float = 1.0,
+               contexts: Sequence[int] | None = None) -> DepthDecision:
         """Depths for one step; `per_sequence_counts[i]` is sequence i's (accepted, rejections), `offer_counts[i]`
-        its (offers, misses) (the fleet's offer rate for everyone when not given); `calibration` as in
-        `choose_depths`."""
+        its (offers, misses) (the fleet's offer rate for everyone when not given), `contexts[i]` its KV length
+        (its committed tokens; None: the cost model's reference context); `calibration` as in `choose_depths`."""
         state = self._state  # read once: one consistent model for the whole decision
         alphas = self._alphas(per_sequence_counts, state.fleet_alpha)
         rates = self._offer_rates(offer_counts, state.fleet_offer_rate, len(alphas))
         if self.pinned_depth is not None:
             return pinned_decision(alphas, state.costs, self.pinned_depth, max_depth=self.max_depth, limits=limits,
-                                   offer_rates=rates)
+                                   offer_rates=rates, contexts=contexts)
         if self.mode == "latency":
             return choose_depths_for_latency(alphas, state.costs, self.max_depth, self.min_goodput,
                                              limits=limits, uniform=self.uniform, offer_rates=rates,
-                                             min_gain=self.min_gain, calibration=calibration)
+                                             min_gain=self.min_gain, calibration=calibration, contexts=contexts)
         return choose_depths(alphas, state.costs, self.max_depth, limits=limits, uniform=self.uniform,
-                             offer_rates=rates, min_gain=self.min_gain, calibration=calibration)
+                             offer_rates=rates, min_gain=self.min_gain, calibration=calibration, contexts=contexts)
 
     def choose_tree(self, per_sequence_counts: Sequence[tuple[int, int]],
                     candidates: Sequence[Sequence[TreePlan]],
                     offer_counts: Sequence[tuple[int, int]] | None = None, calibration: float = 1.0,
-                    later_sibling_counts: Sequence[tuple[int, int]] | None = None) -> TreeDecision:
+                    later_sibling_counts: Sequence[tuple[int, int]] | None = None,
+                    contexts: Sequence[int] | None = None) -> TreeDecision:
         """The best of ``candidates`` (each one plan per sequence) for one step; see `choose_tree_plan`.
         ``later_sibling_counts[i]``: sequence i's (accepted, rejected) later siblings, their rate shrunk toward the
-        fleet's; until any later sibling has been tried anywhere, each sequence's own alpha stands in for it."""
+        fleet's; until any later sibling has been tried anywhere, each sequence's own alpha stands in for it.
+        ``contexts`` as in `choose`."""
         state = self._state
         alphas = self._alphas(per_sequence_counts, state.fleet_alpha)
         rates = self._offer_rates(offer_counts, state.fleet_offer_rate, len(alphas))
@@ -164,4 +167,4 @@ class DepthPolicy:
         fleet_beta = state.fleet_later_sibling_alpha
         betas = [acceptance_estimate(a, r, alpha if fleet_beta is None else fleet_beta, self.prior_weight)
                  for (a, r), alpha in zip(later_sibling_counts, alphas, strict=True)]
-        return choose_tree_plan(alphas, state.costs, candidates, rates, self.min_gain, calibration, betas)
+        return choose_tree_plan(alphas, state.costs, candidates, rates, self.min_gain, calibration, betas, contexts)

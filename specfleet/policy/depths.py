@@ -21,37 +21,40 @@ from operator import add, mul, sub, truediv
 from typing import NamedTuple
 
 from specfleet.policy.acceptance import checked_offer_rates, expected_emitted
-from specfleet.policy.costs import CostModel, StepCosts, price_step, verified_drafts
+from specfleet.policy.costs import CostModel, StepCosts, context_note, mean_context, price_step, verified_drafts
 from specfleet.policy.hurdle import HeldBack, apply_hurdle, calibration_note, check_hurdle
 
 
-def plan_step_ms(costs: CostModel, depths: Sequence[int], offer_rates: Sequence[float] | None = None) -> float:
+def plan_step_ms(costs: CostModel, depths: Sequence[int], offer_rates: Sequence[float] | None = None,
+                 contexts: Sequence[int] | None = None) -> float:
     """Predicted ms of a step (`price_step`): draft at the largest depth (if any), target at 1 + the mean expected
-    draft tokens offered (depth times offer rate) plus the padding charge, overhead; as the depth search prices it."""
+    draft tokens offered (depth times offer rate) plus the padding charge, overhead, each at the batch's mean
+    context (`contexts`: each sequence's KV length; None: the reference context); as the depth search prices it."""
     batch = len(depths)
     if batch == 0:
         return 0.0
     deepest = max(depths)
     rates = checked_offer_rates(offer_rates, batch)
-    return price_step(costs.step_costs(batch, deepest), deepest, sum(map(mul, rates, depths)), deepest * sum(rates))
+    steps = costs.step_costs(batch, deepest, mean_context(contexts, batch))
+    return price_step(steps, deepest, sum(map(mul, rates, depths)), deepest * sum(rates))
 
 
 def plan_goodput(alphas: Sequence[float], depths: Sequence[int], costs: CostModel,
-                 offer_rates: Sequence[float] | None = None) -> float:
+                 offer_rates: Sequence[float] | None = None, contexts: Sequence[int] | None = None) -> float:
     """Predicted tokens per second of a plan: expected tokens emitted over predicted step time."""
     rates = _check_plan(alphas, depths, offer_rates)
     if not depths:
         return 0.0
-    return 1000.0 * sum(map(expected_emitted, alphas, depths, rates)) / plan_step_ms(costs, depths, rates)
+    return 1000.0 * sum(map(expected_emitted, alphas, depths, rates)) / plan_step_ms(costs, depths, rates, contexts)
 
 
 def plan_time_per_token(alphas: Sequence[float], depths: Sequence[int], costs: CostModel,
-                        offer_rates: Sequence[float] | None = None) -> float:
+                        offer_rates: Sequence[float] | None = None, contexts: Sequence[int] | None = None) -> float:
     """Predicted ms per output token, averaged over the sequences: mean_i(step_ms / expected_emitted_i)."""
     rates = _check_plan(alphas, depths, offer_rates)
     if not depths:
         return 0.0
-    step = plan_step_ms(costs, depths, rates)
+    step = plan_step_ms(costs, depths, rates, contexts)
     return step * sum(1.0 / expected_emitted(a, d, m) for a, d, m in zip(alphas, depths, rates, strict=True)
                       ) / len(depths)
 
@@ -105,6 +108,9 @@ class DepthDecision:
     """The factor drafting's predicted gain was scaled by before the hurdle (1: as predicted)."""
     ahead: str = ""
     """Drafting ahead: how the drafts made ahead fit the verify they overlap (`DepthProblem.ahead_note`)."""
+    context: int | None = None
+    """The batch's mean KV length per sequence the step was priced at (rounded up, `context_bucket`); None: not
+    given, each role's reference context."""
 
     @cached_property
     def reason(self) -> str:
@@ -128,6 +134,7 @@ class DepthDecision:
             reason += self.held_back.note(_depth_span(self.held_back.depths))
         if hi > 0:
             reason += calibration_note(self.calibration) + self.ahead
+        reason += context_note(self.context)
         if self.mode == "latency":
             reason += f"; {self.time_per_token_ms:.1f} ms/token per sequence"
             if self.min_goodput > 0:
@@ -300,23 +307,24 @@ class DepthProblem:
     gain of each draft token (`_Margins`), and the predicted goodput of each depth for all."""
 
     def __init__(self, alphas: Sequence[float], costs: CostModel, max_depth: int, caps: Sequence[int],
-                 rates: Sequence[float]) -> None:
-        """Checked inputs (see `of`), one or more sequences."""
+                 rates: Sequence[float], context: float | None = None) -> None:
+        """Checked inputs (see `of`), one or more sequences; `context`: their mean KV length (None: the reference)."""
         self.size = len(alphas)
         self.max_depth = max_depth
         self.caps = caps
         self.rates = rates
         self.offered = sum(rates)  # what everyone at depth D verifies, over D
         self.deepest = max(caps)
-        self.steps = costs.step_costs(self.size, max_depth)
+        self.steps = costs.step_costs(self.size, max_depth, context)
         self.margins = _Margins(alphas, caps, max_depth, rates)
         self.uniform_goodput = tuple(map(self._uniform_goodput, range(max_depth + 1)))
 
     @classmethod
     def of(cls, alphas: Sequence[float], costs: CostModel, max_depth: int, limits: Sequence[int] | None = None,
-           offer_rates: Sequence[float] | None = None) -> DepthProblem | None:
+           offer_rates: Sequence[float] | None = None, contexts: Sequence[int] | None = None) -> DepthProblem | None:
         """The problem for these sequences, checked; None when there are none. `limits` caps each sequence's depth
-        (room left in the request or the caches), `offer_rates` are all 1 when not given."""
+        (room left in the request or the caches), `offer_rates` are all 1 when not given, `contexts` are each
+        sequence's KV length (None: each role's reference context)."""
         alphas = [float(a) for a in alphas]
         if any(not 0.0 <= a <= 1.0 for a in alphas):
             raise ValueError(f"alphas must be in [0, 1], got {alphas}")
@@ -328,7 +336,7 @@ class DepthProblem:
         caps = [max_depth] * len(alphas) if limits is None else [min(max(int(lim), 0), max_depth) for lim in limits]
         if len(caps) != len(alphas):
             raise ValueError(f"limits must have one entry per sequence ({len(alphas)}), got {len(caps)}")
-        return cls(alphas, costs, max_depth, caps, rates)
+        return cls(alphas, costs, max_depth, caps, rates, mean_context(contexts, len(alphas)))
 
     def at_depth(self, depth: int) -> list[int]:
         """Everyone at `depth`, each capped by its own limit."""
@@ -439,7 +447,7 @@ def _with_hurdle(problem: DepthProblem, plan: DepthPlan, min_gain: float, calibr
 def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
                   limits: Sequence[int] | None = None, uniform: bool = False,
                   offer_rates: Sequence[float] | None = None, min_gain: float = 0.0,
-                  calibration: float = 1.0) -> DepthDecision:
+                  calibration: float = 1.0, contexts: Sequence[int] | None = None) -> DepthDecision:
     """Throughput mode: per-sequence depths in [0, max_depth] maximising predicted goodput,
 
         sum_i expected_emitted(alpha_i, d_i, m_i) / (draft_ms(B, max d) [if max d > 0]
@@ -454,22 +462,25 @@ def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
     for comparison. A plan predicted to beat plain decoding by less than `min_gain` (0.1: 10%) gives way to it
     (see `DRAFT_HURDLE`); the plain functions default to 0, the exact optimum. `calibration` scales drafting's
     predicted gain over plain decoding before that test: how far measured drafting steps beat their predictions,
-    relative to plain ones (see `router.prediction_audit.Calibration`; 1: as predicted).
+    relative to plain ones (see `router.prediction_audit.Calibration`; 1: as predicted). `contexts`: each
+    sequence's KV length; every role is priced at their mean (with the batch size, their sum: the KV a verify
+    reads), so a long context makes the verify's fixed cost larger and deeper drafts cheaper by comparison (None:
+    each role's reference context).
     """
     check_hurdle(min_gain, calibration)
-    problem = DepthProblem.of(alphas, costs, max_depth, limits, offer_rates)
+    problem = DepthProblem.of(alphas, costs, max_depth, limits, offer_rates, contexts)
     if problem is None:
         return _no_sequences(max_depth)
     depths = uniform_plan(problem) if uniform else throughput_plan(problem)
     plan, held = _with_hurdle(problem, problem.evaluate(depths), min_gain, calibration)
     return DepthDecision(*plan, problem.uniform_goodput, held_back=held, calibration=calibration,
-                         ahead=problem.ahead_note(plan.depths))
+                         ahead=problem.ahead_note(plan.depths), context=problem.steps.context)
 
 
 def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_depth: int, min_goodput: float = 0.0,
                               *, limits: Sequence[int] | None = None, uniform: bool = False,
                               offer_rates: Sequence[float] | None = None, min_gain: float = 0.0,
-                              calibration: float = 1.0) -> DepthDecision:
+                              calibration: float = 1.0, contexts: Sequence[int] | None = None) -> DepthDecision:
     """Latency mode: depths minimising the predicted time per output token, averaged over the sequences,
 
         step_ms * mean_i(1 / expected_emitted(alpha_i, d_i)),
@@ -486,12 +497,12 @@ def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_dep
     result then meets the floor whenever any plan can and is never slower per token than the
     goodput-optimal plan, but a floor-bound optimum that is neither greedy allocation can be missed.
     With `min_gain`, plain decoding wins unless drafting cuts the time per token by that share (and plain decoding
-    meets the floor); `calibration` as in `choose_depths`.
+    meets the floor); `calibration` and `contexts` as in `choose_depths`.
     """
     if min_goodput < 0:
         raise ValueError(f"min_goodput must be >= 0, got {min_goodput}")
     check_hurdle(min_gain, calibration)
-    problem = DepthProblem.of(alphas, costs, max_depth, limits, offer_rates)
+    problem = DepthProblem.of(alphas, costs, max_depth, limits, offer_rates, contexts)
     if problem is None:
         return _no_sequences(max_depth)
     depths = uniform_latency_plan(problem, min_goodput) if uniform else latency_plan(problem, min_goodput)
@@ -501,16 +512,17 @@ def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_dep
     plan, held = _with_hurdle(problem, problem.evaluate(depths), min_gain, calibration, min_goodput)
     return DepthDecision(*plan, problem.uniform_goodput, mode="latency", min_goodput=min_goodput,
                          floor_met=floor_met, held_back=held, calibration=calibration,
-                         ahead=problem.ahead_note(plan.depths))
+                         ahead=problem.ahead_note(plan.depths), context=problem.steps.context)
 
 
 def pinned_decision(alphas: Sequence[float], costs: CostModel, depth: int, *, max_depth: int = 0,
-                    limits: Sequence[int] | None = None, offer_rates: Sequence[float] | None = None
-                    ) -> DepthDecision:
+                    limits: Sequence[int] | None = None, offer_rates: Sequence[float] | None = None,
+                    contexts: Sequence[int] | None = None) -> DepthDecision:
     """Every sequence at `depth` (capped by `limits`), with uniform predictions up to max(depth, max_depth)."""
     if depth < 0:
         raise ValueError(f"depth must be >= 0, got {depth}")
-    problem = DepthProblem.of(alphas, costs, max(depth, max_depth), limits, offer_rates)
+    problem = DepthProblem.of(alphas, costs, max(depth, max_depth), limits, offer_rates, contexts)
     if problem is None:
         return _no_sequences(max(depth, max_depth))
-    return DepthDecision(*problem.evaluate(pinned_plan(problem, depth)), problem.uniform_goodput, mode="pinned")
+    return DepthDecision(*problem.evaluate(pinned_plan(problem, depth)), problem.uniform_goodput, mode="pinned",
+                         context=problem.steps.context)

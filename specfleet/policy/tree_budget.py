@@ -12,7 +12,7 @@ from functools import cached_property
 from operator import mul
 
 from specfleet.policy.acceptance import checked_offer_rates, tree_expected_emitted
-from specfleet.policy.costs import CostModel, price_step
+from specfleet.policy.costs import CostModel, context_note, mean_context, price_step
 from specfleet.policy.hurdle import HeldBack, apply_hurdle, calibration_note, check_hurdle
 
 
@@ -48,6 +48,8 @@ class TreeDecision:
     """Set when the best candidate gave way to the one that drafts nothing, its gain under the hurdle."""
     calibration: float = 1.0
     """The factor drafting's predicted gain was scaled by before the hurdle (1: as predicted)."""
+    context: int | None = None
+    """The batch's mean KV length per sequence the step was priced at (rounded up); None: not given."""
 
     @cached_property
     def reason(self) -> str:
@@ -67,12 +69,13 @@ class TreeDecision:
             reason += self.held_back.note("the best")
         if mean_nodes > 0:
             reason += calibration_note(self.calibration)
-        return reason
+        return reason + context_note(self.context)
 
 
 def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequence[Sequence[TreePlan]],
                      offer_rates: Sequence[float] | None = None, min_gain: float = 0.0,
-                     calibration: float = 1.0, later_sibling_alphas: Sequence[float] | None = None) -> TreeDecision:
+                     calibration: float = 1.0, later_sibling_alphas: Sequence[float] | None = None,
+                     contexts: Sequence[int] | None = None) -> TreeDecision:
     """The candidate (one `TreePlan` per sequence; the batch drafts one shape, fitted to each sequence's
     room) maximising predicted goodput, with offer rates m_i (all 1 when not given) and later siblings' rates
     beta_i (alpha_i when not given):
@@ -82,7 +85,8 @@ def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequ
 
     priced as `price_step` prices a depth plan: a tree of n nodes as a chain of n tokens. Ties go to the earlier
     candidate (list cheaper ones first). A candidate that drafts nothing wins unless the best beats it by
-    `min_gain` (see `DRAFT_HURDLE`), its gain first scaled by `calibration` (as in `choose_depths`).
+    `min_gain` (see `DRAFT_HURDLE`), its gain first scaled by `calibration` (as in `choose_depths`). `contexts`:
+    each sequence's KV length, priced at their mean as `choose_depths` prices them (None: the reference context).
     """
     if not candidates:
         raise ValueError("need at least one candidate plan")
@@ -98,7 +102,7 @@ def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequ
     if batch == 0:
         return TreeDecision(0, 0.0, 0.0)
     shapes = [([p.nodes for p in plans], max(p.levels for p in plans)) for plans in candidates]
-    steps = costs.step_costs(batch, max(max(*nodes, levels) for nodes, levels in shapes))
+    steps = costs.step_costs(batch, max(max(*nodes, levels) for nodes, levels in shapes), mean_context(contexts, batch))
     offered = sum(rates)
     goodputs, steps_ms = [], []
     best = 0
@@ -117,4 +121,5 @@ def choose_tree_plan(alphas: Sequence[float], costs: CostModel, candidates: Sequ
         if held is not None:
             best = plain
     budgets = tuple(sum(nodes) / batch for nodes, _ in shapes)
-    return TreeDecision(best, goodputs[best], steps_ms[best], budgets, tuple(goodputs), held, calibration)
+    return TreeDecision(best, goodputs[best], steps_ms[best], budgets, tuple(goodputs), held, calibration,
+                        steps.context)

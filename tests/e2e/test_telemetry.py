@@ -78,6 +78,30 @@ def test_samples_and_acceptance_round_trip(server: RedisServer) -> None:
         router.close()
 
 
+def test_latency_context_round_trips_and_entries_without_it_still_read(server: RedisServer) -> None:
+    target = TelemetryWriter(server.url, role="target", replica="t0", prefix="t6", flush_interval_s=0.05)
+    reader = TelemetryReader(server.url, prefix="t6")
+    client = redis.Redis.from_url(server.url)
+    try:
+        target.record_latency(4, 3.0, 41.5, context=2048.5)
+        target.record_latency(4, 3.0, 20.0)  # unknown context: written without the field
+        target.record_latency(2, 1.0, 3.0, role="overhead", context=0.0)
+        # An entry as a writer from before contexts were recorded wrote it.
+        client.xadd("t6:latency", {"role": "target", "replica": "t0", "batch": 8, "tokens": 5.0, "ms": 77.0})
+        assert _wait(lambda: len(reader.read().samples) == 4)
+        assert sorted(reader.read().samples, key=lambda s: s.ms) == [
+            CostSample("overhead", 2, 1.0, 3.0, 0.0), CostSample("target", 4, 3.0, 20.0),
+            CostSample("target", 4, 3.0, 41.5, 2048.5), CostSample("target", 8, 5.0, 77.0)]
+        fields = [f for _, f in client.xrange("t6:latency")]
+        assert {f[b"ms"]: f.get(b"context") for f in fields} == {b"41.5": b"2048.5", b"20.0": None, b"3.0": b"0.0",
+                                                                 b"77.0": None}
+        # What an older reader reads (the fields it knows) is there in every entry.
+        assert all({b"role", b"replica", b"batch", b"tokens", b"ms"} <= f.keys() for f in fields)
+    finally:
+        target.close()
+        client.close()
+
+
 def test_dead_replica_expires_and_its_samples_are_ignored(server: RedisServer) -> None:
     live = TelemetryWriter(server.url, role="target", replica="alive", prefix="t2", flush_interval_s=0.05,
                            heartbeat_ttl_s=0.6)

@@ -1,4 +1,4 @@
-"""The draft service: a thin gRPC adapter over a ``Drafter`` (ngram, model or llamacpp)."""
+"""The draft service: a thin gRPC adapter over a ``Drafter`` (ngram, model, llamacpp or sparse_self)."""
 
 from __future__ import annotations
 
@@ -112,17 +112,30 @@ def build_servicer(config: DraftConfig, otel: Otel | None = None) -> DraftServic
     if config.drafter == "llamacpp":
         return _build_llamacpp(config, telemetry, otel)
     from specfleet.drafters.model import ModelDrafter
+    from specfleet.drafters.sparse_self import SparseSelfDrafter
     from specfleet.engine import ModelRunner
+    from specfleet.engine.streaming import StreamingRunner, StreamingWindow
     from specfleet.models import load_tokenizer, resolve_model, tokenizer_fingerprint
 
     folder = resolve_model(config.model)
     device = config.resolved_device()
-    runner = ModelRunner.from_folder(folder, num_slots=config.num_slots, max_seq_len=config.max_seq_len,
-                                     device=device, dtype=config.dtype, prepack=config.cpu_prepack == "on")
+    engine = dict(num_slots=config.num_slots, max_seq_len=config.max_seq_len, device=device, dtype=config.dtype,
+                  prepack=config.cpu_prepack == "on")
+    drafter: ModelDrafter
+    if config.drafter == "sparse_self":
+        window = StreamingWindow(sinks=config.sparse_sinks, window=config.sparse_window)
+        runner = StreamingRunner.from_folder(folder, window=window, **engine)
+        drafter = SparseSelfDrafter(runner, top_k_pairs=config.top_k_pairs)
+        log.info("sparse_self drafter %s loaded on %s: %d slots of up to %d tokens, each attending to %d sink and "
+                 "%d recent tokens (%d cache entries a slot)", config.model, device, runner.num_slots,
+                 runner.max_seq_len, window.sinks, window.window, window.capacity)
+    else:
+        runner = ModelRunner.from_folder(folder, **engine)
+        drafter = ModelDrafter(runner, top_k_pairs=config.top_k_pairs)
+        log.info("model drafter %s loaded on %s: %d slots x %d tokens", config.model, device, runner.num_slots,
+                 runner.max_seq_len)
     runner.warm_up()
-    log.info("model drafter %s loaded on %s: %d slots x %d tokens", config.model, device, runner.num_slots,
-             runner.max_seq_len)
-    return DraftServicer(config, ModelDrafter(runner, top_k_pairs=config.top_k_pairs),
+    return DraftServicer(config, drafter,
                          vocab_size=runner.vocab_size, fingerprint=tokenizer_fingerprint(load_tokenizer(folder)),
                          max_seq_len=runner.max_seq_len, num_slots=runner.num_slots, telemetry=telemetry, otel=otel)
 

@@ -17,7 +17,7 @@ from specfleet.models import DEFAULT_MODEL
 from specfleet.policy import DRAFT_HURDLE
 from specfleet.trees.shapes import TREE_METHODS, TreeShape, parse_branching
 
-DRAFTER_KINDS = ("ngram", "model", "llamacpp")  # the drafters a draft service runs (specfleet.drafters)
+DRAFTER_KINDS = ("ngram", "model", "llamacpp", "sparse_self")  # the drafters a draft service runs (specfleet.drafters)
 ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # the engine's weight dtypes (specfleet.engine.runner)
 MAX_DEPTH = 16  # the most draft tokens per sequence per step anywhere in the fleet
 
@@ -112,11 +112,16 @@ class DraftConfig(EngineConfig):
     drafter: str = option("ngram", "how to draft: ngram (prompt lookup, no model), model (a small LM sharing the "
                           "target's tokenizer, given by --model) or llamacpp (a quantized GGUF model sharing the "
                           "target's tokenizer, run by llama.cpp on the CPU; --model is a preset or a .gguf file; needs "
-                          "specfleet[llamacpp])", choices=list(DRAFTER_KINDS))
+                          "specfleet[llamacpp]) or sparse_self (the target's own --model, each token attending only to "
+                          "the first --sparse-sinks tokens and the last --sparse-window: a draft whose cost does not "
+                          "grow with the context, for long prompts)", choices=list(DRAFTER_KINDS))
     top_k_pairs: int = option(64, "draft distribution sent per token as its top-K (token, prob) pairs")
     ngram_max: int = option(3, "ngram drafter: longest suffix to look up")
     ngram_min: int = option(2, "ngram drafter: shortest suffix to look up (a 1-token match drafts wrong more often "
                             "than right on open-ended text)")
+    sparse_sinks: int = option(16, "sparse_self drafter: the first tokens every draft token attends to (attention "
+                               "sinks)")
+    sparse_window: int = option(240, "sparse_self drafter: the most recent tokens every draft token attends to")
     threads: int = option(0, "llamacpp drafter: llama.cpp's threads, for single-token and batch decoding alike "
                           "(0: the cores this process may use, within its cgroup's CPU quota; fewer where other busy "
                           "processes share them, as llama.cpp's threads wait for each other at every layer)")
@@ -126,6 +131,8 @@ class DraftConfig(EngineConfig):
         _check(self.top_k_pairs >= 1, f"--top-k-pairs must be >= 1, got {self.top_k_pairs}")
         _check(1 <= self.ngram_min <= self.ngram_max, "need 1 <= --ngram-min <= --ngram-max")
         _check(self.threads >= 0, f"--threads must be >= 0, got {self.threads}")
+        _check(self.sparse_sinks >= 0, f"--sparse-sinks must be >= 0, got {self.sparse_sinks}")
+        _check(self.sparse_window >= 1, f"--sparse-window must be >= 1, got {self.sparse_window}")
 
 
 SERVICE_SCHEME = "k8s://"

@@ -26,6 +26,7 @@ log = logging.getLogger("specfleet.up")
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py's from_url accepts
 MODEL_DRAFTERS = ("model", "llamacpp")  # the drafters that run a model: --draft-model, else the target's --model
+SELF_DRAFTER = "sparse_self"  # drafts with the target's own --model
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,9 @@ class UpConfig:
         if self.redis_url and not self.redis_url.startswith(REDIS_SCHEMES):
             raise ValueError(f"--redis-url must start with {', '.join(REDIS_SCHEMES)}, got {self.redis_url!r}")
         if self.draft_model and self.drafter not in MODEL_DRAFTERS:
-            raise ValueError(f"--draft-model is for --drafter model or llamacpp (the {self.drafter} drafter has no "
-                             "model)")
+            raise ValueError(f"--draft-model is for --drafter model or llamacpp (the {self.drafter} drafter "
+                             + ("drafts with the target's own --model)" if self.drafter == SELF_DRAFTER else
+                                "has no model)"))
         router = self.services(self.redis_url, {}).router  # runs each service's own checks, before anything starts
         if not 1 <= self.max_new_tokens <= router.max_new_tokens_cap:
             raise ValueError(f"--max-new-tokens must be in [1, {router.max_new_tokens_cap}] (the router's cap), "
@@ -102,7 +104,8 @@ class UpConfig:
         """
         ports, metrics = self.ports, {role: metrics_ports.get(role, 0) for role in ("target", "draft", "router")}
         # An ngram draft has no model: it keeps the default, so its argv does not name one.
-        draft_model = (self.draft_model or self.model) if self.drafter in MODEL_DRAFTERS else DraftConfig.model
+        draft_model = (self.draft_model or self.model) if self.drafter in MODEL_DRAFTERS else (
+            self.model if self.drafter == SELF_DRAFTER else DraftConfig.model)
         return Services(
             target=TargetConfig(port=ports["target"], metrics_port=metrics["target"], redis_url=redis_url,
                                 log_level=self.log_level, model=self.model, device=self.device, dtype=self.dtype,
@@ -175,7 +178,7 @@ def up(config: UpConfig) -> int:
 def summary(services: Services, redis_url: str) -> str:
     """What is up and where: the lines printed once every part serves."""
     target, draft, router = services.target, services.draft, services.router
-    drafter = f"{draft.drafter} {draft.model}" if draft.drafter in MODEL_DRAFTERS else draft.drafter
+    drafter = f"{draft.drafter} {draft.model}" if draft.drafter in (*MODEL_DRAFTERS, SELF_DRAFTER) else draft.drafter
     scrape = ", ".join(f"{role} http://127.0.0.1:{config.metrics_port}/metrics"
                        for role, config in services.by_role().items() if config.metrics_port)
     http = f"\nOpenAI API: http://127.0.0.1:{router.http_port}/v1 (model {target.model!r})" if router.http_port else ""

@@ -95,3 +95,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, tiny_dr
         cluster.start("ngram", "draft", ["--drafter", "ngram", "--redis-url", cluster.redis_url])
         cluster.start("tiny", "draft", ["--drafter", "model", "--model", str(tiny_draft_dir), *slots])
         yield cluster
+
+
+SPARSE_WINDOW = 24
+"""The sparse_self draft's window in the end-to-end tests: shorter than every test prompt, so it slides."""
+
+
+@pytest.fixture(scope="session")
+def sparse_self_draft(cluster: Cluster, smollm2_dir: Path) -> str:
+    """A sparse_self draft over the target's own SmolLM2 weights (4 sinks, a `SPARSE_WINDOW`-token window) in the
+    shared cluster; its name there."""
+    if "sparse_self" not in cluster.addresses:
+        window = ["--sparse-sinks", "4", "--sparse-window", str(SPARSE_WINDOW)]
+        cluster.start("sparse_self", "draft", ["--drafter", "sparse_self", "--model", str(smollm2_dir), *window,
+                                               "--num-slots", "24", "--max-seq-len", "1024",
+                                               "--redis-url", cluster.redis_url])
+    return "sparse_self"

@@ -38,6 +38,16 @@ def engine_dtype(name: str | torch.dtype, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def load_model(folder: Path, *, device: str = "cpu", dtype: torch.dtype | str = "auto",
+               prepack: bool = True) -> LlamaForCausalLM:
+    """The model in ``folder`` in ``dtype`` (a torch dtype, a name in `DTYPES`, or ``auto``: see `engine_dtype`);
+    ``prepack`` (CPU only) adds oneDNN-packed linear weights for multi-token forwards (see `cpu_linear`)."""
+    model = LlamaForCausalLM.from_folder(folder, dtype=engine_dtype(dtype, device), device=device)
+    if prepack:
+        prepack_linears(model)
+    return model
+
+
 class UnknownSequenceError(KeyError):
     """The runner holds no (or too little) state for a sequence; the caller must resend it whole."""
 
@@ -108,9 +118,7 @@ class ModelRunner:
         """A runner over the model in ``folder`` in ``dtype`` (a torch dtype, a name in `DTYPES`, or ``auto``: see
         `engine_dtype`); ``prepack`` (CPU only) adds oneDNN-packed linear weights for multi-token forwards (see
         `specfleet.engine.cpu_linear`)."""
-        model = LlamaForCausalLM.from_folder(folder, dtype=engine_dtype(dtype, device), device=device)
-        if prepack:
-            prepack_linears(model)
+        model = load_model(folder, device=device, dtype=dtype, prepack=prepack)
         max_seq_len = min(max_seq_len, model.cfg.max_position_embeddings)
         return cls(model, num_slots=num_slots, max_seq_len=max_seq_len)
 
@@ -132,7 +140,19 @@ class ModelRunner:
 
     def cached_len(self, seq_id: str) -> int | None:
         slot = self._slots.get(seq_id)
-        return None if slot is None else self.cache.lengths[slot]
+        return None if slot is None else self._sequence_length(slot)
+
+    def _sequence_length(self, slot: int) -> int:
+        """Tokens of the sequence in ``slot``: here its cache entries, one per token."""
+        return self.cache.lengths[slot]
+
+    def _entry(self, slot: int, length: int) -> int:
+        """The cache entry of the sequence in ``slot`` that holds its token ``length``: here the same index."""
+        return length
+
+    def _roll_back(self, slot: int, rollback_to: int, new_tokens: int) -> None:
+        """Rolls the sequence in ``slot`` back to ``rollback_to`` tokens before ``new_tokens`` more are written."""
+        self.cache.truncate(slot, rollback_to)
 
     def can_extend(self, seq_id: str, rollback_to: int) -> bool:
         """Whether a call with this rollback point can be served without resending the sequence."""
@@ -163,7 +183,8 @@ class ModelRunner:
 
     def truncate(self, seq_id: str, length: int) -> None:
         self._leave_tree(seq_id, length)
-        self.cache.truncate(self._slots[seq_id], length)
+        slot = self._slots[seq_id]
+        self.cache.truncate(slot, self._entry(slot, length))
 
     def _leave_tree(self, seq_id: str, rollback_to: int) -> None:
         """A sequence ending with a draft tree may only roll back to the tree's prefix or before it."""
@@ -223,8 +244,8 @@ class ModelRunner:
         for r in requests:
             self._leave_tree(r.seq_id, r.rollback_to)
         slots = [self._acquire(r.seq_id, busy=set(ids)) for r in requests]
-        for r, slot in zip(requests, slots, strict=True):
-            self.cache.truncate(slot, r.rollback_to)
+        for r, slot, new in zip(requests, slots, new_lens, strict=True):
+            self._roll_back(slot, r.rollback_to, new)
         return slots
 
     def keep_path(self, seq_id: str, prefix_len: int, node_indices: list[int]) -> None:
@@ -239,7 +260,8 @@ class ModelRunner:
             if not 0 <= node < len(pending.parents) or pending.parents[node] != parent:
                 raise ValueError(f"{seq_id}: {node_indices} is not a path from the root of its draft tree")
             parent = node
-        self.cache.compact(self._slots[seq_id], prefix_len, node_indices)
+        slot = self._slots[seq_id]
+        self.cache.compact(slot, self._entry(slot, prefix_len), node_indices)
         del self._trees[seq_id]
 
     def _chain_group(self, requests: list[Extend], slots: list[int]) -> _Group:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SPARSE_WINDOW
 from prometheus_client.parser import text_string_to_metric_families
 
 from specfleet.client import make_request, stream
@@ -100,6 +101,16 @@ def test_greedy_with_a_llamacpp_draft_equals_plain_decoding(cluster, prompt_ids,
     assert _generate_all(address, prompt_ids) == plain == reference
 
 
+def test_greedy_with_a_sparse_self_draft_equals_plain_decoding(cluster, sparse_self_draft, prompt_ids,
+                                                                reference) -> None:
+    """The target's own weights over a sink + window cache draft for it; every prompt outgrows the window, so each
+    sequence's draft cache slides (and drafts get rejected) while the tokens stay the target's."""
+    assert min(len(ids) for ids in prompt_ids) > SPARSE_WINDOW
+    for depth in (4, "auto"):
+        address = cluster.router(f"router-sparse-self-{depth}", target="target", draft=sparse_self_draft, depth=depth)
+        assert _generate_all(address, prompt_ids) == reference
+
+
 def _drafts_ahead(metrics_port: int) -> dict[str, float]:
     """specfleet_drafts_ahead_total by outcome, from the router's /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
@@ -108,13 +119,15 @@ def _drafts_ahead(metrics_port: int) -> dict[str, float]:
 
 
 @pytest.mark.parametrize(("drafter", "depth"), [("ngram", 2), ("ngram", "auto"), ("tiny", 2), ("llamacpp", 3),
-                                                ("llamacpp", "auto")])
+                                                ("llamacpp", "auto"), ("sparse_self", 3)])
 def test_greedy_equals_target_alone_when_drafting_ahead(cluster, drafter: str, depth: int | str, prompt_ids,
-                                                         reference) -> None:
+                                                         reference, request) -> None:
     """Drafts made ahead while the target verifies are used when they came true and dropped when not: either way
     the tokens are the target's."""
     if drafter == "llamacpp":
         _start_llamacpp(cluster)
+    if drafter == "sparse_self":
+        request.getfixturevalue("sparse_self_draft")
     metrics_port = free_port()
     address = cluster.router(f"router-ahead-{drafter}-{depth}", target="target", draft=drafter, depth=depth,
                              extra=["--draft-ahead", "--metrics-port", str(metrics_port)])

@@ -10,6 +10,8 @@ import heapq
 
 import torch
 
+from specfleet.engine.memory import check_fits, kv_cache_bytes
+
 
 class CacheFullError(RuntimeError):
     """No free slot is left."""
@@ -34,6 +36,10 @@ class SlotKVCache:
     ) -> None:
         if num_slots < 1 or max_seq_len < 1:
             raise ValueError(f"need num_slots >= 1 and max_seq_len >= 1, got {num_slots}, {max_seq_len}")
+        needed = kv_cache_bytes(num_layers=num_layers, num_slots=num_slots, max_seq_len=max_seq_len,
+                                num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
+        check_fits(needed, torch.device(device), f"a KV cache of {num_slots} slots x {max_seq_len} tokens ({dtype})",
+                   "ask for fewer slots or shorter sequences (--num-slots, --max-seq-len)")
         shape = (num_slots, num_kv_heads, max_seq_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]

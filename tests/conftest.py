@@ -70,11 +70,13 @@ class Cluster:
         return address
 
     def router(self, name: str, *, target: str, draft: str | None, depth: int | str, extra: list[str] = (),
-               redis_url: str | None = None) -> str:
-        """A router on the session's Redis (or ``redis_url``), started on first use."""
+               redis_url: str | None = None, pools: list[str] = ()) -> str:
+        """A router on the session's Redis (or ``redis_url``), started on first use; ``pools``: several draft
+        pools instead of ``draft``, each named after its draft service (``--drafts name=address,...``)."""
         if name not in self.addresses:
-            self.start(name, "router", ["--targets", self.addresses[target], "--drafts",
-                                        self.addresses[draft] if draft else "", "--depth", str(depth),
+            drafts = (",".join(f"{pool}={self.addresses[pool]}" for pool in pools) if pools
+                      else self.addresses[draft] if draft else "")
+            self.start(name, "router", ["--targets", self.addresses[target], "--drafts", drafts, "--depth", str(depth),
                                         "--redis-url", redis_url or self.redis_url, *extra])
         return self.addresses[name]
 
@@ -97,8 +99,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, tiny_dr
         yield cluster
 
 
-SPARSE_WINDOW = 24
-"""The sparse_self draft's window in the end-to-end tests: shorter than every test prompt, so it slides."""
+SPARSE_WINDOW = 8
+"""The sparse_self draft's window in the end-to-end tests: shorter than most test prompts, so it slides."""
 
 
 @pytest.fixture(scope="session")

@@ -11,4 +11,3 @@ class SparseSelfDrafter(ModelDrafter):
     and trees alike, each sequence's draft cache bounded by ``runner.window.capacity`` entries whatever its length."""
 
     kind = "sparse_self"
-

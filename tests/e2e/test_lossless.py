@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import textwrap
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -101,14 +103,46 @@ def test_greedy_with_a_llamacpp_draft_equals_plain_decoding(cluster, prompt_ids,
     assert _generate_all(address, prompt_ids) == plain == reference
 
 
-def test_greedy_with_a_sparse_self_draft_equals_plain_decoding(cluster, sparse_self_draft, prompt_ids,
-                                                                reference) -> None:
-    """The target's own weights over a sink + window cache draft for it; every prompt outgrows the window, so each
-    sequence's draft cache slides (and drafts get rejected) while the tokens stay the target's."""
-    assert min(len(ids) for ids in prompt_ids) > SPARSE_WINDOW
+def test_greedy_with_a_sparse_self_draft_equals_plain_decoding(cluster, sparse_self_draft, prompt_ids, reference,
+                                                                smollm2_dir) -> None:
+    """The target's own weights over a sink + window cache draft for it: every prompt outgrows the window as it
+    generates, so each sequence's draft attention slides (and drafts get rejected); two long ones are prefilled in
+    chunks and outgrow the draft's storage, so their caches are trimmed while they generate. The tokens stay the
+    target's."""
+    long_ids = _long_prompts(smollm2_dir)
+    assert sum(len(ids) > 4 + SPARSE_WINDOW for ids in [*prompt_ids, *long_ids]) >= 8  # sinks + window
+    assert min(len(ids) for ids in prompt_ids) + MAX_NEW > 4 + SPARSE_WINDOW  # and all as they generate
+    assert min(len(ids) for ids in long_ids) > 4 + SPARSE_WINDOW + 48 + 80  # sinks + window + reach + chunk
+    plain = _generate_all(cluster.router("router-plain", target="target", draft=None, depth=0), long_ids)
     for depth in (4, "auto"):
         address = cluster.router(f"router-sparse-self-{depth}", target="target", draft=sparse_self_draft, depth=depth)
+        assert _generate_all(address, [*prompt_ids, *long_ids]) == [*reference, *plain]
+
+
+def _long_prompts(model_dir: Path) -> list[list[int]]:
+    """Two pieces of Python's own standard library, about 300 tokens each, to continue."""
+    tokenizer = load_tokenizer(model_dir)
+    texts = [Path(module.__file__).read_text()[:1200] for module in (textwrap, difflib)]
+    return [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+
+
+def test_greedy_with_two_draft_pools_equals_plain_decoding(cluster, sparse_self_draft, prompt_ids,
+                                                          reference) -> None:
+    """An n-gram pool and a sparse_self pool behind one router: each sequence drafts from the pool the policy
+    chooses for it, step by step, switching between them (each pool keeps its own session of it); the tokens stay
+    the target's."""
+    for depth in ("auto", 3):
+        address = cluster.router(f"router-two-pools-{depth}", target="target", draft=None, depth=depth,
+                                 pools=["ngram", sparse_self_draft])
         assert _generate_all(address, prompt_ids) == reference
+    reasons = _reasons(address, prompt_ids[:2])
+    assert all(reason.startswith("pinned drafters ") for reason in reasons), reasons
+
+
+def _reasons(address: str, prompts: list[list[int]]) -> list[str]:
+    """The depth reason each request's last stream message carries."""
+    return [list(stream(address, make_request(ids, max_new_tokens=8), timeout_s=300))[-1].stats.depth_reason
+            for ids in prompts]
 
 
 def _drafts_ahead(metrics_port: int) -> dict[str, float]:

@@ -12,7 +12,6 @@ import torch
 
 from specfleet.config import DraftConfig
 from specfleet.drafters import Drafter, DraftRequest, NgramDrafter
-from specfleet.drafters.base import attended_context
 from specfleet.otel import Otel, ServiceMetrics
 from specfleet.otel import setup as setup_otel
 from specfleet.protos import draft_pb2, draft_pb2_grpc, session_pb2
@@ -67,8 +66,11 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         compute_ms = (time.perf_counter() - started) * 1000
         self.metrics.record_batch(compute_ms / 1000)
         if self.telemetry is not None and requests and not any(is_prefill(r.new_tokens) for r in requests):
-            context = sum(attended_context(self.drafter, r.position) for r in requests) / len(requests)
-            self.telemetry.record_latency(len(requests), max(r.depth for r in requests), compute_ms, context=context)
+            # The sequences' own lengths, whatever the drafter reads of them: how its cost grows with them (a window
+            # + sink draft's does not) is for the cost model to measure, and the router prices at those lengths.
+            context = sum(r.position for r in requests) / len(requests)
+            self.telemetry.record_latency(len(requests), max(r.depth for r in requests), compute_ms, context=context,
+                                          drafter=self.drafter.kind)
         return draft_pb2.ProposeResponse(
             compute_ms=compute_ms,
             proposals=[draft_pb2.Proposal(

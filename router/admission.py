@@ -156,7 +156,7 @@ class Router:
             seed=request.seed if request.seed is not None else secrets.randbits(63),
             max_new_tokens=max_new, eos_ids=self.eos_ids, ignore_eos=request.ignore_eos,
             detokenizer=IncrementalDetokenizer(self.tokenizer), stops=StopMatcher(list(request.stop)),
-            draft=self.fleet.pick_draft(), admitted_at=arrived,
+            sessions=self.fleet.pin_drafts(), strategy=self.fleet.first_pool, admitted_at=arrived,
             owner=Access.caller(bearer(dict(metadata or ()).get(AUTHORIZATION))))
         seq.span = self.metrics.start_request(request_id, len(prompt), metadata)
         self.requests[request_id] = seq

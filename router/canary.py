@@ -102,7 +102,7 @@ class Canary:
                 request_id=f"canary-{replay.request_id}", seq_id=f"{seq_id}-canary-{self._counter}",
                 tokens=list(replay.prompt), prompt_len=len(replay.prompt), sampling=SamplingParams(), seed=0,
                 max_new_tokens=len(replay.answer), eos_ids=replay.eos_ids, ignore_eos=replay.ignore_eos,
-                detokenizer=IncrementalDetokenizer(self.tokenizer), stops=StopMatcher([]), draft=None)
+                detokenizer=IncrementalDetokenizer(self.tokenizer), stops=StopMatcher([]))
             self.place(plain)  # no draft: plain decoding
             again = await asyncio.wait_for(_answer(plain), self.timeout_s)
         except (TimeoutError, ConnectionError) as err:

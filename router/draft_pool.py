@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from router.live_request import LiveRequest
+from router.live_request import DRAFT_POOL, LiveRequest
 from router.replicas import DraftReplica, ReplicaError, ReplicaGone, release_on
 from specfleet.otel import RouterMetrics
 from specfleet.speculation import (
@@ -48,7 +48,9 @@ class DraftCall:
 
 
 class DraftPool:
-    def __init__(self, timeout_ms: float, retry_s: float, metrics: RouterMetrics) -> None:
+    def __init__(self, timeout_ms: float, retry_s: float, metrics: RouterMetrics, name: str = DRAFT_POOL) -> None:
+        """``name``: the pool's, whose session of each sequence (`LiveRequest.sessions`) it drafts and releases."""
+        self.name = name
         self.timeout_ms = timeout_ms
         self.retry_s = retry_s
         self.metrics = metrics
@@ -56,7 +58,8 @@ class DraftPool:
         self._drafted: dict[str, tuple[int, int]] = {}
 
     def room(self, seq: LiveRequest) -> int | None:
-        draft = seq.draft
+        session = seq.sessions.get(self.name)
+        draft = None if session is None else session.replica
         if draft is None or not draft.available:
             return 0
         if draft.info is not None and draft.info.max_seq_len:
@@ -91,12 +94,15 @@ class DraftPool:
         self._drafted = {}
 
     async def release(self, seqs: list[LiveRequest]) -> None:
-        """Unpins finished sequences from their drafts (which then take new ones first) and frees them there."""
-        drafts = {s.draft.address: s.draft for s in seqs if s.draft is not None}
-        for seq in seqs:
-            if seq.draft is not None:
-                seq.draft.assigned -= 1
-        await asyncio.gather(*(release_on(d.link, [s.seq_id for s in seqs if s.draft is d]) for d in drafts.values()))
+        """Unpins finished sequences from their drafts in this pool (which then take new ones first) and frees them
+        there."""
+        pinned = [(s.seq_id, session.replica) for s in seqs
+                  if (session := s.sessions.get(self.name)) is not None and session.replica is not None]
+        drafts = {draft.address: draft for _, draft in pinned}
+        for _, draft in pinned:
+            draft.assigned -= 1
+        await asyncio.gather(*(release_on(d.link, [seq_id for seq_id, draft in pinned if draft is d])
+                               for d in drafts.values()))
 
     async def _propose_on(self, draft: DraftReplica, calls: list[DraftCall]) -> SessionReply[Proposal]:
         try:

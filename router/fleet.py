@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from collections.abc import Sequence as Seq
 
 import grpc
@@ -24,7 +25,7 @@ from router.discovery import PoolWatcher
 from router.draft_ahead import DraftAhead
 from router.draft_link import GrpcDraftLink
 from router.draft_pool import DraftPool
-from router.live_request import DRAFT_POOL, LiveRequest
+from router.live_request import DRAFT_POOL, DraftSession, LiveRequest
 from router.loop import StepLoop
 from router.observers import MetricsExporter, TelemetryExporter
 from router.planner import Planner
@@ -53,20 +54,22 @@ def connect_target(address: str, interceptors: Seq[grpc.aio.ClientInterceptor] =
     return TargetReplica(address, GrpcTargetLink(address, interceptors))
 
 
-def connect_draft(address: str, interceptors: Seq[grpc.aio.ClientInterceptor] = ()) -> DraftReplica:
-    return DraftReplica(address, GrpcDraftLink(address, interceptors))
+def connect_draft(address: str, pool: str = DRAFT_POOL, interceptors: Seq[grpc.aio.ClientInterceptor] = ()
+                  ) -> DraftReplica:
+    return DraftReplica(address, GrpcDraftLink(address, interceptors), pool=pool)
 
 
 def step_loop_for(target: TargetReplica, config: RouterConfig, feed: PolicyFeed, telemetry: TelemetryWriter | None,
                   metrics: RouterMetrics, on_draining: Callable[[str], None] | None = None) -> StepLoop:
-    """The step loop of one target replica (which has answered GetInfo), wired to its ports: the draft pool as
-    its strategy, the target behind a verifier, the policy behind a planner, and the step's observers."""
+    """The step loop of one target replica (which has answered GetInfo), wired to its ports: each draft pool as a
+    strategy, the target behind a verifier, the policy behind a planner, and the step's observers."""
     assert target.info is not None
     audit = PredictionAudit()
     # With --calibration-half-life 0 the policy takes its predictions as they are.
     calibration = Calibration(config.calibration_half_life) if config.calibration_half_life else None
-    pool = DraftPool(config.draft_timeout_ms, config.draft_retry_s, metrics)
-    strategies = Strategies({DRAFT_POOL: DraftAhead(pool, metrics) if config.draft_ahead else pool})
+    strategies = Strategies({name: DraftAhead(pool, metrics) if config.draft_ahead else pool
+                             for name in (config.draft_pools or [DRAFT_POOL])
+                             for pool in [DraftPool(config.draft_timeout_ms, config.draft_retry_s, metrics, name)]})
     planner = Planner(config, feed, strategies, target.address, target.info.max_seq_len, audit, calibration)
     observers: list[StepObserver] = [audit, MetricsExporter(metrics)]
     if calibration is not None:
@@ -149,33 +152,52 @@ class Fleet:
         self._give_ups[seq.seq_id] = asyncio.get_running_loop().call_later(self.config.target_wait_s,
                                                                             self._give_up, seq)
 
-    def pick_draft(self) -> DraftReplica | None:
-        if not self.config.speculates or not self.drafts:
+    @property
+    def pools(self) -> list[str]:
+        """The draft pools' names, in the order --drafts gives them (none without speculation)."""
+        return list(self.config.draft_pools) if self.config.speculates else []
+
+    @property
+    def first_pool(self) -> str:
+        """The pool a new request drafts from until the policy chooses (the first given)."""
+        return next(iter(self.pools), DRAFT_POOL)
+
+    def pick_draft(self, pool: str = DRAFT_POOL) -> DraftReplica | None:
+        """The least loaded available replica of ``pool``, which a new sequence pins to (None: the pool has none)."""
+        drafts = [d for d in self.drafts if d.pool == pool]
+        if not self.config.speculates or not drafts:
             return None
-        draft = min(self.drafts, key=lambda d: (not d.available, d.assigned))
+        draft = min(drafts, key=lambda d: (not d.available, d.assigned))
         draft.assigned += 1
         return draft
 
+    def pin_drafts(self) -> dict[str, DraftSession]:
+        """A new sequence's session on each draft pool: pinned to the least loaded replica of each."""
+        return {pool: DraftSession(self.pick_draft(pool)) for pool in self.pools}
+
     # -- start and follow -------------------------------------------------------------------------
 
-    async def start(self, targets: PoolWatcher, drafts: PoolWatcher | None, connect_timeout_s: float) -> None:
+    async def start(self, targets: PoolWatcher, drafts: Mapping[str, PoolWatcher], connect_timeout_s: float) -> None:
         """Connects to the first targets and drafts discovery reports (waiting for a first target), refusing to
-        start if one does not answer or does not share the tokenizer; then follows both pools."""
+        start if one does not answer or does not share the tokenizer; then follows the target pool and each draft
+        pool (``drafts``, by pool name)."""
         target_sets = aiter(targets.addresses())
         first = await anext(target_sets, frozenset())
         while not first:
             log.info("waiting for a ready target in %s", targets.pool)
             first = await anext(target_sets)
-        draft_sets = aiter(drafts.addresses()) if drafts is not None else None
-        first_drafts = await anext(draft_sets, frozenset()) if draft_sets is not None else frozenset()
+        draft_sets = {pool: aiter(watcher.addresses()) for pool, watcher in drafts.items()}
+        first_drafts = {pool: await anext(sets, frozenset()) for pool, sets in draft_sets.items()}
 
         joined_targets = [connect_target(a, self.interceptors) for a in sorted(first)]
-        joined_drafts = [connect_draft(a, self.interceptors) for a in sorted(first_drafts)]
+        joined_drafts = [connect_draft(a, pool, self.interceptors) for pool, addresses in first_drafts.items()
+                         for a in sorted(addresses)]
         replicas: list[TargetReplica | DraftReplica] = [*joined_targets, *joined_drafts]
         infos = await asyncio.gather(*(r.link.info(connect_timeout_s) for r in replicas))
         for replica, info in zip(replicas, infos, strict=True):
             replica.info = info
-            log.info("%s at %s: model %r, %d slots x %d tokens", info.kind, replica.address, info.model,
+            pool = f" (draft pool {replica.pool})" if isinstance(replica, DraftReplica) and len(drafts) > 1 else ""
+            log.info("%s at %s%s: model %r, %d slots x %d tokens", info.kind, replica.address, pool, info.model,
                      info.num_slots, info.max_seq_len)
         check_compatible(joined_targets, joined_drafts)
         self.reference = joined_targets[0]
@@ -184,8 +206,8 @@ class Fleet:
             self._add_target(target)
         self.drafts.extend(joined_drafts)
         self._spawn(self._follow(target_sets, self._reconcile_targets))
-        if draft_sets is not None:
-            self._spawn(self._follow(draft_sets, self._reconcile_drafts))
+        for pool, sets in draft_sets.items():
+            self._spawn(self._follow(sets, functools.partial(self._reconcile_drafts, pool)))
 
     async def stop(self) -> None:
         tasks = [*self._runs.values(), *self._joining_targets.values(), *self._joining_drafts.values(),
@@ -327,40 +349,54 @@ class Fleet:
 
     # -- drafts -----------------------------------------------------------------------------------
 
-    async def _reconcile_drafts(self, wanted: frozenset[str]) -> None:
-        self._refused_drafts &= wanted
-        known = {d.address for d in self.drafts}
-        for address in sorted(wanted - known - self._joining_drafts.keys() - self._refused_drafts):
-            self._join(self._joining_drafts, address, self._join_draft(address))
-        for address in sorted(self._joining_drafts.keys() - wanted):
-            self._joining_drafts.pop(address).cancel()
-        for draft in [d for d in self.drafts if d.address not in wanted]:
+    async def _reconcile_drafts(self, pool: str, wanted: frozenset[str]) -> None:
+        """Draft pool ``pool`` now holds ``wanted``. Joining and refused drafts are keyed "pool=address"."""
+        wanted_keys = {f"{pool}={address}" for address in wanted}
+        self._refused_drafts -= {k for k in self._refused_drafts if k.startswith(f"{pool}=")} - wanted_keys
+        known = {f"{d.pool}={d.address}" for d in self.drafts}
+        for address in sorted(wanted):
+            key = f"{pool}={address}"
+            if key not in known | self._joining_drafts.keys() | self._refused_drafts:
+                self._join(self._joining_drafts, key, self._join_draft(pool, address))
+        for key in sorted(k for k in self._joining_drafts if k.startswith(f"{pool}=") and k not in wanted_keys):
+            self._joining_drafts.pop(key).cancel()
+        for draft in [d for d in self.drafts if d.pool == pool and d.address not in wanted]:
             self._remove_draft(draft)
 
-    async def _join_draft(self, address: str) -> None:
-        draft = connect_draft(address, self.interceptors)
+    async def _join_draft(self, pool: str, address: str) -> None:
+        draft = connect_draft(address, pool, self.interceptors)
         if not await self._introduce(draft):
             return
         self.drafts.append(draft)
-        unpinned = [s for s in self._sequences() if s.draft is None] if self.config.speculates else []
-        for seq in unpinned:
-            seq.draft, seq.draft_cached = self.pick_draft(), 0
-        log.info("draft %s joined: %d draft(s)%s", address, len(self.drafts),
+        unpinned = [session for s in self._sequences() if (session := s.sessions.get(pool)) is not None
+                    and session.replica is None] if self.config.speculates else []
+        for session in unpinned:
+            session.replica, session.cached = self.pick_draft(pool), 0
+        log.info("draft %s joined%s: %d draft(s)%s", address, self._pool_note(pool), len(self._pool(pool)),
                  f"; {len(unpinned)} sequence(s) draft on it" if unpinned else "")
 
     def _remove_draft(self, draft: DraftReplica) -> None:
         self.drafts.remove(draft)
-        pinned = [s for s in self._sequences() if s.draft is draft]
-        for seq in pinned:
+        pinned = [(s, session) for s in self._sequences()
+                  if (session := s.sessions.get(draft.pool)) is not None and session.replica is draft]
+        for _, session in pinned:
             # The new draft re-prefills from the tokens; a step under way that still reports the old draft's cache
             # length is corrected by the new draft answering "unknown sequence".
-            seq.draft, seq.draft_cached = self.pick_draft(), 0
+            session.replica, session.cached = self.pick_draft(draft.pool), 0
         if pinned:
             self.metrics.record_reprefills("draft", len(pinned))
-        where = (f"{len(pinned)} sequence(s) moved to the other {len(self.drafts)} draft(s)" if self.drafts
+        others = len(self._pool(draft.pool))
+        where = (f"{len(pinned)} sequence(s) moved to the other {others} draft(s)" if others
                  else f"no draft left: {len(pinned)} sequence(s) run at depth 0")
-        log.warning("draft %s left; %s", draft.address, where)
-        self._spawn(self._close(draft, [s.seq_id for s in pinned]))
+        log.warning("draft %s left%s; %s", draft.address, self._pool_note(draft.pool), where)
+        self._spawn(self._close(draft, [s.seq_id for s, _ in pinned]))
+
+    def _pool(self, pool: str) -> list[DraftReplica]:
+        return [d for d in self.drafts if d.pool == pool]
+
+    def _pool_note(self, pool: str) -> str:
+        """" in draft pool P" when the router has several, so a log line says which."""
+        return f" in draft pool {pool}" if len(self.pools) > 1 else ""
 
     # -- joining and leaving ----------------------------------------------------------------------
 
@@ -391,7 +427,10 @@ class Fleet:
                              else [replica])
         except ValueError as err:
             log.error("not using %s: %s", replica.address, err)
-            (self._refused_targets if is_target else self._refused_drafts).add(replica.address)
+            if is_target:
+                self._refused_targets.add(replica.address)
+            else:
+                self._refused_drafts.add(f"{replica.pool}={replica.address}")
             await replica.link.close()
             return False
         except asyncio.CancelledError:

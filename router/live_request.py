@@ -14,11 +14,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.text import IncrementalDetokenizer, StopMatcher
+from specfleet.config import DEFAULT_DRAFT_POOL
 from specfleet.sampling_params import SamplingParams
 from specfleet.stats import RequestStats, SpeculationSummary
 
-DRAFT_POOL = "draft-pool"
-"""The strategy every request drafts with today: a separate drafter from the draft pool (`router.draft_pool`)."""
+DRAFT_POOL = DEFAULT_DRAFT_POOL
+"""The strategy of a router given one draft pool: a separate drafter from that pool (`router.draft_pool`). A router
+given several names each one's strategy after its pool."""
+
+
+@dataclass
+class DraftSession:
+    """A request's session on one draft pool: the replica of the pool it is pinned to (None: none there), and how
+    many leading tokens of the request that replica holds (0: send everything)."""
+
+    replica: Any = None  # a router.replicas.DraftReplica
+    cached: int = 0
 
 
 class FinishReason(enum.Enum):
@@ -67,11 +78,12 @@ class LiveRequest:
     stats: RequestStats = field(default_factory=RequestStats)
     # How many leading tokens of ``tokens`` each service holds in its cache (0: send everything).
     target_cached: int = 0
-    draft_cached: int = 0
     moves: int = 0  # times it moved to another target (its own failed or left)
     owner: str = ""  # who started it (`specfleet.security.Access.caller`): only they, or an admin, may abort it
-    draft: Any = None  # the DraftReplica this request is pinned to, if any
-    strategy: str = DRAFT_POOL  # where its drafts come from (see router.strategies)
+    # Its session on each draft pool it may draft from, by pool name; ``draft`` and ``draft_cached`` are the session
+    # of the one it drafts from this step.
+    sessions: dict[str, DraftSession] = field(default_factory=dict)
+    strategy: str = DRAFT_POOL  # where its drafts come from this step (see router.strategies)
     finish_reason: FinishReason | None = None
     cancelled: bool = False  # the client went away: stop quietly
     error: StreamError | None = None  # what failed it, if something did
@@ -82,6 +94,26 @@ class LiveRequest:
     first_token_at: float = 0.0
     last_token_at: float = 0.0
     span: Any = None
+
+    @property
+    def draft(self) -> Any:
+        """The draft replica it is pinned to in the pool it drafts from this step (None: none)."""
+        session = self.sessions.get(self.strategy)
+        return None if session is None else session.replica
+
+    @draft.setter
+    def draft(self, replica: Any) -> None:
+        self.sessions.setdefault(self.strategy, DraftSession()).replica = replica
+
+    @property
+    def draft_cached(self) -> int:
+        """Leading tokens that replica holds."""
+        session = self.sessions.get(self.strategy)
+        return 0 if session is None else session.cached
+
+    @draft_cached.setter
+    def draft_cached(self, cached: int) -> None:
+        self.sessions.setdefault(self.strategy, DraftSession()).cached = cached
 
     @property
     def generated(self) -> list[int]:

@@ -122,7 +122,7 @@ class StepLoop:
                 continue
             kept = seq.commit(verdict.tokens, self.max_context)
             step = SequenceStep.of(plan.draft(seq.seq_id).tokens, proposals.get(seq.seq_id), verdict, len(kept))
-            seq.stats.observe(step, plan.reason)
+            seq.stats.observe(step, plan.reason, seq.strategy)
             committed.append(Committed(seq, kept, step))
         return committed
 

@@ -15,9 +15,13 @@ from router.live_request import LiveRequest
 from router.policy_feed import PolicyFeed
 from router.ports import Proposer
 from router.prediction_audit import Calibration, PredictionAudit
+from router.strategies import Strategies
 from specfleet.config import RouterConfig
 from specfleet.policy import DepthDecision, TreeDecision, TreePlan
+from specfleet.policy.depth_policy import PoolCounts
+from specfleet.policy.drafter_choice import PoolDecision
 from specfleet.speculation import DraftPlan, StepPlan, is_prefill
+from specfleet.stats import AcceptanceCounts
 from specfleet.trees.shapes import TreeShape, chain_shape
 
 log = logging.getLogger("specfleet.router")
@@ -36,13 +40,16 @@ class Planner:
         self.max_context = max_context
         self.audit = audit
         self.calibration = calibration
+        self.pools = list(config.draft_pools) if config.speculates else []
         self._last_log = 0.0
 
     def plan(self, batch: list[LiveRequest]) -> StepPlan:
         """The policy's depths, or with --tree the tree shapes, within the room each sequence has left."""
         calibration = 1.0 if self.calibration is None else self.calibration.factor(len(batch))
         shape = self.config.tree_shape
-        if shape is None:
+        if len(self.pools) > 1:  # several draft pools: a pool and a depth per sequence (chains only)
+            plan = self._pools(batch, calibration)
+        elif shape is None:
             decision = self.feed.policy.choose([_first_tries(s) for s in batch], [self.depth_room(s) for s in batch],
                                                [_offers(s) for s in batch], calibration, _contexts(batch))
             plan = StepPlan({s.seq_id: DraftPlan(d) for s, d in zip(batch, decision.depths, strict=True)},
@@ -54,18 +61,23 @@ class Planner:
         self._log(len(batch), plan.reason)
         return plan
 
-    def depth_room(self, seq: LiveRequest) -> int:
-        """Most draft tokens ``seq`` can use: what its request, the target's cache and its strategy allow."""
+    def depth_room(self, seq: LiveRequest, pool: str | None = None) -> int:
+        """Most draft tokens ``seq`` can use: what its request, the target's cache and its strategy (or the draft
+        pool ``pool``'s) allow."""
         limits = [self.config.max_depth, seq.max_new_tokens - (len(seq.tokens) - seq.prompt_len) - 1,
                   self.max_context - len(seq.tokens)]
-        return self._within(seq, limits)
+        return self._within(seq, limits, pool)
 
     def node_room(self, seq: LiveRequest) -> int:
         """Most tree nodes ``seq`` can use: the budget, and what the caches can hold after its tokens."""
         return self._within(seq, [self.config.max_tree_nodes, self.max_context - len(seq.tokens)])
 
-    def _within(self, seq: LiveRequest, limits: list[int]) -> int:
-        room = self.strategies.room(seq)
+    def _within(self, seq: LiveRequest, limits: list[int], pool: str | None = None) -> int:
+        if pool is None:
+            room = self.strategies.room(seq)
+        else:
+            assert isinstance(self.strategies, Strategies), "several draft pools need router.strategies.Strategies"
+            room = self.strategies.room(seq, pool)
         if room is not None:
             limits.append(room)
         return max(0, min(limits))
@@ -99,6 +111,19 @@ class Planner:
         return StepPlan({s.seq_id: _tree_plan(fitted) for s, fitted in zip(batch, per_seq[0], strict=True)}, reason,
                         *predicted)
 
+    def _pools(self, batch: list[LiveRequest], calibration: float) -> StepPlan:
+        """Each sequence's draft pool and depth, by the policy (`DepthPolicy.choose_pools`), from each pool's
+        drafter costs and each sequence's own acceptance with each pool; the sequence drafts from its pool this step
+        (its ``strategy``)."""
+        pools = [PoolCounts(pool, _pool_kind(batch, pool),
+                            [_first_tries(s, pool) for s in batch], [_offers(s, pool) for s in batch],
+                            [self.depth_room(s, pool) for s in batch]) for pool in self.pools]
+        decision = self.feed.policy.choose_pools(pools, calibration, _contexts(batch))
+        for seq, pool in zip(batch, decision.pools, strict=True):
+            seq.strategy = pool
+        return StepPlan({s.seq_id: DraftPlan(d) for s, d in zip(batch, decision.depths, strict=True)},
+                        decision.reason, *_predictions(decision))
+
     def _prefills(self, batch: list[LiveRequest], plan: StepPlan) -> bool:
         """Whether the step (re)sends some sequence's whole prompt, read before the step moves the caches on."""
         return any(is_prefill(s.tokens[s.target_cached:]) or (
@@ -123,13 +148,25 @@ def _tree_plan(fitted: TreeShape | None) -> DraftPlan:
     return DraftPlan(fitted.levels, None if fitted.is_chain else fitted)  # a chain stays a chain on the wire
 
 
-def _first_tries(seq: LiveRequest) -> tuple[int, int]:
-    """(accepted, rejected) first tries: what the policy's acceptance estimate counts."""
-    return seq.stats.acceptance.first_accepted, seq.stats.acceptance.rejections
+def _first_tries(seq: LiveRequest, pool: str | None = None) -> tuple[int, int]:
+    """(accepted, rejected) first tries: what the policy's acceptance estimate counts (with draft pool ``pool``'s
+    drafter only, when given)."""
+    counts = seq.stats.acceptance if pool is None else seq.stats.by_pool.get(pool, AcceptanceCounts())
+    return counts.first_accepted, counts.rejections
 
 
-def _offers(seq: LiveRequest) -> tuple[int, int]:
-    return seq.stats.acceptance.offers, seq.stats.acceptance.misses
+def _offers(seq: LiveRequest, pool: str | None = None) -> tuple[int, int]:
+    counts = seq.stats.acceptance if pool is None else seq.stats.by_pool.get(pool, AcceptanceCounts())
+    return counts.offers, counts.misses
+
+
+def _pool_kind(batch: list[LiveRequest], pool: str) -> str:
+    """The drafter kind of ``pool``, as its replicas said (GetInfo); the pool's name until one has."""
+    for seq in batch:
+        session = seq.sessions.get(pool)
+        if session is not None and session.replica is not None and session.replica.info is not None:
+            return session.replica.info.kind
+    return pool
 
 
 def _contexts(batch: list[LiveRequest]) -> list[int]:
@@ -138,6 +175,6 @@ def _contexts(batch: list[LiveRequest]) -> list[int]:
     return [len(s.tokens) for s in batch]
 
 
-def _predictions(decision: DepthDecision | TreeDecision) -> tuple[float, float]:
+def _predictions(decision: DepthDecision | TreeDecision | PoolDecision) -> tuple[float, float]:
     """A decision's predicted step time and tokens emitted, as `StepPlan` keeps them for the audit."""
     return decision.step_ms, decision.goodput * decision.step_ms / 1000.0

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from specfleet.config import DEFAULT_DRAFT_POOL
+
 if TYPE_CHECKING:
     from router.ports import DraftLink, TargetLink
 
@@ -63,6 +65,7 @@ class DraftReplica:
     link: DraftLink
     info: ReplicaInfo | None = None
     assigned: int = 0  # live sequences pinned here
+    pool: str = DEFAULT_DRAFT_POOL  # the draft pool it serves (`RouterConfig.draft_pools`)
     unavailable_until: float = 0.0
     last_error: str = field(default="", repr=False)
 

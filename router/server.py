@@ -169,7 +169,7 @@ async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0, o
     # Trace context goes into the Propose/Verify calls.
     fleet = Fleet(config, feed, writer, metrics, [*token_senders(config.internal_token_file),
                                                    *otel.client_interceptors()])
-    drafts = watcher_for(config.draft_pool) if config.speculates else None
+    drafts = {name: watcher_for(pool) for name, pool in config.draft_pools.items()} if config.speculates else {}
     await fleet.start(watcher_for(config.target_pool), drafts, connect_timeout_s)
     reference = fleet.reference.info
     tokenizer = load_tokenizer(resolve_model(config.tokenizer or reference.model))
@@ -183,6 +183,13 @@ async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0, o
     return router
 
 
+def _describe_pools(config: RouterConfig) -> str:
+    pools = config.draft_pools
+    if len(pools) == 1:
+        return str(next(iter(pools.values())))
+    return f"{len(pools)} pools (" + ", ".join(f"{name}={pool}" for name, pool in pools.items()) + ")"
+
+
 async def run(config: RouterConfig) -> None:
     # Secrets and certificates first: a file that cannot be read stops the router before it connects to anything.
     access = Access.from_files(config.api_key_file, config.admin_key_file)
@@ -194,7 +201,7 @@ async def run(config: RouterConfig) -> None:
     how = (f"chosen each step by the {config.policy_mode} policy (up to {config.max_depth})"
            if config.pinned_depth is None else f"pinned at {config.pinned_depth}")
     log.info("speculation depth %s; %d target(s) from %s, %d draft(s) from %s; %s", how, len(router.fleet.loops),
-             config.target_pool, len(router.fleet.drafts), config.draft_pool if config.speculates else "none",
+             config.target_pool, len(router.fleet.drafts), _describe_pools(config) if config.speculates else "none",
              f"{len(keys)} API key(s)" if keys else "no API key needed")
 
     def register(server: grpc.aio.Server) -> list[str]:

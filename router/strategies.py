@@ -26,9 +26,10 @@ class Strategies:
             raise ValueError("need at least one speculation strategy")
         self.strategies = dict(strategies)
 
-    def room(self, seq: LiveRequest) -> int | None:
-        strategy = self.strategies.get(seq.strategy)
-        return 0 if strategy is None else strategy.room(seq)
+    def room(self, seq: LiveRequest, strategy: str | None = None) -> int | None:
+        """As `Proposer.room`, with ``strategy`` (its own when None), whichever it drafts with now."""
+        found = self.strategies.get(seq.strategy if strategy is None else strategy)
+        return 0 if found is None else found.room(seq)
 
     async def propose(self, batch: list[LiveRequest], plan: StepPlan) -> Proposals:
         groups = self._groups(batch)
@@ -44,7 +45,10 @@ class Strategies:
             self.strategies[name].settle(seqs, verdicts)
 
     async def release(self, seqs: list[LiveRequest]) -> None:
-        await asyncio.gather(*(self.strategies[name].release(group) for name, group in self._groups(seqs).items()))
+        """Every strategy forgets the finished sequences it may hold: each that drafted in a pool keeps a session
+        there whichever strategy it used last."""
+        groups = {name: [s for s in seqs if name == s.strategy or name in s.sessions] for name in self.strategies}
+        await asyncio.gather(*(self.strategies[name].release(group) for name, group in groups.items() if group))
 
     def _groups(self, seqs: list[LiveRequest]) -> dict[str, list[LiveRequest]]:
         groups: dict[str, list[LiveRequest]] = {}

@@ -188,6 +188,35 @@ def parse_pool(text: str, flag: str) -> Pool:
     return StaticPool(addresses)
 
 
+DEFAULT_DRAFT_POOL = "draft-pool"
+"""The name of the one draft pool a router is given without names (``--drafts host:port``)."""
+_POOL_NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")
+DRAFT_POOLS_SYNTAX = ("one pool as for --targets, or several of different kinds as name=POOL entries, e.g. "
+                      "ngram=127.0.0.1:50051,sparse_self=127.0.0.1:50053 (entries sharing a name form one pool; "
+                      "the depth policy then chooses each sequence's pool every step)")
+
+
+def parse_draft_pools(text: str, flag: str = "--drafts") -> dict[str, Pool]:
+    """``--drafts`` as named pools: ``host:port,...`` (or one ``k8s://`` pool) is one pool, `DEFAULT_DRAFT_POOL`;
+    ``name=POOL,name=POOL,...`` several, in the order first named; empty: none. Raises ValueError naming ``flag``."""
+    entries = [e.strip() for e in text.split(",") if e.strip()]
+    if not entries:
+        return {}
+    named = ["=" in e for e in entries]
+    if not any(named):
+        return {DEFAULT_DRAFT_POOL: parse_pool(text, flag)}
+    _check(all(named), f"{flag} {text!r}: name every pool (name=host:port) or none")
+    groups: dict[str, list[str]] = {}
+    for entry in entries:
+        name, _, pool = entry.partition("=")
+        name = name.strip()
+        _check(_POOL_NAME.fullmatch(name) is not None, f"{flag}: pool name {name!r} must be a lowercase letter "
+               "followed by up to 39 lowercase letters, digits, '-' or '_'")
+        _check(bool(pool.strip()), f"{flag}: pool {name!r} has no address")
+        groups.setdefault(name, []).append(pool.strip())
+    return {name: parse_pool(",".join(pools), f"{flag} {name}") for name, pools in groups.items()}
+
+
 @dataclass(frozen=True)
 class RouterConfig(ServiceConfig):
     """The router: the public gRPC front door and the speculation loop."""
@@ -207,7 +236,7 @@ class RouterConfig(ServiceConfig):
     tls_cert: str = option("", "PEM certificate: serve the public gRPC and HTTP ports over TLS (with --tls-key)")
     tls_key: str = option("", "PEM private key of --tls-cert")
     targets: str = option("127.0.0.1:50052", f"target services: {POOL_SYNTAX}")
-    drafts: str = option("127.0.0.1:50051", "draft services, as for --targets (empty: no speculation)")
+    drafts: str = option("127.0.0.1:50051", f"draft services: {DRAFT_POOLS_SYNTAX} (empty: no speculation)")
     depth: str = option("auto", "draft tokens per step: auto (chosen each step, per sequence, from live "
                         "telemetry) or a fixed K (0: plain decoding through the target)")
     max_depth: int = option(8, "largest depth the policy may choose (at most 16)")
@@ -292,7 +321,9 @@ class RouterConfig(ServiceConfig):
         target_pool = parse_pool(self.targets, "--targets")  # raises on a malformed pool
         _check(not isinstance(target_pool, StaticPool) or bool(target_pool.addresses),
                "--targets needs at least one host:port or a k8s:// Service")
-        parse_pool(self.drafts, "--drafts")
+        pools = parse_draft_pools(self.drafts)
+        _check(len(pools) < 2 or self.tree == "none", f"--tree {self.tree} drafts one tree shape for the whole "
+               "batch: it takes one draft pool, not several")
         _check(self.target_wait_s > 0, f"--target-wait-s must be > 0, got {self.target_wait_s}")
         _check(self.max_moves >= 0, f"--max-moves must be >= 0, got {self.max_moves}")
         _check(0 <= self.canary_share <= 1, f"--canary-share must be in [0, 1], got {self.canary_share}")
@@ -321,16 +352,24 @@ class RouterConfig(ServiceConfig):
 
     @property
     def speculates(self) -> bool:
-        drafts = self.draft_pool
-        return self.pinned_depth != 0 and (isinstance(drafts, ServicePool) or bool(drafts.addresses))
+        return self.pinned_depth != 0 and any(isinstance(pool, ServicePool) or bool(pool.addresses)
+                                              for pool in self.draft_pools.values())
 
     @property
     def target_pool(self) -> Pool:
         return parse_pool(self.targets, "--targets")
 
     @property
+    def draft_pools(self) -> dict[str, Pool]:
+        """The draft pools by name (`parse_draft_pools`)."""
+        return parse_draft_pools(self.drafts)
+
+    @property
     def draft_pool(self) -> Pool:
-        return parse_pool(self.drafts, "--drafts")
+        """The draft pool of a router given one; ValueError for several (see `draft_pools`)."""
+        pools = self.draft_pools
+        _check(len(pools) == 1, f"--drafts names {len(pools)} pools ({', '.join(pools) or 'none'}), not one")
+        return next(iter(pools.values()))
 
 
 def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:

@@ -144,9 +144,16 @@ class RequestStats:
     emitted: int = 0
     last_drafted: int = 0  # draft tokens (a tree's nodes) verified in its latest step
     last_reason: str = ""  # why the policy chose that step's plan
+    # With several draft pools: its acceptance with each pool's drafter, by pool name (what the policy chooses on).
+    by_pool: dict[str, AcceptanceCounts] = field(default_factory=dict)
+    last_pool: str = ""  # the pool of its latest step that drafted
 
-    def observe(self, step: SequenceStep, reason: str) -> None:
+    def observe(self, step: SequenceStep, reason: str, pool: str = "") -> None:
+        """One step of the request; ``pool``: the draft pool it drafted from, if it did (and the router has one)."""
         self.acceptance.observe(step)
+        if pool and step.asked:
+            self.by_pool.setdefault(pool, AcceptanceCounts()).observe(step)
+            self.last_pool = pool
         self.steps += 1
         self.drafted += step.drafted
         self.emitted += step.emitted

@@ -48,6 +48,7 @@ class LatencySample:
     tokens_per_seq: float
     ms: float
     context: float | None = None  # mean KV length per sequence of the call (None: unknown), see CostSample.context
+    drafter: str | None = None  # a draft service's drafter kind, see CostSample.drafter
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,13 @@ class TelemetryWriter:
         self._thread.start()
 
     def record_latency(self, batch_size: int, tokens_per_seq: float, ms: float, role: str | None = None,
-                       context: float | None = None) -> None:
-        """One call's latency; ``context``: its mean KV length per sequence (`CostSample.context`; None: unknown)."""
+                       context: float | None = None, drafter: str | None = None) -> None:
+        """One call's latency; ``context``: its mean KV length per sequence (`CostSample.context`; None: unknown);
+        ``drafter``: a draft service's drafter kind (`CostSample.drafter`)."""
         # A full queue means Redis has been down for a while: old news is worth little anyway.
         with contextlib.suppress(queue.Full):
             self._samples.put_nowait(LatencySample(role or self.role, self.replica, batch_size, tokens_per_seq, ms,
-                                                   context))
+                                                   context, drafter))
 
     def record_acceptance(self, counts: AcceptanceCounts) -> None:
         with self._lock:
@@ -151,14 +153,16 @@ def _latency_fields(sample: LatencySample) -> dict[str, str | int | float]:
                                             "ms": round(sample.ms, 3)}
     if sample.context is not None:  # absent, not empty, when unknown: the format older writers wrote
         fields["context"] = round(sample.context, 3)
+    if sample.drafter is not None:
+        fields["drafter"] = sample.drafter
     return fields
 
 
 def _cost_sample_from_fields(f: dict[bytes, bytes]) -> CostSample:
     """A latency entry as `_latency_fields` writes it; one without a context (an older writer's) has context None."""
-    context = f.get(b"context")
+    context, drafter = f.get(b"context"), f.get(b"drafter")
     return CostSample(f[b"role"].decode(), int(f[b"batch"]), float(f[b"tokens"]), float(f[b"ms"]),
-                      None if context is None else float(context))
+                      None if context is None else float(context), None if drafter is None else drafter.decode())
 
 
 def _acceptance_fields(counts: AcceptanceCounts, replica: str) -> dict[str, str | int]:

@@ -62,10 +62,3 @@ class Drafter(Protocol):
     @property
     def live_sequences(self) -> int: ...
 
-
-def attended_context(drafter: object, position: int) -> int:
-    """The KV tokens ``drafter`` attends over when it drafts at ``position``: the position itself, or its
-    ``attention_span`` when it has one and that is shorter (a window + sink cache, as the sparse self-drafter keeps;
-    an optional attribute, None or absent: unbounded). What its latency samples' context is (the cost model's)."""
-    span = getattr(drafter, "attention_span", None)
-    return position if span is None else min(position, int(span))

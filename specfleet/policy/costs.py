@@ -57,9 +57,13 @@ class CostSample:
     ms: float
     context: float | None = None
     """The call's mean KV length per sequence (times `batch_size`: the KV tokens it reads per pass). A target's:
-    each sequence's committed length (its first draft token's position); a draft's: the KV its drafter attends
-    over at that position (less than the position for a window + sink cache); the router's overhead: 0 (it reads no
-    KV). None: unknown (a writer from before contexts were recorded), taken as the role's reference context."""
+    each sequence's committed length (its first draft token's position); a draft's: the same, whatever its drafter
+    reads of it (a window + sink draft reads a bounded part: its fitted slope comes out about 0, measured, not
+    assumed); the router's overhead: 0 (it reads no KV). None: unknown (a writer from before contexts were
+    recorded), taken as the role's reference context."""
+    drafter: str | None = None
+    """A draft sample's drafter kind (``ngram``, ``sparse_self``, ...): a fleet with draft pools of several kinds
+    fits each kind's costs from its own samples. None: not said (an older writer's, or another role)."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -112,6 +116,31 @@ DEFAULT_COSTS: Mapping[str, CostFn] = MappingProxyType({
 })
 """Each role's cost until telemetry measures it; a measured role keeps the default's shape only where it has no
 samples (see `CostModel`)."""
+
+
+@dataclass(frozen=True)
+class PerLevelCost:
+    """A model drafter's Propose: one forward pass per level drafted (each needs the one before), each costing
+    ``per_pass`` at (batch, one token); ``per_kv_ms`` as `AnalyticCost`'s."""
+
+    per_pass: AnalyticCost
+    per_kv_ms: float = 0.0
+
+    def __call__(self, batch_size: int, tokens_per_seq: float) -> float:
+        return max(1.0, tokens_per_seq) * self.per_pass(batch_size, 1.0)
+
+
+DRAFTER_DEFAULT_COSTS: Mapping[str, CostFn] = MappingProxyType({
+    # The target's own weights: each level costs what a one-token verify does at the reference context, and past it
+    # nothing more (it reads a fixed sink + window cache).
+    "sparse_self": PerLevelCost(AnalyticCost(fixed_ms=16.7, per_seq_ms=6.7, per_token_ms=1.6)),
+})
+"""The draft role's default per drafter kind, where it differs from `DEFAULT_COSTS`'s (an n-gram lookup's)."""
+
+
+def drafter_defaults(kind: str, defaults: Mapping[str, CostFn] = DEFAULT_COSTS) -> dict[str, CostFn]:
+    """``defaults`` with the draft role's default for a drafter of ``kind``."""
+    return {**defaults, "draft": DRAFTER_DEFAULT_COSTS.get(kind, defaults["draft"])}
 
 
 def kv_passes(role: str, tokens_per_seq: float) -> float:

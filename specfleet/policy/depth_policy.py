@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from specfleet.policy.acceptance import MAX_ALPHA, acceptance_estimate, offer_estimate
-from specfleet.policy.costs import DEFAULT_COSTS, CostFn, CostModel, CostSample
+from specfleet.policy.costs import DEFAULT_COSTS, CostFn, CostModel, CostSample, drafter_defaults
 from specfleet.policy.depths import DepthDecision, choose_depths, choose_depths_for_latency, pinned_decision
+from specfleet.policy.drafter_choice import PoolDecision, PoolOption, choose_pools
 from specfleet.policy.tree_budget import TreeDecision, TreePlan, choose_tree_plan
 
 MODES = ("throughput", "latency")
@@ -19,6 +20,21 @@ class _Fitted:
     fleet_alpha: float
     fleet_offer_rate: float = 1.0
     fleet_later_sibling_alpha: float | None = None  # None until a tree's later sibling has been tried
+    samples: tuple[CostSample, ...] = ()
+    # Each drafter kind's model, fitted from its own draft samples when first asked for (`DepthPolicy.costs_for`).
+    by_drafter: dict[str, CostModel] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class PoolCounts:
+    """One draft pool as the planner gives it to `DepthPolicy.choose_pools`: its name and drafter kind, and per
+    sequence of the batch its (accepted, rejections) and (offers, misses) with that pool and its depth room there."""
+
+    name: str
+    kind: str
+    first_tries: Sequence[tuple[int, int]]
+    offers: Sequence[tuple[int, int]]
+    limits: Sequence[int]
 
 
 class DepthPolicy:
@@ -101,6 +117,7 @@ class DepthPolicy:
         chain), ``fleet_later_siblings_*`` of trees' later siblings. An empty window means the defaults; when
         telemetry cannot be read, skip the call and the last model stays."""
         alpha = acceptance_estimate(fleet_accepted, fleet_rejections, self.default_alpha, self.prior_weight)
+        samples = tuple(samples)
         costs = CostModel.fit(samples, self._defaults, max_tokens=max(33, self.max_depth + 2),
                               ahead_alpha=alpha if self.drafts_ahead else None)
         offer_rate = offer_estimate(fleet_offers, fleet_misses, 1.0, self.prior_weight)
@@ -108,7 +125,19 @@ class DepthPolicy:
         if fleet_later_siblings_accepted + fleet_later_siblings_rejected:
             later_sibling_alpha = acceptance_estimate(fleet_later_siblings_accepted, fleet_later_siblings_rejected,
                                                       alpha, self.prior_weight)
-        self._state = _Fitted(costs, alpha, offer_rate, later_sibling_alpha)  # one reference swap: atomic
+        self._state = _Fitted(costs, alpha, offer_rate, later_sibling_alpha, samples)  # one reference swap: atomic
+
+    def costs_for(self, kind: str) -> CostModel:
+        """The cost model of a draft pool whose drafter is ``kind``: the target's and the router's costs as the
+        fleet's, the draft's fitted from that kind's samples only (and samples that do not say their kind), over
+        that kind's default (`drafter_defaults`). Fitted once per refit, when first asked for."""
+        state = self._state
+        found = state.by_drafter.get(kind)
+        if found is None:
+            own = [s for s in state.samples if s.role != "draft" or s.drafter in (kind, None)]
+            found = state.by_drafter[kind] = CostModel.fit(own, drafter_defaults(kind, self._defaults),
+                                                           max_tokens=max(33, self.max_depth + 2))
+        return found
 
     def alphas(self, per_sequence_counts: Sequence[tuple[int, int]]) -> list[float]:
         """Each sequence's acceptance estimate from its (accepted, rejections) counts."""
@@ -168,3 +197,19 @@ class DepthPolicy:
         betas = [acceptance_estimate(a, r, alpha if fleet_beta is None else fleet_beta, self.prior_weight)
                  for (a, r), alpha in zip(later_sibling_counts, alphas, strict=True)]
         return choose_tree_plan(alphas, state.costs, candidates, rates, self.min_gain, calibration, betas, contexts)
+
+    def choose_pools(self, pools: Sequence[PoolCounts], calibration: float = 1.0,
+                     contexts: Sequence[int] | None = None) -> PoolDecision:
+        """Each sequence's draft pool and depth for one step (several pools; see
+        `specfleet.policy.drafter_choice`): each pool priced by its drafter kind's costs (`costs_for`), each
+        sequence's acceptance and offer rate with that pool from its own counts there, shrunk toward the fleet's.
+        Pinned (``--depth K``): each sequence drafts K from the pool it has been accepted most by."""
+        state = self._state
+        options = [PoolOption(pool.name, self.costs_for(pool.kind), self._alphas(pool.first_tries, state.fleet_alpha),
+                              self._offer_rates(pool.offers, state.fleet_offer_rate, len(pool.limits)), pool.limits)
+                   for pool in pools]
+        if self.pinned_depth is None:
+            return choose_pools(options, self.max_depth, contexts=contexts, min_gain=self.min_gain,
+                                calibration=calibration)
+        return choose_pools([replace(o, limits=[min(limit, self.pinned_depth) for limit in o.limits])
+                             for o in options], self.pinned_depth, contexts=contexts, pinned=True)

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from router.live_request import DRAFT_POOL, LiveRequest
+from router.live_request import DRAFT_POOL, DraftSession, LiveRequest
 from router.replicas import ReplicaError, ReplicaInfo
 from router.text import IncrementalDetokenizer, StopMatcher
 from specfleet.sampling_params import SamplingParams
@@ -233,4 +233,4 @@ def live_request(seq_id: str, prompt: list[int], max_new_tokens: int, strategy: 
     return LiveRequest(request_id=seq_id, seq_id=seq_id, tokens=list(prompt), prompt_len=len(prompt),
                        sampling=SamplingParams(), seed=0, max_new_tokens=max_new_tokens, eos_ids=frozenset(),
                        ignore_eos=True, detokenizer=IncrementalDetokenizer(ToyTokenizer()), stops=StopMatcher([]),
-                       draft=draft, strategy=strategy)
+                       sessions={strategy: DraftSession(draft)}, strategy=strategy)

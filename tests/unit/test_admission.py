@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from router.admission import GenerationRequest, RequestError, Router, utf8_size
+from router.live_request import DRAFT_POOL
 from specfleet.config import RouterConfig
 
 
@@ -46,8 +47,10 @@ class FakeFleet:
     def queued(self) -> int:
         return len(self.placed)
 
-    def pick_draft(self) -> None:
-        return None
+    first_pool = DRAFT_POOL
+
+    def pin_drafts(self) -> dict:
+        return {}
 
     def has_room(self) -> bool:  # the canary asks; it replays nothing here
         return False

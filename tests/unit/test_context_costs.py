@@ -14,7 +14,6 @@ from step_fakes import live_request
 from router.planner import Planner
 from router.policy_feed import PolicyFeed
 from specfleet.config import RouterConfig
-from specfleet.drafters.base import attended_context
 from specfleet.policy import (
     DEFAULT_COSTS,
     MIN_CELL_SAMPLES,
@@ -304,17 +303,6 @@ def test_the_planner_prices_each_step_at_its_sequences_lengths() -> None:
     tree = policy.choose_tree([(0, 0)] * 2, [[TreePlan(0, ())] * 2, [TreePlan(3, (1, 1, 1))] * 2],
                               contexts=[1000, 3000])
     assert tree.reason.endswith(f"; context {context_bucket(2000)} tokens")
-
-
-def test_a_drafter_with_bounded_attention_reports_its_span() -> None:
-    class Windowed:
-        attention_span = 1024 + 4  # window + sinks
-
-    class Plain:
-        pass
-
-    assert attended_context(Plain(), 50_000) == 50_000
-    assert attended_context(Windowed(), 50_000) == 1028 and attended_context(Windowed(), 700) == 700
 
 
 def test_latency_fields_carry_the_context_and_read_without_it() -> None:

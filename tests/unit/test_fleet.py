@@ -11,7 +11,7 @@ from step_fakes import VOCAB, FakeDrafter, FakeTarget, Sessions, ToyModel, live_
 import router.fleet as fleet_module
 from router.draft_pool import DraftPool
 from router.fleet import Fleet, connect_draft, connect_target, step_loop_for
-from router.live_request import LiveRequest
+from router.live_request import DRAFT_POOL, LiveRequest
 from router.policy_feed import PolicyFeed
 from router.replicas import DraftReplica, ReplicaError, ReplicaInfo, TargetReplica
 from specfleet.config import RouterConfig
@@ -53,7 +53,7 @@ def test_a_draft_leaving_while_a_target_leaves_moves_the_targets_sequences_off_i
         # The target leaves; while its step is being cancelled, the draft leaves too.
         target_left = asyncio.get_running_loop().create_task(fleet._remove_target("a:1"))
         await asyncio.sleep(0)  # _remove_target now waits for the cancelled run
-        await fleet._reconcile_drafts(frozenset({"e:2"}))
+        await fleet._reconcile_drafts(DRAFT_POOL, frozenset({"e:2"}))
         await target_left
         assert [s.seq_id for s in fleet.loops["b:2"].waiting] == [s.seq_id for s in moving]
         await fleet.stop()

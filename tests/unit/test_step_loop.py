@@ -8,6 +8,7 @@ import asyncio
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from step_fakes import (
@@ -22,7 +23,7 @@ from step_fakes import (
 
 from router.draft_ahead import DraftAhead
 from router.draft_pool import DraftPool
-from router.live_request import DRAFT_POOL, FinishReason, LiveRequest, StreamChunk
+from router.live_request import DRAFT_POOL, DraftSession, FinishReason, LiveRequest, StreamChunk
 from router.loop import StepLoop
 from router.planner import Planner
 from router.policy_feed import PolicyFeed
@@ -154,7 +155,7 @@ def test_strategies_the_loop_has_no_code_for_plug_in_and_keep_greedy_output() ->
     self_drafted = SelfDrafted()
     harness = Harness(depth=3, extra={"self": self_drafted})
     metrics = RouterMetrics()
-    ahead = DraftAhead(DraftPool(2000.0, 60.0, metrics), metrics)
+    ahead = DraftAhead(DraftPool(2000.0, 60.0, metrics, "ahead"), metrics)
     harness.strategies.strategies["ahead"] = ahead
     ahead_draft = DraftReplica("draft:2", FakeDrafter(wrong_every=7))
     lengths = [18, 24, 15, 21]
@@ -213,3 +214,34 @@ def test_each_message_carries_the_stats_of_the_step_that_sent_it() -> None:
         assert chunk.stats.reason.startswith("pinned depth")  # 3, or what room the request has left
     last = messages[-1].stats
     assert last.accepted_tokens == seq.stats.acceptance.accepted and last.drafted_tokens == seq.stats.drafted
+
+
+def test_with_two_draft_pools_each_sequence_moves_to_the_drafter_that_is_accepted() -> None:
+    """Two pools behind one loop, the first one's drafts always wrong: the policy tries it (both look alike at
+    first), measures each sequence's acceptance with it, and moves the sequences to the other pool, whose session of
+    them starts from their tokens so far; the output is plain decoding's throughout."""
+    config = RouterConfig(depth="auto", drafts="poor=draft:2,good=draft:1", draft_retry_s=60.0)
+    metrics = RouterMetrics()
+    good, poor = DraftReplica("draft:1", FakeDrafter(wrong_every=1000), pool="good"), \
+        DraftReplica("draft:2", FakeDrafter(wrong_every=1), pool="poor")
+    strategies = Strategies({name: DraftPool(config.draft_timeout_ms, config.draft_retry_s, metrics, name)
+                             for name in ("poor", "good")})
+    feed = PolicyFeed(DepthPolicy(max_depth=4, min_gain=0.0), None, 1.0, "throughput")
+    recorder = Recorder()
+    loop = StepLoop("target:1", Planner(config, feed, strategies, "target:1", max_context=256), strategies,
+                    TargetVerifier(TargetReplica("target:1", FakeTarget()), 10.0, metrics), [recorder], NoTracing(),
+                    capacity=8, max_context=256)
+    harness = SimpleNamespace(loop=loop, recorder=recorder)
+    lengths = [40, 36]
+    seqs = [live_request(f"s{i}", PROMPTS[i], lengths[i], "poor") for i in range(2)]
+    for seq in seqs:
+        seq.sessions = {"poor": DraftSession(poor), "good": DraftSession(good)}
+    outputs = asyncio.run(_serve(harness, seqs))  # type: ignore[arg-type]
+
+    assert outputs == _plain(PROMPTS[:2], lengths)
+    tried = [seq.stats.by_pool["poor"] for seq in seqs if "poor" in seq.stats.by_pool]
+    assert tried and all(c.accepted == 0 and c.rejections > 0 for c in tried)
+    for seq in seqs:
+        kept = seq.stats.by_pool["good"]
+        assert kept.accepted > 20 and seq.stats.last_pool == "good"
+        assert seq.stats.last_reason.startswith("drafters ")

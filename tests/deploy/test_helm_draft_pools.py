@@ -419,6 +419,17 @@ def test_schema_rejects_bad_named_router_drafts(drafts_value: str) -> None:
     assert code != 0 and "drafts" in err, err
 
 
+def test_the_docs_example_renders_the_two_pools() -> None:
+    docs = CHART.parents[2] / "docs" / "kubernetes.md"
+    section = docs.read_text().split("## Several draft pools", 1)[1]
+    example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    objs = render_values(example)
+    assert flag_value(router_args(objs), "--drafts") == (
+        f"ngram=k8s://{FULLNAME}-draft-ngram.{NAMESPACE}:50051,sparse=k8s://{FULLNAME}-draft-sparse.{NAMESPACE}:50051")
+    sparse = parse_draft_args(draft_args(objs, f"{FULLNAME}-draft-sparse"))
+    assert (sparse.drafter, sparse.model) == ("sparse_self", TARGET_MODEL)
+
+
 def test_the_values_document_draft_pools() -> None:
     text = (CHART / "values.yaml").read_text()
     assert re.search(r"^# -- Several draft pools.*?^draftPools: \[\]$", text, re.M | re.S)

@@ -1,7 +1,8 @@
 {{/*
 Shared names, labels and pod pieces. Component templates call the pod helpers with
   (dict "root" $ "component" "router|draft|target")
-and read that component's values as (index .root.Values .component).
+and read that component's values as (index .root.Values .component). A draft pool (see "specfleet.draftPools")
+adds "values" (its own values, read instead) and, for an item of draftPools, "pool" (its name).
 */}}
 
 {{- define "specfleet.name" -}}
@@ -21,9 +22,24 @@ and read that component's values as (index .root.Values .component).
 {{- end }}
 {{- end }}
 
-{{/* Name of one component's objects: "<fullname>-<component>". */}}
+{{/* Name of one component's objects: "<fullname>-<component>", or "<fullname>-draft-<pool>" for a draftPools item
+(the fullname shortened so that the name fits a DNS label, as a Service name must). */}}
 {{- define "specfleet.componentName" -}}
+{{- if .pool }}
+{{- $width := min 52 (sub 61 (add (len .component) (len .pool))) }}
+{{- printf "%s-%s-%s" (include "specfleet.fullname" .root | trunc (int $width) | trimSuffix "-") .component .pool }}
+{{- else }}
 {{- printf "%s-%s" (include "specfleet.fullname" .root | trunc 52 | trimSuffix "-") .component }}
+{{- end }}
+{{- end }}
+
+{{/* Where a component's values live, for error messages: "draft", or "draftPools[<name>]" for a pool. */}}
+{{- define "specfleet.valuesPath" -}}
+{{- if .pool }}
+{{- printf "draftPools[%s]" .pool }}
+{{- else }}
+{{- .component }}
+{{- end }}
 {{- end }}
 
 {{- define "specfleet.chart" -}}
@@ -44,6 +60,9 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 app.kubernetes.io/name: {{ include "specfleet.name" .root }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
+{{- with .pool }}
+specfleet/draft-pool: {{ . }}
+{{- end }}
 {{- end }}
 
 {{- define "specfleet.serviceAccountName" -}}
@@ -56,7 +75,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Image of a component: "<repository>:<tag or appVersion>-<flavor>". */}}
 {{- define "specfleet.image" -}}
-{{- $values := index .root.Values .component }}
+{{- $values := default (index .root.Values .component) .values }}
 {{- printf "%s:%s-%s" .root.Values.image.repository (default .root.Chart.AppVersion .root.Values.image.tag) $values.image.flavor }}
 {{- end }}
 
@@ -144,11 +163,101 @@ itself never contacts the hub). Called with (dict "root" $ "component" ... "mode
     {{- end }}
   {{- /* The component's requests and memory limit; downloading needs no GPU. */}}
   resources:
-    {{- toYaml (index .root.Values .component).resources | nindent 4 }}
+    {{- toYaml (default (index .root.Values .component) .values).resources | nindent 4 }}
   securityContext:
     {{- toYaml .root.Values.securityContext | nindent 4 }}
   volumeMounts:
     {{- include "specfleet.volumeMounts" . | trim | nindent 4 }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------------------------------------------------- */}}
+{{/* Draft pools */}}
+
+{{/* Merges the map .src into the map .dst, in place: maps key by key (recursively), anything else (lists too)
+replaced. Unlike mergeOverwrite in every Helm version, a false, 0 or "" in .src replaces as well. */}}
+{{- define "specfleet.merge" -}}
+{{- $dst := .dst }}
+{{- range $key, $value := .src }}
+{{- if and (kindIs "map" $value) (kindIs "map" (get $dst $key)) }}
+{{- include "specfleet.merge" (dict "dst" (get $dst $key) "src" $value) }}
+{{- else }}
+{{- $_ := set $dst $key $value }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The draft pools to deploy, set as .out.pools when called with (dict "root" $ "out" (dict)): a list of contexts
+(dict "root" $ "component" "draft" "values" <the pool's values> ["pool" <name>]) for the pod helpers. None while
+draft.enabled is false. With draftPools empty, one pool from draft: under today's names. Else one per draftPools item
+(less those with enabled: false): draft: with the item's keys over it, image, probes, pdb, autoscaling, podAnnotations
+and podLabels merged key by key, any other key replacing draft:'s value whole. A sparse_self pool drafts with the
+target's weights: target.model, unless it gives its own model.
+*/}}
+{{- define "specfleet.draftPools" -}}
+{{- $root := .root }}
+{{- $pools := list }}
+{{- if $root.Values.draft.enabled }}
+{{- if not $root.Values.draftPools }}
+{{- $values := deepCopy $root.Values.draft }}
+{{- if eq $values.drafter "sparse_self" }}
+{{- $_ := set $values "model" (merge (deepCopy $root.Values.target.model) (dict "revision" "")) }}
+{{- end }}
+{{- $pools = append $pools (dict "root" $root "component" "draft" "values" $values) }}
+{{- else }}
+{{- $seen := dict }}
+{{- range $item := $root.Values.draftPools }}
+{{- $name := required "every draftPools item needs a name" $item.name }}
+{{- if hasKey $seen $name }}
+{{- fail (printf "draftPools: more than one pool is named %q (each name must be unique: it names the pool's objects and the router's pool)" $name) }}
+{{- end }}
+{{- $_ := set $seen $name true }}
+{{- $values := deepCopy $root.Values.draft }}
+{{- range $key, $value := omit $item "name" "model" }}
+{{- if and (has $key (list "image" "probes" "pdb" "autoscaling" "podAnnotations" "podLabels")) (kindIs "map" $value) }}
+{{- $_ := include "specfleet.merge" (dict "dst" (get $values $key) "src" (deepCopy $value)) }}
+{{- else }}
+{{- $_ := set $values $key (deepCopy $value) }}
+{{- end }}
+{{- end }}
+{{- if hasKey $item "model" }}
+{{- $_ := set $values "model" (merge (deepCopy $item.model) (dict "revision" "")) }}
+{{- else if eq $values.drafter "sparse_self" }}
+{{- $_ := set $values "model" (merge (deepCopy $root.Values.target.model) (dict "revision" "")) }}
+{{- end }}
+{{- if and (eq $values.drafter "llamacpp") (eq $values.model.source "huggingface") }}
+{{- fail (printf "draftPools[%s]: a llamacpp draft runs a GGUF file (model.source preset or path), not a hub model" $name) }}
+{{- end }}
+{{- if $values.enabled }}
+{{- $pools = append $pools (dict "root" $root "component" "draft" "values" $values "pool" $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $_ := set .out "pools" $pools }}
+{{- end }}
+
+{{/* The router's --drafts: empty while draft.enabled is false; else router.drafts when set; else the chart's draft
+Service (k8s://<fullname>-draft.<namespace>:<port>) or, for draftPools, one name=k8s://<Service>.<namespace>:<port>
+entry per pool. */}}
+{{- define "specfleet.router.drafts" -}}
+{{- if .Values.draft.enabled }}
+{{- if .Values.router.drafts }}
+{{- .Values.router.drafts }}
+{{- else }}
+{{- $out := dict }}
+{{- $_ := include "specfleet.draftPools" (dict "root" . "out" $out) }}
+{{- $entries := list }}
+{{- range $ctx := $out.pools }}
+{{- $address := printf "k8s://%s.%s:%d" (include "specfleet.componentName" $ctx) $.Release.Namespace (int $ctx.values.port) }}
+{{- if $ctx.pool }}
+{{- $address = printf "%s=%s" $ctx.pool $address }}
+{{- end }}
+{{- $entries = append $entries $address }}
+{{- end }}
+{{- join "," $entries }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -179,7 +288,7 @@ itself never contacts the hub). Called with (dict "root" $ "component" ... "mode
 
 {{- define "specfleet.env" -}}
 {{- $root := .root }}
-{{- $values := index $root.Values .component }}
+{{- $values := default (index $root.Values .component) .values }}
 {{- include "specfleet.env.base" . }}
 {{- $secret := include "specfleet.redis.secretName" $root }}
 {{- if $secret }}
@@ -214,6 +323,9 @@ itself never contacts the hub). Called with (dict "root" $ "component" ... "mode
 - name: OTEL_SERVICE_NAME
   value: {{ printf "%s-%s" $root.Values.otel.serviceNamePrefix .component | quote }}
 {{- $attributes := list (printf "service.namespace=%s" $root.Release.Namespace) "service.instance.id=$(POD_NAME)" "k8s.pod.name=$(POD_NAME)" "k8s.namespace.name=$(POD_NAMESPACE)" "k8s.node.name=$(NODE_NAME)" (printf "service.version=%s" $root.Chart.AppVersion) }}
+{{- with .pool }}
+{{- $attributes = append $attributes (printf "specfleet.draft_pool=%s" .) }}
+{{- end }}
 {{- range $key, $value := $root.Values.otel.resourceAttributes }}
 {{- $attributes = append $attributes (printf "%s=%s" $key (toString $value)) }}
 {{- end }}
@@ -246,7 +358,7 @@ itself never contacts the hub). Called with (dict "root" $ "component" ... "mode
 
 {{/* Flags every service takes: listen address, Redis, metrics, logging. */}}
 {{- define "specfleet.args.common" -}}
-{{- $values := index .root.Values .component }}
+{{- $values := default (index .root.Values .component) .values }}
 - --host
 - 0.0.0.0
 - --port
@@ -262,14 +374,14 @@ itself never contacts the hub). Called with (dict "root" $ "component" ... "mode
 {{- /* The drain fits in the pod's grace period after the preStop sleep, with a few seconds to spare. */}}
 {{- $drain := sub (sub (int $values.terminationGracePeriodSeconds) (int $values.preStopSleepSeconds)) 5 }}
 {{- if lt $drain 1 }}
-{{- fail (printf "%s.terminationGracePeriodSeconds must exceed preStopSleepSeconds by more than 5 s (the drain)" .component) }}
+{{- fail (printf "%s.terminationGracePeriodSeconds must exceed preStopSleepSeconds by more than 5 s (the drain)" (include "specfleet.valuesPath" .)) }}
 {{- end }}
 - --drain-timeout-s
 - {{ $drain | quote }}
 {{- end }}
 
 {{- define "specfleet.ports" -}}
-{{- $values := index .root.Values .component }}
+{{- $values := default (index .root.Values .component) .values }}
 - name: grpc
   containerPort: {{ $values.port }}
   protocol: TCP
@@ -287,7 +399,7 @@ itself never contacts the hub). Called with (dict "root" $ "component" ... "mode
 gRPC probes speak no TLS: a router serving TLS is probed on its HTTP API's /health over HTTPS instead (or, without
 one, on its port's TCP). */}}
 {{- define "specfleet.probes" -}}
-{{- $values := index .root.Values .component }}
+{{- $values := default (index .root.Values .component) .values }}
 {{- $tls := and (eq .component "router") .root.Values.security.tls.existingSecret }}
 {{- range $kind := list "startup" "liveness" "readiness" }}
 {{ $kind }}Probe:
@@ -313,7 +425,7 @@ one, on its port's TCP). */}}
 {{- end }}
 
 {{- define "specfleet.lifecycle" -}}
-{{- $values := index .root.Values .component }}
+{{- $values := default (index .root.Values .component) .values }}
 lifecycle:
   preStop:
     exec:
@@ -321,7 +433,7 @@ lifecycle:
 {{- end }}
 
 {{- define "specfleet.resources" -}}
-{{- $values := index .root.Values .component }}
+{{- $values := default (index .root.Values .component) .values }}
 {{- $resources := deepCopy $values.resources }}
 {{- if and (hasKey $values "gpu") (gt (int $values.gpu) 0) }}
 {{- $limits := default dict (get $resources "limits") }}
@@ -380,7 +492,7 @@ lifecycle:
 
 {{/* Pod annotations: the component's own plus, when asked, the prometheus.io scrape hints. */}}
 {{- define "specfleet.podAnnotations" -}}
-{{- $values := index .root.Values .component }}
+{{- $values := default (index .root.Values .component) .values }}
 {{- $annotations := deepCopy $values.podAnnotations }}
 {{- if .root.Values.metrics.podAnnotations }}
 {{- $_ := set $annotations "prometheus.io/scrape" "true" }}
@@ -395,7 +507,7 @@ annotations:
 
 {{/* Scheduling and pod-level settings shared by the three Deployments. */}}
 {{- define "specfleet.podSpec.common" -}}
-{{- $values := index .root.Values .component }}
+{{- $values := default (index .root.Values .component) .values }}
 {{- with .root.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
@@ -443,11 +555,11 @@ volumeMounts:
 
 {{/* An autoscaling/v2 HorizontalPodAutoscaler for draft or target. */}}
 {{- define "specfleet.hpa" -}}
-{{- $values := index .root.Values .component }}
+{{- $values := default (index .root.Values .component) .values }}
 {{- $scaling := $values.autoscaling }}
 {{- if $scaling.enabled }}
 {{- if and (not $scaling.targetCPUUtilizationPercentage) (not $scaling.customMetric.name) }}
-{{- fail (printf "%s.autoscaling needs targetCPUUtilizationPercentage or customMetric.name" .component) }}
+{{- fail (printf "%s.autoscaling needs targetCPUUtilizationPercentage or customMetric.name" (include "specfleet.valuesPath" .)) }}
 {{- end }}
 apiVersion: autoscaling/v2
 kind: HorizontalPodAutoscaler
@@ -479,14 +591,14 @@ spec:
           name: {{ $scaling.customMetric.name }}
         target:
           type: AverageValue
-          averageValue: {{ required (printf "%s.autoscaling.customMetric.targetAverageValue is required" .component) $scaling.customMetric.targetAverageValue | quote }}
+          averageValue: {{ required (printf "%s.autoscaling.customMetric.targetAverageValue is required" (include "specfleet.valuesPath" .)) $scaling.customMetric.targetAverageValue | quote }}
     {{- end }}
 {{- end }}
 {{- end }}
 
 {{/* A policy/v1 PodDisruptionBudget for a component. */}}
 {{- define "specfleet.pdb" -}}
-{{- $values := index .root.Values .component }}
+{{- $values := default (index .root.Values .component) .values }}
 {{- if $values.pdb.enabled }}
 apiVersion: policy/v1
 kind: PodDisruptionBudget
@@ -505,7 +617,7 @@ spec:
 
 {{/* A headless Service (draft and target): the router watches its EndpointSlices and dials every pod. */}}
 {{- define "specfleet.headlessService" -}}
-{{- $values := index .root.Values .component }}
+{{- $values := default (index .root.Values .component) .values }}
 apiVersion: v1
 kind: Service
 metadata:

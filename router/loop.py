@@ -143,7 +143,7 @@ class StepLoop:
         stats = StepStats(self.target, len(batch), [plan.draft(s.seq_id).tokens for s in batch], plan.deepest,
                           proposals.compute_ms, verdicts.compute_ms, plan.predicted_ms, plan.predicted_tokens,
                           plan.prefills, first_token_s=latencies.first_token_s,
-                          inter_token_s=latencies.inter_token_s)
+                          inter_token_s=latencies.inter_token_s, reason=plan.reason)
         for part in committed:
             stats.observe(part.step)
         stats.duration_s = time.perf_counter() - started

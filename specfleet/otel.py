@@ -378,7 +378,8 @@ class RouterMetrics:
                 "specfleet.batch_size": stats.batch_size, "specfleet.depth.max": max(stats.planned, default=0),
                 "specfleet.depth.mean": sum(stats.planned) / max(1, len(stats.planned)),
                 "specfleet.drafted_tokens": stats.acceptance.drafted,
-                "specfleet.accepted_tokens": stats.acceptance.accepted, "specfleet.emitted_tokens": stats.emitted})
+                "specfleet.accepted_tokens": stats.acceptance.accepted, "specfleet.emitted_tokens": stats.emitted,
+                "specfleet.plan.reason": stats.reason})
 
     def record_step(self, stats: StepStats) -> None:
         """A few instrument calls per sequence (depth, accepted) and per draft position, a few per step."""

@@ -198,6 +198,7 @@ class StepStats:
     emitted: int = 0  # tokens emitted, all sequences
     first_token_s: list[float] = field(default_factory=list)  # time to first token of those that got theirs
     inter_token_s: list[float] = field(default_factory=list)  # of the others that got tokens: time since their last
+    reason: str = ""  # why the policy chose the step's plan (with several draft pools: which pool drafted for whom)
     duration_s: float = 0.0
 
     @property

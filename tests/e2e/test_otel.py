@@ -476,6 +476,7 @@ def test_spans_from_all_three_services_link_up(fleet: Fleet) -> None:
     for step in found:
         assert not step.parent_span_id and step.trace_id != request.trace_id  # a trace of its own, linked
         assert attributes(step)["specfleet.batch_size"] == 1
+        assert attributes(step)["specfleet.plan.reason"].startswith("pinned depth")  # why: the policy's line
         methods = []
         for client, server in calls(step):
             methods.append(client.name)

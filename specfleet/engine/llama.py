@@ -137,6 +137,10 @@ rather than ``scaled_dot_product_attention``: verification's few tokens per sequ
 tuned for one query per sequence and for long prefills, and at these widths costs far more than one query does,
 while the matmuls cost about the same; at one query and at prefill widths the flash kernel is as fast or faster
 (bench/engine_kernels.md)."""
+GROUPED_MATMUL_MIN_KV = 4096
+"""At one query per sequence, the KV entries a group reads (rows x kv_len) from which the two matmuls beat the flash
+kernel too: decoding is then bound by reading the cache, which the matmuls do in one pass per key-value head while
+the kernel does it per query head (25-35% less time at 4K+ entries, measured in bench/engine_kernels.md)."""
 
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -205,7 +209,8 @@ class BatchLayout:
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """q [rows, heads, width, head_dim] over the rows read; the same shape out."""
-        if q.device.type == "cpu" and q.shape[2] in GROUPED_MATMUL_WIDTHS:
+        if q.device.type == "cpu" and (q.shape[2] in GROUPED_MATMUL_WIDTHS or (
+                q.shape[2] == 1 and keys.shape[0] * keys.shape[2] >= GROUPED_MATMUL_MIN_KV)):
             return grouped_attention(q, keys, values, self.read_bias)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.read_mask, enable_gqa=True)
 

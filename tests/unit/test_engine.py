@@ -34,7 +34,7 @@ from specfleet.engine import (
     TreeExtend,
     UnknownSequenceError,
 )
-from specfleet.engine.llama import grouped_attention
+from specfleet.engine.llama import GROUPED_MATMUL_MIN_KV, grouped_attention
 from specfleet.engine.rope import default_inverse_frequencies
 from specfleet.engine.runner import DTYPES, engine_dtype
 from specfleet.trees.build import build_tree_rsd_c
@@ -112,6 +112,20 @@ def test_ragged_batch_truncate_and_extend_match_transformers(tiny_folder: Path) 
         reference = _reference_logits(tiny_folder, toks)[-2:]
         torch.testing.assert_close(ours, reference, atol=TOLERANCE, rtol=TOLERANCE)
         assert runner.cached_len(_name) == len(toks)
+
+
+def test_decoding_a_group_that_reads_many_kv_entries_matches_transformers(tiny_folder: Path) -> None:
+    """20 sequences of 230 tokens decode one token each: a group reading 4600 KV entries, where one query per
+    sequence attends with the matmuls (`GROUPED_MATMUL_MIN_KV`) instead of the flash kernel."""
+    rows, length = 20, 230
+    assert rows * length >= GROUPED_MATMUL_MIN_KV
+    g = torch.Generator().manual_seed(2)
+    seqs = {f"s{i}": torch.randint(0, 97, (length,), generator=g).tolist() for i in range(rows)}
+    runner = ModelRunner.from_folder(tiny_folder, num_slots=rows, max_seq_len=length)
+    runner.extend([Extend(name, 0, toks[:-1]) for name, toks in seqs.items()])
+    outs = runner.extend([Extend(name, length - 1, toks[-1:]) for name, toks in seqs.items()])
+    for toks, ours in list(zip(seqs.values(), outs, strict=True))[::7]:
+        torch.testing.assert_close(ours, _reference_logits(tiny_folder, toks)[-1:], atol=TOLERANCE, rtol=TOLERANCE)
 
 
 @pytest.mark.parametrize("width", [1, 2, 5, 8])

@@ -39,7 +39,9 @@ order of context, then batch, and each finished cell is printed (and written to 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
+import re
 import statistics
 import sys
 import sysconfig
@@ -316,16 +318,52 @@ def both_pools_drafts(ngram: str, sparse: str) -> str:
     return f"ngram={ngram},sparse_self={sparse}"
 
 
+@dataclass(frozen=True)
+class RouterPlan:
+    """One configuration's router."""
+
+    drafts: str | None  # its --drafts (None: no draft pool)
+    depth: str  # its --depth
+    kinds: frozenset[str]  # the drafter kinds it must report once running (GetServerInfo's draft_kinds)
+
+
 def router_plans(ngram_depths: Sequence[int], sparse_depths: Sequence[int], both_pools: bool, ngram: str,
-                 sparse: str) -> dict[str, tuple[str | None, str]]:
-    """Each configuration's router: (its --drafts, or None for none; its --depth), in the order they run."""
-    plans: dict[str, tuple[str | None, str]] = {PLAIN: (None, "0")}
-    plans |= {ngram_name(d): (ngram, str(d)) for d in ngram_depths}
-    plans |= {sparse_name(d): (sparse, str(d)) for d in sparse_depths}
-    plans[AUTO_SPARSE] = (sparse, "auto")
+                 sparse: str) -> dict[str, RouterPlan]:
+    """Each configuration's router, in the order they run (plain first: every other answer is checked against it)."""
+    ngram_kind, sparse_kind = frozenset({"ngram"}), frozenset({"sparse_self"})
+    plans = {PLAIN: RouterPlan(None, "0", frozenset())}
+    plans |= {ngram_name(d): RouterPlan(ngram, str(d), ngram_kind) for d in ngram_depths}
+    plans |= {sparse_name(d): RouterPlan(sparse, str(d), sparse_kind) for d in sparse_depths}
+    plans[AUTO_SPARSE] = RouterPlan(sparse, "auto", sparse_kind)
     if both_pools:
-        plans[AUTO_BOTH] = (both_pools_drafts(ngram, sparse), "auto")
+        plans[AUTO_BOTH] = RouterPlan(both_pools_drafts(ngram, sparse), "auto", ngram_kind | sparse_kind)
     return plans
+
+
+def draft_kinds(address: str) -> frozenset[str]:
+    """The drafter kinds a router's draft pool reports (those of the drafts it has reached)."""
+    import grpc
+
+    from specfleet.protos import generate_pb2, generate_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        info = generate_pb2_grpc.GenerationServiceStub(channel).GetServerInfo(generate_pb2.GetServerInfoRequest(),
+                                                                              timeout=10)
+    return frozenset(info.draft_kinds)
+
+
+def check_pools(routers: dict[str, str], plans: dict[str, RouterPlan], wait_s: float = 30.0) -> None:
+    """Every router drafts with the drafters its configuration names: a pool the router cannot reach (or a --drafts
+    it reads differently, as a router without named pools reads ``ngram=HOST:PORT``) would run plain decoding and
+    be reported under a drafter's name."""
+    deadline = time.monotonic() + wait_s
+    for name, address in routers.items():
+        while (kinds := draft_kinds(address)) != plans[name].kinds and time.monotonic() < deadline:
+            time.sleep(0.5)  # the router asks each draft for its info as it connects
+        if kinds != plans[name].kinds:
+            hint = " (does this router take named draft pools yet?)" if name == AUTO_BOTH else ""
+            raise SystemExit(f"the router for {name} (--drafts {plans[name].drafts}) reports draft kinds "
+                             f"{sorted(kinds)}, not {sorted(plans[name].kinds)}{hint}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -525,21 +563,23 @@ def run_specfleet(plan: Plan, prompts: dict[int, list[Prompt]], decode: Callable
         sparse = f.start("draft", ["--drafter", "sparse_self", "--model", MODEL, "--sparse-sinks", str(SPARSE_SINKS),
                                    "--sparse-window", str(SPARSE_WINDOW), *slots, *redis], "draft-sparse-self")
         routers: dict[str, str] = {}
-        for name, (drafts, depth) in router_plans(plan.ngram_depths, plan.sparse_depths, plan.both_pools, ngram,
-                                                  sparse).items():
-            progress(f"starting the router for {name} (--drafts {drafts or '(none)'} --depth {depth})")
+        plans = router_plans(plan.ngram_depths, plan.sparse_depths, plan.both_pools, ngram, sparse)
+        for name, rp in plans.items():
+            progress(f"starting the router for {name} (--drafts {rp.drafts or '(none)'} --depth {rp.depth})")
             try:
-                routers[name] = f.router(target, drafts, depth, f"router-{name.replace(' ', '-')}", redis)
+                routers[name] = f.router(target, rp.drafts, rp.depth,
+                                         "router-" + re.sub(r"[^\w.-]+", "-", name).strip("-"), redis)
             except (RuntimeError, TimeoutError) as err:
                 if name == AUTO_BOTH:
-                    raise SystemExit(f"--both-pools: the router did not start with --drafts {drafts}; it needs a "
+                    raise SystemExit(f"--both-pools: the router did not start with --drafts {rp.drafts}; it needs a "
                                      f"router that takes named draft pools\n{err}") from err
                 raise
         # Warm-up: each router's first requests pay one-time costs (connections, the policy's first fit).
         warm = next(iter(prompts.values()))[0].ids[:64]
         for address in routers.values():
             send_batch(address, [warm], 4)
-        progress("warm")
+        check_pools(routers, plans)
+        progress("warm; every router reaches the drafts it names")
         for context in plan.contexts:
             for batch in plan.batches:
                 rounds = rounds_for(plan.prompts_per_cell, batch)
@@ -623,11 +663,18 @@ def main() -> None:
     prompts = {c: build_prompts(sources, encode, c, count) for c in plan.contexts}
     for c in plan.contexts:
         progress(f"context {c}: " + ", ".join(p.label for p in prompts[c]))
+    configs = len(router_plans(plan.ngram_depths, plan.sparse_depths, plan.both_pools, "", ""))
+    requests = sum(rounds_for(plan.prompts_per_cell, b) * b for b in plan.batches)
+    progress(f"{len(plan.contexts) * len(plan.batches)} cells x {configs} configurations: "
+             f"{configs * requests * len(plan.contexts)} requests, "
+             f"{configs * requests * sum(plan.contexts) / 1e6:.2f}M prompt tokens for the target to prefill (every "
+             f"configuration prefills every prompt), a sparse_self draft prefilling them too in most")
     batch_1 = {c: prompts[c][:rounds_for(plan.prompts_per_cell, 1)] for c in plan.contexts}
 
     cells: dict[Key, Cell] = {}
     if not args.no_hf and 1 in plan.batches:
         cells |= hf_reference(batch_1, plan.max_new_tokens, progress)  # first, and freed before the services start
+        gc.collect()
 
     title = (f"SmolLM2-135M, greedy, {plan.max_new_tokens} new tokens, {args.task} "
              f"({'+'.join(sources)}), sparse_self {SPARSE_SINKS} sinks + {SPARSE_WINDOW} window")

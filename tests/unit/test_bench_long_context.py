@@ -164,10 +164,14 @@ def test_the_table_keeps_the_best_ngram_depth_and_marks_the_best_sparse_self_dep
 
 def test_routers_plain_each_depth_auto_and_both_pools_named() -> None:
     plans = router_plans([2, 4], [1, 3], both_pools=False, ngram="h:1", sparse="h:2")
-    assert plans == {PLAIN: (None, "0"), "ngram d2": ("h:1", "2"), "ngram d4": ("h:1", "4"),
-                     "sparse_self d1": ("h:2", "1"), "sparse_self d3": ("h:2", "3"), AUTO_SPARSE: ("h:2", "auto")}
-    both = router_plans([2], [1], both_pools=True, ngram="127.0.0.1:5001", sparse="127.0.0.1:5002")
-    assert both[AUTO_BOTH] == ("ngram=127.0.0.1:5001,sparse_self=127.0.0.1:5002", "auto")
+    assert {name: (p.drafts, p.depth) for name, p in plans.items()} == {
+        PLAIN: (None, "0"), "ngram d2": ("h:1", "2"), "ngram d4": ("h:1", "4"), "sparse_self d1": ("h:2", "1"),
+        "sparse_self d3": ("h:2", "3"), AUTO_SPARSE: ("h:2", "auto")}
+    assert plans[PLAIN].kinds == frozenset() and plans["ngram d4"].kinds == {"ngram"}
+    assert plans[AUTO_SPARSE].kinds == {"sparse_self"}
+    both = router_plans([2], [1], both_pools=True, ngram="127.0.0.1:5001", sparse="127.0.0.1:5002")[AUTO_BOTH]
+    assert (both.drafts, both.depth) == ("ngram=127.0.0.1:5001,sparse_self=127.0.0.1:5002", "auto")
+    assert both.kinds == {"ngram", "sparse_self"}
 
 
 def test_rounds_send_whole_batches() -> None:

@@ -288,6 +288,13 @@ def check_identical(name: str, got: list[Timed], expected: list[Timed], prompts:
                 f"{name}: {decode(t.tokens)!r}")
 
 
+def cell_work(context: int, requests: int) -> float:
+    """A cell's cost in prompt tokens, scaled for attention: on a CPU prefill dominates, and a prompt's attention
+    grows with its length (SmolLM2-135M: a 6K-token prompt's attention takes about as many FLOPs as its weights),
+    for a rough time left."""
+    return requests * context * (1 + context / 6000)
+
+
 def rounds_for(prompts_per_cell: int, batch: int) -> int:
     """Rounds of ``batch`` requests that send at least ``prompts_per_cell`` requests (at least one round)."""
     return max(1, math.ceil(prompts_per_cell / batch))
@@ -580,6 +587,9 @@ def run_specfleet(plan: Plan, prompts: dict[int, list[Prompt]], decode: Callable
             send_batch(address, [warm], 4)
         check_pools(routers, plans)
         progress("warm; every router reaches the drafts it names")
+        measuring = time.monotonic()
+        total = sum(cell_work(c, rounds_for(plan.prompts_per_cell, b) * b) for c in plan.contexts for b in plan.batches)
+        done = 0.0
         for context in plan.contexts:
             for batch in plan.batches:
                 rounds = rounds_for(plan.prompts_per_cell, batch)
@@ -599,6 +609,10 @@ def run_specfleet(plan: Plan, prompts: dict[int, list[Prompt]], decode: Callable
                         elif r == 0 and batch == plan.batches[0]:
                             progress(f"  plain decoding's answer to {group[0].label}: {decode(answers[0].tokens)!r}")
                 on_cell()
+                done += cell_work(context, rounds * batch)
+                left = (time.monotonic() - measuring) / done * (total - done)
+                progress(f"cell context {context} batch {batch} done; rough time left {left / 60:.0f} min (scaled by "
+                         f"the prefill work done so far)")
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from bench.long_context import (
     Timed,
     agreement_until_eos,
     build_prompts,
+    cell_work,
     chat_frame,
     decode_goodput,
     document_windows,
@@ -177,6 +178,8 @@ def test_routers_plain_each_depth_auto_and_both_pools_named() -> None:
 def test_rounds_send_whole_batches() -> None:
     assert [rounds_for(2, b) for b in (1, 2, 8, 16)] == [2, 1, 1, 1]
     assert rounds_for(20, 8) == 3
+    # The time left weighs a 7K-token cell by its attention too: more than 7 times a 1K-token cell of as many requests.
+    assert cell_work(7168, 16) / cell_work(1024, 16) == pytest.approx(7 * (1 + 7168 / 6000) / (1 + 1024 / 6000))
 
 
 def test_hf_and_plain_decoding_are_compared_up_to_the_end_of_sequence() -> None:

@@ -361,7 +361,7 @@ def draft_kinds(address: str) -> frozenset[str]:
 
 def check_pools(routers: dict[str, str], plans: dict[str, RouterPlan], wait_s: float = 30.0) -> None:
     """Every router drafts with the drafters its configuration names: a pool the router cannot reach (or a --drafts
-    it reads differently, as a router without named pools reads ``ngram=HOST:PORT``) would run plain decoding and
+    it reads differently, as a router from before named pools read ``ngram=HOST:PORT``) would run plain decoding and
     be reported under a drafter's name."""
     deadline = time.monotonic() + wait_s
     for name, address in routers.items():
@@ -625,8 +625,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--ngram-depths", type=int, nargs="+", default=[2, 4], help="the table keeps the best")
     parser.add_argument("--sparse-depths", type=int, nargs="+", default=[1, 2, 3, 4])
-    parser.add_argument("--both-pools", action="store_true", help="also auto with both pools, named "
-                        "(--drafts ngram=HOST:PORT,sparse_self=HOST:PORT): needs a router that takes named pools")
+    parser.add_argument("--both-pools", action="store_true", help="also auto with both pools, named (--drafts "
+                        "ngram=HOST:PORT,sparse_self=HOST:PORT): the policy picks each sequence's pool every step")
     parser.add_argument("--source", choices=["both", "code", "sharegpt"], default="both",
                         help="documents: standard-library modules, ShareGPT conversations, or both in turn")
     parser.add_argument("--task", choices=["summarise", "continue"], default="summarise",

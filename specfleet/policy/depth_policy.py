@@ -135,8 +135,9 @@ class DepthPolicy:
         found = state.by_drafter.get(kind)
         if found is None:
             own = [s for s in state.samples if s.role != "draft" or s.drafter in (kind, None)]
-            found = state.by_drafter[kind] = CostModel.fit(own, drafter_defaults(kind, self._defaults),
-                                                           max_tokens=max(33, self.max_depth + 2))
+            found = state.by_drafter[kind] = CostModel.fit(
+                own, drafter_defaults(kind, self._defaults), max_tokens=max(33, self.max_depth + 2),
+                ahead_alpha=state.fleet_alpha if self.drafts_ahead else None)
         return found
 
     def alphas(self, per_sequence_counts: Sequence[tuple[int, int]]) -> list[float]:
@@ -160,21 +161,22 @@ class DepthPolicy:
 
     def choose(self, per_sequence_counts: Sequence[tuple[int, int]], limits: Sequence[int] | None = None,
                offer_counts: Sequence[tuple[int, int]] | None = None, calibration: float = 1.0,
-               contexts: Sequence[int] | None = None) -> DepthDecision:
+               contexts: Sequence[int] | None = None, drafter: str | None = None) -> DepthDecision:
         """Depths for one step; `per_sequence_counts[i]` is sequence i's (accepted, rejections), `offer_counts[i]`
         its (offers, misses) (the fleet's offer rate for everyone when not given), `contexts[i]` its KV length
         (its committed tokens; None: the cost model's reference context); `calibration` as in `choose_depths`."""
         state = self._state  # read once: one consistent model for the whole decision
+        costs = state.costs if drafter is None else self.costs_for(drafter)
         alphas = self._alphas(per_sequence_counts, state.fleet_alpha)
         rates = self._offer_rates(offer_counts, state.fleet_offer_rate, len(alphas))
         if self.pinned_depth is not None:
-            return pinned_decision(alphas, state.costs, self.pinned_depth, max_depth=self.max_depth, limits=limits,
+            return pinned_decision(alphas, costs, self.pinned_depth, max_depth=self.max_depth, limits=limits,
                                    offer_rates=rates, contexts=contexts)
         if self.mode == "latency":
-            return choose_depths_for_latency(alphas, state.costs, self.max_depth, self.min_goodput,
+            return choose_depths_for_latency(alphas, costs, self.max_depth, self.min_goodput,
                                              limits=limits, uniform=self.uniform, offer_rates=rates,
                                              min_gain=self.min_gain, calibration=calibration, contexts=contexts)
-        return choose_depths(alphas, state.costs, self.max_depth, limits=limits, uniform=self.uniform,
+        return choose_depths(alphas, costs, self.max_depth, limits=limits, uniform=self.uniform,
                              offer_rates=rates, min_gain=self.min_gain, calibration=calibration, contexts=contexts)
 
     def choose_tree(self, per_sequence_counts: Sequence[tuple[int, int]],

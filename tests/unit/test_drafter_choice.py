@@ -125,3 +125,16 @@ def test_the_policy_chooses_pools_from_each_sequences_counts_with_each() -> None
     # Short ones: the sparse draft's passes cost about what the verify does, and the second sequence plain-decodes.
     short = policy.choose_pools(pools, contexts=[300, 300])
     assert short.pools[0] == "a" and short.depths[1] <= 1
+
+
+def test_a_single_pool_is_priced_by_its_own_drafter_kind() -> None:
+    """One Redis, two fleets: cheap n-gram samples must not make a sparse_self router draft as if its drafts were
+    free, nor its expensive ones hold an n-gram router back."""
+    policy = DepthPolicy(max_depth=4)
+    samples = [CostSample("target", 8, t, 200.0 + 20.0 * t, 4096) for t in (1.0, 2.0, 3.0) for _ in range(3)]
+    samples += [CostSample("draft", 8, 1.0, 1.0, 4096, "ngram") for _ in range(6)]
+    samples += [CostSample("draft", 8, 1.0, 900.0, 4096, "sparse_self") for _ in range(3)]
+    policy.update(samples, 50, 50)
+    counts, limits = [(5, 5)] * 8, [4] * 8
+    assert policy.choose(counts, limits, contexts=[4096] * 8, drafter="ngram").depths[0] > 0
+    assert policy.choose(counts, limits, contexts=[4096] * 8, drafter="sparse_self").depths == (0,) * 8

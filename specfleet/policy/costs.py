@@ -109,8 +109,8 @@ DEFAULT_COSTS: Mapping[str, CostFn] = MappingProxyType({
     # SmolLM2-135M verifying on a CPU (the timings it fits are in bench/step_costs.md): one and eight tokens at
     # batch 1 and eight at batch 16 need a fixed + per-sequence + per-token form (a single per-token slope cannot
     # fit them all); no knee shows on a CPU. Past the reference context each sequence's verify reads its KV cache,
-    # about 0.02 ms a cached token on a CPU (bench/step_costs.md); the n-gram drafter and the router read none.
-    "target": AnalyticCost(fixed_ms=16.7, per_seq_ms=6.7, per_token_ms=1.6, per_kv_ms=0.02),
+    # about 0.005 ms a cached token on a CPU (bench/step_costs.md); the n-gram drafter and the router read none.
+    "target": AnalyticCost(fixed_ms=16.7, per_seq_ms=6.7, per_token_ms=1.6, per_kv_ms=0.005),
     "draft": AnalyticCost(fixed_ms=0.8, per_token_ms=0.025),  # an n-gram lookup, nearly free
     "overhead": AnalyticCost(fixed_ms=3.0),  # gRPC and bookkeeping of a router step
 })

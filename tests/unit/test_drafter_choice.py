@@ -9,7 +9,7 @@ import random
 import pytest
 
 from specfleet.policy import DepthPolicy
-from specfleet.policy.costs import AnalyticCost, CostModel, CostSample
+from specfleet.policy.costs import DEFAULT_COSTS, AnalyticCost, CostModel, CostSample
 from specfleet.policy.depth_policy import PoolCounts
 from specfleet.policy.drafter_choice import PoolOption, choose_pools, mixed_goodput, mixed_step_ms
 
@@ -116,7 +116,9 @@ def test_an_unmeasured_sparse_drafter_costs_a_pass_per_level() -> None:
 
 
 def test_the_policy_chooses_pools_from_each_sequences_counts_with_each() -> None:
-    policy = DepthPolicy(max_depth=4)
+    """On a device where a verify's KV reads dominate at long context (4x this CPU's slope), a long sequence that
+    the n-gram drafter misses drafts with the sparse pool, and at short context it does not."""
+    policy = DepthPolicy(max_depth=4, defaults={**DEFAULT_COSTS, "target": TARGET})
     pools = [PoolCounts("a", "ngram", [(90, 5), (1, 40)], [(95, 0), (41, 0)], [4, 4]),
              PoolCounts("b", "sparse_self", [(0, 0), (60, 10)], [(0, 0), (70, 0)], [4, 4])]
     # Long contexts: a verify reads a long KV cache, and the sparse draft's passes do not, so drafting pays.

@@ -31,7 +31,10 @@ VALUE_SETS: dict[str, Path | None] = {
     "gpu-external-redis": ROOT / "deploy" / "helm" / "values-gpu-external-redis.yaml",
 }
 RELEASE = "fleet"
+FULLNAME = f"{RELEASE}-specfleet"
 NAMESPACE = "llm"
+# Kubernetes version the objects are checked against (kubernetes-validate ships the schemas, strict variant).
+KUBERNETES_VERSION = "1.35"
 SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
 PROMETHEUS_RULE_API = "monitoring.coreos.com/v1/PrometheusRule"
 
@@ -135,6 +138,22 @@ def pod_containers(rendered: tuple[dict[str, Any], ...]) -> Iterator[tuple[dict[
 
 def env_map(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {item["name"]: item for item in container.get("env", [])}
+
+
+def schema_errors(objs: Iterator[dict[str, Any]] | list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> list[str]:
+    """Each object but the Prometheus Operator's (CRDs: kubernetes-validate ships no schema for them) validated
+    strictly against `KUBERNETES_VERSION`'s schemas: one line per error."""
+    import kubernetes_validate
+
+    errors = []
+    for obj in objs:
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {'.'.join(map(str, err.path))}: {err.message}")
+    return errors
 
 
 def flag_value(args: list[str], flag: str) -> str | None:

@@ -19,6 +19,7 @@ import yaml
 from dashboards import DASHBOARDS, expressions
 from helm_tools import (
     CHART,
+    FULLNAME,
     NAMESPACE,
     PROMETHEUS_RULE_API,
     RELEASE,
@@ -31,10 +32,9 @@ from helm_tools import (
     objects,
     render,
     run_helm,
+    schema_errors,
 )
 
-KUBERNETES_VERSION = "1.35"  # as tests/deploy/test_helm.py
-FULLNAME = f"{RELEASE}-specfleet"
 POOL_LABEL = "specfleet/draft-pool"
 TARGET_MODEL = "qwen2.5-coder-1.5b"  # values.yaml's target.model.name
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -234,21 +234,12 @@ def test_hpa_and_pdb_per_pool() -> None:
 
 def test_the_pools_objects_validate_against_kubernetes_schemas() -> None:
     """The same strict check test_helm.py makes of every rendering, over the pools with every switch on."""
-    import kubernetes_validate
-
     values = {**TWO_POOLS, "serviceMonitor": {"enabled": True}, "metrics": {"podAnnotations": True},
               "target": {"model": {"source": "huggingface", "name": "Qwen/Qwen2.5-7B-Instruct"}},
               "router": {"tokenizer": ""}}
     objs = render_values(values, MONITORED)
     assert len(drafts(objs, "Deployment")) == 2
-    errors = []
-    for obj in objs:
-        if obj["apiVersion"].startswith("monitoring.coreos.com/"):  # CRDs: checked below
-            continue
-        try:
-            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as err:
-            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {'.'.join(map(str, err.path))}: {err.message}")
+    errors = schema_errors(objs)  # the CRDs are checked below
     assert not errors, "\n".join(errors)
     # A hub target: the sparse_self pool downloads the target's weights before it starts, like the target.
     sparse = drafts(objs, "Deployment")[f"{FULLNAME}-draft-sparse"]["spec"]["template"]["spec"]

@@ -72,7 +72,7 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.chaos_fuzz import FuzzCase, HttpCall, fuzz_cases
-from specfleet.client import make_request, stream
+from specfleet.client import make_request, server_info, stream
 from specfleet.launcher import Deployment, Process, free_port, wait_redis, wait_serving
 from specfleet.protos import generate_pb2, generate_pb2_grpc
 
@@ -194,10 +194,7 @@ def eventually(condition: Callable[[], bool], timeout_s: float) -> float | None:
 
 
 def target_addresses(router: str) -> list[str]:
-    with grpc.insecure_channel(router) as channel:
-        info = generate_pb2_grpc.GenerationServiceStub(channel).GetServerInfo(generate_pb2.GetServerInfoRequest(),
-                                                                              timeout=10)
-    return sorted(info.target_addresses)
+    return sorted(server_info(router).target_addresses)
 
 
 # --- results ---------------------------------------------------------------------------------------------------

@@ -349,14 +349,9 @@ def router_plans(ngram_depths: Sequence[int], sparse_depths: Sequence[int], both
 
 def draft_kinds(address: str) -> frozenset[str]:
     """The drafter kinds a router's draft pool reports (those of the drafts it has reached)."""
-    import grpc
+    from specfleet.client import server_info
 
-    from specfleet.protos import generate_pb2, generate_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        info = generate_pb2_grpc.GenerationServiceStub(channel).GetServerInfo(generate_pb2.GetServerInfoRequest(),
-                                                                              timeout=10)
-    return frozenset(info.draft_kinds)
+    return frozenset(server_info(address).draft_kinds)
 
 
 def check_pools(routers: dict[str, str], plans: dict[str, RouterPlan], wait_s: float = 30.0) -> None:

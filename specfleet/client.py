@@ -47,6 +47,13 @@ def channel(address: str, tls_ca: str = "") -> grpc.Channel:
         return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=pem.read()))
 
 
+def server_info(address: str, timeout_s: float = 10.0, *, tls_ca: str = "") -> generate_pb2.GetServerInfoResponse:
+    """The router's GetServerInfo: its model, limits, draft kinds, policy state (and, for admins, addresses)."""
+    with channel(address, tls_ca) as open_channel:
+        return generate_pb2_grpc.GenerationServiceStub(open_channel).GetServerInfo(generate_pb2.GetServerInfoRequest(),
+                                                                                   timeout=timeout_s)
+
+
 def stream(address: str, request: generate_pb2.GenerateRequest, timeout_s: float | None = None, *, api_key: str = "",
            tls_ca: str = "") -> Iterator[generate_pb2.GenerateResponse]:
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None

@@ -93,17 +93,17 @@ def mixed_step_ms(options: Sequence[PoolOption], pools: Sequence[int], depths: S
     """Predicted ms of a step where sequence i drafts ``depths[i]`` tokens from ``options[pools[i]]`` (see the
     module's formula). The target and overhead come from the first option's cost model: every pool's model shares
     those roles' fits."""
-    return _Pricer(options, contexts).step_ms(pools, depths)
+    return _Tally(_Pricer(options, contexts), list(pools), list(depths)).step_ms()
 
 
 def mixed_goodput(options: Sequence[PoolOption], pools: Sequence[int], depths: Sequence[int],
                   contexts: Sequence[int] | None = None) -> float:
     """Predicted tokens per second of a mixed plan."""
-    return _Pricer(options, contexts).goodput(pools, depths)
+    return _Tally(_Pricer(options, contexts), list(pools), list(depths)).goodput()
 
 
 class _Pricer:
-    """Prices mixed plans of one step, memoising what repeats across the search's many evaluations: each
+    """What pricing one step's mixed plans (`_Tally`) memoises across the search's many evaluations: each
     sequence's expected tokens by pool and depth, and each pool's draft cost by (sequences, depth, context)."""
 
     def __init__(self, options: Sequence[PoolOption], contexts: Sequence[int] | None) -> None:
@@ -130,28 +130,6 @@ class _Pricer:
             found = self._drafting[key] = self.options[pool].costs.predict("draft", rows, float(depth), key[3])
         return found
 
-    def step_ms(self, pools: Sequence[int], depths: Sequence[int]) -> float:
-        deepest = max(depths, default=0)
-        shared = self.options[0].costs.step_costs(self.batch, deepest, self.context)
-        rates = [self.options[p].offer_rates[i] for i, p in enumerate(pools)]
-        drafts = sum(m * d for m, d in zip(rates, depths, strict=True))
-        verify = shared.target_at(verified_drafts(drafts, deepest * sum(rates)))
-        drafting = 0.0
-        if deepest > 0:
-            rows_by_pool: dict[int, list[int]] = {}
-            for i, (p, d) in enumerate(zip(pools, depths, strict=True)):
-                if d > 0:
-                    rows_by_pool.setdefault(p, []).append(i)
-            drafting = max(self.drafting_ms(p, len(rows), max(depths[i] for i in rows),
-                                            None if self.contexts is None
-                                            else sum(self.contexts[i] for i in rows) / len(rows))
-                           for p, rows in rows_by_pool.items())
-        return drafting + verify + shared.overhead_ms[deepest]
-
-    def goodput(self, pools: Sequence[int], depths: Sequence[int]) -> float:
-        emitted = sum(self.emitted(p, i, d) for i, (p, d) in enumerate(zip(pools, depths, strict=True)))
-        return 1000.0 * emitted / self.step_ms(pools, depths)
-
 
 def choose_pools(options: Sequence[PoolOption], max_depth: int, *, contexts: Sequence[int] | None = None,
                  min_gain: float = 0.0, calibration: float = 1.0, pinned: bool = False) -> PoolDecision:
@@ -172,7 +150,7 @@ def choose_pools(options: Sequence[PoolOption], max_depth: int, *, contexts: Seq
     pricer = _Pricer(options, contexts)
 
     def goodput(plan: tuple[list[int], list[int]]) -> float:
-        return pricer.goodput(*plan)
+        return _Tally(pricer, *plan).goodput()
 
     plain = ([0] * batch, [0] * batch)
     singles = [([p] * batch, _alone(option, cap, max_depth, contexts)) for p, (option, cap)
@@ -197,7 +175,7 @@ def choose_pools(options: Sequence[PoolOption], max_depth: int, *, contexts: Seq
     single_goodput = (*((option.name, goodput(single)) for option, single in zip(options, singles, strict=True)),
                       ("none", plain_goodput))
     context = mean_context(contexts, batch)
-    return PoolDecision(names, tuple(best[1]), best_goodput, pricer.step_ms(*best),
+    return PoolDecision(names, tuple(best[1]), best_goodput, _Tally(pricer, *best).step_ms(),
                         single_goodput, held, calibration, pinned,
                         None if context is None else options[0].costs.step_costs(batch, 0, context).context)
 
@@ -283,7 +261,8 @@ class _Tally:
         self.pools[i], self.depths[i] = pool, depth
         self._add(i, 1)
 
-    def goodput(self) -> float:
+    def step_ms(self) -> float:
+        """The plan's predicted ms (the module's formula)."""
         pricer = self.pricer
         deepest, drafting = 0, 0.0
         for p, counts in enumerate(self.at_depth):
@@ -295,4 +274,8 @@ class _Tally:
                 drafting = max(drafting, pricer.drafting_ms(p, rows, top, context))
         shared = pricer.options[0].costs.step_costs(pricer.batch, deepest, pricer.context)
         verify = shared.target_at(verified_drafts(self.drafts, deepest * self.rates))
-        return 1000.0 * self.emitted / (drafting + verify + shared.overhead_ms[deepest])
+        return drafting + verify + shared.overhead_ms[deepest]
+
+    def goodput(self) -> float:
+        """The plan's predicted tokens per second."""
+        return 1000.0 * self.emitted / self.step_ms()

@@ -107,6 +107,7 @@ class Fleet:
         self._refused_drafts: set[str] = set()
         self._background: set[asyncio.Task] = set()
         self._last_max_context = 0
+        self.pools = config.speculation_pools  # the draft pools' names, in the order --drafts gives them
 
     # -- what the router asks ---------------------------------------------------------------------
 
@@ -153,16 +154,11 @@ class Fleet:
                                                                             self._give_up, seq)
 
     @property
-    def pools(self) -> list[str]:
-        """The draft pools' names, in the order --drafts gives them (none without speculation)."""
-        return list(self.config.draft_pools) if self.config.speculates else []
-
-    @property
     def first_pool(self) -> str:
         """The pool a new request drafts from until the policy chooses (the first given)."""
         return next(iter(self.pools), DRAFT_POOL)
 
-    def pick_draft(self, pool: str = DRAFT_POOL) -> DraftReplica | None:
+    def pick_draft(self, pool: str) -> DraftReplica | None:
         """The least loaded available replica of ``pool``, which a new sequence pins to (None: the pool has none)."""
         drafts = [d for d in self.drafts if d.pool == pool]
         if not self.config.speculates or not drafts:

@@ -40,7 +40,7 @@ class Planner:
         self.max_context = max_context
         self.audit = audit
         self.calibration = calibration
-        self.pools = list(config.draft_pools) if config.speculates else []
+        self.pools = config.speculation_pools
         self._last_log = 0.0
 
     def plan(self, batch: list[LiveRequest]) -> StepPlan:

@@ -366,6 +366,11 @@ class RouterConfig(ServiceConfig):
         return parse_draft_pools(self.drafts)
 
     @property
+    def speculation_pools(self) -> list[str]:
+        """The names of the draft pools the router drafts from, in --drafts order; none without speculation."""
+        return list(self.draft_pools) if self.speculates else []
+
+    @property
     def draft_pool(self) -> Pool:
         """The draft pool of a router given one; ValueError for several (see `draft_pools`)."""
         pools = self.draft_pools

@@ -68,7 +68,7 @@ def step_loop_for(target: TargetReplica, config: RouterConfig, feed: PolicyFeed,
     # With --calibration-half-life 0 the policy takes its predictions as they are.
     calibration = Calibration(config.calibration_half_life) if config.calibration_half_life else None
     strategies = Strategies({name: DraftAhead(pool, metrics) if config.draft_ahead else pool
-                             for name in (config.draft_pools or [DRAFT_POOL])
+                             for name in (config.speculation_pools or [DRAFT_POOL])
                              for pool in [DraftPool(config.draft_timeout_ms, config.draft_retry_s, metrics, name)]})
     planner = Planner(config, feed, strategies, target.address, target.info.max_seq_len, audit, calibration)
     observers: list[StepObserver] = [audit, MetricsExporter(metrics)]

@@ -38,7 +38,7 @@ class Strategies:
             return await self.strategies[name].propose(seqs, plan)
         results = await asyncio.gather(*(self.strategies[name].propose(seqs, plan) for name, seqs in groups.items()))
         return Proposals({seq_id: p for result in results for seq_id, p in result.items()},
-                         max(result.compute_ms for result in results))
+                         max((result.compute_ms for result in results), default=0.0))
 
     def settle(self, batch: list[LiveRequest], verdicts: Mapping[str, Verdict]) -> None:
         for name, seqs in self._groups(batch).items():
@@ -53,6 +53,8 @@ class Strategies:
     def _groups(self, seqs: list[LiveRequest]) -> dict[str, list[LiveRequest]]:
         groups: dict[str, list[LiveRequest]] = {}
         for seq in seqs:
+            if not seq.sessions and seq.strategy not in self.strategies:
+                continue  # no draft session anywhere: it decodes plainly (a canary replay, a router without drafts)
             groups.setdefault(seq.strategy, []).append(seq)
         unknown = sorted(groups.keys() - self.strategies.keys())
         if unknown:

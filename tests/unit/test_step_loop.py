@@ -245,3 +245,22 @@ def test_with_two_draft_pools_each_sequence_moves_to_the_drafter_that_is_accepte
         kept = seq.stats.by_pool["good"]
         assert kept.accepted > 20 and seq.stats.last_pool == "good"
         assert seq.stats.last_reason.startswith("drafters ")
+
+
+def test_a_sequence_with_no_draft_session_decodes_plainly_beside_named_pools() -> None:
+    """A canary replay (or any request admitted with no draft session) runs in the same batch as sequences of a named
+    pool, plainly, whatever strategy name it was built with."""
+    config = RouterConfig(depth="3", drafts="ngram=draft:1", draft_retry_s=60.0)
+    metrics = RouterMetrics()
+    draft = DraftReplica("draft:1", FakeDrafter(), pool="ngram")
+    strategies = Strategies({"ngram": DraftPool(config.draft_timeout_ms, config.draft_retry_s, metrics, "ngram")})
+    feed = PolicyFeed(DepthPolicy.fixed(3), None, 1.0, "throughput")
+    loop = StepLoop("target:1", Planner(config, feed, strategies, "target:1", max_context=256), strategies,
+                    TargetVerifier(TargetReplica("target:1", FakeTarget()), 10.0, metrics), [Recorder()], NoTracing(),
+                    capacity=8, max_context=256)
+    drafting = live_request("d", PROMPTS[0], 12, "ngram", draft)
+    plain = live_request("p", PROMPTS[1], 12)
+    plain.sessions = {}
+    outputs = asyncio.run(_serve(SimpleNamespace(loop=loop, recorder=Recorder()), [drafting, plain]))  # type: ignore[arg-type]
+    assert outputs == _plain(PROMPTS[:2], [12, 12])
+    assert plain.error is None and plain.stats.drafted == 0 and drafting.stats.drafted > 0

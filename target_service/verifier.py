@@ -1,7 +1,8 @@
 """The target side of a step, free of gRPC: run every sequence's new tokens and drafts through the
 model in one batched pass, verify the drafts, and keep only the accepted prefix in the cache. Draft
 trees go through the model with tree attention (``extend_tree``) and keep their accepted path
-(``keep_path``), so afterwards the cache reads as for a chain."""
+(``keep_path``), so afterwards the cache reads as for a chain. A sequence that asks for its next
+step's drafts (``draft_next``) gets them from the same pass: SPACE's mask groups (`specfleet.space`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,16 @@ from dataclasses import dataclass
 import torch
 
 from specfleet.engine import Extend, ModelRunner, TreeExtend
-from specfleet.sampling import VERIFY_STREAM, dense_from_top_k, processed_probs, seeded_uniforms
+from specfleet.sampling import (
+    DRAFT_STREAM,
+    VERIFY_STREAM,
+    dense_from_top_k,
+    processed_probs,
+    sample_drafts,
+    seeded_uniforms,
+)
 from specfleet.sampling_params import SamplingParams
+from specfleet.space import SpaceLayout, space_layout
 from specfleet.trees.shapes import PAD_TOKEN, ROOT_PARENT
 from specfleet.trees.structure import DraftTree, tree_depths
 from specfleet.verify import verify_chain, verify_greedy, verify_tree, verify_tree_greedy
@@ -29,6 +38,8 @@ class VerifyItem:
     seed: int = 0
     # For a tree: each draft token's parent (ROOT_PARENT: the last committed token); None for a chain.
     draft_parents: list[int] | None = None
+    # Draft tokens to propose for the sequence's next step from this pass (a self-drafting target); 0: none.
+    draft_next: int = 0
 
     @property
     def position(self) -> int:
@@ -44,19 +55,40 @@ class Verdict:
     tokens: tuple[int, ...] = ()  # accepted drafts, then the recovered or bonus token
     cached_len: int = 0
     accepted_nodes: tuple[int, ...] = ()  # for a tree: the accepted path's node indices
+    # Asked for with ``draft_next``: the next step's drafts, and for sampled requests the top-K each was drawn from.
+    next_tokens: tuple[int, ...] = ()
+    next_top_k: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def unknown(cls, seq_id: str) -> Verdict:
         return cls(seq_id, known=False)
 
 
-class Verifier:
-    """Verifies batches of draft chains against the target model held by ``runner``."""
+@dataclass(frozen=True)
+class SpaceSettings:
+    """A SPACE target: the token its mask positions hold, and the most masks a sequence may ask for per group."""
 
-    def __init__(self, runner: ModelRunner) -> None:
+    mask_token: int
+    max_masks: int
+    top_k_pairs: int = 64  # a sampled next draft's distribution on the wire, as the model drafters send it
+
+
+class Verifier:
+    """Verifies batches of draft chains against the target model held by ``runner``; with ``space``, also drafts the
+    next step's candidates for the sequences that ask."""
+
+    def __init__(self, runner: ModelRunner, space: SpaceSettings | None = None) -> None:
         self.runner = runner
+        self.space = space
+
+    @property
+    def max_draft_next(self) -> int:
+        """Most next-step drafts a sequence may ask for (0: this target does not draft)."""
+        return 0 if self.space is None else self.space.max_masks
 
     def verify(self, items: list[VerifyItem]) -> list[Verdict]:
+        for item in items:
+            self._check_draft_next(item)
         verdicts: dict[str, Verdict] = {}
         known = []
         for item in items:
@@ -65,26 +97,80 @@ class Verifier:
             else:
                 verdicts[item.seq_id] = Verdict.unknown(item.seq_id)
         trees = [i for i in known if i.draft_parents is not None]
-        known = [i for i in known if i.draft_parents is None]
+        self_drafted = [i for i in known if i.draft_next and i.draft_parents is None]
+        chains = [i for i in known if not i.draft_next and i.draft_parents is None]
         if trees:
             verdicts.update(self._verify_trees(trees))
-        if known:
+        if self_drafted:
+            verdicts.update(self._verify_self_drafted(self_drafted))
+        if chains:
             logits = self.runner.extend([
                 Extend(i.seq_id, i.rollback_to, list(i.new_tokens) + list(i.draft_tokens),
                        num_logits=len(i.draft_tokens) + 1)
-                for i in known
+                for i in chains
             ])
-            greedy = [n for n, i in enumerate(known) if i.sampling.greedy]
-            sampled = [n for n, i in enumerate(known) if not i.sampling.greedy]
-            for group, decide in ((greedy, self._verify_greedy), (sampled, self._verify_sampled)):
-                if group:
-                    for n, (accepted, tokens) in zip(group, decide([known[n] for n in group],
-                                                                   [logits[n] for n in group]), strict=True):
-                        item = known[n]
-                        cached = item.position + accepted  # drop the rejected drafts' keys/values
-                        self.runner.truncate(item.seq_id, cached)
-                        verdicts[item.seq_id] = Verdict(item.seq_id, True, accepted, tuple(tokens), cached)
+            for item, (accepted, tokens) in zip(chains, self._decide_chains(chains, logits), strict=True):
+                cached = item.position + accepted  # drop the rejected drafts' keys/values
+                self.runner.truncate(item.seq_id, cached)
+                verdicts[item.seq_id] = Verdict(item.seq_id, True, accepted, tuple(tokens), cached)
         return [verdicts[i.seq_id] for i in items]
+
+    def _check_draft_next(self, item: VerifyItem) -> None:
+        if not item.draft_next:
+            return
+        if item.draft_next > self.max_draft_next:
+            raise ValueError(f"{item.seq_id}: asks for {item.draft_next} next-step drafts, but this target drafts "
+                             f"{self.max_draft_next}" + (" (it was not started with a SPACE model)"
+                                                         if self.space is None else " at most"))
+        if item.draft_parents is not None:
+            raise ValueError(f"{item.seq_id}: a self-drafting step verifies a chain of candidates, not a tree")
+
+    def _decide_chains(self, items: list[VerifyItem], logits: list[torch.Tensor]) -> list[tuple[int, list[int]]]:
+        """(accepted, emitted tokens) of each chain, from its logits at the root and at its drafts."""
+        decided: dict[int, tuple[int, list[int]]] = {}
+        greedy = [n for n, i in enumerate(items) if i.sampling.greedy]
+        sampled = [n for n, i in enumerate(items) if not i.sampling.greedy]
+        for group, decide in ((greedy, self._verify_greedy), (sampled, self._verify_sampled)):
+            if group:
+                decided.update(zip(group, decide([items[n] for n in group], [logits[n] for n in group]), strict=True))
+        return [decided[n] for n in range(len(items))]
+
+    def _verify_self_drafted(self, items: list[VerifyItem]) -> dict[str, Verdict]:
+        """SPACE: each sequence's candidates and mask groups in one tree-attention pass; the candidates are verified
+        as a chain, the cache keeps the accepted ones, and the mask group after the last of them proposes the next
+        candidates (greedy: the argmax; sampled: drawn from the processed distribution's top-K, sent with them)."""
+        assert self.space is not None
+        layouts = [space_layout(i.draft_tokens, self._masks_that_fit(i), self.space.mask_token) for i in items]
+        logits = self.runner.extend_tree([TreeExtend(i.seq_id, i.rollback_to, list(i.new_tokens), layout.tokens,
+                                                     layout.parents) for i, layout in zip(items, layouts, strict=True)])
+        decided = self._decide_chains(items, [x[: len(i.draft_tokens) + 1] for x, i in zip(logits, items, strict=True)])
+        verdicts: dict[str, Verdict] = {}
+        for item, layout, rows, (accepted, tokens) in zip(items, layouts, logits, decided, strict=True):
+            self.runner.keep_path(item.seq_id, item.position, layout.kept_nodes(accepted))
+            next_tokens, next_top_k = self._next_candidates(item, layout, rows, accepted)
+            verdicts[item.seq_id] = Verdict(item.seq_id, True, accepted, tuple(tokens), item.position + accepted,
+                                            next_tokens=next_tokens, next_top_k=next_top_k)
+        return verdicts
+
+    def _masks_that_fit(self, item: VerifyItem) -> int:
+        """The masks asked for, fewer where the pass would outgrow the sequence's cache (none: no next drafts)."""
+        room = self.runner.max_seq_len - item.position - len(item.draft_tokens)
+        return max(0, min(item.draft_next, room // (len(item.draft_tokens) + 1)))
+
+    def _next_candidates(self, item: VerifyItem, layout: SpaceLayout, logits: torch.Tensor, accepted: int
+                         ) -> tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor] | None]:
+        assert self.space is not None
+        rows = layout.group_rows(accepted)
+        if not len(rows):
+            return (), None
+        # The next step's first candidate sits right after the token this step emits: seeded from where it sits.
+        first = item.position + accepted + 1
+        tokens, pairs = sample_drafts(logits[rows.start:rows.stop], [item.sampling] * len(rows),
+                                      seeded_uniforms(item.seed, first, DRAFT_STREAM, len(rows)).tolist(),
+                                      self.space.top_k_pairs)
+        if item.sampling.greedy:
+            return tuple(tokens), None
+        return tuple(tokens), (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
 
     def _verify_trees(self, items: list[VerifyItem]) -> dict[str, Verdict]:
         """Every tree in one tree-attention pass, verified (greedy, or by recursive rejection sampling),

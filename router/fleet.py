@@ -33,6 +33,7 @@ from router.policy_feed import PolicyFeed
 from router.ports import StepObserver
 from router.prediction_audit import Calibration, PredictionAudit
 from router.replicas import DraftReplica, ReplicaError, ReplicaGone, TargetLost, TargetReplica, check_compatible
+from router.self_drafted import SELF_DRAFTED, SelfDrafted
 from router.strategies import Strategies
 from router.target_link import GrpcTargetLink
 from router.target_verifier import TargetVerifier
@@ -67,9 +68,15 @@ def step_loop_for(target: TargetReplica, config: RouterConfig, feed: PolicyFeed,
     audit = PredictionAudit()
     # With --calibration-half-life 0 the policy takes its predictions as they are.
     calibration = Calibration(config.calibration_half_life) if config.calibration_half_life else None
-    strategies = Strategies({name: DraftAhead(pool, metrics) if config.draft_ahead else pool
-                             for name in (config.speculation_pools or [DRAFT_POOL])
-                             for pool in [DraftPool(config.draft_timeout_ms, config.draft_retry_s, metrics, name)]})
+    if config.self_draft:
+        if not target.info.max_draft_next:
+            log.warning("target %s does not draft for itself (it was not started with a SPACE model, see "
+                        "--space-masks): its sequences decode plainly", target.address)
+        strategies = Strategies({SELF_DRAFTED: SelfDrafted(target.info.max_draft_next)})
+    else:
+        strategies = Strategies({name: DraftAhead(pool, metrics) if config.draft_ahead else pool
+                                 for name in (config.speculation_pools or [DRAFT_POOL])
+                                 for pool in [DraftPool(config.draft_timeout_ms, config.draft_retry_s, metrics, name)]})
     planner = Planner(config, feed, strategies, target.address, target.info.max_seq_len, audit, calibration)
     observers: list[StepObserver] = [audit, MetricsExporter(metrics)]
     if calibration is not None:
@@ -155,8 +162,8 @@ class Fleet:
 
     @property
     def first_pool(self) -> str:
-        """The pool a new request drafts from until the policy chooses (the first given)."""
-        return next(iter(self.pools), DRAFT_POOL)
+        """Where a new request drafts from until the policy chooses: the first pool given, or the target itself."""
+        return SELF_DRAFTED if self.config.self_draft else next(iter(self.pools), DRAFT_POOL)
 
     def pick_draft(self, pool: str) -> DraftReplica | None:
         """The least loaded available replica of ``pool``, which a new sequence pins to (None: the pool has none)."""

@@ -28,6 +28,8 @@ class ReplicaInfo:
     live_sequences: int = 0
     eos_token_ids: tuple[int, ...] = ()
     draining: bool = False  # shutting down: it takes no new sequences
+    max_draft_next: int = 0  # a self-drafting target: the most next-step drafts a sequence may ask for (0: none)
+    self_drafting: str = ""  # how it drafts them ("space"), "" when it does not
 
 
 class ReplicaError(Exception):

@@ -184,6 +184,8 @@ async def build_router(config: RouterConfig, connect_timeout_s: float = 300.0, o
 
 
 def _describe_pools(config: RouterConfig) -> str:
+    if config.self_draft:
+        return "the targets themselves (--self-draft)"
     pools = config.draft_pools
     if len(pools) == 1:
         return str(next(iter(pools.values())))

@@ -8,7 +8,7 @@ import grpc
 
 from router.grpc_link import GrpcLink, delta_to_proto
 from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
-from specfleet.speculation import SessionReply, Verdict, VerifyAsk
+from specfleet.speculation import Proposal, SessionReply, TopK, Verdict, VerifyAsk
 from specfleet.wire import sampling_to_proto
 
 
@@ -24,7 +24,11 @@ class GrpcTargetLink(GrpcLink):
             if v.status == session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE:
                 reply.unknown.append(v.seq_id)
                 continue
-            reply.answers[v.seq_id] = Verdict(tuple(v.tokens), v.accepted, tuple(v.accepted_nodes))
+            next_proposal = None
+            if v.next_draft_tokens:
+                next_proposal = Proposal(tuple(v.next_draft_tokens), tuple(
+                    TopK(tuple(d.token_ids), tuple(d.probs)) for d in v.next_draft_top_k))
+            reply.answers[v.seq_id] = Verdict(tuple(v.tokens), v.accepted, tuple(v.accepted_nodes), next_proposal)
             reply.cached_len[v.seq_id] = v.cached_len
         return reply
 
@@ -34,9 +38,7 @@ def _entry(ask: VerifyAsk) -> target_pb2.VerifyEntry:
     entry = target_pb2.VerifyEntry(sequence=delta_to_proto(delta.seq_id, delta.rollback_to, delta.new_tokens),
                                    sampling=sampling_to_proto(ask.sampling), seed=ask.seed)
     if proposal is not None:
-        if proposal.draft_next:
-            raise ValueError(f"{delta.seq_id}: the target service does not draft for the next step "
-                             "(self-drafting is not in its API)")
+        entry.draft_next = proposal.draft_next
         entry.draft_tokens.extend(proposal.tokens)
         entry.draft_top_k.extend(session_pb2.TokenDistribution(token_ids=d.token_ids, probs=d.probs)
                                  for d in proposal.draft_top_k)

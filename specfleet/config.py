@@ -102,6 +102,18 @@ class TargetConfig(EngineConfig):
     """The target service: verifies drafts with the big model."""
 
     port: int = option(50052, "gRPC port")
+    space_masks: int = option(-1, "SPACE self-drafting: the most mask tokens a sequence's step may append after its "
+                              "last token and after each candidate, to draft its next step in the same pass (-1: as "
+                              "the model folder's specfleet_space.json says, off for an ordinary model; 0: off)")
+    space_mask_token: int = option(-1, "SPACE self-drafting: the token id mask positions hold (-1: the model folder's, "
+                                   "from `specfleet train-space`); any id works for output, only a fine-tuned model "
+                                   "drafts well")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.space_masks >= -1, f"--space-masks must be >= -1, got {self.space_masks}")
+        _check(self.space_masks <= MAX_DEPTH,
+               f"--space-masks must be <= {MAX_DEPTH} (a step's drafts), got {self.space_masks}")
 
 
 @dataclass(frozen=True)
@@ -287,6 +299,9 @@ class RouterConfig(ServiceConfig):
                                "each sequence's drafter continues its drafts as if all were accepted, and those "
                                "drafts are used when they came true; drafting then costs no wall time when it "
                                "fits inside the verify, as a CPU drafter beside a GPU target does")
+    self_draft: bool = option(False, "the target drafts for itself (a SPACE model, see `specfleet target "
+                              "--space-masks`): each Verify also proposes the sequence's next drafts from mask "
+                              "tokens in the same forward pass, and no draft service is called (--drafts is not used)")
     tokenizer: str = option("", "model spec to take the tokenizer from (default: the target's model)")
     target_wait_s: float = option(60.0, "while no target is up (none ready in a k8s:// pool, or every one failed), "
                                   "requests wait this long for one (within their deadline) before failing with "
@@ -318,6 +333,8 @@ class RouterConfig(ServiceConfig):
             raise ValueError(f"--tree-branching: {err}") from None
         _check(not (self.draft_ahead and self.tree != "none"), "--draft-ahead drafts chains ahead: it does not "
                "combine with --tree")
+        _check(not (self.self_draft and (self.draft_ahead or self.tree != "none")), "--self-draft verifies chains "
+               "the target drafted in its last pass: it does not combine with --draft-ahead or --tree")
         _check(self.policy_refresh_s > 0, f"--policy-refresh-s must be > 0, got {self.policy_refresh_s}")
         target_pool = parse_pool(self.targets, "--targets")  # raises on a malformed pool
         _check(not isinstance(target_pool, StaticPool) or bool(target_pool.addresses),
@@ -353,8 +370,8 @@ class RouterConfig(ServiceConfig):
 
     @property
     def speculates(self) -> bool:
-        return self.pinned_depth != 0 and any(isinstance(pool, ServicePool) or bool(pool.addresses)
-                                              for pool in self.draft_pools.values())
+        return self.pinned_depth != 0 and (self.self_draft or any(isinstance(pool, ServicePool) or bool(pool.addresses)
+                                                                  for pool in self.draft_pools.values()))
 
     @property
     def target_pool(self) -> Pool:
@@ -362,8 +379,8 @@ class RouterConfig(ServiceConfig):
 
     @property
     def draft_pools(self) -> dict[str, Pool]:
-        """The draft pools by name (`parse_draft_pools`)."""
-        return parse_draft_pools(self.drafts)
+        """The draft pools by name (`parse_draft_pools`); none when the target drafts for itself."""
+        return {} if self.self_draft else parse_draft_pools(self.drafts)
 
     @property
     def speculation_pools(self) -> list[str]:

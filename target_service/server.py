@@ -18,10 +18,11 @@ from specfleet.otel import setup as setup_otel
 from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
 from specfleet.security import internal_guard
 from specfleet.serving import Sessions, serve, servicer_name
+from specfleet.space_model import space_settings_for
 from specfleet.speculation import is_prefill
 from specfleet.telemetry import TelemetryWriter, writer_for
 from specfleet.wire import delta_fields, info_response, sampling_from_proto, validate_parents, validate_tokens
-from target_service.verifier import Verifier, VerifyItem
+from target_service.verifier import SpaceSettings, Verifier, VerifyItem
 
 log = logging.getLogger("specfleet.target")
 
@@ -54,7 +55,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         elapsed_ms = (time.perf_counter() - started) * 1000
         self.metrics.record_batch(elapsed_ms / 1000)
         if self.telemetry is not None and items and not any(is_prefill(i.new_tokens) for i in items):
-            tokens_per_seq = sum(len(i.new_tokens) + len(i.draft_tokens) for i in items) / len(items)
+            tokens_per_seq = sum(i.fed_tokens for i in items) / len(items)
             # The KV each sequence's verify reads: its committed tokens, where its drafts start (the router's price).
             context = sum(i.position for i in items) / len(items)
             self.telemetry.record_latency(len(items), tokens_per_seq, elapsed_ms, context=context)
@@ -63,7 +64,8 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
             verdicts=[target_pb2.Verdict(
                 seq_id=v.seq_id,
                 status=session_pb2.ENTRY_STATUS_OK if v.known else session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE,
-                accepted=v.accepted, tokens=v.tokens, cached_len=v.cached_len, accepted_nodes=v.accepted_nodes)
+                accepted=v.accepted, tokens=v.tokens, cached_len=v.cached_len, accepted_nodes=v.accepted_nodes,
+                next_draft_tokens=v.next_tokens, next_draft_top_k=_top_k_to_proto(v.next_top_k))
                 for v in verdicts])
 
     def _item(self, entry: target_pb2.VerifyEntry) -> VerifyItem:
@@ -92,7 +94,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
             validate_parents(entry.draft_parents, len(entry.draft_tokens), f"{seq_id}: draft_parents")
             parents = list(entry.draft_parents)
         return VerifyItem(seq_id, rollback_to, new_tokens, list(entry.draft_tokens), draft_top_k, sampling, entry.seed,
-                          parents)
+                          parents, entry.draft_next)
 
     async def Release(self, request: session_pb2.ReleaseSequencesRequest, context: grpc.aio.ServicerContext
                       ) -> session_pb2.ReleaseSequencesResponse:
@@ -106,7 +108,15 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         return info_response(model=self.config.model, kind="target", vocab_size=runner.vocab_size,
                              fingerprint=self.fingerprint, max_seq_len=runner.max_seq_len,
                              num_slots=runner.num_slots, live=runner.live_sequences, eos_ids=self.eos_ids,
-                             draining=self.sessions.draining)
+                             draining=self.sessions.draining, max_draft_next=self.verifier.max_draft_next,
+                             self_drafting="space" if self.verifier.space is not None else "")
+
+
+def _top_k_to_proto(pairs: tuple[torch.Tensor, torch.Tensor] | None) -> list[session_pb2.TokenDistribution]:
+    if pairs is None:
+        return []
+    return [session_pb2.TokenDistribution(token_ids=ids, probs=probs)
+            for ids, probs in zip(pairs[0].tolist(), pairs[1].tolist(), strict=True)]
 
 
 def build_servicer(config: TargetConfig, otel: Otel | None = None) -> TargetServicer:
@@ -118,8 +128,12 @@ def build_servicer(config: TargetConfig, otel: Otel | None = None) -> TargetServ
     runner.warm_up()
     log.info("target model %s loaded on %s: %d slots x %d tokens", config.model, device, runner.num_slots,
              runner.max_seq_len)
+    space = space_settings_for(folder, config.space_masks, config.space_mask_token, runner.vocab_size)
+    if space is not None:
+        log.info("SPACE self-drafting: up to %d masks per group, mask token %d", space[1], space[0])
     telemetry = writer_for(config.redis_url, "target", config.port, config.telemetry_prefix)
-    return TargetServicer(config, Verifier(runner), tokenizer_fingerprint(tokenizer), eos_token_ids(folder, tokenizer),
+    verifier = Verifier(runner, SpaceSettings(*space) if space is not None else None)
+    return TargetServicer(config, verifier, tokenizer_fingerprint(tokenizer), eos_token_ids(folder, tokenizer),
                           telemetry, otel)
 
 

@@ -20,7 +20,7 @@ from specfleet.sampling import (
     seeded_uniforms,
 )
 from specfleet.sampling_params import SamplingParams
-from specfleet.space import SpaceLayout, space_layout
+from specfleet.space import SpaceLayout, space_layout, space_pass_tokens
 from specfleet.trees.shapes import PAD_TOKEN, ROOT_PARENT
 from specfleet.trees.structure import DraftTree, tree_depths
 from specfleet.verify import verify_chain, verify_greedy, verify_tree, verify_tree_greedy
@@ -45,6 +45,12 @@ class VerifyItem:
     def position(self) -> int:
         """Index of the first draft token in the sequence."""
         return self.rollback_to + len(self.new_tokens)
+
+    @property
+    def fed_tokens(self) -> int:
+        """Positions the pass runs for this sequence: its new tokens, its drafts, and a SPACE step's masks."""
+        drafts = len(self.draft_tokens)
+        return len(self.new_tokens) + (space_pass_tokens(drafts, self.draft_next) if self.draft_next else drafts)
 
 
 @dataclass(frozen=True)

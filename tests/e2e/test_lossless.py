@@ -169,3 +169,25 @@ def test_greedy_equals_target_alone_when_drafting_ahead(cluster, drafter: str, d
     if depth != "auto" and drafter != "tiny":  # these drafts come true often on these prompts, and not always
         outcomes = _drafts_ahead(metrics_port)
         assert outcomes["used"] > 0 and outcomes["dropped"] > 0, outcomes
+
+
+SPACE_MASK_TOKEN = 16  # SmolLM2's <empty_output>: chat never uses it, and any token keeps the output the model's
+
+
+def test_greedy_with_a_self_drafting_space_target_equals_plain_decoding(cluster, smollm2_dir, prompt_ids,
+                                                                         reference) -> None:
+    """A target that drafts for itself: each Verify also proposes the next step's candidates from mask tokens in the
+    same pass. SmolLM2 was never fine-tuned for masks, so most candidates are rejected: the output must not depend
+    on what the masks learned, whatever the number of masks, fixed or chosen per step."""
+    if "space-target" not in cluster.addresses:
+        cluster.start("space-target", "target", ["--model", str(smollm2_dir), "--num-slots", "24", "--max-seq-len",
+                                                 "1024", "--redis-url", cluster.redis_url, "--space-masks", "6",
+                                                 "--space-mask-token", str(SPACE_MASK_TOKEN)])
+    for depth in (1, 3, 6, "auto"):
+        address = cluster.router(f"router-space-{depth}", target="space-target", draft=None, depth=depth,
+                                 extra=["--self-draft"])
+        assert _generate_all(address, prompt_ids) == reference
+    pinned = cluster.addresses["router-space-3"]  # (auto may well decode plainly with an untrained model's masks)
+    stats = [list(stream(pinned, make_request(ids, max_new_tokens=MAX_NEW), timeout_s=300))[-1].stats
+             for ids in prompt_ids[:4]]
+    assert sum(s.drafted_tokens for s in stats) > 0 and sum(s.accepted_tokens for s in stats) > 0, stats

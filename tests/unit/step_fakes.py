@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from router.live_request import DRAFT_POOL, DraftSession, LiveRequest
@@ -21,9 +21,7 @@ from specfleet.sampling_params import SamplingParams
 from specfleet.speculation import (
     DraftAsk,
     Proposal,
-    Proposals,
     SessionReply,
-    StepPlan,
     Verdict,
     VerifyAsk,
 )
@@ -174,38 +172,6 @@ class FakeDrafter(FakeService):
             reply.answers[ask.delta.seq_id] = Proposal(tuple(drafts))
             reply.cached_len[ask.delta.seq_id] = len(tokens) + len(drafts)
         return reply
-
-
-class SelfDrafted:
-    """Strategy (b): the target drafts the next step's candidates in the same pass as its verdict. `propose` hands
-    out what the last verdict brought and asks for more; no drafter is called."""
-
-    def __init__(self) -> None:
-        self.candidates: dict[str, tuple[int, ...]] = {}
-        self.served = 0  # draft tokens handed out
-
-    def room(self, seq: LiveRequest) -> int | None:
-        return None
-
-    async def propose(self, batch: list[LiveRequest], plan: StepPlan) -> Proposals:
-        proposals = {}
-        for seq in batch:
-            levels = plan.draft(seq.seq_id).levels
-            if levels:
-                tokens = self.candidates.pop(seq.seq_id, ())[:levels]
-                self.served += len(tokens)
-                proposals[seq.seq_id] = Proposal(tokens, draft_next=levels)
-        return Proposals(proposals)
-
-    def settle(self, batch: list[LiveRequest], verdicts: Mapping[str, Verdict]) -> None:
-        for seq in batch:
-            verdict = verdicts.get(seq.seq_id)
-            if verdict is not None and verdict.next_proposal is not None:
-                self.candidates[seq.seq_id] = verdict.next_proposal.tokens
-
-    async def release(self, seqs: list[LiveRequest]) -> None:
-        for seq in seqs:
-            self.candidates.pop(seq.seq_id, None)
 
 
 class Recorder:

@@ -1,0 +1,47 @@
+"""The self-drafted strategy (SPACE): the target proposes each sequence's next drafts with its verdict, from mask
+tokens in the same forward pass, so no draft service is called and drafting costs the step no call of its own.
+
+`propose` hands each sequence the candidates its last verdict brought (as many as the plan gives it) and asks the
+target for as many for the step after (`Proposal.draft_next`); `settle` keeps what the verdicts bring. Candidates
+are handed out once: a step that commits nothing (its target failed) leaves the next with none to verify, never with
+candidates for positions that moved. A sequence's first step, or one after a plain step, verifies none and drafts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from router.live_request import LiveRequest
+from specfleet.speculation import Proposal, Proposals, StepPlan, Verdict
+
+SELF_DRAFTED = "self"
+"""The strategy's name (`LiveRequest.strategy`) on a router started with --self-draft."""
+
+
+class SelfDrafted:
+    def __init__(self, max_drafts: int) -> None:
+        self.max_drafts = max_drafts  # what the target said it drafts at most (GetInfo's max_draft_next)
+        self.candidates: dict[str, Proposal] = {}  # by seq_id: what its last verdict proposed
+
+    def room(self, seq: LiveRequest) -> int | None:
+        return self.max_drafts
+
+    async def propose(self, batch: list[LiveRequest], plan: StepPlan) -> Proposals:
+        proposals = {}
+        for seq in batch:
+            held = self.candidates.pop(seq.seq_id, None)
+            levels = plan.draft(seq.seq_id).levels
+            if levels:
+                tokens, top_k = (held.tokens[:levels], held.draft_top_k[:levels]) if held else ((), ())
+                proposals[seq.seq_id] = Proposal(tokens, top_k, draft_next=levels)
+        return Proposals(proposals)
+
+    def settle(self, batch: list[LiveRequest], verdicts: Mapping[str, Verdict]) -> None:
+        for seq in batch:
+            verdict = verdicts.get(seq.seq_id)
+            if verdict is not None and verdict.next_proposal is not None:
+                self.candidates[seq.seq_id] = verdict.next_proposal
+
+    async def release(self, seqs: list[LiveRequest]) -> None:
+        for seq in seqs:
+            self.candidates.pop(seq.seq_id, None)

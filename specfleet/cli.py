@@ -8,7 +8,15 @@ import logging
 import os
 import sys
 
-from specfleet.config import DraftConfig, RouterConfig, ServiceConfig, TargetConfig, add_arguments, from_arguments
+from specfleet.config import (
+    DraftConfig,
+    RouterConfig,
+    ServiceConfig,
+    TargetConfig,
+    TrainSpaceConfig,
+    add_arguments,
+    from_arguments,
+)
 from specfleet.up import UpConfig, up
 
 SERVICES = {
@@ -40,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(up, UpConfig)
 
+    train = commands.add_parser(
+        "train-space", help="fine-tune a model to draft for itself (SPACE), for `specfleet target --model DIR`",
+        description="Fine-tune a model with SPACE's semi-autoregressive SFT: ShareGPT prompts (past the ones the "
+                    "benchmarks hold out) answered by the model itself, then transformers' Trainer teaching mask "
+                    "tokens to predict the next tokens beside the ordinary next-token loss. Shows progress, saves "
+                    "checkpoints, stops at --time-budget-min or --max-steps and writes the model to --out; run it "
+                    "again with the same --out to resume. Needs specfleet[train] for the prompts.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(train, TrainSpaceConfig)
+
     gen = commands.add_parser("generate", help="send a prompt to a router and stream the answer",
                               description="Send a prompt to a router's gRPC API and stream the answer, then its "
                                           "speculation stats. A router that wants an API key gets the one in "
@@ -62,13 +80,28 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return generate(args)
-    config_cls = UpConfig if args.command == "up" else SERVICES[args.command][0]
+    config_cls = {"up": UpConfig, "train-space": TrainSpaceConfig}.get(args.command) or SERVICES[args.command][0]
     try:
         config = from_arguments(config_cls, args)  # checks every value before anything starts
     except ValueError as err:
         print(f"specfleet {args.command}: {err}", file=sys.stderr)
         return 2
+    if args.command == "train-space":
+        return run_training(config)
     return up(config) if args.command == "up" else run_service(args.command, config)
+
+
+def run_training(config: TrainSpaceConfig) -> int:
+    from specfleet.serving import setup_logging
+    from specfleet.training.space_train import train_space
+
+    setup_logging(config.log_level)
+    try:
+        train_space(config)
+    except (ValueError, FileNotFoundError) as err:
+        logging.getLogger("specfleet").error("train-space failed: %s", err)
+        return 1
+    return 0
 
 
 def run_service(role: str, config: ServiceConfig) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 
 from specfleet.models import DEFAULT_MODEL
 from specfleet.policy import DRAFT_HURDLE
+from specfleet.space_model import NEW_MASK_TOKEN
 from specfleet.trees.shapes import TREE_METHODS, TreeShape, parse_branching
 
 DRAFTER_KINDS = ("ngram", "model", "llamacpp", "sparse_self")  # the drafters a draft service runs (specfleet.drafters)
@@ -145,6 +146,41 @@ class DraftConfig(EngineConfig):
         _check(self.threads >= 0, f"--threads must be >= 0, got {self.threads}")
         _check(self.sparse_sinks >= 0, f"--sparse-sinks must be >= 0, got {self.sparse_sinks}")
         _check(self.sparse_window >= 1, f"--sparse-window must be >= 1, got {self.sparse_window}")
+
+
+@dataclass(frozen=True)
+class TrainSpaceConfig:
+    """Fine-tune a model for SPACE self-drafting."""
+
+    model: str = option("smollm2-135m", "the model to fine-tune: a preset name or a local Hugging Face folder")
+    out: str = option("", "output folder: the fine-tuned model, its data and checkpoints (a rerun resumes there)")
+    masks: int = option(4, "mask tokens per group: the most candidates a step can draft (the target's --space-masks)")
+    mask_token: str = option("", "the mask token: an id or a token of the vocabulary that chat never uses (empty: a "
+                             f"new token {NEW_MASK_TOKEN} added to the vocabulary)")
+    groups: int = option(12, "mask groups per training text, each at a random position of the answer")
+    examples: int = option(1500, "ShareGPT prompts answered by the model to train on")
+    answer_tokens: int = option(128, "tokens the model answers each prompt with (greedy)")
+    answer_batch: int = option(32, "prompts answered at once")
+    batch_size: int = option(4, "texts per training step")
+    learning_rate: float = option(1e-4, "AdamW learning rate (constant after a short warm-up)")
+    mask_loss_weight: float = option(1.0, "weight of the loss at mask positions beside the next-token loss")
+    max_steps: int = option(0, "training steps in all, over every run into --out (0: until the time budget ends)")
+    time_budget_min: float = option(60.0, "minutes this run may take, answering prompts included; then it saves a "
+                                    "checkpoint and exports what it has (0: no limit, needs --max-steps)")
+    save_steps: int = option(25, "steps between checkpoints")
+    device: str = option("auto", "torch device: cpu or cuda (auto: cuda when present)")
+    seed: int = option(0, "seed of the data order and the mask positions")
+    log_level: str = option("INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    def __post_init__(self) -> None:
+        _check(bool(self.out), "--out is required: the folder the fine-tuned model goes to")
+        _check(1 <= self.masks <= 16, f"--masks must be in [1, 16], got {self.masks}")
+        _check(self.groups >= 1, f"--groups must be >= 1, got {self.groups}")
+        _check(self.examples >= 1 and self.answer_tokens >= 4, "need --examples >= 1 and --answer-tokens >= 4")
+        _check(self.batch_size >= 1 and self.answer_batch >= 1, "--batch-size and --answer-batch must be >= 1")
+        _check(self.max_steps >= 0 and self.time_budget_min >= 0, "--max-steps and --time-budget-min must be >= 0")
+        _check(self.max_steps > 0 or self.time_budget_min > 0, "give --max-steps or --time-budget-min (or both)")
+        _check(self.save_steps >= 1, f"--save-steps must be >= 1, got {self.save_steps}")
 
 
 SERVICE_SCHEME = "k8s://"
@@ -430,3 +466,4 @@ def to_arguments(config: Any, always: Iterable[str] = ()) -> list[str]:
 
     return [argument(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
             if f.name in named or getattr(config, f.name) != f.default]
+

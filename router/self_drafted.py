@@ -16,6 +16,9 @@ from specfleet.speculation import Proposal, Proposals, StepPlan, Verdict
 
 SELF_DRAFTED = "self"
 """The strategy's name (`LiveRequest.strategy`) on a router started with --self-draft."""
+SELF_DRAFTED_KIND = "space"
+"""Its drafter kind, as the policy prices it (`specfleet.policy.costs.SELF_DRAFTED_KINDS`) and a SPACE target names it
+(GetInfo's ``self_drafting``)."""
 
 
 class SelfDrafted:

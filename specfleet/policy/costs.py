@@ -143,6 +143,17 @@ def drafter_defaults(kind: str, defaults: Mapping[str, CostFn] = DEFAULT_COSTS) 
     return {**defaults, "draft": DRAFTER_DEFAULT_COSTS.get(kind, defaults["draft"])}
 
 
+SELF_DRAFTED_KINDS = frozenset({"space"})
+"""Drafter kinds of the targets that draft in their own verify (`specfleet target --space-masks`): priced by
+`CostModel` with ``self_drafted``."""
+
+
+def self_drafted_tokens(drafts_per_seq: float) -> float:
+    """Tokens a SPACE step of d candidates and d masks per group adds to a sequence's verify: the candidates and
+    d + 1 mask groups (`specfleet.space.space_pass_tokens`, for a mean depth)."""
+    return drafts_per_seq + (drafts_per_seq + 1) * drafts_per_seq
+
+
 def kv_passes(role: str, tokens_per_seq: float) -> float:
     """Forward passes over each sequence's KV cache in one call of `role`: a Verify runs one over every token fed
     (a chain or a tree), a Propose one per level drafted (each level needs the one before), and the router's
@@ -546,11 +557,13 @@ class CostModel:
 
     def __init__(self, defaults: Mapping[str, CostFn] | None = None,
                  tables: Mapping[str, CostTable] | None = None, *, ahead_alpha: float | None = None,
-                 context_costs: Mapping[str, ContextCost] | None = None) -> None:
+                 context_costs: Mapping[str, ContextCost] | None = None, self_drafted: bool = False) -> None:
         """``ahead_alpha``: the router drafts ahead (--draft-ahead), and a draft comes true this often (the fleet's
         acceptance rate); None: drafting and verifying take turns. ``context_costs``: each role's KV term (a role
-        not given: its default's, `default_context_cost`)."""
+        not given: its default's, `default_context_cost`). ``self_drafted``: the target drafts in its verify
+        (SPACE): no draft call, and d drafts per sequence make the verify feed `self_drafted_tokens`(d) tokens."""
         self.ahead_alpha = ahead_alpha
+        self.self_drafted = self_drafted
         self._defaults = dict(DEFAULT_COSTS if defaults is None else defaults)
         missing = [role for role in ROLES if role not in self._defaults]
         if missing:
@@ -563,7 +576,8 @@ class CostModel:
 
     @classmethod
     def fit(cls, samples: Iterable[CostSample], defaults: Mapping[str, CostFn] | None = None, *,
-            max_batch: int = 256, max_tokens: int = 33, ahead_alpha: float | None = None) -> CostModel:
+            max_batch: int = 256, max_tokens: int = 33, ahead_alpha: float | None = None,
+            self_drafted: bool = False) -> CostModel:
         """A model fitted from a window of samples (all of it, each time); roles without samples use defaults.
         Each role's KV term first (`_fit_context_cost`), then its table from the samples at its reference context."""
         if max_batch < 1 or max_tokens < 1:
@@ -576,7 +590,7 @@ class CostModel:
         tables = {role: _fit_table(_at_reference(role, ss, context_costs[role]), model._defaults[role], max_batch,
                                    max_tokens) for role, ss in by_role.items()}
         return cls(model._defaults, {role: table for role, table in tables.items() if table is not None},
-                   ahead_alpha=ahead_alpha, context_costs=context_costs)
+                   ahead_alpha=ahead_alpha, context_costs=context_costs, self_drafted=self_drafted)
 
     @property
     def fitted_roles(self) -> dict[str, int]:
@@ -636,10 +650,11 @@ class CostModel:
         if found is None:
             target, draft = self._priced("target", batch_size, bucket), self._priced("draft", batch_size, bucket)
             overhead = self._priced("overhead", batch_size, bucket)
+            fed = self_drafted_tokens if self.self_drafted else float  # tokens a sequence's d drafts add
             found = StepCosts(
                 batch_size=batch_size,
-                target_ms=tuple(target(1 + n / batch_size) for n in range(batch_size * max_depth + 1)),
-                draft_ms=(0.0, *(draft(float(d)) for d in range(1, max_depth + 1))),
+                target_ms=tuple(target(1 + fed(n / batch_size)) for n in range(batch_size * max_depth + 1)),
+                draft_ms=(0.0, *((0.0 if self.self_drafted else draft(float(d))) for d in range(1, max_depth + 1))),
                 overhead_ms=tuple(max(MIN_STEP_MS, overhead(1.0 + d)) for d in range(max_depth + 1)),
                 context=bucket,
             )

@@ -6,7 +6,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from specfleet.policy.acceptance import MAX_ALPHA, acceptance_estimate, offer_estimate
-from specfleet.policy.costs import DEFAULT_COSTS, CostFn, CostModel, CostSample, drafter_defaults
+from specfleet.policy.costs import (
+    DEFAULT_COSTS,
+    SELF_DRAFTED_KINDS,
+    CostFn,
+    CostModel,
+    CostSample,
+    drafter_defaults,
+    self_drafted_tokens,
+)
 from specfleet.policy.depths import DepthDecision, choose_depths, choose_depths_for_latency, pinned_decision
 from specfleet.policy.drafter_choice import PoolDecision, PoolOption, choose_pools
 from specfleet.policy.tree_budget import TreeDecision, TreePlan, choose_tree_plan
@@ -133,7 +141,11 @@ class DepthPolicy:
         that kind's default (`drafter_defaults`). Fitted once per refit, when first asked for."""
         state = self._state
         found = state.by_drafter.get(kind)
-        if found is None:
+        if found is None and kind in SELF_DRAFTED_KINDS:  # no draft call: the drafts are tokens of the verify
+            found = state.by_drafter[kind] = CostModel.fit(
+                [s for s in state.samples if s.role != "draft"], self._defaults,
+                max_tokens=max(33, int(2 + self_drafted_tokens(self.max_depth))), self_drafted=True)
+        elif found is None:
             own = [s for s in state.samples if s.role != "draft" or s.drafter in (kind, None)]
             found = state.by_drafter[kind] = CostModel.fit(
                 own, drafter_defaults(kind, self._defaults), max_tokens=max(33, self.max_depth + 2),

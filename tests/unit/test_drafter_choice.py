@@ -140,3 +140,22 @@ def test_a_single_pool_is_priced_by_its_own_drafter_kind() -> None:
     counts, limits = [(5, 5)] * 8, [4] * 8
     assert policy.choose(counts, limits, contexts=[4096] * 8, drafter="ngram").depths[0] > 0
     assert policy.choose(counts, limits, contexts=[4096] * 8, drafter="sparse_self").depths == (0,) * 8
+
+
+def test_a_self_drafting_target_prices_its_drafts_as_tokens_of_its_verify() -> None:
+    """SPACE: no draft call, and d drafts per sequence make the verify feed the d candidates and d + 1 groups of d
+    masks; so at the same acceptance it drafts less deep than a chain from a free drafter, and draft samples of
+    other fleets in the same Redis do not price it."""
+    policy = DepthPolicy(max_depth=6, defaults={**DEFAULT_COSTS, "target": TARGET})
+    policy.update([CostSample("draft", 2, 2.0, 500.0, 256, None) for _ in range(6)], 50, 50)
+    space = policy.costs_for("space")
+    steps = space.step_costs(batch_size=2, max_depth=6)
+    assert steps.draft_ms == (0.0,) * 7
+    for d in range(7):
+        assert steps.target_ms[2 * d] == pytest.approx(space.predict("target", 2, 1 + d + (d + 1) * d))
+    counts, limits = [(80, 20)] * 2, [6] * 2
+    self_drafted = policy.choose(counts, limits, drafter="space")
+    free_chains = DepthPolicy(max_depth=6, defaults={**DEFAULT_COSTS, "target": TARGET,
+                                                     "draft": AnalyticCost(fixed_ms=0.0)})
+    chain = free_chains.choose(counts, limits, drafter="ngram")
+    assert 0 < max(self_drafted.depths) < max(chain.depths), (self_drafted.reason, chain.reason)

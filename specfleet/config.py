@@ -168,6 +168,8 @@ class TrainSpaceConfig:
     time_budget_min: float = option(60.0, "minutes this run may take, answering prompts included; then it saves a "
                                     "checkpoint and exports what it has (0: no limit, needs --max-steps)")
     save_steps: int = option(25, "steps between checkpoints")
+    snapshot_steps: int = option(50, "steps between snapshots of the weights alone under snapshots/step-N, from step "
+                                 "0: the learning curve `python -m bench.space` measures (0: none)")
     device: str = option("auto", "torch device: cpu or cuda (auto: cuda when present)")
     seed: int = option(0, "seed of the data order and the mask positions")
     log_level: str = option("INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -181,6 +183,7 @@ class TrainSpaceConfig:
         _check(self.max_steps >= 0 and self.time_budget_min >= 0, "--max-steps and --time-budget-min must be >= 0")
         _check(self.max_steps > 0 or self.time_budget_min > 0, "give --max-steps or --time-budget-min (or both)")
         _check(self.save_steps >= 1, f"--save-steps must be >= 1, got {self.save_steps}")
+        _check(self.snapshot_steps >= 0, f"--snapshot-steps must be >= 0, got {self.snapshot_steps}")
 
 
 SERVICE_SCHEME = "k8s://"

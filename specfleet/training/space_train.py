@@ -7,6 +7,7 @@ Three stages, each resumable from what the output folder already holds:
 2. **training**: transformers' `Trainer` over SAR batches (`specfleet.training.sar`): the ordinary next-token loss on
    the answers keeps the model what it was, the loss at mask positions teaches K tokens ahead; checkpoints under
    ``checkpoints/`` every ``--save-steps`` and when the time budget runs out, and a later run resumes from the last;
+   the weights alone under ``snapshots/step-N`` every ``--snapshot-steps`` (the learning curve);
 3. **export**: the weights, tokenizer and ``specfleet_space.json`` (`specfleet.space_model`) in the output folder,
    ready for ``specfleet target --model DIR``.
 """
@@ -18,6 +19,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ log = logging.getLogger("specfleet.train")
 
 ANSWERS_FILE = "answers.jsonl"
 CHECKPOINTS = "checkpoints"
+SNAPSHOTS = "snapshots"
 
 
 def train_space(config: TrainSpaceConfig) -> Path:
@@ -53,13 +56,16 @@ def train_space(config: TrainSpaceConfig) -> Path:
     mask_token = _mask_token(config.mask_token, tokenizer, model)
     log.info("training %s for SPACE: %d masks per group, mask token %d (%r), %d texts", config.model, config.masks,
              mask_token, tokenizer.convert_ids_to_tokens(mask_token), len(texts))
-    _fine_tune(model, texts, mask_token, config, out, device, deadline)
 
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    if (source / "generation_config.json").exists():
-        (out / "generation_config.json").write_text((source / "generation_config.json").read_text())
-    SpaceModelConfig(mask_token, config.masks).save(out)
+    def export(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        if (source / "generation_config.json").exists():
+            (folder / "generation_config.json").write_text((source / "generation_config.json").read_text())
+        SpaceModelConfig(mask_token, config.masks).save(folder)
+
+    _fine_tune(model, texts, mask_token, config, out, device, deadline, export)
+    export(out)
     log.info("SPACE model written to %s (%.1f min): serve it with `specfleet target --model %s`", out,
              (time.monotonic() - started) / 60, out)
     return out
@@ -184,7 +190,7 @@ class SarDataset(torch.utils.data.Dataset):
 
 
 def _fine_tune(model: Any, texts: list[AnsweredPrompt], mask_token: int, config: TrainSpaceConfig, out: Path,
-               device: str, deadline: float) -> None:
+               device: str, deadline: float, export: Callable[[Path], None]) -> None:
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -213,16 +219,26 @@ def _fine_tune(model: Any, texts: list[AnsweredPrompt], mask_token: int, config:
     class TimeBudget(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             log.info("training from step %d", state.global_step)
+            if state.global_step == 0:
+                self._snapshot(0)
 
         def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             log.info("stopped at step %d", state.global_step)
 
         def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if config.snapshot_steps and state.global_step % config.snapshot_steps == 0:
+                self._snapshot(state.global_step)
             if time.monotonic() > deadline:
                 log.info("time budget reached at step %d: saving a checkpoint", state.global_step)
                 control.should_training_stop = True
                 control.should_save = True
             return control
+
+        @staticmethod
+        def _snapshot(step: int) -> None:
+            """The weights alone as a servable SPACE model folder, for the learning curve."""
+            if config.snapshot_steps:
+                export(out / SNAPSHOTS / f"step-{step}")
 
     checkpoints = out / CHECKPOINTS
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None

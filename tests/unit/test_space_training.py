@@ -82,7 +82,8 @@ def answered(tiny_draft_dir: Path, tmp_path: Path) -> Path:
 
 def _config(model: Path, out: Path, steps: int) -> TrainSpaceConfig:
     return TrainSpaceConfig(model=str(model), out=str(out), masks=3, groups=6, examples=16, batch_size=4,
-                            learning_rate=3e-3, max_steps=steps, time_budget_min=0, save_steps=4, device="cpu")
+                            learning_rate=3e-3, max_steps=steps, time_budget_min=0, save_steps=4, snapshot_steps=8,
+                            device="cpu")
 
 
 def test_a_few_steps_lower_the_mask_loss_and_the_result_serves_as_a_space_target(tiny_draft_dir, answered) -> None:
@@ -91,6 +92,9 @@ def test_a_few_steps_lower_the_mask_loss_and_the_result_serves_as_a_space_target
     assert logged[-1]["mask_loss"] < 0.8 * logged[0]["mask_loss"], logged
     trained = SpaceModelConfig.load(out)
     assert trained is not None and trained.masks == 3
+    snapshots = sorted(p.name for p in (out / "snapshots").iterdir())
+    assert snapshots == ["step-0", "step-16", "step-8"]  # the learning curve's points, each a servable folder
+    assert all(SpaceModelConfig.load(out / "snapshots" / name) == trained for name in snapshots)
 
     runner = ModelRunner.from_folder(out, num_slots=4, max_seq_len=128)
     mask_token, masks = space_settings_for(out, -1, -1, runner.vocab_size)

@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser(
         "up", help="start redis-server, target, draft and router on this machine",
         description="Start a whole local deployment, one process each: redis-server (unless --redis-url), a target "
-                    "service, a draft service and the router. Waits until every part reports SERVING and prints "
-                    "where the router listens and where each process serves /metrics. With --prompt it answers "
+                    "service, a draft service (none with --self-draft) and the router. Waits until every part "
+                    "reports SERVING and prints where the router listens and where each process serves /metrics. "
+                    "With --prompt it answers "
                     "that prompt and stops everything; otherwise it runs until Ctrl-C. A flag marked [target], "
                     "[draft] or [router] is that service's flag of the same name, with its default, passed on to "
                     "it; for the services' other flags start the parts alone (specfleet target|draft|router --help).",

@@ -34,12 +34,13 @@ class Services:
     """The configurations ``up`` starts the services with."""
 
     target: TargetConfig
-    draft: DraftConfig
+    draft: DraftConfig | None  # none when the target drafts for itself (--self-draft)
     router: RouterConfig
 
     def by_role(self) -> dict[str, ServiceConfig]:
-        """By role, in the order they start: the router needs the other two serving."""
-        return {"target": self.target, "draft": self.draft, "router": self.router}
+        """By role, in the order they start: the router needs the others serving."""
+        parts: dict[str, ServiceConfig | None] = {"target": self.target, "draft": self.draft, "router": self.router}
+        return {role: config for role, config in parts.items() if config is not None}
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class UpConfig:
     depth: str = same_as(RouterConfig, "depth", to="router")
     max_depth: int = same_as(RouterConfig, "max_depth", to="router")
     tree: str = same_as(RouterConfig, "tree", to="router")
+    self_draft: bool = same_as(RouterConfig, "self_draft", to="router")  # and then no draft service starts
     port: int = option(RouterConfig.port, "the router's port; the draft service listens on the next port and the "
                        "target on the one after")
     http_port: int = option(8000, "[router] port of the OpenAI-compatible HTTP API on 127.0.0.1 (0: none; the router "
@@ -110,13 +112,15 @@ class UpConfig:
             target=TargetConfig(port=ports["target"], metrics_port=metrics["target"], redis_url=redis_url,
                                 log_level=self.log_level, model=self.model, device=self.device, dtype=self.dtype,
                                 num_slots=self.num_slots, max_seq_len=self.max_seq_len),
-            draft=DraftConfig(port=ports["draft"], metrics_port=metrics["draft"], redis_url=redis_url,
-                              log_level=self.log_level, model=draft_model, device=self.device, dtype=self.dtype,
-                              num_slots=self.num_slots, max_seq_len=self.max_seq_len, drafter=self.drafter),
+            draft=None if self.self_draft else DraftConfig(
+                port=ports["draft"], metrics_port=metrics["draft"], redis_url=redis_url, log_level=self.log_level,
+                model=draft_model, device=self.device, dtype=self.dtype, num_slots=self.num_slots,
+                max_seq_len=self.max_seq_len, drafter=self.drafter),
             router=RouterConfig(port=ports["router"], metrics_port=metrics["router"], redis_url=redis_url,
                                 log_level=self.log_level, targets=f"127.0.0.1:{ports['target']}",
-                                drafts=f"127.0.0.1:{ports['draft']}", depth=self.depth, max_depth=self.max_depth,
-                                tree=self.tree, http_port=self.http_port),
+                                drafts="" if self.self_draft else f"127.0.0.1:{ports['draft']}", depth=self.depth,
+                                max_depth=self.max_depth, tree=self.tree, http_port=self.http_port,
+                                self_draft=self.self_draft),
         )
 
     def argvs(self, redis_url: str, metrics_ports: Mapping[str, int]) -> dict[str, list[str]]:
@@ -142,10 +146,12 @@ def up(config: UpConfig) -> int:
         services = config.services(redis_url, metrics_ports)
         argvs = config.argvs(redis_url, metrics_ports)
         target = deployment.start_service("target", argvs["target"])
-        draft = deployment.start_service("draft", argvs["draft"])
-        log.info("waiting for the draft and target services (the first run converts the model once)")
+        draft = deployment.start_service("draft", argvs["draft"]) if services.draft is not None else None
+        log.info("waiting for the %s (the first run converts the model once)",
+                 "draft and target services" if draft is not None else "target service")
         wait_serving(target, f"127.0.0.1:{services.target.port}")
-        wait_serving(draft, f"127.0.0.1:{services.draft.port}")
+        if draft is not None and services.draft is not None:
+            wait_serving(draft, f"127.0.0.1:{services.draft.port}")
         router = deployment.start_service("router", argvs["router"])
         router_address = f"127.0.0.1:{services.router.port}"
         wait_serving(router, router_address)
@@ -178,9 +184,14 @@ def up(config: UpConfig) -> int:
 def summary(services: Services, redis_url: str) -> str:
     """What is up and where: the lines printed once every part serves."""
     target, draft, router = services.target, services.draft, services.router
-    drafter = f"{draft.drafter} {draft.model}" if draft.drafter in (*MODEL_DRAFTERS, SELF_DRAFTER) else draft.drafter
+    if draft is None:
+        drafts = "drafts by the target itself"
+    else:
+        drafter = f"{draft.drafter} {draft.model}" if draft.drafter in (*MODEL_DRAFTERS, SELF_DRAFTER) else \
+            draft.drafter
+        drafts = f"draft {drafter} on {draft.port}"
     scrape = ", ".join(f"{role} http://127.0.0.1:{config.metrics_port}/metrics"
                        for role, config in services.by_role().items() if config.metrics_port)
     http = f"\nOpenAI API: http://127.0.0.1:{router.http_port}/v1 (model {target.model!r})" if router.http_port else ""
-    return (f"specfleet is up: router on 127.0.0.1:{router.port} (draft {drafter} on {draft.port}, "
+    return (f"specfleet is up: router on 127.0.0.1:{router.port} ({drafts}, "
             f"target {target.model} on {target.port}, Redis {redis_url})\nmetrics: {scrape}{http}")

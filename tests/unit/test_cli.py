@@ -22,7 +22,8 @@ UP_ONLY = {"--prompt", "--max-new-tokens", "--draft-model", "--port", "--http-po
 # A valid value other than the default for each flag `up` shares with the services.
 OTHER_VALUES = {"--model": "qwen2.5-coder-0.5b", "--drafter": "model", "--device": "cpu", "--dtype": "bfloat16",
                 "--num-slots": 8,
-                "--max-seq-len": 512, "--depth": "3", "--max-depth": 12, "--tree": "rsd-c", "--log-level": "DEBUG"}
+                "--max-seq-len": 512, "--depth": "3", "--max-depth": 12, "--tree": "rsd-c", "--log-level": "DEBUG",
+                "--self-draft": True}
 README_PROMPT = "Explain speculative decoding in one sentence."
 
 
@@ -71,7 +72,7 @@ def test_every_flag_up_shares_with_a_service_has_its_default_type_choices_and_he
 def test_a_shared_flag_reaches_the_services_its_help_names(flag: str) -> None:
     value = OTHER_VALUES[flag]
     name = flag[2:].replace("-", "_")
-    config = up_config([flag, str(value)])
+    config = up_config([flag] if value is True else [flag, str(value)])
     assert getattr(config, name) == value
     services = config.services("", {}).by_role()
     for role in recipients(flags(subcommands()["up"])[flag]):
@@ -190,3 +191,10 @@ def test_the_summary_names_the_draft_model_and_every_metrics_endpoint() -> None:
     assert "router on 127.0.0.1:50050" in text
     assert "draft model qwen2.5-coder-0.5b on 50051" in text and "target qwen2.5-coder-1.5b on 50052" in text
     assert all(f"http://127.0.0.1:{port}/metrics" in text for port in (9001, 9002, 9003))
+
+
+def test_up_with_self_draft_starts_no_draft_service_and_tells_the_router() -> None:
+    services = up_config(["--model", "/models/space", "--self-draft"]).services("", {})
+    assert services.draft is None and list(services.by_role()) == ["target", "router"]
+    assert services.router.self_draft and services.router.drafts == ""
+    assert "drafts by the target itself" in summary(services, "redis://x")

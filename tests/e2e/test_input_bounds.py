@@ -179,3 +179,21 @@ def test_nothing_sent_to_the_router_pauses_the_streams_of_others(fleet: Fleet) -
     print(f"\n3 MiB prompt refused after {tokenised - started:.1f} s; stream gaps over {ended - started:.1f} s: "
           f"median {statistics.median(gaps) * 1000:.0f} ms, largest {max(gaps) * 1000:.0f} ms")
     assert max(gaps) < STALL_BOUND_S
+
+
+def test_a_target_without_space_refuses_next_step_drafts_naming_why(fleet: Fleet) -> None:
+    """Only a SPACE target drafts for itself: another says so in GetInfo, and a Verify that asks it for next-step
+    drafts is refused whole, with the reason, before it touches any sequence."""
+    from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
+
+    with grpc.insecure_channel(fleet.target) as channel:
+        stub = target_pb2_grpc.TargetServiceStub(channel)
+        info = stub.GetInfo(session_pb2.GetServiceInfoRequest(), timeout=30)
+        assert (info.max_draft_next, info.self_drafting) == (0, "")
+        entry = target_pb2.VerifyEntry(sequence=session_pb2.SequenceDelta(seq_id="asks-space", new_tokens=[1, 2, 3]),
+                                       draft_next=2)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Verify(target_pb2.VerifyRequest(entries=[entry]), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not started with a SPACE model" in refused.value.details()
+        assert info.live_sequences == stub.GetInfo(session_pb2.GetServiceInfoRequest(), timeout=30).live_sequences

@@ -5,6 +5,7 @@ with strategies the loop has no code for (self-drafted, drafted ahead) in one ba
 from __future__ import annotations
 
 import asyncio
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from router.planner import Planner
 from router.policy_feed import PolicyFeed
 from router.ports import Proposer
 from router.replicas import DraftReplica, TargetReplica
-from router.self_drafted import SelfDrafted
+from router.self_drafted import SELF_DRAFTED, SELF_DRAFTED_KIND, SelfDrafted
 from router.strategies import Strategies
 from router.target_verifier import TargetVerifier
 from specfleet.config import RouterConfig
@@ -264,3 +265,36 @@ def test_a_sequence_with_no_draft_session_decodes_plainly_beside_named_pools() -
     outputs = asyncio.run(_serve(SimpleNamespace(loop=loop, recorder=Recorder()), [drafting, plain]))  # type: ignore[arg-type]
     assert outputs == _plain(PROMPTS[:2], [12, 12])
     assert plain.error is None and plain.stats.drafted == 0 and drafting.stats.drafted > 0
+
+
+def test_a_self_drafting_router_prices_its_steps_as_the_targets_and_keeps_greedy_output() -> None:
+    """--self-draft --depth auto: every sequence drafts with the target's own candidates, the policy prices the steps
+    as SPACE steps (kind "space": no draft call, the mask groups in the verify), and the tokens stay the target's."""
+    config = RouterConfig(depth="auto", self_draft=True, max_depth=4)
+    metrics = RouterMetrics()
+    target = FakeTarget()
+    strategies = Strategies({SELF_DRAFTED: SelfDrafted(max_drafts=4)})
+    policy = DepthPolicy(max_depth=4)
+    asked: list[str | None] = []
+    choose = policy.choose
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        asked.append(inspect.signature(choose).bind(*args, **kwargs).arguments.get("drafter"))
+        return choose(*args, **kwargs)
+
+    policy.choose = spy  # type: ignore[method-assign]
+    planner = Planner(config, PolicyFeed(policy, None, 1.0, "throughput"), strategies, "target:1", max_context=256)
+    recorder = Recorder()
+    harness = Harness()
+    harness.loop = StepLoop("target:1", planner, strategies, TargetVerifier(TargetReplica("target:1", target), 10.0,
+                                                                            metrics), [recorder], NoTracing(),
+                            capacity=8, max_context=256)
+    harness.recorder = recorder
+    lengths = [20, 16]
+    seqs = [live_request(f"s{i}", PROMPTS[i], lengths[i], SELF_DRAFTED, None) for i in range(2)]
+    outputs = asyncio.run(_serve(harness, seqs))
+
+    assert outputs == _plain(PROMPTS[:2], lengths)
+    assert set(asked) == {SELF_DRAFTED_KIND}
+    asks = [ask for call in target.asks for ask in call]
+    assert any(ask.proposal is not None and ask.proposal.draft_next for ask in asks)  # the target was asked to draft

@@ -15,7 +15,7 @@ from router.live_request import LiveRequest
 from router.policy_feed import PolicyFeed
 from router.ports import Proposer
 from router.prediction_audit import Calibration, PredictionAudit
-from router.self_drafted import SELF_DRAFTED_KIND
+from router.self_drafted import SELF_DRAFTED, SELF_DRAFTED_KIND
 from router.strategies import Strategies
 from specfleet.config import RouterConfig
 from specfleet.policy import DepthDecision, TreeDecision, TreePlan
@@ -52,9 +52,9 @@ class Planner:
             plan = self._pools(batch, calibration)
         elif shape is None:
             # Priced by its drafter kind's own costs: a Redis shared with pools of other kinds holds theirs too. A
-            # self-drafting target's drafts cost no call, and make its verify feed the mask groups too.
-            kind = SELF_DRAFTED_KIND if self.config.self_draft else _pool_kind(batch, self.pools[0]) if self.pools \
-                else None
+            # SPACE target's drafts cost no call, and make its verify feed the mask groups too.
+            kind = self._self_drafted_kind() if self.config.self_draft else _pool_kind(batch, self.pools[0]) \
+                if self.pools else None
             decision = self.feed.policy.choose([_first_tries(s) for s in batch], [self.depth_room(s) for s in batch],
                                                [_offers(s) for s in batch], calibration, _contexts(batch), kind)
             plan = StepPlan({s.seq_id: DraftPlan(d) for s, d in zip(batch, decision.depths, strict=True)},
@@ -65,6 +65,10 @@ class Planner:
             plan = dataclasses.replace(plan, prefills=True)
         self._log(len(batch), plan.reason)
         return plan
+
+    def _self_drafted_kind(self) -> str:
+        found = self.strategies.strategies.get(SELF_DRAFTED) if isinstance(self.strategies, Strategies) else None
+        return getattr(found, "kind", SELF_DRAFTED_KIND)
 
     def depth_room(self, seq: LiveRequest, pool: str | None = None) -> int:
         """Most draft tokens ``seq`` can use: what its request, the target's cache and its strategy (or the draft

@@ -1,5 +1,5 @@
-"""The self-drafted strategy (SPACE): the target proposes each sequence's next drafts with its verdict, from mask
-tokens in the same forward pass, so no draft service is called and drafting costs the step no call of its own.
+"""The self-drafted strategy (SPACE, lookahead): the target proposes each sequence's next drafts with its verdict,
+from the same forward pass, so no draft service is called and drafting costs the step no call of its own.
 
 `propose` hands each sequence the candidates its last verdict brought (as many as the plan gives it) and asks the
 target for as many for the step after (`Proposal.draft_next`); `settle` keeps what the verdicts bring. Candidates
@@ -17,13 +17,14 @@ from specfleet.speculation import Proposal, Proposals, StepPlan, Verdict
 SELF_DRAFTED = "self"
 """The strategy's name (`LiveRequest.strategy`) on a router started with --self-draft."""
 SELF_DRAFTED_KIND = "space"
-"""Its drafter kind, as the policy prices it (`specfleet.policy.costs.SELF_DRAFTED_KINDS`) and a SPACE target names it
-(GetInfo's ``self_drafting``)."""
+"""Its drafter kind, as the policy prices it (`specfleet.policy.costs.SELF_DRAFTED_KINDS`) and a target names it
+(GetInfo's ``self_drafting``: "space", or "lookahead")."""
 
 
 class SelfDrafted:
-    def __init__(self, max_drafts: int) -> None:
+    def __init__(self, max_drafts: int, kind: str = SELF_DRAFTED_KIND) -> None:
         self.max_drafts = max_drafts  # what the target said it drafts at most (GetInfo's max_draft_next)
+        self.kind = kind  # how it drafts (GetInfo's self_drafting): the policy prices its steps by it
         self.candidates: dict[str, Proposal] = {}  # by seq_id: what its last verdict proposed
 
     def room(self, seq: LiveRequest) -> int | None:

@@ -109,9 +109,16 @@ class TargetConfig(EngineConfig):
     space_mask_token: int = option(-1, "SPACE self-drafting: the token id mask positions hold (-1: the model folder's, "
                                    "from `specfleet train-space`); any id works for output, only a fine-tuned model "
                                    "drafts well")
+    lookahead_window: int = option(0, "lookahead self-drafting, for a model without a fine-tune: each pass also runs "
+                                   "a Jacobi chain of this many guesses after every sequence, whose outputs fill an "
+                                   "n-gram pool the next drafts come from (0: off)")
+    lookahead_ngram: int = option(4, "lookahead self-drafting: n-gram size (a step drafts at most n - 1 tokens)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(0 <= self.lookahead_window <= 64, f"--lookahead-window must be in [0, 64], got {self.lookahead_window}")
+        _check(2 <= self.lookahead_ngram <= MAX_DEPTH + 1,
+               f"--lookahead-ngram must be in [2, {MAX_DEPTH + 1}], got {self.lookahead_ngram}")
         _check(self.space_masks >= -1, f"--space-masks must be >= -1, got {self.space_masks}")
         _check(self.space_masks <= MAX_DEPTH,
                f"--space-masks must be <= {MAX_DEPTH} (a step's drafts), got {self.space_masks}")

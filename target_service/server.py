@@ -22,7 +22,7 @@ from specfleet.space_model import space_settings_for
 from specfleet.speculation import is_prefill
 from specfleet.telemetry import TelemetryWriter, writer_for
 from specfleet.wire import delta_fields, info_response, sampling_from_proto, validate_parents, validate_tokens
-from target_service.verifier import SpaceSettings, Verifier, VerifyItem
+from target_service.verifier import LookaheadSettings, SpaceSettings, Verifier, VerifyItem
 
 log = logging.getLogger("specfleet.target")
 
@@ -99,7 +99,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
     async def Release(self, request: session_pb2.ReleaseSequencesRequest, context: grpc.aio.ServicerContext
                       ) -> session_pb2.ReleaseSequencesResponse:
         released = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.verifier.runner.release, list(request.seq_ids))
+            self.executor, self.verifier.release, list(request.seq_ids))
         return session_pb2.ReleaseSequencesResponse(released=released)
 
     async def GetInfo(self, request: session_pb2.GetServiceInfoRequest, context: grpc.aio.ServicerContext
@@ -109,7 +109,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                              fingerprint=self.fingerprint, max_seq_len=runner.max_seq_len,
                              num_slots=runner.num_slots, live=runner.live_sequences, eos_ids=self.eos_ids,
                              draining=self.sessions.draining, max_draft_next=self.verifier.max_draft_next,
-                             self_drafting="space" if self.verifier.space is not None else "")
+                             self_drafting=self.verifier.self_drafting)
 
 
 def _top_k_to_proto(pairs: tuple[torch.Tensor, torch.Tensor] | None) -> list[session_pb2.TokenDistribution]:
@@ -129,10 +129,16 @@ def build_servicer(config: TargetConfig, otel: Otel | None = None) -> TargetServ
     log.info("target model %s loaded on %s: %d slots x %d tokens", config.model, device, runner.num_slots,
              runner.max_seq_len)
     space = space_settings_for(folder, config.space_masks, config.space_mask_token, runner.vocab_size)
+    lookahead = LookaheadSettings(config.lookahead_window, config.lookahead_ngram) if config.lookahead_window else None
+    if space is not None and lookahead is not None:
+        raise ValueError("--lookahead-window drafts with lookahead, but this target already drafts with SPACE masks "
+                         "(its model folder or --space-masks): choose one (--space-masks 0 turns SPACE off)")
     if space is not None:
         log.info("SPACE self-drafting: up to %d masks per group, mask token %d", space[1], space[0])
+    if lookahead is not None:
+        log.info("lookahead self-drafting: a Jacobi chain of %d guesses, %d-grams", lookahead.window, lookahead.ngram)
     telemetry = writer_for(config.redis_url, "target", config.port, config.telemetry_prefix)
-    verifier = Verifier(runner, SpaceSettings(*space) if space is not None else None)
+    verifier = Verifier(runner, SpaceSettings(*space) if space is not None else None, lookahead)
     return TargetServicer(config, verifier, tokenizer_fingerprint(tokenizer), eos_token_ids(folder, tokenizer),
                           telemetry, otel)
 

@@ -2,7 +2,8 @@
 model in one batched pass, verify the drafts, and keep only the accepted prefix in the cache. Draft
 trees go through the model with tree attention (``extend_tree``) and keep their accepted path
 (``keep_path``), so afterwards the cache reads as for a chain. A sequence that asks for its next
-step's drafts (``draft_next``) gets them from the same pass: SPACE's mask groups (`specfleet.space`)."""
+step's drafts (``draft_next``) gets them from the same pass: SPACE's mask groups (`specfleet.space`), or
+lookahead's Jacobi chain and n-gram pool (`specfleet.lookahead`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from specfleet.engine import Extend, ModelRunner, TreeExtend
+from specfleet.lookahead import LookaheadState, advance, candidates_after, initial_guesses, lookahead_layout
 from specfleet.sampling import (
     DRAFT_STREAM,
     VERIFY_STREAM,
@@ -48,7 +50,8 @@ class VerifyItem:
 
     @property
     def fed_tokens(self) -> int:
-        """Positions the pass runs for this sequence: its new tokens, its drafts, and a SPACE step's masks."""
+        """Positions the pass runs for this sequence: its new tokens, its drafts, and a SPACE step's masks (a
+        lookahead step's Jacobi chain is not counted: its width is the target's, not the request's)."""
         drafts = len(self.draft_tokens)
         return len(self.new_tokens) + (space_pass_tokens(drafts, self.draft_next) if self.draft_next else drafts)
 
@@ -71,6 +74,16 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class LookaheadSettings:
+    """A lookahead target (`specfleet.lookahead`): ``window`` Jacobi guesses per pass, n-grams of ``ngram`` tokens
+    (so at most ngram - 1 drafts a step), the latest ``pool_size`` continuations kept per first token."""
+
+    window: int
+    ngram: int
+    pool_size: int = 8
+
+
+@dataclass(frozen=True)
 class SpaceSettings:
     """A SPACE target: the token its mask positions hold, and the most masks a sequence may ask for per group."""
 
@@ -83,14 +96,32 @@ class Verifier:
     """Verifies batches of draft chains against the target model held by ``runner``; with ``space``, also drafts the
     next step's candidates for the sequences that ask."""
 
-    def __init__(self, runner: ModelRunner, space: SpaceSettings | None = None) -> None:
+    def __init__(self, runner: ModelRunner, space: SpaceSettings | None = None,
+                 lookahead: LookaheadSettings | None = None) -> None:
+        if space is not None and lookahead is not None:
+            raise ValueError("a target drafts for itself with SPACE masks or with lookahead, not both")
         self.runner = runner
         self.space = space
+        self.lookahead = lookahead
+        self._lookahead_states: dict[str, LookaheadState] = {}
+
+    @property
+    def self_drafting(self) -> str:
+        """How this target drafts for itself: "space", "lookahead", or "" when it does not."""
+        return "space" if self.space is not None else "lookahead" if self.lookahead is not None else ""
 
     @property
     def max_draft_next(self) -> int:
         """Most next-step drafts a sequence may ask for (0: this target does not draft)."""
-        return 0 if self.space is None else self.space.max_masks
+        if self.space is not None:
+            return self.space.max_masks
+        return self.lookahead.ngram - 1 if self.lookahead is not None else 0
+
+    def release(self, seq_ids: list[str]) -> int:
+        """Forgets finished sequences: their KV cache and their self-drafting state."""
+        for seq_id in seq_ids:
+            self._lookahead_states.pop(seq_id, None)
+        return self.runner.release(seq_ids)
 
     def verify(self, items: list[VerifyItem]) -> list[Verdict]:
         for item in items:
@@ -108,7 +139,8 @@ class Verifier:
         if trees:
             verdicts.update(self._verify_trees(trees))
         if self_drafted:
-            verdicts.update(self._verify_self_drafted(self_drafted))
+            verdicts.update(self._verify_self_drafted(self_drafted) if self.space is not None else
+                            self._verify_lookahead(self_drafted))
         if chains:
             logits = self.runner.extend([
                 Extend(i.seq_id, i.rollback_to, list(i.new_tokens) + list(i.draft_tokens),
@@ -126,8 +158,8 @@ class Verifier:
             return
         if item.draft_next > self.max_draft_next:
             raise ValueError(f"{item.seq_id}: asks for {item.draft_next} next-step drafts, but this target drafts "
-                             f"{self.max_draft_next}" + (" (it was not started with a SPACE model)"
-                                                         if self.space is None else " at most"))
+                             f"{self.max_draft_next}" + (" at most" if self.self_drafting else
+                                                         " (it was not started with a SPACE model or lookahead)"))
         if item.draft_parents is not None:
             raise ValueError(f"{item.seq_id}: a self-drafting step verifies a chain of candidates, not a tree")
 
@@ -157,6 +189,46 @@ class Verifier:
             verdicts[item.seq_id] = Verdict(item.seq_id, True, accepted, tuple(tokens), item.position + accepted,
                                             next_tokens=next_tokens, next_top_k=next_top_k)
         return verdicts
+
+    def _verify_lookahead(self, items: list[VerifyItem]) -> dict[str, Verdict]:
+        """Lookahead: each sequence's candidates (from its n-gram pool) and its Jacobi chain in one tree-attention
+        pass; the candidates are verified as a chain, the cache keeps the accepted ones, the Jacobi outputs feed the
+        pool, and the pool proposes the next candidates after the emitted token (a sampled request's q for each is a
+        point mass: it was looked up, not drawn)."""
+        assert self.lookahead is not None
+        settings = self.lookahead
+        states = [self._lookahead_state(i) for i in items]
+        layouts = [lookahead_layout(i.draft_tokens, state.guesses[: self._guesses_that_fit(i)])
+                   for i, state in zip(items, states, strict=True)]
+        logits = self.runner.extend_tree([TreeExtend(i.seq_id, i.rollback_to, list(i.new_tokens), layout.tokens,
+                                                     layout.parents) for i, layout in zip(items, layouts, strict=True)])
+        decided = self._decide_chains(items, [x[: len(i.draft_tokens) + 1] for x, i in zip(logits, items, strict=True)])
+        verdicts: dict[str, Verdict] = {}
+        for item, state, layout, rows, (accepted, tokens) in zip(items, states, layouts, logits, decided, strict=True):
+            self.runner.keep_path(item.seq_id, item.position, list(range(accepted)))
+            guesses = layout.guess_rows
+            guess_outputs = rows[guesses.start:guesses.stop].argmax(dim=-1).tolist()
+            advance(state, int(rows[0].argmax()), guess_outputs, tokens, settings.ngram, settings.pool_size)
+            next_tokens = candidates_after(state, tokens[-1], item.draft_next)
+            next_top_k = None
+            if not item.sampling.greedy and next_tokens:
+                next_top_k = (torch.tensor(next_tokens).unsqueeze(1), torch.ones(len(next_tokens), 1))
+            verdicts[item.seq_id] = Verdict(item.seq_id, True, accepted, tuple(tokens), item.position + accepted,
+                                            next_tokens=next_tokens, next_top_k=next_top_k)
+        return verdicts
+
+    def _lookahead_state(self, item: VerifyItem) -> LookaheadState:
+        """The sequence's state, new (guesses from its context) when it starts or is sent again whole."""
+        assert self.lookahead is not None
+        state = self._lookahead_states.get(item.seq_id)
+        if state is None or item.rollback_to == 0:
+            state = self._lookahead_states[item.seq_id] = LookaheadState(
+                initial_guesses(item.new_tokens, self.lookahead.window))
+        return state
+
+    def _guesses_that_fit(self, item: VerifyItem) -> int:
+        assert self.lookahead is not None
+        return max(0, min(self.lookahead.window, self.runner.max_seq_len - item.position - len(item.draft_tokens)))
 
     def _masks_that_fit(self, item: VerifyItem) -> int:
         """The masks asked for, fewer where the pass would outgrow the sequence's cache (none: no next drafts)."""

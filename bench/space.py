@@ -12,8 +12,9 @@ The model: SmolLM2-135M fine-tuned by ``specfleet train-space`` (cached in ``--m
 3. **Speed**, through real services (a router and a target process each, a Redis): for each batch size of
    ``--batches`` that many requests at once, tokens per pass (tokens / Verify passes, from each stream's stats) and
    tokens/s (the batch's tokens over its wall time; median over ``--rounds``), for plain decoding of the original
-   and of the fine-tuned model, SPACE at each of ``--masks`` and ``auto`` (``--self-draft``), and the ``ngram``
-   drafter on the original (auto depth). SPACE's output must equal the fine-tuned model's plain output, and ngram's
+   and of the fine-tuned model, SPACE at each of ``--masks`` and ``auto`` (``--self-draft``), lookahead on the
+   original (``--lookahead-window``, ``--lookahead-ngram``, drafting n - 1), and the ``ngram`` drafter on the
+   original (auto depth). SPACE's output must equal the fine-tuned model's plain output, and lookahead's and ngram's
    the original's, token for token: the run stops at the first difference.
 
     python -m bench.space                    # everything (trains first if needed), report to stdout
@@ -158,7 +159,7 @@ def perplexity(model_dir: Path, pairs: list[tuple[str, str]], max_answer_tokens:
 # -- 3. speed through the services ------------------------------------------------------------------------------------
 
 def serve_and_measure(folder: Path, prompts: list[list[int]], batches: list[int], masks: list[int], rounds: int,
-                      max_new: int) -> dict[int, dict[str, Cell]]:
+                      max_new: int, lookahead_window: int, lookahead_ngram: int) -> dict[int, dict[str, Cell]]:
     from specfleet.models import resolve_model
 
     cells: dict[int, dict[str, Cell]] = {b: {} for b in batches}
@@ -168,11 +169,17 @@ def serve_and_measure(folder: Path, prompts: list[list[int]], batches: list[int]
         original = f.start("target", ["--model", str(resolve_model(BASE_MODEL)), *slots, "--redis-url", redis],
                            "target-original")
         tuned = f.start("target", ["--model", str(folder), *slots, "--redis-url", redis], "target-space")
+        lookahead = f.start("target", ["--model", str(resolve_model(BASE_MODEL)), *slots, "--redis-url", redis,
+                                       "--lookahead-window", str(lookahead_window), "--lookahead-ngram",
+                                       str(lookahead_ngram)], "target-lookahead")
         ngram = f.start("draft", ["--drafter", "ngram", "--redis-url", redis], "ngram")
         routers: dict[str, tuple[str, str]] = {
             "plain, original": (f.router(original, None, 0, "r-plain-original", ["--redis-url", redis]), ""),
             "ngram (auto), original": (f.router(original, ngram, "auto", "r-ngram", ["--redis-url", redis]),
                                        "plain, original"),
+            f"lookahead K={lookahead_ngram - 1}, original": (
+                f.router(lookahead, None, lookahead_ngram - 1, "r-lookahead", ["--self-draft", "--redis-url", redis]),
+                "plain, original"),
             "plain, fine-tuned": (f.router(tuned, None, 0, "r-plain-tuned", ["--redis-url", redis]), ""),
         }
         for depth in [*masks, "auto"]:
@@ -238,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve-prompts", type=int, default=8)
     parser.add_argument("--curve-masks", type=int, default=4)
     parser.add_argument("--ppl-texts", type=int, default=40)
+    parser.add_argument("--lookahead-window", type=int, default=6)
+    parser.add_argument("--lookahead-ngram", type=int, default=4)
     parser.add_argument("--no-curve", action="store_true")
     parser.add_argument("--no-ppl", action="store_true")
     parser.add_argument("--no-speed", action="store_true")
@@ -255,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs = held_out_answers(args.ppl_texts)
         ppl = (perplexity(resolve_model(BASE_MODEL), pairs, 256), perplexity(folder, pairs, 256))
     cells = {} if args.no_speed else serve_and_measure(folder, prompts, args.batches, args.masks, args.rounds,
-                                                       args.max_new_tokens)
+                                                       args.max_new_tokens, args.lookahead_window,
+                                                       args.lookahead_ngram)
     print()
     print(report(curve, args.curve_masks, ppl, cells))
     return 0

@@ -191,3 +191,20 @@ def test_greedy_with_a_self_drafting_space_target_equals_plain_decoding(cluster,
     stats = [list(stream(pinned, make_request(ids, max_new_tokens=MAX_NEW), timeout_s=300))[-1].stats
              for ids in prompt_ids[:4]]
     assert sum(s.drafted_tokens for s in stats) > 0 and sum(s.accepted_tokens for s in stats) > 0, stats
+
+
+def test_greedy_with_a_lookahead_target_equals_plain_decoding(cluster, smollm2_dir, prompt_ids, reference) -> None:
+    """Lookahead on the unmodified model: each Verify runs a Jacobi chain beside the candidates its n-gram pool
+    proposed. The tokens are the model's, and candidates from the pool do get accepted."""
+    if "lookahead-target" not in cluster.addresses:
+        cluster.start("lookahead-target", "target", ["--model", str(smollm2_dir), "--num-slots", "24",
+                                                     "--max-seq-len", "1024", "--redis-url", cluster.redis_url,
+                                                     "--lookahead-window", "6", "--lookahead-ngram", "4"])
+    for depth in (3, "auto"):
+        address = cluster.router(f"router-lookahead-{depth}", target="lookahead-target", draft=None, depth=depth,
+                                 extra=["--self-draft"])
+        assert _generate_all(address, prompt_ids) == reference
+    pinned = cluster.addresses["router-lookahead-3"]
+    stats = [list(stream(pinned, make_request(ids, max_new_tokens=MAX_NEW), timeout_s=300))[-1].stats
+             for ids in prompt_ids[:4]]
+    assert sum(s.drafted_tokens for s in stats) > 0 and sum(s.accepted_tokens for s in stats) > 0, stats

@@ -55,7 +55,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         elapsed_ms = (time.perf_counter() - started) * 1000
         self.metrics.record_batch(elapsed_ms / 1000)
         if self.telemetry is not None and items and not any(is_prefill(i.new_tokens) for i in items):
-            tokens_per_seq = sum(i.fed_tokens for i in items) / len(items)
+            tokens_per_seq = sum(self.verifier.fed_tokens(i) for i in items) / len(items)
             # The KV each sequence's verify reads: its committed tokens, where its drafts start (the router's price).
             context = sum(i.position for i in items) / len(items)
             self.telemetry.record_latency(len(items), tokens_per_seq, elapsed_ms, context=context)

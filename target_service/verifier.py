@@ -48,13 +48,6 @@ class VerifyItem:
         """Index of the first draft token in the sequence."""
         return self.rollback_to + len(self.new_tokens)
 
-    @property
-    def fed_tokens(self) -> int:
-        """Positions the pass runs for this sequence: its new tokens, its drafts, and a SPACE step's masks (a
-        lookahead step's Jacobi chain is not counted: its width is the target's, not the request's)."""
-        drafts = len(self.draft_tokens)
-        return len(self.new_tokens) + (space_pass_tokens(drafts, self.draft_next) if self.draft_next else drafts)
-
 
 @dataclass(frozen=True)
 class Verdict:
@@ -116,6 +109,16 @@ class Verifier:
         if self.space is not None:
             return self.space.max_masks
         return self.lookahead.ngram - 1 if self.lookahead is not None else 0
+
+    def fed_tokens(self, item: VerifyItem) -> int:
+        """Positions a pass runs for ``item``: its new tokens, its drafts, and a self-drafting step's masks or Jacobi
+        chain (what the latency telemetry's tokens per sequence counts)."""
+        drafts = len(item.draft_tokens)
+        if item.draft_next and self.space is not None:
+            drafts = space_pass_tokens(drafts, item.draft_next)
+        elif item.draft_next and self.lookahead is not None:
+            drafts += self.lookahead.window
+        return len(item.new_tokens) + drafts
 
     def release(self, seq_ids: list[str]) -> int:
         """Forgets finished sequences: their KV cache and their self-drafting state."""

@@ -225,6 +225,12 @@ def _fine_tune(model: Any, texts: list[AnsweredPrompt], mask_token: int, config:
         def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             log.info("stopped at step %d", state.global_step)
 
+        def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+            if not config.max_steps and logs and "mask_loss" in logs:  # no step count to show a bar against
+                left = max(0.0, deadline - time.monotonic()) / 60
+                log.info("step %d: loss %.3f (next-token %.3f, masks %.3f), %.0f min left", state.global_step,
+                         logs.get("loss", float("nan")), logs["lm_loss"], logs["mask_loss"], left)
+
         def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             if config.snapshot_steps and state.global_step % config.snapshot_steps == 0:
                 self._snapshot(state.global_step)
@@ -250,7 +256,7 @@ def _fine_tune(model: Any, texts: list[AnsweredPrompt], mask_token: int, config:
         lr_scheduler_type="constant_with_warmup", warmup_steps=10, weight_decay=0.0, logging_steps=5,
         save_steps=config.save_steps, save_total_limit=2, seed=config.seed, data_seed=config.seed,
         use_cpu=device == "cpu", report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
-        disable_tqdm=False)
+        disable_tqdm=not config.max_steps)  # a time budget alone has no total to draw a bar against
     trainer = SarTrainer(model=model, args=args,
                          train_dataset=SarDataset(texts, config.masks, config.groups, mask_token, config.seed),
                          data_collator=lambda batch: collate_sar(batch, mask_token),

@@ -33,12 +33,13 @@ from router.policy_feed import PolicyFeed
 from router.ports import StepObserver
 from router.prediction_audit import Calibration, PredictionAudit
 from router.replicas import DraftReplica, ReplicaError, ReplicaGone, TargetLost, TargetReplica, check_compatible
-from router.self_drafted import SELF_DRAFTED, SELF_DRAFTED_KIND, SelfDrafted
+from router.self_drafted import SELF_DRAFTED, SelfDrafted
 from router.strategies import Strategies
 from router.target_link import GrpcTargetLink
 from router.target_verifier import TargetVerifier
 from specfleet.config import RouterConfig
 from specfleet.otel import RouterMetrics
+from specfleet.policy.costs import SelfDrafting
 from specfleet.telemetry import TelemetryWriter
 
 log = logging.getLogger("specfleet.router")
@@ -72,8 +73,8 @@ def step_loop_for(target: TargetReplica, config: RouterConfig, feed: PolicyFeed,
         if not target.info.max_draft_next:
             log.warning("target %s does not draft for itself (it was not started with a SPACE model or lookahead, "
                         "see --space-masks, --lookahead-window): its sequences decode plainly", target.address)
-        strategies = Strategies({SELF_DRAFTED: SelfDrafted(target.info.max_draft_next,
-                                                           target.info.self_drafting or SELF_DRAFTED_KIND)})
+        drafting = SelfDrafting(target.info.self_drafting or "space", target.info.draft_next_width)
+        strategies = Strategies({SELF_DRAFTED: SelfDrafted(target.info.max_draft_next, drafting)})
     else:
         strategies = Strategies({name: DraftAhead(pool, metrics) if config.draft_ahead else pool
                                  for name in (config.speculation_pools or [DRAFT_POOL])

@@ -15,10 +15,11 @@ from router.live_request import LiveRequest
 from router.policy_feed import PolicyFeed
 from router.ports import Proposer
 from router.prediction_audit import Calibration, PredictionAudit
-from router.self_drafted import SELF_DRAFTED, SELF_DRAFTED_KIND
+from router.self_drafted import SELF_DRAFTED
 from router.strategies import Strategies
 from specfleet.config import RouterConfig
 from specfleet.policy import DepthDecision, TreeDecision, TreePlan
+from specfleet.policy.costs import SelfDrafting
 from specfleet.policy.depth_policy import PoolCounts
 from specfleet.policy.drafter_choice import PoolDecision
 from specfleet.speculation import DraftPlan, StepPlan, is_prefill
@@ -53,7 +54,7 @@ class Planner:
         elif shape is None:
             # Priced by its drafter kind's own costs: a Redis shared with pools of other kinds holds theirs too. A
             # SPACE target's drafts cost no call, and make its verify feed the mask groups too.
-            kind = self._self_drafted_kind() if self.config.self_draft else _pool_kind(batch, self.pools[0]) \
+            kind = self._self_drafting() if self.config.self_draft else _pool_kind(batch, self.pools[0]) \
                 if self.pools else None
             decision = self.feed.policy.choose([_first_tries(s) for s in batch], [self.depth_room(s) for s in batch],
                                                [_offers(s) for s in batch], calibration, _contexts(batch), kind)
@@ -66,9 +67,10 @@ class Planner:
         self._log(len(batch), plan.reason)
         return plan
 
-    def _self_drafted_kind(self) -> str:
+    def _self_drafting(self) -> SelfDrafting:
+        """How the target drafts for itself, as its strategy holds it (GetInfo's)."""
         found = self.strategies.strategies.get(SELF_DRAFTED) if isinstance(self.strategies, Strategies) else None
-        return getattr(found, "kind", SELF_DRAFTED_KIND)
+        return getattr(found, "drafting", SelfDrafting())
 
     def depth_room(self, seq: LiveRequest, pool: str | None = None) -> int:
         """Most draft tokens ``seq`` can use: what its request, the target's cache and its strategy (or the draft

@@ -12,19 +12,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from router.live_request import LiveRequest
+from specfleet.policy.costs import SelfDrafting
 from specfleet.speculation import Proposal, Proposals, StepPlan, Verdict
 
 SELF_DRAFTED = "self"
 """The strategy's name (`LiveRequest.strategy`) on a router started with --self-draft."""
-SELF_DRAFTED_KIND = "space"
-"""Its drafter kind, as the policy prices it (`specfleet.policy.costs.SELF_DRAFTED_KINDS`) and a target names it
-(GetInfo's ``self_drafting``: "space", or "lookahead")."""
+SPACE = SelfDrafting("space")
 
 
 class SelfDrafted:
-    def __init__(self, max_drafts: int, kind: str = SELF_DRAFTED_KIND) -> None:
+    def __init__(self, max_drafts: int, drafting: SelfDrafting = SPACE) -> None:
         self.max_drafts = max_drafts  # what the target said it drafts at most (GetInfo's max_draft_next)
-        self.kind = kind  # how it drafts (GetInfo's self_drafting): the policy prices its steps by it
+        self.drafting = drafting  # how it drafts (GetInfo's self_drafting): the policy prices its steps by it
         self.candidates: dict[str, Proposal] = {}  # by seq_id: what its last verdict proposed
 
     def room(self, seq: LiveRequest) -> int | None:

@@ -109,7 +109,8 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                              fingerprint=self.fingerprint, max_seq_len=runner.max_seq_len,
                              num_slots=runner.num_slots, live=runner.live_sequences, eos_ids=self.eos_ids,
                              draining=self.sessions.draining, max_draft_next=self.verifier.max_draft_next,
-                             self_drafting=self.verifier.self_drafting)
+                             self_drafting=self.verifier.self_drafting,
+                             draft_next_width=self.verifier.lookahead.window if self.verifier.lookahead else 0)
 
 
 def _top_k_to_proto(pairs: tuple[torch.Tensor, torch.Tensor] | None) -> list[session_pb2.TokenDistribution]:

@@ -143,15 +143,22 @@ def drafter_defaults(kind: str, defaults: Mapping[str, CostFn] = DEFAULT_COSTS) 
     return {**defaults, "draft": DRAFTER_DEFAULT_COSTS.get(kind, defaults["draft"])}
 
 
-SELF_DRAFTED_KINDS = frozenset({"space"})
-"""Drafter kinds of the targets that draft in their own verify (`specfleet target --space-masks`): priced by
-`CostModel` with ``self_drafted``."""
+@dataclass(frozen=True)
+class SelfDrafting:
+    """How a target drafts in its own verify (GetInfo's ``self_drafting``), as the policy prices its steps: "space"
+    (`specfleet target --space-masks`) or "lookahead" (``--lookahead-window``, whose Jacobi chain of ``width``
+    guesses rides along with every sequence's verify whatever it drafts)."""
 
+    kind: str = "space"
+    width: int = 0
 
-def self_drafted_tokens(drafts_per_seq: float) -> float:
-    """Tokens a SPACE step of d candidates and d masks per group adds to a sequence's verify: the candidates and
-    d + 1 mask groups (`specfleet.space.space_pass_tokens`, for a mean depth)."""
-    return drafts_per_seq + (drafts_per_seq + 1) * drafts_per_seq
+    def verify_tokens(self, drafts_per_seq: float) -> float:
+        """Tokens a step of d drafts per sequence adds to each sequence's verify beyond its last token: SPACE's d
+        candidates and d + 1 groups of d masks (`specfleet.space.space_pass_tokens`), or lookahead's candidates and
+        its Jacobi chain."""
+        if self.kind == "space":
+            return drafts_per_seq + (drafts_per_seq + 1) * drafts_per_seq
+        return drafts_per_seq + self.width
 
 
 def kv_passes(role: str, tokens_per_seq: float) -> float:
@@ -557,11 +564,13 @@ class CostModel:
 
     def __init__(self, defaults: Mapping[str, CostFn] | None = None,
                  tables: Mapping[str, CostTable] | None = None, *, ahead_alpha: float | None = None,
-                 context_costs: Mapping[str, ContextCost] | None = None, self_drafted: bool = False) -> None:
+                 context_costs: Mapping[str, ContextCost] | None = None,
+                 self_drafted: SelfDrafting | None = None) -> None:
         """``ahead_alpha``: the router drafts ahead (--draft-ahead), and a draft comes true this often (the fleet's
         acceptance rate); None: drafting and verifying take turns. ``context_costs``: each role's KV term (a role
         not given: its default's, `default_context_cost`). ``self_drafted``: the target drafts in its verify
-        (SPACE): no draft call, and d drafts per sequence make the verify feed `self_drafted_tokens`(d) tokens."""
+        (SPACE, lookahead): no draft call, and d drafts per sequence make the verify feed
+        `SelfDrafting.verify_tokens` (d) tokens more."""
         self.ahead_alpha = ahead_alpha
         self.self_drafted = self_drafted
         self._defaults = dict(DEFAULT_COSTS if defaults is None else defaults)
@@ -577,7 +586,7 @@ class CostModel:
     @classmethod
     def fit(cls, samples: Iterable[CostSample], defaults: Mapping[str, CostFn] | None = None, *,
             max_batch: int = 256, max_tokens: int = 33, ahead_alpha: float | None = None,
-            self_drafted: bool = False) -> CostModel:
+            self_drafted: SelfDrafting | None = None) -> CostModel:
         """A model fitted from a window of samples (all of it, each time); roles without samples use defaults.
         Each role's KV term first (`_fit_context_cost`), then its table from the samples at its reference context."""
         if max_batch < 1 or max_tokens < 1:
@@ -650,11 +659,12 @@ class CostModel:
         if found is None:
             target, draft = self._priced("target", batch_size, bucket), self._priced("draft", batch_size, bucket)
             overhead = self._priced("overhead", batch_size, bucket)
-            fed = self_drafted_tokens if self.self_drafted else float  # tokens a sequence's d drafts add
+            drafting = self.self_drafted
+            fed = float if drafting is None else drafting.verify_tokens  # tokens a sequence's d drafts add
             found = StepCosts(
                 batch_size=batch_size,
                 target_ms=tuple(target(1 + fed(n / batch_size)) for n in range(batch_size * max_depth + 1)),
-                draft_ms=(0.0, *((0.0 if self.self_drafted else draft(float(d))) for d in range(1, max_depth + 1))),
+                draft_ms=(0.0, *((draft(float(d)) if drafting is None else 0.0) for d in range(1, max_depth + 1))),
                 overhead_ms=tuple(max(MIN_STEP_MS, overhead(1.0 + d)) for d in range(max_depth + 1)),
                 context=bucket,
             )

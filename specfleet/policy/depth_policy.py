@@ -8,12 +8,11 @@ from dataclasses import dataclass, field, replace
 from specfleet.policy.acceptance import MAX_ALPHA, acceptance_estimate, offer_estimate
 from specfleet.policy.costs import (
     DEFAULT_COSTS,
-    SELF_DRAFTED_KINDS,
     CostFn,
     CostModel,
     CostSample,
+    SelfDrafting,
     drafter_defaults,
-    self_drafted_tokens,
 )
 from specfleet.policy.depths import DepthDecision, choose_depths, choose_depths_for_latency, pinned_decision
 from specfleet.policy.drafter_choice import PoolDecision, PoolOption, choose_pools
@@ -31,6 +30,7 @@ class _Fitted:
     samples: tuple[CostSample, ...] = ()
     # Each drafter kind's model, fitted from its own draft samples when first asked for (`DepthPolicy.costs_for`).
     by_drafter: dict[str, CostModel] = field(default_factory=dict, compare=False)
+    by_self_drafting: dict[SelfDrafting, CostModel] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -141,15 +141,22 @@ class DepthPolicy:
         that kind's default (`drafter_defaults`). Fitted once per refit, when first asked for."""
         state = self._state
         found = state.by_drafter.get(kind)
-        if found is None and kind in SELF_DRAFTED_KINDS:  # no draft call: the drafts are tokens of the verify
-            found = state.by_drafter[kind] = CostModel.fit(
-                [s for s in state.samples if s.role != "draft"], self._defaults,
-                max_tokens=max(33, int(2 + self_drafted_tokens(self.max_depth))), self_drafted=True)
-        elif found is None:
+        if found is None:
             own = [s for s in state.samples if s.role != "draft" or s.drafter in (kind, None)]
             found = state.by_drafter[kind] = CostModel.fit(
                 own, drafter_defaults(kind, self._defaults), max_tokens=max(33, self.max_depth + 2),
                 ahead_alpha=state.fleet_alpha if self.drafts_ahead else None)
+        return found
+
+    def self_drafted_costs(self, drafting: SelfDrafting) -> CostModel:
+        """The cost model of a target that drafts in its own verify: no draft call (draft samples of other fleets in
+        the same Redis do not count), and its drafts priced as the tokens they add to the verify."""
+        state = self._state
+        found = state.by_self_drafting.get(drafting)
+        if found is None:
+            found = state.by_self_drafting[drafting] = CostModel.fit(
+                [s for s in state.samples if s.role != "draft"], self._defaults,
+                max_tokens=max(33, int(2 + drafting.verify_tokens(self.max_depth))), self_drafted=drafting)
         return found
 
     def alphas(self, per_sequence_counts: Sequence[tuple[int, int]]) -> list[float]:
@@ -173,12 +180,13 @@ class DepthPolicy:
 
     def choose(self, per_sequence_counts: Sequence[tuple[int, int]], limits: Sequence[int] | None = None,
                offer_counts: Sequence[tuple[int, int]] | None = None, calibration: float = 1.0,
-               contexts: Sequence[int] | None = None, drafter: str | None = None) -> DepthDecision:
+               contexts: Sequence[int] | None = None, drafter: str | SelfDrafting | None = None) -> DepthDecision:
         """Depths for one step; `per_sequence_counts[i]` is sequence i's (accepted, rejections), `offer_counts[i]`
         its (offers, misses) (the fleet's offer rate for everyone when not given), `contexts[i]` its KV length
         (its committed tokens; None: the cost model's reference context); `calibration` as in `choose_depths`."""
         state = self._state  # read once: one consistent model for the whole decision
-        costs = state.costs if drafter is None else self.costs_for(drafter)
+        costs = state.costs if drafter is None else self.self_drafted_costs(drafter) if isinstance(
+            drafter, SelfDrafting) else self.costs_for(drafter)
         alphas = self._alphas(per_sequence_counts, state.fleet_alpha)
         rates = self._offer_rates(offer_counts, state.fleet_offer_rate, len(alphas))
         if self.pinned_depth is not None:

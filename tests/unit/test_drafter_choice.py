@@ -9,7 +9,7 @@ import random
 import pytest
 
 from specfleet.policy import DepthPolicy
-from specfleet.policy.costs import DEFAULT_COSTS, AnalyticCost, CostModel, CostSample
+from specfleet.policy.costs import DEFAULT_COSTS, AnalyticCost, CostModel, CostSample, SelfDrafting
 from specfleet.policy.depth_policy import PoolCounts
 from specfleet.policy.drafter_choice import PoolOption, choose_pools, mixed_goodput, mixed_step_ms
 
@@ -145,17 +145,20 @@ def test_a_single_pool_is_priced_by_its_own_drafter_kind() -> None:
 def test_a_self_drafting_target_prices_its_drafts_as_tokens_of_its_verify() -> None:
     """SPACE: no draft call, and d drafts per sequence make the verify feed the d candidates and d + 1 groups of d
     masks; so at the same acceptance it drafts less deep than a chain from a free drafter, and draft samples of
-    other fleets in the same Redis do not price it."""
+    other fleets in the same Redis do not price it. Lookahead: its Jacobi chain rides along whatever it drafts."""
     policy = DepthPolicy(max_depth=6, defaults={**DEFAULT_COSTS, "target": TARGET})
     policy.update([CostSample("draft", 2, 2.0, 500.0, 256, None) for _ in range(6)], 50, 50)
-    space = policy.costs_for("space")
-    steps = space.step_costs(batch_size=2, max_depth=6)
-    assert steps.draft_ms == (0.0,) * 7
-    for d in range(7):
-        assert steps.target_ms[2 * d] == pytest.approx(space.predict("target", 2, 1 + d + (d + 1) * d))
+    space, lookahead = policy.self_drafted_costs(SelfDrafting("space")), policy.self_drafted_costs(
+        SelfDrafting("lookahead", width=6))
+    for costs, fed in ((space, lambda d: d + (d + 1) * d), (lookahead, lambda d: d + 6)):
+        steps = costs.step_costs(batch_size=2, max_depth=6)
+        assert steps.draft_ms == (0.0,) * 7
+        for d in range(7):
+            assert steps.target_ms[2 * d] == pytest.approx(costs.predict("target", 2, 1 + fed(d)))
     counts, limits = [(80, 20)] * 2, [6] * 2
-    self_drafted = policy.choose(counts, limits, drafter="space")
+    self_drafted = policy.choose(counts, limits, drafter=SelfDrafting("space"))
     free_chains = DepthPolicy(max_depth=6, defaults={**DEFAULT_COSTS, "target": TARGET,
                                                      "draft": AnalyticCost(fixed_ms=0.0)})
     chain = free_chains.choose(counts, limits, drafter="ngram")
     assert 0 < max(self_drafted.depths) < max(chain.depths), (self_drafted.reason, chain.reason)
+    assert policy.self_drafted_costs(SelfDrafting("space")) is space  # fitted once per refit

@@ -29,7 +29,7 @@ from router.planner import Planner
 from router.policy_feed import PolicyFeed
 from router.ports import Proposer
 from router.replicas import DraftReplica, TargetReplica
-from router.self_drafted import SELF_DRAFTED, SELF_DRAFTED_KIND, SelfDrafted
+from router.self_drafted import SELF_DRAFTED, SPACE, SelfDrafted
 from router.strategies import Strategies
 from router.target_verifier import TargetVerifier
 from specfleet.config import RouterConfig
@@ -269,7 +269,7 @@ def test_a_sequence_with_no_draft_session_decodes_plainly_beside_named_pools() -
 
 def test_a_self_drafting_router_prices_its_steps_as_the_targets_and_keeps_greedy_output() -> None:
     """--self-draft --depth auto: every sequence drafts with the target's own candidates, the policy prices the steps
-    as SPACE steps (kind "space": no draft call, the mask groups in the verify), and the tokens stay the target's."""
+    as SPACE steps (no draft call, the mask groups in the verify), and the tokens stay the target's."""
     config = RouterConfig(depth="auto", self_draft=True, max_depth=4)
     metrics = RouterMetrics()
     target = FakeTarget()
@@ -295,6 +295,6 @@ def test_a_self_drafting_router_prices_its_steps_as_the_targets_and_keeps_greedy
     outputs = asyncio.run(_serve(harness, seqs))
 
     assert outputs == _plain(PROMPTS[:2], lengths)
-    assert set(asked) == {SELF_DRAFTED_KIND}
+    assert set(asked) == {SPACE}
     asks = [ask for call in target.asks for ask in call]
     assert any(ask.proposal is not None and ask.proposal.draft_next for ask in asks)  # the target was asked to draft

@@ -81,11 +81,12 @@ def space_decode(folder: Path, prompts: list[list[int]], max_new: int, masks: in
     from specfleet.engine import ModelRunner
     from specfleet.sampling_params import SamplingParams
     from specfleet.space_model import space_settings_for
-    from target_service.verifier import SpaceSettings, Verifier, VerifyItem
+    from target_service.self_drafting import SpaceDrafting
+    from target_service.verifier import Verifier, VerifyItem
 
     runner = ModelRunner.from_folder(folder, num_slots=len(prompts),
                                      max_seq_len=max(map(len, prompts)) + max_new + 64)
-    verifier = Verifier(runner, SpaceSettings(*space_settings_for(folder, masks, -1, runner.vocab_size)))
+    verifier = Verifier(runner, SpaceDrafting(*space_settings_for(folder, masks, -1, runner.vocab_size)))
     outputs = [list(p) for p in prompts]
     cached = [0] * len(prompts)
     candidates: list[tuple[int, ...]] = [()] * len(prompts)

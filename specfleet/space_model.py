@@ -1,6 +1,6 @@
 """A SPACE model folder: a model fine-tuned by `specfleet train-space`, with ``specfleet_space.json`` beside its
 weights naming the token its mask positions hold and how many masks it was trained with. A target started on such
-a folder drafts for itself (`target_service.verifier.SpaceSettings`)."""
+a folder drafts for itself (`target_service.self_drafting.SpaceDrafting`)."""
 
 from __future__ import annotations
 

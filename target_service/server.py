@@ -22,7 +22,8 @@ from specfleet.space_model import space_settings_for
 from specfleet.speculation import is_prefill
 from specfleet.telemetry import TelemetryWriter, writer_for
 from specfleet.wire import delta_fields, info_response, sampling_from_proto, validate_parents, validate_tokens
-from target_service.verifier import LookaheadSettings, SpaceSettings, Verifier, VerifyItem
+from target_service.self_drafting import LookaheadDrafting, SpaceDrafting
+from target_service.verifier import Verifier, VerifyItem
 
 log = logging.getLogger("specfleet.target")
 
@@ -110,7 +111,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                              num_slots=runner.num_slots, live=runner.live_sequences, eos_ids=self.eos_ids,
                              draining=self.sessions.draining, max_draft_next=self.verifier.max_draft_next,
                              self_drafting=self.verifier.self_drafting,
-                             draft_next_width=self.verifier.lookahead.window if self.verifier.lookahead else 0)
+                             draft_next_width=self.verifier.drafting.width if self.verifier.drafting else 0)
 
 
 def _top_k_to_proto(pairs: tuple[torch.Tensor, torch.Tensor] | None) -> list[session_pb2.TokenDistribution]:
@@ -130,7 +131,7 @@ def build_servicer(config: TargetConfig, otel: Otel | None = None) -> TargetServ
     log.info("target model %s loaded on %s: %d slots x %d tokens", config.model, device, runner.num_slots,
              runner.max_seq_len)
     space = space_settings_for(folder, config.space_masks, config.space_mask_token, runner.vocab_size)
-    lookahead = LookaheadSettings(config.lookahead_window, config.lookahead_ngram) if config.lookahead_window else None
+    lookahead = LookaheadDrafting(config.lookahead_window, config.lookahead_ngram) if config.lookahead_window else None
     if space is not None and lookahead is not None:
         raise ValueError("--lookahead-window drafts with lookahead, but this target already drafts with SPACE masks "
                          "(its model folder or --space-masks): choose one (--space-masks 0 turns SPACE off)")
@@ -139,7 +140,7 @@ def build_servicer(config: TargetConfig, otel: Otel | None = None) -> TargetServ
     if lookahead is not None:
         log.info("lookahead self-drafting: a Jacobi chain of %d guesses, %d-grams", lookahead.window, lookahead.ngram)
     telemetry = writer_for(config.redis_url, "target", config.port, config.telemetry_prefix)
-    verifier = Verifier(runner, SpaceSettings(*space) if space is not None else None, lookahead)
+    verifier = Verifier(runner, SpaceDrafting(*space) if space is not None else lookahead)
     return TargetServicer(config, verifier, tokenizer_fingerprint(tokenizer), eos_token_ids(folder, tokenizer),
                           telemetry, otel)
 

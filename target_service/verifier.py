@@ -2,8 +2,8 @@
 model in one batched pass, verify the drafts, and keep only the accepted prefix in the cache. Draft
 trees go through the model with tree attention (``extend_tree``) and keep their accepted path
 (``keep_path``), so afterwards the cache reads as for a chain. A sequence that asks for its next
-step's drafts (``draft_next``) gets them from the same pass: SPACE's mask groups (`specfleet.space`), or
-lookahead's Jacobi chain and n-gram pool (`specfleet.lookahead`)."""
+step's drafts (``draft_next``) gets them from the same pass (`target_service.self_drafting`: SPACE's mask groups or
+lookahead's Jacobi chain)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,17 @@ from dataclasses import dataclass
 import torch
 
 from specfleet.engine import Extend, ModelRunner, TreeExtend
-from specfleet.lookahead import LookaheadState, advance, candidates_after, initial_guesses, lookahead_layout
 from specfleet.sampling import (
-    DRAFT_STREAM,
     VERIFY_STREAM,
     dense_from_top_k,
     processed_probs,
-    sample_drafts,
     seeded_uniforms,
 )
 from specfleet.sampling_params import SamplingParams
-from specfleet.space import SpaceLayout, space_layout, space_pass_tokens
 from specfleet.trees.shapes import PAD_TOKEN, ROOT_PARENT
 from specfleet.trees.structure import DraftTree, tree_depths
 from specfleet.verify import verify_chain, verify_greedy, verify_tree, verify_tree_greedy
+from target_service.self_drafting import SelfDrafting
 
 
 @dataclass(frozen=True)
@@ -66,64 +63,36 @@ class Verdict:
         return cls(seq_id, known=False)
 
 
-@dataclass(frozen=True)
-class LookaheadSettings:
-    """A lookahead target (`specfleet.lookahead`): ``window`` Jacobi guesses per pass, n-grams of ``ngram`` tokens
-    (so at most ngram - 1 drafts a step), the latest ``pool_size`` continuations kept per first token."""
-
-    window: int
-    ngram: int
-    pool_size: int = 8
-
-
-@dataclass(frozen=True)
-class SpaceSettings:
-    """A SPACE target: the token its mask positions hold, and the most masks a sequence may ask for per group."""
-
-    mask_token: int
-    max_masks: int
-    top_k_pairs: int = 64  # a sampled next draft's distribution on the wire, as the model drafters send it
-
-
 class Verifier:
-    """Verifies batches of draft chains against the target model held by ``runner``; with ``space``, also drafts the
-    next step's candidates for the sequences that ask."""
+    """Verifies batches of draft chains and trees against the target model held by ``runner``; with ``drafting``, also
+    drafts the next step's candidates for the sequences that ask, in the same pass."""
 
-    def __init__(self, runner: ModelRunner, space: SpaceSettings | None = None,
-                 lookahead: LookaheadSettings | None = None) -> None:
-        if space is not None and lookahead is not None:
-            raise ValueError("a target drafts for itself with SPACE masks or with lookahead, not both")
+    def __init__(self, runner: ModelRunner, drafting: SelfDrafting | None = None) -> None:
         self.runner = runner
-        self.space = space
-        self.lookahead = lookahead
-        self._lookahead_states: dict[str, LookaheadState] = {}
+        self.drafting = drafting
 
     @property
     def self_drafting(self) -> str:
-        """How this target drafts for itself: "space", "lookahead", or "" when it does not."""
-        return "space" if self.space is not None else "lookahead" if self.lookahead is not None else ""
+        """How this target drafts for itself ("space", "lookahead"), or "" when it does not."""
+        return "" if self.drafting is None else self.drafting.kind
 
     @property
     def max_draft_next(self) -> int:
         """Most next-step drafts a sequence may ask for (0: this target does not draft)."""
-        if self.space is not None:
-            return self.space.max_masks
-        return self.lookahead.ngram - 1 if self.lookahead is not None else 0
+        return 0 if self.drafting is None else self.drafting.max_draft_next
 
     def fed_tokens(self, item: VerifyItem) -> int:
         """Positions a pass runs for ``item``: its new tokens, its drafts, and a self-drafting step's masks or Jacobi
         chain (what the latency telemetry's tokens per sequence counts)."""
         drafts = len(item.draft_tokens)
-        if item.draft_next and self.space is not None:
-            drafts = space_pass_tokens(drafts, item.draft_next)
-        elif item.draft_next and self.lookahead is not None:
-            drafts += self.lookahead.window
+        if item.draft_next and self.drafting is not None:
+            drafts = self.drafting.added_tokens(drafts, item.draft_next)
         return len(item.new_tokens) + drafts
 
     def release(self, seq_ids: list[str]) -> int:
         """Forgets finished sequences: their KV cache and their self-drafting state."""
-        for seq_id in seq_ids:
-            self._lookahead_states.pop(seq_id, None)
+        if self.drafting is not None:
+            self.drafting.release(seq_ids)
         return self.runner.release(seq_ids)
 
     def verify(self, items: list[VerifyItem]) -> list[Verdict]:
@@ -142,8 +111,7 @@ class Verifier:
         if trees:
             verdicts.update(self._verify_trees(trees))
         if self_drafted:
-            verdicts.update(self._verify_self_drafted(self_drafted) if self.space is not None else
-                            self._verify_lookahead(self_drafted))
+            verdicts.update(self._verify_self_drafted(self_drafted))
         if chains:
             logits = self.runner.extend([
                 Extend(i.seq_id, i.rollback_to, list(i.new_tokens) + list(i.draft_tokens),
@@ -177,81 +145,23 @@ class Verifier:
         return [decided[n] for n in range(len(items))]
 
     def _verify_self_drafted(self, items: list[VerifyItem]) -> dict[str, Verdict]:
-        """SPACE: each sequence's candidates and mask groups in one tree-attention pass; the candidates are verified
-        as a chain, the cache keeps the accepted ones, and the mask group after the last of them proposes the next
-        candidates (greedy: the argmax; sampled: drawn from the processed distribution's top-K, sent with them)."""
-        assert self.space is not None
-        layouts = [space_layout(i.draft_tokens, self._masks_that_fit(i), self.space.mask_token) for i in items]
-        logits = self.runner.extend_tree([TreeExtend(i.seq_id, i.rollback_to, list(i.new_tokens), layout.tokens,
-                                                     layout.parents) for i, layout in zip(items, layouts, strict=True)])
+        """Each sequence's candidates and its drafting nodes (SPACE's masks, lookahead's Jacobi chain) in one
+        tree-attention pass; the candidates are verified as a chain, the cache keeps the accepted ones (the drafting
+        nodes and rejected candidates go with the rest of the tree), and the drafting nodes' logits give the next
+        candidates."""
+        drafting = self.drafting
+        assert drafting is not None
+        nodes = [drafting.nodes(i, self.runner.max_seq_len - i.position) for i in items]
+        logits = self.runner.extend_tree([TreeExtend(i.seq_id, i.rollback_to, list(i.new_tokens), n.tokens, n.parents)
+                                          for i, n in zip(items, nodes, strict=True)])
         decided = self._decide_chains(items, [x[: len(i.draft_tokens) + 1] for x, i in zip(logits, items, strict=True)])
         verdicts: dict[str, Verdict] = {}
-        for item, layout, rows, (accepted, tokens) in zip(items, layouts, logits, decided, strict=True):
-            self.runner.keep_path(item.seq_id, item.position, layout.kept_nodes(accepted))
-            next_tokens, next_top_k = self._next_candidates(item, layout, rows, accepted)
-            verdicts[item.seq_id] = Verdict(item.seq_id, True, accepted, tuple(tokens), item.position + accepted,
-                                            next_tokens=next_tokens, next_top_k=next_top_k)
-        return verdicts
-
-    def _verify_lookahead(self, items: list[VerifyItem]) -> dict[str, Verdict]:
-        """Lookahead: each sequence's candidates (from its n-gram pool) and its Jacobi chain in one tree-attention
-        pass; the candidates are verified as a chain, the cache keeps the accepted ones, the Jacobi outputs feed the
-        pool, and the pool proposes the next candidates after the emitted token (a sampled request's q for each is a
-        point mass: it was looked up, not drawn)."""
-        assert self.lookahead is not None
-        settings = self.lookahead
-        states = [self._lookahead_state(i) for i in items]
-        layouts = [lookahead_layout(i.draft_tokens, state.guesses[: self._guesses_that_fit(i)])
-                   for i, state in zip(items, states, strict=True)]
-        logits = self.runner.extend_tree([TreeExtend(i.seq_id, i.rollback_to, list(i.new_tokens), layout.tokens,
-                                                     layout.parents) for i, layout in zip(items, layouts, strict=True)])
-        decided = self._decide_chains(items, [x[: len(i.draft_tokens) + 1] for x, i in zip(logits, items, strict=True)])
-        verdicts: dict[str, Verdict] = {}
-        for item, state, layout, rows, (accepted, tokens) in zip(items, states, layouts, logits, decided, strict=True):
+        for item, passed, rows, (accepted, tokens) in zip(items, nodes, logits, decided, strict=True):
             self.runner.keep_path(item.seq_id, item.position, list(range(accepted)))
-            guesses = layout.guess_rows
-            guess_outputs = rows[guesses.start:guesses.stop].argmax(dim=-1).tolist()
-            advance(state, int(rows[0].argmax()), guess_outputs, tokens, settings.ngram, settings.pool_size)
-            next_tokens = candidates_after(state, tokens[-1], item.draft_next)
-            next_top_k = None
-            if not item.sampling.greedy and next_tokens:
-                next_top_k = (torch.tensor(next_tokens).unsqueeze(1), torch.ones(len(next_tokens), 1))
+            next_tokens, next_top_k = drafting.next_drafts(item, passed, rows, accepted, tokens)
             verdicts[item.seq_id] = Verdict(item.seq_id, True, accepted, tuple(tokens), item.position + accepted,
                                             next_tokens=next_tokens, next_top_k=next_top_k)
         return verdicts
-
-    def _lookahead_state(self, item: VerifyItem) -> LookaheadState:
-        """The sequence's state, new (guesses from its context) when it starts or is sent again whole."""
-        assert self.lookahead is not None
-        state = self._lookahead_states.get(item.seq_id)
-        if state is None or item.rollback_to == 0:
-            state = self._lookahead_states[item.seq_id] = LookaheadState(
-                initial_guesses(item.new_tokens, self.lookahead.window))
-        return state
-
-    def _guesses_that_fit(self, item: VerifyItem) -> int:
-        assert self.lookahead is not None
-        return max(0, min(self.lookahead.window, self.runner.max_seq_len - item.position - len(item.draft_tokens)))
-
-    def _masks_that_fit(self, item: VerifyItem) -> int:
-        """The masks asked for, fewer where the pass would outgrow the sequence's cache (none: no next drafts)."""
-        room = self.runner.max_seq_len - item.position - len(item.draft_tokens)
-        return max(0, min(item.draft_next, room // (len(item.draft_tokens) + 1)))
-
-    def _next_candidates(self, item: VerifyItem, layout: SpaceLayout, logits: torch.Tensor, accepted: int
-                         ) -> tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor] | None]:
-        assert self.space is not None
-        rows = layout.group_rows(accepted)
-        if not len(rows):
-            return (), None
-        # The next step's first candidate sits right after the token this step emits: seeded from where it sits.
-        first = item.position + accepted + 1
-        tokens, pairs = sample_drafts(logits[rows.start:rows.stop], [item.sampling] * len(rows),
-                                      seeded_uniforms(item.seed, first, DRAFT_STREAM, len(rows)).tolist(),
-                                      self.space.top_k_pairs)
-        if item.sampling.greedy:
-            return tuple(tokens), None
-        return tuple(tokens), (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
 
     def _verify_trees(self, items: list[VerifyItem]) -> dict[str, Verdict]:
         """Every tree in one tree-attention pass, verified (greedy, or by recursive rejection sampling),

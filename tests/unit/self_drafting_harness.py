@@ -72,7 +72,7 @@ def self_drafted_decode(verifier: Verifier, prompts: list[list[int]], new_tokens
             outputs[n].extend(verdict.tokens)
             cached[n] = verdict.cached_len
             assert cached[n] == len(outputs[n]) - 1  # the emitted token is not cached yet
-            if verifier.space is not None:
+            if verifier.self_drafting == "space":
                 assert len(verdict.next_tokens) == masks
             candidates[n] = (verdict.next_tokens, verdict.next_top_k)
             if check_cache:

@@ -23,7 +23,8 @@ from self_drafting_harness import (
 
 from specfleet.lookahead import LookaheadState, advance, candidates_after, lookahead_layout
 from specfleet.trees.shapes import ROOT_PARENT
-from target_service.verifier import LookaheadSettings, Verifier
+from target_service.self_drafting import LookaheadDrafting
+from target_service.verifier import Verifier
 
 
 @pytest.fixture(scope="module")
@@ -60,36 +61,35 @@ def test_an_iteration_fills_the_pool_with_its_ngrams_and_moves_the_guesses_past_
 def test_greedy_lookahead_decoding_is_token_identical_to_plain_decoding_batched(tiny_folder: Path, window: int,
                                                                                 ngram: int) -> None:
     expected = plain_greedy(tiny_folder, PROMPTS, steps=24)
-    verifier = Verifier(tiny_runner(tiny_folder), lookahead=LookaheadSettings(window, ngram))
+    verifier = Verifier(tiny_runner(tiny_folder), LookaheadDrafting(window, ngram))
     got, history = self_drafted_decode(verifier, PROMPTS, 24, ngram - 1, check_cache=True)
     assert got == expected
     assert sum(v.accepted for v in history) > 0  # candidates from the pool were accepted
     assert verifier.self_drafting == "lookahead" and verifier.max_draft_next == ngram - 1
     verifier.release([f"s{n}" for n in range(len(PROMPTS))])
-    assert not verifier._lookahead_states and verifier.runner.live_sequences == 0
+    assert not verifier.drafting.states and verifier.runner.live_sequences == 0
 
 
-class _WrongQ(Verifier):
+class _WrongQ(LookaheadDrafting):
     """Sends its looked-up candidates with a spread-out q, as if they had been drawn from it."""
 
-    def _verify_lookahead(self, items):  # type: ignore[no-untyped-def]
-        verdicts = super()._verify_lookahead(items)
-        for seq_id, v in verdicts.items():
-            if v.next_top_k is not None:
-                ids = torch.tensor([[t, (t + 1) % 16, (t + 2) % 16] for t in v.next_tokens])
-                verdicts[seq_id] = type(v)(**{**v.__dict__, "next_top_k": (ids, torch.full(ids.shape, 1 / 3))})
-        return verdicts
+    def next_drafts(self, item, nodes, logits, accepted, emitted):  # type: ignore[no-untyped-def]
+        tokens, pairs = super().next_drafts(item, nodes, logits, accepted, emitted)
+        if pairs is None:
+            return tokens, pairs
+        ids = torch.tensor([[t, (t + 1) % 16, (t + 2) % 16] for t in tokens])
+        return tokens, (ids, torch.full(ids.shape, 1 / 3))
 
 
 def test_sampled_lookahead_decoding_keeps_the_models_distribution(tiny_folder: Path, exact_joint: torch.Tensor
                                                                   ) -> None:
-    verifier = Verifier(tiny_runner(tiny_folder, slots=500), lookahead=LookaheadSettings(window=4, ngram=3))
+    verifier = Verifier(tiny_runner(tiny_folder, slots=500), LookaheadDrafting(window=4, ngram=3))
     counts = sampled_first_three(verifier, PROMPTS[1], masks=2)
     assert chi_square_pvalue(counts, exact_joint * TRIALS) > 1e-3
 
 
 def test_the_same_test_catches_a_lookahead_verifier_that_sends_the_wrong_q(tiny_folder: Path,
                                                                           exact_joint: torch.Tensor) -> None:
-    verifier = _WrongQ(tiny_runner(tiny_folder, slots=500), lookahead=LookaheadSettings(window=4, ngram=3))
+    verifier = Verifier(tiny_runner(tiny_folder, slots=500), _WrongQ(window=4, ngram=3))
     counts = sampled_first_three(verifier, PROMPTS[1], masks=2)
     assert chi_square_pvalue(counts, exact_joint * TRIALS) < 1e-6

@@ -30,7 +30,8 @@ from self_drafting_harness import (
 from specfleet.engine import Extend
 from specfleet.space import space_layout, space_pass_tokens
 from specfleet.trees.shapes import ROOT_PARENT
-from target_service.verifier import SpaceSettings, Verifier, VerifyItem
+from target_service.self_drafting import SpaceDrafting
+from target_service.verifier import Verifier, VerifyItem
 
 
 def test_the_layout_chains_the_candidates_and_hangs_a_mask_group_after_the_root_and_each_candidate() -> None:
@@ -62,14 +63,14 @@ def exact_joint(tiny_folder: Path) -> torch.Tensor:
 @pytest.mark.parametrize("masks", [1, 2, 4])
 def test_greedy_space_decoding_is_token_identical_to_plain_decoding_batched(tiny_folder: Path, masks: int) -> None:
     expected = plain_greedy(tiny_folder, PROMPTS, steps=24)
-    verifier = Verifier(tiny_runner(tiny_folder), SpaceSettings(mask_token=MASK, max_masks=4))
+    verifier = Verifier(tiny_runner(tiny_folder), SpaceDrafting(mask_token=MASK, max_masks=4))
     got, history = self_drafted_decode(verifier, PROMPTS, 24, masks)
     assert got == expected
     assert sum(v.accepted for v in history) > 0  # some candidates were accepted: the acceptance path ran
 
 
 def test_after_each_step_the_cache_holds_exactly_the_committed_tokens(tiny_folder: Path) -> None:
-    verifier = Verifier(tiny_runner(tiny_folder), SpaceSettings(mask_token=MASK, max_masks=3))
+    verifier = Verifier(tiny_runner(tiny_folder), SpaceDrafting(mask_token=MASK, max_masks=3))
     self_drafted_decode(verifier, PROMPTS[:3], 12, masks=3, check_cache=True)
 
 
@@ -81,7 +82,7 @@ def test_the_next_candidates_come_from_the_mask_group_after_the_last_accepted_ca
     for accepted in range(4):
         candidates = truth[:accepted] + [(truth[accepted] + 1) % 16] + truth[accepted + 1:3]  # wrong at `accepted`
         candidates = candidates[:3]
-        verifier = Verifier(tiny_runner(tiny_folder), SpaceSettings(mask_token=MASK, max_masks=4))
+        verifier = Verifier(tiny_runner(tiny_folder), SpaceDrafting(mask_token=MASK, max_masks=4))
         verdict, = verifier.verify([VerifyItem("s", 0, prompt, candidates, None, GREEDY, draft_next=4)])
         assert verdict.accepted == min(accepted, 3)
         chain = tiny_runner(tiny_folder)
@@ -90,7 +91,7 @@ def test_the_next_candidates_come_from_the_mask_group_after_the_last_accepted_ca
 
 
 def test_a_pass_that_would_outgrow_the_cache_drafts_fewer_next_candidates(tiny_folder: Path) -> None:
-    verifier = Verifier(tiny_runner(tiny_folder, max_seq_len=16), SpaceSettings(mask_token=MASK, max_masks=4))
+    verifier = Verifier(tiny_runner(tiny_folder, max_seq_len=16), SpaceDrafting(mask_token=MASK, max_masks=4))
     verdict, = verifier.verify([VerifyItem("s", 0, list(range(10)), [1, 2], None, GREEDY, draft_next=4)])
     assert len(verdict.next_tokens) == (16 - 10 - 2) // 3
 
@@ -99,32 +100,31 @@ def test_asking_a_target_without_space_for_next_drafts_is_a_clear_error(tiny_fol
     with pytest.raises(ValueError, match="not started with a SPACE model"):
         Verifier(tiny_runner(tiny_folder)).verify([VerifyItem("s", 0, [1, 2], [], None, GREEDY, draft_next=2)])
     with pytest.raises(ValueError, match="drafts 2 at most"):
-        Verifier(tiny_runner(tiny_folder), SpaceSettings(MASK, 2)).verify(
+        Verifier(tiny_runner(tiny_folder), SpaceDrafting(MASK, 2)).verify(
             [VerifyItem("s", 0, [1, 2], [], None, GREEDY, draft_next=3)])
 
 
 # -- sampled decoding keeps the model's distribution ----------------------------------------------------------------
 
-class _WrongQ(Verifier):
-    """Sends with its candidates a q other than the one they were drawn from (the mask group after the root, whatever
-    was accepted): the rejection test then weighs them wrongly."""
+class _WrongQ(SpaceDrafting):
+    """Sends with its candidates a q other than the one they were drawn from (a flat one over the same tokens): the
+    rejection test then weighs them wrongly."""
 
-    def _next_candidates(self, item, layout, logits, accepted):  # type: ignore[no-untyped-def]
-        tokens, pairs = super()._next_candidates(item, layout, logits, accepted)
+    def next_drafts(self, item, nodes, logits, accepted, emitted):  # type: ignore[no-untyped-def]
+        tokens, pairs = super().next_drafts(item, nodes, logits, accepted, emitted)
         if pairs is None:
             return tokens, pairs
         ids, probs = pairs
-        flat = torch.full_like(probs, 1.0 / probs.shape[-1])
-        return tokens, (ids, flat)
+        return tokens, (ids, torch.full_like(probs, 1.0 / probs.shape[-1]))
 
 
 def test_sampled_space_decoding_keeps_the_models_distribution(tiny_folder: Path, exact_joint: torch.Tensor) -> None:
-    verifier = Verifier(tiny_runner(tiny_folder, slots=500), SpaceSettings(mask_token=MASK, max_masks=2))
+    verifier = Verifier(tiny_runner(tiny_folder, slots=500), SpaceDrafting(mask_token=MASK, max_masks=2))
     counts = sampled_first_three(verifier, PROMPTS[1], masks=2)
     assert chi_square_pvalue(counts, exact_joint * TRIALS) > 1e-3
 
 
 def test_the_same_test_catches_a_verifier_that_sends_the_wrong_q(tiny_folder: Path, exact_joint: torch.Tensor) -> None:
-    verifier = _WrongQ(tiny_runner(tiny_folder, slots=500), SpaceSettings(mask_token=MASK, max_masks=2))
+    verifier = Verifier(tiny_runner(tiny_folder, slots=500), _WrongQ(mask_token=MASK, max_masks=2))
     counts = sampled_first_three(verifier, PROMPTS[1], masks=2)
     assert chi_square_pvalue(counts, exact_joint * TRIALS) < 1e-6

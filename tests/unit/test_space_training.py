@@ -19,7 +19,8 @@ from specfleet.sampling_params import SamplingParams
 from specfleet.space_model import NEW_MASK_TOKEN, SpaceModelConfig, space_settings_for
 from specfleet.training.sar import IGNORE, collate_sar, sar_example
 from specfleet.training.space_train import ANSWERS_FILE, AnsweredPrompt, train_space
-from target_service.verifier import SpaceSettings, Verifier, VerifyItem
+from target_service.self_drafting import SpaceDrafting
+from target_service.verifier import Verifier, VerifyItem
 
 MASK = 31
 
@@ -100,7 +101,7 @@ def test_a_few_steps_lower_the_mask_loss_and_the_result_serves_as_a_space_target
     mask_token, masks = space_settings_for(out, -1, -1, runner.vocab_size)
     assert mask_token == runner.vocab_size - 1 == 49152  # NEW_MASK_TOKEN, added to the vocabulary
     assert load_tokenizer(out).convert_tokens_to_ids(NEW_MASK_TOKEN) == mask_token
-    verifier = Verifier(runner, SpaceSettings(mask_token, masks))
+    verifier = Verifier(runner, SpaceDrafting(mask_token, masks))
     verdict, = verifier.verify([VerifyItem("s", 0, [1, 9, 10, 200], [], None, SamplingParams(), draft_next=masks)])
     assert len(verdict.next_tokens) == 3
 

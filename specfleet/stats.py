@@ -41,6 +41,10 @@ class SequenceStep:
     @classmethod
     def of(cls, requested: int, proposal: Proposal | None, verdict: Verdict, emitted: int) -> SequenceStep:
         drafted = len(proposal.tokens) if proposal is not None else 0
+        if proposal is not None and proposal.draft_next and drafted == 0:
+            # A self-drafting target's first step for the sequence (or its first after a plain one): it verifies
+            # nothing and drafts for the next; not a drafter that came up empty, so not a miss.
+            return cls(0, emitted=emitted)
         if requested > 0 and drafted == 0:  # a miss: it says nothing of acceptance
             return cls(requested, emitted=emitted)
         if proposal is not None and proposal.parents is not None:

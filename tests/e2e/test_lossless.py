@@ -172,6 +172,8 @@ def test_greedy_equals_target_alone_when_drafting_ahead(cluster, drafter: str, d
 
 
 SPACE_MASK_TOKEN = 16  # SmolLM2's <empty_output>: chat never uses it, and any token keeps the output the model's
+# The self-drafting targets live for one test each, beside the shared cluster: small caches, plain weights only.
+SELF_DRAFTING_SLOTS = ["--num-slots", "8", "--max-seq-len", "512", "--cpu-prepack", "off"]
 
 
 def test_greedy_with_a_self_drafting_space_target_equals_plain_decoding(cluster, smollm2_dir, prompt_ids,
@@ -179,32 +181,38 @@ def test_greedy_with_a_self_drafting_space_target_equals_plain_decoding(cluster,
     """A target that drafts for itself: each Verify also proposes the next step's candidates from mask tokens in the
     same pass. SmolLM2 was never fine-tuned for masks, so most candidates are rejected: the output must not depend
     on what the masks learned, whatever the number of masks, fixed or chosen per step."""
-    if "space-target" not in cluster.addresses:
-        cluster.start("space-target", "target", ["--model", str(smollm2_dir), "--num-slots", "24", "--max-seq-len",
-                                                 "1024", "--redis-url", cluster.redis_url, "--space-masks", "6",
-                                                 "--space-mask-token", str(SPACE_MASK_TOKEN)])
-    for depth in (1, 3, 6, "auto"):
-        address = cluster.router(f"router-space-{depth}", target="space-target", draft=None, depth=depth,
-                                 extra=["--self-draft"])
-        assert _generate_all(address, prompt_ids) == reference
-    pinned = cluster.addresses["router-space-3"]  # (auto may well decode plainly with an untrained model's masks)
-    stats = [list(stream(pinned, make_request(ids, max_new_tokens=MAX_NEW), timeout_s=300))[-1].stats
-             for ids in prompt_ids[:4]]
-    assert sum(s.drafted_tokens for s in stats) > 0 and sum(s.accepted_tokens for s in stats) > 0, stats
+    depths = (1, 3, 6, "auto")
+    cluster.start("space-target", "target", ["--model", str(smollm2_dir), *SELF_DRAFTING_SLOTS, "--redis-url",
+                                             cluster.redis_url, "--space-masks", "6",
+                                             "--space-mask-token", str(SPACE_MASK_TOKEN)])
+    try:
+        for depth in depths:
+            address = cluster.router(f"router-space-{depth}", target="space-target", draft=None, depth=depth,
+                                     extra=["--self-draft"])
+            assert _generate_all(address, prompt_ids) == reference
+        pinned = cluster.addresses["router-space-3"]  # (auto may well decode plainly with an untrained model's masks)
+        stats = [list(stream(pinned, make_request(ids, max_new_tokens=MAX_NEW), timeout_s=300))[-1].stats
+                 for ids in prompt_ids[:4]]
+        assert sum(s.drafted_tokens for s in stats) > 0 and sum(s.accepted_tokens for s in stats) > 0, stats
+    finally:
+        cluster.stop(*(f"router-space-{depth}" for depth in depths), "space-target")
 
 
 def test_greedy_with_a_lookahead_target_equals_plain_decoding(cluster, smollm2_dir, prompt_ids, reference) -> None:
     """Lookahead on the unmodified model: each Verify runs a Jacobi chain beside the candidates its n-gram pool
     proposed. The tokens are the model's, and candidates from the pool do get accepted."""
-    if "lookahead-target" not in cluster.addresses:
-        cluster.start("lookahead-target", "target", ["--model", str(smollm2_dir), "--num-slots", "24",
-                                                     "--max-seq-len", "1024", "--redis-url", cluster.redis_url,
-                                                     "--lookahead-window", "6", "--lookahead-ngram", "4"])
-    for depth in (3, "auto"):
-        address = cluster.router(f"router-lookahead-{depth}", target="lookahead-target", draft=None, depth=depth,
-                                 extra=["--self-draft"])
-        assert _generate_all(address, prompt_ids) == reference
-    pinned = cluster.addresses["router-lookahead-3"]
-    stats = [list(stream(pinned, make_request(ids, max_new_tokens=MAX_NEW), timeout_s=300))[-1].stats
-             for ids in prompt_ids[:4]]
-    assert sum(s.drafted_tokens for s in stats) > 0 and sum(s.accepted_tokens for s in stats) > 0, stats
+    depths = (3, "auto")
+    cluster.start("lookahead-target", "target", ["--model", str(smollm2_dir), *SELF_DRAFTING_SLOTS, "--redis-url",
+                                                 cluster.redis_url, "--lookahead-window", "6",
+                                                 "--lookahead-ngram", "4"])
+    try:
+        for depth in depths:
+            address = cluster.router(f"router-lookahead-{depth}", target="lookahead-target", draft=None, depth=depth,
+                                     extra=["--self-draft"])
+            assert _generate_all(address, prompt_ids) == reference
+        pinned = cluster.addresses["router-lookahead-3"]
+        stats = [list(stream(pinned, make_request(ids, max_new_tokens=MAX_NEW), timeout_s=300))[-1].stats
+                 for ids in prompt_ids[:4]]
+        assert sum(s.drafted_tokens for s in stats) > 0 and sum(s.accepted_tokens for s in stats) > 0, stats
+    finally:
+        cluster.stop(*(f"router-lookahead-{depth}" for depth in depths), "lookahead-target")

@@ -8,7 +8,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import torch
 
 from specfleet.config import DraftConfig
 from specfleet.drafters import Drafter, DraftRequest, NgramDrafter
@@ -24,20 +23,12 @@ from specfleet.wire import (
     info_response,
     is_chain,
     sampling_from_proto,
+    top_k_to_proto,
     tree_shape_from_proto,
     validate_tokens,
 )
 
 log = logging.getLogger("specfleet.draft")
-
-
-def top_k_to_proto(draft_top_k: tuple[torch.Tensor, torch.Tensor] | None) -> list[session_pb2.TokenDistribution]:
-    """A proposal's top-K pairs (ids [n, K], probs [n, K]) as the wire's distributions; none for greedy ones."""
-    if draft_top_k is None:
-        return []
-    ids, probs = draft_top_k
-    return [session_pb2.TokenDistribution(token_ids=i.tolist(), probs=p.tolist())
-            for i, p in zip(ids, probs, strict=True)]
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):

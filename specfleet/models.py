@@ -444,3 +444,15 @@ def _check_converted(out_dir: Path, probe: Any, reference: Any) -> None:
         logits = model(probe).logits[0, -1]
     if not torch.allclose(logits, reference, atol=1e-3, rtol=1e-3):
         raise RuntimeError(f"the saved folder {out_dir} does not reproduce the GGUF model's logits")
+
+
+def eos_token_ids(folder: Path, tokenizer: Any) -> list[int]:
+    """End-of-sequence ids from the model folder's generation config and the tokenizer."""
+    ids: set[int] = set()
+    generation = folder / "generation_config.json"
+    if generation.exists():
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)

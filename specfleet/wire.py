@@ -8,10 +8,14 @@ top-K pairs (``draft_top_k``) live with the services that hold the tensors (`dra
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from specfleet.protos import draft_pb2, generate_pb2, session_pb2
 from specfleet.sampling_params import SamplingParams
 from specfleet.trees.shapes import ROOT_PARENT, TreeShape
+
+if TYPE_CHECKING:
+    import torch
 
 
 def sampling_from_proto(msg: generate_pb2.SamplingParameters) -> SamplingParams:
@@ -81,3 +85,12 @@ def is_chain(parents: Sequence[int]) -> bool:
     """Whether a tree is a chain (each node the child of the one before, the first the root's): it then
     travels as a chain."""
     return all(parent == (j - 1 if j else ROOT_PARENT) for j, parent in enumerate(parents))
+
+
+def top_k_to_proto(draft_top_k: tuple[torch.Tensor, torch.Tensor] | None) -> list[session_pb2.TokenDistribution]:
+    """Draft tokens' top-K pairs (ids [n, K], probs [n, K]) as the wire's distributions; none for greedy ones."""
+    if draft_top_k is None:
+        return []
+    ids, probs = draft_top_k
+    return [session_pb2.TokenDistribution(token_ids=i, probs=p)
+            for i, p in zip(ids.tolist(), probs.tolist(), strict=True)]

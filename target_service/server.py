@@ -12,7 +12,7 @@ import torch
 
 from specfleet.config import TargetConfig
 from specfleet.engine import ModelRunner
-from specfleet.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+from specfleet.models import eos_token_ids, load_tokenizer, resolve_model, tokenizer_fingerprint
 from specfleet.otel import Otel, ServiceMetrics
 from specfleet.otel import setup as setup_otel
 from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
@@ -21,7 +21,14 @@ from specfleet.serving import Sessions, serve, servicer_name
 from specfleet.space_model import space_settings_for
 from specfleet.speculation import is_prefill
 from specfleet.telemetry import TelemetryWriter, writer_for
-from specfleet.wire import delta_fields, info_response, sampling_from_proto, validate_parents, validate_tokens
+from specfleet.wire import (
+    delta_fields,
+    info_response,
+    sampling_from_proto,
+    top_k_to_proto,
+    validate_parents,
+    validate_tokens,
+)
 from target_service.self_drafting import LookaheadDrafting, SpaceDrafting
 from target_service.verifier import Verifier, VerifyItem
 
@@ -66,7 +73,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                 seq_id=v.seq_id,
                 status=session_pb2.ENTRY_STATUS_OK if v.known else session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE,
                 accepted=v.accepted, tokens=v.tokens, cached_len=v.cached_len, accepted_nodes=v.accepted_nodes,
-                next_draft_tokens=v.next_tokens, next_draft_top_k=_top_k_to_proto(v.next_top_k))
+                next_draft_tokens=v.next_tokens, next_draft_top_k=top_k_to_proto(v.next_top_k))
                 for v in verdicts])
 
     def _item(self, entry: target_pb2.VerifyEntry) -> VerifyItem:
@@ -114,12 +121,6 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                              draft_next_width=self.verifier.drafting.width if self.verifier.drafting else 0)
 
 
-def _top_k_to_proto(pairs: tuple[torch.Tensor, torch.Tensor] | None) -> list[session_pb2.TokenDistribution]:
-    if pairs is None:
-        return []
-    return [session_pb2.TokenDistribution(token_ids=ids, probs=probs)
-            for ids, probs in zip(pairs[0].tolist(), pairs[1].tolist(), strict=True)]
-
 
 def build_servicer(config: TargetConfig, otel: Otel | None = None) -> TargetServicer:
     folder = resolve_model(config.model)
@@ -144,19 +145,6 @@ def build_servicer(config: TargetConfig, otel: Otel | None = None) -> TargetServ
     return TargetServicer(config, verifier, tokenizer_fingerprint(tokenizer), eos_token_ids(folder, tokenizer),
                           telemetry, otel)
 
-
-def eos_token_ids(folder, tokenizer) -> list[int]:
-    """End-of-sequence ids from the generation config and the tokenizer."""
-    import json
-
-    ids: set[int] = set()
-    gen = folder / "generation_config.json"
-    if gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(ids)
 
 
 async def run(config: TargetConfig) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from specfleet.config import TrainSpaceConfig
+from specfleet.models import eos_token_ids
 from specfleet.space_model import NEW_MASK_TOKEN, SpaceModelConfig
 from specfleet.training.sar import IGNORE, SarExample, collate_sar, sar_example
 
@@ -99,6 +100,7 @@ def answered_prompts(source: Path, tokenizer: Any, config: TrainSpaceConfig, pat
                                               tokenize=False) for p in prompts]
     todo = [tokenizer.encode(text, add_special_tokens=False) for text in rendered[len(done):]]
     runner = _engine(source, config, device, max(len(t) for t in todo) + config.answer_tokens + 1)
+    eos = set(eos_token_ids(source, tokenizer))
     with path.open("a") as sink, tqdm(total=config.examples, initial=len(done), desc="answering prompts",
                                       unit="prompt") as bar:
         for start in range(0, len(todo), config.answer_batch):
@@ -106,8 +108,8 @@ def answered_prompts(source: Path, tokenizer: Any, config: TrainSpaceConfig, pat
                 log.warning("the time budget ran out while answering prompts: training on %d", len(done))
                 break
             batch = todo[start:start + config.answer_batch]
-            for prompt_ids, answer_ids in zip(batch, greedy_answers(runner, batch, config.answer_tokens,
-                                                                    _eos_ids(source, tokenizer)), strict=True):
+            for prompt_ids, answer_ids in zip(batch, greedy_answers(runner, batch, config.answer_tokens, eos),
+                                              strict=True):
                 item = AnsweredPrompt(prompt_ids, answer_ids)
                 sink.write(json.dumps(item.__dict__) + "\n")
                 done.append(item)
@@ -145,14 +147,6 @@ def greedy_answers(runner: Any, prompts: list[list[int]], max_new: int, eos_ids:
     runner.release([f"a{n}" for n in range(len(prompts))])
     return answers
 
-
-def _eos_ids(source: Path, tokenizer: Any) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    generation = source / "generation_config.json"
-    if generation.exists():
-        eos = json.loads(generation.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return ids
 
 
 # -- 2. training -----------------------------------------------------------------------------------------------------

@@ -107,11 +107,13 @@ def build_servicer(config: DraftConfig, otel: Otel | None = None) -> DraftServic
     from specfleet.drafters.model import ModelDrafter
     from specfleet.drafters.sparse_self import SparseSelfDrafter
     from specfleet.engine import ModelRunner
+    from specfleet.engine.runner import set_cpu_threads
     from specfleet.engine.streaming import StreamingRunner, StreamingWindow
     from specfleet.models import load_tokenizer, resolve_model, tokenizer_fingerprint
 
     folder = resolve_model(config.model)
     device = config.resolved_device()
+    set_cpu_threads(config.threads)
     engine = dict(num_slots=config.num_slots, max_seq_len=config.max_seq_len, device=device, dtype=config.dtype,
                   prepack=config.cpu_prepack == "on")
     drafter: ModelDrafter
@@ -134,7 +136,8 @@ def build_servicer(config: DraftConfig, otel: Otel | None = None) -> DraftServic
 
 
 def _build_llamacpp(config: DraftConfig, telemetry: TelemetryWriter | None, otel: Otel | None) -> DraftServicer:
-    from specfleet.drafters.llamacpp import LlamaCppDrafter, import_llama_cpp
+    from specfleet.drafters.llamacpp import LlamaCppDrafter
+    from specfleet.llamacpp import import_llama_cpp
     from specfleet.models import load_gguf_tokenizer, resolve_gguf, tokenizer_fingerprint
 
     import_llama_cpp()  # a missing llama-cpp-python fails at once, before a GGUF is fetched

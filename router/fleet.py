@@ -18,6 +18,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 
 import grpc
 
@@ -66,6 +67,10 @@ def step_loop_for(target: TargetReplica, config: RouterConfig, feed: PolicyFeed,
     """The step loop of one target replica (which has answered GetInfo), wired to its ports: each draft pool as a
     strategy, the target behind a verifier, the policy behind a planner, and the step's observers."""
     assert target.info is not None
+    if config.tree != "none" and target.info.chains_only:
+        log.warning("target %s verifies draft chains only (a llamacpp backend): its sequences draft chains, not "
+                    "--tree %s trees", target.address, config.tree)
+        config = replace(config, tree="none")
     audit = PredictionAudit()
     # With --calibration-half-life 0 the policy takes its predictions as they are.
     calibration = Calibration(config.calibration_half_life) if config.calibration_half_life else None

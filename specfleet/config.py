@@ -18,6 +18,7 @@ from specfleet.policy import DRAFT_HURDLE
 from specfleet.space_model import NEW_MASK_TOKEN
 from specfleet.trees.shapes import TREE_METHODS, TreeShape, parse_branching
 
+TARGET_BACKENDS = ("engine", "llamacpp")  # what runs a target's model (target_service.server)
 DRAFTER_KINDS = ("ngram", "model", "llamacpp", "sparse_self")  # the drafters a draft service runs (specfleet.drafters)
 ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # the engine's weight dtypes (specfleet.engine.runner)
 MAX_DEPTH = 16  # the most draft tokens per sequence per step anywhere in the fleet
@@ -83,9 +84,15 @@ class EngineConfig(ServiceConfig):
                               "kernels at load: forwards of a few tokens get cheaper (verification, small "
                               "batches), weight memory doubles (off: plain weights only)",
                               choices=["on", "off"])
+    threads: int = option(0, "CPU threads the model computes with: torch's intra-op threads for the engine, "
+                          "llama.cpp's for a llamacpp drafter or target (0: torch's default; llama.cpp: the cores "
+                          "this process may use, within its cgroup's CPU quota). Give fewer where other busy "
+                          "processes share the cores: threads that wait for each other at every layer stall when one "
+                          "is descheduled")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(self.threads >= 0, f"--threads must be >= 0, got {self.threads}")
         _check(self.num_slots >= 1, f"--num-slots must be >= 1, got {self.num_slots}")
         _check(self.max_seq_len >= 16, f"--max-seq-len must be >= 16, got {self.max_seq_len}")
         _check(self.dtype in ENGINE_DTYPES, f"--dtype must be one of {', '.join(ENGINE_DTYPES)}, got {self.dtype!r}")
@@ -103,6 +110,11 @@ class TargetConfig(EngineConfig):
     """The target service: verifies drafts with the big model."""
 
     port: int = option(50052, "gRPC port")
+    backend: str = option("engine", "what runs the model: engine (specfleet's PyTorch engine on --device, draft "
+                          "chains and trees, SPACE and lookahead self-drafting) or llamacpp (the model's quantized "
+                          "GGUF as it is packaged, run by llama.cpp on the CPU with --threads: a preset or a .gguf "
+                          "file as --model; draft chains only; lossless with respect to llama.cpp's own decoding of "
+                          "that GGUF; needs specfleet[llamacpp])", choices=list(TARGET_BACKENDS))
     space_masks: int = option(-1, "SPACE self-drafting: the most mask tokens a sequence's step may append after its "
                               "last token and after each candidate, to draft its next step in the same pass (-1: as "
                               "the model folder's specfleet_space.json says, off for an ordinary model; 0: off)")
@@ -119,6 +131,11 @@ class TargetConfig(EngineConfig):
         _check(0 <= self.lookahead_window <= 64, f"--lookahead-window must be in [0, 64], got {self.lookahead_window}")
         _check(2 <= self.lookahead_ngram <= MAX_DEPTH + 1,
                f"--lookahead-ngram must be in [2, {MAX_DEPTH + 1}], got {self.lookahead_ngram}")
+        _check(self.backend in TARGET_BACKENDS,
+               f"--backend must be one of {', '.join(TARGET_BACKENDS)}, got {self.backend!r}")
+        _check(self.backend == "engine" or (self.space_masks <= 0 and not self.lookahead_window),
+               "--space-masks and --lookahead-window draft with the engine backend's tree attention: the llamacpp "
+               "backend verifies draft chains only")
         _check(self.space_masks >= -1, f"--space-masks must be >= -1, got {self.space_masks}")
         _check(self.space_masks <= MAX_DEPTH,
                f"--space-masks must be <= {MAX_DEPTH} (a step's drafts), got {self.space_masks}")
@@ -142,15 +159,11 @@ class DraftConfig(EngineConfig):
     sparse_sinks: int = option(16, "sparse_self drafter: the first tokens every draft token attends to (attention "
                                "sinks)")
     sparse_window: int = option(240, "sparse_self drafter: the most recent tokens every draft token attends to")
-    threads: int = option(0, "llamacpp drafter: llama.cpp's threads, for single-token and batch decoding alike "
-                          "(0: the cores this process may use, within its cgroup's CPU quota; fewer where other busy "
-                          "processes share them, as llama.cpp's threads wait for each other at every layer)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.top_k_pairs >= 1, f"--top-k-pairs must be >= 1, got {self.top_k_pairs}")
         _check(1 <= self.ngram_min <= self.ngram_max, "need 1 <= --ngram-min <= --ngram-max")
-        _check(self.threads >= 0, f"--threads must be >= 0, got {self.threads}")
         _check(self.sparse_sinks >= 0, f"--sparse-sinks must be >= 0, got {self.sparse_sinks}")
         _check(self.sparse_window >= 1, f"--sparse-window must be >= 1, got {self.sparse_window}")
 

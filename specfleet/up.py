@@ -56,6 +56,7 @@ class UpConfig:
                          "then stop everything (empty: keep running until Ctrl-C)")
     max_new_tokens: int = option(64, "with --prompt: the most tokens to generate")
     model: str = same_as(TargetConfig, "model", to="target")
+    backend: str = same_as(TargetConfig, "backend", to="target")
     drafter: str = same_as(DraftConfig, "drafter", to="draft")
     draft_model: str = option("", "with --drafter model or llamacpp: the draft's model, sharing the target's "
                               "tokenizer (llamacpp: a preset or a .gguf file; empty: the target's --model)")
@@ -110,8 +111,8 @@ class UpConfig:
             self.model if self.drafter == SELF_DRAFTER else DraftConfig.model)
         return Services(
             target=TargetConfig(port=ports["target"], metrics_port=metrics["target"], redis_url=redis_url,
-                                log_level=self.log_level, model=self.model, device=self.device, dtype=self.dtype,
-                                num_slots=self.num_slots, max_seq_len=self.max_seq_len),
+                                log_level=self.log_level, model=self.model, backend=self.backend, device=self.device,
+                                dtype=self.dtype, num_slots=self.num_slots, max_seq_len=self.max_seq_len),
             draft=None if self.self_draft else DraftConfig(
                 port=ports["draft"], metrics_port=metrics["draft"], redis_url=redis_url, log_level=self.log_level,
                 model=draft_model, device=self.device, dtype=self.dtype, num_slots=self.num_slots,

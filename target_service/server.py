@@ -12,6 +12,7 @@ import torch
 
 from specfleet.config import TargetConfig
 from specfleet.engine import ModelRunner
+from specfleet.engine.runner import set_cpu_threads
 from specfleet.models import eos_token_ids, load_tokenizer, resolve_model, tokenizer_fingerprint
 from specfleet.otel import Otel, ServiceMetrics
 from specfleet.otel import setup as setup_otel
@@ -118,14 +119,19 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                              num_slots=runner.num_slots, live=runner.live_sequences, eos_ids=self.eos_ids,
                              draining=self.sessions.draining, max_draft_next=self.verifier.max_draft_next,
                              self_drafting=self.verifier.self_drafting,
-                             draft_next_width=self.verifier.drafting.width if self.verifier.drafting else 0)
+                             draft_next_width=self.verifier.drafting.width if self.verifier.drafting else 0,
+                             chains_only=not runner.supports_trees)
 
 
 
 def build_servicer(config: TargetConfig, otel: Otel | None = None) -> TargetServicer:
+    telemetry = writer_for(config.redis_url, "target", config.port, config.telemetry_prefix)
+    if config.backend == "llamacpp":
+        return _build_llamacpp(config, telemetry, otel)
     folder = resolve_model(config.model)
     tokenizer = load_tokenizer(folder)
     device = config.resolved_device()
+    set_cpu_threads(config.threads)
     runner = ModelRunner.from_folder(folder, num_slots=config.num_slots, max_seq_len=config.max_seq_len,
                                      device=device, dtype=config.dtype, prepack=config.cpu_prepack == "on")
     runner.warm_up()
@@ -140,9 +146,29 @@ def build_servicer(config: TargetConfig, otel: Otel | None = None) -> TargetServ
         log.info("SPACE self-drafting: up to %d masks per group, mask token %d", space[1], space[0])
     if lookahead is not None:
         log.info("lookahead self-drafting: a Jacobi chain of %d guesses, %d-grams", lookahead.window, lookahead.ngram)
-    telemetry = writer_for(config.redis_url, "target", config.port, config.telemetry_prefix)
     verifier = Verifier(runner, SpaceDrafting(*space) if space is not None else lookahead)
     return TargetServicer(config, verifier, tokenizer_fingerprint(tokenizer), eos_token_ids(folder, tokenizer),
+                          telemetry, otel)
+
+
+def _build_llamacpp(config: TargetConfig, telemetry: TelemetryWriter | None, otel: Otel | None) -> TargetServicer:
+    """A target whose model is a GGUF run by llama.cpp (`specfleet.llamacpp.LlamaCppRunner`): the same Verifier,
+    over llama.cpp's logits, for draft chains."""
+    from specfleet.llamacpp import LlamaCppRunner, import_llama_cpp
+    from specfleet.models import load_gguf_tokenizer, resolve_gguf
+
+    import_llama_cpp("--backend llamacpp")  # a missing llama-cpp-python fails at once, before a GGUF is fetched
+    gguf = resolve_gguf(config.model)
+    runner = LlamaCppRunner(gguf, num_slots=config.num_slots, max_seq_len=config.max_seq_len,
+                            threads=config.threads, needed_by="--backend llamacpp")
+    runner.warm_up()
+    log.info("target model %s (%s) runs on llama.cpp: %d slots x %d tokens, %d threads", config.model, gguf.name,
+             runner.num_slots, runner.max_seq_len, runner.threads)
+    # The tokenizer transformers reads from the GGUF, fingerprinted as the engine's: routers and drafts that share
+    # the model's tokenizer take it. Sequences end where llama.cpp's own decoding ends them (its end-of-generation
+    # tokens), so the output is what llama.cpp alone would give.
+    tokenizer = load_gguf_tokenizer(gguf)
+    return TargetServicer(config, Verifier(runner), tokenizer_fingerprint(tokenizer), runner.eos_token_ids,
                           telemetry, otel)
 
 

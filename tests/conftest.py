@@ -108,6 +108,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, tiny_dr
         yield cluster
 
 
+@pytest.fixture(scope="session")
+def llamacpp_draft(cluster: Cluster) -> str:
+    """SmolLM2's Q4_1 GGUF run by llama.cpp as a draft service in the shared cluster; its name there."""
+    if "llamacpp" not in cluster.addresses:
+        # One llama.cpp thread: the target and the router share this machine's cores, and llama.cpp's threads stall
+        # at every layer while another process holds one of theirs.
+        cluster.start("llamacpp", "draft", ["--drafter", "llamacpp", "--model", "smollm2-135m", "--threads", "1",
+                                            "--num-slots", "24", "--max-seq-len", "1024",
+                                            "--redis-url", cluster.redis_url])
+    return "llamacpp"
+
+
 SPARSE_WINDOW = 8
 """The sparse_self draft's window in the end-to-end tests: shorter than most test prompts, so it slides."""
 

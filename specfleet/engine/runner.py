@@ -26,6 +26,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 """The weight dtypes by name (``--dtype``); ``auto`` is `engine_dtype`'s choice."""
 
 
+def set_cpu_threads(threads: int) -> None:
+    """Has torch compute with ``threads`` intra-op threads on the CPU (``--threads``; 0 keeps torch's default, one
+    per core)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def engine_dtype(name: str | torch.dtype, device: str) -> torch.dtype:
     """The dtype ``name`` stands for on ``device``: ``auto`` is bfloat16 on CUDA, where it halves memory and
     bandwidth at no cost in speed, and float32 elsewhere, where CPU kernels are fastest and exact in it."""
@@ -101,6 +108,8 @@ class _Group:
 
 class ModelRunner:
     """A ``LlamaForCausalLM`` plus its KV cache, addressed by sequence id."""
+
+    supports_trees = True  # extend_tree and keep_path (the llamacpp backend's runner has no tree attention)
 
     def __init__(self, model: LlamaForCausalLM, *, num_slots: int, max_seq_len: int,
                  max_batch_tokens: int = 2048) -> None:

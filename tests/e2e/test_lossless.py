@@ -84,22 +84,11 @@ def test_plain_decoding_depth_zero(cluster, prompt_ids, reference) -> None:
     assert _generate_all(address, prompt_ids[:3]) == reference[:3]
 
 
-def _start_llamacpp(cluster) -> None:
-    """SmolLM2's Q4_1 GGUF run by llama.cpp as a draft service, started on first use."""
-    if "llamacpp" not in cluster.addresses:
-        # One llama.cpp thread: the target and the router share this machine's cores, and llama.cpp's threads stall
-        # at every layer while another process holds one of theirs.
-        cluster.start("llamacpp", "draft", ["--drafter", "llamacpp", "--model", "smollm2-135m", "--threads", "1",
-                                            "--num-slots", "24", "--max-seq-len", "1024",
-                                            "--redis-url", cluster.redis_url])
-
-
-def test_greedy_with_a_llamacpp_draft_equals_plain_decoding(cluster, prompt_ids, reference) -> None:
+def test_greedy_with_a_llamacpp_draft_equals_plain_decoding(cluster, llamacpp_draft, prompt_ids, reference) -> None:
     """SmolLM2's Q4_1 GGUF run by llama.cpp drafts for the float32 SmolLM2 target: quantization gets some of its
     drafts rejected, and changes no output token."""
-    _start_llamacpp(cluster)
     plain = _generate_all(cluster.router("router-plain", target="target", draft=None, depth=0), prompt_ids)
-    address = cluster.router("router-llamacpp", target="target", draft="llamacpp", depth=4)
+    address = cluster.router("router-llamacpp", target="target", draft=llamacpp_draft, depth=4)
     assert _generate_all(address, prompt_ids) == plain == reference
 
 
@@ -158,10 +147,8 @@ def test_greedy_equals_target_alone_when_drafting_ahead(cluster, drafter: str, d
                                                          reference, request) -> None:
     """Drafts made ahead while the target verifies are used when they came true and dropped when not: either way
     the tokens are the target's."""
-    if drafter == "llamacpp":
-        _start_llamacpp(cluster)
-    if drafter == "sparse_self":
-        request.getfixturevalue("sparse_self_draft")
+    if drafter in ("llamacpp", "sparse_self"):
+        request.getfixturevalue(f"{drafter}_draft")
     metrics_port = free_port()
     address = cluster.router(f"router-ahead-{drafter}-{depth}", target="target", draft=drafter, depth=depth,
                              extra=["--draft-ahead", "--metrics-port", str(metrics_port)])
@@ -216,3 +203,26 @@ def test_greedy_with_a_lookahead_target_equals_plain_decoding(cluster, smollm2_d
         assert sum(s.drafted_tokens for s in stats) > 0 and sum(s.accepted_tokens for s in stats) > 0, stats
     finally:
         cluster.stop(*(f"router-lookahead-{depth}" for depth in depths), "lookahead-target")
+
+
+def test_greedy_through_a_llamacpp_target_is_llama_cpps_own_decoding(cluster, llamacpp_draft, prompt_ids) -> None:
+    """A target that runs SmolLM2's Q4_1 GGUF on llama.cpp (`--backend llamacpp`): plain decoding, ngram and
+    llama.cpp drafts at a fixed depth and chosen by the policy, and a router asking for trees (which the target
+    answers with chains) all give what llama.cpp gives decoding the GGUF alone, one token at a time."""
+    from llama_cpp_reference import llama_cpp_greedy
+
+    from specfleet.models import resolve_gguf
+
+    expected = [llama_cpp_greedy(resolve_gguf("smollm2-135m"), ids, MAX_NEW, stop=True)[0] for ids in prompt_ids]
+    cluster.start("llamacpp-target", "target", ["--backend", "llamacpp", "--model", "smollm2-135m", "--threads", "1",
+                                                "--num-slots", "8", "--max-seq-len", "512",
+                                                "--redis-url", cluster.redis_url])
+    routers = {"plain": (None, 0, []), "ngram-4": ("ngram", 4, []), "ngram-auto": ("ngram", "auto", []),
+               "llamacpp-3": (llamacpp_draft, 3, []), "tree": ("tiny", 3, ["--tree", "rsd-c"])}
+    try:
+        for name, (draft, depth, extra) in routers.items():
+            address = cluster.router(f"router-on-llamacpp-{name}", target="llamacpp-target", draft=draft,
+                                     depth=depth, extra=extra)
+            assert _generate_all(address, prompt_ids) == expected, name
+    finally:
+        cluster.stop(*(f"router-on-llamacpp-{name}" for name in routers), "llamacpp-target")

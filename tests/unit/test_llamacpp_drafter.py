@@ -15,13 +15,15 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from llama_cpp_reference import llama_cpp_greedy
 
 from draft_service.server import build_servicer
 from router.draft_link import GrpcDraftLink
 from router.replicas import DraftReplica, ReplicaInfo, TargetReplica, check_compatible
 from specfleet.config import DraftConfig
 from specfleet.drafters.base import DraftRequest
-from specfleet.drafters.llamacpp import LlamaCppDrafter, available_cores, import_llama_cpp
+from specfleet.drafters.llamacpp import LlamaCppDrafter
+from specfleet.llamacpp import available_cores
 from specfleet.models import load_tokenizer, resolve_gguf, tokenizer_fingerprint
 from specfleet.protos import draft_pb2_grpc
 from specfleet.sampling import processed_probs, top_k_pairs
@@ -59,33 +61,7 @@ def drafter(gguf: Path) -> Iterator[LlamaCppDrafter]:
 @pytest.fixture(scope="module")
 def reference(gguf: Path, prompts: list[list[int]]) -> dict[tuple[int, ...], tuple[list[int], np.ndarray]]:
     """llama.cpp's own greedy continuation of each prompt, and its logits after the prompt."""
-    return {tuple(p): llama_cpp_greedy(gguf, p, 8) for p in prompts}
-
-
-def llama_cpp_greedy(gguf: Path, prompt: list[int], count: int) -> tuple[list[int], np.ndarray]:
-    """``count`` tokens of plain greedy decoding in a separate one-sequence llama.cpp context: the prompt in one
-    ``llama_batch_get_one`` (logits at its last token), then one token per decode, each the argmax of the last
-    logits. Returns the tokens and the logits after the prompt."""
-    lib = import_llama_cpp()
-    model = lib.llama_model_load_from_file(str(gguf).encode(), lib.llama_model_default_params())
-    params = lib.llama_context_default_params()
-    params.n_ctx, params.n_batch = 512, 512
-    params.n_threads = params.n_threads_batch = THREADS
-    ctx = lib.llama_init_from_model(model, params)
-    vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
-    try:
-        tokens, feed, first = [], list(prompt), None
-        for _ in range(count):
-            array = (lib.llama_token * len(feed))(*feed)
-            assert lib.llama_decode(ctx, lib.llama_batch_get_one(array, len(feed))) == 0
-            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(vocab,)).copy()
-            first = logits if first is None else first
-            tokens.append(int(logits.argmax()))
-            feed = [tokens[-1]]
-        return tokens, first
-    finally:
-        lib.llama_free(ctx)
-        lib.llama_model_free(model)
+    return {tuple(p): (tokens, logits[0]) for p in prompts for tokens, logits in [llama_cpp_greedy(gguf, p, 8)]}
 
 
 def ask(seq_id: str, rollback_to: int, new_tokens: list[int], depth: int, sampling: SamplingParams = GREEDY,

@@ -1,0 +1,42 @@
+"""llama.cpp's own greedy decoding of a GGUF, one token per decode: the reference the llamacpp drafter and the
+llamacpp target backend are checked against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from specfleet.llamacpp import import_llama_cpp
+
+
+def llama_cpp_greedy(gguf: Path, prompt: list[int], count: int, *, threads: int = 1,
+                     stop: bool = False) -> tuple[list[int], np.ndarray]:
+    """``count`` tokens of plain greedy decoding in a separate one-sequence llama.cpp context (with ``stop``, fewer if
+    one of llama.cpp's end-of-generation tokens comes first, which ends the list): the prompt in one
+    ``llama_batch_get_one`` (logits at its last token), then one token per decode, each the argmax of the last
+    logits. Returns the tokens and the logits after each prompt-or-token fed, [tokens, vocab]."""
+    lib = import_llama_cpp()
+    model = lib.llama_model_load_from_file(str(gguf).encode(), lib.llama_model_default_params())
+    params = lib.llama_context_default_params()
+    params.n_ctx = params.n_batch = max(512, len(prompt) + count)
+    params.n_threads = params.n_threads_batch = threads
+    ctx = lib.llama_init_from_model(model, params)
+    vocab_handle = lib.llama_model_get_vocab(model)
+    vocab = lib.llama_vocab_n_tokens(vocab_handle)
+    try:
+        tokens: list[int] = []
+        rows: list[np.ndarray] = []
+        feed = list(prompt)
+        for _ in range(count):
+            array = (lib.llama_token * len(feed))(*feed)
+            assert lib.llama_decode(ctx, lib.llama_batch_get_one(array, len(feed))) == 0
+            rows.append(np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(vocab,)).copy())
+            tokens.append(int(rows[-1].argmax()))
+            if stop and lib.llama_vocab_is_eog(vocab_handle, tokens[-1]):
+                break
+            feed = [tokens[-1]]
+        return tokens, np.stack(rows)
+    finally:
+        lib.llama_free(ctx)
+        lib.llama_model_free(model)

@@ -1,0 +1,167 @@
+"""The llamacpp target backend on the real SmolLM2-135M GGUF (Q4_1): the Verifier over `LlamaCppRunner` decodes
+exactly as llama.cpp does one token at a time (greedy), over llama.cpp's own logits (sampled), with sessions,
+rollbacks and eviction; the target service says it verifies chains only and refuses trees by name."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from llama_cpp_reference import llama_cpp_greedy
+
+from router.replicas import ReplicaError, ReplicaInfo
+from router.target_link import GrpcTargetLink
+from specfleet.config import TargetConfig
+from specfleet.engine import Extend
+from specfleet.llamacpp import LlamaCppRunner
+from specfleet.models import eos_token_ids, load_tokenizer, resolve_gguf, tokenizer_fingerprint
+from specfleet.protos import target_pb2_grpc
+from specfleet.sampling_params import SamplingParams
+from specfleet.speculation import Proposal, SessionDelta, VerifyAsk
+from target_service.server import build_servicer
+from target_service.verifier import Verifier, VerifyItem
+
+pytestmark = pytest.mark.real_model
+
+GREEDY = SamplingParams()
+THREADS = 1  # one llama.cpp thread: on a busy machine its threads wait for each other at every layer
+TEXTS = ["def fibonacci(n):\n    ", "The capital of France is", "Once upon a time, in a small village,",
+         "import numpy as np\n\nx = np.arange(10)\nprint("]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def gguf() -> Path:
+    return resolve_gguf("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2_dir: Path) -> list[list[int]]:
+    tokenizer = load_tokenizer(smollm2_dir)
+    return [tokenizer.encode(text) for text in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def runner(gguf: Path) -> Iterator[LlamaCppRunner]:
+    runner = LlamaCppRunner(gguf, num_slots=4, max_seq_len=256, threads=THREADS)
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="module")
+def reference(gguf: Path, prompts: list[list[int]]) -> list[tuple[list[int], np.ndarray]]:
+    """llama.cpp's own greedy decoding of each prompt, one token per decode, and its logits at each step."""
+    return [llama_cpp_greedy(gguf, p, NEW_TOKENS) for p in prompts]
+
+
+def speculate(verifier: Verifier, prompts: list[list[int]], drafts_for, count: int) -> list[list[int]]:
+    """A router's loop in miniature: every sequence in each batch, each step's new tokens the last step's output,
+    ``drafts_for(index, context)`` its drafts; stops once every sequence has ``count`` tokens."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+    cached = [0] * len(prompts)
+    while min(len(o) for o in outputs) < count:
+        items = []
+        for n, prompt in enumerate(prompts):
+            context = prompt + outputs[n]
+            items.append(VerifyItem(f"s{n}", cached[n], context[cached[n]:], drafts_for(n, context), None, GREEDY))
+        for n, verdict in enumerate(verifier.verify(items)):
+            assert verdict.known
+            outputs[n] += verdict.tokens
+            cached[n] = verdict.cached_len
+            assert verdict.cached_len == len(prompts[n]) + len(outputs[n]) - 1  # all but the newest token
+    verifier.release([f"s{n}" for n in range(len(prompts))])
+    return [o[:count] for o in outputs]
+
+
+def test_greedy_verification_decodes_as_llama_cpp_does_one_token_at_a_time(runner, prompts, reference) -> None:
+    """Four sequences batched, drafts of 0 to 6 tokens that are right for a while and then wrong: the output is
+    llama.cpp's own greedy decoding, token for token."""
+    rng = random.Random(0)
+    truth = [tokens for tokens, _ in reference]
+
+    def drafts_for(n: int, context: list[int]) -> list[int]:
+        done = len(context) - len(prompts[n])
+        right = truth[n][done:done + rng.randint(0, 6)]
+        return right[: rng.randint(0, len(right))] + [rng.randrange(runner.vocab_size)] * rng.randint(0, 2)
+
+    assert speculate(Verifier(runner), prompts, drafts_for, NEW_TOKENS) == truth
+    assert runner.live_sequences == 0
+
+
+def test_a_chains_logits_are_llama_cpps_one_token_logits(runner, prompts, reference) -> None:
+    """A prompt and then 8 tokens of its continuation in one extend give, at each position, the logits llama.cpp
+    computes feeding one token at a time (what sampled verification draws from): equal up to float rounding."""
+    tokens, expected = reference[1]
+    (logits,) = runner.extend([Extend("chain", 0, prompts[1] + tokens[:8], num_logits=9)])
+    runner.release(["chain"])
+    assert logits.shape == (9, runner.vocab_size)
+    np.testing.assert_allclose(logits.numpy(), expected[:9], atol=2e-3, rtol=0)
+
+
+def test_sessions_roll_back_resend_and_evict(runner, prompts, reference) -> None:
+    verifier = Verifier(runner)
+    (first,) = verifier.verify([VerifyItem("a", 0, prompts[0], [], None, GREEDY)])
+    assert first.tokens == (reference[0][0][0],) and first.cached_len == len(prompts[0])
+    # Rolled back into its prompt: the next token is that of the shorter context.
+    short = prompts[0][:-1]
+    (back,) = verifier.verify([VerifyItem("a", len(short) - 1, short[-1:], [], None, GREEDY)])
+    assert back.tokens == (llama_cpp_greedy(runner.gguf, short, 1)[0][0],) and back.cached_len == len(short)
+    # Asking past what it holds, or for a sequence it never saw, gets "unknown" (the router resends).
+    assert not verifier.verify([VerifyItem("a", len(prompts[0]) + 5, [7], [], None, GREEDY)])[0].known
+    assert not verifier.verify([VerifyItem("never", 3, [7], [], None, GREEDY)])[0].known
+    # Four slots: a fifth sequence evicts the least recently used one.
+    for name in ("b", "c", "d", "e"):
+        verifier.verify([VerifyItem(name, 0, prompts[1], [], None, GREEDY)])
+    assert runner.cached_len("a") is None and runner.live_sequences == 4
+    assert verifier.release(["b", "c", "d", "e", "a"]) == 4
+
+
+def test_trees_and_self_drafting_are_refused_by_name(runner, prompts) -> None:
+    verifier = Verifier(runner)
+    with pytest.raises(ValueError, match="llamacpp backend verifies draft chains, not trees"):
+        verifier.verify([VerifyItem("t", 0, prompts[0], [5, 6], None, GREEDY, draft_parents=[-1, -1])])
+    with pytest.raises(ValueError, match="not started with a SPACE model or lookahead"):
+        verifier.verify([VerifyItem("t", 0, prompts[0], [], None, GREEDY, draft_next=2)])
+    for flags in ({"space_masks": 2}, {"lookahead_window": 4}):
+        with pytest.raises(ValueError, match="llamacpp backend verifies draft chains only"):
+            TargetConfig(backend="llamacpp", **flags)
+
+
+def test_the_target_service_serves_the_gguf_and_says_it_verifies_chains(smollm2_dir, prompts, reference) -> None:
+    servicer = build_servicer(TargetConfig(backend="llamacpp", model="smollm2-135m", num_slots=2, max_seq_len=256,
+                                           threads=THREADS))
+    assert servicer.verifier.runner.live_sequences == 0  # the warm-up's scratch sequence is gone
+    truth = reference[0][0]
+
+    async def scenario() -> tuple[ReplicaInfo, tuple[int, ...], str]:
+        server = grpc.aio.server()
+        target_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        link = GrpcTargetLink(f"127.0.0.1:{port}")
+        try:
+            info = await link.info(timeout_s=10)
+            ask = VerifyAsk(SessionDelta("s", 0, prompts[0]), Proposal(tuple(truth[:3]) + (0,)), GREEDY, 0)
+            reply = await link.verify([ask], timeout_s=10)
+            tree = VerifyAsk(SessionDelta("t", 0, prompts[1]), Proposal((5, 6), parents=(-1, -1)), GREEDY, 0)
+            with pytest.raises(ReplicaError) as refused:
+                await link.verify([tree], timeout_s=10)
+            return info, reply.answers["s"].tokens, str(refused.value)
+        finally:
+            await link.close()
+            await server.stop(0)
+
+    info, tokens, refusal = asyncio.run(scenario())
+    assert tokens == tuple(truth[:4])  # three drafts accepted, the fourth corrected
+    assert refusal.startswith("INVALID_ARGUMENT") and "not trees" in refusal
+    tokenizer = load_tokenizer(smollm2_dir)
+    # What the engine's target says of the same model, so routers and drafts take one for the other.
+    assert (info.kind, info.vocab_size, info.tokenizer_fingerprint, info.chains_only) == (
+        "target", 49152, tokenizer_fingerprint(tokenizer), True)
+    assert set(info.eos_token_ids) >= set(eos_token_ids(smollm2_dir, tokenizer))
+    assert (info.max_seq_len, info.num_slots) == (256, 2)

@@ -100,15 +100,64 @@ def available_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
         return cores
 
 
+PROBE_WIDTHS = (128, 64, 32, 16, 8, 4, 2)
+
+
+def exact_micro_batch(lib: Any, model: Any, threads: int) -> int:
+    """The widest of `PROBE_WIDTHS` whose tokens, decoded together in one micro-batch, get exactly the logits they
+    get decoded one at a time (1 if none does), measured on a scratch context of this model on this machine."""
+    params = lib.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = 8 + max(PROBE_WIDTHS)
+    params.n_threads = params.n_threads_batch = threads
+    ctx = lib.llama_init_from_model(model, params)
+    if not ctx:
+        raise ValueError("llama.cpp could not create a scratch context to measure its micro-batch")
+    vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
+    memory = lib.llama_get_memory(ctx)
+    batch = lib.llama_batch_init(params.n_batch, 0, 1)
+    tokens = [(97 * i) % (vocab - 2) + 1 for i in range(8 + max(PROBE_WIDTHS))]
+
+    def decode(start: int, count: int) -> np.ndarray:
+        """Logits of tokens[start: start + count], decoded in one batch after tokens[:start]."""
+        batch.n_tokens = count
+        for i in range(count):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tokens[start + i], start + i, 1, True
+            batch.seq_id[i][0] = 0
+        if lib.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed while measuring the micro-batch")
+        return np.stack([np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, i), shape=(vocab,)).copy()
+                         for i in range(count)])
+
+    try:
+        decode(0, 8)
+        alone = np.concatenate([decode(8 + i, 1) for i in range(max(PROBE_WIDTHS))])
+        for width in PROBE_WIDTHS:
+            lib.llama_memory_seq_rm(memory, 0, 8, -1)
+            if np.array_equal(decode(8, width), alone[:width]):
+                return width
+        return 1
+    finally:
+        lib.llama_batch_free(batch)
+        lib.llama_free(ctx)
+
+
 class LlamaCppRunner:
     """A GGUF model in one llama.cpp context, each sequence a session on a slot of its KV cache."""
 
     supports_trees = False  # see the module's docstring
 
     def __init__(self, gguf: Path, *, num_slots: int = 32, max_seq_len: int = 2048, threads: int = 0,
-                 needed_by: str = "--drafter llamacpp") -> None:
+                 batch_invariant: bool = False, needed_by: str = "--drafter llamacpp") -> None:
         """``threads``: llama.cpp's threads for both single-token and batch decoding; 0 takes every core this process
-        may use (llama.cpp's own default, 4, oversubscribes a small node and leaves most of a large one idle)."""
+        may use (llama.cpp's own default, 4, oversubscribes a small node and leaves most of a large one idle).
+
+        ``batch_invariant``: every token's logits are exactly those of decoding it alone, one token at a time,
+        whatever else shares its decode (what a lossless target needs). llama.cpp's CPU matrix products switch to
+        another kernel, with another rounding, once a micro-batch holds enough tokens (64 on the machine this was
+        measured on: logits off by up to ~1, enough to flip a greedy near-tie); so the runner measures at load the
+        widest micro-batch whose logits are still exact (`exact_micro_batch`) and has llama.cpp split every decode
+        into micro-batches of that size. Prefills get slower (1.5x for 1000 tokens on a 2-core CPU), verifies of a
+        few tokens per sequence do not."""
         lib = import_llama_cpp(needed_by)
         lib.llama_backend_init()
         self._lib = lib
@@ -135,6 +184,8 @@ class LlamaCppRunner:
         # A whole sequence fits one decode, so a lone prompt is never split; larger batches are (`decode`).
         params.n_batch = self.max_seq_len
         params.n_threads = params.n_threads_batch = self.threads
+        self.micro_batch = exact_micro_batch(lib, model, self.threads) if batch_invariant else params.n_ubatch
+        params.n_ubatch = min(self.micro_batch, params.n_batch)
         ctx = lib.llama_init_from_model(model, params)
         if not ctx:
             lib.llama_model_free(model)
@@ -150,8 +201,9 @@ class LlamaCppRunner:
         self._slots: OrderedDict[str, int] = OrderedDict()  # seq_id -> slot, least recently used first
         self._lengths = [0] * num_slots  # tokens each slot holds
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
-        log.info("llama.cpp: %s, vocabulary %d, %d slots x %d tokens, %d threads", gguf.name, self.vocab_size,
-                 num_slots, self.max_seq_len, self.threads)
+        log.info("llama.cpp: %s, vocabulary %d, %d slots x %d tokens, %d threads, micro-batches of %d tokens%s",
+                 gguf.name, self.vocab_size, num_slots, self.max_seq_len, self.threads, self.micro_batch,
+                 " (the widest whose logits equal one-token decoding)" if batch_invariant else "")
 
     def close(self) -> None:
         """Frees the llama.cpp model, context and batch now (otherwise when the runner is collected)."""

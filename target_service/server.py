@@ -160,7 +160,7 @@ def _build_llamacpp(config: TargetConfig, telemetry: TelemetryWriter | None, ote
     import_llama_cpp("--backend llamacpp")  # a missing llama-cpp-python fails at once, before a GGUF is fetched
     gguf = resolve_gguf(config.model)
     runner = LlamaCppRunner(gguf, num_slots=config.num_slots, max_seq_len=config.max_seq_len,
-                            threads=config.threads, needed_by="--backend llamacpp")
+                            threads=config.threads, batch_invariant=True, needed_by="--backend llamacpp")
     runner.warm_up()
     log.info("target model %s (%s) runs on llama.cpp: %d slots x %d tokens, %d threads", config.model, gguf.name,
              runner.num_slots, runner.max_seq_len, runner.threads)

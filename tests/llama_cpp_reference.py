@@ -13,9 +13,10 @@ from specfleet.llamacpp import import_llama_cpp
 def llama_cpp_greedy(gguf: Path, prompt: list[int], count: int, *, threads: int = 1,
                      stop: bool = False) -> tuple[list[int], np.ndarray]:
     """``count`` tokens of plain greedy decoding in a separate one-sequence llama.cpp context (with ``stop``, fewer if
-    one of llama.cpp's end-of-generation tokens comes first, which ends the list): the prompt in one
-    ``llama_batch_get_one`` (logits at its last token), then one token per decode, each the argmax of the last
-    logits. Returns the tokens and the logits after each prompt-or-token fed, [tokens, vocab]."""
+    one of llama.cpp's end-of-generation tokens comes first, which ends the list): the prompt and then each token
+    fed one per decode (llama.cpp rounds a wide micro-batch differently: see `LlamaCppRunner`), each new token the
+    argmax of the last logits. Returns the tokens and the logits after the prompt and after each token fed,
+    [tokens, vocab]."""
     lib = import_llama_cpp()
     model = lib.llama_model_load_from_file(str(gguf).encode(), lib.llama_model_default_params())
     params = lib.llama_context_default_params()
@@ -27,7 +28,10 @@ def llama_cpp_greedy(gguf: Path, prompt: list[int], count: int, *, threads: int 
     try:
         tokens: list[int] = []
         rows: list[np.ndarray] = []
-        feed = list(prompt)
+        for token in prompt[:-1]:
+            array = (lib.llama_token * 1)(token)
+            assert lib.llama_decode(ctx, lib.llama_batch_get_one(array, 1)) == 0
+        feed = [prompt[-1]]
         for _ in range(count):
             array = (lib.llama_token * len(feed))(*feed)
             assert lib.llama_decode(ctx, lib.llama_batch_get_one(array, len(feed))) == 0

@@ -18,7 +18,7 @@ from router.replicas import ReplicaError, ReplicaInfo
 from router.target_link import GrpcTargetLink
 from specfleet.config import TargetConfig
 from specfleet.engine import Extend
-from specfleet.llamacpp import LlamaCppRunner
+from specfleet.llamacpp import PROBE_WIDTHS, LlamaCppRunner
 from specfleet.models import eos_token_ids, load_tokenizer, resolve_gguf, tokenizer_fingerprint
 from specfleet.protos import target_pb2_grpc
 from specfleet.sampling_params import SamplingParams
@@ -48,7 +48,7 @@ def prompts(smollm2_dir: Path) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def runner(gguf: Path) -> Iterator[LlamaCppRunner]:
-    runner = LlamaCppRunner(gguf, num_slots=4, max_seq_len=256, threads=THREADS)
+    runner = LlamaCppRunner(gguf, num_slots=4, max_seq_len=256, threads=THREADS, batch_invariant=True)
     yield runner
     runner.close()
 
@@ -93,14 +93,17 @@ def test_greedy_verification_decodes_as_llama_cpp_does_one_token_at_a_time(runne
     assert runner.live_sequences == 0
 
 
-def test_a_chains_logits_are_llama_cpps_one_token_logits(runner, prompts, reference) -> None:
-    """A prompt and then 8 tokens of its continuation in one extend give, at each position, the logits llama.cpp
-    computes feeding one token at a time (what sampled verification draws from): equal up to float rounding."""
-    tokens, expected = reference[1]
-    (logits,) = runner.extend([Extend("chain", 0, prompts[1] + tokens[:8], num_logits=9)])
-    runner.release(["chain"])
-    assert logits.shape == (9, runner.vocab_size)
-    np.testing.assert_allclose(logits.numpy(), expected[:9], atol=2e-3, rtol=0)
+def test_batched_chains_get_exactly_the_logits_of_one_token_decoding(runner, prompts, reference) -> None:
+    """Four prompts, each with 20 tokens of its continuation, in one extend (over a hundred tokens, wider than the
+    micro-batch): at every position each sequence gets bit for bit the logits llama.cpp computes feeding it one token
+    at a time (what greedy and sampled verification decide from)."""
+    assert runner.micro_batch in (*PROBE_WIDTHS, 1)
+    logits = runner.extend([Extend(f"chain{n}", 0, prompt + tokens[:20], num_logits=21)
+                            for n, (prompt, (tokens, _)) in enumerate(zip(prompts, reference, strict=True))])
+    runner.release([f"chain{n}" for n in range(len(prompts))])
+    for rows, (_, expected) in zip(logits, reference, strict=True):
+        assert rows.shape == (21, runner.vocab_size)
+        np.testing.assert_array_equal(rows.numpy(), expected[:21])
 
 
 def test_sessions_roll_back_resend_and_evict(runner, prompts, reference) -> None:

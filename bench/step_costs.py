@@ -3,6 +3,7 @@
 
     python -m bench.step_costs                 # SmolLM2 + ngram, depths 0 and 4
     python -m bench.step_costs --depths 0 8 --max-new-tokens 128
+    python -m bench.step_costs --backend llamacpp --threads 2     # the target on llama.cpp (the preset's GGUF)
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def main() -> None:
     parser.add_argument("--depths", type=int, nargs="+", default=[0, 4])
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--backend", default="engine", choices=["engine", "llamacpp"], help="the target's backend")
+    parser.add_argument("--threads", type=int, default=0, help="the target's --threads (0: its default)")
     args = parser.parse_args()
     spec = "smollm2-135m"
     prompts = [chat_ids(load_tokenizer(resolve_model(spec)), p) for p in MIXED[: args.prompts]]
@@ -33,7 +36,8 @@ def main() -> None:
             port = free_port()  # one Redis per depth keeps the samples apart
             wait_redis(f.deployment.start_redis(port), port)
             redis = ["--redis-url", f"redis://127.0.0.1:{port}/0"]
-            target = f.start("target", ["--model", spec, "--num-slots", "4", *redis], f"target-{depth}")
+            target = f.start("target", ["--model", spec, "--num-slots", "4", "--backend", args.backend,
+                                        "--threads", str(args.threads), *redis], f"target-{depth}")
             draft = f.start("draft", ["--drafter", "ngram", *redis], f"draft-{depth}") if depth else None
             router = f.router(target, draft, depth, f"router-{depth}", redis)
             specfleet_generate(router, prompts[0], 8)  # warm-up

@@ -109,6 +109,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, tiny_dr
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M's Q4_1 GGUF as its preset packages it (what llama.cpp runs)."""
+    from specfleet.models import resolve_gguf
+
+    return resolve_gguf("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
 def llamacpp_draft(cluster: Cluster) -> str:
     """SmolLM2's Q4_1 GGUF run by llama.cpp as a draft service in the shared cluster; its name there."""
     if "llamacpp" not in cluster.addresses:

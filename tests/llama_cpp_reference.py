@@ -9,6 +9,10 @@ import numpy as np
 
 from specfleet.llamacpp import import_llama_cpp
 
+SHORT_TEXTS = ["def fibonacci(n):\n    ", "The capital of France is", "Once upon a time, in a small village,",
+               "import numpy as np\n\nx = np.arange(10)\nprint("]
+"""Prompts the llamacpp drafter and target tests decode (code and prose, 5-15 tokens)."""
+
 
 def llama_cpp_greedy(gguf: Path, prompt: list[int], count: int, *, threads: int = 1,
                      stop: bool = False) -> tuple[list[int], np.ndarray]:

@@ -205,15 +205,14 @@ def test_greedy_with_a_lookahead_target_equals_plain_decoding(cluster, smollm2_d
         cluster.stop(*(f"router-lookahead-{depth}" for depth in depths), "lookahead-target")
 
 
-def test_greedy_through_a_llamacpp_target_is_llama_cpps_own_decoding(cluster, llamacpp_draft, prompt_ids) -> None:
+def test_greedy_through_a_llamacpp_target_is_llama_cpps_own_decoding(cluster, llamacpp_draft, smollm2_gguf,
+                                                                      prompt_ids) -> None:
     """A target that runs SmolLM2's Q4_1 GGUF on llama.cpp (`--backend llamacpp`): plain decoding, ngram and
     llama.cpp drafts at a fixed depth and chosen by the policy, and a router asking for trees (which the target
     answers with chains) all give what llama.cpp gives decoding the GGUF alone, one token at a time."""
     from llama_cpp_reference import llama_cpp_greedy
 
-    from specfleet.models import resolve_gguf
-
-    expected = [llama_cpp_greedy(resolve_gguf("smollm2-135m"), ids, MAX_NEW, stop=True)[0] for ids in prompt_ids]
+    expected = [llama_cpp_greedy(smollm2_gguf, ids, MAX_NEW, stop=True)[0] for ids in prompt_ids]
     cluster.start("llamacpp-target", "target", ["--backend", "llamacpp", "--model", "smollm2-135m", "--threads", "1",
                                                 "--num-slots", "8", "--max-seq-len", "512",
                                                 "--redis-url", cluster.redis_url])

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from llama_cpp_reference import llama_cpp_greedy
+from llama_cpp_reference import SHORT_TEXTS, llama_cpp_greedy
 
 from draft_service.server import build_servicer
 from router.draft_link import GrpcDraftLink
@@ -24,7 +24,7 @@ from specfleet.config import DraftConfig
 from specfleet.drafters.base import DraftRequest
 from specfleet.drafters.llamacpp import LlamaCppDrafter
 from specfleet.llamacpp import available_cores
-from specfleet.models import load_tokenizer, resolve_gguf, tokenizer_fingerprint
+from specfleet.models import load_tokenizer, tokenizer_fingerprint
 from specfleet.protos import draft_pb2_grpc
 from specfleet.sampling import processed_probs, top_k_pairs
 from specfleet.sampling_params import SamplingParams
@@ -36,32 +36,26 @@ pytestmark = pytest.mark.real_model
 GREEDY = SamplingParams()
 # One thread: on a busy machine llama.cpp's threads wait for each other at every barrier (seconds per decode).
 THREADS = 1
-TEXTS = ["def fibonacci(n):\n    ", "The capital of France is", "Once upon a time, in a small village,",
-         "import numpy as np\n\nx = np.arange(10)\nprint("]
-
-
-@pytest.fixture(scope="module")
-def gguf() -> Path:
-    return resolve_gguf("smollm2-135m")
 
 
 @pytest.fixture(scope="module")
 def prompts(smollm2_dir: Path) -> list[list[int]]:
     tokenizer = load_tokenizer(smollm2_dir)
-    return [tokenizer.encode(text) for text in TEXTS]
+    return [tokenizer.encode(text) for text in SHORT_TEXTS]
 
 
 @pytest.fixture(scope="module")
-def drafter(gguf: Path) -> Iterator[LlamaCppDrafter]:
-    drafter = LlamaCppDrafter(gguf, num_slots=8, max_seq_len=256, threads=THREADS)
+def drafter(smollm2_gguf: Path) -> Iterator[LlamaCppDrafter]:
+    drafter = LlamaCppDrafter(smollm2_gguf, num_slots=8, max_seq_len=256, threads=THREADS)
     yield drafter
     drafter.close()
 
 
 @pytest.fixture(scope="module")
-def reference(gguf: Path, prompts: list[list[int]]) -> dict[tuple[int, ...], tuple[list[int], np.ndarray]]:
+def reference(smollm2_gguf: Path, prompts: list[list[int]]) -> dict[tuple[int, ...], tuple[list[int], np.ndarray]]:
     """llama.cpp's own greedy continuation of each prompt, and its logits after the prompt."""
-    return {tuple(p): (tokens, logits[0]) for p in prompts for tokens, logits in [llama_cpp_greedy(gguf, p, 8)]}
+    return {tuple(p): (tokens, logits[0])
+            for p in prompts for tokens, logits in [llama_cpp_greedy(smollm2_gguf, p, 8)]}
 
 
 def ask(seq_id: str, rollback_to: int, new_tokens: list[int], depth: int, sampling: SamplingParams = GREEDY,
@@ -107,11 +101,11 @@ def test_batched_and_rolled_back_sequences_draft_as_fresh_ones(drafter, prompts)
     drafter.release([f"b{i}" for i in range(len(prompts))])
 
 
-def test_mixed_batches_with_rollbacks_match_each_sequence_alone(drafter, gguf: Path) -> None:
+def test_mixed_batches_with_rollbacks_match_each_sequence_alone(drafter, smollm2_gguf: Path) -> None:
     """Random steps of a few sequences at once (new ones, rollbacks into what was drafted or further, prompts of up
     to 24 tokens): each sampled draft, q included, is exactly what the sequence's whole context gives alone."""
     rng = random.Random(0)
-    alone = LlamaCppDrafter(gguf, num_slots=1, max_seq_len=256, threads=THREADS)
+    alone = LlamaCppDrafter(smollm2_gguf, num_slots=1, max_seq_len=256, threads=THREADS)
     params = SamplingParams(temperature=1.0)
     held: dict[str, list[int]] = {}
     try:
@@ -164,8 +158,8 @@ def test_sampled_drafts_carry_their_exact_q(drafter, prompts, reference) -> None
     assert again.tokens == result.tokens and torch.equal(again.draft_top_k[1], probs)
 
 
-def test_unknown_sequences_release_and_lru_eviction(gguf: Path, prompts) -> None:
-    drafter = LlamaCppDrafter(gguf, num_slots=2, max_seq_len=64, threads=THREADS)
+def test_unknown_sequences_release_and_lru_eviction(smollm2_gguf: Path, prompts) -> None:
+    drafter = LlamaCppDrafter(smollm2_gguf, num_slots=2, max_seq_len=64, threads=THREADS)
     try:
         (unknown,) = drafter.propose([ask("never-seen", 5, [1], 2)])
         assert not unknown.known and unknown.cached_len == 0 and drafter.live_sequences == 0
@@ -176,7 +170,7 @@ def test_unknown_sequences_release_and_lru_eviction(gguf: Path, prompts) -> None
 
         # "a" was used last: a new sequence takes "b"'s slot, and "b" is then unknown.
         (c,) = drafter.propose([ask("c", 0, prompts[2], 2)])
-        assert c.tokens == fresh_tokens(gguf, prompts[2], 2)
+        assert c.tokens == fresh_tokens(smollm2_gguf, prompts[2], 2)
         assert drafter.live_sequences == 2 and drafter.cached_len("b") is None
         (b_gone,) = drafter.propose([ask("b", 3, [1], 2)])
         assert not b_gone.known
@@ -192,18 +186,19 @@ def test_unknown_sequences_release_and_lru_eviction(gguf: Path, prompts) -> None
         drafter.close()
 
 
-def test_long_first_batches_are_split_and_a_sequence_holds_up_to_max_seq_len(gguf: Path, prompts) -> None:
+def test_long_first_batches_are_split_and_a_sequence_holds_up_to_max_seq_len(smollm2_gguf: Path,
+                                                                              prompts) -> None:
     """Prompts longer together than a decode takes (max_seq_len tokens) go in several decodes; a sequence holds up
     to max_seq_len tokens (its drafts cut to fit), and a request for more is refused."""
-    drafter = LlamaCppDrafter(gguf, num_slots=3, max_seq_len=48, threads=THREADS)
+    drafter = LlamaCppDrafter(smollm2_gguf, num_slots=3, max_seq_len=48, threads=THREADS)
     try:
         long = [(p * 20)[:30] for p in prompts[:3]]  # 90 tokens in all
         batched = drafter.propose([ask(f"l{i}", 0, p, 3) for i, p in enumerate(long)])
-        assert [r.tokens for r in batched] == [fresh_tokens(gguf, p, 3) for p in long]
+        assert [r.tokens for r in batched] == [fresh_tokens(smollm2_gguf, p, 3) for p in long]
         drafter.release([f"l{i}" for i in range(3)])
 
         (full,) = drafter.propose([ask("full", 0, long[0] + long[1][:17], 3)])  # 47 tokens: room for one fed draft
-        assert full.tokens == fresh_tokens(gguf, long[0] + long[1][:17], 2) and full.cached_len == 48
+        assert full.tokens == fresh_tokens(smollm2_gguf, long[0] + long[1][:17], 2) and full.cached_len == 48
         with pytest.raises(ValueError, match="49 tokens exceed the cache's 48-token limit"):
             drafter.propose([ask("full", 48, [5], 1)])
     finally:
@@ -274,6 +269,6 @@ def test_without_llama_cpp_the_service_says_how_to_install_it(monkeypatch: pytes
     assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF' in message
 
 
-def test_a_vocabulary_other_than_the_targets_is_refused(gguf: Path) -> None:
+def test_a_vocabulary_other_than_the_targets_is_refused(smollm2_gguf: Path) -> None:
     with pytest.raises(ValueError, match=r"vocabulary \(49152 tokens\) differs from the target's \(151936\)"):
-        LlamaCppDrafter(gguf, num_slots=1, max_seq_len=32, threads=THREADS, target_vocab_size=151936)
+        LlamaCppDrafter(smollm2_gguf, num_slots=1, max_seq_len=32, threads=THREADS, target_vocab_size=151936)

@@ -12,14 +12,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from llama_cpp_reference import llama_cpp_greedy
+from llama_cpp_reference import SHORT_TEXTS, llama_cpp_greedy
 
 from router.replicas import ReplicaError, ReplicaInfo
 from router.target_link import GrpcTargetLink
 from specfleet.config import TargetConfig
 from specfleet.engine import Extend
 from specfleet.llamacpp import PROBE_WIDTHS, LlamaCppRunner
-from specfleet.models import eos_token_ids, load_tokenizer, resolve_gguf, tokenizer_fingerprint
+from specfleet.models import eos_token_ids, load_tokenizer, tokenizer_fingerprint
 from specfleet.protos import target_pb2_grpc
 from specfleet.sampling_params import SamplingParams
 from specfleet.speculation import Proposal, SessionDelta, VerifyAsk
@@ -30,33 +30,26 @@ pytestmark = pytest.mark.real_model
 
 GREEDY = SamplingParams()
 THREADS = 1  # one llama.cpp thread: on a busy machine its threads wait for each other at every layer
-TEXTS = ["def fibonacci(n):\n    ", "The capital of France is", "Once upon a time, in a small village,",
-         "import numpy as np\n\nx = np.arange(10)\nprint("]
 NEW_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def gguf() -> Path:
-    return resolve_gguf("smollm2-135m")
 
 
 @pytest.fixture(scope="module")
 def prompts(smollm2_dir: Path) -> list[list[int]]:
     tokenizer = load_tokenizer(smollm2_dir)
-    return [tokenizer.encode(text) for text in TEXTS]
+    return [tokenizer.encode(text) for text in SHORT_TEXTS]
 
 
 @pytest.fixture(scope="module")
-def runner(gguf: Path) -> Iterator[LlamaCppRunner]:
-    runner = LlamaCppRunner(gguf, num_slots=4, max_seq_len=256, threads=THREADS, batch_invariant=True)
+def runner(smollm2_gguf: Path) -> Iterator[LlamaCppRunner]:
+    runner = LlamaCppRunner(smollm2_gguf, num_slots=4, max_seq_len=256, threads=THREADS, batch_invariant=True)
     yield runner
     runner.close()
 
 
 @pytest.fixture(scope="module")
-def reference(gguf: Path, prompts: list[list[int]]) -> list[tuple[list[int], np.ndarray]]:
+def reference(smollm2_gguf: Path, prompts: list[list[int]]) -> list[tuple[list[int], np.ndarray]]:
     """llama.cpp's own greedy decoding of each prompt, one token per decode, and its logits at each step."""
-    return [llama_cpp_greedy(gguf, p, NEW_TOKENS) for p in prompts]
+    return [llama_cpp_greedy(smollm2_gguf, p, NEW_TOKENS) for p in prompts]
 
 
 def speculate(verifier: Verifier, prompts: list[list[int]], drafts_for, count: int) -> list[list[int]]:

@@ -64,6 +64,7 @@ class UpConfig:
     dtype: str = same_as(EngineConfig, "dtype", to="target, draft")
     num_slots: int = same_as(EngineConfig, "num_slots", to="target, draft")
     max_seq_len: int = same_as(EngineConfig, "max_seq_len", to="target, draft")
+    threads: int = same_as(EngineConfig, "threads", to="target, draft")  # they take turns: see `threads_note`
     depth: str = same_as(RouterConfig, "depth", to="router")
     max_depth: int = same_as(RouterConfig, "max_depth", to="router")
     tree: str = same_as(RouterConfig, "tree", to="router")
@@ -112,11 +113,12 @@ class UpConfig:
         return Services(
             target=TargetConfig(port=ports["target"], metrics_port=metrics["target"], redis_url=redis_url,
                                 log_level=self.log_level, model=self.model, backend=self.backend, device=self.device,
-                                dtype=self.dtype, num_slots=self.num_slots, max_seq_len=self.max_seq_len),
+                                dtype=self.dtype, num_slots=self.num_slots, max_seq_len=self.max_seq_len,
+                                threads=self.threads),
             draft=None if self.self_draft else DraftConfig(
                 port=ports["draft"], metrics_port=metrics["draft"], redis_url=redis_url, log_level=self.log_level,
                 model=draft_model, device=self.device, dtype=self.dtype, num_slots=self.num_slots,
-                max_seq_len=self.max_seq_len, drafter=self.drafter),
+                max_seq_len=self.max_seq_len, threads=self.threads, drafter=self.drafter),
             router=RouterConfig(port=ports["router"], metrics_port=metrics["router"], redis_url=redis_url,
                                 log_level=self.log_level, targets=f"127.0.0.1:{ports['target']}",
                                 drafts="" if self.self_draft else f"127.0.0.1:{ports['draft']}", depth=self.depth,
@@ -157,6 +159,7 @@ def up(config: UpConfig) -> int:
         router_address = f"127.0.0.1:{services.router.port}"
         wait_serving(router, router_address)
         print(f"\n{summary(services, redis_url)}", flush=True)
+        log.info("%s", threads_note(services))
         if config.prompt:
             from specfleet.client import make_request, print_stream
 
@@ -180,6 +183,20 @@ def up(config: UpConfig) -> int:
     finally:
         log.info("stopping all processes")
         deployment.stop(timeout_s=30.0, in_order=True)
+
+
+def threads_note(services: Services) -> str:
+    """How the machine's cores are shared, for the log: the router drafts, then verifies, so the draft and the target
+    compute one after the other and each may use every core; the router itself needs little CPU."""
+    def threads(config: EngineConfig) -> str:
+        return f"{config.threads} threads" if config.threads else "every core"
+
+    target = f"target ({services.target.backend}): {threads(services.target)}"
+    draft = services.draft
+    if draft is None or draft.drafter == "ngram":
+        return f"{target}; the router and {'the ngram draft' if draft else 'nothing else'} need little CPU"
+    return (f"{target}; draft ({draft.drafter}): {threads(draft)}; they compute in turn (the router asks the draft, "
+            "then the target), so each may use every core (--threads to cap both)")
 
 
 def summary(services: Services, redis_url: str) -> str:

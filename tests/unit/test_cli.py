@@ -15,7 +15,7 @@ import pytest
 from specfleet import cli
 from specfleet.cli import SERVICES, build_parser, main
 from specfleet.config import DraftConfig, RouterConfig, TargetConfig, from_arguments, to_arguments
-from specfleet.up import Services, UpConfig, summary
+from specfleet.up import Services, UpConfig, summary, threads_note
 
 # The flags of `up` alone; every other flag of `up` is a service's.
 UP_ONLY = {"--prompt", "--max-new-tokens", "--draft-model", "--port", "--http-port", "--redis-url", "--log-dir"}
@@ -23,7 +23,8 @@ UP_ONLY = {"--prompt", "--max-new-tokens", "--draft-model", "--port", "--http-po
 OTHER_VALUES = {"--model": "qwen2.5-coder-0.5b", "--drafter": "model", "--device": "cpu", "--dtype": "bfloat16",
                 "--num-slots": 8,
                 "--max-seq-len": 512, "--depth": "3", "--max-depth": 12, "--tree": "rsd-c", "--log-level": "DEBUG",
-                "--self-draft": True, "--backend": "llamacpp"}
+                "--self-draft": True, "--backend": "llamacpp",
+                "--threads": 1}
 README_PROMPT = "Explain speculative decoding in one sentence."
 
 
@@ -198,3 +199,10 @@ def test_up_with_self_draft_starts_no_draft_service_and_tells_the_router() -> No
     assert services.draft is None and list(services.by_role()) == ["target", "router"]
     assert services.router.self_draft and services.router.drafts == ""
     assert "drafts by the target itself" in summary(services, "redis://x")
+
+
+def test_up_says_how_the_services_share_the_cores() -> None:
+    assert threads_note(up_config([]).services("", {})) == (
+        "target (engine): every core; the router and the ngram draft need little CPU")
+    note = threads_note(up_config(["--drafter", "model", "--threads", "2", "--backend", "llamacpp"]).services("", {}))
+    assert note.startswith("target (llamacpp): 2 threads; draft (model): 2 threads; they compute in turn")

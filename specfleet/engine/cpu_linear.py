@@ -29,8 +29,16 @@ SGEMM_MARGIN = 0.9
 one timing at load (bench/engine_kernels.md)."""
 
 
-def prepacking_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def prepacking_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN can pack linear weights of ``dtype`` on this CPU: its bfloat16 path needs AVX-512 (BW, VL, DQ)
+    or AVX-NE-CONVERT, which many CPUs lack (it raises there)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype))
+    except RuntimeError:
+        return False
+    return True
 
 
 class PrepackedLinear(nn.Module):
@@ -60,9 +68,13 @@ def prepack_linears(model: nn.Module, *, tune: bool = True) -> int:
     """Replaces every ``nn.Linear`` of a CPU model in float32 or bfloat16 by a `PrepackedLinear` (in place, for
     inference only: the packed copy does not follow later changes to the weight) and, with ``tune``, picks each
     layer's kernel per row count by timing (`choose_kernels`). Returns how many it replaced; 0 where the model is
-    elsewhere or oneDNN is missing. Costs a second copy of the linear weights in memory."""
+    elsewhere, or where oneDNN is missing or cannot pack its dtype on this CPU. Costs a second copy of the linear
+    weights in memory."""
     first = next(model.parameters())
-    if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.bfloat16) or not prepacking_available():
+    if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.bfloat16):
+        return 0
+    if not prepacking_available(first.dtype):
+        log.info("oneDNN cannot pack %s linear weights on this CPU: plain weights only", first.dtype)
         return 0
     replaced = 0
     for parent in list(model.modules()):

@@ -205,19 +205,17 @@ def test_greedy_with_a_lookahead_target_equals_plain_decoding(cluster, smollm2_d
         cluster.stop(*(f"router-lookahead-{depth}" for depth in depths), "lookahead-target")
 
 
-def test_greedy_through_a_llamacpp_target_is_llama_cpps_own_decoding(cluster, llamacpp_draft, smollm2_gguf,
-                                                                      prompt_ids) -> None:
-    """A target that runs SmolLM2's Q4_1 GGUF on llama.cpp (`--backend llamacpp`): plain decoding, ngram and
-    llama.cpp drafts at a fixed depth and chosen by the policy, and a router asking for trees (which the target
-    answers with chains) all give what llama.cpp gives decoding the GGUF alone, one token at a time."""
+def test_greedy_through_a_llamacpp_target_is_llama_cpps_own_decoding(cluster, smollm2_gguf, prompt_ids) -> None:
+    """A target that runs SmolLM2's Q4_1 GGUF on llama.cpp (`--backend llamacpp`): plain decoding, ngram drafts at
+    depths the policy chooses, and a router asking for trees of a model draft (which then drafts chains for this
+    target) all give what llama.cpp gives decoding the GGUF alone, one token at a time."""
     from llama_cpp_reference import llama_cpp_greedy
 
     expected = [llama_cpp_greedy(smollm2_gguf, ids, MAX_NEW, stop=True)[0] for ids in prompt_ids]
     cluster.start("llamacpp-target", "target", ["--backend", "llamacpp", "--model", "smollm2-135m", "--threads", "1",
                                                 "--num-slots", "8", "--max-seq-len", "512",
                                                 "--redis-url", cluster.redis_url])
-    routers = {"plain": (None, 0, []), "ngram-4": ("ngram", 4, []), "ngram-auto": ("ngram", "auto", []),
-               "llamacpp-3": (llamacpp_draft, 3, []), "tree": ("tiny", 3, ["--tree", "rsd-c"])}
+    routers = {"plain": (None, 0, []), "ngram-auto": ("ngram", "auto", []), "tree": ("tiny", 3, ["--tree", "rsd-c"])}
     try:
         for name, (draft, depth, extra) in routers.items():
             address = cluster.router(f"router-on-llamacpp-{name}", target="llamacpp-target", draft=draft,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,3 +162,10 @@ def test_the_target_service_serves_the_gguf_and_says_it_verifies_chains(smollm2_
         "target", 49152, tokenizer_fingerprint(tokenizer), True)
     assert set(info.eos_token_ids) >= set(eos_token_ids(smollm2_dir, tokenizer))
     assert (info.max_seq_len, info.num_slots) == (256, 2)
+
+
+def test_without_llama_cpp_the_target_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what `import llama_cpp` sees where it is not installed
+    with pytest.raises(ValueError, match=r"--backend llamacpp needs llama-cpp-python, which is not installed: "
+                                         r"install it with CMAKE_ARGS="):
+        build_servicer(TargetConfig(backend="llamacpp", model="/nowhere/model.gguf"))

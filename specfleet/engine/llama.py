@@ -172,10 +172,6 @@ class BatchLayout:
     # [batch, tokens] cache entry each new token's key/value is written to; None: its position. Tree
     # nodes differ: siblings share a position but each has its own entry.
     cache_index: torch.Tensor | None = None
-    # Every new token may attend to every entry read (one token per sequence, all ending at kv_len: decoding one
-    # sequence, or sequences of one length): attention then runs without a mask, which lets PyTorch pick its fastest
-    # kernel (on CUDA a masked call cannot use flash attention). Known on the host, so no device sync decides it.
-    sees_everything: bool = False
 
     @property
     def write_index(self) -> torch.Tensor:  # [batch, tokens]
@@ -216,8 +212,7 @@ class BatchLayout:
         if q.device.type == "cpu" and (q.shape[2] in GROUPED_MATMUL_WIDTHS or (
                 q.shape[2] == 1 and keys.shape[0] * keys.shape[2] >= GROUPED_MATMUL_MIN_KV)):
             return grouped_attention(q, keys, values, self.read_bias)
-        mask = None if self.sees_everything and self.span_rows is None else self.read_mask
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.read_mask, enable_gqa=True)
 
     @cached_property
     def read_bias(self) -> torch.Tensor:  # [rows, 1, 1, width, kv_len]
@@ -278,7 +273,7 @@ class BatchLayout:
             rows, cols = self.packed
             key_positions[rows, self.cache_index[rows, cols]] = self.positions[rows, cols]
         near = key_positions[:, None, :] > self.positions[:, :, None] - window  # [batch, tokens, kv_len]
-        return replace(self, attn_mask=self.attn_mask & near[:, None], sees_everything=False)
+        return replace(self, attn_mask=self.attn_mask & near[:, None])
 
 
 def causal_layout(slots: list[int], start_lens: list[int], new_lens: list[int], device: torch.device
@@ -292,9 +287,7 @@ def causal_layout(slots: list[int], start_lens: list[int], new_lens: list[int], 
     kv_len = max(s + n for s, n in zip(start_lens, new_lens, strict=True))
     key_pos = torch.arange(kv_len, device=device)
     attn_mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]
-    sees_everything = width == 1 and all(s + n == kv_len for s, n in zip(start_lens, new_lens, strict=True))
-    return BatchLayout(torch.tensor(slots, device=device), positions, valid, attn_mask, kv_len,
-                       sees_everything=sees_everything)
+    return BatchLayout(torch.tensor(slots, device=device), positions, valid, attn_mask, kv_len)
 
 
 def tree_layout(slots: list[int], start_lens: list[int], new_lens: list[int], tree_parents: list[list[int]],

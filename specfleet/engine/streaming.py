@@ -68,8 +68,7 @@ def streaming_layout(layout: BatchLayout, evicted: list[int], window: StreamingW
     key_positions[rows, entries[rows, cols]] = positions[rows, cols]  # tree nodes sit past their positions
     keys, queries = key_positions[:, None, :], positions[:, :, None]
     seen = (keys < window.sinks) | (keys > queries - window.window)  # [batch, tokens, kv_len]
-    return replace(layout, positions=positions, cache_index=entries, attn_mask=layout.attn_mask & seen[:, None],
-                   sees_everything=False)
+    return replace(layout, positions=positions, cache_index=entries, attn_mask=layout.attn_mask & seen[:, None])
 
 
 class StreamingRunner(ModelRunner):

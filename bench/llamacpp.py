@@ -149,24 +149,25 @@ def run(args: argparse.Namespace) -> dict[tuple[str, int, str], Row]:
             return lambda group: list(pool.map(
                 lambda ids: specfleet_generate(address, ids, args.max_new_tokens).tokens, group))
 
-        configs: dict[str, Callable[[int], Callable[[list[list[int]]], list[list[int]]]]] = {
-            PLAIN: lambda batch: llama_cpp_batched(plain_runner, stops, args.max_new_tokens),
-            EXACT: lambda batch: llama_cpp_batched(exact_runner, stops, args.max_new_tokens),
-            HIGH_LEVEL: lambda batch: lambda group: [single(ids) for ids in group],
-            **{name: (lambda batch, address=address: through(address)) for name, address in routers.items()},
+        # Each configuration generates a batch of prompts together (llama-cpp-python's Llama: one after another).
+        configs: dict[str, Callable[[list[list[int]]], list[list[int]]]] = {
+            PLAIN: llama_cpp_batched(plain_runner, stops, args.max_new_tokens),
+            EXACT: llama_cpp_batched(exact_runner, stops, args.max_new_tokens),
+            HIGH_LEVEL: lambda group: [single(ids) for ids in group],
+            **{name: through(address) for name, address in routers.items()},
         }
-        for name in configs:  # warm every path once: first decodes and first steps pay one-off costs
-            configs[name](1)([sets[args.sets[0]][0]])
+        for generate in configs.values():  # warm every path once: first decodes and first steps pay one-off costs
+            generate([sets[args.sets[0]][0]])
         for round_index in range(args.rounds):
             for set_name, prompts in sets.items():
                 for batch in args.batches:
-                    for name, make in configs.items():
+                    for name, generate in configs.items():
                         if name == HIGH_LEVEL and batch > 1:
                             continue
                         row = rows.setdefault((set_name, batch, name), Row())
-                        row.rounds.append(timed_batches(make(batch), prompts, batch))
+                        row.rounds.append(timed_batches(generate, prompts, batch))
                         print(f"  round {round_index + 1} {set_name} batch {batch}: {name:<28} "
-                              f"{row.rounds[-1] and sum(len(t) for _, b in row.rounds[-1] for t in b):5d} tokens "
+                              f"{sum(len(t) for _, b in row.rounds[-1] for t in b):5d} tokens "
                               f"{sum(s for s, _ in row.rounds[-1]):7.2f} s", flush=True)
                     check_lossless(rows, set_name, batch)
     plain_runner.close()

@@ -65,6 +65,25 @@ def test_calibration_needs_steps_of_both_kinds_and_stays_within_its_clamp() -> N
     assert calibration.factor(2) == 2.0
 
 
+def test_a_correction_that_holds_drafting_back_is_forgotten_after_half_life_plain_steps() -> None:
+    calibration = Calibration(half_life=20, min_steps=2)
+    for _ in range(4):  # drafting at half the predicted goodput: a correction of 0.5
+        calibration.add(1, True, 20.0, 40.0, 2.0, 2)
+    for _ in range(19):
+        calibration.add(1, False, 10.0, 10.0, 1.0, 1)
+    calibration.add(4, False, 10.0, 10.0, 1.0, 1)  # another batch size's plain steps do not age this one's
+    assert calibration.factor(1) == pytest.approx(0.5, rel=1e-3)
+    calibration.add(1, False, 10.0, 10.0, 1.0, 1)  # the 20th plain step in a row
+    assert calibration.factor(1) == 1.0  # the prediction decides again
+    for _ in range(2):  # and fresh drafting steps, as predicted now, renew the correction
+        calibration.add(1, True, 20.0, 20.0, 2.0, 2)
+    assert calibration.factor(1) == pytest.approx(1.0, rel=1e-3)
+    calibration.add(1, True, 20.0, 40.0, 2.0, 2)
+    for _ in range(19):  # a drafting step restarts the count
+        calibration.add(1, False, 10.0, 10.0, 1.0, 1)
+    assert calibration.factor(1) < 1.0
+
+
 def test_calibration_follows_recent_steps() -> None:
     calibration = Calibration(half_life=10, min_steps=1)
     for _ in range(10):

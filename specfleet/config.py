@@ -334,7 +334,8 @@ class RouterConfig(ServiceConfig):
     calibration_half_life: int = option(100, "auto depth: the drafting hurdle scales each plan's predicted gain by "
                                         "how far this router's recent drafting steps beat their predictions, "
                                         "relative to its plain steps, per batch size; about this many steps "
-                                        "count (0: take the predictions as they are)")
+                                        "count, and after this many plain steps in a row it is forgotten and "
+                                        "measured again (0: take the predictions as they are)")
     policy_refresh_s: float = option(1.0, "how often the cost model is refitted from Redis telemetry")
     default_max_new_tokens: int = option(128, "max_new_tokens when a request does not say")
     max_new_tokens_cap: int = option(4096, "largest max_new_tokens a request may ask for")

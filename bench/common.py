@@ -70,11 +70,12 @@ def hf_generate(model, ids: list[int], max_new_tokens: int, **kwargs) -> Run:
     return Run(out[0, len(ids):].tolist(), time.perf_counter() - start)
 
 
-def specfleet_generate(address: str, ids: list[int], max_new_tokens: int) -> Run:
+def specfleet_generate(address: str, ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> Run:
     """One greedy request through a router, timed from the call to the last byte of the answer."""
     request = generate_pb2.GenerateRequest()
     request.token_ids.ids.extend(ids)
     request.stopping.max_new_tokens = max_new_tokens
+    request.stopping.ignore_eos = ignore_eos
     with grpc.insecure_channel(address) as channel:
         stub = generate_pb2_grpc.GenerationServiceStub(channel)
         start = time.perf_counter()

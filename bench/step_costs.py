@@ -26,7 +26,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depths", type=int, nargs="+", default=[0, 4])
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--prompts", type=int, default=4, help="prompts of the mixed set, one after another")
+    parser.add_argument("--prompts", type=int, default=4, help="batches sent one after another (at batch 1: the "
+                        "first N prompts of the mixed set)")
     parser.add_argument("--batch", type=int, default=1, help="requests at once (the prompts cycled; their output "
                         "length fixed, so the batch stays whole)")
     parser.add_argument("--backend", default="engine", choices=["engine", "llamacpp"], help="the target's backend")

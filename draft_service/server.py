@@ -14,7 +14,7 @@ from specfleet.drafters import Drafter, DraftRequest, NgramDrafter
 from specfleet.otel import Otel, ServiceMetrics
 from specfleet.otel import setup as setup_otel
 from specfleet.protos import draft_pb2, draft_pb2_grpc, session_pb2
-from specfleet.security import internal_guard
+from specfleet.security import caller_scope, internal_guard, unscoped
 from specfleet.serving import serve, servicer_name
 from specfleet.speculation import is_prefill
 from specfleet.telemetry import TelemetryWriter, writer_for
@@ -45,15 +45,16 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
 
     async def Propose(self, request: draft_pb2.ProposeRequest, context: grpc.aio.ServicerContext
                       ) -> draft_pb2.ProposeResponse:
+        scope = caller_scope(context.invocation_metadata())
         try:
-            requests = [self._request(e) for e in request.entries]
+            requests = [self._request(e, scope) for e in request.entries]
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         started = time.perf_counter()
         try:
             results = await asyncio.get_running_loop().run_in_executor(self.executor, self.drafter.propose, requests)
         except ValueError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
         compute_ms = (time.perf_counter() - started) * 1000
         self.metrics.record_batch(compute_ms / 1000)
         if self.telemetry is not None and requests and not any(is_prefill(r.new_tokens) for r in requests):
@@ -65,26 +66,28 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         return draft_pb2.ProposeResponse(
             compute_ms=compute_ms,
             proposals=[draft_pb2.Proposal(
-                seq_id=r.seq_id,
+                seq_id=r.seq_id.removeprefix(scope),
                 status=session_pb2.ENTRY_STATUS_OK if r.known else session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE,
                 tokens=r.tokens, draft_top_k=top_k_to_proto(r.draft_top_k), cached_len=r.cached_len,
                 # A chain-shaped tree is a chain: it travels (and is verified) as one.
                 parents=r.parents if r.parents is not None and not is_chain(r.parents) else [])
                 for r in results])
 
-    def _request(self, entry: draft_pb2.ProposeEntry) -> DraftRequest:
+    def _request(self, entry: draft_pb2.ProposeEntry, scope: str) -> DraftRequest:
+        """The entry as the drafter takes it, its sequence in the caller's ``scope``."""
         seq_id, rollback_to, new_tokens = delta_fields(entry.sequence)
         validate_tokens(new_tokens, self.vocab_size, f"{seq_id}: new_tokens")
         tree, max_nodes = tree_shape_from_proto(entry.tree, entry.depth) if entry.HasField("tree") else (None, 0)
         if tree is not None and not new_tokens:
             raise ValueError(f"{seq_id}: a tree request needs at least one new committed token")
-        return DraftRequest(seq_id, rollback_to, new_tokens, entry.depth, sampling_from_proto(entry.sampling),
+        return DraftRequest(scope + seq_id, rollback_to, new_tokens, entry.depth, sampling_from_proto(entry.sampling),
                             entry.seed, tree, max_nodes)
 
     async def Release(self, request: session_pb2.ReleaseSequencesRequest, context: grpc.aio.ServicerContext
                       ) -> session_pb2.ReleaseSequencesResponse:
+        scope = caller_scope(context.invocation_metadata())
         released = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.drafter.release, list(request.seq_ids))
+            self.executor, self.drafter.release, [scope + s for s in request.seq_ids])
         return session_pb2.ReleaseSequencesResponse(released=released)
 
     async def GetInfo(self, request: session_pb2.GetServiceInfoRequest, context: grpc.aio.ServicerContext

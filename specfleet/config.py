@@ -57,9 +57,11 @@ class ServiceConfig:
     drain_timeout_s: float = option(60.0, "on SIGTERM or SIGINT, health goes NOT_SERVING at once, new calls are "
                                     "refused, and calls under way (a router's streams included) get this long to "
                                     "finish")
-    internal_token_file: str = option("", "file holding the token router, draft and target share: draft and target "
-                                      "answer only callers that send it, the router sends it (else the "
-                                      "SPECFLEET_INTERNAL_TOKEN environment variable; neither: no token)")
+    internal_token_file: str = option("", "file holding internal tokens, one per line: a router sends its one "
+                                      "token; a draft or target answers only callers that send one of its tokens, "
+                                      "and keeps each token's sequences apart from the others' (else the "
+                                      "SPECFLEET_INTERNAL_TOKEN environment variable, one per line; neither: no "
+                                      "token)")
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, f"--port must be in [0, 65535], got {self.port}")

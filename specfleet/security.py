@@ -4,9 +4,11 @@ ports.
 - **API keys.** With keys configured, a client of the router must present one: HTTP as ``Authorization: Bearer
   <key>``, gRPC as the same ``authorization`` metadata. Health checks and reflection stay open (probes and load
   balancers call them without keys).
-- **The internal token.** Draft and target services configured with a token answer only callers that send it
-  (``x-specfleet-token`` metadata), which the router does when it has the same token: a client that reaches a
-  draft or target port cannot call ``Propose``, ``Verify`` or ``Release``, nor read ``GetInfo``.
+- **Internal tokens.** Draft and target services configured with tokens answer only callers that send one of them
+  (``x-specfleet-token`` metadata); a router sends its one token: a client that reaches a draft or target port
+  cannot call ``Propose``, ``Verify`` or ``Release``, nor read ``GetInfo``. Each token is a caller of its own: the
+  sequences a call names live in that token's scope (`caller_scope`), so routers with different tokens cannot
+  touch each other's sequences even by name.
 - **Callers.** A request belongs to the key that started it: only that key, or an admin key, may abort it, and
   only an admin key sees the internal addresses in ``GetServerInfo``. A router without API keys cannot tell callers
   apart, so every caller is its admin.
@@ -18,6 +20,7 @@ which any user of the machine can read in the process list. Keys are compared in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -32,7 +35,7 @@ API_KEYS_ENV = "SPECFLEET_API_KEYS"
 ADMIN_KEYS_ENV = "SPECFLEET_ADMIN_KEYS"
 """Comma-separated admin keys, beside those in ``--admin-key-file``."""
 INTERNAL_TOKEN_ENV = "SPECFLEET_INTERNAL_TOKEN"
-"""The token router, draft and target share, when ``--internal-token-file`` is not given."""
+"""The router's internal token, or the draft's and target's (one per line), beside ``--internal-token-file``."""
 TOKEN_HEADER = "x-specfleet-token"
 AUTHORIZATION = "authorization"
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -83,11 +86,35 @@ class Access:
 
 
 def internal_token(path: str) -> str:
-    """The one internal token ("" when none is configured); ValueError if the sources give several."""
-    tokens = read_secrets(path, INTERNAL_TOKEN_ENV)
+    """The one internal token a router sends ("" when none is configured); ValueError if the sources give several."""
+    tokens = internal_tokens(path)
     if len(tokens) > 1:
-        raise ValueError(f"the internal token must be one line ({path or INTERNAL_TOKEN_ENV} holds {len(tokens)})")
+        raise ValueError(f"a router's internal token must be one line ({path or INTERNAL_TOKEN_ENV} holds "
+                         f"{len(tokens)}); draft and target services take several, one per router")
     return next(iter(tokens), "")
+
+
+def internal_tokens(path: str) -> frozenset[str]:
+    """The internal tokens a draft or target answers (none: it answers anyone), each one caller's."""
+    return read_secrets(path, INTERNAL_TOKEN_ENV)
+
+
+def caller_scope(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The prefix of the sequences of the caller whose call carries ``metadata``, on a draft or target: a digest of
+    the internal token it presented, so one router's sequences are out of another's reach whatever their names.
+    Without a token every caller shares one scope (""); a token that is not accepted never gets this far."""
+    token = next((value for key, value in metadata or () if key == TOKEN_HEADER), "")
+    return _scope_of(token if isinstance(token, str) else token.decode(errors="replace"))
+
+
+def unscoped(text: str, scope: str) -> str:
+    """``text`` (an error naming sequences) with their names as the caller knows them."""
+    return text.replace(scope, "") if scope else text
+
+
+@functools.lru_cache(maxsize=64)
+def _scope_of(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:16] + "/" if token else ""
 
 
 def matches(presented: str, accepted: Iterable[str]) -> bool:
@@ -142,9 +169,9 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
 
 
 def internal_guard(token_file: str) -> list[grpc.aio.ServerInterceptor]:
-    """What a draft or target server puts first among its interceptors: the internal token's check, if it has one."""
-    token = internal_token(token_file)
-    return [RequireSecret(TOKEN_HEADER, frozenset({token}), "the internal token")] if token else []
+    """What a draft or target server puts first among its interceptors: the internal tokens' check, if it has any."""
+    tokens = internal_tokens(token_file)
+    return [RequireSecret(TOKEN_HEADER, tokens, "the internal token")] if tokens else []
 
 
 def api_key_guard(access: Access) -> list[grpc.aio.ServerInterceptor]:

@@ -17,7 +17,7 @@ from specfleet.models import eos_token_ids, load_tokenizer, resolve_model, token
 from specfleet.otel import Otel, ServiceMetrics
 from specfleet.otel import setup as setup_otel
 from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
-from specfleet.security import internal_guard
+from specfleet.security import caller_scope, internal_guard, unscoped
 from specfleet.serving import Sessions, serve, servicer_name
 from specfleet.space_model import space_settings_for
 from specfleet.speculation import is_prefill
@@ -51,8 +51,9 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
 
     async def Verify(self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext
                      ) -> target_pb2.VerifyResponse:
+        scope = caller_scope(context.invocation_metadata())
         try:
-            items = [self._item(e) for e in request.entries]
+            items = [self._item(e, scope) for e in request.entries]
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         started = time.perf_counter()
@@ -60,7 +61,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         try:
             verdicts = await asyncio.get_running_loop().run_in_executor(self.executor, self.verifier.verify, items)
         except ValueError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
         elapsed_ms = (time.perf_counter() - started) * 1000
         self.metrics.record_batch(elapsed_ms / 1000)
         if self.telemetry is not None and items and not any(is_prefill(i.new_tokens) for i in items):
@@ -71,13 +72,14 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         return target_pb2.VerifyResponse(
             compute_ms=elapsed_ms, draining=self.sessions.draining,
             verdicts=[target_pb2.Verdict(
-                seq_id=v.seq_id,
+                seq_id=v.seq_id.removeprefix(scope),
                 status=session_pb2.ENTRY_STATUS_OK if v.known else session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE,
                 accepted=v.accepted, tokens=v.tokens, cached_len=v.cached_len, accepted_nodes=v.accepted_nodes,
                 next_draft_tokens=v.next_tokens, next_draft_top_k=top_k_to_proto(v.next_top_k))
                 for v in verdicts])
 
-    def _item(self, entry: target_pb2.VerifyEntry) -> VerifyItem:
+    def _item(self, entry: target_pb2.VerifyEntry, scope: str) -> VerifyItem:
+        """The entry as the verifier takes it, its sequence in the caller's ``scope``."""
         seq_id, rollback_to, new_tokens = delta_fields(entry.sequence)
         vocab = self.verifier.runner.vocab_size
         validate_tokens(new_tokens, vocab, f"{seq_id}: new_tokens")
@@ -102,13 +104,14 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         if entry.draft_parents:
             validate_parents(entry.draft_parents, len(entry.draft_tokens), f"{seq_id}: draft_parents")
             parents = list(entry.draft_parents)
-        return VerifyItem(seq_id, rollback_to, new_tokens, list(entry.draft_tokens), draft_top_k, sampling, entry.seed,
-                          parents, entry.draft_next)
+        return VerifyItem(scope + seq_id, rollback_to, new_tokens, list(entry.draft_tokens), draft_top_k, sampling,
+                          entry.seed, parents, entry.draft_next)
 
     async def Release(self, request: session_pb2.ReleaseSequencesRequest, context: grpc.aio.ServicerContext
                       ) -> session_pb2.ReleaseSequencesResponse:
+        scope = caller_scope(context.invocation_metadata())
         released = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.verifier.release, list(request.seq_ids))
+            self.executor, self.verifier.release, [scope + s for s in request.seq_ids])
         return session_pb2.ReleaseSequencesResponse(released=released)
 
     async def GetInfo(self, request: session_pb2.GetServiceInfoRequest, context: grpc.aio.ServicerContext

@@ -654,6 +654,31 @@ def test_secrets_reach_the_services_that_check_them() -> None:
     assert {"name": "tls", "secret": {"secretName": "router-tls"}} in pod["volumes"]
 
 
+def kubelet_env(container: dict[str, Any], secrets: dict[str, str]) -> dict[str, str]:
+    """The container's environment as the kubelet makes it: secrets by key, then each ``$(NAME)`` in a value from
+    the variables defined above it."""
+    env: dict[str, str] = {}
+    for var in container["env"]:
+        if "secretKeyRef" in var.get("valueFrom", {}):
+            env[var["name"]] = secrets.get(var["valueFrom"]["secretKeyRef"]["key"], "")
+        elif "value" in var:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), var["value"])
+    return env
+
+
+def test_draft_and_target_also_answer_the_routers_of_other_releases(monkeypatch: pytest.MonkeyPatch) -> None:
+    from specfleet.security import INTERNAL_TOKEN_ENV, internal_token, internal_tokens
+
+    containers = service_containers(render(sets=(*SECURED, "security.internalToken.otherRoutersKey=others")))
+    assert secret_env(containers["router"])["SPECFLEET_INTERNAL_TOKEN"] == ("token", "token")  # it sends its own
+    secrets = {"token": "ours", "others": "theirs\nand-theirs\n"}
+    for service in ("draft", "target"):
+        monkeypatch.setenv(INTERNAL_TOKEN_ENV, kubelet_env(containers[service], secrets)[INTERNAL_TOKEN_ENV])
+        assert internal_tokens("") == {"ours", "theirs", "and-theirs"}, service
+    monkeypatch.setenv(INTERNAL_TOKEN_ENV, "ours")
+    assert internal_token("") == "ours"
+
+
 def test_a_tls_router_without_the_http_api_is_probed_on_its_port() -> None:
     router = service_containers(render(sets=(*SECURED, "router.httpPort=0")))["router"]
     assert all(router[p]["tcpSocket"] == {"port": "grpc"} for p in ("livenessProbe", "readinessProbe"))

@@ -8,6 +8,7 @@ import ipaddress
 import ssl
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from specfleet.protos import (
 pytestmark = pytest.mark.real_model
 
 TOKEN = "internal-token-for-the-test"
+OTHER_TOKEN = "internal-token-of-another-router"  # draft and target answer both; each is a caller of its own
 KEYS = ("key-one", "key-two")  # one in the key file, one in the environment
 ADMIN_KEY = "key-of-the-admin"
 
@@ -71,19 +73,21 @@ class Sealed:
 @pytest.fixture(scope="module")
 def sealed(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[Sealed]:
     folder = tmp_path_factory.mktemp("sealed")
-    token_file, key_file = folder / "token", folder / "keys"
+    token_file, tokens_file, key_file = folder / "token", folder / "tokens", folder / "keys"
     token_file.write_text(TOKEN + "\n")
+    tokens_file.write_text(f"{TOKEN}\n{OTHER_TOKEN}\n")
     key_file.write_text(f"# the router's API keys\n{KEYS[0]}\n")
     cert, key = _self_signed(folder)
     with Deployment(folder / "logs") as deployment:
         redis_port = free_port()
         wait_redis(deployment.start_redis(redis_port), redis_port)
         addresses = {}
-        common = ["--internal-token-file", str(token_file), "--redis-url", f"redis://127.0.0.1:{redis_port}/0"]
+        common = ["--redis-url", f"redis://127.0.0.1:{redis_port}/0"]
         for name, args in (("target", ["--model", str(smollm2_dir), "--num-slots", "4", "--max-seq-len", "512"]),
                            ("draft", ["--drafter", "ngram"])):
             port = free_port()
-            process = deployment.start_service(name, [*args, *common, "--port", str(port)], name=f"sealed-{name}")
+            process = deployment.start_service(name, [*args, *common, "--internal-token-file", str(tokens_file),
+                                                      "--port", str(port)], name=f"sealed-{name}")
             addresses[name] = f"127.0.0.1:{port}"
             wait_serving(process, addresses[name])
         router_port, http_port = free_port(), free_port()
@@ -91,7 +95,8 @@ def sealed(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Itera
             "sealed-router", [sys.executable, "-m", "specfleet.cli", "router", "--port", str(router_port),
                               "--http-port", str(http_port), "--targets", addresses["target"], "--drafts",
                               addresses["draft"], "--depth", "3", "--api-key-file", str(key_file),
-                              "--tls-cert", str(cert), "--tls-key", str(key), *common],
+                              "--tls-cert", str(cert), "--tls-key", str(key), "--internal-token-file",
+                              str(token_file), *common],
             env={"SPECFLEET_API_KEYS": KEYS[1], "SPECFLEET_ADMIN_KEYS": ADMIN_KEY})
         addresses["router"] = f"127.0.0.1:{router_port}"
         wait_serving(process, addresses["router"], tls_ca=str(cert))
@@ -129,8 +134,30 @@ def test_draft_and_target_answer_only_callers_with_the_internal_token(sealed: Se
             outcomes = _calls(sealed.addresses[service], service, metadata)
             assert outcomes.pop("Health") == health_pb2.HealthCheckResponse.SERVING  # probes need no token
             assert set(outcomes.values()) == {grpc.StatusCode.UNAUTHENTICATED}, (service, outcomes)
-        with_token = _calls(sealed.addresses[service], service, (("x-specfleet-token", TOKEN),))
-        assert with_token["GetInfo"] == with_token["Release"] == grpc.StatusCode.OK
+        for token in (TOKEN, OTHER_TOKEN):
+            with_token = _calls(sealed.addresses[service], service, (("x-specfleet-token", token),))
+            assert with_token["GetInfo"] == with_token["Release"] == grpc.StatusCode.OK
+
+
+def test_two_routers_with_their_own_tokens_share_draft_and_target(sealed: Sealed) -> None:
+    port = free_port()
+    process = sealed.deployment.start("other-router", [
+        sys.executable, "-m", "specfleet.cli", "router", "--port", str(port), "--targets", sealed.addresses["target"],
+        "--drafts", sealed.addresses["draft"], "--depth", "3"], env={"SPECFLEET_INTERNAL_TOKEN": OTHER_TOKEN})
+    other = f"127.0.0.1:{port}"
+    wait_serving(process, other, timeout_s=120)
+    prompts = ["def fib(n):", "The capital of France is"]
+
+    def generate(address: str, prompt: str, **tls) -> list[int]:
+        request = make_request(prompt, max_new_tokens=24, ignore_eos=True)
+        return [t for r in stream(address, request, timeout_s=300, **tls) for t in r.token_ids]
+
+    alone = [generate(other, p) for p in prompts]
+    with ThreadPoolExecutor(4) as pool:  # both routers at once, over the same sequences' services
+        mine = [pool.submit(generate, sealed.addresses["router"], p, api_key=KEYS[0], tls_ca=sealed.ca)
+                for p in prompts]
+        theirs = [pool.submit(generate, other, p) for p in prompts]
+        assert [f.result() for f in mine] == [f.result() for f in theirs] == alone
 
 
 def test_a_router_without_the_token_cannot_use_them(sealed: Sealed) -> None:

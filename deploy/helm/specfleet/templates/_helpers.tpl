@@ -299,12 +299,30 @@ entry per pool. */}}
       key: {{ include "specfleet.redis.secretKey" $root }}
 {{- end }}
 {{- $security := $root.Values.security }}
-{{- with $security.internalToken.existingSecret }}
+{{- $token := $security.internalToken }}
+{{- if $token.existingSecret }}
+{{- if and (ne .component "router") $token.otherRoutersKey }}
+{{- /* Draft and target answer this release's routers and the others, each token a caller of its own: the service
+reads one token per line, and Kubernetes expands the $(...) references from the two variables above it. */}}
+- name: SPECFLEET_RELEASE_ROUTERS_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ $token.existingSecret }}
+      key: {{ $token.secretKey }}
+- name: SPECFLEET_OTHER_ROUTERS_TOKENS
+  valueFrom:
+    secretKeyRef:
+      name: {{ $token.existingSecret }}
+      key: {{ $token.otherRoutersKey }}
+- name: SPECFLEET_INTERNAL_TOKEN
+  value: "$(SPECFLEET_RELEASE_ROUTERS_TOKEN)\n$(SPECFLEET_OTHER_ROUTERS_TOKENS)"
+{{- else }}
 - name: SPECFLEET_INTERNAL_TOKEN
   valueFrom:
     secretKeyRef:
-      name: {{ . }}
-      key: {{ $security.internalToken.secretKey }}
+      name: {{ $token.existingSecret }}
+      key: {{ $token.secretKey }}
+{{- end }}
 {{- end }}
 {{- if and (eq .component "router") $security.apiKeys.existingSecret }}
 - name: SPECFLEET_API_KEYS

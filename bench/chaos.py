@@ -22,7 +22,9 @@ Scenarios (``--only`` takes their names or numbers):
 6. ``overload``: 200 requests at once against a router with ``--max-queue 8`` over a target of 2 slots: the
    RESOURCE_EXHAUSTED rejections must come fast (p99 under 50 ms) and every admitted request must complete. To
    tell the parts apart, up to 20 more requests go one at a time while the queue is still full (what one
-   rejection costs alone), and 200 ``GetServerInfo`` calls, which do no work, go at once (what a burst costs).
+   rejection costs alone), the same burst goes to a bare grpc.aio server that refuses every call
+   (``bench.refusing_server``: the transport's floor on this machine), and 200 ``GetServerInfo`` calls, which do
+   no work, go at once (what a burst costs).
 7. ``gaps``: 4 ordinary greedy streams, alone, then beside two clients that start once the streams are under
    way: one sends a 4 MiB prompt (within the router's ``--max-prompt-bytes``, raised to 8 MiB where the router
    has that flag: it is tokenised, then refused as longer than the context) and then a 12 MiB one (over it);
@@ -714,9 +716,22 @@ def latency_note(what: str, answers: list[Answer], status: str) -> str:
     return f"{what}: p50 {percentile(ms, 50):.1f} ms, p99 {percentile(ms, 99):.1f} ms"
 
 
-def cost_note(b: Burst) -> str:
-    return (f"answered in {b.wall_ms:.0f} ms, using {b.router_cpu_ms:.0f} ms of router CPU and {b.client_cpu_ms:.0f} "
+def cost_note(b: Burst, server: str = "router") -> str:
+    return (f"answered in {b.wall_ms:.0f} ms, using {b.router_cpu_ms:.0f} ms of {server} CPU and {b.client_cpu_ms:.0f} "
             "of client CPU")
+
+
+def refusing_floor(ctx: Context, calls: int, make_call: Call) -> Burst:
+    """The burst at `bench.refusing_server`, a bare grpc.aio server in its own process that refuses every call at
+    once: what the transport alone costs on this machine, under the router's rejections."""
+    port = free_port()
+    process = ctx.fleet.deployment.start("refusing-server", [sys.executable, "-m", "bench.refusing_server", "--port",
+                                                             str(port)])
+    try:
+        return asyncio.run(burst(f"127.0.0.1:{port}", process.popen.pid, calls, make_call))
+    finally:
+        process.popen.terminate()
+        process.popen.wait()
 
 
 def overload(ctx: Context, calls: int = 200, slots: int = 2, queue: int = 8, new_tokens: int = 32,
@@ -735,6 +750,7 @@ def overload(ctx: Context, calls: int = 200, slots: int = 2, queue: int = 8, new
 
     asyncio.run(burst(router, pid, slots, generate))  # warm: the router's first requests pay one-off costs
     flood = asyncio.run(burst(router, pid, calls, generate, held=slots + queue, probes=probes))
+    floor = refusing_floor(ctx, calls, generate)  # once the admitted requests are done, as the GetServerInfo burst
     every = [*flood.answers, *flood.probed]
     rejected = [a.ms for a in flood.answers if a.status == "RESOURCE_EXHAUSTED"]
     admitted = [a for a in every if a.status != "RESOURCE_EXHAUSTED"]
@@ -748,11 +764,13 @@ def overload(ctx: Context, calls: int = 200, slots: int = 2, queue: int = 8, new
     result.note(f"{len(admitted)} admitted; " + "; ".join([
         latency_note("rejections in the burst", flood.answers, "RESOURCE_EXHAUSTED") + f" ({cost_note(flood)})",
         latency_note(f"{len(flood.probed)} more one at a time", flood.probed, "RESOURCE_EXHAUSTED"),
+        latency_note("the same burst at a bare grpc.aio server that refuses all (bench.refusing_server)",
+                     floor.answers, "RESOURCE_EXHAUSTED") + f" ({cost_note(floor, 'server')})",
         latency_note(f"a burst of {calls} GetServerInfo", info.answers, "OK") + f" ({cost_note(info)})"]))
     result.raw.update(rejection_ms=rejected, probe_ms=[a.ms for a in flood.probed],
-                      server_info_ms=[a.ms for a in info.answers],
+                      floor_ms=[a.ms for a in floor.answers], server_info_ms=[a.ms for a in info.answers],
                       costs={name: {k: v for k, v in asdict(b).items() if k.endswith("_ms")}
-                             for name, b in (("rejections", flood), ("server_info", info))})
+                             for name, b in (("rejections", flood), ("floor", floor), ("server_info", info))})
     ctx.fleet.stop("overload")
     ctx.fleet.stop("slim")
     return result

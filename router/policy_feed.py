@@ -1,7 +1,7 @@
 """Keeps the router's depth policy fed from fleet telemetry, off the step loop's hot path.
 
-Every ``refresh_s`` a background task reads the recent window from Redis (in a worker thread, so a
-slow Redis never delays a step) and refits the policy. When Redis cannot be read the policy keeps its
+Every ``refresh_s`` a background task reads the recent window from Redis and refits the policy, both in a worker
+thread, so neither a slow Redis nor the fit delays a step. When Redis cannot be read the policy keeps its
 last fitted model (the built-in defaults at start); the change is logged once each way.
 
 A router that has not stepped since its last refit has no use for a new one: it refits every
@@ -68,7 +68,10 @@ class PolicyFeed:
             self._warned = False
         self.redis_up = True
         acceptance = view.acceptance
-        self.policy.update(view.samples, acceptance.first_accepted, acceptance.rejections, acceptance.offers,
-                           acceptance.misses, acceptance.later_siblings_accepted, acceptance.later_siblings_rejected)
+        # The refit is tens of milliseconds of Python over the whole window: in a worker thread, it delays the
+        # event loop (the steps, the streams, admission's answers) by a GIL switch at most, not by all of it.
+        await asyncio.to_thread(self.policy.update, view.samples, acceptance.first_accepted, acceptance.rejections,
+                                acceptance.offers, acceptance.misses, acceptance.later_siblings_accepted,
+                                acceptance.later_siblings_rejected)
         self.refreshes += 1
         self.fleet_sequence_steps = view.acceptance.sequence_steps

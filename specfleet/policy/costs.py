@@ -270,11 +270,14 @@ def _fit_context_cost(role: str, samples: list[CostSample], default: CostFn) -> 
     return ContextCost(max(0.0, median(slopes)), reference, fitted=True)
 
 
-def _at_reference(role: str, samples: list[CostSample], context_cost: ContextCost) -> list[CostSample]:
+Measured = tuple[int, float, float]
+"""One sample as the (batch, tokens) table is fitted to it: batch size, tokens per sequence, ms."""
+
+
+def _at_reference(role: str, samples: list[CostSample], context_cost: ContextCost) -> list[Measured]:
     """The samples with their KV term past the reference taken off: what the (batch, tokens) table is fitted to."""
-    return [s if s.context is None else dataclasses.replace(
-        s, ms=max(0.0, s.ms - context_cost(role, s.batch_size, s.tokens_per_seq, s.context)), context=None)
-        for s in samples]
+    return [(s.batch_size, s.tokens_per_seq, s.ms if s.context is None else
+             max(0.0, s.ms - context_cost(role, s.batch_size, s.tokens_per_seq, s.context))) for s in samples]
 
 
 @dataclass(frozen=True)
@@ -462,13 +465,12 @@ def _borrowed_shape(shapes: Mapping[int, tuple[list[float], list[float]]], defau
     return _rescale(measured_ms, default(batch, measured_t), default(batch, t))
 
 
-def _fit_table(samples: list[CostSample], default: CostFn, max_batch: int, max_tokens: int) -> CostTable | None:
+def _fit_table(samples: list[Measured], default: CostFn, max_batch: int, max_tokens: int) -> CostTable | None:
     """Median per (batch, token bucket) cell, filled out to a fixed grid, then made monotone; None when no cell
     has `MIN_CELL_SAMPLES` samples yet."""
     cells: dict[tuple[int, float], list[float]] = {}
-    for s in samples:
-        key = (s.batch_size, round(s.tokens_per_seq / TOKEN_BUCKET) * TOKEN_BUCKET)
-        cells.setdefault(key, []).append(s.ms)
+    for batch, tokens, ms in samples:
+        cells.setdefault((batch, round(tokens / TOKEN_BUCKET) * TOKEN_BUCKET), []).append(ms)
     # Medians: a GC pause or a cold cache is one outlier. Cells with fewer samples are left to interpolation.
     measured = {key: median(v) for key, v in cells.items() if len(v) >= MIN_CELL_SAMPLES}
     if not measured:

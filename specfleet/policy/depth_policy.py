@@ -28,7 +28,7 @@ class _Fitted:
     fleet_offer_rate: float = 1.0
     fleet_later_sibling_alpha: float | None = None  # None until a tree's later sibling has been tried
     samples: tuple[CostSample, ...] = ()
-    # Each drafter kind's model, fitted from its own draft samples when first asked for (`DepthPolicy.costs_for`).
+    # Each drafter kind's model, fitted from its own draft samples (`DepthPolicy.costs_for`).
     by_drafter: dict[str, CostModel] = field(default_factory=dict, compare=False)
     by_self_drafting: dict[SelfDrafting, CostModel] = field(default_factory=dict, compare=False)
 
@@ -123,7 +123,11 @@ class DepthPolicy:
         """Refit from the recent window of cost samples (the whole window, each time) and the fleet's
         acceptance and offer counts: ``fleet_accepted``/``fleet_rejections`` of first tries (every draft of a
         chain), ``fleet_later_siblings_*`` of trees' later siblings. An empty window means the defaults; when
-        telemetry cannot be read, skip the call and the last model stays."""
+        telemetry cannot be read, skip the call and the last model stays.
+
+        The drafter kinds and self-drafting targets the last model was asked about (`costs_for`,
+        `self_drafted_costs`) are fitted here too, so a caller that refits in a worker thread leaves the step path
+        no fitting to do. Safe beside `choose` in another thread: the new model replaces the old in one swap."""
         alpha = acceptance_estimate(fleet_accepted, fleet_rejections, self.default_alpha, self.prior_weight)
         samples = tuple(samples)
         costs = CostModel.fit(samples, self._defaults, max_tokens=max(33, self.max_depth + 2),
@@ -133,13 +137,27 @@ class DepthPolicy:
         if fleet_later_siblings_accepted + fleet_later_siblings_rejected:
             later_sibling_alpha = acceptance_estimate(fleet_later_siblings_accepted, fleet_later_siblings_rejected,
                                                       alpha, self.prior_weight)
-        self._state = _Fitted(costs, alpha, offer_rate, later_sibling_alpha, samples)  # one reference swap: atomic
+        fitted = _Fitted(costs, alpha, offer_rate, later_sibling_alpha, samples)
+        in_use = self._state
+        for kind in list(in_use.by_drafter):
+            self._drafter_costs(fitted, kind)
+        for drafting in list(in_use.by_self_drafting):
+            self._self_drafted_costs(fitted, drafting)
+        self._state = fitted  # one reference swap: atomic
 
     def costs_for(self, kind: str) -> CostModel:
         """The cost model of a draft pool whose drafter is ``kind``: the target's and the router's costs as the
         fleet's, the draft's fitted from that kind's samples only (and samples that do not say their kind), over
-        that kind's default (`drafter_defaults`). Fitted once per refit, when first asked for."""
-        state = self._state
+        that kind's default (`drafter_defaults`). Fitted once per refit: by `update` for the kinds in use, else
+        when first asked for."""
+        return self._drafter_costs(self._state, kind)
+
+    def self_drafted_costs(self, drafting: SelfDrafting) -> CostModel:
+        """The cost model of a target that drafts in its own verify: no draft call (draft samples of other fleets in
+        the same Redis do not count), and its drafts priced as the tokens they add to the verify."""
+        return self._self_drafted_costs(self._state, drafting)
+
+    def _drafter_costs(self, state: _Fitted, kind: str) -> CostModel:
         found = state.by_drafter.get(kind)
         if found is None:
             own = [s for s in state.samples if s.role != "draft" or s.drafter in (kind, None)]
@@ -148,10 +166,7 @@ class DepthPolicy:
                 ahead_alpha=state.fleet_alpha if self.drafts_ahead else None)
         return found
 
-    def self_drafted_costs(self, drafting: SelfDrafting) -> CostModel:
-        """The cost model of a target that drafts in its own verify: no draft call (draft samples of other fleets in
-        the same Redis do not count), and its drafts priced as the tokens they add to the verify."""
-        state = self._state
+    def _self_drafted_costs(self, state: _Fitted, drafting: SelfDrafting) -> CostModel:
         found = state.by_self_drafting.get(drafting)
         if found is None:
             found = state.by_self_drafting[drafting] = CostModel.fit(

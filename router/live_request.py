@@ -101,6 +101,12 @@ class LiveRequest:
         session = self.sessions.get(self.strategy)
         return None if session is None else session.replica
 
+    @property
+    def drafter_kind(self) -> str | None:
+        """The drafter kind of that replica, as it said (GetInfo); None when it has none yet, or drafts itself."""
+        info = getattr(self.draft, "info", None)
+        return None if info is None else info.kind
+
     @draft.setter
     def draft(self, replica: Any) -> None:
         self.sessions.setdefault(self.strategy, DraftSession()).replica = replica

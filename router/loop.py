@@ -36,6 +36,7 @@ class Committed:
     seq: LiveRequest
     kept: list[int]
     step: SequenceStep
+    drafter: str | None = None  # the kind of drafter it drafted with, for the fleet's acceptance per kind
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class StepLoop:
             kept = seq.commit(verdict.tokens, self.max_context)
             step = SequenceStep.of(plan.draft(seq.seq_id).tokens, proposals.get(seq.seq_id), verdict, len(kept))
             seq.stats.observe(step, plan.reason, seq.strategy)
-            committed.append(Committed(seq, kept, step))
+            committed.append(Committed(seq, kept, step, seq.drafter_kind))
         return committed
 
     def emit(self, committed: list[Committed]) -> TokenLatencies:
@@ -145,7 +146,7 @@ class StepLoop:
                           plan.prefills, first_token_s=latencies.first_token_s,
                           inter_token_s=latencies.inter_token_s, reason=plan.reason)
         for part in committed:
-            stats.observe(part.step)
+            stats.observe(part.step, part.drafter)
         stats.duration_s = time.perf_counter() - started
         return stats
 

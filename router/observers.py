@@ -26,8 +26,8 @@ class TelemetryExporter:
         # It reads no KV cache: context 0, whatever the sequences' lengths.
         self.writer.record_latency(stats.batch_size, 1.0 + stats.deepest, max(0.0, overhead_ms), role="overhead",
                                    context=0.0)
-        if not stats.acceptance.empty():
-            self.writer.record_acceptance(stats.acceptance)
+        for drafter, counts in stats.acceptance_by_drafter.items():
+            self.writer.record_acceptance(counts, drafter)
 
 
 class MetricsExporter:

@@ -198,6 +198,8 @@ class StepStats:
     predicted_tokens: float = 0.0  # and of the tokens it emits, all sequences
     prefilled: bool = False  # some sequence (re)sent a whole prompt (see `StepPlan.prefills`)
     acceptance: AcceptanceCounts = field(default_factory=AcceptanceCounts)
+    # The same counts by the kind of drafter that drafted (None: not known, or the target drafted itself).
+    acceptance_by_drafter: dict[str | None, AcceptanceCounts] = field(default_factory=dict)
     accepted: list[int] = field(default_factory=list)  # accepted drafts, per sequence that got drafts
     emitted: int = 0  # tokens emitted, all sequences
     first_token_s: list[float] = field(default_factory=list)  # time to first token of those that got theirs
@@ -210,9 +212,11 @@ class StepStats:
         """Whether the step asked any sequence for drafts."""
         return self.deepest > 0
 
-    def observe(self, step: SequenceStep) -> None:
-        """One sequence's part."""
+    def observe(self, step: SequenceStep, drafter: str | None = None) -> None:
+        """One sequence's part; ``drafter``: the kind of drafter it drafted with."""
         self.acceptance.observe(step)
+        if step.asked:
+            self.acceptance_by_drafter.setdefault(drafter, AcceptanceCounts()).observe(step)
         self.emitted += step.emitted
         if step.drafted:
             self.accepted.append(step.accepted)

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import redis
@@ -58,6 +58,8 @@ class FleetView:
     samples: list[CostSample]
     acceptance: AcceptanceCounts
     live_replicas: dict[str, list[str]]  # role -> replica names with a fresh heartbeat
+    # The acceptance counts of each drafter kind that said its kind (part of ``acceptance``).
+    acceptance_by_drafter: dict[str, AcceptanceCounts] = field(default_factory=dict)
 
 
 class TelemetrySource(Protocol):
@@ -86,7 +88,7 @@ class TelemetryWriter:
         self.latency_cap, self.acceptance_cap = latency_cap, acceptance_cap
         self._client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._samples: queue.Queue[LatencySample] = queue.Queue(maxsize=10_000)
-        self._acceptance = AcceptanceCounts()
+        self._acceptance: dict[str | None, AcceptanceCounts] = {}  # by drafter kind
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._last_heartbeat = 0.0
@@ -103,9 +105,10 @@ class TelemetryWriter:
             self._samples.put_nowait(LatencySample(role or self.role, self.replica, batch_size, tokens_per_seq, ms,
                                                    context, drafter))
 
-    def record_acceptance(self, counts: AcceptanceCounts) -> None:
+    def record_acceptance(self, counts: AcceptanceCounts, drafter: str | None = None) -> None:
+        """Acceptance counts of drafts from ``drafter`` (a drafter kind; None: not known)."""
         with self._lock:
-            self._acceptance.merge(counts)
+            self._acceptance.setdefault(drafter, AcceptanceCounts()).merge(counts)
 
     def close(self) -> None:
         self._stop.set()
@@ -123,14 +126,15 @@ class TelemetryWriter:
         while not self._samples.empty():
             samples.append(self._samples.get_nowait())
         with self._lock:
-            acceptance, self._acceptance = self._acceptance, AcceptanceCounts()
+            acceptance, self._acceptance = self._acceptance, {}
         try:
             pipe = self._client.pipeline(transaction=False)
             for s in samples:
                 pipe.xadd(self.latency_key, _latency_fields(s), maxlen=self.latency_cap, approximate=False)
-            if not acceptance.empty():
-                pipe.xadd(self.acceptance_key, _acceptance_fields(acceptance, self.replica),
-                          maxlen=self.acceptance_cap, approximate=False)
+            for drafter, counts in acceptance.items():
+                if not counts.empty():
+                    pipe.xadd(self.acceptance_key, _acceptance_fields(counts, self.replica, drafter),
+                              maxlen=self.acceptance_cap, approximate=False)
             now = time.monotonic()
             if now - self._last_heartbeat > self.heartbeat_ttl_s / 3:
                 pipe.set(self.heartbeat_key, self.replica, px=int(self.heartbeat_ttl_s * 1000))
@@ -165,13 +169,17 @@ def _cost_sample_from_fields(f: dict[bytes, bytes]) -> CostSample:
                       None if context is None else float(context), None if drafter is None else drafter.decode())
 
 
-def _acceptance_fields(counts: AcceptanceCounts, replica: str) -> dict[str, str | int]:
-    return {"replica": replica, "steps": counts.sequence_steps, "accepted": counts.accepted,
-            "rejections": counts.rejections, "misses": counts.misses,
-            "later_siblings_accepted": counts.later_siblings_accepted,
-            "later_siblings_tried": counts.later_siblings_tried,
-            "proposed_by_position": ",".join(map(str, counts.proposed_by_position)),
-            "accepted_by_position": ",".join(map(str, counts.accepted_by_position))}
+def _acceptance_fields(counts: AcceptanceCounts, replica: str, drafter: str | None = None) -> dict[str, str | int]:
+    fields: dict[str, str | int] = {
+        "replica": replica, "steps": counts.sequence_steps, "accepted": counts.accepted,
+        "rejections": counts.rejections, "misses": counts.misses,
+        "later_siblings_accepted": counts.later_siblings_accepted,
+        "later_siblings_tried": counts.later_siblings_tried,
+        "proposed_by_position": ",".join(map(str, counts.proposed_by_position)),
+        "accepted_by_position": ",".join(map(str, counts.accepted_by_position))}
+    if drafter is not None:  # absent when unknown, as older writers wrote every entry
+        fields["drafter"] = drafter
+    return fields
 
 
 def _acceptance_from_fields(f: dict[bytes, bytes]) -> AcceptanceCounts:
@@ -202,7 +210,8 @@ class TelemetryReader:
         self.latency_key, self.acceptance_key, self.heartbeat_prefix = _keys(prefix)
         self._client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._latency: deque[tuple[str, CostSample]] = deque(maxlen=latency_window)  # (replica, sample), oldest first
-        self._acceptance: deque[AcceptanceCounts] = deque(maxlen=acceptance_window)
+        # (drafter kind or None, counts), oldest first
+        self._acceptance: deque[tuple[str | None, AcceptanceCounts]] = deque(maxlen=acceptance_window)
         self._last_ids: dict[str, bytes] = {}  # stream key -> id of the newest entry read
 
     def live_replicas(self) -> dict[str, list[str]]:
@@ -226,14 +235,18 @@ class TelemetryReader:
                 continue
         for _, f in acceptance_entries:
             try:
-                self._acceptance.append(_acceptance_from_fields(f))
+                drafter = f.get(b"drafter")
+                self._acceptance.append((None if drafter is None else drafter.decode(), _acceptance_from_fields(f)))
             except (KeyError, ValueError):
                 continue
         alive = {replica for replicas in live.values() for replica in replicas}
-        acceptance = AcceptanceCounts()
-        for counts in self._acceptance:
+        acceptance, by_drafter = AcceptanceCounts(), dict[str, AcceptanceCounts]()
+        for drafter, counts in self._acceptance:
             acceptance.merge(counts)
-        return FleetView([sample for replica, sample in self._latency if replica in alive], acceptance, live)
+            if drafter is not None:
+                by_drafter.setdefault(drafter, AcceptanceCounts()).merge(counts)
+        return FleetView([sample for replica, sample in self._latency if replica in alive], acceptance, live,
+                         by_drafter)
 
     def _new_entries(self, key: str, window: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """The entries of stream ``key`` added since the last read (the newest ``window`` of them), oldest first.

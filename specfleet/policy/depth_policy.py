@@ -28,6 +28,12 @@ class _Fitted:
     fleet_offer_rate: float = 1.0
     fleet_later_sibling_alpha: float | None = None  # None until a tree's later sibling has been tried
     samples: tuple[CostSample, ...] = ()
+    # Each drafter kind's acceptance, shrunk toward the fleet's: the prior of a sequence drafting with that kind.
+    alpha_by_drafter: Mapping[str, float] = field(default_factory=dict)
+
+    def alpha_for(self, drafter: str | None) -> float:
+        """The acceptance a sequence drafting with ``drafter`` starts from: its kind's, else the fleet's."""
+        return self.fleet_alpha if drafter is None else self.alpha_by_drafter.get(drafter, self.fleet_alpha)
     # Each drafter kind's model, fitted from its own draft samples (`DepthPolicy.costs_for`).
     by_drafter: dict[str, CostModel] = field(default_factory=dict, compare=False)
     by_self_drafting: dict[SelfDrafting, CostModel] = field(default_factory=dict, compare=False)
@@ -113,17 +119,25 @@ class DepthPolicy:
     def fleet_alpha(self) -> float:
         return self._state.fleet_alpha
 
+    def fleet_alpha_for(self, drafter: str | None) -> float:
+        """The acceptance prior of a sequence drafting with ``drafter`` (a kind): its kind's, else the fleet's."""
+        return self._state.alpha_for(drafter)
+
     @property
     def fleet_offer_rate(self) -> float:
         return self._state.fleet_offer_rate
 
     def update(self, samples: Iterable[CostSample], fleet_accepted: int, fleet_rejections: int,
                fleet_offers: int = 0, fleet_misses: int = 0, fleet_later_siblings_accepted: int = 0,
-               fleet_later_siblings_rejected: int = 0) -> None:
+               fleet_later_siblings_rejected: int = 0,
+               drafter_first_tries: Mapping[str, tuple[int, int]] | None = None) -> None:
         """Refit from the recent window of cost samples (the whole window, each time) and the fleet's
         acceptance and offer counts: ``fleet_accepted``/``fleet_rejections`` of first tries (every draft of a
-        chain), ``fleet_later_siblings_*`` of trees' later siblings. An empty window means the defaults; when
-        telemetry cannot be read, skip the call and the last model stays.
+        chain), ``fleet_later_siblings_*`` of trees' later siblings; ``drafter_first_tries``: the (accepted,
+        rejected) first tries of each drafter kind, whose rate (shrunk toward the fleet's) is the prior of the
+        sequences drafting with that kind, so a Redis shared by pools of several kinds does not lend one kind
+        another's acceptance. An empty window means the defaults; when telemetry cannot be read, skip the call
+        and the last model stays.
 
         The drafter kinds and self-drafting targets the last model was asked about (`costs_for`,
         `self_drafted_costs`) are fitted here too, so a caller that refits in a worker thread leaves the step path
@@ -137,7 +151,9 @@ class DepthPolicy:
         if fleet_later_siblings_accepted + fleet_later_siblings_rejected:
             later_sibling_alpha = acceptance_estimate(fleet_later_siblings_accepted, fleet_later_siblings_rejected,
                                                       alpha, self.prior_weight)
-        fitted = _Fitted(costs, alpha, offer_rate, later_sibling_alpha, samples)
+        by_drafter = {kind: acceptance_estimate(accepted, rejected, alpha, self.prior_weight)
+                      for kind, (accepted, rejected) in (drafter_first_tries or {}).items()}
+        fitted = _Fitted(costs, alpha, offer_rate, later_sibling_alpha, samples, by_drafter)
         in_use = self._state
         for kind in list(in_use.by_drafter):
             self._drafter_costs(fitted, kind)
@@ -163,7 +179,7 @@ class DepthPolicy:
             own = [s for s in state.samples if s.role != "draft" or s.drafter in (kind, None)]
             found = state.by_drafter[kind] = CostModel.fit(
                 own, drafter_defaults(kind, self._defaults), max_tokens=max(33, self.max_depth + 2),
-                ahead_alpha=state.fleet_alpha if self.drafts_ahead else None)
+                ahead_alpha=state.alpha_for(kind) if self.drafts_ahead else None)
         return found
 
     def _self_drafted_costs(self, state: _Fitted, drafting: SelfDrafting) -> CostModel:
@@ -202,7 +218,7 @@ class DepthPolicy:
         state = self._state  # read once: one consistent model for the whole decision
         costs = state.costs if drafter is None else self.self_drafted_costs(drafter) if isinstance(
             drafter, SelfDrafting) else self.costs_for(drafter)
-        alphas = self._alphas(per_sequence_counts, state.fleet_alpha)
+        alphas = self._alphas(per_sequence_counts, state.alpha_for(drafter if isinstance(drafter, str) else None))
         rates = self._offer_rates(offer_counts, state.fleet_offer_rate, len(alphas))
         if self.pinned_depth is not None:
             return pinned_decision(alphas, costs, self.pinned_depth, max_depth=self.max_depth, limits=limits,
@@ -242,7 +258,8 @@ class DepthPolicy:
         sequence's acceptance and offer rate with that pool from its own counts there, shrunk toward the fleet's.
         Pinned (``--depth K``): each sequence drafts K from the pool it has been accepted most by."""
         state = self._state
-        options = [PoolOption(pool.name, self.costs_for(pool.kind), self._alphas(pool.first_tries, state.fleet_alpha),
+        options = [PoolOption(pool.name, self.costs_for(pool.kind), self._alphas(pool.first_tries,
+                                                                                 state.alpha_for(pool.kind)),
                               self._offer_rates(pool.offers, state.fleet_offer_rate, len(pool.limits)), pool.limits)
                    for pool in pools]
         if self.pinned_depth is None:

@@ -102,6 +102,30 @@ def test_latency_context_round_trips_and_entries_without_it_still_read(server: R
         client.close()
 
 
+def test_acceptance_round_trips_per_drafter_kind(server: RedisServer) -> None:
+    router = TelemetryWriter(server.url, role="router", replica="r0", prefix="t7", flush_interval_s=0.05)
+    reader = TelemetryReader(server.url, prefix="t7")
+    client = redis.Redis.from_url(server.url)
+    try:
+        by_kind = {"ngram": SequenceStep(4, drafted=4, accepted=1, first_rejected=1),
+                   "model": SequenceStep(4, drafted=4, accepted=4), None: SequenceStep(2, drafted=2, accepted=2)}
+        for kind, step in by_kind.items():
+            counts = AcceptanceCounts()
+            counts.observe(step)
+            router.record_acceptance(counts, kind)
+        # An entry as a writer from before kinds were recorded wrote it: the fleet's total only.
+        client.xadd("t7:acceptance", {"replica": "r1", "steps": 1, "accepted": 0, "rejections": 1,
+                                      "proposed_by_position": "1", "accepted_by_position": ""})
+        assert _wait(lambda: reader.read().acceptance.sequence_steps == 4)
+        view = reader.read()
+        assert (view.acceptance.accepted, view.acceptance.rejections) == (7, 2)
+        assert {k: (c.accepted, c.rejections) for k, c in view.acceptance_by_drafter.items()} == {
+            "ngram": (1, 1), "model": (4, 0)}
+    finally:
+        router.close()
+        client.close()
+
+
 def test_dead_replica_expires_and_its_samples_are_ignored(server: RedisServer) -> None:
     live = TelemetryWriter(server.url, role="target", replica="alive", prefix="t2", flush_interval_s=0.05,
                            heartbeat_ttl_s=0.6)

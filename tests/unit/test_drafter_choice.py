@@ -142,6 +142,25 @@ def test_a_single_pool_is_priced_by_its_own_drafter_kind() -> None:
     assert policy.choose(counts, limits, contexts=[4096] * 8, drafter="sparse_self").depths == (0,) * 8
 
 
+def test_a_fresh_sequence_starts_from_its_drafter_kinds_acceptance() -> None:
+    """One Redis, two kinds of drafter: the n-gram pools' drafts are accepted half as often as the model pools'. A
+    sequence with no counts of its own starts from its kind's rate (shrunk toward the fleet's), not the fleet's mix,
+    so it drafts as deep as its kind earns; a kind with no counts yet starts from the fleet's."""
+    policy = DepthPolicy(max_depth=6)
+    policy.update([], 1200, 1800, drafter_first_tries={"ngram": (200, 1600), "model": (1000, 200)})
+    ngram, model, fleet = (policy.fleet_alpha_for(k) for k in ("ngram", "model", None))
+    assert ngram < fleet < model
+    assert ngram == pytest.approx(200 / 1800, abs=0.02) and model == pytest.approx(1000 / 1200, abs=0.02)
+    assert policy.fleet_alpha_for("sparse_self") == fleet
+    fresh, limits = [(0, 0)] * 4, [6] * 4
+    assert policy.choose(fresh, limits, drafter="ngram").depths < policy.choose(fresh, limits,
+                                                                                drafter="model").depths
+    pools = [PoolCounts("n", "ngram", fresh, [(0, 0)] * 4, limits), PoolCounts("m", "model", fresh, [(0, 0)] * 4,
+                                                                                   limits)]
+    # Priced alike (the defaults' draft costs), the kind accepted more wins every fresh sequence.
+    assert policy.choose_pools(pools).pools == ("m",) * 4
+
+
 def test_a_self_drafting_target_prices_its_drafts_as_tokens_of_its_verify() -> None:
     """SPACE: no draft call, and d drafts per sequence make the verify feed the d candidates and d + 1 groups of d
     masks; so at the same acceptance it drafts less deep than a chain from a free drafter, and draft samples of

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 from step_fakes import (
+    VOCAB,
     FakeDrafter,
     FakeTarget,
     NoTracing,
@@ -28,7 +29,7 @@ from router.loop import StepLoop
 from router.planner import Planner
 from router.policy_feed import PolicyFeed
 from router.ports import Proposer
-from router.replicas import DraftReplica, TargetReplica
+from router.replicas import DraftReplica, ReplicaInfo, TargetReplica
 from router.self_drafted import SELF_DRAFTED, SPACE, SelfDrafted
 from router.strategies import Strategies
 from router.target_verifier import TargetVerifier
@@ -223,8 +224,10 @@ def test_with_two_draft_pools_each_sequence_moves_to_the_drafter_that_is_accepte
     them starts from their tokens so far; the output is plain decoding's throughout."""
     config = RouterConfig(depth="auto", drafts="poor=draft:2,good=draft:1", draft_retry_s=60.0)
     metrics = RouterMetrics()
-    good, poor = DraftReplica("draft:1", FakeDrafter(wrong_every=1000), pool="good"), \
-        DraftReplica("draft:2", FakeDrafter(wrong_every=1), pool="poor")
+    good = DraftReplica("draft:1", FakeDrafter(wrong_every=1000), ReplicaInfo("toy", "model", VOCAB, "toy", 256, 8),
+                        pool="good")
+    poor = DraftReplica("draft:2", FakeDrafter(wrong_every=1), ReplicaInfo("toy", "ngram", VOCAB, "toy", 256, 8),
+                        pool="poor")
     strategies = Strategies({name: DraftPool(config.draft_timeout_ms, config.draft_retry_s, metrics, name)
                              for name in ("poor", "good")})
     feed = PolicyFeed(DepthPolicy(max_depth=4, min_gain=0.0), None, 1.0, "throughput")
@@ -246,6 +249,11 @@ def test_with_two_draft_pools_each_sequence_moves_to_the_drafter_that_is_accepte
         kept = seq.stats.by_pool["good"]
         assert kept.accepted > 20 and seq.stats.last_pool == "good"
         assert seq.stats.last_reason.startswith("drafters ")
+    # The steps count acceptance by drafter kind too (for the fleet's prior of each kind), as the pools' replicas said.
+    by_kind = {kind: sum(s.acceptance_by_drafter[kind].accepted for s in recorder.steps
+                         if kind in s.acceptance_by_drafter) for kind in ("ngram", "model")}
+    assert by_kind["ngram"] == 0 and by_kind["model"] == sum(seq.stats.by_pool["good"].accepted for seq in seqs)
+    assert set().union(*(s.acceptance_by_drafter for s in recorder.steps)) == {"ngram", "model"}
 
 
 def test_a_sequence_with_no_draft_session_decodes_plainly_beside_named_pools() -> None:

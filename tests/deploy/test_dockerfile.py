@@ -114,6 +114,28 @@ def test_flavor_build_arg_selects_a_cpu_or_cuda_base() -> None:
     assert torch < project, "torch must come from the flavor's index before the project pulls in a default build"
 
 
+def test_llama_cpp_is_built_only_when_asked_for_any_avx2_node() -> None:
+    """LLAMA_CPP=on builds the llamacpp extra's llama-cpp-python (the pinned version) in a stage of its own, for AVX2
+    without the build machine's own instruction sets (AMX, AVX-512) or OpenMP; off, an empty stage. The image
+    installs whatever wheel the chosen stage made."""
+    found = stages()
+    (arg,) = [i for i in instructions() if i.cmd == "ARG" and i.value[0].startswith("LLAMA_CPP=")]
+    assert arg.value == ("LLAMA_CPP=off",)
+    assert first(found["llama-cpp"], "FROM").value[0] == "llama-cpp-${LLAMA_CPP}"
+    assert not [i for i in found["llama-cpp-off"] if i.cmd == "RUN" and "pip" in i.value[0]]
+    on = build_args(found["llama-cpp-on"])
+    (extra,) = PYPROJECT["project"]["optional-dependencies"]["llamacpp"]
+    assert extra == f"llama-cpp-python=={on['LLAMA_CPP_VERSION']}"
+    flags = dict(flag.removeprefix("-D").split("=") for flag in on["LLAMA_CPP_CMAKE_ARGS"].strip('"').split())
+    assert flags["GGML_NATIVE"] == "OFF" and flags["GGML_AVX2"] == "ON" and flags["GGML_OPENMP"] == "OFF"
+    assert all(flags[f"GGML_{name}"] == "OFF" for name in ("AVX512", "AMX_TILE", "AMX_INT8", "AMX_BF16"))
+    (build,) = [i.value[0] for i in found["llama-cpp-on"] if i.cmd == "RUN"]
+    assert 'CMAKE_ARGS="${LLAMA_CPP_CMAKE_ARGS}"' in build and '"llama-cpp-python==${LLAMA_CPP_VERSION}"' in build
+    (copy,) = [i for i in found["final"] if i.cmd == "COPY" and "--from=llama-cpp " in i.original + " "]
+    installs = next(i.value[0] for i in found["final"] if i.cmd == "RUN" and i.value[0].startswith("pip install ."))
+    assert f"find {copy.value[-1]} -name \"*.whl\" -exec pip install {{}} +" in installs
+
+
 def test_runs_as_the_charts_non_root_user_with_the_cache_at_slash_cache() -> None:
     final = stages()["final"]
     user = last(final, "USER").value[0]
@@ -127,7 +149,9 @@ def test_runs_as_the_charts_non_root_user_with_the_cache_at_slash_cache() -> Non
 
 
 def copied_sources() -> list[str]:
-    return [source for i in stages()["final"] if i.cmd == "COPY" for source in i.value[:-1]]
+    """What the final stage copies from the build context (not from other stages)."""
+    return [source for i in stages()["final"] if i.cmd == "COPY" and "--from=" not in i.original
+            for source in i.value[:-1]]
 
 
 def test_copies_everything_the_package_build_needs() -> None:

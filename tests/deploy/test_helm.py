@@ -698,3 +698,23 @@ def test_the_engines_dtype_reaches_draft_and_target() -> None:
     parser = build_parser()
     assert from_arguments(TargetConfig, parser.parse_args(containers["target"]["args"])).dtype == "bfloat16"
     assert from_arguments(DraftConfig, parser.parse_args(containers["draft"]["args"])).dtype == "float16"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the target's backend
+
+
+def test_a_llamacpp_target_runs_the_gguf_backend_and_refuses_a_hub_model() -> None:
+    from specfleet.cli import build_parser
+    from specfleet.config import TargetConfig, from_arguments
+
+    assert "--backend" not in service_containers(render())["target"]["args"]  # the engine: the service's default
+    args = service_containers(render(sets=("target.backend=llamacpp", "target.model.name=smollm2-135m",
+                                           "target.extraArgs[0]=--threads=2")))["target"]["args"]
+    config = from_arguments(TargetConfig, build_parser().parse_args(args))
+    assert (config.backend, config.model, config.threads) == ("llamacpp", "smollm2-135m", 2)
+    hub = template(sets=("target.backend=llamacpp", "target.model.source=huggingface",
+                         "target.model.name=Qwen/Qwen2.5-7B-Instruct"))
+    assert hub.returncode != 0 and "target.backend llamacpp runs a GGUF file" in hub.stderr
+    wrong = template(sets=("target.backend=vllm",))
+    assert wrong.returncode != 0 and "/target/backend" in wrong.stderr

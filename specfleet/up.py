@@ -69,6 +69,7 @@ class UpConfig:
     max_depth: int = same_as(RouterConfig, "max_depth", to="router")
     tree: str = same_as(RouterConfig, "tree", to="router")
     self_draft: bool = same_as(RouterConfig, "self_draft", to="router")  # and then no draft service starts
+    draft_ahead: bool = same_as(RouterConfig, "draft_ahead", to="router")
     port: int = option(RouterConfig.port, "the router's port; the draft service listens on the next port and the "
                        "target on the one after")
     http_port: int = option(8000, "[router] port of the OpenAI-compatible HTTP API on 127.0.0.1 (0: none; the router "
@@ -123,7 +124,7 @@ class UpConfig:
                                 log_level=self.log_level, targets=f"127.0.0.1:{ports['target']}",
                                 drafts="" if self.self_draft else f"127.0.0.1:{ports['draft']}", depth=self.depth,
                                 max_depth=self.max_depth, tree=self.tree, http_port=self.http_port,
-                                self_draft=self.self_draft),
+                                self_draft=self.self_draft, draft_ahead=self.draft_ahead),
         )
 
     def argvs(self, redis_url: str, metrics_ports: Mapping[str, int]) -> dict[str, list[str]]:
@@ -187,7 +188,8 @@ def up(config: UpConfig) -> int:
 
 def threads_note(services: Services) -> str:
     """How the machine's cores are shared, for the log: the router drafts, then verifies, so the draft and the target
-    compute one after the other and each may use every core; the router itself needs little CPU."""
+    compute one after the other and each may use every core; drafting ahead, they compute at once, so each should
+    get its own cores (--threads caps both alike); the router itself needs little CPU."""
     def threads(config: EngineConfig) -> str:
         return f"{config.threads} threads" if config.threads else "every core"
 
@@ -195,6 +197,10 @@ def threads_note(services: Services) -> str:
     draft = services.draft
     if draft is None or draft.drafter == "ngram":
         return f"{target}; the router and {'the ngram draft' if draft else 'nothing else'} need little CPU"
+    if services.router.draft_ahead:
+        return (f"{target}; draft ({draft.drafter}): {threads(draft)}; drafting ahead, they compute at the same time, "
+                "so they contend for the cores they share: drafting ahead pays where each has cores of its own (a "
+                "CPU draft beside a GPU target, or cores split between them)")
     return (f"{target}; draft ({draft.drafter}): {threads(draft)}; they compute in turn (the router asks the draft, "
             "then the target), so each may use every core (--threads to cap both)")
 

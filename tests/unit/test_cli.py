@@ -23,7 +23,7 @@ UP_ONLY = {"--prompt", "--max-new-tokens", "--draft-model", "--port", "--http-po
 OTHER_VALUES = {"--model": "qwen2.5-coder-0.5b", "--drafter": "model", "--device": "cpu", "--dtype": "bfloat16",
                 "--num-slots": 8,
                 "--max-seq-len": 512, "--depth": "3", "--max-depth": 12, "--tree": "rsd-c", "--log-level": "DEBUG",
-                "--self-draft": True, "--backend": "llamacpp",
+                "--self-draft": True, "--draft-ahead": True, "--backend": "llamacpp",
                 "--threads": 1}
 README_PROMPT = "Explain speculative decoding in one sentence."
 
@@ -108,6 +108,7 @@ def test_the_draft_model_defaults_to_the_targets_and_an_ngram_draft_names_none()
      "cpu", "--num-slots", "4", "--max-seq-len", "1024", "--depth", "4", "--max-depth", "16", "--tree", "rsd-s",
      "--port", "7100", "--redis-url", "redis://127.0.0.1:6379/0", "--log-level", "WARNING"],
     ["--depth", "0", "--drafter", "model", "--tree", "iid"],
+    ["--drafter", "llamacpp", "--draft-ahead", "--threads", "1"],
 ])
 def test_the_argv_up_passes_each_service_parses_back_into_the_config_it_meant(argv: list[str]) -> None:
     config = up_config(argv)
@@ -199,6 +200,13 @@ def test_up_with_self_draft_starts_no_draft_service_and_tells_the_router() -> No
     assert services.draft is None and list(services.by_role()) == ["target", "router"]
     assert services.router.self_draft and services.router.drafts == ""
     assert "drafts by the target itself" in summary(services, "redis://x")
+
+
+def test_up_drafts_ahead_when_asked_and_says_the_services_then_compute_at_once() -> None:
+    services = up_config(["--drafter", "llamacpp", "--draft-ahead"]).services("", {})
+    assert services.router.draft_ahead and services.draft.drafter == "llamacpp"
+    assert "drafting ahead, they compute at the same time" in threads_note(services)
+    assert not up_config([]).services("", {}).router.draft_ahead
 
 
 def test_up_says_how_the_services_share_the_cores() -> None:

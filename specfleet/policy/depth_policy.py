@@ -30,13 +30,13 @@ class _Fitted:
     samples: tuple[CostSample, ...] = ()
     # Each drafter kind's acceptance, shrunk toward the fleet's: the prior of a sequence drafting with that kind.
     alpha_by_drafter: Mapping[str, float] = field(default_factory=dict)
+    # Each drafter kind's model, fitted from its own draft samples (`DepthPolicy.costs_for`).
+    by_drafter: dict[str, CostModel] = field(default_factory=dict, compare=False)
+    by_self_drafting: dict[SelfDrafting, CostModel] = field(default_factory=dict, compare=False)
 
     def alpha_for(self, drafter: str | None) -> float:
         """The acceptance a sequence drafting with ``drafter`` starts from: its kind's, else the fleet's."""
         return self.fleet_alpha if drafter is None else self.alpha_by_drafter.get(drafter, self.fleet_alpha)
-    # Each drafter kind's model, fitted from its own draft samples (`DepthPolicy.costs_for`).
-    by_drafter: dict[str, CostModel] = field(default_factory=dict, compare=False)
-    by_self_drafting: dict[SelfDrafting, CostModel] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -216,8 +216,8 @@ class DepthPolicy:
         its (offers, misses) (the fleet's offer rate for everyone when not given), `contexts[i]` its KV length
         (its committed tokens; None: the cost model's reference context); `calibration` as in `choose_depths`."""
         state = self._state  # read once: one consistent model for the whole decision
-        costs = state.costs if drafter is None else self.self_drafted_costs(drafter) if isinstance(
-            drafter, SelfDrafting) else self.costs_for(drafter)
+        costs = state.costs if drafter is None else self._self_drafted_costs(state, drafter) if isinstance(
+            drafter, SelfDrafting) else self._drafter_costs(state, drafter)
         alphas = self._alphas(per_sequence_counts, state.alpha_for(drafter if isinstance(drafter, str) else None))
         rates = self._offer_rates(offer_counts, state.fleet_offer_rate, len(alphas))
         if self.pinned_depth is not None:
@@ -258,8 +258,8 @@ class DepthPolicy:
         sequence's acceptance and offer rate with that pool from its own counts there, shrunk toward the fleet's.
         Pinned (``--depth K``): each sequence drafts K from the pool it has been accepted most by."""
         state = self._state
-        options = [PoolOption(pool.name, self.costs_for(pool.kind), self._alphas(pool.first_tries,
-                                                                                 state.alpha_for(pool.kind)),
+        options = [PoolOption(pool.name, self._drafter_costs(state, pool.kind),
+                              self._alphas(pool.first_tries, state.alpha_for(pool.kind)),
                               self._offer_rates(pool.offers, state.fleet_offer_rate, len(pool.limits)), pool.limits)
                    for pool in pools]
         if self.pinned_depth is None:

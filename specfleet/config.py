@@ -21,6 +21,7 @@ from specfleet.trees.shapes import TREE_METHODS, TreeShape, parse_branching
 TARGET_BACKENDS = ("engine", "llamacpp")  # what runs a target's model (target_service.server)
 DRAFTER_KINDS = ("ngram", "model", "llamacpp", "sparse_self")  # the drafters a draft service runs (specfleet.drafters)
 ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # the engine's weight dtypes (specfleet.engine.runner)
+TEXT_LOSSES = ("distill", "next-token")  # train-space's losses at the text's positions (specfleet.training.sar)
 MAX_DEPTH = 16  # the most draft tokens per sequence per step anywhere in the fleet
 
 
@@ -185,7 +186,12 @@ class TrainSpaceConfig:
     answer_batch: int = option(32, "prompts answered at once")
     batch_size: int = option(4, "texts per training step")
     learning_rate: float = option(1e-4, "AdamW learning rate (constant after a short warm-up)")
-    mask_loss_weight: float = option(1.0, "weight of the loss at mask positions beside the next-token loss")
+    mask_loss_weight: float = option(1.0, "weight of the loss at mask positions beside the text's loss")
+    text_loss: str = option("distill", "the loss at the text's own positions, which keeps the model what it was: "
+                            "distill (KL divergence from the original model's next-token distribution, at every text "
+                            "position) or next-token (cross-entropy on the answers' tokens: cheaper, but training on "
+                            "the model's own greedy answers sharpens it, and its perplexity on other text rises)",
+                            choices=list(TEXT_LOSSES))
     max_steps: int = option(0, "training steps in all, over every run into --out (0: until the time budget ends)")
     time_budget_min: float = option(60.0, "minutes this run may take, answering prompts included; then it saves a "
                                     "checkpoint and exports what it has (0: no limit, needs --max-steps)")
@@ -206,6 +212,7 @@ class TrainSpaceConfig:
         _check(self.max_steps > 0 or self.time_budget_min > 0, "give --max-steps or --time-budget-min (or both)")
         _check(self.save_steps >= 1, f"--save-steps must be >= 1, got {self.save_steps}")
         _check(self.snapshot_steps >= 0, f"--snapshot-steps must be >= 0, got {self.snapshot_steps}")
+        _check(self.text_loss in TEXT_LOSSES, f"--text-loss must be one of {TEXT_LOSSES}, got {self.text_loss!r}")
 
 
 SERVICE_SCHEME = "k8s://"

@@ -3,9 +3,10 @@
 A training example is a text's tokens followed by mask groups: a group of K mask tokens anchored after token a
 stands where decoding puts one (`specfleet.space`): its masks attend to tokens 0..a and to the group's earlier masks,
 nothing else, sit at positions a + 1 .. a + K, and mask j learns the token at a + j + 1 (the token at a + 1 is
-the one the model itself emits next). The text's own tokens attend causally to the text only, and keep the ordinary
-next-token loss, so the model stays the model while its masks learn to look ahead. Many groups ride on one text:
-each costs K positions, far less than a copy of the text.
+the one the model itself emits next). The text's own tokens attend causally to the text only, and keep a loss of
+their own (the original model's distribution distilled, or the ordinary next-token loss), so the model stays the model
+while its masks learn to look ahead. Many groups ride on one text: each costs K positions, far less than a copy of
+the text.
 """
 
 from __future__ import annotations
@@ -71,13 +72,14 @@ def sar_attention(example: SarExample, length: int) -> torch.Tensor:  # [length,
 
 def collate_sar(examples: Sequence[SarExample], pad_token: int) -> dict[str, torch.Tensor]:
     """A batch for the model's forward: ``input_ids``, ``position_ids``, ``labels`` [B, T] and the additive attention
-    mask [B, 1, T, T] (0 where a position may attend, the dtype's minimum where not), plus ``is_mask`` [B, T] marking
-    the mask positions (their loss is reported apart)."""
+    mask [B, 1, T, T] (0 where a position may attend, the dtype's minimum where not), plus ``is_mask`` and ``is_text``
+    [B, T] marking the mask positions and the text's own (the rest is padding): their losses differ."""
     length = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), length), pad_token, dtype=torch.long)
     positions = torch.zeros(len(examples), length, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
     is_mask = torch.zeros(len(examples), length, dtype=torch.bool)
+    is_text = torch.zeros(len(examples), length, dtype=torch.bool)
     allowed = torch.stack([sar_attention(e, length) for e in examples]).unsqueeze(1)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
@@ -85,6 +87,7 @@ def collate_sar(examples: Sequence[SarExample], pad_token: int) -> dict[str, tor
         positions[row, :n] = torch.tensor(e.position_ids)
         labels[row, :n] = torch.tensor(e.labels)
         is_mask[row, e.text_len:n] = True
+        is_text[row, :e.text_len] = True
     attention = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
     return {"input_ids": ids, "position_ids": positions, "labels": labels, "attention_mask": attention,
-            "is_mask": is_mask}
+            "is_mask": is_mask, "is_text": is_text}

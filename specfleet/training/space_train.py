@@ -4,8 +4,10 @@ Three stages, each resumable from what the output folder already holds:
 1. **data**: ShareGPT opening turns (past the benchmarks' held-out ones) answered by the model itself, greedily,
    in batches on the serving engine (``answers.jsonl``): masks then learn to predict the model's own continuations,
    the ones they will be verified against;
-2. **training**: transformers' `Trainer` over SAR batches (`specfleet.training.sar`): the ordinary next-token loss on
-   the answers keeps the model what it was, the loss at mask positions teaches K tokens ahead; checkpoints under
+2. **training**: transformers' `Trainer` over SAR batches (`specfleet.training.sar`): the loss at the text's positions
+   keeps the model what it was (by default the KL divergence from the original model's distribution there: the
+   ordinary next-token loss on the model's own greedy answers would sharpen it), the loss at mask positions teaches K
+   tokens ahead; checkpoints under
    ``checkpoints/`` every ``--save-steps`` and when the time budget runs out, and a later run resumes from the last;
    the weights alone under ``snapshots/step-N`` every ``--snapshot-steps`` (the learning curve);
 3. **export**: the weights, tokenizer and ``specfleet_space.json`` (`specfleet.space_model`) in the output folder,
@@ -65,7 +67,11 @@ def train_space(config: TrainSpaceConfig) -> Path:
             (folder / "generation_config.json").write_text((source / "generation_config.json").read_text())
         SpaceModelConfig(mask_token, config.masks).save(folder)
 
-    _fine_tune(model, texts, mask_token, config, out, device, deadline, export)
+    reference = None
+    if config.text_loss == "distill":  # the original, frozen: its next-token distributions are the text's targets
+        reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
+        reference.requires_grad_(False)
+    _fine_tune(model, reference, texts, mask_token, config, out, device, deadline, export)
     export(out)
     log.info("SPACE model written to %s (%.1f min): serve it with `specfleet target --model %s`", out,
              (time.monotonic() - started) / 60, out)
@@ -183,31 +189,35 @@ class SarDataset(torch.utils.data.Dataset):
                            self.mask_token, self.rng)
 
 
-def _fine_tune(model: Any, texts: list[AnsweredPrompt], mask_token: int, config: TrainSpaceConfig, out: Path,
-               device: str, deadline: float, export: Callable[[Path], None]) -> None:
+def _fine_tune(model: Any, reference: Any | None, texts: list[AnsweredPrompt], mask_token: int,
+               config: TrainSpaceConfig, out: Path, device: str, deadline: float,
+               export: Callable[[Path], None]) -> None:
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     class SarTrainer(Trainer):
-        """The next-token loss on the text plus the weighted loss at mask positions; both go to the logs apart."""
+        """The text's loss (distilled from ``reference`` when given, else next-token) plus the weighted loss at mask
+        positions; both go to the logs apart."""
 
-        sums: dict[str, float] = {"lm_loss": 0.0, "mask_loss": 0.0, "batches": 0.0}
+        sums: dict[str, float] = {"text_loss": 0.0, "mask_loss": 0.0, "batches": 0.0}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-            is_mask, labels = inputs.pop("is_mask"), inputs.pop("labels")
+            is_mask, is_text, labels = inputs.pop("is_mask"), inputs.pop("is_text"), inputs.pop("labels")
             outputs = model(**inputs)
-            lm_loss, mask_loss = sar_losses(outputs.logits, labels, is_mask)
-            self.sums["lm_loss"] += float(lm_loss.detach())
+            text_loss, mask_loss = sar_losses(outputs.logits, labels, is_mask)
+            if reference is not None:
+                text_loss = distillation_loss(outputs.logits, _reference_logits(reference, inputs, is_text), is_text)
+            self.sums["text_loss"] += float(text_loss.detach())
             self.sums["mask_loss"] += float(mask_loss.detach())
             self.sums["batches"] += 1
-            loss = lm_loss + config.mask_loss_weight * mask_loss
+            loss = text_loss + config.mask_loss_weight * mask_loss
             return (loss, outputs) if return_outputs else loss
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             if self.sums["batches"]:
-                logs = {**logs, "lm_loss": self.sums["lm_loss"] / self.sums["batches"],
+                logs = {**logs, "text_loss": self.sums["text_loss"] / self.sums["batches"],
                         "mask_loss": self.sums["mask_loss"] / self.sums["batches"]}
-                self.sums.update(lm_loss=0.0, mask_loss=0.0, batches=0.0)
+                self.sums.update(text_loss=0.0, mask_loss=0.0, batches=0.0)
             super().log(logs, *args, **kwargs)
 
     class TimeBudget(TrainerCallback):
@@ -222,8 +232,8 @@ def _fine_tune(model: Any, texts: list[AnsweredPrompt], mask_token: int, config:
         def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
             if not config.max_steps and logs and "mask_loss" in logs:  # no step count to show a bar against
                 left = max(0.0, deadline - time.monotonic()) / 60
-                log.info("step %d: loss %.3f (next-token %.3f, masks %.3f), %.0f min left", state.global_step,
-                         logs.get("loss", float("nan")), logs["lm_loss"], logs["mask_loss"], left)
+                log.info("step %d: loss %.3f (text, %s: %.3f; masks %.3f), %.0f min left", state.global_step,
+                         logs.get("loss", float("nan")), config.text_loss, logs["text_loss"], logs["mask_loss"], left)
 
         def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             if config.snapshot_steps and state.global_step % config.snapshot_steps == 0:
@@ -268,3 +278,24 @@ def sar_losses(logits: torch.Tensor, labels: torch.Tensor, is_mask: torch.Tensor
     text, masked = labelled & ~is_mask, labelled & is_mask
     zero = per_position.new_zeros(())
     return (per_position[text].mean() if text.any() else zero, per_position[masked].mean() if masked.any() else zero)
+
+
+def distillation_loss(logits: torch.Tensor, reference_logits: torch.Tensor, is_text: torch.Tensor) -> torch.Tensor:
+    """Mean KL(reference || model) of the next-token distributions at the text's positions ([B, T, V] logits, the
+    reference's [B, T', V'] with T' <= T and V' <= V: a mask token added to the vocabulary has no reference column,
+    and the probability the model gives it counts as drift). 0 at the start of a fine-tune, whatever the data."""
+    text = is_text[:, : reference_logits.shape[1]]
+    log_q = torch.log_softmax(logits[:, : text.shape[1]][text].float(), dim=-1)[:, : reference_logits.shape[-1]]
+    log_p = torch.log_softmax(reference_logits[text].float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean() if text.any() else logits.new_zeros(())
+
+
+def _reference_logits(reference: Any, inputs: dict[str, torch.Tensor], is_text: torch.Tensor) -> torch.Tensor:
+    """The frozen original's logits over the batch's text prefix: text positions attend to text alone, so the mask
+    groups after it (and the mask token, which the original's vocabulary may lack) can be left out; a row's non-text
+    positions inside the prefix read token 0 and are never scored."""
+    length = int(is_text.sum(dim=1).max())
+    with torch.no_grad():
+        return reference(input_ids=inputs["input_ids"][:, :length].masked_fill(~is_text[:, :length], 0),
+                         position_ids=inputs["position_ids"][:, :length],
+                         attention_mask=inputs["attention_mask"][:, :, :length, :length]).logits

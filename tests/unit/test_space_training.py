@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from specfleet.models import load_tokenizer
 from specfleet.sampling_params import SamplingParams
 from specfleet.space_model import NEW_MASK_TOKEN, SpaceModelConfig, space_settings_for
 from specfleet.training.sar import IGNORE, collate_sar, sar_example
-from specfleet.training.space_train import ANSWERS_FILE, AnsweredPrompt, train_space
+from specfleet.training.space_train import ANSWERS_FILE, AnsweredPrompt, distillation_loss, train_space
 from target_service.self_drafting import SpaceDrafting
 from target_service.verifier import Verifier, VerifyItem
 
@@ -81,10 +82,30 @@ def answered(tiny_draft_dir: Path, tmp_path: Path) -> Path:
     return out
 
 
-def _config(model: Path, out: Path, steps: int) -> TrainSpaceConfig:
+def _config(model: Path, out: Path, steps: int, text_loss: str = "distill") -> TrainSpaceConfig:
     return TrainSpaceConfig(model=str(model), out=str(out), masks=3, groups=6, examples=16, batch_size=4,
                             learning_rate=3e-3, max_steps=steps, time_budget_min=0, save_steps=4, snapshot_steps=8,
-                            device="cpu")
+                            device="cpu", text_loss=text_loss)
+
+
+def test_the_distillation_loss_is_the_kl_divergence_at_text_positions_only() -> None:
+    torch.manual_seed(0)
+    reference = torch.randn(2, 5, 7)
+    is_text = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    # The model's vocabulary has one more token (the mask); after the text, mask and padding positions differ freely.
+    same = torch.cat([reference, torch.full((2, 5, 1), -30.0)], dim=-1)
+    noisy = same.clone()
+    noisy[1, 3:] += torch.randn(2, 8) * 5
+    assert float(distillation_loss(torch.cat([noisy, torch.randn(2, 3, 8)], dim=1), reference, is_text)) < 1e-6
+    shifted = same.clone()
+    shifted[0, 2, 0] += 3.0
+    p, q = torch.softmax(reference[0, 2], -1), torch.softmax(shifted[0, 2], -1)[:7]
+    expected = float((p * (p.log() - q.log())).sum()) / 8  # one of the 8 text positions moved
+    assert float(distillation_loss(shifted, reference, is_text)) == pytest.approx(expected, rel=1e-4)
+    # Probability the model puts on the mask token is drift too.
+    masked = same.clone()
+    masked[:, :, 7] = 5.0
+    assert float(distillation_loss(masked, reference, is_text)) > 0.1
 
 
 def test_a_few_steps_lower_the_mask_loss_and_the_result_serves_as_a_space_target(tiny_draft_dir, answered) -> None:
@@ -115,3 +136,40 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_draft_dir, ans
     messages = [r.message for r in caplog.records]
     assert any(m.startswith("resuming from") and m.endswith("checkpoint-4") for m in messages), messages
     assert "training from step 4" in messages and "stopped at step 8" in messages
+
+
+def test_distilling_leaves_the_text_distribution_where_the_next_token_loss_moves_it(tiny_draft_dir, answered,
+                                                                                      tmp_path) -> None:
+    """The text's loss alone (no mask loss), 20 steps each: distilling from the original leaves the model's
+    next-token distributions where they were, while the next-token loss on the answers moves them (what raised
+    SmolLM2's perplexity in bench/space.md): the reference is the original and it scores the text's positions."""
+    plain = tmp_path / "next-token"
+    plain.mkdir()
+    (plain / ANSWERS_FILE).write_text((answered / ANSWERS_FILE).read_text())
+    first = AnsweredPrompt(**json.loads((answered / ANSWERS_FILE).read_text().splitlines()[0]))
+    text = torch.tensor([first.prompt_ids + first.answer_ids])
+    with torch.no_grad():
+        original = AutoModelForCausalLM.from_pretrained(tiny_draft_dir)(text).logits
+    drift = {}
+    for text_loss, out in (("distill", answered), ("next-token", plain)):
+        trained = train_space(replace(_config(tiny_draft_dir, out, steps=20, text_loss=text_loss),
+                                      mask_loss_weight=0.0))
+        with torch.no_grad():
+            logits = AutoModelForCausalLM.from_pretrained(trained)(text).logits
+        drift[text_loss] = float(distillation_loss(logits, original, torch.ones_like(text, dtype=torch.bool)))
+    assert drift["distill"] < 0.15 * drift["next-token"], drift
+
+
+def test_descending_the_distillation_loss_leads_back_to_the_reference() -> None:
+    torch.manual_seed(0)
+    reference = torch.randn(1, 6, 11)
+    logits = (reference + torch.randn(1, 6, 11)).requires_grad_()
+    is_text = torch.ones(1, 6, dtype=torch.bool)
+    optimizer = torch.optim.SGD([logits], lr=2.0)
+    start = float(distillation_loss(logits, reference, is_text))
+    for _ in range(300):
+        optimizer.zero_grad()
+        distillation_loss(logits, reference, is_text).backward()
+        optimizer.step()
+    assert float(distillation_loss(logits, reference, is_text)) < 1e-3 * start
+    torch.testing.assert_close(torch.softmax(logits, -1), torch.softmax(reference, -1), atol=1e-3, rtol=0)

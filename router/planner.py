@@ -57,7 +57,8 @@ class Planner:
             kind = self._self_drafting() if self.config.self_draft else _pool_kind(batch, self.pools[0]) \
                 if self.pools else None
             decision = self.feed.policy.choose([_first_tries(s) for s in batch], [self.depth_room(s) for s in batch],
-                                               [_offers(s) for s in batch], calibration, _contexts(batch), kind)
+                                               [_offers(s) for s in batch], calibration, _contexts(batch), kind,
+                                               [_first_position(s) for s in batch])
             plan = StepPlan({s.seq_id: DraftPlan(d) for s, d in zip(batch, decision.depths, strict=True)},
                             decision.reason, *_predictions(decision))
         else:
@@ -164,6 +165,14 @@ def _first_tries(seq: LiveRequest, pool: str | None = None) -> tuple[int, int]:
     drafter only, when given)."""
     counts = seq.stats.acceptance if pool is None else seq.stats.by_pool.get(pool, AcceptanceCounts())
     return counts.first_accepted, counts.rejections
+
+
+def _first_position(seq: LiveRequest) -> tuple[int, int]:
+    """(accepted, tried) drafts at a chain's first position: their rate is priced apart from the later positions'
+    (a SPACE target's first mask is accepted far more often than the rest, bench/space.md)."""
+    counts = seq.stats.acceptance
+    tried = counts.proposed_by_position[0] if counts.proposed_by_position else 0
+    return (counts.accepted_by_position[0] if counts.accepted_by_position else 0), tried
 
 
 def _offers(seq: LiveRequest, pool: str | None = None) -> tuple[int, int]:

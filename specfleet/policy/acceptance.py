@@ -1,7 +1,8 @@
 """The acceptance model: each sequence's acceptance rate alpha and offer rate m, and what a step emits.
 
 Rates are maximum-likelihood estimates from a sequence's own counts, shrunk toward the fleet's so that a new
-sequence starts at the fleet rate (`acceptance_estimate`, `offer_estimate`). In a draft tree, a node's first
+sequence starts at the fleet rate (`acceptance_estimate`, `offer_estimate`); a chain's first draft position has a
+rate of its own (`position_acceptance`). In a draft tree, a node's first
 child is its *first try*, accepted at alpha as a chain's draft is; each *later sibling*, tried only after its
 elders were rejected, has a rate of its own, beta (`tree_expected_emitted`).
 """
@@ -34,6 +35,29 @@ def acceptance_estimate(accepted: int, rejections: int, prior_alpha: float, prio
     return min(max(_shrunk_rate(accepted, rejections, prior_alpha, prior_weight), 0.0), MAX_ALPHA)
 
 
+def position_acceptance(accepted: int, rejections: int, first_accepted: int, first_tried: int, prior_alpha: float,
+                        prior_weight: float) -> tuple[float, float]:
+    """A sequence's acceptance at the first draft position and at the later ones: (alpha_1, alpha).
+
+    A chain's first draft is tried in every step that drafted (``first_tried``, ``first_accepted`` of them
+    accepted); a later draft only after all before it were accepted. The two rates differ where the drafter is
+    surer of its first token than of the rest (a SPACE target's masks: the first mask sits next to what it saw) or
+    the other way round (prompt lookup: a matched span goes on). Each is shrunk toward the sequence's pooled rate
+    (`acceptance_estimate` of all its counts toward ``prior_alpha``), so without evidence on one position they are
+    that rate, and the model is the i.i.d. one.
+    """
+    if not 0 <= first_accepted <= first_tried:
+        raise ValueError(f"need 0 <= first_accepted <= first_tried, got {first_accepted}, {first_tried}")
+    pooled = acceptance_estimate(accepted, rejections, prior_alpha, prior_weight)
+    if first_tried == 0:  # nothing counted by position (or nothing drafted yet): one rate
+        return pooled, pooled
+    first_rejected = first_tried - first_accepted
+    first = acceptance_estimate(first_accepted, first_rejected, pooled, prior_weight)
+    later = acceptance_estimate(max(accepted - first_accepted, 0), max(rejections - first_rejected, 0), pooled,
+                                prior_weight)
+    return first, later
+
+
 def _shrunk_rate(successes: int, failures: int, prior: float, prior_weight: float) -> float:
     """successes / (successes + failures), with ``prior_weight`` pseudo-observations at ``prior``."""
     if prior_weight < 0:
@@ -53,21 +77,26 @@ def offer_estimate(offers: int, misses: int, prior_rate: float, prior_weight: fl
     return min(max(_shrunk_rate(offers, misses, prior_rate, prior_weight), MIN_OFFER_RATE), 1.0)
 
 
-def expected_emitted(alpha: float, depth: int, offer_rate: float = 1.0) -> float:
+def expected_emitted(alpha: float, depth: int, offer_rate: float = 1.0, first_alpha: float | None = None) -> float:
     """Expected tokens one step emits at depth `depth`: accepted drafts plus the recovered or bonus token.
 
     sum_{k=0..depth} alpha^k = (1 - alpha^(depth + 1)) / (1 - alpha) under i.i.d. acceptance (Leviathan et
     al., 2023); depth 0 is plain decoding: 1. With an offer rate m < 1 the drafts come only in a fraction m
-    of the steps: 1 + m * sum_{k=1..depth} alpha^k.
+    of the steps: 1 + m * sum_{k=1..depth} alpha^k. With a first position of its own (`first_alpha`, alpha_1;
+    see `position_acceptance`): 1 + m * alpha_1 * sum_{k=0..depth-1} alpha^k.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    first = alpha if first_alpha is None else first_alpha
+    for name, rate in (("alpha", alpha), ("first_alpha", first)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {rate}")
     if not 0.0 <= offer_rate <= 1.0:
         raise ValueError(f"offer_rate must be in [0, 1], got {offer_rate}")
     if depth < 0:
         raise ValueError(f"depth must be >= 0, got {depth}")
-    drafts = float(depth) if alpha == 1.0 else (alpha - alpha ** (depth + 1)) / (1.0 - alpha)
-    return 1.0 + offer_rate * drafts
+    if depth == 0:
+        return 1.0
+    later = float(depth - 1) if alpha == 1.0 else (alpha - alpha ** depth) / (1.0 - alpha)
+    return 1.0 + offer_rate * first * (1.0 + later)
 
 
 def checked_offer_rates(offer_rates: Sequence[float] | None, batch: int) -> list[float]:
@@ -80,6 +109,18 @@ def checked_offer_rates(offer_rates: Sequence[float] | None, batch: int) -> list
     if any(not 0.0 < m <= 1.0 for m in rates):
         raise ValueError(f"offer rates must be in (0, 1], got {rates}")
     return rates
+
+
+def checked_first_alphas(first_alphas: Sequence[float] | None, alphas: Sequence[float]) -> list[float]:
+    """Given first-position rates, checked (one per sequence, each in [0, 1]); the alphas when not given."""
+    if first_alphas is None:
+        return list(alphas)
+    firsts = [float(a) for a in first_alphas]
+    if len(firsts) != len(alphas):
+        raise ValueError(f"first_alphas must have one entry per sequence ({len(alphas)}), got {len(firsts)}")
+    if any(not 0.0 <= a <= 1.0 for a in firsts):
+        raise ValueError(f"first alphas must be in [0, 1], got {firsts}")
+    return firsts
 
 
 def tree_expected_emitted(alpha: float, tries: Sequence[int], later_sibling_alpha: float | None = None) -> float:

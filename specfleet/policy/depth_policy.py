@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from specfleet.policy.acceptance import MAX_ALPHA, acceptance_estimate, offer_estimate
+from specfleet.policy.acceptance import MAX_ALPHA, acceptance_estimate, offer_estimate, position_acceptance
 from specfleet.policy.costs import (
     DEFAULT_COSTS,
     CostFn,
@@ -211,24 +211,41 @@ class DepthPolicy:
 
     def choose(self, per_sequence_counts: Sequence[tuple[int, int]], limits: Sequence[int] | None = None,
                offer_counts: Sequence[tuple[int, int]] | None = None, calibration: float = 1.0,
-               contexts: Sequence[int] | None = None, drafter: str | SelfDrafting | None = None) -> DepthDecision:
+               contexts: Sequence[int] | None = None, drafter: str | SelfDrafting | None = None,
+               first_position_counts: Sequence[tuple[int, int]] | None = None) -> DepthDecision:
         """Depths for one step; `per_sequence_counts[i]` is sequence i's (accepted, rejections), `offer_counts[i]`
         its (offers, misses) (the fleet's offer rate for everyone when not given), `contexts[i]` its KV length
-        (its committed tokens; None: the cost model's reference context); `calibration` as in `choose_depths`."""
+        (its committed tokens; None: the cost model's reference context); `calibration` as in `choose_depths`.
+        `first_position_counts[i]`: sequence i's (accepted, tried) drafts at the first position of a chain, which
+        then has a rate of its own (`position_acceptance`; None: one rate for every position)."""
         state = self._state  # read once: one consistent model for the whole decision
         costs = state.costs if drafter is None else self._self_drafted_costs(state, drafter) if isinstance(
             drafter, SelfDrafting) else self._drafter_costs(state, drafter)
-        alphas = self._alphas(per_sequence_counts, state.alpha_for(drafter if isinstance(drafter, str) else None))
+        prior = state.alpha_for(drafter if isinstance(drafter, str) else None)
+        first_alphas = None
+        if first_position_counts is None:
+            alphas = self._alphas(per_sequence_counts, prior)
+        else:
+            if len(first_position_counts) != len(per_sequence_counts):
+                raise ValueError(f"first_position_counts must have one entry per sequence "
+                                 f"({len(per_sequence_counts)}), got {len(first_position_counts)}")
+            by_position = [position_acceptance(accepted, rejections, first_accepted, first_tried, prior,
+                                               self.prior_weight)
+                           for (accepted, rejections), (first_accepted, first_tried)
+                           in zip(per_sequence_counts, first_position_counts, strict=True)]
+            first_alphas, alphas = [first for first, _ in by_position], [later for _, later in by_position]
         rates = self._offer_rates(offer_counts, state.fleet_offer_rate, len(alphas))
         if self.pinned_depth is not None:
             return pinned_decision(alphas, costs, self.pinned_depth, max_depth=self.max_depth, limits=limits,
-                                   offer_rates=rates, contexts=contexts)
+                                   offer_rates=rates, contexts=contexts, first_alphas=first_alphas)
         if self.mode == "latency":
             return choose_depths_for_latency(alphas, costs, self.max_depth, self.min_goodput,
                                              limits=limits, uniform=self.uniform, offer_rates=rates,
-                                             min_gain=self.min_gain, calibration=calibration, contexts=contexts)
+                                             min_gain=self.min_gain, calibration=calibration, contexts=contexts,
+                                             first_alphas=first_alphas)
         return choose_depths(alphas, costs, self.max_depth, limits=limits, uniform=self.uniform,
-                             offer_rates=rates, min_gain=self.min_gain, calibration=calibration, contexts=contexts)
+                             offer_rates=rates, min_gain=self.min_gain, calibration=calibration, contexts=contexts,
+                             first_alphas=first_alphas)
 
     def choose_tree(self, per_sequence_counts: Sequence[tuple[int, int]],
                     candidates: Sequence[Sequence[TreePlan]],

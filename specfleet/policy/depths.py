@@ -20,7 +20,7 @@ from itertools import accumulate, compress, repeat
 from operator import add, mul, sub, truediv
 from typing import NamedTuple
 
-from specfleet.policy.acceptance import checked_offer_rates, expected_emitted
+from specfleet.policy.acceptance import checked_first_alphas, checked_offer_rates, expected_emitted
 from specfleet.policy.costs import CostModel, StepCosts, context_note, mean_context, price_step, verified_drafts
 from specfleet.policy.hurdle import HeldBack, apply_hurdle, calibration_note, check_hurdle
 
@@ -40,33 +40,37 @@ def plan_step_ms(costs: CostModel, depths: Sequence[int], offer_rates: Sequence[
 
 
 def plan_goodput(alphas: Sequence[float], depths: Sequence[int], costs: CostModel,
-                 offer_rates: Sequence[float] | None = None, contexts: Sequence[int] | None = None) -> float:
-    """Predicted tokens per second of a plan: expected tokens emitted over predicted step time."""
-    rates = _check_plan(alphas, depths, offer_rates)
+                 offer_rates: Sequence[float] | None = None, contexts: Sequence[int] | None = None,
+                 first_alphas: Sequence[float] | None = None) -> float:
+    """Predicted tokens per second of a plan: expected tokens emitted over predicted step time. ``first_alphas``:
+    each sequence's acceptance at the first draft position (`position_acceptance`; None: its alpha)."""
+    rates, firsts = _check_plan(alphas, depths, offer_rates, first_alphas)
     if not depths:
         return 0.0
-    return 1000.0 * sum(map(expected_emitted, alphas, depths, rates)) / plan_step_ms(costs, depths, rates, contexts)
+    return 1000.0 * sum(map(expected_emitted, alphas, depths, rates, firsts)) / plan_step_ms(costs, depths, rates,
+                                                                                             contexts)
 
 
 def plan_time_per_token(alphas: Sequence[float], depths: Sequence[int], costs: CostModel,
-                        offer_rates: Sequence[float] | None = None, contexts: Sequence[int] | None = None) -> float:
+                        offer_rates: Sequence[float] | None = None, contexts: Sequence[int] | None = None,
+                        first_alphas: Sequence[float] | None = None) -> float:
     """Predicted ms per output token, averaged over the sequences: mean_i(step_ms / expected_emitted_i)."""
-    rates = _check_plan(alphas, depths, offer_rates)
+    rates, firsts = _check_plan(alphas, depths, offer_rates, first_alphas)
     if not depths:
         return 0.0
     step = plan_step_ms(costs, depths, rates, contexts)
-    return step * sum(1.0 / expected_emitted(a, d, m) for a, d, m in zip(alphas, depths, rates, strict=True)
+    return step * sum(1.0 / expected_emitted(*args) for args in zip(alphas, depths, rates, firsts, strict=True)
                       ) / len(depths)
 
 
-def _check_plan(alphas: Sequence[float], depths: Sequence[int], offer_rates: Sequence[float] | None
-                ) -> Sequence[float]:
-    """Validates a plan; its offer rates (all 1 when not given)."""
+def _check_plan(alphas: Sequence[float], depths: Sequence[int], offer_rates: Sequence[float] | None,
+                first_alphas: Sequence[float] | None) -> tuple[Sequence[float], Sequence[float]]:
+    """Validates a plan; its offer rates (all 1 when not given) and first-position rates (alphas when not given)."""
     if len(alphas) != len(depths):
         raise ValueError(f"alphas and depths must have the same length, got {len(alphas)} and {len(depths)}")
     if any(d < 0 for d in depths):
         raise ValueError(f"depths must be >= 0, got {list(depths)}")
-    return checked_offer_rates(offer_rates, len(alphas))
+    return checked_offer_rates(offer_rates, len(alphas)), checked_first_alphas(first_alphas, alphas)
 
 
 class DepthPlan(NamedTuple):
@@ -153,17 +157,18 @@ class _Margins:
     """Per-sequence expected tokens by depth, and the marginal gain of each extra draft token.
 
     Item (k, i) is sequence i's k-th draft token, k = 1..limit_i, listed k-major. Its throughput gain is
-    m_i * alpha_i^k (expected emitted rises by that much); its latency gain is 1/E_i(k-1) - 1/E_i(k); its
-    weight is m_i, the draft tokens it adds to the verification on average. Gains per weight fall as k
-    grows (E is concave and increasing), which makes the greedy allocations below exact when the weights
-    are equal (every drafter always offers, or all offer alike).
+    m_i * alpha_1,i * alpha_i^(k-1) (expected emitted rises by that much; alpha_1,i is the first position's rate,
+    `position_acceptance`); its latency gain is 1/E_i(k-1) - 1/E_i(k); its weight is m_i, the draft tokens it adds
+    to the verification on average. Gains per weight fall as k grows (E is concave and increasing, whatever the
+    first position's rate), which makes the greedy allocations below exact when the weights are equal (every
+    drafter always offers, or all offer alike).
     """
 
     def __init__(self, alphas: Sequence[float], limits: Sequence[int], max_depth: int,
-                 offer_rates: Sequence[float]) -> None:
+                 offer_rates: Sequence[float], first_alphas: Sequence[float]) -> None:
         batch = len(alphas)
         everyone = list(range(batch))
-        power, emitted = list(offer_rates), [1.0] * batch  # power: m_i * alpha_i^k
+        power, emitted = list(offer_rates), [1.0] * batch  # power: m_i * alpha_1,i * alpha_i^(k-1)
         self.emitted_by_depth = [emitted]  # [depth][sequence]: E_i(depth), depth capped by the sequence's limit
         self.unit_weights = all(m == 1.0 for m in offer_rates)  # n drafts verify n tokens: the table's own grid
         self.seq: list[int] = []
@@ -171,7 +176,7 @@ class _Margins:
         self.gain: list[float] = []
         self.weight: list[float] = []
         for k in range(1, max_depth + 1):
-            power = list(map(mul, power, alphas))
+            power = list(map(mul, power, first_alphas if k == 1 else alphas))
             live = [i for i in everyone if limits[i] >= k]
             if len(live) == batch:
                 grown = list(map(add, emitted, power))
@@ -307,8 +312,10 @@ class DepthProblem:
     gain of each draft token (`_Margins`), and the predicted goodput of each depth for all."""
 
     def __init__(self, alphas: Sequence[float], costs: CostModel, max_depth: int, caps: Sequence[int],
-                 rates: Sequence[float], context: float | None = None) -> None:
-        """Checked inputs (see `of`), one or more sequences; `context`: their mean KV length (None: the reference)."""
+                 rates: Sequence[float], context: float | None = None,
+                 first_alphas: Sequence[float] | None = None) -> None:
+        """Checked inputs (see `of`), one or more sequences; `context`: their mean KV length (None: the reference);
+        `first_alphas`: their acceptance at the first draft position (None: their alphas)."""
         self.size = len(alphas)
         self.max_depth = max_depth
         self.caps = caps
@@ -316,19 +323,22 @@ class DepthProblem:
         self.offered = sum(rates)  # what everyone at depth D verifies, over D
         self.deepest = max(caps)
         self.steps = costs.step_costs(self.size, max_depth, context)
-        self.margins = _Margins(alphas, caps, max_depth, rates)
+        self.margins = _Margins(alphas, caps, max_depth, rates, alphas if first_alphas is None else first_alphas)
         self.uniform_goodput = tuple(map(self._uniform_goodput, range(max_depth + 1)))
 
     @classmethod
     def of(cls, alphas: Sequence[float], costs: CostModel, max_depth: int, limits: Sequence[int] | None = None,
-           offer_rates: Sequence[float] | None = None, contexts: Sequence[int] | None = None) -> DepthProblem | None:
+           offer_rates: Sequence[float] | None = None, contexts: Sequence[int] | None = None,
+           first_alphas: Sequence[float] | None = None) -> DepthProblem | None:
         """The problem for these sequences, checked; None when there are none. `limits` caps each sequence's depth
         (room left in the request or the caches), `offer_rates` are all 1 when not given, `contexts` are each
-        sequence's KV length (None: each role's reference context)."""
+        sequence's KV length (None: each role's reference context), `first_alphas` each one's acceptance at the
+        first draft position (None: its alpha, the i.i.d. model)."""
         alphas = [float(a) for a in alphas]
         if any(not 0.0 <= a <= 1.0 for a in alphas):
             raise ValueError(f"alphas must be in [0, 1], got {alphas}")
         rates = checked_offer_rates(offer_rates, len(alphas))
+        firsts = checked_first_alphas(first_alphas, alphas)
         if max_depth < 0:
             raise ValueError(f"max_depth must be >= 0, got {max_depth}")
         if not alphas:
@@ -336,7 +346,7 @@ class DepthProblem:
         caps = [max_depth] * len(alphas) if limits is None else [min(max(int(lim), 0), max_depth) for lim in limits]
         if len(caps) != len(alphas):
             raise ValueError(f"limits must have one entry per sequence ({len(alphas)}), got {len(caps)}")
-        return cls(alphas, costs, max_depth, caps, rates, mean_context(contexts, len(alphas)))
+        return cls(alphas, costs, max_depth, caps, rates, mean_context(contexts, len(alphas)), firsts)
 
     def at_depth(self, depth: int) -> list[int]:
         """Everyone at `depth`, each capped by its own limit."""
@@ -447,7 +457,8 @@ def _with_hurdle(problem: DepthProblem, plan: DepthPlan, min_gain: float, calibr
 def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
                   limits: Sequence[int] | None = None, uniform: bool = False,
                   offer_rates: Sequence[float] | None = None, min_gain: float = 0.0,
-                  calibration: float = 1.0, contexts: Sequence[int] | None = None) -> DepthDecision:
+                  calibration: float = 1.0, contexts: Sequence[int] | None = None,
+                  first_alphas: Sequence[float] | None = None) -> DepthDecision:
     """Throughput mode: per-sequence depths in [0, max_depth] maximising predicted goodput,
 
         sum_i expected_emitted(alpha_i, d_i, m_i) / (draft_ms(B, max d) [if max d > 0]
@@ -465,10 +476,11 @@ def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
     relative to plain ones (see `router.prediction_audit.Calibration`; 1: as predicted). `contexts`: each
     sequence's KV length; every role is priced at their mean (with the batch size, their sum: the KV a verify
     reads), so a long context makes the verify's fixed cost larger and deeper drafts cheaper by comparison (None:
-    each role's reference context).
+    each role's reference context). `first_alphas`: each sequence's acceptance at the first draft position, where
+    it differs from the later ones' alpha (`position_acceptance`; None: alpha, i.i.d.).
     """
     check_hurdle(min_gain, calibration)
-    problem = DepthProblem.of(alphas, costs, max_depth, limits, offer_rates, contexts)
+    problem = DepthProblem.of(alphas, costs, max_depth, limits, offer_rates, contexts, first_alphas)
     if problem is None:
         return _no_sequences(max_depth)
     depths = uniform_plan(problem) if uniform else throughput_plan(problem)
@@ -480,7 +492,8 @@ def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
 def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_depth: int, min_goodput: float = 0.0,
                               *, limits: Sequence[int] | None = None, uniform: bool = False,
                               offer_rates: Sequence[float] | None = None, min_gain: float = 0.0,
-                              calibration: float = 1.0, contexts: Sequence[int] | None = None) -> DepthDecision:
+                              calibration: float = 1.0, contexts: Sequence[int] | None = None,
+                              first_alphas: Sequence[float] | None = None) -> DepthDecision:
     """Latency mode: depths minimising the predicted time per output token, averaged over the sequences,
 
         step_ms * mean_i(1 / expected_emitted(alpha_i, d_i)),
@@ -497,12 +510,12 @@ def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_dep
     result then meets the floor whenever any plan can and is never slower per token than the
     goodput-optimal plan, but a floor-bound optimum that is neither greedy allocation can be missed.
     With `min_gain`, plain decoding wins unless drafting cuts the time per token by that share (and plain decoding
-    meets the floor); `calibration` and `contexts` as in `choose_depths`.
+    meets the floor); `calibration`, `contexts` and `first_alphas` as in `choose_depths`.
     """
     if min_goodput < 0:
         raise ValueError(f"min_goodput must be >= 0, got {min_goodput}")
     check_hurdle(min_gain, calibration)
-    problem = DepthProblem.of(alphas, costs, max_depth, limits, offer_rates, contexts)
+    problem = DepthProblem.of(alphas, costs, max_depth, limits, offer_rates, contexts, first_alphas)
     if problem is None:
         return _no_sequences(max_depth)
     depths = uniform_latency_plan(problem, min_goodput) if uniform else latency_plan(problem, min_goodput)
@@ -517,11 +530,12 @@ def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_dep
 
 def pinned_decision(alphas: Sequence[float], costs: CostModel, depth: int, *, max_depth: int = 0,
                     limits: Sequence[int] | None = None, offer_rates: Sequence[float] | None = None,
-                    contexts: Sequence[int] | None = None) -> DepthDecision:
+                    contexts: Sequence[int] | None = None, first_alphas: Sequence[float] | None = None
+                    ) -> DepthDecision:
     """Every sequence at `depth` (capped by `limits`), with uniform predictions up to max(depth, max_depth)."""
     if depth < 0:
         raise ValueError(f"depth must be >= 0, got {depth}")
-    problem = DepthProblem.of(alphas, costs, max(depth, max_depth), limits, offer_rates, contexts)
+    problem = DepthProblem.of(alphas, costs, max(depth, max_depth), limits, offer_rates, contexts, first_alphas)
     if problem is None:
         return _no_sequences(max(depth, max_depth))
     return DepthDecision(*problem.evaluate(pinned_plan(problem, depth)), problem.uniform_goodput, mode="pinned",

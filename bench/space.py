@@ -160,29 +160,32 @@ def perplexity(model_dir: Path, pairs: list[tuple[str, str]], max_answer_tokens:
 # -- 3. speed through the services ------------------------------------------------------------------------------------
 
 def serve_and_measure(folder: Path, prompts: list[list[int]], batches: list[int], masks: list[int], rounds: int,
-                      max_new: int, lookahead_window: int, lookahead_ngram: int) -> dict[int, dict[str, Cell]]:
+                      max_new: int, lookahead_window: int, lookahead_ngram: int, log_dir: Path | None = None,
+                      baselines: bool = True) -> dict[int, dict[str, Cell]]:
     from specfleet.models import resolve_model
 
     cells: dict[int, dict[str, Cell]] = {b: {} for b in batches}
     slots = ["--num-slots", str(max(batches)), "--max-seq-len", "1024"]
-    with fleet() as f:
+    with fleet(log_dir) as f:
         redis = f.redis()
-        original = f.start("target", ["--model", str(resolve_model(BASE_MODEL)), *slots, "--redis-url", redis],
-                           "target-original")
         tuned = f.start("target", ["--model", str(folder), *slots, "--redis-url", redis], "target-space")
-        lookahead = f.start("target", ["--model", str(resolve_model(BASE_MODEL)), *slots, "--redis-url", redis,
-                                       "--lookahead-window", str(lookahead_window), "--lookahead-ngram",
-                                       str(lookahead_ngram)], "target-lookahead")
-        ngram = f.start("draft", ["--drafter", "ngram", "--redis-url", redis], "ngram")
-        routers: dict[str, tuple[str, str]] = {
-            "plain, original": (f.router(original, None, 0, "r-plain-original", ["--redis-url", redis]), ""),
-            "ngram (auto), original": (f.router(original, ngram, "auto", "r-ngram", ["--redis-url", redis]),
-                                       "plain, original"),
-            f"lookahead K={lookahead_ngram - 1}, original": (
-                f.router(lookahead, None, lookahead_ngram - 1, "r-lookahead", ["--self-draft", "--redis-url", redis]),
-                "plain, original"),
-            "plain, fine-tuned": (f.router(tuned, None, 0, "r-plain-tuned", ["--redis-url", redis]), ""),
-        }
+        routers: dict[str, tuple[str, str]] = {}
+        if baselines:
+            original = f.start("target", ["--model", str(resolve_model(BASE_MODEL)), *slots, "--redis-url", redis],
+                               "target-original")
+            lookahead = f.start("target", ["--model", str(resolve_model(BASE_MODEL)), *slots, "--redis-url", redis,
+                                           "--lookahead-window", str(lookahead_window), "--lookahead-ngram",
+                                           str(lookahead_ngram)], "target-lookahead")
+            ngram = f.start("draft", ["--drafter", "ngram", "--redis-url", redis], "ngram")
+            routers = {
+                "plain, original": (f.router(original, None, 0, "r-plain-original", ["--redis-url", redis]), ""),
+                "ngram (auto), original": (f.router(original, ngram, "auto", "r-ngram", ["--redis-url", redis]),
+                                           "plain, original"),
+                f"lookahead K={lookahead_ngram - 1}, original": (
+                    f.router(lookahead, None, lookahead_ngram - 1, "r-lookahead",
+                             ["--self-draft", "--redis-url", redis]), "plain, original"),
+            }
+        routers["plain, fine-tuned"] = (f.router(tuned, None, 0, "r-plain-tuned", ["--redis-url", redis]), "")
         for depth in [*masks, "auto"]:
             routers[f"SPACE K={depth}"] = (f.router(tuned, None, depth, f"r-space-{depth}",
                                                     ["--self-draft", "--redis-url", redis]), "plain, fine-tuned")
@@ -251,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-curve", action="store_true")
     parser.add_argument("--no-ppl", action="store_true")
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="speed: only the fine-tuned model (plain, and SPACE at each K and auto)")
+    parser.add_argument("--log-dir", type=Path, help="keep the services' logs here, at INFO (the routers' depth "
+                        "decisions and their reasons); default: at WARNING, in a folder removed at the end")
     args = parser.parse_args(argv)
 
     from specfleet.models import load_tokenizer, resolve_model
@@ -266,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         ppl = (perplexity(resolve_model(BASE_MODEL), pairs, 256), perplexity(folder, pairs, 256))
     cells = {} if args.no_speed else serve_and_measure(folder, prompts, args.batches, args.masks, args.rounds,
                                                        args.max_new_tokens, args.lookahead_window,
-                                                       args.lookahead_ngram)
+                                                       args.lookahead_ngram, args.log_dir, not args.no_baselines)
     print()
     print(report(curve, args.curve_masks, ppl, cells))
     return 0

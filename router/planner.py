@@ -137,9 +137,11 @@ class Planner:
                         decision.reason, *_predictions(decision))
 
     def _prefills(self, batch: list[LiveRequest], plan: StepPlan) -> bool:
-        """Whether the step (re)sends some sequence's whole prompt, read before the step moves the caches on."""
+        """Whether the step (re)sends some sequence's whole prompt, read before the step moves the caches on. A
+        self-drafted sequence has no draft session to fill: only its target cache counts."""
         return any(is_prefill(s.tokens[s.target_cached:]) or (
-            plan.draft(s.seq_id).levels > 0 and is_prefill(s.tokens[s.draft_cached:])) for s in batch)
+            plan.draft(s.seq_id).levels > 0 and s.strategy != SELF_DRAFTED and is_prefill(s.tokens[s.draft_cached:]))
+            for s in batch)
 
     def _log(self, batch_size: int, reason: str) -> None:
         summary = f"batch {batch_size}: {reason}"

@@ -36,6 +36,7 @@ from router.target_verifier import TargetVerifier
 from specfleet.config import RouterConfig
 from specfleet.otel import RouterMetrics
 from specfleet.policy import DepthPolicy
+from specfleet.speculation import PREFILL_TOKENS
 
 PROMPTS = [[3, 1, 4], [1, 5, 9, 2, 6], [5, 3], [8, 9, 7, 9]]
 
@@ -306,3 +307,8 @@ def test_a_self_drafting_router_prices_its_steps_as_the_targets_and_keeps_greedy
     assert set(asked) == {SPACE}
     asks = [ask for call in target.asks for ask in call]
     assert any(ask.proposal is not None and ask.proposal.draft_next for ask in asks)  # the target was asked to draft
+    # The prompts are too short to count as prefills, and no draft service holds these sequences: no step prefills,
+    # so every step is audited and calibrates the hurdle, as any drafting step does (the sequences outgrow
+    # PREFILL_TOKENS, so a check of a draft cache that is not there would call the later steps prefills).
+    assert all(len(p) <= PREFILL_TOKENS for p in PROMPTS[:2]) and max(lengths) + 5 > PREFILL_TOKENS
+    assert any(step.drafted for step in recorder.steps) and not any(step.prefilled for step in recorder.steps)

@@ -137,11 +137,19 @@ class Planner:
                         decision.reason, *_predictions(decision))
 
     def _prefills(self, batch: list[LiveRequest], plan: StepPlan) -> bool:
-        """Whether the step (re)sends some sequence's whole prompt, read before the step moves the caches on. A
-        self-drafted sequence has no draft session to fill: only its target cache counts."""
-        return any(is_prefill(s.tokens[s.target_cached:]) or (
+        """Whether the step's prediction leaves out what it does first, read before the step moves the caches on:
+        (re)sending some sequence's whole prompt, or a self-drafted sequence drafting with no candidates held (its
+        first drafting step after a plain one: it can only draft, and emits one token whatever its depth). Either
+        way the step is kept out of the audit and the calibration. A self-drafted sequence has no draft cache."""
+        restarts = self._self_drafted_restarts(batch, plan) if self.config.self_draft else False
+        return restarts or any(is_prefill(s.tokens[s.target_cached:]) or (
             plan.draft(s.seq_id).levels > 0 and s.strategy != SELF_DRAFTED and is_prefill(s.tokens[s.draft_cached:]))
             for s in batch)
+
+    def _self_drafted_restarts(self, batch: list[LiveRequest], plan: StepPlan) -> bool:
+        found = self.strategies.strategies.get(SELF_DRAFTED) if isinstance(self.strategies, Strategies) else None
+        held = getattr(found, "candidates", {})
+        return any(plan.draft(s.seq_id).levels > 0 and s.seq_id not in held for s in batch)
 
     def _log(self, batch_size: int, reason: str) -> None:
         summary = f"batch {batch_size}: {reason}"

@@ -307,8 +307,11 @@ def test_a_self_drafting_router_prices_its_steps_as_the_targets_and_keeps_greedy
     assert set(asked) == {SPACE}
     asks = [ask for call in target.asks for ask in call]
     assert any(ask.proposal is not None and ask.proposal.draft_next for ask in asks)  # the target was asked to draft
-    # The prompts are too short to count as prefills, and no draft service holds these sequences: no step prefills,
-    # so every step is audited and calibrates the hurdle, as any drafting step does (the sequences outgrow
-    # PREFILL_TOKENS, so a check of a draft cache that is not there would call the later steps prefills).
+    # The first step drafts with no candidates to verify (its prediction leaves that out, as a prefill's leaves out
+    # the prompt): it stays out of the audit. The prompts are too short to count as prefills, and no draft service
+    # holds these sequences, so every later step is audited and calibrates the hurdle (the sequences outgrow
+    # PREFILL_TOKENS, so a check of a draft cache that is not there would call them prefills).
     assert all(len(p) <= PREFILL_TOKENS for p in PROMPTS[:2]) and max(lengths) + 5 > PREFILL_TOKENS
-    assert any(step.drafted for step in recorder.steps) and not any(step.prefilled for step in recorder.steps)
+    assert recorder.steps[0].prefilled and recorder.steps[0].drafted
+    later = recorder.steps[1:]
+    assert any(step.drafted for step in later) and not any(step.prefilled for step in later), later

@@ -15,7 +15,7 @@ from router.live_request import LiveRequest
 from router.policy_feed import PolicyFeed
 from router.ports import Proposer
 from router.prediction_audit import Calibration, PredictionAudit
-from router.self_drafted import SELF_DRAFTED
+from router.self_drafted import SELF_DRAFTED, SelfDrafted
 from router.strategies import Strategies
 from specfleet.config import RouterConfig
 from specfleet.policy import DepthDecision, TreeDecision, TreePlan
@@ -68,10 +68,15 @@ class Planner:
         self._log(len(batch), plan.reason)
         return plan
 
+    def _self_drafted(self) -> SelfDrafted | None:
+        """The self-drafted strategy, where the router has one."""
+        found = self.strategies.strategies.get(SELF_DRAFTED) if isinstance(self.strategies, Strategies) else None
+        return found if isinstance(found, SelfDrafted) else None
+
     def _self_drafting(self) -> SelfDrafting:
         """How the target drafts for itself, as its strategy holds it (GetInfo's)."""
-        found = self.strategies.strategies.get(SELF_DRAFTED) if isinstance(self.strategies, Strategies) else None
-        return getattr(found, "drafting", SelfDrafting())
+        found = self._self_drafted()
+        return SelfDrafting() if found is None else found.drafting
 
     def depth_room(self, seq: LiveRequest, pool: str | None = None) -> int:
         """Most draft tokens ``seq`` can use: what its request, the target's cache and its strategy (or the draft
@@ -147,9 +152,9 @@ class Planner:
             for s in batch)
 
     def _self_drafted_restarts(self, batch: list[LiveRequest], plan: StepPlan) -> bool:
-        found = self.strategies.strategies.get(SELF_DRAFTED) if isinstance(self.strategies, Strategies) else None
-        held = getattr(found, "candidates", {})
-        return any(plan.draft(s.seq_id).levels > 0 and s.seq_id not in held for s in batch)
+        found = self._self_drafted()
+        return found is not None and any(
+            plan.draft(s.seq_id).levels > 0 and not found.holds_candidates(s.seq_id) for s in batch)
 
     def _log(self, batch_size: int, reason: str) -> None:
         summary = f"batch {batch_size}: {reason}"

@@ -29,6 +29,10 @@ class SelfDrafted:
     def room(self, seq: LiveRequest) -> int | None:
         return self.max_drafts
 
+    def holds_candidates(self, seq_id: str) -> bool:
+        """Whether the sequence's last verdict left candidates for its next step to verify."""
+        return seq_id in self.candidates
+
     async def propose(self, batch: list[LiveRequest], plan: StepPlan) -> Proposals:
         proposals = {}
         for seq in batch:

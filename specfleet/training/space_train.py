@@ -204,9 +204,10 @@ def _fine_tune(model: Any, reference: Any | None, texts: list[AnsweredPrompt], m
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
             is_mask, is_text, labels = inputs.pop("is_mask"), inputs.pop("is_text"), inputs.pop("labels")
             outputs = model(**inputs)
-            text_loss, mask_loss = sar_losses(outputs.logits, labels, is_mask)
-            if reference is not None:
-                text_loss = distillation_loss(outputs.logits, _reference_logits(reference, inputs, is_text), is_text)
+            labelled = labels != IGNORE
+            mask_loss = mean_cross_entropy(outputs.logits, labels, labelled & is_mask)
+            text_loss = mean_cross_entropy(outputs.logits, labels, labelled & ~is_mask) if reference is None else \
+                distillation_loss(outputs.logits, _reference_logits(reference, inputs, is_text), is_text)
             self.sums["text_loss"] += float(text_loss.detach())
             self.sums["mask_loss"] += float(mask_loss.detach())
             self.sums["batches"] += 1
@@ -269,15 +270,12 @@ def _fine_tune(model: Any, reference: Any | None, texts: list[AnsweredPrompt], m
     (out / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
 
 
-def sar_losses(logits: torch.Tensor, labels: torch.Tensor, is_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy at the text's labelled positions and at the labelled mask positions ([B, T, V] logits,
-    [B, T] labels already aligned: each position's own target). A side with no labelled position is 0."""
-    per_position = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                                     ignore_index=IGNORE, reduction="none").view_as(labels)
-    labelled = labels != IGNORE
-    text, masked = labelled & ~is_mask, labelled & is_mask
-    zero = per_position.new_zeros(())
-    return (per_position[text].mean() if text.any() else zero, per_position[masked].mean() if masked.any() else zero)
+def mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the positions ``where`` [B, T] marks, computed over those rows alone (a softmax over a
+    49K vocabulary at every position is most of a loss's cost); 0 where none is marked."""
+    if not where.any():
+        return logits.new_zeros(())
+    return torch.nn.functional.cross_entropy(logits[where].float(), labels[where])
 
 
 def distillation_loss(logits: torch.Tensor, reference_logits: torch.Tensor, is_text: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,15 @@ def specfleet_generate(address: str, ids: list[int], max_new_tokens: int, ignore
     return Run(list(reply.token_ids), seconds, s.steps, s.drafted_tokens, s.accepted_tokens)
 
 
+def service_args(role: str, args: list[str]) -> list[str]:
+    """``args`` for a service of ``role``; a target or draft computes every prompt in full unless they say otherwise:
+    a benchmark sends the same prompts to each configuration (and each round), and reusing the first one's prefill
+    would time the rows after it without theirs."""
+    if role in ("target", "draft") and "--prefix-reuse" not in args:
+        return [*args, "--prefix-reuse", "off"]
+    return args
+
+
 class Fleet:
     """A real deployment (target, drafts, routers as processes) for a benchmark."""
 
@@ -94,8 +103,8 @@ class Fleet:
 
     def start(self, role: str, args: list[str], name: str) -> str:
         port = free_port()
-        process = self.deployment.start_service(role, [*args, "--port", str(port), "--log-level", self.log_level],
-                                                name=name)
+        process = self.deployment.start_service(role, [*service_args(role, args), "--port", str(port), "--log-level",
+                                                       self.log_level], name=name)
         address = f"127.0.0.1:{port}"
         wait_serving(process, address, timeout_s=1800)
         return address

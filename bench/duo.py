@@ -28,7 +28,7 @@ from functools import partial
 
 import torch
 
-from bench.common import Fleet, chat_ids, fleet, hf_generate
+from bench.common import Fleet, chat_ids, fleet, hf_generate, service_args
 from bench.prompts import humaneval_prompts
 from specfleet.client import make_request, stream
 from specfleet.launcher import free_port, wait_serving
@@ -115,8 +115,8 @@ def _start(f: Fleet, role: str, args: list[str], name: str, cpus: str | None) ->
     if cpus is None:
         return f.start(role, args, name)
     port = free_port()
-    argv = ["taskset", "-c", cpus, sys.executable, "-m", "specfleet.cli", role, *args, "--port", str(port),
-            "--log-level", f.log_level]
+    argv = ["taskset", "-c", cpus, sys.executable, "-m", "specfleet.cli", role, *service_args(role, args),
+            "--port", str(port), "--log-level", f.log_level]
     process = f.deployment.start(name, argv, env={"OMP_NUM_THREADS": "1"})  # one core: one thread
     address = f"127.0.0.1:{port}"
     wait_serving(process, address, timeout_s=1800)

@@ -27,9 +27,12 @@ per-request goodputs summed; acceptance is accepted / drafted tokens over the ce
 speculation stats. Every greedy speculative output must equal plain decoding's token for token, prompt by prompt:
 the run stops with the first difference.
 
-Prefill dominates the wall time on a CPU (every configuration prefills every prompt again: the engine has no prefix
-cache), so the default sends one batch per cell (two requests at batch 1); ``--prompts`` raises it. Cells run in
-order of context, then batch, and each finished cell is printed (and written to ``--report-table``) at once.
+Prefill dominates the wall time on a CPU, so the target reuses prompts it has prefilled (``--prefix-reuse on``, the
+default here: the first configuration of a cell, ``plain``, prefills the batch's prompts and the others start from
+them; its TTFT is the cold one), the sparse_self draft still prefills every prompt itself (its streaming cache keeps
+too little to reuse), and the default sends one batch per cell (two requests at batch 1); ``--prompts`` raises it.
+Cells run in order of context, then batch, and each finished cell is printed (and written to ``--report-table``) at
+once.
 
     python -m bench.long_context                          # the full grid, the table and bench/long_context.png
     python -m bench.long_context --quick                  # a smoke test: 512-token prompts, batch 1 and 2
@@ -549,6 +552,7 @@ class Plan:
     ngram_depths: list[int]
     sparse_depths: list[int]
     both_pools: bool
+    prefix_reuse: bool = True
 
 
 def run_specfleet(plan: Plan, prompts: dict[int, list[Prompt]], decode: Callable[[list[int]], str],
@@ -560,7 +564,8 @@ def run_specfleet(plan: Plan, prompts: dict[int, list[Prompt]], decode: Callable
         progress("starting redis, the target, the ngram and sparse_self drafts")
         redis = ["--redis-url", f.redis()]
         slots = ["--num-slots", str(max(plan.batches) + 2), "--max-seq-len", str(MODEL_CONTEXT)]
-        target = f.start("target", ["--model", MODEL, *slots, *redis], "target")
+        reuse = ["--prefix-reuse", "on" if plan.prefix_reuse else "off"]
+        target = f.start("target", ["--model", MODEL, *slots, *reuse, *redis], "target")
         ngram = f.start("draft", ["--drafter", "ngram", *redis], "draft-ngram")
         sparse = f.start("draft", ["--drafter", "sparse_self", "--model", MODEL, "--sparse-sinks", str(SPARSE_SINKS),
                                    "--sparse-window", str(SPARSE_WINDOW), *slots, *redis], "draft-sparse-self")
@@ -628,6 +633,9 @@ def main() -> None:
                         help="summarise: the document in a chat turn asking for a summary; continue: the bare "
                         "document, to be continued")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' batch-1 reference")
+    parser.add_argument("--prefix-reuse", choices=["on", "off"], default="on", help="the target's --prefix-reuse: on, "
+                        "a cell's configurations after the first start from the prompts it prefilled (decode goodput "
+                        "is unchanged; their TTFT no longer includes the target's prefill); off, each prefills again")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 512-token prompts, batch 1 and 2, "
                         "8 new tokens, sparse_self depths 1 and 2, the plot in a temporary folder")
     parser.add_argument("--plot", type=Path, help="where the PNG goes (default bench/long_context.png; with --quick, "
@@ -644,7 +652,7 @@ def main() -> None:
     if too_long:
         parser.error(f"contexts {too_long} plus {args.max_new_tokens} new tokens exceed the model's {MODEL_CONTEXT}")
     plan = Plan(args.contexts, args.batches, args.prompts, args.max_new_tokens, args.ngram_depths, args.sparse_depths,
-                args.both_pools)
+                args.both_pools, args.prefix_reuse == "on")
     progress = Progress()
 
     from specfleet.models import load_tokenizer, resolve_model
@@ -676,8 +684,9 @@ def main() -> None:
     requests = sum(rounds_for(plan.prompts_per_cell, b) * b for b in plan.batches)
     progress(f"{len(plan.contexts) * len(plan.batches)} cells x {configs} configurations: "
              f"{configs * requests * len(plan.contexts)} requests, "
-             f"{configs * requests * sum(plan.contexts) / 1e6:.2f}M prompt tokens for the target to prefill (every "
-             f"configuration prefills every prompt), a sparse_self draft prefilling them too in most")
+             f"{(1 if plan.prefix_reuse else configs) * requests * sum(plan.contexts) / 1e6:.2f}M prompt tokens for "
+             f"the target to prefill ({'once' if plan.prefix_reuse else 'every configuration prefills every prompt'}), "
+             f"a sparse_self draft prefilling them in most configurations")
     batch_1 = {c: prompts[c][:rounds_for(plan.prompts_per_cell, 1)] for c in plan.contexts}
 
     cells: dict[Key, Cell] = {}
@@ -700,8 +709,9 @@ def main() -> None:
               f"{table(summarise(cells))}", flush=True)
         raise
     rows = summarise(cells)
-    print(f"\n{title}; decode tokens/s summed over the batch, median of rounds; TTFT median of requests; best "
-          f"sparse_self depth in bold\n")
+    reused = " (plain's cold; the rows after it start from the target's cached prompts)" if plan.prefix_reuse else ""
+    print(f"\n{title}; decode tokens/s summed over the batch, median of rounds; TTFT median of requests{reused}; "
+          f"best sparse_self depth in bold\n")
     print(table(rows))
     if HF in {n for _, _, n in cells}:
         eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()

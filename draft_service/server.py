@@ -128,10 +128,10 @@ def build_servicer(config: DraftConfig, otel: Otel | None = None) -> DraftServic
                  "%d recent tokens (%d cache entries a slot)", config.model, device, runner.num_slots,
                  runner.max_seq_len, window.sinks, window.window, window.capacity)
     else:
-        runner = ModelRunner.from_folder(folder, **engine)
+        runner = ModelRunner.from_folder(folder, **engine, prefix_reuse=config.prefix_reuse == "on")
         drafter = ModelDrafter(runner, top_k_pairs=config.top_k_pairs)
-        log.info("model drafter %s loaded on %s: %d slots x %d tokens", config.model, device, runner.num_slots,
-                 runner.max_seq_len)
+        log.info("model drafter %s loaded on %s: %d slots x %d tokens, prefix reuse %s", config.model, device,
+                 runner.num_slots, runner.max_seq_len, config.prefix_reuse)
     runner.warm_up()
     return DraftServicer(config, drafter,
                          vocab_size=runner.vocab_size, fingerprint=tokenizer_fingerprint(load_tokenizer(folder)),

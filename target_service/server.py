@@ -136,10 +136,11 @@ def build_servicer(config: TargetConfig, otel: Otel | None = None) -> TargetServ
     device = config.resolved_device()
     set_cpu_threads(config.threads)
     runner = ModelRunner.from_folder(folder, num_slots=config.num_slots, max_seq_len=config.max_seq_len,
-                                     device=device, dtype=config.dtype, prepack=config.cpu_prepack == "on")
+                                     device=device, dtype=config.dtype, prepack=config.cpu_prepack == "on",
+                                     prefix_reuse=config.prefix_reuse == "on")
     runner.warm_up()
-    log.info("target model %s loaded on %s: %d slots x %d tokens", config.model, device, runner.num_slots,
-             runner.max_seq_len)
+    log.info("target model %s loaded on %s: %d slots x %d tokens, prefix reuse %s", config.model, device,
+             runner.num_slots, runner.max_seq_len, config.prefix_reuse)
     space = space_settings_for(folder, config.space_masks, config.space_mask_token, runner.vocab_size)
     lookahead = LookaheadDrafting(config.lookahead_window, config.lookahead_ngram) if config.lookahead_window else None
     if space is not None and lookahead is not None:

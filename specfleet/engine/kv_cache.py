@@ -54,10 +54,20 @@ class SlotKVCache:
     def num_free(self) -> int:
         return len(self._free)
 
-    def allocate(self) -> int:
+    def is_free(self, slot: int) -> bool:
+        return slot in self._free
+
+    def allocate(self, slot: int | None = None) -> int:
+        """A free slot of length 0: ``slot`` itself when given (it must be free), else the lowest."""
         if not self._free:
             raise CacheFullError(f"all {self.num_slots} KV cache slots are in use")
-        slot = heapq.heappop(self._free)
+        if slot is None:
+            slot = heapq.heappop(self._free)
+        else:
+            if not self.is_free(slot):
+                raise ValueError(f"slot {slot} is not free")
+            self._free.remove(slot)
+            heapq.heapify(self._free)
         self.lengths[slot] = 0
         return slot
 
@@ -73,6 +83,18 @@ class SlotKVCache:
         self._check_slot(slot)
         if not 0 <= length <= self.lengths[slot]:
             raise ValueError(f"cannot truncate slot {slot} of length {self.lengths[slot]} to {length}")
+        self.lengths[slot] = length
+
+    def copy_prefix(self, source: int, slot: int, length: int) -> None:
+        """Gives ``slot`` the first ``length`` entries of ``source`` (free or not: a free slot's entries stay until
+        it is written again) and sets its length to ``length``."""
+        self._check_slot(source)
+        self._check_slot(slot)
+        if not 0 <= length <= self.max_seq_len:
+            raise ValueError(f"cannot copy {length} entries of a {self.max_seq_len}-entry slot")
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[slot, :, :length] = keys[source, :, :length]
+            values[slot, :, :length] = values[source, :, :length]
         self.lengths[slot] = length
 
     def compact(self, slot: int, start: int, offsets: list[int]) -> None:

@@ -3,6 +3,12 @@
 A caller names sequences by ``seq_id`` and sends, per call, only what is new: the length to roll
 back to and the tokens to append. Slots are bounded; when none is free the least recently used
 sequence that is not in the current batch is evicted (its owner will see it as unknown and resend).
+
+A sequence sent whole (rolled back to 0) starts from the longest prefix of its tokens that any slot holds, a live
+sequence's or a released one's (a slot keeps its last sequence's keys and values until it is taken again): those
+entries are copied, not computed. A chat's next turn resends the conversation so far, and every configuration of a
+benchmark the same prompts; keys and values depend only on the tokens before them, so the copy is what a prefill
+would write.
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -110,9 +117,10 @@ class ModelRunner:
     """A ``LlamaForCausalLM`` plus its KV cache, addressed by sequence id."""
 
     supports_trees = True  # extend_tree and keep_path (the llamacpp backend's runner has no tree attention)
+    supports_prefix_reuse = True  # a cache entry per token, at the token's position: entries can be copied
 
     def __init__(self, model: LlamaForCausalLM, *, num_slots: int, max_seq_len: int,
-                 max_batch_tokens: int = 2048) -> None:
+                 max_batch_tokens: int = 2048, prefix_reuse: bool = True) -> None:
         self.model = model
         self.cache = model.new_cache(num_slots, max_seq_len)
         self.max_batch_tokens = max_batch_tokens
@@ -120,16 +128,21 @@ class ModelRunner:
         # Sequences whose cache ends with a draft tree (nodes in tree order, not a sequence) until
         # keep_path or a rollback to at most the tree's prefix.
         self._trees: dict[str, _PendingTree] = {}
+        self.prefix_reuse = prefix_reuse and self.supports_prefix_reuse
+        # With prefix reuse, the token behind each entry of each slot; a free slot keeps its last sequence's.
+        self._held: list[list[int]] = [[] for _ in range(num_slots)]
+        self.reused_tokens = 0  # prefill tokens copied from cached prefixes instead of computed, since start
 
     @classmethod
     def from_folder(cls, folder: Path, *, num_slots: int, max_seq_len: int, device: str = "cpu",
-                    dtype: torch.dtype | str = "auto", prepack: bool = True) -> ModelRunner:
+                    dtype: torch.dtype | str = "auto", prepack: bool = True, prefix_reuse: bool = True
+                    ) -> ModelRunner:
         """A runner over the model in ``folder`` in ``dtype`` (a torch dtype, a name in `DTYPES`, or ``auto``: see
         `engine_dtype`); ``prepack`` (CPU only) adds oneDNN-packed linear weights for multi-token forwards (see
         `specfleet.engine.cpu_linear`)."""
         model = load_model(folder, device=device, dtype=dtype, prepack=prepack)
         max_seq_len = min(max_seq_len, model.cfg.max_position_embeddings)
-        return cls(model, num_slots=num_slots, max_seq_len=max_seq_len)
+        return cls(model, num_slots=num_slots, max_seq_len=max_seq_len, prefix_reuse=prefix_reuse)
 
     @property
     def vocab_size(self) -> int:
@@ -183,10 +196,11 @@ class ModelRunner:
     def release(self, seq_ids: list[str]) -> int:
         released = 0
         for seq_id in seq_ids:
+            if seq_id in self._trees:
+                self._leave_tree(seq_id, self._trees[seq_id].prefix_len)
             slot = self._slots.pop(seq_id, None)
-            self._trees.pop(seq_id, None)
             if slot is not None:
-                self.cache.free(slot)
+                self.cache.free(slot)  # its entries stay, with `_held` saying what they are, until it is taken again
                 released += 1
         return released
 
@@ -194,6 +208,7 @@ class ModelRunner:
         self._leave_tree(seq_id, length)
         slot = self._slots[seq_id]
         self.cache.truncate(slot, self._entry(slot, length))
+        del self._held[slot][length:]
 
     def _leave_tree(self, seq_id: str, rollback_to: int) -> None:
         """A sequence ending with a draft tree may only roll back to the tree's prefix or before it."""
@@ -204,6 +219,7 @@ class ModelRunner:
             raise ValueError(f"{seq_id}: its cache ends with a draft tree after {pending.prefix_len} tokens; "
                              f"roll back to at most that or call keep_path, not to {rollback_to}")
         del self._trees[seq_id]
+        del self._held[self._slots[seq_id]][pending.prefix_len:]  # the nodes are no sequence's tokens
 
     @torch.inference_mode()
     def extend(self, requests: list[Extend]) -> list[torch.Tensor]:
@@ -213,7 +229,7 @@ class ModelRunner:
         for r in requests:
             if not r.tokens or not 1 <= r.num_logits <= len(r.tokens):
                 raise ValueError(f"{r.seq_id}: need >= 1 new token and 1 <= num_logits <= tokens")
-        slots = self._claim_slots(requests, [len(r.tokens) for r in requests])
+        slots, requests = self._claim_slots(requests)
         return self._run_passes([len(r.tokens) for r in requests], slots, lambda group: self._chain_group(
             [requests[i] for i in group], [slots[i] for i in group]))
 
@@ -231,31 +247,77 @@ class ModelRunner:
                     not ROOT_PARENT <= parent < j for j, parent in enumerate(r.tree_parents)):
                 raise ValueError(f"{r.seq_id}: tree_parents must give each node {ROOT_PARENT} or an earlier node, "
                                  "one per tree token")
-        slots = self._claim_slots(requests, [len(r.tokens) + len(r.tree_tokens) for r in requests])
+        slots, requests = self._claim_slots(requests)
         logits = self._run_passes([len(r.tokens) + len(r.tree_tokens) for r in requests], slots, lambda group: (
             self._tree_group([requests[i] for i in group], [slots[i] for i in group])))
         for r in requests:
             self._trees[r.seq_id] = _PendingTree(r.prefix_len, list(r.tree_parents))
         return logits
 
-    def _claim_slots(self, requests: list[Extend] | list[TreeExtend], new_lens: list[int]) -> list[int]:
-        """Checks what every extend needs (each sequence once, known to the cache, room for its ``new_lens``
-        tokens), raising before anything changes; then gives each its slot, rolled back to ``rollback_to``."""
+    def _claim_slots(self, requests: list[Extend] | list[TreeExtend]) -> tuple[list[int], list[Any]]:
+        """Checks what every extend needs (each sequence once, known to the cache, room for its new tokens), raising
+        before anything changes; then gives each its slot, rolled back to ``rollback_to``. Returns the slots and the
+        requests as they will run: one sent whole that starts from a cached prefix runs only what follows it."""
         ids = [r.seq_id for r in requests]
         if len(set(ids)) != len(ids):
             raise ValueError("a sequence may appear only once per extend call")
-        for r, new in zip(requests, new_lens, strict=True):
+        for r in requests:
             if not self.can_extend(r.seq_id, r.rollback_to):
                 raise UnknownSequenceError(r.seq_id)
-            if r.rollback_to + new > self.max_seq_len:
-                raise ValueError(f"{r.seq_id}: {r.rollback_to + new} tokens exceed the "
+            if r.rollback_to + _new_tokens(r) > self.max_seq_len:
+                raise ValueError(f"{r.seq_id}: {r.rollback_to + _new_tokens(r)} tokens exceed the "
                                  f"cache's {self.max_seq_len}-token limit")
         for r in requests:
             self._leave_tree(r.seq_id, r.rollback_to)
-        slots = [self._acquire(r.seq_id, busy=set(ids)) for r in requests]
-        for r, slot, new in zip(requests, slots, new_lens, strict=True):
-            self._roll_back(slot, r.rollback_to, new)
-        return slots
+        busy = set(ids)
+        slots: list[int] = []
+        claimed: list[Any] = []
+        for r in requests:
+            prefix = self._cached_prefix(r) if self.prefix_reuse and r.rollback_to == 0 else None
+            slot = self._acquire(r.seq_id, busy, prefer=prefix[0] if prefix else None)
+            if prefix is not None:
+                r = self._start_from_prefix(r, slot, *prefix)
+            slots.append(slot)
+            claimed.append(r)
+        for r, slot in zip(claimed, slots, strict=True):
+            self._roll_back(slot, r.rollback_to, _new_tokens(r))
+            del self._held[slot][r.rollback_to:]
+        return slots, claimed
+
+    def _cached_prefix(self, request: Extend | TreeExtend) -> tuple[int, int] | None:
+        """(slot, tokens): the longest prefix of a sequence sent whole that a slot holds, leaving at least the tokens
+        whose logits the call returns to compute; among equals, the sequence's own slot, then a free one (taken over,
+        not copied). None when no slot holds one token of it."""
+        tokens = request.tokens
+        limit = len(tokens) - (request.num_logits if isinstance(request, Extend) else 1)
+        if limit < 1:
+            return None
+        own = self._slots.get(request.seq_id)
+        # A live sequence's draft tree is no prefix of anything: only the committed tokens before it count.
+        committed = {self._slots[seq_id]: tree.prefix_len for seq_id, tree in self._trees.items()}
+        best: tuple[int, bool, bool, int] | None = None  # (length, own, free, -slot): the largest wins
+        for slot, held in enumerate(self._held):
+            if not held or held[0] != tokens[0]:
+                continue
+            length = _common_prefix(held, tokens, min(limit, committed.get(slot, limit)))
+            rank = (length, slot == own, self.cache.is_free(slot), -slot)
+            if best is None or rank > best:
+                best = rank
+        return None if best is None else (-best[3], best[0])
+
+    def _start_from_prefix(self, request: Extend | TreeExtend, slot: int, source: int, length: int
+                           ) -> Extend | TreeExtend:
+        """Gives ``slot`` the first ``length`` entries of ``source`` (copied unless they are the same slot) and
+        returns ``request`` as the rest to run after them."""
+        if source != slot:
+            self.cache.copy_prefix(source, slot, length)
+            self._held[slot] = self._held[source][:length]
+        self.cache.lengths[slot] = length
+        del self._held[slot][length:]
+        self.reused_tokens += length
+        log.debug("%s starts from %d cached tokens (slot %d) of the %d sent", request.seq_id, length, source,
+                  len(request.tokens))
+        return replace(request, rollback_to=length, tokens=request.tokens[length:])
 
     def keep_path(self, seq_id: str, prefix_len: int, node_indices: list[int]) -> None:
         """After ``extend_tree``, keep only the accepted path ``node_indices`` (root's child first):
@@ -272,6 +334,9 @@ class ModelRunner:
         slot = self._slots[seq_id]
         self.cache.compact(slot, self._entry(slot, prefix_len), node_indices)
         del self._trees[seq_id]
+        if self.prefix_reuse:
+            held = self._held[slot]
+            held[prefix_len:] = [held[prefix_len + node] for node in node_indices]
 
     def _chain_group(self, requests: list[Extend], slots: list[int]) -> _Group:
         new_lens = [len(r.tokens) for r in requests]
@@ -311,6 +376,8 @@ class ModelRunner:
         for g in groups:
             for slot, row in zip(g.slots, g.token_rows, strict=True):
                 self.cache.lengths[slot] += len(row)
+                if self.prefix_reuse:
+                    self._held[slot].extend(row)
         return list(out.split([len(cols) for g in groups for cols in g.logit_cols]))
 
     def _plan_passes(self, widths: list[int], slots: list[int]) -> list[list[list[int]]]:
@@ -348,7 +415,9 @@ class ModelRunner:
             groups.append(current)
         return groups
 
-    def _acquire(self, seq_id: str, busy: set[str]) -> int:
+    def _acquire(self, seq_id: str, busy: set[str], prefer: int | None = None) -> int:
+        """The slot of ``seq_id``, given one if it has none: ``prefer`` if that slot is free, else the lowest free
+        slot, else the least recently used sequence's outside ``busy``, evicted."""
         slot = self._slots.get(seq_id)
         if slot is not None:
             self._slots.move_to_end(seq_id)
@@ -359,6 +428,22 @@ class ModelRunner:
                 raise CacheFullError(f"all {self.num_slots} slots hold sequences of this batch")
             log.info("evicting sequence %s (least recently used) to make room for %s", victim, seq_id)
             self.release([victim])
-        slot = self.cache.allocate()
+        slot = self.cache.allocate(prefer if prefer is not None and self.cache.is_free(prefer) else None)
+        if slot != prefer:
+            self._held[slot] = []
         self._slots[seq_id] = slot
         return slot
+
+
+def _new_tokens(request: Extend | TreeExtend) -> int:
+    """Cache entries a request writes: its tokens, and a tree's nodes."""
+    return len(request.tokens) + (len(request.tree_tokens) if isinstance(request, TreeExtend) else 0)
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens ``a`` and ``b`` share, at most ``limit``."""
+    n = min(len(a), len(b), limit)
+    if n == 0:
+        return 0
+    differ = (torch.tensor(a[:n]) != torch.tensor(b[:n])).nonzero()
+    return int(differ[0]) if len(differ) else n

@@ -15,6 +15,7 @@ from router.live_request import LiveRequest
 from router.policy_feed import PolicyFeed
 from router.ports import Proposer
 from router.prediction_audit import Calibration, PredictionAudit
+from router.replicas import ReplicaInfo
 from router.self_drafted import SELF_DRAFTED, SelfDrafted
 from router.strategies import Strategies
 from specfleet.config import RouterConfig
@@ -134,7 +135,8 @@ class Planner:
         (its ``strategy``)."""
         pools = [PoolCounts(pool, _pool_kind(batch, pool) or pool,
                             [_first_tries(s, pool) for s in batch], [_offers(s, pool) for s in batch],
-                            [self.depth_room(s, pool) for s in batch]) for pool in self.pools]
+                            [self.depth_room(s, pool) if _catch_up_pays(s, pool, _pool_info(batch, pool)) else 0
+                             for s in batch]) for pool in self.pools]
         decision = self.feed.policy.choose_pools(pools, calibration, _contexts(batch))
         for seq, pool in zip(batch, decision.pools, strict=True):
             seq.strategy = pool
@@ -195,13 +197,33 @@ def _offers(seq: LiveRequest, pool: str | None = None) -> tuple[int, int]:
     return counts.offers, counts.misses
 
 
-def _pool_kind(batch: list[LiveRequest], pool: str) -> str | None:
-    """The drafter kind of ``pool``, as its replicas said (GetInfo); None until one has."""
+def _pool_info(batch: list[LiveRequest], pool: str) -> ReplicaInfo | None:
+    """What ``pool``'s replicas said of themselves (GetInfo); None until one has."""
     for seq in batch:
         session = seq.sessions.get(pool)
         if session is not None and session.replica is not None and session.replica.info is not None:
-            return session.replica.info.kind
+            return session.replica.info
     return None
+
+
+def _pool_kind(batch: list[LiveRequest], pool: str) -> str | None:
+    """The drafter kind of ``pool``, as its replicas said; None until one has."""
+    info = _pool_info(batch, pool)
+    return None if info is None else info.kind
+
+
+def _catch_up_pays(seq: LiveRequest, pool: str, info: ReplicaInfo | None) -> bool:
+    """Whether ``seq`` may draft from ``pool`` this step, as far as the tokens that pool lacks of it go. A drafter that
+    keeps a KV cache (``num_slots``) must first compute every token of the sequence it does not hold, all of them
+    the first time, and the step waits for it with every sequence in the batch: at a long context, seconds. At a
+    sequence's first step the target computes its prompt too, and any pool may start. Later, a pool behind by more
+    tokens than the sequence may still generate is left out: a prefilled token costs a fraction of a decoding step,
+    and a better drafter saves a fraction of the steps left, so such a catch-up cannot pay for itself."""
+    if seq.target_cached == 0 or info is None or not info.num_slots:
+        return True
+    session = seq.sessions.get(pool)
+    behind = len(seq.tokens) - (0 if session is None else session.cached)
+    return behind <= seq.max_new_tokens - len(seq.generated)
 
 
 def _contexts(batch: list[LiveRequest]) -> list[int]:

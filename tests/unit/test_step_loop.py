@@ -37,6 +37,7 @@ from specfleet.config import RouterConfig
 from specfleet.otel import RouterMetrics
 from specfleet.policy import DepthPolicy
 from specfleet.speculation import PREFILL_TOKENS
+from specfleet.stats import AcceptanceCounts
 
 PROMPTS = [[3, 1, 4], [1, 5, 9, 2, 6], [5, 3], [8, 9, 7, 9]]
 
@@ -255,6 +256,39 @@ def test_with_two_draft_pools_each_sequence_moves_to_the_drafter_that_is_accepte
                          if kind in s.acceptance_by_drafter) for kind in ("ngram", "model")}
     assert by_kind["ngram"] == 0 and by_kind["model"] == sum(seq.stats.by_pool["good"].accepted for seq in seqs)
     assert set().union(*(s.acceptance_by_drafter for s in recorder.steps)) == {"ngram", "model"}
+
+
+def test_a_pool_whose_cache_lags_by_more_than_the_tokens_left_is_left_out() -> None:
+    """A drafter that keeps a KV cache must compute what it lacks of a sequence before drafting, and the whole step
+    waits: a sequence may start on such a pool at its first step, or move to it while the catch-up is no longer than
+    what it may still generate, not later."""
+    config = RouterConfig(depth="auto", drafts="ngram=draft:1,sparse=draft:2")
+    cached_model = ReplicaInfo("toy", "toy", VOCAB, "toy", 256, 8)  # a drafter that keeps a KV cache (8 slots)
+    lookup = ReplicaInfo("", "ngram", 0, "", 0, 0)
+    strategies = Strategies({name: DraftPool(config.draft_timeout_ms, config.draft_retry_s, RouterMetrics(), name)
+                             for name in ("ngram", "sparse")})
+    planner = Planner(config, PolicyFeed(DepthPolicy(max_depth=4, min_gain=0.0), None, 1.0, "throughput"),
+                      strategies, "target:1", max_context=256)
+
+    def sequence(seq_id: str, prompt_len: int, max_new: int, held_by_target: int, held_by_sparse: int) -> LiveRequest:
+        seq = live_request(seq_id, list(range(prompt_len)), max_new, "ngram")
+        seq.target_cached = held_by_target
+        seq.sessions = {"ngram": DraftSession(DraftReplica("draft:1", FakeDrafter(), lookup, pool="ngram"),
+                                              held_by_target),
+                        "sparse": DraftSession(DraftReplica("draft:2", FakeDrafter(), cached_model, pool="sparse"),
+                                               held_by_sparse)}
+        # It drafts far better than the lookup: the policy wants it wherever it may have it.
+        seq.stats.by_pool["sparse"] = AcceptanceCounts(sequence_steps=200, accepted=800, rejections=5)
+        seq.stats.by_pool["ngram"] = AcceptanceCounts(sequence_steps=200, accepted=0, rejections=200)
+        return seq
+
+    first_step = sequence("first-step", 120, 16, held_by_target=0, held_by_sparse=0)
+    short_catch_up = sequence("short", 120, 16, held_by_target=119, held_by_sparse=110)
+    long_catch_up = sequence("long", 120, 16, held_by_target=119, held_by_sparse=0)
+    plan = planner.plan([first_step, short_catch_up, long_catch_up])
+    on_sparse = {s.seq_id: s.strategy == "sparse" and plan.draft(s.seq_id).levels > 0
+                 for s in (first_step, short_catch_up, long_catch_up)}
+    assert on_sparse == {"first-step": True, "short": True, "long": False}
 
 
 def test_a_sequence_with_no_draft_session_decodes_plainly_beside_named_pools() -> None:

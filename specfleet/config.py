@@ -90,7 +90,8 @@ class EngineConfig(ServiceConfig):
     prefix_reuse: str = option("on", "a sequence sent whole starts from the longest prefix of it the KV cache holds "
                                "(a live sequence's, or a finished one's whose slot is not yet taken again): a chat's "
                                "next turn computes only its new tokens (off: every prompt computed in full; the "
-                               "sparse_self drafter's streaming cache never reuses)", choices=["on", "off"])
+                               "sparse_self drafter's streaming cache and the llamacpp backend never reuse)",
+                               choices=["on", "off"])
     threads: int = option(0, "CPU threads the model computes with: torch's intra-op threads for the engine, "
                           "llama.cpp's for a llamacpp drafter or target (0: torch's default; llama.cpp: the cores "
                           "this process may use, within its cgroup's CPU quota). Give fewer where other busy "

@@ -133,10 +133,13 @@ class Planner:
         """Each sequence's draft pool and depth, by the policy (`DepthPolicy.choose_pools`), from each pool's
         drafter costs and each sequence's own acceptance with each pool; the sequence drafts from its pool this step
         (its ``strategy``)."""
-        pools = [PoolCounts(pool, _pool_kind(batch, pool) or pool,
-                            [_first_tries(s, pool) for s in batch], [_offers(s, pool) for s in batch],
-                            [self.depth_room(s, pool) if _catch_up_pays(s, pool, _pool_info(batch, pool)) else 0
-                             for s in batch]) for pool in self.pools]
+        pools: list[PoolCounts] = []
+        for pool in self.pools:
+            info = _pool_info(batch, pool)
+            pools.append(PoolCounts(pool, (info.kind if info is not None else "") or pool,
+                                    [_first_tries(s, pool) for s in batch], [_offers(s, pool) for s in batch],
+                                    [self.depth_room(s, pool) if _catch_up_pays(s, pool, info) else 0
+                                     for s in batch]))
         decision = self.feed.policy.choose_pools(pools, calibration, _contexts(batch))
         for seq, pool in zip(batch, decision.pools, strict=True):
             seq.strategy = pool

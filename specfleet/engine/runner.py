@@ -248,7 +248,7 @@ class ModelRunner:
                 raise ValueError(f"{r.seq_id}: tree_parents must give each node {ROOT_PARENT} or an earlier node, "
                                  "one per tree token")
         slots, requests = self._claim_slots(requests)
-        logits = self._run_passes([len(r.tokens) + len(r.tree_tokens) for r in requests], slots, lambda group: (
+        logits = self._run_passes([_new_tokens(r) for r in requests], slots, lambda group: (
             self._tree_group([requests[i] for i in group], [slots[i] for i in group])))
         for r in requests:
             self._trees[r.seq_id] = _PendingTree(r.prefix_len, list(r.tree_parents))

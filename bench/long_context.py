@@ -29,8 +29,9 @@ the run stops with the first difference.
 
 Prefill dominates the wall time on a CPU, so the target reuses prompts it has prefilled (``--prefix-reuse on``, the
 default here: the first configuration of a cell, ``plain``, prefills the batch's prompts and the others start from
-them; its TTFT is the cold one), the sparse_self draft still prefills every prompt itself (its streaming cache keeps
-too little to reuse), and the default sends one batch per cell (two requests at batch 1); ``--prompts`` raises it.
+them; its TTFT is the cold one), the sparse_self draft still prefills every prompt itself (``--prefix-reuse off``:
+its streaming cache continues a sequence only from about where it ended, and each prompt here comes again after its
+decode has moved past it), and the default sends one batch per cell (two requests at batch 1); ``--prompts`` raises it.
 Cells run in order of context, then batch, and each finished cell is printed (and written to ``--report-table``) at
 once.
 

@@ -122,11 +122,13 @@ def build_servicer(config: DraftConfig, otel: Otel | None = None) -> DraftServic
     drafter: ModelDrafter
     if config.drafter == "sparse_self":
         window = StreamingWindow(sinks=config.sparse_sinks, window=config.sparse_window)
-        runner = StreamingRunner.from_folder(folder, window=window, **engine)
+        runner = StreamingRunner.from_folder(folder, window=window, **engine,
+                                             prefix_reuse=config.prefix_reuse == "on")
         drafter = SparseSelfDrafter(runner, top_k_pairs=config.top_k_pairs)
         log.info("sparse_self drafter %s loaded on %s: %d slots of up to %d tokens, each attending to %d sink and "
-                 "%d recent tokens (%d cache entries a slot)", config.model, device, runner.num_slots,
-                 runner.max_seq_len, window.sinks, window.window, window.capacity)
+                 "%d recent tokens (%d cache entries a slot), prefix reuse %s", config.model, device,
+                 runner.num_slots, runner.max_seq_len, window.sinks, window.window, window.capacity,
+                 config.prefix_reuse)
     else:
         runner = ModelRunner.from_folder(folder, **engine, prefix_reuse=config.prefix_reuse == "on")
         drafter = ModelDrafter(runner, top_k_pairs=config.top_k_pairs)

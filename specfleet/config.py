@@ -89,8 +89,9 @@ class EngineConfig(ServiceConfig):
                               choices=["on", "off"])
     prefix_reuse: str = option("on", "a sequence sent whole starts from the longest prefix of it the KV cache holds "
                                "(a live sequence's, or a finished one's whose slot is not yet taken again): a chat's "
-                               "next turn computes only its new tokens (off: every prompt computed in full; the "
-                               "sparse_self drafter's streaming cache and the llamacpp backend never reuse)",
+                               "next turn computes only its new tokens (off: every prompt computed in full). The "
+                               "sparse_self drafter's streaming cache continues a finished sequence only from about "
+                               "where it ended (as a chat's next turn does); the llamacpp backend never reuses",
                                choices=["on", "off"])
     threads: int = option(0, "CPU threads the model computes with: torch's intra-op threads for the engine, "
                           "llama.cpp's for a llamacpp drafter or target (0: torch's default; llama.cpp: the cores "

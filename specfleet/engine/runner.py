@@ -273,16 +273,22 @@ class ModelRunner:
         slots: list[int] = []
         claimed: list[Any] = []
         for r in requests:
-            prefix = self._cached_prefix(r) if self.prefix_reuse and r.rollback_to == 0 else None
-            slot = self._acquire(r.seq_id, busy, prefer=prefix[0] if prefix else None)
-            if prefix is not None:
-                r = self._start_from_prefix(r, slot, *prefix)
+            slot, r = self._claim(r, busy)
             slots.append(slot)
             claimed.append(r)
         for r, slot in zip(claimed, slots, strict=True):
             self._roll_back(slot, r.rollback_to, _new_tokens(r))
             del self._held[slot][r.rollback_to:]
         return slots, claimed
+
+    def _claim(self, request: Extend | TreeExtend, busy: set[str]) -> tuple[int, Extend | TreeExtend]:
+        """The slot of ``request``'s sequence (see `_acquire`) and the request as it will run there: one sent whole
+        that starts from a cached prefix runs only what follows it."""
+        prefix = self._cached_prefix(request) if self.prefix_reuse and request.rollback_to == 0 else None
+        slot = self._acquire(request.seq_id, busy, prefix)
+        if prefix is not None:
+            request = self._start_from_prefix(request, slot, *prefix)
+        return slot, request
 
     def _cached_prefix(self, request: Extend | TreeExtend) -> tuple[int, int] | None:
         """(slot, tokens): the longest prefix of a sequence sent whole that a slot holds, leaving at least the tokens
@@ -300,19 +306,26 @@ class ModelRunner:
             if not held or held[0] != tokens[0]:
                 continue
             length = _common_prefix(held, tokens, min(limit, committed.get(slot, limit)))
+            if not self._restorable(slot, length):
+                continue
             rank = (length, slot == own, self.cache.is_free(slot), -slot)
             if best is None or rank > best:
                 best = rank
         return None if best is None else (-best[3], best[0])
 
+    def _restorable(self, slot: int, length: int) -> bool:
+        """Whether ``slot`` can be cut back to its first ``length`` tokens: here always, every entry is kept."""
+        return True
+
     def _start_from_prefix(self, request: Extend | TreeExtend, slot: int, source: int, length: int
                            ) -> Extend | TreeExtend:
         """Gives ``slot`` the first ``length`` entries of ``source`` (copied unless they are the same slot) and
         returns ``request`` as the rest to run after them."""
+        entries = self._entry(source, length)
         if source != slot:
-            self.cache.copy_prefix(source, slot, length)
+            self.cache.copy_prefix(source, slot, entries)
             self._held[slot] = self._held[source][:length]
-        self.cache.lengths[slot] = length
+        self.cache.lengths[slot] = entries
         del self._held[slot][length:]
         self.reused_tokens += length
         log.debug("%s starts from %d cached tokens (slot %d) of the %d sent", request.seq_id, length, source,
@@ -415,9 +428,9 @@ class ModelRunner:
             groups.append(current)
         return groups
 
-    def _acquire(self, seq_id: str, busy: set[str], prefer: int | None = None) -> int:
-        """The slot of ``seq_id``, given one if it has none: ``prefer`` if that slot is free, else the lowest free
-        slot, else the least recently used sequence's outside ``busy``, evicted."""
+    def _acquire(self, seq_id: str, busy: set[str], prefix: tuple[int, int] | None = None) -> int:
+        """The slot of ``seq_id``, given one if it has none (see `_free_slot_for`), after evicting the least recently
+        used sequence outside ``busy`` if no slot is free. ``prefix``: the (slot, tokens) its start is taken from."""
         slot = self._slots.get(seq_id)
         if slot is not None:
             self._slots.move_to_end(seq_id)
@@ -428,11 +441,28 @@ class ModelRunner:
                 raise CacheFullError(f"all {self.num_slots} slots hold sequences of this batch")
             log.info("evicting sequence %s (least recently used) to make room for %s", victim, seq_id)
             self.release([victim])
-        slot = self.cache.allocate(prefer if prefer is not None and self.cache.is_free(prefer) else None)
-        if slot != prefer:
-            self._held[slot] = []
+        slot = self.cache.allocate(self._free_slot_for(prefix))
+        if prefix is None or slot != prefix[0]:
+            self._forget(slot)
         self._slots[seq_id] = slot
         return slot
+
+    def _free_slot_for(self, prefix: tuple[int, int] | None) -> int:
+        """The free slot a new sequence goes to. A free slot still holds its last sequence's entries for later
+        prompts to start from, so a new sequence takes the one whose loss costs least: the slot its own prefix is
+        in when most of what that slot holds is that prefix (a chat's next turn moves into its last turn's slot),
+        else the free slot holding the fewest tokens it does not reuse (empty slots first, the lowest among equals).
+        A new conversation that shares only a system prompt with a finished one copies those entries elsewhere
+        rather than writing over the conversation, which its own next turn will need."""
+        free = [s for s in range(self.num_slots) if self.cache.is_free(s)]
+        source, length = prefix if prefix is not None else (-1, 0)
+        if source in free and len(self._held[source]) - length <= length:
+            return source
+        return min(free, key=lambda s: (len(self._held[s]) - (length if s == source else 0), s))
+
+    def _forget(self, slot: int) -> None:
+        """A slot given to a new sequence that does not take over its entries: nothing in it is a prefix any more."""
+        self._held[slot] = []
 
 
 def _new_tokens(request: Extend | TreeExtend) -> int:

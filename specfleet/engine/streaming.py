@@ -77,11 +77,12 @@ class StreamingRunner(ModelRunner):
     ``ModelRunner``; a rollback to before what the trimmed window can restore answers as an unknown sequence."""
 
     def __init__(self, model: LlamaForCausalLM, *, num_slots: int, window: StreamingWindow,
-                 max_seq_len: int | None = None, max_batch_tokens: int = 2048) -> None:
+                 max_seq_len: int | None = None, max_batch_tokens: int = 2048, prefix_reuse: bool = True) -> None:
         if model.cfg.sliding_window is not None:
             raise ValueError(f"a {model.cfg.model_type} model with its own sliding window cannot draft over a "
                              "streaming cache: both would decide which keys a token sees")
-        super().__init__(model, num_slots=num_slots, max_seq_len=window.capacity, max_batch_tokens=max_batch_tokens)
+        super().__init__(model, num_slots=num_slots, max_seq_len=window.capacity, max_batch_tokens=max_batch_tokens,
+                         prefix_reuse=prefix_reuse)
         self.window = window
         self.context_limit = min(max_seq_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
         self._evicted = [0] * num_slots  # per slot: window positions dropped, so entry = position - evicted
@@ -89,10 +90,10 @@ class StreamingRunner(ModelRunner):
     @classmethod
     def from_folder(cls, folder: Path, *, num_slots: int, max_seq_len: int, device: str = "cpu",
                     dtype: torch.dtype | str = "auto", prepack: bool = True,
-                    window: StreamingWindow = StreamingWindow()) -> StreamingRunner:
+                    window: StreamingWindow = StreamingWindow(), prefix_reuse: bool = True) -> StreamingRunner:
         """A streaming runner over the model in ``folder`` (see `load_model`), for contexts up to ``max_seq_len``."""
         return cls(load_model(folder, device=device, dtype=dtype, prepack=prepack), num_slots=num_slots,
-                   window=window, max_seq_len=max_seq_len)
+                   window=window, max_seq_len=max_seq_len, prefix_reuse=prefix_reuse)
 
     @property
     def max_seq_len(self) -> int:
@@ -113,17 +114,23 @@ class StreamingRunner(ModelRunner):
         if not super().can_extend(seq_id, rollback_to):
             return False
         slot = self._slots.get(seq_id)
-        if slot is None or not self._evicted[slot] or rollback_to == 0:
-            return True
-        # A token at rollback_to sees positions from rollback_to - window + 1 on: they must still be held.
-        return rollback_to - self.window.window + 1 >= self.window.sinks + self._evicted[slot]
+        return slot is None or rollback_to == 0 or self._restorable(slot, rollback_to)
 
-    def release(self, seq_ids: list[str]) -> int:
-        for seq_id in seq_ids:
-            slot = self._slots.get(seq_id)
-            if slot is not None:
-                self._evicted[slot] = 0
-        return super().release(seq_ids)
+    def _restorable(self, slot: int, length: int) -> bool:
+        """A token at ``length`` sees positions from length - window + 1 on: they must still be held. So a
+        sequence (or a prefix taken from it) continues only from its last ``window.reach`` tokens or so once its
+        window has been trimmed; a chat's next turn, which continues from where the last one ended, is such."""
+        evicted = self._evicted[slot]
+        return not evicted or length - self.window.window + 1 >= self.window.sinks + evicted
+
+    def _start_from_prefix(self, request: Extend | TreeExtend, slot: int, source: int, length: int
+                           ) -> Extend | TreeExtend:
+        self._evicted[slot] = self._evicted[source]  # the copied entries stand for the same positions
+        return super()._start_from_prefix(request, slot, source, length)
+
+    def _forget(self, slot: int) -> None:
+        super()._forget(slot)
+        self._evicted[slot] = 0
 
     @torch.inference_mode()
     def extend(self, requests: list[Extend]) -> list[torch.Tensor]:
@@ -141,8 +148,9 @@ class StreamingRunner(ModelRunner):
         if all(len(r.tokens) <= chunk for r in requests):
             return super().extend(requests)
         ids = {r.seq_id for r in requests}
-        for r in requests:  # every sequence holds its slot before any chunk runs, so none is evicted midway
-            self._acquire(r.seq_id, busy=ids)
+        # Every sequence holds its slot before any chunk runs, so none is evicted midway; one sent whole starts from
+        # the longest prefix of it a slot holds, and only the rest is chunked.
+        requests = [self._claim(r, ids)[1] for r in requests]
         # Chunk boundaries count back from the end, so the last chunk is whole and holds every logit asked for.
         pieces = [_chunks(r, chunk) for r in requests]
         logits: list[torch.Tensor] = [torch.empty(0)] * len(requests)

@@ -186,3 +186,18 @@ def test_hf_and_plain_decoding_are_compared_up_to_the_end_of_sequence() -> None:
     assert agreement_until_eos([5, 6, 2, 9], [5, 6, 7, 8], eos_ids={2})  # HF suppressed EOS, we went past it
     assert not agreement_until_eos([5, 6, 2], [5, 7, 2], eos_ids={2})
     assert agreement_until_eos([5, 6], [5, 6], eos_ids=set())
+
+
+def test_a_chats_next_turn_extends_the_last_turns_sequence() -> None:
+    from bench.chat_turns import next_user_turn
+
+    tokenizer = CharTokenizer()
+    first = chat_frame(tokenizer, "Sum up.").wrap(encode("def f(): pass"), 46)
+    answer = encode("It passes.")
+    follow_up = next_user_turn(tokenizer, "Why?")
+    assert chars(follow_up) == "</assistant><user>Why?</user><assistant>"
+    whole = tokenizer.apply_chat_template([{"role": "user", "content": "def f(): pass\n\nSum up."},
+                                           {"role": "assistant", "content": "It passes."},
+                                           {"role": "user", "content": "Why?"}], add_generation_prompt=True,
+                                          tokenize=False)
+    assert chars(first + answer + follow_up) == whole

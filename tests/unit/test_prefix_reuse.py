@@ -15,6 +15,7 @@ from specfleet.engine.streaming import StreamingRunner, StreamingWindow
 
 TOLERANCE = 1e-4
 VOCAB = 61
+STREAMING = StreamingWindow(sinks=2, window=4, reach=2, chunk=6)
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +135,30 @@ def test_a_released_slot_is_taken_over_until_another_sequence_writes_it(folder: 
     assert counted.tokens == len(prompt)
 
 
+def test_a_new_conversation_sharing_a_system_prompt_leaves_a_finished_one_for_its_next_turn(folder: Path) -> None:
+    """Free slots keep finished conversations; a new one that shares only their system prompt copies it into the
+    free slot whose loss costs least (an empty one, else the one holding least), and the finished conversation's
+    next turn still starts from all of it."""
+    runner = _runner(folder, slots=3)
+    system = [1, 2, 3, 4]
+    long_chat, short_chat = system + list(range(10, 40)), system + [50, 51]
+    runner.extend([Extend("long", 0, long_chat), Extend("short", 0, short_chat)])
+    runner.release(["long", "short"])
+    slot_of = {"long": 0, "short": 1}
+    assert [runner._held[s] for s in slot_of.values()] == [long_chat, short_chat]
+
+    runner.extend([Extend("new-1", 0, system + [55, 56, 57])])
+    assert runner._slots["new-1"] == 2  # the empty slot, the system prompt copied into it
+    runner.extend([Extend("new-2", 0, system + [58, 59])])
+    assert runner._slots["new-2"] == slot_of["short"]  # no slot empty: the one that loses the fewest tokens
+    assert runner.reused_tokens == 2 * len(system)
+
+    counted = Counted(runner)
+    runner.extend([Extend("long, next turn", 0, long_chat + [5, 6])])
+    assert counted.tokens == 2
+    assert runner._slots["long, next turn"] == slot_of["long"]  # moved in: the slot held nothing else
+
+
 def test_two_new_sequences_of_one_prompt_in_one_call(folder: Path) -> None:
     runner, plain = _runner(folder), _runner(folder, reuse=False)
     prompt = list(range(3, 19))
@@ -141,12 +166,12 @@ def test_two_new_sequences_of_one_prompt_in_one_call(folder: Path) -> None:
     _close(runner.extend(batch), plain.extend(batch))
 
 
-def test_nothing_is_reused_when_off_or_on_a_streaming_cache(folder: Path) -> None:
+def test_nothing_is_reused_when_off(folder: Path) -> None:
     prompt = list(range(1, 30))
     off = _runner(folder, reuse=False)
-    streaming = StreamingRunner.from_folder(folder, num_slots=2, max_seq_len=128,
-                                            window=StreamingWindow(sinks=2, window=8, reach=4, chunk=8))
-    for runner in (off, streaming):
+    streaming_off = StreamingRunner.from_folder(folder, num_slots=2, max_seq_len=128, window=STREAMING,
+                                                prefix_reuse=False)
+    for runner in (off, streaming_off):
         runner.extend([Extend("first", 0, prompt)])
         runner.release(["first"])
         counted = Counted(runner)
@@ -155,16 +180,31 @@ def test_nothing_is_reused_when_off_or_on_a_streaming_cache(folder: Path) -> Non
         assert runner.reused_tokens == 0
 
 
-def test_random_sessions_have_the_logits_of_a_runner_that_computes_everything(folder: Path) -> None:
+@pytest.mark.parametrize("cache", ["full", "streaming"])
+def test_random_sessions_have_the_logits_of_a_runner_that_computes_everything(folder: Path, cache: str) -> None:
     """Chats, drafts, trees, rollbacks, releases and evictions over prompts that share prefixes, on a runner that
-    reuses prefixes and one that does not: every call's logits agree."""
+    reuses prefixes and one that does not: every call's logits agree. On a streaming cache the windows slide (its
+    capacity is 22 entries), so prefixes are also taken from trimmed windows, and refused where one cannot restore."""
     rng = random.Random(7)
-    runner, plain = _runner(folder, slots=4), _runner(folder, reuse=False, slots=4)
+    if cache == "full":
+        runner, plain = _runner(folder, slots=4), _runner(folder, reuse=False, slots=4)
+    else:
+        runner, plain = (StreamingRunner.from_folder(folder, num_slots=4, max_seq_len=128, window=STREAMING,
+                                                     prefix_reuse=reuse) for reuse in (True, False))
+    max_logits = STREAMING.chunk if cache == "streaming" else 128
+    from_trimmed = []  # per reuse: whether the prefix came from a slot whose window had slid
+    start_from_prefix = runner._start_from_prefix
+
+    def recording(request, slot, source, length):
+        from_trimmed.append(bool(getattr(runner, "_evicted", [0] * runner.num_slots)[source]))
+        return start_from_prefix(request, slot, source, length)
+
+    runner._start_from_prefix = recording  # type: ignore[method-assign]
     stems = [[rng.randrange(VOCAB) for _ in range(rng.randrange(4, 20))] for _ in range(3)]
     history: dict[str, list[int]] = {}  # what each live sequence holds (on both runners)
     finished: list[list[int]] = []
     reusing_calls = 0
-    for call in range(150):
+    for call in range(150 if cache == "full" else 400):
         live = [s for s in history if runner.cached_len(s) is not None and plain.cached_len(s) is not None]
         for seq_id in set(history) - set(live):  # evicted from one of them: the router would resend it
             history.pop(seq_id)
@@ -174,13 +214,17 @@ def test_random_sessions_have_the_logits_of_a_runner_that_computes_everything(fo
         if action < 0.35 or not live:
             base = rng.choice(finished) if finished and rng.random() < 0.5 else rng.choice(stems)
             suffix = [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 6))]
-            tokens = base[: rng.randrange(1, len(base) + 1)] + suffix
+            cut = len(base) if rng.random() < 0.3 else rng.randrange(1, len(base) + 1)  # 0.3: a chat's next turn
+            tokens = base[:cut] + suffix
             seq_id = f"s{call}"
-            request = Extend(seq_id, 0, tokens, num_logits=rng.randrange(1, len(tokens) + 1))
+            logits = 1 if rng.random() < 0.5 else rng.randrange(1, min(len(tokens), max_logits) + 1)
+            request = Extend(seq_id, 0, tokens, num_logits=logits)
             history[seq_id] = tokens
         elif action < 0.6:
             seq_id = rng.choice(live)
             keep = rng.randrange(1, len(history[seq_id]) + 1)
+            if not (runner.can_extend(seq_id, keep) and plain.can_extend(seq_id, keep)):
+                keep = len(history[seq_id])  # behind a trimmed window: the router would not roll back so far
             new = [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 4))]
             request = Extend(seq_id, keep, new, num_logits=len(new))
             history[seq_id] = history[seq_id][:keep] + new
@@ -206,3 +250,5 @@ def test_random_sessions_have_the_logits_of_a_runner_that_computes_everything(fo
         assert runner.cached_len(request.seq_id) == plain.cached_len(request.seq_id) == len(history[request.seq_id])
         reusing_calls += runner.reused_tokens > reused_before
     assert reusing_calls >= 20
+    if cache == "streaming":
+        assert sum(from_trimmed) >= 5

@@ -154,3 +154,35 @@ def test_a_model_with_its_own_sliding_window_is_refused(tmp_path: Path) -> None:
     AutoModelForCausalLM.from_config(MistralConfig(**TINY, sliding_window=5)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="own sliding window"):
         StreamingRunner.from_folder(tmp_path, num_slots=1, max_seq_len=64)
+
+
+def test_a_chats_next_turn_continues_from_the_slid_window_of_the_last(tiny_folder: Path) -> None:
+    """A finished sequence's slot keeps its sinks and window: a next turn that resends it with more tokens after it
+    computes only those (exactly: the cache then equals the masked pass over the whole turn); a prompt that shares
+    only an early part, whose window is gone, is computed in full."""
+    runner = StreamingRunner.from_folder(tiny_folder, num_slots=2, max_seq_len=8192, window=SMALL)
+    turn = _tokens(50)
+    runner.extend([Extend("turn-1", 0, turn)])
+    for token in _tokens(6, seed=40):  # the answer, a token a step
+        runner.extend([Extend("turn-1", len(turn), [token])])
+        turn.append(token)
+    assert runner._evicted[runner._slots["turn-1"]] > 0, "the window never slid"
+    runner.release(["turn-1"])
+
+    computed = []
+    forward = runner.model.forward
+    runner.model.forward = lambda ids, *a, **k: computed.append(ids.numel()) or forward(ids, *a, **k)
+    next_turn = turn + _tokens(5, seed=70)
+    logits = runner.extend([Extend("turn-2", 0, next_turn, num_logits=2)])[0]
+    assert sum(computed) == 5 and runner.reused_tokens == len(turn)
+    reference, _, _ = _reference(tiny_folder, next_turn, SMALL)
+    torch.testing.assert_close(logits, reference[-2:], atol=TOLERANCE, rtol=TOLERANCE)
+    _assert_cache_matches(runner, "turn-2", tiny_folder, next_turn)
+
+    computed.clear()
+    early = turn[:20] + _tokens(5, seed=90)
+    logits = runner.extend([Extend("early", 0, early)])[0]
+    assert sum(computed) == len(early) and runner.reused_tokens == len(turn)
+    reference, _, _ = _reference(tiny_folder, early, SMALL)
+    torch.testing.assert_close(logits, reference[-1:], atol=TOLERANCE, rtol=TOLERANCE)
+    _assert_cache_matches(runner, "early", tiny_folder, early)

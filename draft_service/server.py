@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -34,11 +35,13 @@ log = logging.getLogger("specfleet.draft")
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
     def __init__(self, config: DraftConfig, drafter: Drafter, *, vocab_size: int = 0, fingerprint: str = "",
                  max_seq_len: int = 0, num_slots: int = 0, telemetry: TelemetryWriter | None = None,
-                 otel: Otel | None = None) -> None:
+                 otel: Otel | None = None, reused_prompt_tokens: Callable[[], int] = lambda: 0) -> None:
+        """``reused_prompt_tokens``: how many prompt tokens the drafter's cache has started from cached prefixes
+        (see `ServiceMetrics`); a drafter without a KV cache reuses none."""
         self.config = config
         self.telemetry = telemetry
         self.drafter = drafter
-        self.metrics = ServiceMetrics(otel, "draft", lambda: drafter.live_sequences)
+        self.metrics = ServiceMetrics(otel, "draft", lambda: drafter.live_sequences, reused_prompt_tokens)
         self.vocab_size, self.fingerprint = vocab_size, fingerprint
         self.max_seq_len, self.num_slots = max_seq_len, num_slots
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
@@ -57,6 +60,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
         compute_ms = (time.perf_counter() - started) * 1000
         self.metrics.record_batch(compute_ms / 1000)
+        self.metrics.record_prompts(sum(len(r.new_tokens) for r in requests if r.rollback_to == 0))
         if self.telemetry is not None and requests and not any(is_prefill(r.new_tokens) for r in requests):
             # The sequences' own lengths, whatever the drafter reads of them: how its cost grows with them (a window
             # + sink draft's does not) is for the cost model to measure, and the router prices at those lengths.
@@ -137,7 +141,8 @@ def build_servicer(config: DraftConfig, otel: Otel | None = None) -> DraftServic
     runner.warm_up()
     return DraftServicer(config, drafter,
                          vocab_size=runner.vocab_size, fingerprint=tokenizer_fingerprint(load_tokenizer(folder)),
-                         max_seq_len=runner.max_seq_len, num_slots=runner.num_slots, telemetry=telemetry, otel=otel)
+                         max_seq_len=runner.max_seq_len, num_slots=runner.num_slots, telemetry=telemetry, otel=otel,
+                         reused_prompt_tokens=lambda: runner.reused_tokens)
 
 
 def _build_llamacpp(config: DraftConfig, telemetry: TelemetryWriter | None, otel: Otel | None) -> DraftServicer:

@@ -145,6 +145,7 @@ class LlamaCppRunner:
     """A GGUF model in one llama.cpp context, each sequence a session on a slot of its KV cache."""
 
     supports_trees = False  # see the module's docstring
+    reused_tokens = 0  # every prompt is computed in full: no prefix of one sequence's cache is given to another
 
     def __init__(self, gguf: Path, *, num_slots: int = 32, max_seq_len: int = 2048, threads: int = 0,
                  batch_invariant: bool = False, needed_by: str = "--drafter llamacpp") -> None:

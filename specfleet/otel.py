@@ -430,22 +430,36 @@ class RouterMetrics:
 
 
 class ServiceMetrics:
-    """A draft or target service's metrics: the compute time of each batch and the sequences it holds.
+    """A draft or target service's metrics: the compute time of each batch, the sequences it holds, and the prompt
+    tokens it was sent against those it started from cached prefixes (the prefix cache's hit rate).
 
-    As Prometheus shows them: specfleet_service_batch_latency_seconds{role} (histogram) and
-    specfleet_service_live_sequences{role} (gauge), role draft or target.
+    As Prometheus shows them: specfleet_service_batch_latency_seconds{role} (histogram),
+    specfleet_service_live_sequences{role} (gauge), specfleet_service_prompt_tokens_total{role} and
+    specfleet_service_reused_prompt_tokens_total{role} (counters), role draft or target.
     """
 
-    def __init__(self, otel: Otel | None, role: str, live_sequences: Callable[[], int]) -> None:
+    def __init__(self, otel: Otel | None, role: str, live_sequences: Callable[[], int],
+                 reused_prompt_tokens: Callable[[], int] = lambda: 0) -> None:
         meter = (otel or Otel()).meter
         self._role = {"role": role}
         self.batch_latency = _histogram(
             meter, "specfleet_service_batch_latency", "s", "compute time of one Propose or Verify batch, by role")
         meter.create_observable_gauge("specfleet_service_live_sequences", [_gauge(live_sequences, self._role)],
                                       "{sequence}", "sequences held in the service's cache, by role")
+        self.prompt_tokens = meter.create_counter(
+            "specfleet_service_prompt_tokens", "{token}",
+            "tokens of the sequences sent whole (new requests, and sequences resent after a lost cache), by role")
+        meter.create_observable_counter(
+            "specfleet_service_reused_prompt_tokens", [_gauge(reused_prompt_tokens, self._role)], "{token}",
+            "of the tokens of sequences sent whole, those started from a cached prefix instead of computed, by role")
 
     def record_batch(self, seconds: float) -> None:
         self.batch_latency.record(seconds, self._role)
+
+    def record_prompts(self, tokens: int) -> None:
+        """Tokens of sequences a batch sent whole (rolled back to 0)."""
+        if tokens:
+            self.prompt_tokens.add(tokens, self._role)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         self.config = config
         self.telemetry = telemetry
         self.verifier = verifier
-        self.metrics = ServiceMetrics(otel, "target", lambda: verifier.runner.live_sequences)
+        self.metrics = ServiceMetrics(otel, "target", lambda: verifier.runner.live_sequences,
+                                      lambda: verifier.runner.reused_tokens)
         self.fingerprint = fingerprint
         self.eos_ids = eos_ids
         self.sessions = Sessions(lambda: verifier.runner.live_sequences)
@@ -64,6 +65,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
         elapsed_ms = (time.perf_counter() - started) * 1000
         self.metrics.record_batch(elapsed_ms / 1000)
+        self.metrics.record_prompts(sum(len(i.new_tokens) for i in items if i.rollback_to == 0))
         if self.telemetry is not None and items and not any(is_prefill(i.new_tokens) for i in items):
             tokens_per_seq = sum(self.verifier.fed_tokens(i) for i in items) / len(items)
             # The KV each sequence's verify reads: its committed tokens, where its drafts start (the router's price).

@@ -21,6 +21,7 @@ COUNTERS_AND_GAUGES = {
     "specfleet_step_duration_seconds_total", "specfleet_queue_depth", "specfleet_live_requests", "specfleet_slot_usage",
     "specfleet_reprefills_total", "specfleet_redis_up", "specfleet_service_live_sequences",
     "specfleet_canary_replays_total", "specfleet_canary_mismatches_total", "specfleet_drafts_ahead_total",
+    "specfleet_service_prompt_tokens_total", "specfleet_service_reused_prompt_tokens_total",
 }
 HISTOGRAMS = {
     "specfleet_time_to_first_token_seconds", "specfleet_time_per_output_token_seconds",

@@ -34,7 +34,8 @@ COUNTERS = {
     "specfleet_accepted_tokens_total", "specfleet_draft_position_proposed_total",
     "specfleet_draft_position_accepted_total", "specfleet_step_emitted_tokens_total",
     "specfleet_step_duration_seconds_total", "specfleet_reprefills_total", "specfleet_canary_replays_total",
-    "specfleet_canary_mismatches_total", "specfleet_drafts_ahead_total",
+    "specfleet_canary_mismatches_total", "specfleet_drafts_ahead_total", "specfleet_service_prompt_tokens_total",
+    "specfleet_service_reused_prompt_tokens_total",
 }
 GAUGES = {"specfleet_queue_depth", "specfleet_live_requests", "specfleet_slot_usage", "specfleet_redis_up",
           "specfleet_service_live_sequences"}
@@ -51,6 +52,7 @@ LABELS = {
     "specfleet_verify_latency_seconds_bucket": {"replica", "le"}, "specfleet_reprefills_total": {"role"},
     "specfleet_drafts_ahead_total": {"outcome"},
     "specfleet_service_batch_latency_seconds_bucket": {"role", "le"}, "specfleet_service_live_sequences": {"role"},
+    "specfleet_service_prompt_tokens_total": {"role"}, "specfleet_service_reused_prompt_tokens_total": {"role"},
 }
 
 
@@ -96,8 +98,14 @@ def test_every_metric_is_scraped_with_its_name_type_labels_and_buckets() -> None
         router.record_verify_rtt("target-0:50052", 0.012)
         router.record_reprefills("target", 1)
         router.request_rejected("INVALID_ARGUMENT", "prompt is empty")
-        ServiceMetrics(otel, "draft", lambda: 2).record_batch(0.002)
-        ServiceMetrics(otel, "target", lambda: 1).record_batch(0.02)
+        # One process serves one role: a second role's observed instruments (its gauge, the reused tokens) are not
+        # registered again, so those are read for the draft only.
+        draft = ServiceMetrics(otel, "draft", lambda: 2, reused_prompt_tokens=lambda: 24)
+        draft.record_batch(0.002)
+        draft.record_prompts(30)
+        target = ServiceMetrics(otel, "target", lambda: 1)
+        target.record_batch(0.02)
+        target.record_prompts(40)
         samples = scrape(otel.metrics_port)
     finally:
         otel.shutdown()
@@ -135,6 +143,9 @@ def test_every_metric_is_scraped_with_its_name_type_labels_and_buckets() -> None
     assert value(samples, "specfleet_speculation_depth_count") == 2
     assert value(samples, "specfleet_accepted_tokens_per_step_count") == 1  # only the sequence that drafted
     assert value(samples, "specfleet_service_live_sequences", role="draft") == 2
+    assert value(samples, "specfleet_service_prompt_tokens_total", role="draft") == 30
+    assert value(samples, "specfleet_service_prompt_tokens_total", role="target") == 40
+    assert value(samples, "specfleet_service_reused_prompt_tokens_total", role="draft") == 24
     assert value(samples, "specfleet_redis_up") == 1
 
 
@@ -521,6 +532,23 @@ def test_cancel_and_deadline_release_the_sequences_through_the_interceptors(flee
         service = scrape(fleet.metrics_ports[role])
         assert value(service, "specfleet_service_live_sequences", role=role) == 0
         assert value(service, "specfleet_service_batch_latency_seconds_count", role=role) > 0
+        assert value(service, "specfleet_service_prompt_tokens_total", role=role) > 0
+
+
+def test_a_prompt_sent_again_is_counted_as_reused_by_the_target(fleet: Fleet) -> None:
+    def counts() -> tuple[float, float]:
+        target = scrape(fleet.metrics_ports["target"])
+        return (value(target, "specfleet_service_prompt_tokens_total", role="target"),
+                value(target, "specfleet_service_reused_prompt_tokens_total", role="target"))
+
+    request = make_request("a prompt sent twice: the second time, the target starts from what it kept",
+                           max_new_tokens=2, ignore_eos=True)
+    list(stream(fleet.router, request))
+    sent, reused = counts()
+    list(stream(fleet.router, request))
+    sent_again, reused_again = counts()
+    prompt = sent_again - sent
+    assert prompt > 0 and reused_again - reused == prompt - 1  # all but the last token, whose logits it computes
 
 
 

@@ -57,7 +57,8 @@ class Planner:
             # SPACE target's drafts cost no call, and make its verify feed the mask groups too.
             kind = self._self_drafting() if self.config.self_draft else _pool_kind(batch, self.pools[0]) \
                 if self.pools else None
-            decision = self.feed.policy.choose([_first_tries(s) for s in batch], [self.depth_room(s) for s in batch],
+            rooms = [self.depth_room(s) if may else 0 for s, may in zip(batch, self._may_draft(batch), strict=True)]
+            decision = self.feed.policy.choose([_first_tries(s) for s in batch], rooms,
                                                [_offers(s) for s in batch], calibration, _contexts(batch), kind,
                                                [_first_position(s) for s in batch])
             plan = StepPlan({s.seq_id: DraftPlan(d) for s, d in zip(batch, decision.depths, strict=True)},
@@ -68,6 +69,15 @@ class Planner:
             plan = dataclasses.replace(plan, prefills=True)
         self._log(len(batch), plan.reason)
         return plan
+
+    def _may_draft(self, batch: list[LiveRequest]) -> list[bool]:
+        """Per sequence, whether the one draft pool's catch-up of it pays (`_catch_up_pays`), as with several pools:
+        drafting again after plain steps must not make the step wait for one that cannot. A pinned depth, and a
+        target drafting for itself, draft as told."""
+        if not self.pools or self.config.self_draft or self.config.pinned_depth is not None:
+            return [True] * len(batch)
+        info = _pool_info(batch, self.pools[0])
+        return [_catch_up_pays(s, self.pools[0], info) for s in batch]
 
     def _self_drafted(self) -> SelfDrafted | None:
         """The self-drafted strategy, where the router has one."""
@@ -103,7 +113,8 @@ class Planner:
     def _trees(self, batch: list[LiveRequest], shape: TreeShape, calibration: float) -> StepPlan:
         """With --depth K the configured shape cut to K levels and --max-tree-nodes; with --depth auto the
         best of plain decoding, chains and the shape at every node budget, by the policy's cost model."""
-        rooms = [(self.node_room(s), self.depth_room(s)) for s in batch]
+        rooms = [(self.node_room(s), self.depth_room(s)) if may else (0, 0)
+                 for s, may in zip(batch, self._may_draft(batch), strict=True)]
         pinned = self.config.pinned_depth
         if pinned is not None:
             shapes = [shape.fit(self.config.max_tree_nodes, pinned)]

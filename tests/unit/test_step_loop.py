@@ -291,6 +291,32 @@ def test_a_pool_whose_cache_lags_by_more_than_the_tokens_left_is_left_out() -> N
     assert on_sparse == {"first-step": True, "short": True, "long": False}
 
 
+@pytest.mark.parametrize("depth", ["auto", "3"])
+def test_one_pool_whose_cache_lags_by_more_than_the_tokens_left_is_left_out_unless_the_depth_is_pinned(
+        depth: str) -> None:
+    """With one draft pool too: after plain steps a sequence drafts again only while its drafter's catch-up is no
+    longer than what it may still generate, or at its first step; a pinned depth drafts as told."""
+    config = RouterConfig(depth=depth, drafts="draft:2", max_depth=3)
+    pool = config.speculation_pools[0]
+    cached_model = ReplicaInfo("toy", "toy", VOCAB, "toy", 256, 8)  # a drafter that keeps a KV cache (8 slots)
+    strategies = Strategies({pool: DraftPool(config.draft_timeout_ms, config.draft_retry_s, RouterMetrics(), pool)})
+    policy = DepthPolicy(max_depth=3, min_gain=0.0) if depth == "auto" else DepthPolicy.fixed(3)
+    planner = Planner(config, PolicyFeed(policy, None, 1.0, "throughput"), strategies, "target:1", max_context=256)
+
+    def sequence(seq_id: str, held_by_target: int, held_by_draft: int) -> LiveRequest:
+        seq = live_request(seq_id, list(range(120)), 16, pool,
+                           DraftReplica("draft:2", FakeDrafter(), cached_model, pool=pool))
+        seq.target_cached = held_by_target
+        seq.sessions[pool].cached = held_by_draft
+        seq.stats.acceptance = AcceptanceCounts(sequence_steps=200, accepted=800, rejections=5)
+        return seq
+
+    batch = [sequence("first-step", 0, 0), sequence("short", 119, 110), sequence("long", 119, 0)]
+    plan = planner.plan(batch)
+    drafts = {s.seq_id: plan.draft(s.seq_id).levels > 0 for s in batch}
+    assert drafts == {"first-step": True, "short": True, "long": depth != "auto"}
+
+
 def test_a_sequence_with_no_draft_session_decodes_plainly_beside_named_pools() -> None:
     """A canary replay (or any request admitted with no draft session) runs in the same batch as sequences of a named
     pool, plainly, whatever strategy name it was built with."""

@@ -292,8 +292,9 @@ class ModelRunner:
 
     def _cached_prefix(self, request: Extend | TreeExtend) -> tuple[int, int] | None:
         """(slot, tokens): the longest prefix of a sequence sent whole that a slot holds, leaving at least the tokens
-        whose logits the call returns to compute; among equals, the sequence's own slot, then a free one (taken over,
-        not copied). None when no slot holds one token of it."""
+        whose logits the call returns to compute and that the slot can be cut back to (`_restorable`); among equals,
+        the sequence's own slot, then a free one (which the sequence may move into instead of copying: see
+        `_free_slot_for`). None when no slot holds one token of it that way."""
         tokens = request.tokens
         limit = len(tokens) - (request.num_logits if isinstance(request, Extend) else 1)
         if limit < 1:

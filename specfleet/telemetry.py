@@ -49,6 +49,7 @@ class LatencySample:
     ms: float
     context: float | None = None  # mean KV length per sequence of the call (None: unknown), see CostSample.context
     drafter: str | None = None  # a draft service's drafter kind, see CostSample.drafter
+    widest: float | None = None  # a ragged verify's widest sequence's tokens, see CostSample.widest
 
 
 @dataclass(frozen=True)
@@ -97,13 +98,15 @@ class TelemetryWriter:
         self._thread.start()
 
     def record_latency(self, batch_size: int, tokens_per_seq: float, ms: float, role: str | None = None,
-                       context: float | None = None, drafter: str | None = None) -> None:
+                       context: float | None = None, drafter: str | None = None, widest: float | None = None
+                       ) -> None:
         """One call's latency; ``context``: its mean KV length per sequence (`CostSample.context`; None: unknown);
-        ``drafter``: a draft service's drafter kind (`CostSample.drafter`)."""
+        ``drafter``: a draft service's drafter kind (`CostSample.drafter`); ``widest``: a ragged verify's widest
+        sequence's tokens (`CostSample.widest`; None: as the mean)."""
         # A full queue means Redis has been down for a while: old news is worth little anyway.
         with contextlib.suppress(queue.Full):
             self._samples.put_nowait(LatencySample(role or self.role, self.replica, batch_size, tokens_per_seq, ms,
-                                                   context, drafter))
+                                                   context, drafter, widest))
 
     def record_acceptance(self, counts: AcceptanceCounts, drafter: str | None = None) -> None:
         """Acceptance counts of drafts from ``drafter`` (a drafter kind; None: not known)."""
@@ -159,14 +162,18 @@ def _latency_fields(sample: LatencySample) -> dict[str, str | int | float]:
         fields["context"] = round(sample.context, 3)
     if sample.drafter is not None:
         fields["drafter"] = sample.drafter
+    if sample.widest is not None:
+        fields["widest"] = round(sample.widest, 3)
     return fields
 
 
 def _cost_sample_from_fields(f: dict[bytes, bytes]) -> CostSample:
-    """A latency entry as `_latency_fields` writes it; one without a context (an older writer's) has context None."""
-    context, drafter = f.get(b"context"), f.get(b"drafter")
+    """A latency entry as `_latency_fields` writes it; one without a context (an older writer's) has context None,
+    one without a widest row (a uniform call's, or an older writer's) has widest None."""
+    context, drafter, widest = f.get(b"context"), f.get(b"drafter"), f.get(b"widest")
     return CostSample(f[b"role"].decode(), int(f[b"batch"]), float(f[b"tokens"]), float(f[b"ms"]),
-                      None if context is None else float(context), None if drafter is None else drafter.decode())
+                      None if context is None else float(context), None if drafter is None else drafter.decode(),
+                      None if widest is None else float(widest))
 
 
 def _acceptance_fields(counts: AcceptanceCounts, replica: str, drafter: str | None = None) -> dict[str, str | int]:

@@ -67,10 +67,12 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         self.metrics.record_batch(elapsed_ms / 1000)
         self.metrics.record_prompts(sum(len(i.new_tokens) for i in items if i.rollback_to == 0))
         if self.telemetry is not None and items and not any(is_prefill(i.new_tokens) for i in items):
-            tokens_per_seq = sum(self.verifier.fed_tokens(i) for i in items) / len(items)
+            fed = [self.verifier.fed_tokens(i) for i in items]
+            tokens_per_seq = sum(fed) / len(items)
             # The KV each sequence's verify reads: its committed tokens, where its drafts start (the router's price).
             context = sum(i.position for i in items) / len(items)
-            self.telemetry.record_latency(len(items), tokens_per_seq, elapsed_ms, context=context)
+            self.telemetry.record_latency(len(items), tokens_per_seq, elapsed_ms, context=context,
+                                          widest=max(fed) if max(fed) > min(fed) else None)
         return target_pb2.VerifyResponse(
             compute_ms=elapsed_ms, draining=self.sessions.draining,
             verdicts=[target_pb2.Verdict(

@@ -64,6 +64,10 @@ class CostSample:
     drafter: str | None = None
     """A draft sample's drafter kind (``ngram``, ``sparse_self``, ...): a fleet with draft pools of several kinds
     fits each kind's costs from its own samples. None: not said (an older writer's, or another role)."""
+    widest: float | None = None
+    """A target sample's tokens fed to its widest sequence, where the call was ragged: the target pads attention
+    to its widest rows, so a ragged call costs more than its mean says, and the fit files it under the tokens a
+    plan that ragged is priced at (`priced_tokens`). None: every sequence as wide as the mean (or not said)."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -76,6 +80,20 @@ class CostSample:
             raise ValueError(f"CostSample.ms must be finite and >= 0, got {self.ms}")
         if self.context is not None and not (math.isfinite(self.context) and self.context >= 0):
             raise ValueError(f"CostSample.context must be finite and >= 0 (or None), got {self.context}")
+        if self.widest is not None and not (math.isfinite(self.widest) and self.widest >= self.tokens_per_seq):
+            raise ValueError(f"CostSample.widest must be finite and >= tokens_per_seq ({self.tokens_per_seq}) (or "
+                             f"None), got {self.widest}")
+
+    @property
+    def priced_tokens(self) -> float:
+        """The tokens per sequence the fit files this sample under: a ragged verify's mean plus `PADDING_SHARE` of
+        the padding up to its widest row, as `verified_drafts` prices a ragged plan. Filed under its mean alone, a
+        ragged call (prompt lookup's drafts vary from step to step and sequence to sequence) would make every plan
+        of that mean look as dear, uniform ones included, which the fit's monotone smoothing then spreads to the
+        depths around it."""
+        if self.widest is None:
+            return self.tokens_per_seq
+        return PADDING_SHARE * self.widest + (1.0 - PADDING_SHARE) * self.tokens_per_seq
 
 
 @dataclass(frozen=True)
@@ -590,12 +608,15 @@ class CostModel:
             max_batch: int = 256, max_tokens: int = 33, ahead_alpha: float | None = None,
             self_drafted: SelfDrafting | None = None) -> CostModel:
         """A model fitted from a window of samples (all of it, each time); roles without samples use defaults.
-        Each role's KV term first (`_fit_context_cost`), then its table from the samples at its reference context."""
+        Each role's KV term first (`_fit_context_cost`), then its table from the samples at its reference context;
+        a ragged verify counts at its `CostSample.priced_tokens`."""
         if max_batch < 1 or max_tokens < 1:
             raise ValueError(f"max_batch and max_tokens must be >= 1, got {max_batch}, {max_tokens}")
         model = cls(defaults)
         by_role: dict[str, list[CostSample]] = {}
         for s in samples:
+            if s.widest is not None:
+                s = dataclasses.replace(s, tokens_per_seq=s.priced_tokens, widest=None)
             by_role.setdefault(s.role, []).append(s)
         context_costs = {role: _fit_context_cost(role, ss, model._defaults[role]) for role, ss in by_role.items()}
         tables = {role: _fit_table(_at_reference(role, ss, context_costs[role]), model._defaults[role], max_batch,

@@ -86,15 +86,18 @@ def test_latency_context_round_trips_and_entries_without_it_still_read(server: R
         target.record_latency(4, 3.0, 41.5, context=2048.5)
         target.record_latency(4, 3.0, 20.0)  # unknown context: written without the field
         target.record_latency(2, 1.0, 3.0, role="overhead", context=0.0)
+        target.record_latency(4, 2.5, 50.0, context=100.0, widest=4.0)  # a ragged verify
         # An entry as a writer from before contexts were recorded wrote it.
         client.xadd("t6:latency", {"role": "target", "replica": "t0", "batch": 8, "tokens": 5.0, "ms": 77.0})
-        assert _wait(lambda: len(reader.read().samples) == 4)
+        assert _wait(lambda: len(reader.read().samples) == 5)
         assert sorted(reader.read().samples, key=lambda s: s.ms) == [
             CostSample("overhead", 2, 1.0, 3.0, 0.0), CostSample("target", 4, 3.0, 20.0),
-            CostSample("target", 4, 3.0, 41.5, 2048.5), CostSample("target", 8, 5.0, 77.0)]
+            CostSample("target", 4, 3.0, 41.5, 2048.5), CostSample("target", 4, 2.5, 50.0, 100.0, widest=4.0),
+            CostSample("target", 8, 5.0, 77.0)]
         fields = [f for _, f in client.xrange("t6:latency")]
         assert {f[b"ms"]: f.get(b"context") for f in fields} == {b"41.5": b"2048.5", b"20.0": None, b"3.0": b"0.0",
-                                                                 b"77.0": None}
+                                                                 b"50.0": b"100.0", b"77.0": None}
+        assert {f[b"ms"]: f.get(b"widest") for f in fields if b"widest" in f} == {b"50.0": b"4.0"}
         # What an older reader reads (the fields it knows) is there in every entry.
         assert all({b"role", b"replica", b"batch", b"tokens", b"ms"} <= f.keys() for f in fields)
     finally:

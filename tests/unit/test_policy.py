@@ -465,6 +465,25 @@ def test_a_few_slow_calls_do_not_outweigh_a_well_measured_cheaper_cell() -> None
     assert choose_depths([0.5], costs, 8).depths[0] > 0
 
 
+def test_a_ragged_verify_is_filed_under_the_tokens_its_plan_is_priced_at() -> None:
+    """Prompt lookup's ragged steps (mean 2 tokens a sequence, one row 6 wide) cost more than uniform steps of 3
+    tokens, since the target pads attention to the widest rows (the numbers: a 7K x 8 run on the 2-core CPU).
+    Filed under their mean, the monotone fit pools them with the uniform 3-token cell and a uniform depth-2 plan
+    looks dearer than it measured; filed under the tokens `verified_drafts` prices such a ragged plan at, they
+    leave it alone, and a ragged plan is still priced from them."""
+    uniform = [CostSample("target", 8, 1.0, 310.0, 7200.0)] * 60 + [CostSample("target", 8, 3.0, 453.0, 7200.0)] * 30
+    ragged = [CostSample("target", 8, 2.0, 555.0, 7200.0, widest=6.0)] * 7
+    assert ragged[0].priced_tokens == pytest.approx(PADDING_SHARE * 6 + (1 - PADDING_SHARE) * 2)
+    costs = CostModel.fit(uniform + ragged)
+    assert costs.predict("target", 8, 3.0, 7200.0) == pytest.approx(453.0)
+    assert costs.predict("target", 8, 3.5, 7200.0) == pytest.approx(555.0)  # their cell: 3.6 tokens, bucketed
+    # The same calls without their widest row: the uniform plan's price is pulled up to theirs.
+    unaware = CostModel.fit(uniform + [CostSample("target", 8, 2.0, 555.0, 7200.0)] * 7)
+    assert unaware.predict("target", 8, 3.0, 7200.0) == pytest.approx((30 * 453 + 7 * 555) / 37)
+    with pytest.raises(ValueError, match="widest"):
+        CostSample("target", 8, 2.0, 555.0, widest=1.5)
+
+
 def test_a_few_slow_calls_at_a_small_batch_do_not_price_a_larger_one() -> None:
     """Across batch sizes the fit is monotone too, weighted by samples: three slow calls at batch 4 (a tail, a
     pause) pool with hundreds at batch 8 instead of lifting batch 8 to them."""

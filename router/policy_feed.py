@@ -70,10 +70,11 @@ class PolicyFeed:
         acceptance = view.acceptance
         # The refit is tens of milliseconds of Python over the whole window: in a worker thread, it delays the
         # event loop (the steps, the streams, admission's answers) by a GIL switch at most, not by all of it.
-        by_drafter = {kind: (counts.first_accepted, counts.rejections)
-                      for kind, counts in view.acceptance_by_drafter.items()}
+        kinds = view.acceptance_by_drafter
         await asyncio.to_thread(self.policy.update, view.samples, acceptance.first_accepted, acceptance.rejections,
                                 acceptance.offers, acceptance.misses, acceptance.later_siblings_accepted,
-                                acceptance.later_siblings_rejected, by_drafter)
+                                acceptance.later_siblings_rejected,
+                                {kind: (counts.first_accepted, counts.rejections) for kind, counts in kinds.items()},
+                                {kind: (counts.offers, counts.misses) for kind, counts in kinds.items()})
         self.refreshes += 1
         self.fleet_sequence_steps = view.acceptance.sequence_steps

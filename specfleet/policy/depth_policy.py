@@ -30,6 +30,8 @@ class _Fitted:
     samples: tuple[CostSample, ...] = ()
     # Each drafter kind's acceptance, shrunk toward the fleet's: the prior of a sequence drafting with that kind.
     alpha_by_drafter: Mapping[str, float] = field(default_factory=dict)
+    # Each drafter kind's offer rate, likewise.
+    offer_rate_by_drafter: Mapping[str, float] = field(default_factory=dict)
     # Each drafter kind's model, fitted from its own draft samples (`DepthPolicy.costs_for`).
     by_drafter: dict[str, CostModel] = field(default_factory=dict, compare=False)
     by_self_drafting: dict[SelfDrafting, CostModel] = field(default_factory=dict, compare=False)
@@ -37,6 +39,13 @@ class _Fitted:
     def alpha_for(self, drafter: str | None) -> float:
         """The acceptance a sequence drafting with ``drafter`` starts from: its kind's, else the fleet's."""
         return self.fleet_alpha if drafter is None else self.alpha_by_drafter.get(drafter, self.fleet_alpha)
+
+    def offer_rate_for(self, drafter: str | None) -> float:
+        """The offer rate a sequence drafting with ``drafter`` starts from: its kind's, else the fleet's. Kinds differ
+        most here: prompt lookup offers nothing where the context has no match, a model always offers."""
+        if drafter is None:
+            return self.fleet_offer_rate
+        return self.offer_rate_by_drafter.get(drafter, self.fleet_offer_rate)
 
 
 @dataclass(frozen=True)
@@ -127,17 +136,22 @@ class DepthPolicy:
     def fleet_offer_rate(self) -> float:
         return self._state.fleet_offer_rate
 
+    def fleet_offer_rate_for(self, drafter: str | None) -> float:
+        """The offer-rate prior of a sequence drafting with ``drafter`` (a kind): its kind's, else the fleet's."""
+        return self._state.offer_rate_for(drafter)
+
     def update(self, samples: Iterable[CostSample], fleet_accepted: int, fleet_rejections: int,
                fleet_offers: int = 0, fleet_misses: int = 0, fleet_later_siblings_accepted: int = 0,
                fleet_later_siblings_rejected: int = 0,
-               drafter_first_tries: Mapping[str, tuple[int, int]] | None = None) -> None:
+               drafter_first_tries: Mapping[str, tuple[int, int]] | None = None,
+               drafter_offers: Mapping[str, tuple[int, int]] | None = None) -> None:
         """Refit from the recent window of cost samples (the whole window, each time) and the fleet's
         acceptance and offer counts: ``fleet_accepted``/``fleet_rejections`` of first tries (every draft of a
         chain), ``fleet_later_siblings_*`` of trees' later siblings; ``drafter_first_tries``: the (accepted,
         rejected) first tries of each drafter kind, whose rate (shrunk toward the fleet's) is the prior of the
         sequences drafting with that kind, so a Redis shared by pools of several kinds does not lend one kind
-        another's acceptance. An empty window means the defaults; when telemetry cannot be read, skip the call
-        and the last model stays.
+        another's acceptance; ``drafter_offers``: each kind's (offers, misses), the same for its offer rate. An
+        empty window means the defaults; when telemetry cannot be read, skip the call and the last model stays.
 
         The drafter kinds and self-drafting targets the last model was asked about (`costs_for`,
         `self_drafted_costs`) are fitted here too, so a caller that refits in a worker thread leaves the step path
@@ -153,7 +167,9 @@ class DepthPolicy:
                                                       alpha, self.prior_weight)
         by_drafter = {kind: acceptance_estimate(accepted, rejected, alpha, self.prior_weight)
                       for kind, (accepted, rejected) in (drafter_first_tries or {}).items()}
-        fitted = _Fitted(costs, alpha, offer_rate, later_sibling_alpha, samples, by_drafter)
+        offer_by_drafter = {kind: offer_estimate(offers, misses, offer_rate, self.prior_weight)
+                            for kind, (offers, misses) in (drafter_offers or {}).items()}
+        fitted = _Fitted(costs, alpha, offer_rate, later_sibling_alpha, samples, by_drafter, offer_by_drafter)
         in_use = self._state
         for kind in list(in_use.by_drafter):
             self._drafter_costs(fitted, kind)
@@ -234,7 +250,8 @@ class DepthPolicy:
                            for (accepted, rejections), (first_accepted, first_tried)
                            in zip(per_sequence_counts, first_position_counts, strict=True)]
             first_alphas, alphas = [first for first, _ in by_position], [later for _, later in by_position]
-        rates = self._offer_rates(offer_counts, state.fleet_offer_rate, len(alphas))
+        rates = self._offer_rates(offer_counts, state.offer_rate_for(drafter if isinstance(drafter, str) else None),
+                                  len(alphas))
         if self.pinned_depth is not None:
             return pinned_decision(alphas, costs, self.pinned_depth, max_depth=self.max_depth, limits=limits,
                                    offer_rates=rates, contexts=contexts, first_alphas=first_alphas)
@@ -277,7 +294,8 @@ class DepthPolicy:
         state = self._state
         options = [PoolOption(pool.name, self._drafter_costs(state, pool.kind),
                               self._alphas(pool.first_tries, state.alpha_for(pool.kind)),
-                              self._offer_rates(pool.offers, state.fleet_offer_rate, len(pool.limits)), pool.limits)
+                              self._offer_rates(pool.offers, state.offer_rate_for(pool.kind), len(pool.limits)),
+                              pool.limits)
                    for pool in pools]
         if self.pinned_depth is None:
             return choose_pools(options, self.max_depth, contexts=contexts, min_gain=self.min_gain,

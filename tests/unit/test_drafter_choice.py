@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from specfleet.policy import DepthPolicy
+from specfleet.policy import DRAFT_HURDLE, DepthPolicy
 from specfleet.policy.costs import DEFAULT_COSTS, AnalyticCost, CostModel, CostSample, SelfDrafting
 from specfleet.policy.depth_policy import PoolCounts
 from specfleet.policy.drafter_choice import PoolOption, choose_pools, mixed_goodput, mixed_step_ms
@@ -159,6 +159,29 @@ def test_a_fresh_sequence_starts_from_its_drafter_kinds_acceptance() -> None:
                                                                                    limits)]
     # Priced alike (the defaults' draft costs), the kind accepted more wins every fresh sequence.
     assert policy.choose_pools(pools).pools == ("m",) * 4
+
+
+def test_a_fresh_sequence_starts_from_its_drafter_kinds_offer_rate() -> None:
+    """One Redis, two kinds of drafter: prompt lookup offers drafts in a sixth of the steps it is asked (it has
+    nothing where the context has no match), the sparse_self draft in every one. A fresh sparse_self sequence is
+    priced as offering every step, not at the fleet's mix, which would price its drafts at under half of what they
+    emit and decode plainly where drafting gains a fifth; a kind with no counts yet starts from the fleet's."""
+    samples = [CostSample("target", 8, t, 300.0 + 80.0 * (t - 1), 7200.0) for t in (1.0, 2.0, 3.0) for _ in range(3)]
+    samples += [CostSample("draft", 8, d, 85.0 * d, 7200.0, "sparse_self") for d in (1.0, 2.0) for _ in range(3)]
+    tries = {"ngram": (100, 150), "sparse_self": (600, 150)}
+    by_kind, fleet_only = (DepthPolicy(max_depth=4, min_gain=DRAFT_HURDLE) for _ in range(2))
+    by_kind.update(samples, 700, 300, 400, 500, drafter_first_tries=tries,
+                   drafter_offers={"ngram": (100, 500), "sparse_self": (300, 0)})
+    fleet_only.update(samples, 700, 300, 400, 500, drafter_first_tries=tries)
+    assert by_kind.fleet_offer_rate_for("sparse_self") == pytest.approx(1.0, abs=0.03)
+    assert by_kind.fleet_offer_rate_for("ngram") == pytest.approx(100 / 600, abs=0.03)
+    assert by_kind.fleet_offer_rate_for("model") == by_kind.fleet_offer_rate == pytest.approx(400 / 900, abs=0.03)
+    fresh, limits, contexts = [(0, 0)] * 8, [4] * 8, [7200] * 8
+    assert by_kind.choose(fresh, limits, fresh, contexts=contexts, drafter="sparse_self").depths == (2,) * 8
+    assert fleet_only.choose(fresh, limits, fresh, contexts=contexts, drafter="sparse_self").depths == (0,) * 8
+    pools = [PoolCounts("s", "sparse_self", fresh, fresh, limits)]
+    assert by_kind.choose_pools(pools, contexts=contexts).depths == (2,) * 8
+    assert fleet_only.choose_pools(pools, contexts=contexts).depths == (0,) * 8
 
 
 def test_a_self_drafting_target_prices_its_drafts_as_tokens_of_its_verify() -> None:

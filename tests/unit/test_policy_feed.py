@@ -87,3 +87,23 @@ def test_lost_redis_is_retried_at_the_busy_rate(short_idle) -> None:
     feed = PolicyFeed(DepthPolicy(8), source, refresh_s=0.05, mode="throughput")
     asyncio.run(_run_for(feed, 1.0))
     assert source.reads >= 8 and not feed.redis_up and feed.refreshes == 0
+
+
+def test_each_drafter_kinds_counts_reach_the_policy() -> None:
+    """The fleet's counts per drafter kind give each kind's priors: its acceptance and its offer rate."""
+    ngram = AcceptanceCounts(sequence_steps=600, accepted=100, rejections=400, misses=500)
+    model = AcceptanceCounts(sequence_steps=300, accepted=800, rejections=200, misses=0)
+    fleet = AcceptanceCounts()
+    fleet.merge(ngram)
+    fleet.merge(model)
+
+    class KindsSource:
+        def read(self) -> FleetView:
+            return FleetView([], fleet, {}, {"ngram": ngram, "model": model})
+
+    feed = PolicyFeed(DepthPolicy(8), KindsSource(), refresh_s=1.0, mode="throughput")
+    asyncio.run(feed.refresh())
+    policy = feed.policy
+    assert policy.fleet_alpha_for("ngram") < policy.fleet_alpha < policy.fleet_alpha_for("model")
+    assert policy.fleet_offer_rate_for("ngram") < policy.fleet_offer_rate < policy.fleet_offer_rate_for("model")
+    assert policy.fleet_offer_rate_for("model") == pytest.approx(1.0, abs=0.03)

@@ -76,8 +76,8 @@ class Planner:
         target drafting for itself, draft as told."""
         if not self.pools or self.config.self_draft or self.config.pinned_depth is not None:
             return [True] * len(batch)
-        info = _pool_info(batch, self.pools[0])
-        return [_catch_up_pays(s, self.pools[0], info) for s in batch]
+        info, starting = _pool_info(batch, self.pools[0]), _starting_tokens(batch)
+        return [_catch_up_pays(s, self.pools[0], info, starting) for s in batch]
 
     def _self_drafted(self) -> SelfDrafted | None:
         """The self-drafted strategy, where the router has one."""
@@ -145,11 +145,12 @@ class Planner:
         drafter costs and each sequence's own acceptance with each pool; the sequence drafts from its pool this step
         (its ``strategy``)."""
         pools: list[PoolCounts] = []
+        starting = _starting_tokens(batch)
         for pool in self.pools:
             info = _pool_info(batch, pool)
             pools.append(PoolCounts(pool, (info.kind if info is not None else "") or pool,
                                     [_first_tries(s, pool) for s in batch], [_offers(s, pool) for s in batch],
-                                    [self.depth_room(s, pool) if _catch_up_pays(s, pool, info) else 0
+                                    [self.depth_room(s, pool) if _catch_up_pays(s, pool, info, starting) else 0
                                      for s in batch]))
         decision = self.feed.policy.choose_pools(pools, calibration, _contexts(batch))
         for seq, pool in zip(batch, decision.pools, strict=True):
@@ -226,18 +227,29 @@ def _pool_kind(batch: list[LiveRequest], pool: str) -> str | None:
     return None if info is None else info.kind
 
 
-def _catch_up_pays(seq: LiveRequest, pool: str, info: ReplicaInfo | None) -> bool:
+def _catch_up_pays(seq: LiveRequest, pool: str, info: ReplicaInfo | None, starting: int = 0) -> bool:
     """Whether ``seq`` may draft from ``pool`` this step, as far as the tokens that pool lacks of it go. A drafter that
     keeps a KV cache (``num_slots``) must first compute every token of the sequence it does not hold, all of them
     the first time, and the step waits for it with every sequence in the batch: at a long context, seconds. At a
     sequence's first step the target computes its prompt too, and any pool may start. Later, a pool behind by more
     tokens than the sequence may still generate is left out: a prefilled token costs a fraction of a decoding step,
-    and a better drafter saves a fraction of the steps left, so such a catch-up cannot pay for itself."""
+    and a better drafter saves a fraction of the steps left, so such a catch-up cannot pay for itself on its own.
+
+    Except beside sequences that start in this step (``starting``: their prompts' tokens, `_starting_tokens`): the
+    step sends their prompts through the target (and through a pool where they draft) anyway, so a catch-up no
+    longer than those is of the size of the step's own work, paid once. So the first sequence of a batch that
+    filled up one by one, which started alone and decoded plainly (drafting at batch 1 seldom pays), may draft
+    with the rest once they arrive."""
     if seq.target_cached == 0 or info is None or not info.num_slots:
         return True
     session = seq.sessions.get(pool)
     behind = len(seq.tokens) - (0 if session is None else session.cached)
-    return behind <= seq.max_new_tokens - len(seq.generated)
+    return behind <= max(seq.max_new_tokens - len(seq.generated), starting)
+
+
+def _starting_tokens(batch: list[LiveRequest]) -> int:
+    """The prompt tokens of the sequences that start in this step (whose whole context the target computes)."""
+    return sum(len(s.tokens) for s in batch if s.target_cached == 0)
 
 
 def _contexts(batch: list[LiveRequest]) -> list[int]:

@@ -261,7 +261,7 @@ def test_with_two_draft_pools_each_sequence_moves_to_the_drafter_that_is_accepte
 def test_a_pool_whose_cache_lags_by_more_than_the_tokens_left_is_left_out() -> None:
     """A drafter that keeps a KV cache must compute what it lacks of a sequence before drafting, and the whole step
     waits: a sequence may start on such a pool at its first step, or move to it while the catch-up is no longer than
-    what it may still generate, not later."""
+    what it may still generate or than the prompts starting in the same step, not later."""
     config = RouterConfig(depth="auto", drafts="ngram=draft:1,sparse=draft:2")
     cached_model = ReplicaInfo("toy", "toy", VOCAB, "toy", 256, 8)  # a drafter that keeps a KV cache (8 slots)
     lookup = ReplicaInfo("", "ngram", 0, "", 0, 0)
@@ -282,20 +282,27 @@ def test_a_pool_whose_cache_lags_by_more_than_the_tokens_left_is_left_out() -> N
         seq.stats.by_pool["ngram"] = AcceptanceCounts(sequence_steps=200, accepted=0, rejections=200)
         return seq
 
-    first_step = sequence("first-step", 120, 16, held_by_target=0, held_by_sparse=0)
-    short_catch_up = sequence("short", 120, 16, held_by_target=119, held_by_sparse=110)
-    long_catch_up = sequence("long", 120, 16, held_by_target=119, held_by_sparse=0)
-    plan = planner.plan([first_step, short_catch_up, long_catch_up])
-    on_sparse = {s.seq_id: s.strategy == "sparse" and plan.draft(s.seq_id).levels > 0
-                 for s in (first_step, short_catch_up, long_catch_up)}
-    assert on_sparse == {"first-step": True, "short": True, "long": False}
+    def on_sparse(batch: list[LiveRequest]) -> dict[str, bool]:
+        plan = planner.plan(batch)
+        return {s.seq_id: s.strategy == "sparse" and plan.draft(s.seq_id).levels > 0 for s in batch}
+
+    # "long" lags the sparse pool by 120 tokens and may generate 16 more.
+    assert on_sparse([sequence("first-step", 60, 16, held_by_target=0, held_by_sparse=0),
+                      sequence("short", 120, 16, held_by_target=119, held_by_sparse=110),
+                      sequence("long", 120, 16, held_by_target=119, held_by_sparse=0)]) == {
+        "first-step": True, "short": True, "long": False}
+    # Beside 120 tokens of prompt starting, its catch-up is no longer than the step's own work.
+    assert on_sparse([sequence("first-step", 120, 16, held_by_target=0, held_by_sparse=0),
+                      sequence("long", 120, 16, held_by_target=119, held_by_sparse=0)]) == {
+        "first-step": True, "long": True}
 
 
 @pytest.mark.parametrize("depth", ["auto", "3"])
 def test_one_pool_whose_cache_lags_by_more_than_the_tokens_left_is_left_out_unless_the_depth_is_pinned(
         depth: str) -> None:
     """With one draft pool too: after plain steps a sequence drafts again only while its drafter's catch-up is no
-    longer than what it may still generate, or at its first step; a pinned depth drafts as told."""
+    longer than what it may still generate, or at its first step, or beside sequences starting in the step whose
+    prompts are at least as long as the catch-up; a pinned depth drafts as told."""
     config = RouterConfig(depth=depth, drafts="draft:2", max_depth=3)
     pool = config.speculation_pools[0]
     cached_model = ReplicaInfo("toy", "toy", VOCAB, "toy", 256, 8)  # a drafter that keeps a KV cache (8 slots)
@@ -303,18 +310,26 @@ def test_one_pool_whose_cache_lags_by_more_than_the_tokens_left_is_left_out_unle
     policy = DepthPolicy(max_depth=3, min_gain=0.0) if depth == "auto" else DepthPolicy.fixed(3)
     planner = Planner(config, PolicyFeed(policy, None, 1.0, "throughput"), strategies, "target:1", max_context=256)
 
-    def sequence(seq_id: str, held_by_target: int, held_by_draft: int) -> LiveRequest:
-        seq = live_request(seq_id, list(range(120)), 16, pool,
+    def sequence(seq_id: str, held_by_target: int, held_by_draft: int, length: int = 120) -> LiveRequest:
+        seq = live_request(seq_id, list(range(length)), 16, pool,
                            DraftReplica("draft:2", FakeDrafter(), cached_model, pool=pool))
         seq.target_cached = held_by_target
         seq.sessions[pool].cached = held_by_draft
         seq.stats.acceptance = AcceptanceCounts(sequence_steps=200, accepted=800, rejections=5)
         return seq
 
-    batch = [sequence("first-step", 0, 0), sequence("short", 119, 110), sequence("long", 119, 0)]
-    plan = planner.plan(batch)
-    drafts = {s.seq_id: plan.draft(s.seq_id).levels > 0 for s in batch}
-    assert drafts == {"first-step": True, "short": True, "long": depth != "auto"}
+    def drafting(batch: list[LiveRequest]) -> dict[str, bool]:
+        plan = planner.plan(batch)
+        return {s.seq_id: plan.draft(s.seq_id).levels > 0 for s in batch}
+
+    # "long" lags its drafter by 120 tokens and may generate 16 more.
+    assert drafting([sequence("short", 119, 110), sequence("long", 119, 0)]) == {
+        "short": True, "long": depth != "auto"}
+    assert drafting([sequence("first-step", 0, 0, length=60), sequence("long", 119, 0)]) == {
+        "first-step": True, "long": depth != "auto"}
+    # Beside 120 tokens of prompt starting, its catch-up is no longer than the step's own work.
+    assert drafting([sequence("first-step", 0, 0), sequence("short", 119, 110), sequence("long", 119, 0)]) == {
+        "first-step": True, "short": True, "long": True}
 
 
 def test_a_sequence_with_no_draft_session_decodes_plainly_beside_named_pools() -> None:

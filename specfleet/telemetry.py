@@ -4,14 +4,16 @@ Services write through a `TelemetryWriter`, which queues records and flushes the
 thread, so a slow or absent Redis never stalls a step. The router's policy reads a `FleetView`
 through `TelemetryReader` about once a second. Everything lives under one key prefix:
 
-    {prefix}:latency              capped stream of latency samples (role, replica, batch, tokens, ms, context)
+    {prefix}:latency              capped stream of latency samples (role, replica, batch, tokens, ms, context,
+                                  drafter, widest)
     {prefix}:acceptance           capped stream of acceptance counts per flush of each router
     {prefix}:heartbeat:{role}:{replica}   a key with a TTL, refreshed while the replica lives
 
 Samples of a replica whose heartbeat expired are ignored: a dead replica's old numbers should not
 steer the fleet. A latency sample's ``context`` (the call's mean KV length per sequence, `CostSample.context`) is
 written only when known; an entry without it (an older writer) reads as unknown, and readers that predate it ignore
-it, so old and new replicas share one stream.
+it, so old and new replicas share one stream. ``drafter`` (a draft sample's drafter kind) and ``widest`` (a ragged
+verify's widest row, `CostSample.widest`) are optional the same way.
 """
 
 from __future__ import annotations

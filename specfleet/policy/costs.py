@@ -93,7 +93,8 @@ class CostSample:
         depths around it."""
         if self.widest is None:
             return self.tokens_per_seq
-        return PADDING_SHARE * self.widest + (1.0 - PADDING_SHARE) * self.tokens_per_seq
+        # The charge is affine, so per-sequence tokens take it as the plan's draft totals do.
+        return verified_drafts(self.tokens_per_seq, self.widest)
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,9 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         compute_ms = (time.perf_counter() - started) * 1000
         self.metrics.record_batch(compute_ms / 1000)
         self.metrics.record_prompts(sum(len(r.new_tokens) for r in requests if r.rollback_to == 0))
-        if self.telemetry is not None and requests and not any(is_prefill(r.new_tokens) for r in requests):
+        # A call that drafts nothing (a prompt computed beside the target's) is no drafting cost.
+        if self.telemetry is not None and any(r.depth for r in requests) and not any(
+                is_prefill(r.new_tokens) for r in requests):
             # The sequences' own lengths, whatever the drafter reads of them: how its cost grows with them (a window
             # + sink draft's does not) is for the cost model to measure, and the router prices at those lengths.
             context = sum(r.position for r in requests) / len(requests)

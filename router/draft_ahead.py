@@ -62,6 +62,7 @@ class DraftAhead:
 
     async def propose(self, batch: list[LiveRequest], plan: StepPlan) -> Proposals:
         started = time.perf_counter()
+        self.pool.collect_prefills(batch)
         ready = await self._collect(batch, plan)  # usually done: they were drafted during the last verify
         waited_ms = (time.perf_counter() - started) * 1000
         calls = [DraftCall(seq, seq.tokens, seq.draft_cached, plan.draft(seq.seq_id)) for seq in batch
@@ -80,6 +81,7 @@ class DraftAhead:
                 self._drafted[seq.seq_id] = (held, len(seq.tokens))
                 continue
             self._start(seq, context, min(held, len(context) - 1), plan.draft(seq.seq_id))
+        self.pool.start_prefills(batch, plan)
         return Proposals(proposals, waited_ms + drafted_now.compute_ms)
 
     def settle(self, batch: list[LiveRequest], verdicts: Mapping[str, Verdict]) -> None:

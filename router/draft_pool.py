@@ -7,6 +7,11 @@ after a step it holds the committed tokens plus those drafts; only the accepted 
 A draft replica that fails or is slow costs speculation, not requests: its sequences get no drafts this step
 (the step runs them at depth 0) and it is skipped for ``retry_s``; one that left the pool since the step began
 (its channel closed) is skipped quietly, its sequences already moved to another.
+
+With ``prefill_alongside`` (DuoDecoding), a sequence's first step does not wait for a drafter that keeps a KV cache
+to compute its prompt: the step verifies no drafts for it and sends the prompt to its drafter in a call of its own,
+which runs while the target computes the prompt too; the sequence drafts from the first step after that call has
+answered. Its first token then comes after the slower of the two prefills instead of after both.
 """
 
 from __future__ import annotations
@@ -48,31 +53,78 @@ class DraftCall:
 
 
 class DraftPool:
-    def __init__(self, timeout_ms: float, retry_s: float, metrics: RouterMetrics, name: str = DRAFT_POOL) -> None:
-        """``name``: the pool's, whose session of each sequence (`LiveRequest.sessions`) it drafts and releases."""
+    def __init__(self, timeout_ms: float, retry_s: float, metrics: RouterMetrics, name: str = DRAFT_POOL,
+                 prefill_alongside: bool = False) -> None:
+        """``name``: the pool's, whose session of each sequence (`LiveRequest.sessions`) it drafts and releases;
+        ``prefill_alongside``: see the module's doc."""
         self.name = name
         self.timeout_ms = timeout_ms
         self.retry_s = retry_s
         self.metrics = metrics
         # By seq_id, for the step under way: the tokens the drafter holds after its call, and where the drafts began.
         self._drafted: dict[str, tuple[int, int]] = {}
+        self.prefill_alongside = prefill_alongside
+        self._prefilling: dict[str, Prefilling] = {}  # by seq_id: prompts its drafters compute beside the target
 
     def room(self, seq: LiveRequest) -> int | None:
         session = seq.sessions.get(self.name)
         draft = None if session is None else session.replica
-        if draft is None or not draft.available:
+        if draft is None or not draft.available or self._prefills_alongside(seq):
             return 0
         if draft.info is not None and draft.info.max_seq_len:
             return max(0, draft.info.max_seq_len - len(seq.tokens))
         return None
 
     async def propose(self, batch: list[LiveRequest], plan: StepPlan) -> Proposals:
+        self.collect_prefills(batch)
         calls = [DraftCall(seq, seq.tokens, seq.draft_cached, plan.draft(seq.seq_id)) for seq in batch
                  if plan.draft(seq.seq_id).levels > 0]
         proposals, cached_len = await self.draft(calls)
         self._drafted = {seq_id: (held, len(seq.tokens)) for seq in batch
                          if (held := cached_len.get(seq_id := seq.seq_id)) is not None}
+        self.start_prefills(batch, plan)
         return proposals
+
+    def start_prefills(self, batch: list[LiveRequest], plan: StepPlan) -> None:
+        """With ``prefill_alongside``: sends the prompts of the batch's starting sequences that draft nothing this
+        step to their drafters, in one call per replica that is not awaited (it runs while the target verifies)."""
+        if not self.prefill_alongside:
+            return
+        calls = [DraftCall(seq, seq.tokens, seq.draft_cached, DraftPlan(0)) for seq in batch
+                 if plan.draft(seq.seq_id).levels == 0 and _needs_prefill(seq, self.name)
+                 and seq.seq_id not in self._prefilling]
+        if not calls:
+            return
+        task = asyncio.get_running_loop().create_task(self.draft(calls))
+        for call in calls:
+            self._prefilling[call.seq.seq_id] = Prefilling(call.seq.draft, task)
+
+    def collect_prefills(self, batch: list[LiveRequest]) -> None:
+        """Takes in the prompts drafters have finished computing for the batch's sequences (see `_collect`)."""
+        for seq in batch:
+            self._collect(seq)
+
+    def _collect(self, seq: LiveRequest) -> bool:
+        """Whether ``seq``'s drafter is still computing its prompt; if it has finished, the drafter now holds what
+        it said it holds (nothing, when the call failed: the sequence's next call sends the prompt again)."""
+        pending = self._prefilling.get(seq.seq_id)
+        if pending is None:
+            return False
+        if not pending.task.done():
+            return True
+        del self._prefilling[seq.seq_id]
+        failed = pending.task.cancelled() or pending.task.exception() is not None
+        if failed and not pending.task.cancelled():
+            log.warning("computing %s's prompt on its drafter failed: %r", seq.seq_id, pending.task.exception())
+        held = None if failed else pending.task.result()[1].get(seq.seq_id)
+        session = seq.sessions.get(self.name)
+        if held is not None and session is not None and session.replica is pending.draft:  # moved: starts afresh
+            session.cached = min(held, len(seq.tokens))
+        return False
+
+    def _prefills_alongside(self, seq: LiveRequest) -> bool:
+        """Whether ``seq`` drafts nothing now because its drafter computes (or is about to compute) its prompt."""
+        return self.prefill_alongside and (self._collect(seq) or _needs_prefill(seq, self.name))
 
     async def draft(self, calls: list[DraftCall]) -> tuple[Proposals, dict[str, int]]:
         """One batched `Propose` per replica for ``calls``, in parallel: the proposals, and the tokens of each
@@ -96,6 +148,9 @@ class DraftPool:
     async def release(self, seqs: list[LiveRequest]) -> None:
         """Unpins finished sequences from their drafts in this pool (which then take new ones first) and frees them
         there."""
+        # A prompt still being computed would bring the sequence back on its drafter: let it answer first.
+        pending = {p.task for seq in seqs if (p := self._prefilling.pop(seq.seq_id, None)) is not None}
+        await asyncio.gather(*pending, return_exceptions=True)
         pinned = [(s.seq_id, session.replica) for s in seqs
                   if (session := s.sessions.get(self.name)) is not None and session.replica is not None]
         drafts = {draft.address: draft for _, draft in pinned}
@@ -142,6 +197,24 @@ class DraftPool:
         reply = await draft.link.propose(asks, timeout_s)
         self.metrics.record_draft_rtt(draft.address, time.perf_counter() - sent)
         return reply
+
+
+@dataclass(frozen=True)
+class Prefilling:
+    """A sequence's prompt being computed by its drafter beside the target (``prefill_alongside``)."""
+
+    draft: DraftReplica  # the replica asked (a sequence moved to another since is started there afresh)
+    task: asyncio.Task[tuple[Proposals, dict[str, int]]]  # `DraftPool.draft`'s call, shared by the batch's prompts
+
+
+def _needs_prefill(seq: LiveRequest, pool: str) -> bool:
+    """Whether ``seq`` starts now (the target computes its prompt in this step) on a drafter of ``pool`` that keeps a
+    KV cache (``num_slots``) and holds none of it yet. A drafter without one (prompt lookup) drafts from the first
+    step."""
+    session = seq.sessions.get(pool)
+    draft = None if session is None else session.replica
+    return (seq.target_cached == 0 and session is not None and session.cached == 0 and draft is not None
+            and draft.info is not None and draft.info.num_slots > 0)
 
 
 def keep_accepted(batch: list[LiveRequest], drafted: Mapping[str, tuple[int, int]], verdicts: Mapping[str, Verdict]

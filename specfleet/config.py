@@ -374,6 +374,11 @@ class RouterConfig(ServiceConfig):
                                "each sequence's drafter continues its drafts as if all were accepted, and those "
                                "drafts are used when they came true; drafting then costs no wall time when it "
                                "fits inside the verify, as a CPU drafter beside a GPU target does")
+    prefill_alongside: bool = option(False, "a sequence's first step does not wait for a drafter with a KV cache "
+                                     "to compute its prompt: the drafter computes it while the target does, and the "
+                                     "sequence drafts from its next step on (DuoDecoding's time to first token); "
+                                     "pays where the drafter has compute of its own, as a CPU draft beside a GPU "
+                                     "target")
     self_draft: bool = option(False, "the target drafts for itself (a SPACE model, see `specfleet target "
                               "--space-masks`): each Verify also proposes the sequence's next drafts from mask "
                               "tokens in the same forward pass, and no draft service is called (--drafts is not used)")
@@ -410,6 +415,8 @@ class RouterConfig(ServiceConfig):
                "combine with --tree")
         _check(not (self.self_draft and (self.draft_ahead or self.tree != "none")), "--self-draft verifies chains "
                "the target drafted in its last pass: it does not combine with --draft-ahead or --tree")
+        _check(not (self.self_draft and self.prefill_alongside), "--prefill-alongside lets draft services compute "
+               "prompts while the target does: with --self-draft no draft service is called")
         _check(self.policy_refresh_s > 0, f"--policy-refresh-s must be > 0, got {self.policy_refresh_s}")
         target_pool = parse_pool(self.targets, "--targets")  # raises on a malformed pool
         _check(not isinstance(target_pool, StaticPool) or bool(target_pool.addresses),

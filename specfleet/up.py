@@ -70,6 +70,7 @@ class UpConfig:
     tree: str = same_as(RouterConfig, "tree", to="router")
     self_draft: bool = same_as(RouterConfig, "self_draft", to="router")  # and then no draft service starts
     draft_ahead: bool = same_as(RouterConfig, "draft_ahead", to="router")
+    prefill_alongside: bool = same_as(RouterConfig, "prefill_alongside", to="router")
     port: int = option(RouterConfig.port, "the router's port; the draft service listens on the next port and the "
                        "target on the one after")
     http_port: int = option(8000, "[router] port of the OpenAI-compatible HTTP API on 127.0.0.1 (0: none; the router "
@@ -124,7 +125,8 @@ class UpConfig:
                                 log_level=self.log_level, targets=f"127.0.0.1:{ports['target']}",
                                 drafts="" if self.self_draft else f"127.0.0.1:{ports['draft']}", depth=self.depth,
                                 max_depth=self.max_depth, tree=self.tree, http_port=self.http_port,
-                                self_draft=self.self_draft, draft_ahead=self.draft_ahead),
+                                self_draft=self.self_draft, draft_ahead=self.draft_ahead,
+                                prefill_alongside=self.prefill_alongside),
         )
 
     def argvs(self, redis_url: str, metrics_ports: Mapping[str, int]) -> dict[str, list[str]]:

@@ -158,6 +158,18 @@ def test_greedy_equals_target_alone_when_drafting_ahead(cluster, drafter: str, d
         assert outcomes["used"] > 0 and outcomes["dropped"] > 0, outcomes
 
 
+@pytest.mark.parametrize(("drafter", "extra"), [("tiny", []), ("llamacpp", ["--draft-ahead"])])
+def test_greedy_equals_target_alone_with_prompts_computed_alongside(cluster, drafter: str, extra: list[str],
+                                                                     prompt_ids, reference, request) -> None:
+    """Each drafter computes a prompt while the target does, and the sequence drafts from its next step on: the
+    tokens are the target's."""
+    if drafter == "llamacpp":
+        request.getfixturevalue("llamacpp_draft")
+    address = cluster.router(f"router-alongside-{drafter}", target="target", draft=drafter, depth=3,
+                             extra=["--prefill-alongside", *extra])
+    assert _generate_all(address, prompt_ids) == reference
+
+
 SPACE_MASK_TOKEN = 16  # SmolLM2's <empty_output>: chat never uses it, and any token keeps the output the model's
 # The self-drafting targets live for one test each, beside the shared cluster: small caches, plain weights only.
 SELF_DRAFTING_SLOTS = ["--num-slots", "8", "--max-seq-len", "512", "--cpu-prepack", "off"]

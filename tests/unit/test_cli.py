@@ -23,7 +23,7 @@ UP_ONLY = {"--prompt", "--max-new-tokens", "--draft-model", "--port", "--http-po
 OTHER_VALUES = {"--model": "qwen2.5-coder-0.5b", "--drafter": "model", "--device": "cpu", "--dtype": "bfloat16",
                 "--num-slots": 8,
                 "--max-seq-len": 512, "--depth": "3", "--max-depth": 12, "--tree": "rsd-c", "--log-level": "DEBUG",
-                "--self-draft": True, "--draft-ahead": True, "--backend": "llamacpp",
+                "--self-draft": True, "--draft-ahead": True, "--prefill-alongside": True, "--backend": "llamacpp",
                 "--threads": 1}
 README_PROMPT = "Explain speculative decoding in one sentence."
 

@@ -2,7 +2,8 @@
 
 Qwen2.5-Coder-1.5B target in specfleet's engine, Qwen2.5-Coder-0.5B draft, HumanEval prompts. Rows: transformers'
 plain and assisted generation (batch 1, greedy), specfleet at depth 0, the ``model`` (PyTorch) drafter, the
-``llamacpp`` drafter drafting then verifying and drafting ahead (``--draft-ahead``), each at the depths given (the
+``llamacpp`` drafter drafting then verifying and drafting ahead (``--draft-ahead``, also with
+``--prefill-alongside``: the draft computes each prompt while the target does), each at the depths given (the
 table keeps the best), and ``auto`` (llamacpp, drafting ahead, depth chosen per step); and llama.cpp's own plain
 decoding of the target's GGUF as a reference. Each specfleet row runs unpinned and, with ``--pinned``, again with
 the draft service on one core and the target on the other (``taskset``), which stands in for a CPU draft beside a
@@ -11,6 +12,8 @@ token-identical to depth 0 (the run stops if not).
 
     python -m bench.duo                                   # the full grid: batch 1 and 4, greedy and temperature 1
     python -m bench.duo --batches 1 --temperatures 0 --prompts 2 --max-new-tokens 32 --pinned   # a quick look
+    python -m bench.duo --batches 1 --temperatures 0 --depths 3 --no-hf --pinned-only \
+        --configs 'llamacpp d3' 'llamacpp ahead d3' 'llamacpp ahead d3 alongside'            # some rows, pinned
 """
 
 from __future__ import annotations
@@ -89,9 +92,10 @@ def _hf_timed(model, ids: list[int], seed: int, max_new: int, **kwargs) -> Timed
 
 
 @contextmanager
-def _services(pinned: bool, depths: list[int], threads: int) -> Iterator[dict[str, str]]:
+def _services(pinned: bool, depths: list[int], threads: int, configs: list[str] | None = None
+              ) -> Iterator[dict[str, str]]:
     """A target, a model draft and a llamacpp draft (pinned: drafts on core 0, the target on core 1), with a
-    router per configuration; their addresses by configuration name."""
+    router per configuration; their addresses by configuration name (only ``configs`` and depth 0, if given)."""
     with fleet() as f:
         redis = ["--redis-url", f.redis()]
         slots = ["--num-slots", "4", "--max-seq-len", "2048"]
@@ -107,8 +111,11 @@ def _services(pinned: bool, depths: list[int], threads: int) -> Iterator[dict[st
             routers[f"llamacpp d{d}"] = f.router(target, llama, d, f"router-llama-{d}", redis)
             routers[f"llamacpp ahead d{d}"] = f.router(target, llama, d, f"router-ahead-{d}",
                                                        [*redis, "--draft-ahead"])
+            routers[f"llamacpp ahead d{d} alongside"] = f.router(target, llama, d, f"router-alongside-{d}",
+                                                                 [*redis, "--draft-ahead", "--prefill-alongside"])
         routers["auto"] = f.router(target, llama, "auto", "router-auto", [*redis, "--draft-ahead"])
-        yield routers
+        yield {name: address for name, address in routers.items() if name == "depth 0" or configs is None
+               or name in configs}
 
 
 def _start(f: Fleet, role: str, args: list[str], name: str, cpus: str | None) -> str:
@@ -130,7 +137,7 @@ def _specfleet_rows(prompts: list[list[int]], args: argparse.Namespace, pinned: 
     """Every configuration at every (temperature, batch) cell; pinned, at the first cell only (the time it takes)."""
     rows: dict[str, Row] = {}
     temperatures, batches = (args.temperatures[:1], args.batches[:1]) if pinned else (args.temperatures, args.batches)
-    with _services(pinned, args.depths, args.threads) as routers:
+    with _services(pinned, args.depths, args.threads, args.configs) as routers:
         for temperature in temperatures:
             for batch in batches:
                 for name, address in routers.items():
@@ -220,14 +227,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads, unpinned")
     parser.add_argument("--pinned", action="store_true", help="run the specfleet rows pinned too (taskset), at the "
                         "first temperature and batch size")
+    parser.add_argument("--pinned-only", action="store_true", help="run the specfleet rows pinned only")
+    parser.add_argument("--configs", nargs="+", help="only these specfleet configurations, by row name, e.g. "
+                        "'llamacpp ahead d3' (depth 0 always runs: greedy rows are checked against it)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' rows")
     args = parser.parse_args()
     tokenizer = load_tokenizer(resolve_model(TARGET))
     prompts = [chat_ids(tokenizer, p) for p in humaneval_prompts(args.prompts)]
     rows: dict[str, Row] = {} if args.no_hf else _hf_rows(prompts, args)
     rows |= _llama_cpp_plain(prompts, args)
-    rows |= _specfleet_rows(prompts, args, pinned=False)
-    if args.pinned:
+    if not args.pinned_only:
+        rows |= _specfleet_rows(prompts, args, pinned=False)
+    if args.pinned or args.pinned_only:
         rows |= _specfleet_rows(prompts, args, pinned=True)
     print(f"\nQwen2.5-Coder-1.5B target (specfleet engine, float32), 0.5B draft, {len(prompts)} HumanEval prompts, "
           f"{args.max_new_tokens} new tokens\n")

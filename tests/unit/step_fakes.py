@@ -14,7 +14,8 @@ import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from router.live_request import DRAFT_POOL, DraftSession, LiveRequest
+from router.live_request import DRAFT_POOL, DraftSession, LiveRequest, StreamChunk
+from router.loop import StepLoop
 from router.replicas import ReplicaError, ReplicaInfo
 from router.text import IncrementalDetokenizer, StopMatcher
 from specfleet.sampling_params import SamplingParams
@@ -200,3 +201,23 @@ def live_request(seq_id: str, prompt: list[int], max_new_tokens: int, strategy: 
                        sampling=SamplingParams(), seed=0, max_new_tokens=max_new_tokens, eos_ids=frozenset(),
                        ignore_eos=True, detokenizer=IncrementalDetokenizer(ToyTokenizer()), stops=StopMatcher([]),
                        sessions={strategy: DraftSession(draft)}, strategy=strategy)
+
+
+async def run_loop(loop: StepLoop, seqs: list[LiveRequest]) -> list[list[int]]:
+    """Runs the step loop with ``seqs`` submitted at once until each has streamed its last message; their tokens."""
+    run = asyncio.get_running_loop().create_task(loop.run())
+    for seq in seqs:
+        loop.submit(seq)
+    outputs = []
+    for seq in seqs:
+        tokens: list[int] = []
+        while True:
+            chunk = await asyncio.wait_for(seq.outbox.get(), 30)
+            assert isinstance(chunk, StreamChunk), chunk
+            tokens.extend(chunk.token_ids)
+            if chunk.finish_reason is not None:
+                break
+        outputs.append(tokens)
+    await asyncio.sleep(0.01)  # let the loop release the finished sequences
+    run.cancel()
+    return outputs

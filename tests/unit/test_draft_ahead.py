@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from chi_square import chi_square_pvalue
-from step_fakes import FakeDrafter, FakeService, FakeTarget, NoTracing, Recorder, ToyModel, live_request
+from step_fakes import FakeDrafter, FakeService, FakeTarget, NoTracing, Recorder, ToyModel, live_request, run_loop
 
 import router.draft_ahead as draft_ahead
 from router.draft_ahead import Ahead, DraftAhead, usable_ahead
 from router.draft_pool import DraftPool
-from router.live_request import DRAFT_POOL, LiveRequest, StreamChunk
+from router.live_request import DRAFT_POOL, LiveRequest
 from router.loop import StepLoop
 from router.planner import Planner
 from router.policy_feed import PolicyFeed
@@ -60,25 +60,6 @@ def _step_loop(strategy: DraftAhead, target: object, depth: int, capacity: int) 
                     max_context=256)
 
 
-async def _run(loop: StepLoop, seqs: list[LiveRequest]) -> list[list[int]]:
-    run = asyncio.get_running_loop().create_task(loop.run())
-    for seq in seqs:
-        loop.submit(seq)
-    outputs = []
-    for seq in seqs:
-        tokens: list[int] = []
-        while True:
-            chunk = await asyncio.wait_for(seq.outbox.get(), 30)
-            assert isinstance(chunk, StreamChunk), chunk
-            tokens.extend(chunk.token_ids)
-            if chunk.finish_reason is not None:
-                break
-        outputs.append(tokens)
-    await asyncio.sleep(0.01)  # let the loop release the finished sequences
-    run.cancel()
-    return outputs
-
-
 @pytest.mark.parametrize("depth", [1, 3])
 def test_greedy_output_is_plain_decoding_with_drafts_made_ahead_used_and_dropped(depth: int) -> None:
     async def main() -> None:
@@ -91,7 +72,7 @@ def test_greedy_output_is_plain_decoding_with_drafts_made_ahead_used_and_dropped
         loop = _step_loop(strategy, target, depth, capacity=4)  # 8 requests: some wait, join later
         for i, prompt in enumerate(PROMPTS):
             seqs[f"s{i}"] = live_request(f"s{i}", prompt, 24, draft=replica)
-        outputs = await _run(loop, list(seqs.values()))
+        outputs = await run_loop(loop, list(seqs.values()))
         model = ToyModel()
         assert outputs == [model.generate(prompt, 24) for prompt in PROMPTS]
         assert strategy.outcomes["used"] > 0 and strategy.outcomes["dropped"] > 0
@@ -219,7 +200,7 @@ def _sampled_outputs(sequences: int) -> torch.Tensor:  # [sequences, NEW_TOKENS]
             seq = live_request(f"s{i}", [0], NEW_TOKENS, draft=replica)
             seq.sampling = SamplingParams(temperature=1.0)
             seqs.append(seq)
-        outputs = await _run(loop, seqs)
+        outputs = await run_loop(loop, seqs)
         assert strategy.outcomes["used"] > sequences // 4  # the drafts made ahead were used often
         return outputs
 

@@ -8,11 +8,11 @@ import asyncio
 from dataclasses import dataclass, field
 
 import pytest
-from step_fakes import VOCAB, FakeDrafter, FakeTarget, NoTracing, Recorder, ToyModel, live_request
+from step_fakes import VOCAB, FakeDrafter, FakeTarget, NoTracing, Recorder, ToyModel, live_request, run_loop
 
 from router.draft_ahead import DraftAhead
 from router.draft_pool import DraftPool
-from router.live_request import DRAFT_POOL, LiveRequest, StreamChunk
+from router.live_request import DRAFT_POOL
 from router.loop import StepLoop
 from router.planner import Planner
 from router.policy_feed import PolicyFeed
@@ -64,25 +64,6 @@ def _step_loop(strategy: DraftPool | DraftAhead, target: FakeTarget) -> StepLoop
                     max_context=256)
 
 
-async def _run(loop: StepLoop, seqs: list[LiveRequest]) -> list[list[int]]:
-    run = asyncio.get_running_loop().create_task(loop.run())
-    for seq in seqs:
-        loop.submit(seq)
-    outputs = []
-    for seq in seqs:
-        tokens: list[int] = []
-        while True:
-            chunk = await asyncio.wait_for(seq.outbox.get(), 30)
-            assert isinstance(chunk, StreamChunk), chunk
-            tokens.extend(chunk.token_ids)
-            if chunk.finish_reason is not None:
-                break
-        outputs.append(tokens)
-    await asyncio.sleep(0.01)  # let the loop release the finished sequences
-    run.cancel()
-    return outputs
-
-
 def _drafts_by_verify(target: FakeTarget, seq_id: str) -> list[int]:
     """How many drafts each of the target's calls carried for ``seq_id``, in order."""
     return [len(a.proposal.tokens) if a.proposal else 0 for call in target.asks for a in call
@@ -98,7 +79,7 @@ def test_prompts_reach_the_drafter_while_the_target_computes_them_and_drafting_f
         strategy = DraftAhead(pool, metrics) if ahead else pool
         replica = _replica(drafter)
         seqs = [live_request(f"s{i}", p, 24, draft=replica) for i, p in enumerate(PROMPTS)]
-        outputs = await _run(_step_loop(strategy, target), seqs)  # 8 requests, 4 at a time: some join later
+        outputs = await run_loop(_step_loop(strategy, target), seqs)  # 8 requests, 4 at a time: some join later
 
         assert outputs == [ToyModel().generate(p, 24) for p in PROMPTS]
         for seq in seqs:
@@ -126,7 +107,7 @@ def test_a_drafter_still_computing_a_prompt_holds_back_no_step() -> None:
             drafter.hold_prompts.set()
 
         releaser = asyncio.get_running_loop().create_task(release_after_five_verifies())
-        outputs = await _run(_step_loop(pool, target), [seq])
+        outputs = await run_loop(_step_loop(pool, target), [seq])
         await releaser
 
         assert outputs == [ToyModel().generate(PROMPTS[1], 24)]
@@ -144,7 +125,8 @@ def test_a_failed_prompt_call_is_sent_again_when_the_sequence_drafts() -> None:
         metrics, target = RouterMetrics(), FakeTarget()
         drafter = WatchedDrafter(target=target, fail_calls=1)
         pool = DraftPool(2000.0, 0.0, metrics, prefill_alongside=True)
-        outputs = await _run(_step_loop(pool, target), [live_request("s0", PROMPTS[3], 16, draft=_replica(drafter))])
+        seq = live_request("s0", PROMPTS[3], 16, draft=_replica(drafter))
+        outputs = await run_loop(_step_loop(pool, target), [seq])
 
         assert outputs == [ToyModel().generate(PROMPTS[3], 16)]
         calls = [e for e in drafter.entries if e[0] == "s0"]
@@ -161,7 +143,7 @@ def test_a_drafter_without_a_kv_cache_drafts_from_the_first_step() -> None:
         drafter = WatchedDrafter(target=target)
         pool = DraftPool(2000.0, 60.0, metrics, prefill_alongside=True)
         seq = live_request("s0", PROMPTS[0], 8, draft=_replica(drafter, num_slots=0))  # prompt lookup keeps none
-        await _run(_step_loop(pool, target), [seq])
+        await run_loop(_step_loop(pool, target), [seq])
 
         assert _drafts_by_verify(target, "s0")[0] == DEPTH
         assert all(levels > 0 for *_, levels in drafter.entries)

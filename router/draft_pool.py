@@ -90,9 +90,10 @@ class DraftPool:
         step to their drafters, in one call per replica that is not awaited (it runs while the target verifies)."""
         if not self.prefill_alongside:
             return
+        # A request of two tokens or fewer has no step left to draft in after this one.
         calls = [DraftCall(seq, seq.tokens, seq.draft_cached, DraftPlan(0)) for seq in batch
                  if plan.draft(seq.seq_id).levels == 0 and _needs_prefill(seq, self.name)
-                 and seq.seq_id not in self._prefilling]
+                 and seq.max_new_tokens > 2 and seq.seq_id not in self._prefilling]
         if not calls:
             return
         task = asyncio.get_running_loop().create_task(self.draft(calls))

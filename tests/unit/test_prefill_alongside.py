@@ -149,3 +149,16 @@ def test_a_drafter_without_a_kv_cache_drafts_from_the_first_step() -> None:
         assert all(levels > 0 for *_, levels in drafter.entries)
 
     asyncio.run(main())
+
+
+def test_a_request_with_no_step_left_to_draft_in_sends_its_drafter_nothing() -> None:
+    async def main() -> None:
+        metrics, target = RouterMetrics(), FakeTarget()
+        drafter = WatchedDrafter(target=target)
+        pool = DraftPool(2000.0, 60.0, metrics, prefill_alongside=True)
+        outputs = await run_loop(_step_loop(pool, target), [live_request("s0", PROMPTS[0], 2, draft=_replica(drafter))])
+
+        assert outputs == [ToyModel().generate(PROMPTS[0], 2)]
+        assert drafter.entries == []  # two tokens: the first step's and the second's, neither after drafts
+
+    asyncio.run(main())

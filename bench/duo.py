@@ -4,11 +4,11 @@ Qwen2.5-Coder-1.5B target in specfleet's engine, Qwen2.5-Coder-0.5B draft, Human
 plain and assisted generation (batch 1, greedy), specfleet at depth 0, the ``model`` (PyTorch) drafter, the
 ``llamacpp`` drafter drafting then verifying and drafting ahead (``--draft-ahead``, also with
 ``--prefill-alongside``: the draft computes each prompt while the target does), each at the depths given (the
-table keeps the best), and ``auto`` (llamacpp, drafting ahead, depth chosen per step); and llama.cpp's own plain
-decoding of the target's GGUF as a reference. Each specfleet row runs unpinned and, with ``--pinned``, again with
-the draft service on one core and the target on the other (``taskset``), which stands in for a CPU draft beside a
-GPU target. Tokens/s and time to first token (median per request) for each row; greedy specfleet rows must be
-token-identical to depth 0 (the run stops if not).
+table keeps the best), and ``auto`` (llamacpp, drafting ahead, depth chosen per step; again with prompts
+alongside); and llama.cpp's own plain decoding of the target's GGUF as a reference. Each specfleet row runs
+unpinned and, with ``--pinned``, again with the draft service on one core and the target on the other
+(``taskset``), which stands in for a CPU draft beside a GPU target. Tokens/s and time to first token (median per
+request) for each row; greedy specfleet rows must be token-identical to depth 0 (the run stops if not).
 
     python -m bench.duo                                   # the full grid: batch 1 and 4, greedy and temperature 1
     python -m bench.duo --batches 1 --temperatures 0 --prompts 2 --max-new-tokens 32 --pinned   # a quick look
@@ -114,6 +114,8 @@ def _services(pinned: bool, depths: list[int], threads: int, configs: list[str] 
             routers[f"llamacpp ahead d{d} alongside"] = f.router(target, llama, d, f"router-alongside-{d}",
                                                                  [*redis, "--draft-ahead", "--prefill-alongside"])
         routers["auto"] = f.router(target, llama, "auto", "router-auto", [*redis, "--draft-ahead"])
+        routers["auto alongside"] = f.router(target, llama, "auto", "router-auto-alongside",
+                                             [*redis, "--draft-ahead", "--prefill-alongside"])
         yield {name: address for name, address in routers.items() if name == "depth 0" or configs is None
                or name in configs}
 

@@ -62,7 +62,6 @@ class DraftAhead:
 
     async def propose(self, batch: list[LiveRequest], plan: StepPlan) -> Proposals:
         started = time.perf_counter()
-        self.pool.collect_prefills(batch)
         ready = await self._collect(batch, plan)  # usually done: they were drafted during the last verify
         waited_ms = (time.perf_counter() - started) * 1000
         calls = [DraftCall(seq, seq.tokens, seq.draft_cached, plan.draft(seq.seq_id)) for seq in batch

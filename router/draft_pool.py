@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -64,7 +65,8 @@ class DraftPool:
         # By seq_id, for the step under way: the tokens the drafter holds after its call, and where the drafts began.
         self._drafted: dict[str, tuple[int, int]] = {}
         self.prefill_alongside = prefill_alongside
-        self._prefilling: dict[str, Prefilling] = {}  # by seq_id: prompts its drafters compute beside the target
+        # By seq_id, the calls in which drafters compute prompts beside the target, until they answer.
+        self._prefilling: dict[str, asyncio.Task[tuple[Proposals, dict[str, int]]]] = {}
 
     def room(self, seq: LiveRequest) -> int | None:
         session = seq.sessions.get(self.name)
@@ -76,7 +78,6 @@ class DraftPool:
         return None
 
     async def propose(self, batch: list[LiveRequest], plan: StepPlan) -> Proposals:
-        self.collect_prefills(batch)
         calls = [DraftCall(seq, seq.tokens, seq.draft_cached, plan.draft(seq.seq_id)) for seq in batch
                  if plan.draft(seq.seq_id).levels > 0]
         proposals, cached_len = await self.draft(calls)
@@ -98,34 +99,27 @@ class DraftPool:
             return
         task = asyncio.get_running_loop().create_task(self.draft(calls))
         for call in calls:
-            self._prefilling[call.seq.seq_id] = Prefilling(call.seq.draft, task)
+            self._prefilling[call.seq.seq_id] = task
+        task.add_done_callback(functools.partial(self._prefilled, [(c.seq, c.seq.draft) for c in calls]))
 
-    def collect_prefills(self, batch: list[LiveRequest]) -> None:
-        """Takes in the prompts drafters have finished computing for the batch's sequences (see `_collect`)."""
-        for seq in batch:
-            self._collect(seq)
-
-    def _collect(self, seq: LiveRequest) -> bool:
-        """Whether ``seq``'s drafter is still computing its prompt; if it has finished, the drafter now holds what
-        it said it holds (nothing, when the call failed: the sequence's next call sends the prompt again)."""
-        pending = self._prefilling.get(seq.seq_id)
-        if pending is None:
-            return False
-        if not pending.task.done():
-            return True
-        del self._prefilling[seq.seq_id]
-        failed = pending.task.cancelled() or pending.task.exception() is not None
-        if failed and not pending.task.cancelled():
-            log.warning("computing %s's prompt on its drafter failed: %r", seq.seq_id, pending.task.exception())
-        held = None if failed else pending.task.result()[1].get(seq.seq_id)
-        session = seq.sessions.get(self.name)
-        if held is not None and session is not None and session.replica is pending.draft:  # moved: starts afresh
-            session.cached = min(held, len(seq.tokens))
-        return False
+    def _prefilled(self, asked: list[tuple[LiveRequest, DraftReplica]],
+                   task: asyncio.Task[tuple[Proposals, dict[str, int]]]) -> None:
+        """When the drafters answer the prompts sent alongside (each sequence with the replica asked): each now holds
+        what it says it holds (nothing, when the call failed: the sequence's next call sends the prompt again)."""
+        failed = task.cancelled() or task.exception() is not None
+        if failed and not task.cancelled():
+            log.warning("computing prompts on their drafters failed: %r", task.exception())
+        held = {} if failed else task.result()[1]
+        for seq, draft in asked:
+            self._prefilling.pop(seq.seq_id, None)
+            session = seq.sessions.get(self.name)
+            # One moved to another replica since is started there afresh.
+            if seq.seq_id in held and session is not None and session.replica is draft:
+                session.cached = min(held[seq.seq_id], len(seq.tokens))
 
     def _prefills_alongside(self, seq: LiveRequest) -> bool:
         """Whether ``seq`` drafts nothing now because its drafter computes (or is about to compute) its prompt."""
-        return self.prefill_alongside and (self._collect(seq) or _needs_prefill(seq, self.name))
+        return self.prefill_alongside and (seq.seq_id in self._prefilling or _needs_prefill(seq, self.name))
 
     async def draft(self, calls: list[DraftCall]) -> tuple[Proposals, dict[str, int]]:
         """One batched `Propose` per replica for ``calls``, in parallel: the proposals, and the tokens of each
@@ -150,7 +144,7 @@ class DraftPool:
         """Unpins finished sequences from their drafts in this pool (which then take new ones first) and frees them
         there."""
         # A prompt still being computed would bring the sequence back on its drafter: let it answer first.
-        pending = {p.task for seq in seqs if (p := self._prefilling.pop(seq.seq_id, None)) is not None}
+        pending = {task for seq in seqs if (task := self._prefilling.pop(seq.seq_id, None)) is not None}
         await asyncio.gather(*pending, return_exceptions=True)
         pinned = [(s.seq_id, session.replica) for s in seqs
                   if (session := s.sessions.get(self.name)) is not None and session.replica is not None]
@@ -198,14 +192,6 @@ class DraftPool:
         reply = await draft.link.propose(asks, timeout_s)
         self.metrics.record_draft_rtt(draft.address, time.perf_counter() - sent)
         return reply
-
-
-@dataclass(frozen=True)
-class Prefilling:
-    """A sequence's prompt being computed by its drafter beside the target (``prefill_alongside``)."""
-
-    draft: DraftReplica  # the replica asked (a sequence moved to another since is started there afresh)
-    task: asyncio.Task[tuple[Proposals, dict[str, int]]]  # `DraftPool.draft`'s call, shared by the batch's prompts
 
 
 def _needs_prefill(seq: LiveRequest, pool: str) -> bool:

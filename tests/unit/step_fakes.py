@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from router.live_request import DRAFT_POOL, DraftSession, LiveRequest, StreamChunk
+from router.live_request import DRAFT_POOL, DraftSession, FinishReason, LiveRequest, StreamChunk
 from router.loop import StepLoop
 from router.replicas import ReplicaError, ReplicaInfo
 from router.text import IncrementalDetokenizer, StopMatcher
@@ -208,16 +208,18 @@ async def run_loop(loop: StepLoop, seqs: list[LiveRequest]) -> list[list[int]]:
     run = asyncio.get_running_loop().create_task(loop.run())
     for seq in seqs:
         loop.submit(seq)
-    outputs = []
-    for seq in seqs:
-        tokens: list[int] = []
-        while True:
-            chunk = await asyncio.wait_for(seq.outbox.get(), 30)
-            assert isinstance(chunk, StreamChunk), chunk
-            tokens.extend(chunk.token_ids)
-            if chunk.finish_reason is not None:
-                break
-        outputs.append(tokens)
+    outputs = [(await streamed(seq))[0] for seq in seqs]
     await asyncio.sleep(0.01)  # let the loop release the finished sequences
     run.cancel()
     return outputs
+
+
+async def streamed(seq: LiveRequest, timeout_s: float = 30.0) -> tuple[list[int], FinishReason]:
+    """The request's streamed tokens and why it finished, once its last message came (each within ``timeout_s``)."""
+    tokens: list[int] = []
+    while True:
+        chunk = await asyncio.wait_for(seq.outbox.get(), timeout_s)
+        assert isinstance(chunk, StreamChunk), chunk
+        tokens.extend(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            return tokens, chunk.finish_reason

@@ -54,6 +54,10 @@ def _replica(drafter: FakeDrafter, num_slots: int = 8) -> DraftReplica:
     return DraftReplica("draft:1", drafter, ReplicaInfo("toy", drafter.kind, VOCAB, "toy", 256, num_slots))
 
 
+def _pool(retry_s: float = 60.0) -> DraftPool:
+    return DraftPool(2000.0, retry_s, RouterMetrics(), prefill_alongside=True)
+
+
 def _step_loop(strategy: DraftPool | DraftAhead, target: FakeTarget) -> StepLoop:
     config = RouterConfig(depth=str(DEPTH), draft_retry_s=60.0, prefill_alongside=True)
     strategies = Strategies({DRAFT_POOL: strategy})
@@ -73,10 +77,9 @@ def _drafts_by_verify(target: FakeTarget, seq_id: str) -> list[int]:
 @pytest.mark.parametrize("ahead", [False, True], ids=["pool", "drafting ahead"])
 def test_prompts_reach_the_drafter_while_the_target_computes_them_and_drafting_follows(ahead: bool) -> None:
     async def main() -> None:
-        metrics, target = RouterMetrics(), FakeTarget()
+        target, pool = FakeTarget(), _pool()
         drafter = WatchedDrafter(target=target)
-        pool = DraftPool(2000.0, 60.0, metrics, prefill_alongside=True)
-        strategy = DraftAhead(pool, metrics) if ahead else pool
+        strategy = DraftAhead(pool, RouterMetrics()) if ahead else pool
         replica = _replica(drafter)
         seqs = [live_request(f"s{i}", p, 24, draft=replica) for i, p in enumerate(PROMPTS)]
         outputs = await run_loop(_step_loop(strategy, target), seqs)  # 8 requests, 4 at a time: some join later
@@ -96,9 +99,8 @@ def test_prompts_reach_the_drafter_while_the_target_computes_them_and_drafting_f
 
 def test_a_drafter_still_computing_a_prompt_holds_back_no_step() -> None:
     async def main() -> None:
-        metrics, target = RouterMetrics(), FakeTarget()
+        target, pool = FakeTarget(), _pool()
         drafter = WatchedDrafter(target=target, hold_prompts=asyncio.Event())
-        pool = DraftPool(2000.0, 60.0, metrics, prefill_alongside=True)
         seq = live_request("s0", PROMPTS[1], 24, draft=_replica(drafter))
 
         async def release_after_five_verifies() -> None:
@@ -122,9 +124,8 @@ def test_a_drafter_still_computing_a_prompt_holds_back_no_step() -> None:
 
 def test_a_failed_prompt_call_is_sent_again_when_the_sequence_drafts() -> None:
     async def main() -> None:
-        metrics, target = RouterMetrics(), FakeTarget()
+        target, pool = FakeTarget(), _pool(retry_s=0.0)
         drafter = WatchedDrafter(target=target, fail_calls=1)
-        pool = DraftPool(2000.0, 0.0, metrics, prefill_alongside=True)
         seq = live_request("s0", PROMPTS[3], 16, draft=_replica(drafter))
         outputs = await run_loop(_step_loop(pool, target), [seq])
 
@@ -139,9 +140,8 @@ def test_a_failed_prompt_call_is_sent_again_when_the_sequence_drafts() -> None:
 
 def test_a_drafter_without_a_kv_cache_drafts_from_the_first_step() -> None:
     async def main() -> None:
-        metrics, target = RouterMetrics(), FakeTarget()
+        target, pool = FakeTarget(), _pool()
         drafter = WatchedDrafter(target=target)
-        pool = DraftPool(2000.0, 60.0, metrics, prefill_alongside=True)
         seq = live_request("s0", PROMPTS[0], 8, draft=_replica(drafter, num_slots=0))  # prompt lookup keeps none
         await run_loop(_step_loop(pool, target), [seq])
 
@@ -153,10 +153,10 @@ def test_a_drafter_without_a_kv_cache_drafts_from_the_first_step() -> None:
 
 def test_a_request_with_no_step_left_to_draft_in_sends_its_drafter_nothing() -> None:
     async def main() -> None:
-        metrics, target = RouterMetrics(), FakeTarget()
+        target, pool = FakeTarget(), _pool()
         drafter = WatchedDrafter(target=target)
-        pool = DraftPool(2000.0, 60.0, metrics, prefill_alongside=True)
-        outputs = await run_loop(_step_loop(pool, target), [live_request("s0", PROMPTS[0], 2, draft=_replica(drafter))])
+        seq = live_request("s0", PROMPTS[0], 2, draft=_replica(drafter))
+        outputs = await run_loop(_step_loop(pool, target), [seq])
 
         assert outputs == [ToyModel().generate(PROMPTS[0], 2)]
         assert drafter.entries == []  # two tokens: the first step's and the second's, neither after drafts

@@ -20,6 +20,7 @@ from step_fakes import (
     Recorder,
     ToyModel,
     live_request,
+    streamed,
 )
 
 from router.draft_ahead import DraftAhead
@@ -68,14 +69,9 @@ class Harness:
 
 async def _finish(seq: LiveRequest) -> list[int]:
     """The request's streamed tokens, once its last message came."""
-    tokens: list[int] = []
-    while True:
-        chunk = await asyncio.wait_for(seq.outbox.get(), 10)
-        assert isinstance(chunk, StreamChunk), chunk
-        tokens.extend(chunk.token_ids)
-        if chunk.finish_reason is not None:
-            assert chunk.finish_reason == FinishReason.LENGTH
-            return tokens
+    tokens, finish_reason = await streamed(seq, timeout_s=10)
+    assert finish_reason == FinishReason.LENGTH
+    return tokens
 
 
 async def _serve(harness: Harness, seqs: list[LiveRequest], late: list[LiveRequest] = ()) -> list[list[int]]:

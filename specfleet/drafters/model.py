@@ -6,25 +6,10 @@ from __future__ import annotations
 import torch
 
 from specfleet.drafters.base import DraftRequest, DraftResult
+from specfleet.drafters.tree_drafting import build_tree, tree_logprobs, tree_result, tree_shapes
 from specfleet.engine import Extend, ModelRunner, TreeExtend
-from specfleet.sampling import (
-    DRAFT_STREAM,
-    dense_from_top_k,
-    processed_probs,
-    sample_drafts,
-    seeded_generator,
-    seeded_uniforms,
-    top_k_pairs,
-)
-from specfleet.trees.build import build_tree_rsd_c, build_tree_rsd_s
-from specfleet.trees.duo import build_tree_duo
-from specfleet.trees.shapes import ROOT_PARENT, TreeShape
-from specfleet.trees.structure import DraftTree
-
-GREEDY_TREE_SCALE = 1e4
-"""Greedy trees multiply the draft's log-probabilities by this before tree construction, so the Gumbel
-noise (within about [-7, 37]) cannot reorder tokens whose log-probabilities differ by more than ~0.005:
-the tree is then the draft's most likely tokens, deterministically (greedy verification needs no q)."""
+from specfleet.sampling import DRAFT_STREAM, sample_drafts, seeded_uniforms
+from specfleet.trees.shapes import ROOT_PARENT
 
 
 class ModelDrafter:
@@ -97,43 +82,26 @@ class ModelDrafter:
         if not requests:
             return {}
         root_logits = self.runner.extend([Extend(r.seq_id, r.rollback_to, list(r.new_tokens)) for r in requests])
-        committed = {r.seq_id: r.position for r in requests}
         last_token = {r.seq_id: (r.new_tokens[-1] if r.new_tokens else None) for r in requests}
         roots = dict(zip((r.seq_id for r in requests), root_logits, strict=True))
-        by_shape: dict[TreeShape | None, list[DraftRequest]] = {}
-        for r in requests:
-            by_shape.setdefault(r.tree.fit(r.max_nodes or r.tree.nodes, r.depth), []).append(r)
         results: dict[str, DraftResult] = {}
-        for shape, group in by_shape.items():
-            tree = self._build(shape, group, roots, last_token)
+        for shape, group in tree_shapes(requests).items():
+
+            def draft_logprobs(rows: torch.Tensor, paths: torch.Tensor, group: list[DraftRequest] = group
+                               ) -> torch.Tensor:
+                """The draft's processed log-probabilities after each (row, path): one tree-attention pass
+                over the trie of every path asked for, per sequence."""
+                if paths.shape[1] == 0:
+                    logits = torch.cat([roots[group[int(row)].seq_id] for row in rows])
+                else:
+                    logits = self._path_logits(group, rows.tolist(), paths.tolist(), last_token)
+                return tree_logprobs([group[int(row)].sampling for row in rows], logits, self.num_pairs)
+
+            tree = build_tree(shape, group, draft_logprobs, self.runner.vocab_size)
             for row, r in enumerate(group):
-                self.runner.truncate(r.seq_id, committed[r.seq_id])
-                results[r.seq_id] = self._tree_result(r, tree, row)
+                self.runner.truncate(r.seq_id, r.position)
+                results[r.seq_id] = tree_result(r, tree, row, self.num_pairs, self.runner.cached_len(r.seq_id) or 0)
         return results
-
-    def _build(self, shape: TreeShape | None, group: list[DraftRequest], roots: dict[str, torch.Tensor],
-               last_token: dict[str, int | None]) -> DraftTree:
-        generators = [seeded_generator(r.seed, r.position, DRAFT_STREAM) for r in group]
-
-        def draft_logprobs(rows: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
-            """The draft's processed log-probabilities after each (row, path): one tree-attention pass
-            over the trie of every path asked for, per sequence."""
-            if paths.shape[1] == 0:
-                logits = torch.cat([roots[group[int(row)].seq_id] for row in rows])
-            else:
-                logits = self._path_logits(group, rows.tolist(), paths.tolist(), last_token)
-            return self._logprobs([group[int(row)] for row in rows], logits)
-
-        if shape is None:  # nothing fits: an empty tree
-            empty = torch.zeros(len(group), 0, dtype=torch.long)
-            return DraftTree(empty, empty, empty, torch.zeros(len(group), 0, self.runner.vocab_size),
-                             torch.zeros(len(group), dtype=torch.long))
-        if shape.method == "rsd-s":
-            return build_tree_rsd_s(draft_logprobs, len(group), shape.beam_width, shape.depth, generators)
-        if shape.method == "duo":
-            return build_tree_duo(draft_logprobs, len(group), shape.branching[0], shape.levels, generators)
-        return build_tree_rsd_c(draft_logprobs, len(group), shape.branching, generators,
-                                replacement=shape.method == "iid")
 
     def _path_logits(self, group: list[DraftRequest], rows: list[int], paths: list[list[int]],
                      last_token: dict[str, int | None]) -> torch.Tensor:  # [len(rows), vocab]
@@ -156,27 +124,3 @@ class ModelDrafter:
             calls.append(TreeExtend(r.seq_id, r.position - 1, [last_token[r.seq_id]], tokens[row], parents[row]))
         outs = dict(zip(tries, self.runner.extend_tree(calls), strict=True))
         return torch.stack([outs[row][1 + tries[row][tuple(path)]] for row, path in zip(rows, paths, strict=True)])
-
-    def _logprobs(self, requests: list[DraftRequest], logits: torch.Tensor) -> torch.Tensor:
-        """Log of the exact distribution a sampled row draws from (processed, truncated to the top-K
-        pairs sent on the wire, -inf elsewhere); greedy rows get the draft's top-K log-probabilities
-        scaled by GREEDY_TREE_SCALE."""
-        params = [r.sampling for r in requests]
-        k = min(self.num_pairs, logits.shape[-1])
-        greedy = torch.tensor([p.greedy for p in params])
-        probs = processed_probs(logits, torch.tensor([1.0 if p.greedy else p.temperature for p in params]),
-                                torch.tensor([p.top_k for p in params]), torch.tensor([p.top_p for p in params]))
-        ids, pair_probs = top_k_pairs(probs, k)
-        logprobs = dense_from_top_k(ids, pair_probs, logits.shape[-1]).log()
-        return torch.where(greedy[:, None], logprobs * GREEDY_TREE_SCALE, logprobs)
-
-    def _tree_result(self, request: DraftRequest, tree: DraftTree, row: int) -> DraftResult:
-        n = int(tree.num_nodes[row])
-        draft_top_k = None
-        if not request.sampling.greedy:
-            # Each node's q_i has at most K tokens (a subset of the top-K pairs), so its top-K is all of it.
-            draft_top_k = top_k_pairs(tree.draft_probs[row, :n], min(self.num_pairs, tree.vocab_size)) if n else (
-                torch.empty(0, self.num_pairs, dtype=torch.long), torch.empty(0, self.num_pairs))
-        return DraftResult(request.seq_id, known=True, tokens=tree.tokens[row, :n].tolist(), draft_top_k=draft_top_k,
-                           cached_len=self.runner.cached_len(request.seq_id) or 0,
-                           parents=tree.parents[row, :n].tolist())

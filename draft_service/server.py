@@ -155,7 +155,7 @@ def _build_llamacpp(config: DraftConfig, telemetry: TelemetryWriter | None, otel
     import_llama_cpp()  # a missing llama-cpp-python fails at once, before a GGUF is fetched
     gguf = resolve_gguf(config.model)
     drafter = LlamaCppDrafter(gguf, num_slots=config.num_slots, max_seq_len=config.max_seq_len,
-                              threads=config.threads, top_k_pairs=config.top_k_pairs)
+                              threads=config.threads, top_k_pairs=config.top_k_pairs, tree_slots=config.tree_slots)
     drafter.warm_up()
     # The tokenizer transformers reads from the GGUF, fingerprinted as a model drafter's: the router refuses a
     # target whose tokenizer differs.

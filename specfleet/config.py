@@ -168,9 +168,13 @@ class DraftConfig(EngineConfig):
     sparse_sinks: int = option(16, "sparse_self drafter: the first tokens every draft token attends to (attention "
                                "sinks)")
     sparse_window: int = option(240, "sparse_self drafter: the most recent tokens every draft token attends to")
+    tree_slots: int = option(8, "llamacpp drafter: spare KV-cache slots (of --max-seq-len tokens each) that the "
+                             "branches of draft trees (a router's --tree) grow on, each a copy of its sequence's "
+                             "cache; a wider tree is drafted as a chain; 0: every tree as a chain")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(self.tree_slots >= 0, f"--tree-slots must be >= 0, got {self.tree_slots}")
         _check(self.top_k_pairs >= 1, f"--top-k-pairs must be >= 1, got {self.top_k_pairs}")
         _check(1 <= self.ngram_min <= self.ngram_max, "need 1 <= --ngram-min <= --ngram-max")
         _check(self.sparse_sinks >= 0, f"--sparse-sinks must be >= 0, got {self.sparse_sinks}")

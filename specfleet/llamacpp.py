@@ -5,8 +5,10 @@ drafter and the llamacpp target backend share.
 ``seq_id`` and sends, per call, the length to roll back to and the tokens to append; `extend` returns the logits of
 the last tokens of each. One llama.cpp context holds every sequence, each on a llama.cpp sequence id (a slot) with
 its own ``max_seq_len`` cells; a rollback is ``llama_memory_seq_rm``. Many sequences' tokens go through one
-``llama_decode``. Draft trees are not supported: tree attention inside one sequence has no llama.cpp batch form
-(its multi-sequence tokens share a cell between sequences, not a path within one), so trees stay with the engine.
+``llama_decode``. Verifying draft trees is not supported: tree attention inside one sequence has no llama.cpp batch
+form (its multi-sequence tokens share a cell between sequences, not a path within one), so tree verifies stay with
+the engine. A drafter builds trees on scratch slots instead, one branch per slot, each a copy of the sequence's cache
+(`copy_slot`).
 """
 
 from __future__ import annotations
@@ -148,9 +150,13 @@ class LlamaCppRunner:
     reused_tokens = 0  # every prompt is computed in full: no prefix of one sequence's cache is given to another
 
     def __init__(self, gguf: Path, *, num_slots: int = 32, max_seq_len: int = 2048, threads: int = 0,
-                 batch_invariant: bool = False, needed_by: str = "--drafter llamacpp") -> None:
+                 batch_invariant: bool = False, scratch_slots: int = 0, needed_by: str = "--drafter llamacpp") -> None:
         """``threads``: llama.cpp's threads for both single-token and batch decoding; 0 takes every core this process
         may use (llama.cpp's own default, 4, oversubscribes a small node and leaves most of a large one idle).
+
+        ``scratch_slots``: slots beyond ``num_slots`` that hold no sequence of their own, each with its own
+        ``max_seq_len`` cells: `copy_slot` fills one with a copy of a sequence's cache, for a draft that continues
+        it in several ways at once (the branches of a draft tree).
 
         ``batch_invariant``: every token's logits are exactly those of decoding it alone, one token at a time,
         whatever else shares its decode (what a lossless target needs). llama.cpp's CPU matrix products switch to
@@ -175,8 +181,8 @@ class LlamaCppRunner:
         self.threads = threads or available_cores()
 
         params = lib.llama_context_default_params()
-        params.n_seq_max = num_slots
-        params.n_ctx = num_slots * self.max_seq_len
+        params.n_seq_max = num_slots + scratch_slots
+        params.n_ctx = params.n_seq_max * self.max_seq_len
         # One KV stream per slot, of n_ctx / n_seq_max = max_seq_len cells each, rather than one unified pool: with
         # the unified cache of llama-cpp-python 0.3.36's llama.cpp, a sequence's logits depended on the other
         # sequences of its batch once rollbacks had left holes in the cache (off by up to ~0.7, enough to change
@@ -200,8 +206,9 @@ class LlamaCppRunner:
         self._free_native = weakref.finalize(self, _free_native, lib, self._batch, ctx, model)
 
         self._slots: OrderedDict[str, int] = OrderedDict()  # seq_id -> slot, least recently used first
-        self._lengths = [0] * num_slots  # tokens each slot holds
+        self._lengths = [0] * (num_slots + scratch_slots)  # tokens each slot holds
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self.scratch_slots = list(range(num_slots, num_slots + scratch_slots))
         log.info("llama.cpp: %s, vocabulary %d, %d slots x %d tokens, %d threads, micro-batches of %d tokens%s",
                  gguf.name, self.vocab_size, num_slots, self.max_seq_len, self.threads, self.micro_batch,
                  " (the widest whose logits equal one-token decoding)" if batch_invariant else "")
@@ -258,6 +265,21 @@ class LlamaCppRunner:
             raise ValueError(f"llama.cpp cannot roll {self.gguf.name}'s cache back to {length} tokens (a recurrent or "
                              "sliding-window model?)")
         self._lengths[slot] = min(self._lengths[slot], length)
+
+    def copy_slot(self, source: int, destination: int, length: int) -> None:
+        """Makes ``destination`` hold the first ``length`` tokens that ``source`` holds. llama.cpp copies a slot's
+        whole cache (all ``max_seq_len`` cells, however few hold tokens) at the start of the next decode, before that
+        decode's tokens enter ``source``."""
+        lib = self._lib
+        lib.llama_memory_seq_rm(self._memory, destination, 0, -1)
+        lib.llama_memory_seq_cp(self._memory, source, destination, -1, -1)
+        self._lengths[destination] = self._lengths[source]
+        self.roll_back(destination, length)
+
+    def clear_slot(self, slot: int) -> None:
+        """Empties a scratch slot."""
+        self._lib.llama_memory_seq_rm(self._memory, slot, 0, -1)
+        self._lengths[slot] = 0
 
     def claim(self, requests: list[tuple[str, int, int]]) -> list[int]:
         """Checks what every call needs ((seq_id, rollback_to, new tokens): each sequence once, known, room for its

@@ -9,19 +9,25 @@ verifies every draft token.
 Sequences are sessions of a `specfleet.llamacpp.LlamaCppRunner` (one llama.cpp context, a slot of its KV cache
 each, rolled back with ``llama_memory_seq_rm``), the runner the llamacpp target backend verifies with. As in
 `ModelDrafter`, each call runs one batch for the new tokens of all its sequences, then one batch per further draft
-position with one token per sequence still drafting.
+position with one token per sequence still drafting. Draft trees (DuoDecoding's several sequences with distinct
+first tokens, RSD's trees) grow one branch per slot: a branch that leaves a sequence's own slot continues on a scratch
+slot holding a copy of its cache (`specfleet.drafters.llamacpp_branches`).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
 from specfleet.drafters.base import DraftRequest, DraftResult
+from specfleet.drafters.llamacpp_branches import BranchSlots
+from specfleet.drafters.tree_drafting import build_tree, tree_logprobs, tree_result, tree_shapes
 from specfleet.llamacpp import Entry, LlamaCppRunner
 from specfleet.sampling import DRAFT_STREAM, sample_drafts, seeded_uniforms
 from specfleet.sampling_params import SamplingParams
+from specfleet.trees.shapes import TreeShape
 
 
 class LlamaCppDrafter:
@@ -30,9 +36,13 @@ class LlamaCppDrafter:
     kind = "llamacpp"
 
     def __init__(self, gguf: Path, *, num_slots: int = 32, max_seq_len: int = 2048, threads: int = 0,
-                 top_k_pairs: int = 64, target_vocab_size: int | None = None) -> None:
-        """``threads``: llama.cpp's threads (see `LlamaCppRunner`); 0 takes every core this process may use."""
-        self.runner = LlamaCppRunner(gguf, num_slots=num_slots, max_seq_len=max_seq_len, threads=threads)
+                 top_k_pairs: int = 64, target_vocab_size: int | None = None, tree_slots: int = 8) -> None:
+        """``threads``: llama.cpp's threads (see `LlamaCppRunner`); 0 takes every core this process may use.
+        ``tree_slots``: scratch slots for the branches of draft trees (each a copy of a sequence's cache, of
+        ``max_seq_len`` cells); a call's trees are built a few sequences at a time when they need more, and a tree
+        wider than all of them is drafted as a chain. 0: trees are drafted as chains."""
+        self.runner = LlamaCppRunner(gguf, num_slots=num_slots, max_seq_len=max_seq_len, threads=threads,
+                                     scratch_slots=tree_slots)
         if target_vocab_size is not None and target_vocab_size != self.runner.vocab_size:
             self.runner.close()
             raise ValueError(
@@ -85,9 +95,9 @@ class LlamaCppDrafter:
     # -- drafting -------------------------------------------------------------------------------------
 
     def propose(self, requests: list[DraftRequest]) -> list[DraftResult]:
-        """Drafts for every request. This drafter builds no trees: a tree request gets a chain (a valid tree, one
-        child per node) of as many tokens as its shape's levels and node budget allow, returned as a chain
-        (``parents`` None), which the target verifies as one."""
+        """Drafts for every request: chains, and trees where asked for and the scratch slots hold a tree's branches
+        (otherwise a tree request gets a chain of as many tokens as its shape's levels and node budget allow,
+        returned as a chain, ``parents`` None, which the target verifies as one)."""
         ids = [r.seq_id for r in requests]
         if len(set(ids)) != len(ids):
             raise ValueError("a sequence may appear only once per propose call")
@@ -103,14 +113,17 @@ class LlamaCppDrafter:
         busy = {r.seq_id for r in active}
         claimed = self.runner.claim([(r.seq_id, r.rollback_to, len(r.new_tokens)) for r in active])
         slots = {r.seq_id: slot for r, slot in zip(active, claimed, strict=True)}
+        trees = [r for r in active if self._builds_tree(r)]
+        chains = [r for r in active if not self._builds_tree(r)]
         try:
-            drafts, pairs = self._draft(active, slots)
+            results.update(self._draft_trees(trees, slots))
+            drafts, pairs = self._draft(chains, slots)
         except BaseException:
             # A failed decode may leave part of a batch in the cache: forget these sequences rather than hold
             # a cache that differs from what cached_len says (their owners resend them).
             self.runner.release(list(busy))
             raise
-        for r in active:
+        for r in chains:
             tokens = drafts[r.seq_id]
             draft_top_k = None
             if not r.sampling.greedy:
@@ -162,3 +175,53 @@ class LlamaCppDrafter:
                     pairs[r.seq_id].append(pair)
             drafting = [r for r in drafting if len(drafts[r.seq_id]) < counts[r.seq_id]]
         return drafts, pairs
+
+    # -- trees --------------------------------------------------------------------------------------
+
+    def _builds_tree(self, request: DraftRequest) -> bool:
+        return (request.tree is not None and request.depth > 0 and request.position < self.max_seq_len
+                and _branches(request.tree) <= len(self.runner.scratch_slots))
+
+    def _tree_levels(self, request: DraftRequest) -> int:
+        """Levels a tree may have: a path asked about holds at most all but the last level, within max_seq_len."""
+        return self.max_seq_len - request.position + 1
+
+    def _draft_trees(self, requests: list[DraftRequest], slots: dict[str, int]) -> dict[str, DraftResult]:
+        """A tree per request, grouped by shape, a group built a few sequences at a time so that their branches fit
+        the scratch slots; each sequence's slot holds its committed tokens again afterwards."""
+        if not requests:
+            return {}
+        entries: list[Entry] = []
+        for r in requests:
+            last = len(r.new_tokens) - 1
+            entries += [(slots[r.seq_id], r.rollback_to + i, token, i == last) for i, token in enumerate(r.new_tokens)]
+        roots = dict(zip((r.seq_id for r in requests), self.runner.decode(entries).clone(), strict=True))
+        results: dict[str, DraftResult] = {}
+        scratch = self.runner.scratch_slots
+        for shape, group in tree_shapes(requests, self._tree_levels).items():
+            per_call = 1 if shape is None else max(1, len(scratch) // _branches(shape))
+            for start in range(0, len(group), per_call):
+                part = group[start: start + per_call]
+                branches = BranchSlots(self.runner, [slots[r.seq_id] for r in part], [r.position for r in part],
+                                       torch.stack([roots[r.seq_id] for r in part]), scratch)
+
+                def draft_logprobs(rows: torch.Tensor, paths: torch.Tensor, part: list[DraftRequest] = part,
+                                   branches: BranchSlots = branches) -> torch.Tensor:
+                    logits = branches.logits(rows.tolist(), [tuple(path) for path in paths.tolist()])
+                    return tree_logprobs([part[row].sampling for row in rows.tolist()], logits, self.num_pairs)
+
+                try:
+                    tree = build_tree(shape, part, draft_logprobs, self.vocab_size)
+                finally:
+                    branches.finish()
+                for row, r in enumerate(part):
+                    results[r.seq_id] = tree_result(r, tree, row, self.num_pairs, self.runner.cached_len(r.seq_id) or 0)
+        return results
+
+
+def _branches(shape: TreeShape) -> int:
+    """The most paths a tree of this shape asks the draft about at once (its widest level but the last), each of
+    which may need a slot of its own."""
+    if shape.method == "rsd-s":
+        return shape.beam_width
+    return math.prod(shape.branching[:-1])

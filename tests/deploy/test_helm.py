@@ -360,9 +360,13 @@ def test_without_drafts_the_router_runs_plain_decoding() -> None:
     assert flag_value(service_containers(objs)["router"]["args"], "--drafts") == ""
 
 
-def test_a_llamacpp_draft_gets_its_model() -> None:
+def test_a_llamacpp_draft_gets_its_model_and_its_tree_slots() -> None:
     args = service_containers(render("default", ("draft.drafter=llamacpp",)))["draft"]["args"]
     assert (flag_value(args, "--drafter"), flag_value(args, "--model")) == ("llamacpp", "qwen2.5-coder-0.5b")
+    assert flag_value(args, "--tree-slots") == "8"
+    args = service_containers(render("default", ("draft.drafter=llamacpp", "draft.treeSlots=0")))["draft"]["args"]
+    assert flag_value(args, "--tree-slots") == "0"
+    assert "--tree-slots" not in service_containers(render("default"))["draft"]["args"]  # a model drafter has none
 
 
 def test_router_passes_depth_and_limits() -> None:

@@ -51,9 +51,13 @@ def plain(cluster, prompt_ids) -> list[list[int]]:
     ("ngram", ["--tree", "rsd-s", "--beam-width", "2", "--max-tree-nodes", "12"], "auto"),
     ("tiny", ["--tree", "duo", "--tree-branching", "4", "--max-depth", "3"], 3),
     ("tiny", ["--tree", "duo", "--tree-branching", "4", "--max-tree-nodes", "12"], "auto"),
+    ("llamacpp", ["--tree", "duo", "--tree-branching", "4", "--max-depth", "3"], 3),
+    ("llamacpp", ["--tree", "rsd-c", "--tree-branching", "2,2,1"], "auto"),
 ])
 def test_greedy_trees_equal_plain_decoding(cluster, drafter: str, tree: list[str], depth: int | str, prompt_ids,
-                                           plain) -> None:
+                                           plain, request: pytest.FixtureRequest) -> None:
+    if drafter == "llamacpp":  # SmolLM2's Q4_1 GGUF in llama.cpp, its branches on copies of a sequence's cache
+        request.getfixturevalue("llamacpp_draft")
     name = f"router-tree-{drafter}-{'-'.join(tree[1::2])}-{depth}"
     address = cluster.router(name, target="target", draft=drafter, depth=depth, extra=tree)
     assert _generate_all(address, prompt_ids) == plain

@@ -129,14 +129,19 @@ def test_mixed_batches_with_rollbacks_match_each_sequence_alone(drafter, smollm2
         alone.close()
 
 
-def test_a_tree_request_gets_a_chain_within_its_shape(drafter, prompts) -> None:
+def test_without_tree_slots_a_tree_request_gets_a_chain_within_its_shape(smollm2_gguf: Path, drafter, prompts
+                                                                          ) -> None:
+    """(Trees themselves: test_llamacpp_trees.py.)"""
     chain = fresh(drafter, prompts[0], 3).tokens
-    (result,) = drafter.propose([ask("tree", 0, prompts[0], 8, tree=TreeShape("rsd-c", (2, 2, 1)))])
-    assert result.tokens == chain and result.parents is None  # 3 levels
-    (result,) = drafter.propose([DraftRequest("tree", len(prompts[0]), [chain[0]], 8, GREEDY, 0,
-                                              TreeShape("rsd-s", beam_width=3, depth=8), max_nodes=2)])
-    assert result.tokens == chain[1:3]  # the node budget
-    drafter.release(["tree"])
+    chains_only = LlamaCppDrafter(smollm2_gguf, num_slots=1, max_seq_len=256, threads=THREADS, tree_slots=0)
+    try:
+        (result,) = chains_only.propose([ask("tree", 0, prompts[0], 8, tree=TreeShape("rsd-c", (2, 2, 1)))])
+        assert result.tokens == chain and result.parents is None  # 3 levels
+        (result,) = chains_only.propose([DraftRequest("tree", len(prompts[0]), [chain[0]], 8, GREEDY, 0,
+                                                      TreeShape("rsd-s", beam_width=3, depth=8), max_nodes=2)])
+        assert result.tokens == chain[1:3]  # the node budget
+    finally:
+        chains_only.close()
 
 
 def test_sampled_drafts_carry_their_exact_q(drafter, prompts, reference) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from specfleet.drafters.base import DraftRequest, DraftResult
-from specfleet.sampling import DRAFT_STREAM, dense_from_top_k, processed_probs, seeded_generator, top_k_pairs
+from specfleet.sampling import DRAFT_STREAM, processed_probs, seeded_generator, top_k_pairs
 from specfleet.sampling_params import SamplingParams
 from specfleet.trees.build import DraftLogProbs, build_tree_rsd_c, build_tree_rsd_s
 from specfleet.trees.duo import build_tree_duo
@@ -45,7 +45,9 @@ def tree_logprobs(sampling: Sequence[SamplingParams], logits: torch.Tensor, num_
     probs = processed_probs(logits, torch.tensor([1.0 if p.greedy else p.temperature for p in sampling]),
                             torch.tensor([p.top_k for p in sampling]), torch.tensor([p.top_p for p in sampling]))
     ids, pair_probs = top_k_pairs(probs, k)
-    logprobs = dense_from_top_k(ids, pair_probs, logits.shape[-1]).log()
+    # The pairs' logs scattered over -inf: the log of their dense distribution (the ids are distinct) without a log
+    # over the whole vocabulary per row.
+    logprobs = torch.full(probs.shape, -torch.inf).scatter_(-1, ids, pair_probs.log())
     return torch.where(greedy[:, None], logprobs * GREEDY_TREE_SCALE, logprobs)
 
 

@@ -2,10 +2,11 @@
 
 Qwen2.5-Coder-1.5B target in specfleet's engine, Qwen2.5-Coder-0.5B draft, HumanEval prompts. Rows: transformers'
 plain and assisted generation (batch 1, greedy), specfleet at depth 0, the ``model`` (PyTorch) drafter, the
-``llamacpp`` drafter drafting then verifying and drafting ahead (``--draft-ahead``, also with
-``--prefill-alongside``: the draft computes each prompt while the target does), each at the depths given (the
-table keeps the best), and ``auto`` (llamacpp, drafting ahead, depth chosen per step; again with prompts
-alongside); and llama.cpp's own plain decoding of the target's GGUF as a reference. Each specfleet row runs
+``llamacpp`` drafter drafting then verifying, drafting DuoDecoding's several sequences with distinct first tokens
+(``--tree duo --tree-branching 4``: up to 4, as many as the draft is unsure between), and drafting ahead
+(``--draft-ahead``, also with ``--prefill-alongside``: the draft computes each prompt while the target does), each at
+the depths given (the table keeps the best), and ``auto`` (llamacpp, drafting ahead, depth chosen per step; again
+with prompts alongside); and llama.cpp's own plain decoding of the target's GGUF as a reference. Each specfleet row runs
 unpinned and, with ``--pinned``, again with the draft service on one core and the target on the other
 (``taskset``), which stands in for a CPU draft beside a GPU target. Tokens/s and time to first token (median per
 request) for each row; greedy specfleet rows must be token-identical to depth 0 (the run stops if not).
@@ -28,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -92,11 +94,11 @@ def _hf_timed(model, ids: list[int], seed: int, max_new: int, **kwargs) -> Timed
 
 
 @contextmanager
-def _services(pinned: bool, depths: list[int], threads: int, configs: list[str] | None = None
-              ) -> Iterator[dict[str, str]]:
+def _services(pinned: bool, depths: list[int], threads: int, configs: list[str] | None = None,
+              log_dir: Path | None = None) -> Iterator[dict[str, str]]:
     """A target, a model draft and a llamacpp draft (pinned: drafts on core 0, the target on core 1), with a
     router per configuration; their addresses by configuration name (only ``configs`` and depth 0, if given)."""
-    with fleet() as f:
+    with fleet(log_dir) as f:
         redis = ["--redis-url", f.redis()]
         slots = ["--num-slots", "4", "--max-seq-len", "2048"]
         target = _start(f, "target", ["--model", TARGET, *slots, *redis], "target", "1" if pinned else None)
@@ -109,6 +111,8 @@ def _services(pinned: bool, depths: list[int], threads: int, configs: list[str] 
         for d in depths:
             routers[f"model d{d}"] = f.router(target, model, d, f"router-model-{d}", redis)
             routers[f"llamacpp d{d}"] = f.router(target, llama, d, f"router-llama-{d}", redis)
+            routers[f"llamacpp duo d{d}"] = f.router(target, llama, d, f"router-duo-{d}",
+                                                     [*redis, "--tree", "duo", "--tree-branching", "4"])
             routers[f"llamacpp ahead d{d}"] = f.router(target, llama, d, f"router-ahead-{d}",
                                                        [*redis, "--draft-ahead"])
             routers[f"llamacpp ahead d{d} alongside"] = f.router(target, llama, d, f"router-alongside-{d}",
@@ -139,7 +143,7 @@ def _specfleet_rows(prompts: list[list[int]], args: argparse.Namespace, pinned: 
     """Every configuration at every (temperature, batch) cell; pinned, at the first cell only (the time it takes)."""
     rows: dict[str, Row] = {}
     temperatures, batches = (args.temperatures[:1], args.batches[:1]) if pinned else (args.temperatures, args.batches)
-    with _services(pinned, args.depths, args.threads, args.configs) as routers:
+    with _services(pinned, args.depths, args.threads, args.configs, args.log_dir) as routers:
         for temperature in temperatures:
             for batch in batches:
                 for name, address in routers.items():
@@ -233,6 +237,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", help="only these specfleet configurations, by row name, e.g. "
                         "'llamacpp ahead d3' (depth 0 always runs: greedy rows are checked against it)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' rows")
+    parser.add_argument("--log-dir", type=Path, help="keep the services' logs here, at INFO (the routers' depth "
+                        "decisions and their reasons)")
     args = parser.parse_args()
     tokenizer = load_tokenizer(resolve_model(TARGET))
     prompts = [chat_ids(tokenizer, p) for p in humaneval_prompts(args.prompts)]

@@ -117,6 +117,17 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def short_prompts(smollm2_dir: Path) -> list[list[int]]:
+    """`llama_cpp_reference.SHORT_TEXTS` in SmolLM2's tokens: what the llama.cpp tests decode."""
+    from llama_cpp_reference import SHORT_TEXTS
+
+    from specfleet.models import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_dir)
+    return [tokenizer.encode(text) for text in SHORT_TEXTS]
+
+
+@pytest.fixture(scope="session")
 def llamacpp_draft(cluster: Cluster) -> str:
     """SmolLM2's Q4_1 GGUF run by llama.cpp as a draft service in the shared cluster; its name there."""
     if "llamacpp" not in cluster.addresses:

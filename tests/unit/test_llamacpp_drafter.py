@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from llama_cpp_reference import SHORT_TEXTS, llama_cpp_greedy
+from llama_cpp_reference import llama_cpp_greedy
 
 from draft_service.server import build_servicer
 from router.draft_link import GrpcDraftLink
@@ -39,12 +39,6 @@ THREADS = 1
 
 
 @pytest.fixture(scope="module")
-def prompts(smollm2_dir: Path) -> list[list[int]]:
-    tokenizer = load_tokenizer(smollm2_dir)
-    return [tokenizer.encode(text) for text in SHORT_TEXTS]
-
-
-@pytest.fixture(scope="module")
 def drafter(smollm2_gguf: Path) -> Iterator[LlamaCppDrafter]:
     drafter = LlamaCppDrafter(smollm2_gguf, num_slots=8, max_seq_len=256, threads=THREADS)
     yield drafter
@@ -52,10 +46,11 @@ def drafter(smollm2_gguf: Path) -> Iterator[LlamaCppDrafter]:
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_gguf: Path, prompts: list[list[int]]) -> dict[tuple[int, ...], tuple[list[int], np.ndarray]]:
+def reference(smollm2_gguf: Path, short_prompts: list[list[int]]
+              ) -> dict[tuple[int, ...], tuple[list[int], np.ndarray]]:
     """llama.cpp's own greedy continuation of each prompt, and its logits after the prompt."""
     return {tuple(p): (tokens, logits[0])
-            for p in prompts for tokens, logits in [llama_cpp_greedy(smollm2_gguf, p, 8)]}
+            for p in short_prompts for tokens, logits in [llama_cpp_greedy(smollm2_gguf, p, 8)]}
 
 
 def ask(seq_id: str, rollback_to: int, new_tokens: list[int], depth: int, sampling: SamplingParams = GREEDY,
@@ -71,8 +66,8 @@ def fresh(drafter: LlamaCppDrafter, tokens: list[int], depth: int, sampling: Sam
     return result
 
 
-def test_greedy_drafts_are_llama_cpps_own_greedy_continuation(drafter, prompts, reference) -> None:
-    for prompt in prompts:
+def test_greedy_drafts_are_llama_cpps_own_greedy_continuation(drafter, short_prompts, reference) -> None:
+    for prompt in short_prompts:
         result = fresh(drafter, prompt, 8)
         assert result.known and result.draft_top_k is None and result.parents is None
         assert result.tokens == reference[tuple(prompt)][0]
@@ -80,25 +75,25 @@ def test_greedy_drafts_are_llama_cpps_own_greedy_continuation(drafter, prompts, 
         assert result.cached_len == len(prompt) + 7
 
 
-def test_batched_and_rolled_back_sequences_draft_as_fresh_ones(drafter, prompts) -> None:
-    alone = [fresh(drafter, p, 5).tokens for p in prompts]
-    batched = drafter.propose([ask(f"b{i}", 0, p, 5) for i, p in enumerate(prompts)])
+def test_batched_and_rolled_back_sequences_draft_as_fresh_ones(drafter, short_prompts) -> None:
+    alone = [fresh(drafter, p, 5).tokens for p in short_prompts]
+    batched = drafter.propose([ask(f"b{i}", 0, p, 5) for i, p in enumerate(short_prompts)])
     assert [r.tokens for r in batched] == alone
-    assert [r.cached_len for r in batched] == [len(p) + 4 for p in prompts]
+    assert [r.cached_len for r in batched] == [len(p) + 4 for p in short_prompts]
 
     # Each sequence goes on at once: two drafts accepted and a correction, or all rejected after a longer
     # rollback into its prompt, or (depth 0) nothing drafted; with mixed depths in one batch.
-    steps = [ask("b0", len(prompts[0]) + 2, [42], 4),
-             ask("b1", len(prompts[1]) - 2, prompts[1][-2:] + [11, 12], 6),
-             ask("b2", len(prompts[2]) + 4, [batched[2].tokens[4]], 0),
-             ask("b3", len(prompts[3]), [7], 1)]
-    contexts = [prompts[0] + batched[0].tokens[:2] + [42], prompts[1] + [11, 12],
-                prompts[2] + batched[2].tokens, prompts[3] + [7]]
+    steps = [ask("b0", len(short_prompts[0]) + 2, [42], 4),
+             ask("b1", len(short_prompts[1]) - 2, short_prompts[1][-2:] + [11, 12], 6),
+             ask("b2", len(short_prompts[2]) + 4, [batched[2].tokens[4]], 0),
+             ask("b3", len(short_prompts[3]), [7], 1)]
+    contexts = [short_prompts[0] + batched[0].tokens[:2] + [42], short_prompts[1] + [11, 12],
+                short_prompts[2] + batched[2].tokens, short_prompts[3] + [7]]
     results = drafter.propose(steps)
     for step, context, result in zip(steps, contexts, results, strict=True):
         assert result.tokens == (fresh(drafter, context, step.depth).tokens if step.depth else [])
         assert result.cached_len == len(context) + max(step.depth - 1, 0)
-    drafter.release([f"b{i}" for i in range(len(prompts))])
+    drafter.release([f"b{i}" for i in range(len(short_prompts))])
 
 
 def test_mixed_batches_with_rollbacks_match_each_sequence_alone(drafter, smollm2_gguf: Path) -> None:
@@ -129,24 +124,24 @@ def test_mixed_batches_with_rollbacks_match_each_sequence_alone(drafter, smollm2
         alone.close()
 
 
-def test_without_tree_slots_a_tree_request_gets_a_chain_within_its_shape(smollm2_gguf: Path, drafter, prompts
+def test_without_tree_slots_a_tree_request_gets_a_chain_within_its_shape(smollm2_gguf: Path, drafter, short_prompts
                                                                           ) -> None:
     """(Trees themselves: test_llamacpp_trees.py.)"""
-    chain = fresh(drafter, prompts[0], 3).tokens
+    chain = fresh(drafter, short_prompts[0], 3).tokens
     chains_only = LlamaCppDrafter(smollm2_gguf, num_slots=1, max_seq_len=256, threads=THREADS, tree_slots=0)
     try:
-        (result,) = chains_only.propose([ask("tree", 0, prompts[0], 8, tree=TreeShape("rsd-c", (2, 2, 1)))])
+        (result,) = chains_only.propose([ask("tree", 0, short_prompts[0], 8, tree=TreeShape("rsd-c", (2, 2, 1)))])
         assert result.tokens == chain and result.parents is None  # 3 levels
-        (result,) = chains_only.propose([DraftRequest("tree", len(prompts[0]), [chain[0]], 8, GREEDY, 0,
+        (result,) = chains_only.propose([DraftRequest("tree", len(short_prompts[0]), [chain[0]], 8, GREEDY, 0,
                                                       TreeShape("rsd-s", beam_width=3, depth=8), max_nodes=2)])
         assert result.tokens == chain[1:3]  # the node budget
     finally:
         chains_only.close()
 
 
-def test_sampled_drafts_carry_their_exact_q(drafter, prompts, reference) -> None:
+def test_sampled_drafts_carry_their_exact_q(drafter, short_prompts, reference) -> None:
     params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9)
-    result = fresh(drafter, prompts[1], 4, params, seed=7)
+    result = fresh(drafter, short_prompts[1], 4, params, seed=7)
     ids, probs = result.draft_top_k
     assert ids.shape == probs.shape == (4, drafter.num_pairs) and len(result.tokens) == 4
     torch.testing.assert_close(probs.sum(-1), torch.ones(4, dtype=probs.dtype))
@@ -154,28 +149,28 @@ def test_sampled_drafts_carry_their_exact_q(drafter, prompts, reference) -> None
     for token, row_ids, row_probs in zip(result.tokens, ids, probs, strict=True):
         assert token in row_ids[row_probs > 0].tolist()
     # The first q is what the drafters' sampling makes of llama.cpp's own logits after the prompt.
-    logits = torch.from_numpy(reference[tuple(prompts[1])][1])[None]
+    logits = torch.from_numpy(reference[tuple(short_prompts[1])][1])[None]
     expected = top_k_pairs(processed_probs(logits, torch.tensor([0.7]), torch.tensor([20]), torch.tensor([0.9])),
                            drafter.num_pairs)
     assert torch.equal(ids[0], expected[0][0]) and torch.allclose(probs[0], expected[1][0], atol=1e-5)
 
-    again = fresh(drafter, prompts[1], 4, params, seed=7)
+    again = fresh(drafter, short_prompts[1], 4, params, seed=7)
     assert again.tokens == result.tokens and torch.equal(again.draft_top_k[1], probs)
 
 
-def test_unknown_sequences_release_and_lru_eviction(smollm2_gguf: Path, prompts) -> None:
+def test_unknown_sequences_release_and_lru_eviction(smollm2_gguf: Path, short_prompts) -> None:
     drafter = LlamaCppDrafter(smollm2_gguf, num_slots=2, max_seq_len=64, threads=THREADS)
     try:
         (unknown,) = drafter.propose([ask("never-seen", 5, [1], 2)])
         assert not unknown.known and unknown.cached_len == 0 and drafter.live_sequences == 0
-        a, b = drafter.propose([ask("a", 0, prompts[0], 2), ask("b", 0, prompts[1], 2)])
+        a, b = drafter.propose([ask("a", 0, short_prompts[0], 2), ask("b", 0, short_prompts[1], 2)])
         too_far, a_again = drafter.propose([ask("b", b.cached_len + 1, [1], 2), ask("a", a.cached_len, [3], 2)])
         assert not too_far.known and a_again.known
         assert drafter.cached_len("b") == b.cached_len  # an unknown answer changes nothing
 
         # "a" was used last: a new sequence takes "b"'s slot, and "b" is then unknown.
-        (c,) = drafter.propose([ask("c", 0, prompts[2], 2)])
-        assert c.tokens == fresh_tokens(smollm2_gguf, prompts[2], 2)
+        (c,) = drafter.propose([ask("c", 0, short_prompts[2], 2)])
+        assert c.tokens == fresh_tokens(smollm2_gguf, short_prompts[2], 2)
         assert drafter.live_sequences == 2 and drafter.cached_len("b") is None
         (b_gone,) = drafter.propose([ask("b", 3, [1], 2)])
         assert not b_gone.known
@@ -185,19 +180,19 @@ def test_unknown_sequences_release_and_lru_eviction(smollm2_gguf: Path, prompts)
         assert drafter.release(["a", "a", "b"]) == 1 and drafter.live_sequences == 1
         (a_gone,) = drafter.propose([ask("a", 2, [1], 1)])
         assert not a_gone.known
-        (d,) = drafter.propose([ask("d", 0, prompts[3], 2)])  # the freed slot, with no eviction
+        (d,) = drafter.propose([ask("d", 0, short_prompts[3], 2)])  # the freed slot, with no eviction
         assert d.known and drafter.cached_len("c") is not None
     finally:
         drafter.close()
 
 
 def test_long_first_batches_are_split_and_a_sequence_holds_up_to_max_seq_len(smollm2_gguf: Path,
-                                                                              prompts) -> None:
+                                                                              short_prompts) -> None:
     """Prompts longer together than a decode takes (max_seq_len tokens) go in several decodes; a sequence holds up
     to max_seq_len tokens (its drafts cut to fit), and a request for more is refused."""
     drafter = LlamaCppDrafter(smollm2_gguf, num_slots=3, max_seq_len=48, threads=THREADS)
     try:
-        long = [(p * 20)[:30] for p in prompts[:3]]  # 90 tokens in all
+        long = [(p * 20)[:30] for p in short_prompts[:3]]  # 90 tokens in all
         batched = drafter.propose([ask(f"l{i}", 0, p, 3) for i, p in enumerate(long)])
         assert [r.tokens for r in batched] == [fresh_tokens(smollm2_gguf, p, 3) for p in long]
         drafter.release([f"l{i}" for i in range(3)])
@@ -214,7 +209,7 @@ def fresh_tokens(gguf: Path, prompt: list[int], count: int) -> list[int]:
     return llama_cpp_greedy(gguf, prompt, count)[0]
 
 
-def test_the_draft_service_reports_the_gguf_tokenizer_and_proposes(smollm2_dir: Path, prompts, reference) -> None:
+def test_the_draft_service_reports_the_gguf_tokenizer_and_proposes(smollm2_dir: Path, short_prompts, reference) -> None:
     servicer = build_servicer(DraftConfig(drafter="llamacpp", model="smollm2-135m", num_slots=2, max_seq_len=256,
                                                threads=THREADS))
     assert servicer.drafter.live_sequences == 0  # the warm-up's scratch sequence is gone
@@ -227,16 +222,16 @@ def test_the_draft_service_reports_the_gguf_tokenizer_and_proposes(smollm2_dir: 
         link = GrpcDraftLink(f"127.0.0.1:{port}")
         try:
             info = await link.info(timeout_s=10)
-            reply = await link.propose([DraftAsk(SessionDelta("s", 0, prompts[0]), DraftPlan(levels=6), GREEDY, 0)],
-                                       timeout_s=10)
-            assert reply.cached_len["s"] == len(prompts[0]) + 5
+            ask_six = DraftAsk(SessionDelta("s", 0, short_prompts[0]), DraftPlan(levels=6), GREEDY, 0)
+            reply = await link.propose([ask_six], timeout_s=10)
+            assert reply.cached_len["s"] == len(short_prompts[0]) + 5
             return info, list(reply.answers["s"].tokens)
         finally:
             await link.close()
             await server.stop(0)
 
     info, tokens = asyncio.run(scenario())
-    assert tokens == reference[tuple(prompts[0])][0][:6]
+    assert tokens == reference[tuple(short_prompts[0])][0][:6]
     fingerprint = tokenizer_fingerprint(load_tokenizer(smollm2_dir))
     assert (info.kind, info.model, info.vocab_size, info.tokenizer_fingerprint) == (
         "llamacpp", "smollm2-135m", 49152, fingerprint)

@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from llama_cpp_reference import SHORT_TEXTS
 
 from specfleet.drafters.base import DraftRequest, DraftResult
 from specfleet.drafters.llamacpp import LlamaCppDrafter
 from specfleet.drafters.tree_drafting import build_tree, tree_logprobs, tree_result, tree_shapes
 from specfleet.engine.runner import Extend
 from specfleet.llamacpp import LlamaCppRunner
-from specfleet.models import load_tokenizer
 from specfleet.sampling_params import SamplingParams
 from specfleet.trees.shapes import TreeShape
 
@@ -28,12 +26,6 @@ GREEDY = SamplingParams()
 SAMPLED = SamplingParams(temperature=1.0, top_k=16)
 SHAPES = {"duo": TreeShape("duo", (4, 1, 1)), "rsd-c": TreeShape("rsd-c", (2, 2, 1)),
           "rsd-s": TreeShape("rsd-s", beam_width=3, depth=3), "iid": TreeShape("iid", (2, 2))}
-
-
-@pytest.fixture(scope="module")
-def prompts(smollm2_dir: Path) -> list[list[int]]:
-    tokenizer = load_tokenizer(smollm2_dir)
-    return [tokenizer.encode(text) for text in SHORT_TEXTS]
 
 
 @pytest.fixture(scope="module")
@@ -90,22 +82,22 @@ def assert_same_tree(got: DraftResult, expected: DraftResult) -> None:
 
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("method", sorted(SHAPES))
-def test_each_tree_is_drawn_from_each_paths_own_logits(drafter, alone, prompts, method: str,
+def test_each_tree_is_drawn_from_each_paths_own_logits(drafter, alone, short_prompts, method: str,
                                                        sampling: SamplingParams) -> None:
     """Batched, the sequences' branches grow on copies of their caches; the trees equal those built from every
     path's whole context decoded afresh: node for node, and (sampled) each node's q."""
-    requests = [ask(f"{method}-{i}", p, SHAPES[method], sampling) for i, p in enumerate(prompts)]
+    requests = [ask(f"{method}-{i}", p, SHAPES[method], sampling) for i, p in enumerate(short_prompts)]
     got = drafter.propose(requests)
-    for result, expected in zip(got, reference_trees(alone, requests, prompts, drafter.num_pairs), strict=True):
+    for result, expected in zip(got, reference_trees(alone, requests, short_prompts, drafter.num_pairs), strict=True):
         assert_same_tree(result, expected)
     assert any(len(set(r.parents)) < len(r.parents) for r in got), "no tree here branched"
     drafter.release([r.seq_id for r in requests])
 
 
-def test_a_tree_leaves_only_the_committed_tokens_behind(drafter, alone, prompts) -> None:
+def test_a_tree_leaves_only_the_committed_tokens_behind(drafter, alone, short_prompts) -> None:
     """After a tree the sequence holds its committed tokens, the scratch slots nothing; its next call (a
     rollback into the prompt and new tokens) drafts what a fresh sequence with that context drafts."""
-    prompt = prompts[0]
+    prompt = short_prompts[0]
     (tree,) = drafter.propose([ask("t", prompt, SHAPES["duo"], GREEDY)])
     assert tree.cached_len == drafter.cached_len("t") == len(prompt)
     assert all(drafter.runner._lengths[slot] == 0 for slot in drafter.runner.scratch_slots)
@@ -122,11 +114,11 @@ def test_a_tree_leaves_only_the_committed_tokens_behind(drafter, alone, prompts)
     drafter.release(["t", "fresh"])
 
 
-def test_trees_wider_than_the_scratch_slots_are_built_in_turn_or_as_chains(smollm2_gguf: Path, drafter, prompts
+def test_trees_wider_than_the_scratch_slots_are_built_in_turn_or_as_chains(smollm2_gguf: Path, drafter, short_prompts
                                                                           ) -> None:
     """Four sequences of 4-branch trees on 4 scratch slots: built one sequence at a time, the same trees. On 2 slots
     a 4-branch tree cannot grow: each request gets a chain of the tree's levels."""
-    requests = [ask(f"w{i}", p, SHAPES["duo"], SAMPLED) for i, p in enumerate(prompts)]
+    requests = [ask(f"w{i}", p, SHAPES["duo"], SAMPLED) for i, p in enumerate(short_prompts)]
     ample = drafter.propose(requests)
     drafter.release([r.seq_id for r in requests])
     narrow = LlamaCppDrafter(smollm2_gguf, num_slots=4, max_seq_len=MAX_SEQ_LEN, threads=THREADS, tree_slots=4)
@@ -137,8 +129,8 @@ def test_trees_wider_than_the_scratch_slots_are_built_in_turn_or_as_chains(smoll
         narrow.close()
     chains_only = LlamaCppDrafter(smollm2_gguf, num_slots=4, max_seq_len=MAX_SEQ_LEN, threads=THREADS, tree_slots=2)
     try:
-        for got, p in zip(chains_only.propose([ask(f"c{i}", p, SHAPES["duo"], GREEDY) for i, p in enumerate(prompts)]),
-                          prompts, strict=True):
+        trees = [ask(f"c{i}", p, SHAPES["duo"], GREEDY) for i, p in enumerate(short_prompts)]
+        for got, p in zip(chains_only.propose(trees), short_prompts, strict=True):
             (chain,) = drafter.propose([ask("chain", p, None, GREEDY, depth=3)])
             drafter.release(["chain"])
             assert got.parents is None and got.tokens == chain.tokens

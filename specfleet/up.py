@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Mapping
@@ -72,7 +73,7 @@ class UpConfig:
     draft_ahead: bool = same_as(RouterConfig, "draft_ahead", to="router")
     prefill_alongside: bool = same_as(RouterConfig, "prefill_alongside", to="router")
     port: int = option(RouterConfig.port, "the router's port; the draft service listens on the next port and the "
-                       "target on the one after")
+                       "target on the one after (on a free port instead where another process holds that one)")
     http_port: int = option(8000, "[router] port of the OpenAI-compatible HTTP API on 127.0.0.1 (0: none; the router "
                             "alone serves none unless given --http-port)")
     redis_url: str = option("", "use this running Redis for fleet telemetry, e.g. redis://127.0.0.1:6379/0 "
@@ -102,13 +103,15 @@ class UpConfig:
     def ports(self) -> dict[str, int]:
         return {"router": self.port, "draft": self.port + 1, "target": self.port + 2}
 
-    def services(self, redis_url: str, metrics_ports: Mapping[str, int]) -> Services:
+    def services(self, redis_url: str, metrics_ports: Mapping[str, int], ports: Mapping[str, int] | None = None
+                 ) -> Services:
         """Each service's configuration: this deployment's values, the rest the service's defaults.
 
         ``redis_url`` is the Redis they share (the one ``up`` started unless --redis-url); ``metrics_ports`` gives
-        a role its /metrics port (absent: none).
+        a role its /metrics port (absent: none); ``ports`` each role's gRPC port (None: `ports`).
         """
-        ports, metrics = self.ports, {role: metrics_ports.get(role, 0) for role in ("target", "draft", "router")}
+        ports = self.ports if ports is None else ports
+        metrics = {role: metrics_ports.get(role, 0) for role in ("target", "draft", "router")}
         # An ngram draft has no model: it keeps the default, so its argv does not name one.
         draft_model = (self.draft_model or self.model) if self.drafter in MODEL_DRAFTERS else (
             self.model if self.drafter == SELF_DRAFTER else DraftConfig.model)
@@ -129,16 +132,50 @@ class UpConfig:
                                 prefill_alongside=self.prefill_alongside),
         )
 
-    def argvs(self, redis_url: str, metrics_ports: Mapping[str, int]) -> dict[str, list[str]]:
+    def argvs(self, redis_url: str, metrics_ports: Mapping[str, int], ports: Mapping[str, int] | None = None
+              ) -> dict[str, list[str]]:
         """The flags each service is started with: those of `services` that differ from its defaults, and its port."""
         return {role: to_arguments(config, always=("port",))
-                for role, config in self.services(redis_url, metrics_ports).by_role().items()}
+                for role, config in self.services(redis_url, metrics_ports, ports).by_role().items()}
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:``port`` now (as gRPC binds: reusing an address in TIME_WAIT)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def listening_ports(config: UpConfig) -> dict[str, int]:
+    """The gRPC port of each role: --port and the next two, except that the draft and the target, which only the
+    router calls, move to a free port where another process holds theirs. The router's port and the HTTP port are
+    the ones a user connects to: ValueError, saying so, if another process holds either."""
+    ports = dict(config.ports)
+    public = {"--port": config.port, **({"--http-port": config.http_port} if config.http_port else {})}
+    for flag, port in public.items():
+        if not port_is_free(port):
+            raise ValueError(f"port {port} ({flag}) is in use by another process: choose another with {flag}")
+    for role in ("draft", "target"):
+        if not port_is_free(ports[role]):
+            ports[role] = free_port()
+            log.info("port %d is in use by another process: the %s listens on %d", config.ports[role], role,
+                     ports[role])
+    return ports
 
 
 def up(config: UpConfig) -> int:
     """Starts the deployment ``config`` describes, waits until every part serves, then answers --prompt and stops,
     or runs until Ctrl-C, SIGTERM or a process exiting. Returns the exit code."""
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        ports = listening_ports(config)
+    except ValueError as err:
+        print(f"specfleet up: {err}", file=sys.stderr)
+        return 1
     metrics_ports = {role: free_port() for role in ("target", "draft", "router")}  # one /metrics per process
     deployment = Deployment(Path(config.log_dir) if config.log_dir else None)
     stop = threading.Event()
@@ -149,8 +186,8 @@ def up(config: UpConfig) -> int:
             redis_port = free_port()
             wait_redis(deployment.start_redis(redis_port), redis_port)
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        services = config.services(redis_url, metrics_ports)
-        argvs = config.argvs(redis_url, metrics_ports)
+        services = config.services(redis_url, metrics_ports, ports)
+        argvs = config.argvs(redis_url, metrics_ports, ports)
         target = deployment.start_service("target", argvs["target"])
         draft = deployment.start_service("draft", argvs["draft"]) if services.draft is not None else None
         log.info("waiting for the %s (the first run converts the model once)",

@@ -9,13 +9,15 @@ import argparse
 import contextlib
 import io
 import re
+import socket
 
 import pytest
 
 from specfleet import cli
 from specfleet.cli import SERVICES, build_parser, main
 from specfleet.config import DraftConfig, RouterConfig, TargetConfig, from_arguments, to_arguments
-from specfleet.up import Services, UpConfig, summary, threads_note
+from specfleet.launcher import free_port
+from specfleet.up import Services, UpConfig, listening_ports, port_is_free, summary, threads_note
 
 # The flags of `up` alone; every other flag of `up` is a service's.
 UP_ONLY = {"--prompt", "--max-new-tokens", "--draft-model", "--port", "--http-port", "--redis-url", "--log-dir"}
@@ -193,6 +195,23 @@ def test_the_summary_names_the_draft_model_and_every_metrics_endpoint() -> None:
     assert "router on 127.0.0.1:50050" in text
     assert "draft model qwen2.5-coder-0.5b on 50051" in text and "target qwen2.5-coder-1.5b on 50052" in text
     assert all(f"http://127.0.0.1:{port}/metrics" in text for port in (9001, 9002, 9003))
+
+
+def test_up_moves_the_draft_and_target_off_ports_another_process_holds_and_refuses_a_held_public_port() -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        # The target's port (--port + 2) is held: it listens elsewhere, and the router is told where.
+        config = up_config(["--port", str(port - 2), "--http-port", "0"])
+        ports = listening_ports(config)
+        assert ports["router"] == port - 2 and ports["target"] != port and port_is_free(ports["target"])
+        services = config.services("", {}, ports)
+        assert (services.target.port, services.router.targets) == (ports["target"], f"127.0.0.1:{ports['target']}")
+        with pytest.raises(ValueError, match=rf"port {port} \(--port\) is in use by another process"):
+            listening_ports(up_config(["--port", str(port), "--http-port", "0"]))
+        with pytest.raises(ValueError, match=rf"port {port} \(--http-port\) is in use"):
+            listening_ports(up_config(["--port", str(free_port()), "--http-port", str(port)]))
 
 
 def test_up_with_self_draft_starts_no_draft_service_and_tells_the_router() -> None:

@@ -249,8 +249,7 @@ class LlamaCppRunner:
         for seq_id in seq_ids:
             slot = self._slots.pop(seq_id, None)
             if slot is not None:
-                self._lib.llama_memory_seq_rm(self._memory, slot, 0, -1)  # the whole sequence: never fails
-                self._lengths[slot] = 0
+                self.clear_slot(slot)
                 self._free.append(slot)
                 released += 1
         return released
@@ -270,14 +269,13 @@ class LlamaCppRunner:
         """Makes ``destination`` hold the first ``length`` tokens that ``source`` holds. llama.cpp copies a slot's
         whole cache (all ``max_seq_len`` cells, however few hold tokens) at the start of the next decode, before that
         decode's tokens enter ``source``."""
-        lib = self._lib
-        lib.llama_memory_seq_rm(self._memory, destination, 0, -1)
-        lib.llama_memory_seq_cp(self._memory, source, destination, -1, -1)
+        self.clear_slot(destination)
+        self._lib.llama_memory_seq_cp(self._memory, source, destination, -1, -1)
         self._lengths[destination] = self._lengths[source]
         self.roll_back(destination, length)
 
     def clear_slot(self, slot: int) -> None:
-        """Empties a scratch slot."""
+        """Empties a slot (removing a whole sequence never fails)."""
         self._lib.llama_memory_seq_rm(self._memory, slot, 0, -1)
         self._lengths[slot] = 0
 

@@ -154,12 +154,7 @@ class LlamaCppDrafter:
 
         # Position 0 (the slots are rolled back): the new tokens of every sequence, logits at the last one of each
         # that drafts.
-        entries: list[Entry] = []
-        for r in requests:
-            slot = slots[r.seq_id]
-            last = len(r.new_tokens) - 1
-            entries += [(slot, r.rollback_to + i, token, i == last and counts[r.seq_id] > 0)
-                        for i, token in enumerate(r.new_tokens)]
+        entries = [entry for r in requests for entry in _new_tokens(r, slots[r.seq_id], counts[r.seq_id] > 0)]
         drafting = [r for r in requests if counts[r.seq_id] > 0]
         logits = self.runner.decode(entries)
         for step in range(max(counts.values(), default=0)):
@@ -191,15 +186,12 @@ class LlamaCppDrafter:
         the scratch slots; each sequence's slot holds its committed tokens again afterwards."""
         if not requests:
             return {}
-        entries: list[Entry] = []
-        for r in requests:
-            last = len(r.new_tokens) - 1
-            entries += [(slots[r.seq_id], r.rollback_to + i, token, i == last) for i, token in enumerate(r.new_tokens)]
+        entries = [entry for r in requests for entry in _new_tokens(r, slots[r.seq_id], True)]
         roots = dict(zip((r.seq_id for r in requests), self.runner.decode(entries).clone(), strict=True))
         results: dict[str, DraftResult] = {}
         scratch = self.runner.scratch_slots
         for shape, group in tree_shapes(requests, self._tree_levels).items():
-            per_call = 1 if shape is None else max(1, len(scratch) // _branches(shape))
+            per_call = len(group) if shape is None else max(1, len(scratch) // _branches(shape))
             for start in range(0, len(group), per_call):
                 part = group[start: start + per_call]
                 branches = BranchSlots(self.runner, [slots[r.seq_id] for r in part], [r.position for r in part],
@@ -217,6 +209,12 @@ class LlamaCppDrafter:
                 for row, r in enumerate(part):
                     results[r.seq_id] = tree_result(r, tree, row, self.num_pairs, self.runner.cached_len(r.seq_id) or 0)
         return results
+
+
+def _new_tokens(request: DraftRequest, slot: int, logits: bool) -> list[Entry]:
+    """The request's new tokens as decode entries on its slot (rolled back), with ``logits`` at the last one."""
+    last = len(request.new_tokens) - 1
+    return [(slot, request.rollback_to + i, token, logits and i == last) for i, token in enumerate(request.new_tokens)]
 
 
 def _branches(shape: TreeShape) -> int:

@@ -29,6 +29,7 @@ from router.live_request import LiveRequest
 from router.replicas import DraftReplica
 from specfleet.otel import RouterMetrics
 from specfleet.speculation import DraftPlan, Proposal, Proposals, StepPlan, Verdict
+from specfleet.token_paths import common_prefix_length
 
 AheadReply = tuple[Proposal | None, int]
 """What a call made ahead brought back for one sequence: its drafts (None when the call failed) and the tokens of
@@ -135,7 +136,7 @@ def usable_ahead(tokens: list[int], ahead: Ahead, reply: AheadReply, plan: Draft
     They are of use when the last step committed every draft they continued and then the token they guessed first;
     the proposal is the rest, up to ``plan``'s levels (a tree plan drafts afresh)."""
     drafts, held = reply
-    agreed = ahead.position + _common_prefix(ahead.context[ahead.position:], tokens[ahead.position:])
+    agreed = ahead.position + common_prefix_length(ahead.context[ahead.position:], tokens[ahead.position:])
     if drafts is None:  # the call failed: the drafter holds at least what it held when asked
         return None, min(ahead.held, agreed)
     came_true = (bool(drafts.tokens) and agreed == len(ahead.context) and len(tokens) > agreed
@@ -145,11 +146,3 @@ def usable_ahead(tokens: list[int], ahead: Ahead, reply: AheadReply, plan: Draft
     rest = slice(1, 1 + plan.levels)
     proposal = Proposal(drafts.tokens[rest], drafts.draft_top_k[rest]) if plan.levels and not plan.tree else None
     return (proposal if proposal is not None and proposal.tokens else None), min(held, agreed + 1)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

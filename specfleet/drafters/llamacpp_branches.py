@@ -13,18 +13,9 @@ from __future__ import annotations
 import torch
 
 from specfleet.llamacpp import Entry, LlamaCppRunner
+from specfleet.token_paths import common_prefix_length
 
 TokenPath = tuple[int, ...]
-
-
-def _common(a: TokenPath, b: TokenPath) -> int:
-    """Length of the longest common prefix."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class BranchSlots:
@@ -86,7 +77,7 @@ class BranchSlots:
             if extendable:
                 start, slot = max(extendable)
             else:
-                start, source = max((_common(held, path), slot) for slot, held in before[row].items())
+                start, source = max((common_prefix_length(held, path), slot) for slot, held in before[row].items())
                 if not self.free:
                     raise RuntimeError("a draft tree needs more branches than the drafter's scratch slots hold")
                 slot = self.free.pop()

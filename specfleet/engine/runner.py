@@ -25,6 +25,7 @@ import torch
 from specfleet.engine.cpu_linear import prepack_linears
 from specfleet.engine.kv_cache import CacheFullError
 from specfleet.engine.llama import BatchLayout, LlamaForCausalLM, PassLayout, causal_layout, tree_layout
+from specfleet.token_paths import common_prefix_length
 from specfleet.trees.shapes import ROOT_PARENT
 
 log = logging.getLogger(__name__)
@@ -306,7 +307,7 @@ class ModelRunner:
         for slot, held in enumerate(self._held):
             if not held or held[0] != tokens[0]:
                 continue
-            length = _common_prefix(held, tokens, min(limit, committed.get(slot, limit)))
+            length = common_prefix_length(held, tokens, min(limit, committed.get(slot, limit)))
             if not self._restorable(slot, length):
                 continue
             rank = (length, slot == own, self.cache.is_free(slot), -slot)
@@ -469,12 +470,3 @@ class ModelRunner:
 def _new_tokens(request: Extend | TreeExtend) -> int:
     """Cache entries a request writes: its tokens, and a tree's nodes."""
     return len(request.tokens) + (len(request.tree_tokens) if isinstance(request, TreeExtend) else 0)
-
-
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    """How many leading tokens ``a`` and ``b`` share, at most ``limit``."""
-    n = min(len(a), len(b), limit)
-    if n == 0:
-        return 0
-    differ = (torch.tensor(a[:n]) != torch.tensor(b[:n])).nonzero()
-    return int(differ[0]) if len(differ) else n

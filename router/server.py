@@ -146,7 +146,7 @@ def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
 
 def build_policy(config: RouterConfig) -> DepthPolicy:
     if config.pinned_depth is not None:
-        return DepthPolicy.fixed(config.pinned_depth)
+        return DepthPolicy.fixed(config.pinned_depth, drafts_ahead=config.draft_ahead)
     return DepthPolicy(config.max_depth, mode=config.policy_mode, min_goodput=config.min_goodput,
                        min_gain=config.min_draft_gain, drafts_ahead=config.draft_ahead)
 

@@ -116,9 +116,11 @@ class DepthPolicy:
                               default_alpha)
 
     @classmethod
-    def fixed(cls, depth: int, *, defaults: Mapping[str, CostFn] | None = None) -> DepthPolicy:
-        """A policy that always answers `depth` (the `--depth K` setting)."""
-        return cls(max_depth=depth, pinned_depth=depth, defaults=defaults)
+    def fixed(cls, depth: int, *, defaults: Mapping[str, CostFn] | None = None,
+              drafts_ahead: bool = False) -> DepthPolicy:
+        """A policy that always answers `depth` (the `--depth K` setting); its predictions, which the router reports
+        and audits, price a step as ``drafts_ahead`` says it runs."""
+        return cls(max_depth=depth, pinned_depth=depth, defaults=defaults, drafts_ahead=drafts_ahead)
 
     @property
     def costs(self) -> CostModel:

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from specfleet.policy import AnalyticCost, CostModel, choose_depths, plan_goodput, price_step
+from specfleet.policy import AnalyticCost, CostModel, DepthPolicy, choose_depths, plan_goodput, price_step
 
 # A CPU draft beside a GPU target: the verify is memory-bound (about as long for 1 token as for 8), the draft pays
 # per token.
@@ -62,3 +62,13 @@ def test_the_search_matches_brute_force_when_drafting_ahead(seed: int) -> None:
                    for plan in itertools.product(range(max_depth + 1), repeat=batch))
         assert decision.goodput == pytest.approx(plan_goodput(alphas, decision.depths, costs), rel=1e-9)
         assert decision.goodput >= best * (1 - 1e-9)
+
+
+def test_a_pinned_depth_drafting_ahead_is_predicted_as_the_policy_prices_drafting_ahead() -> None:
+    """--depth K with --draft-ahead: the step the router reports and audits is priced as it runs, drafting ahead."""
+    pinned = DepthPolicy.fixed(3, defaults=CPU_DRAFT_GPU_TARGET, drafts_ahead=True).choose([(8, 2)])
+    searching = DepthPolicy(3, defaults=CPU_DRAFT_GPU_TARGET, drafts_ahead=True).choose([(8, 2)])
+    taking_turns = DepthPolicy.fixed(3, defaults=CPU_DRAFT_GPU_TARGET).choose([(8, 2)])
+    assert pinned.depths == taking_turns.depths == (3,)
+    assert pinned.goodput == pytest.approx(searching.uniform_goodput[3])
+    assert pinned.step_ms != pytest.approx(taking_turns.step_ms)

@@ -15,6 +15,8 @@ request) for each row; greedy specfleet rows must be token-identical to depth 0 
     python -m bench.duo --batches 1 --temperatures 0 --prompts 2 --max-new-tokens 32 --pinned   # a quick look
     python -m bench.duo --batches 1 --temperatures 0 --depths 3 --no-hf --pinned-only \
         --configs 'llamacpp d3' 'llamacpp ahead d3' 'llamacpp ahead d3 alongside'            # some rows, pinned
+    python -m bench.duo --batches 1 --temperatures 0 --depths 3 --no-hf --rounds 3 \
+        --configs 'llamacpp ahead d3' auto                   # two rows taking turns, three times: median round
 """
 
 from __future__ import annotations
@@ -51,17 +53,30 @@ class Timed:
     total_s: float
 
 
+Batches = list[tuple[float, list[Timed]]]  # one pass over the prompts: (wall seconds, requests) per batch
+
+
 @dataclass
 class Row:
-    """One configuration's requests, batch by batch."""
+    """One configuration's requests, batch by batch, in each round (one pass over the prompts)."""
 
-    batches: list[tuple[float, list[Timed]]] = field(default_factory=list)  # (wall seconds, requests)
+    rounds: list[Batches] = field(default_factory=list)
 
     def tokens_per_s(self) -> float:
-        return sum(len(t.tokens) for _, ts in self.batches for t in ts) / sum(s for s, _ in self.batches)
+        """The median round's tokens/s."""
+        return statistics.median(_rate(batches) for batches in self.rounds)
 
     def ttft_ms(self) -> float:
-        return 1000 * statistics.median(t.first_s for _, ts in self.batches for t in ts)
+        return 1000 * statistics.median(t.first_s for batches in self.rounds for _, ts in batches for t in ts)
+
+    def outputs(self) -> list[list[list[int]]]:
+        """Each round's tokens, request by request."""
+        return [[t.tokens for _, ts in batches for t in ts] for batches in self.rounds]
+
+
+def _rate(batches: Batches) -> float:
+    """Tokens/s over one pass."""
+    return sum(len(t.tokens) for _, ts in batches for t in ts) / sum(s for s, _ in batches)
 
 
 def _stream_timed(address: str, ids: list[int], max_new: int, temperature: float, seed: int) -> Timed:
@@ -76,16 +91,16 @@ def _stream_timed(address: str, ids: list[int], max_new: int, temperature: float
     return Timed(tokens, first, time.perf_counter() - started)
 
 
-def _batched(generate: Callable[[list[int], int], Timed], prompts: list[list[int]], batch: int) -> Row:
+def _batched(generate: Callable[[list[int], int], Timed], prompts: list[list[int]], batch: int) -> Batches:
     """The prompts in groups of ``batch`` sent at once (the router batches them), each group timed."""
-    row = Row()
+    batches: Batches = []
     with ThreadPoolExecutor(batch) as pool:
         for start in range(0, len(prompts), batch):
             group = prompts[start: start + batch]
             began = time.perf_counter()
             timed = list(pool.map(generate, group, range(start, start + len(group))))
-            row.batches.append((time.perf_counter() - began, timed))
-    return row
+            batches.append((time.perf_counter() - began, timed))
+    return batches
 
 
 def _hf_timed(model, ids: list[int], seed: int, max_new: int, **kwargs) -> Timed:
@@ -140,22 +155,30 @@ WARM_UP_TOKENS = 4
 
 
 def _specfleet_rows(prompts: list[list[int]], args: argparse.Namespace, pinned: bool) -> dict[str, Row]:
-    """Every configuration at every (temperature, batch) cell; pinned, at the first cell only (the time it takes)."""
+    """Every configuration at every (temperature, batch) cell, ``args.rounds`` times, the configurations taking turns
+    within each round (so a slow minute of the machine falls on all of them); pinned, at the first cell only (the
+    time it takes)."""
     rows: dict[str, Row] = {}
     temperatures, batches = (args.temperatures[:1], args.batches[:1]) if pinned else (args.temperatures, args.batches)
     with _services(pinned, args.depths, args.threads, args.configs, args.log_dir) as routers:
         for temperature in temperatures:
             for batch in batches:
-                for name, address in routers.items():
-                    def generate(ids: list[int], seed: int, address: str = address, max_new: int = args.max_new_tokens,
-                                 temperature: float = temperature) -> Timed:
-                        return _stream_timed(address, ids, max_new, temperature, seed)
+                for round_index in range(args.rounds):
+                    for name, address in routers.items():
+                        def generate(ids: list[int], seed: int, address: str = address,
+                                     max_new: int = args.max_new_tokens, temperature: float = temperature) -> Timed:
+                            return _stream_timed(address, ids, max_new, temperature, seed)
 
-                    # Warm-up: the first requests pay one-time costs (the router's connections, the policy's start).
-                    _batched(partial(generate, max_new=WARM_UP_TOKENS), prompts[:batch], batch)
-                    label = f"T={temperature:g} batch {batch} | specfleet {name}{' (pinned)' if pinned else ''}"
-                    rows[label] = _batched(generate, prompts, batch)
-                    print(f"  {label}: {rows[label].tokens_per_s():.2f} tok/s", flush=True)
+                        label = f"T={temperature:g} batch {batch} | specfleet {name}{' (pinned)' if pinned else ''}"
+                        if round_index == 0:
+                            # Warm-up: the first requests pay one-time costs (the router's connections, the policy's
+                            # start).
+                            _batched(partial(generate, max_new=WARM_UP_TOKENS), prompts[:batch], batch)
+                        row = rows.setdefault(label, Row())
+                        row.rounds.append(_batched(generate, prompts, batch))
+                        rate = _rate(row.rounds[-1])
+                        print(f"  {label}{f' (round {round_index + 1})' if args.rounds > 1 else ''}: {rate:.2f} tok/s",
+                              flush=True)
                 if temperature == 0:
                     _check_greedy(rows, batch, pinned)
     return rows
@@ -164,12 +187,11 @@ def _specfleet_rows(prompts: list[list[int]], args: argparse.Namespace, pinned: 
 def _check_greedy(rows: dict[str, Row], batch: int, pinned: bool) -> None:
     prefix = f"T=0 batch {batch} | specfleet "
     suffix = " (pinned)" if pinned else ""
-    expected = [t.tokens for _, ts in rows[f"{prefix}depth 0{suffix}"].batches for t in ts]
+    expected = rows[f"{prefix}depth 0{suffix}"].outputs()[0]
     for label, row in rows.items():
-        if label.startswith(prefix) and label.endswith(suffix) and (pinned or "(pinned)" not in label):
-            got = [t.tokens for _, ts in row.batches for t in ts]
-            if got != expected:
-                raise AssertionError(f"{label} is not token-identical to depth 0")
+        in_cell = label.startswith(prefix) and label.endswith(suffix) and (pinned or "(pinned)" not in label)
+        if in_cell and any(output != expected for output in row.outputs()):
+            raise AssertionError(f"{label} is not token-identical to depth 0")
 
 
 def _hf_rows(prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Row]:
@@ -183,7 +205,7 @@ def _hf_rows(prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Ro
     rows = {}
     for name, generate in configs.items():
         _batched(generate, prompts[:1], 1)
-        rows[f"T=0 batch 1 | {name}"] = _batched(generate, prompts, 1)
+        rows[f"T=0 batch 1 | {name}"] = Row([_batched(generate, prompts, 1)])
     del target, assistant
     gc.collect()
     return rows
@@ -194,7 +216,7 @@ def _llama_cpp_plain(prompts: list[list[int]], args: argparse.Namespace) -> dict
     from llama_cpp import Llama
 
     llm = Llama(str(resolve_gguf(TARGET)), n_ctx=2048, n_threads=args.threads, verbose=False)
-    row = Row()
+    batches: Batches = []
     for ids in prompts:
         llm.reset()
         began, first, tokens = time.perf_counter(), 0.0, []
@@ -203,8 +225,8 @@ def _llama_cpp_plain(prompts: list[list[int]], args: argparse.Namespace) -> dict
             tokens.append(token)
             if len(tokens) == args.max_new_tokens or token == llm.token_eos():
                 break
-        row.batches.append((time.perf_counter() - began, [Timed(tokens, first, time.perf_counter() - began)]))
-    return {"T=0 batch 1 | llama.cpp plain (1.5B Q4_K_M)": row}
+        batches.append((time.perf_counter() - began, [Timed(tokens, first, time.perf_counter() - began)]))
+    return {"T=0 batch 1 | llama.cpp plain (1.5B Q4_K_M)": Row([batches])}
 
 
 def table(rows: dict[str, Row]) -> str:
@@ -231,6 +253,8 @@ def main() -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads, unpinned")
+    parser.add_argument("--rounds", type=int, default=1, help="passes over the prompts per specfleet row, the rows "
+                        "taking turns; the table gives each row's median round")
     parser.add_argument("--pinned", action="store_true", help="run the specfleet rows pinned too (taskset), at the "
                         "first temperature and batch size")
     parser.add_argument("--pinned-only", action="store_true", help="run the specfleet rows pinned only")

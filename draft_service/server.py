@@ -44,6 +44,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         self.metrics = ServiceMetrics(otel, "draft", lambda: drafter.live_sequences, reused_prompt_tokens)
         self.vocab_size, self.fingerprint = vocab_size, fingerprint
         self.max_seq_len, self.num_slots = max_seq_len, num_slots
+        self.on_cpu = drafter.kind in ("ngram", "llamacpp") or config.resolved_device() == "cpu"  # for GetInfo
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
 
     async def Propose(self, request: draft_pb2.ProposeRequest, context: grpc.aio.ServicerContext
@@ -102,7 +103,8 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         return info_response(model=self.config.model if self.drafter.kind != "ngram" else "", kind=self.drafter.kind,
                              vocab_size=self.vocab_size, fingerprint=self.fingerprint,
                              max_seq_len=self.max_seq_len, num_slots=self.num_slots,
-                             live=self.drafter.live_sequences)
+                             live=self.drafter.live_sequences,
+                             on_cpu=self.on_cpu)
 
 
 def build_servicer(config: DraftConfig, otel: Otel | None = None) -> DraftServicer:

@@ -85,7 +85,8 @@ def step_loop_for(target: TargetReplica, config: RouterConfig, feed: PolicyFeed,
                                  for name in (config.speculation_pools or [DRAFT_POOL])
                                  for pool in [DraftPool(config.draft_timeout_ms, config.draft_retry_s, metrics, name,
                                                         config.prefill_alongside)]})
-    planner = Planner(config, feed, strategies, target.address, target.info.max_seq_len, audit, calibration)
+    planner = Planner(config, feed, strategies, target.address, target.info.max_seq_len, audit, calibration,
+                      target.info)
     observers: list[StepObserver] = [audit, MetricsExporter(metrics)]
     if calibration is not None:
         observers.append(calibration)

@@ -36,7 +36,8 @@ class GrpcLink:
             raise ConnectionError(f"{self.address} refused GetInfo ({err.code().name}): {err.details()}") from err
         return ReplicaInfo(msg.model, msg.kind, msg.vocab_size, msg.tokenizer_fingerprint, msg.max_seq_len,
                            msg.num_slots, msg.live_sequences, tuple(msg.eos_token_ids), msg.draining,
-                           msg.max_draft_next, msg.self_drafting, msg.draft_next_width, msg.chains_only)
+                           msg.max_draft_next, msg.self_drafting, msg.draft_next_width, msg.chains_only, msg.host,
+                           tuple(msg.cpus))
 
     async def release(self, seq_ids: list[str], timeout_s: float = 10.0) -> None:
         """Frees ``seq_ids`` on the replica."""

@@ -35,8 +35,13 @@ DECISION_LOG_INTERVAL_S = 5.0
 
 class Planner:
     def __init__(self, config: RouterConfig, feed: PolicyFeed, strategies: Proposer, target: str, max_context: int,
-                 audit: PredictionAudit | None = None, calibration: Calibration | None = None) -> None:
+                 audit: PredictionAudit | None = None, calibration: Calibration | None = None,
+                 target_info: ReplicaInfo | None = None) -> None:
+        """``target_info``: what the target said of itself, where its cores are known (drafting ahead on them is
+        priced differently, `_price_sharing`)."""
         self.config = config
+        self.target_info = target_info
+        self._sharing: bool | None = None  # whether a draft pool computes on the target's cores, as last seen
         self.feed = feed
         self.strategies = strategies
         self.target = target
@@ -49,6 +54,8 @@ class Planner:
     def plan(self, batch: list[LiveRequest]) -> StepPlan:
         """The policy's depths, or with --tree the tree shapes, within the room each sequence has left."""
         calibration = 1.0 if self.calibration is None else self.calibration.factor(len(batch))
+        if self.config.draft_ahead:
+            self._price_sharing(batch)
         shape = self.config.tree_shape
         if len(self.pools) > 1:  # several draft pools: a pool and a depth per sequence (chains only)
             plan = self._pools(batch, calibration)
@@ -69,6 +76,28 @@ class Planner:
             plan = dataclasses.replace(plan, prefills=True)
         self._log(len(batch), plan.reason)
         return plan
+
+    def _price_sharing(self, batch: list[LiveRequest]) -> None:
+        """Drafting ahead overlaps drafting with the verify; where a draft pool's replica computes on the target's
+        own CPU cores (one machine, not pinned apart), the two slow each other down instead, and the policy prices
+        them one after the other (`DepthPolicy.set_ahead_shares_cores`). Said in the log when it changes."""
+        if self.target_info is None:
+            return
+        infos = [(pool, info) for pool in self.pools if (info := _pool_info(batch, pool)) is not None]
+        if not infos:
+            return
+        shared = [pool for pool, info in infos if info.shares_cores_with(self.target_info)]
+        if bool(shared) == self._sharing:
+            return
+        self._sharing = bool(shared)
+        self.feed.policy.set_ahead_shares_cores(self._sharing)
+        if shared:
+            log.info("draft pool %s computes on CPU cores the target at %s uses too (%s): drafting ahead is priced "
+                     "one after the verify, not overlapping it (pin them apart, e.g. with taskset, to overlap)",
+                     ", ".join(shared), self.target, _cores(self.target_info.cpus))
+        else:
+            log.info("the draft pools and the target at %s compute on separate cores or devices: drafting ahead is "
+                     "priced overlapping the verify", self.target)
 
     def _may_draft(self, batch: list[LiveRequest]) -> list[bool]:
         """Per sequence, whether the one draft pool's catch-up of it pays (`_catch_up_pays`), as with several pools:
@@ -250,6 +279,10 @@ def _catch_up_pays(seq: LiveRequest, pool: str, info: ReplicaInfo | None, starti
 def _starting_tokens(batch: list[LiveRequest]) -> int:
     """The prompt tokens of the sequences that start in this step (whose whole context the target computes)."""
     return sum(len(s.tokens) for s in batch if s.target_cached == 0)
+
+
+def _cores(cpus: tuple[int, ...]) -> str:
+    return f"cores {','.join(map(str, cpus))}" if len(cpus) <= 8 else f"{len(cpus)} cores"
 
 
 def _contexts(batch: list[LiveRequest]) -> list[int]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from specfleet.config import DEFAULT_DRAFT_POOL
+from specfleet.placement import share_cores
 
 if TYPE_CHECKING:
     from router.ports import DraftLink, TargetLink
@@ -32,6 +33,12 @@ class ReplicaInfo:
     self_drafting: str = ""  # how it drafts them ("space", "lookahead"), "" when it does not
     draft_next_width: int = 0  # positions its step adds to each verify whatever it drafts (a lookahead chain)
     chains_only: bool = False  # a target that verifies draft chains, not trees (the llamacpp backend)
+    host: str = ""  # the machine it runs on ("": not said)
+    cpus: tuple[int, ...] = ()  # the CPU cores it computes on; none where it computes on an accelerator
+
+    def shares_cores_with(self, other: ReplicaInfo) -> bool:
+        """Whether the two compute on some of the same CPU cores of one machine (`specfleet.placement`)."""
+        return share_cores(self.host, self.cpus, other.host, other.cpus)
 
 
 class ReplicaError(Exception):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from specfleet.placement import compute_cores, host_name
 from specfleet.protos import draft_pb2, generate_pb2, session_pb2
 from specfleet.sampling_params import SamplingParams
 from specfleet.trees.shapes import ROOT_PARENT, TreeShape
@@ -44,13 +45,14 @@ def validate_tokens(tokens: Sequence[int], vocab_size: int, what: str) -> None:
 
 def info_response(*, model: str, kind: str, vocab_size: int, fingerprint: str, max_seq_len: int, num_slots: int,
                   live: int, eos_ids: Sequence[int] = (), draining: bool = False, max_draft_next: int = 0,
-                  self_drafting: str = "", draft_next_width: int = 0, chains_only: bool = False
-                  ) -> session_pb2.GetServiceInfoResponse:
+                  self_drafting: str = "", draft_next_width: int = 0, chains_only: bool = False,
+                  on_cpu: bool = False) -> session_pb2.GetServiceInfoResponse:
+    """``on_cpu``: the service computes on the CPU, so it reports its cores (`specfleet.placement`)."""
     return session_pb2.GetServiceInfoResponse(
         model=model, kind=kind, vocab_size=vocab_size, tokenizer_fingerprint=fingerprint, max_seq_len=max_seq_len,
         num_slots=num_slots, live_sequences=live, eos_token_ids=list(eos_ids), draining=draining,
         max_draft_next=max_draft_next, self_drafting=self_drafting, draft_next_width=draft_next_width,
-        chains_only=chains_only)
+        chains_only=chains_only, host=host_name(), cpus=list(compute_cores(on_cpu)))
 
 
 _METHODS = {"rsd-c": draft_pb2.TREE_METHOD_RSD_C, "rsd-s": draft_pb2.TREE_METHOD_RSD_S,

@@ -46,6 +46,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                                       lambda: verifier.runner.reused_tokens)
         self.fingerprint = fingerprint
         self.eos_ids = eos_ids
+        self.on_cpu = config.backend == "llamacpp" or config.resolved_device() == "cpu"  # for GetInfo
         self.sessions = Sessions(lambda: verifier.runner.live_sequences)
         # One model, one thread: batches run one after another, the event loop stays free for health checks.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-model")
@@ -127,7 +128,8 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                              draining=self.sessions.draining, max_draft_next=self.verifier.max_draft_next,
                              self_drafting=self.verifier.self_drafting,
                              draft_next_width=self.verifier.drafting.width if self.verifier.drafting else 0,
-                             chains_only=not runner.supports_trees)
+                             chains_only=not runner.supports_trees,
+                             on_cpu=self.on_cpu)
 
 
 

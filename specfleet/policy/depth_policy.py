@@ -111,6 +111,7 @@ class DepthPolicy:
         self.pinned_depth = pinned_depth
         self.min_gain = min_gain
         self.drafts_ahead = drafts_ahead
+        self.ahead_shares_cores = False  # see `set_ahead_shares_cores`
         self._defaults = dict(DEFAULT_COSTS if defaults is None else defaults)
         self._state = _Fitted(CostModel(self._defaults, ahead_alpha=default_alpha if drafts_ahead else None),
                               default_alpha)
@@ -161,7 +162,8 @@ class DepthPolicy:
         alpha = acceptance_estimate(fleet_accepted, fleet_rejections, self.default_alpha, self.prior_weight)
         samples = tuple(samples)
         costs = CostModel.fit(samples, self._defaults, max_tokens=max(33, self.max_depth + 2),
-                              ahead_alpha=alpha if self.drafts_ahead else None)
+                              ahead_alpha=alpha if self.drafts_ahead else None,
+                              ahead_shares_cores=self.ahead_shares_cores)
         offer_rate = offer_estimate(fleet_offers, fleet_misses, 1.0, self.prior_weight)
         later_sibling_alpha = None
         if fleet_later_siblings_accepted + fleet_later_siblings_rejected:
@@ -178,6 +180,17 @@ class DepthPolicy:
         for drafting in list(in_use.by_self_drafting):
             self._self_drafted_costs(fitted, drafting)
         self._state = fitted  # one reference swap: atomic
+
+    def set_ahead_shares_cores(self, shared: bool) -> None:
+        """Whether the drafts made ahead are computed on CPU cores the target's verify uses too (a draft and a CPU
+        target on one machine, not pinned apart): then the two take the cores from each other and a step is priced
+        with both, one after the other, not the longer of the two. The router says so from what the services report
+        of their cores; it takes effect at once (the drafter kinds' models are fitted again when next asked for)."""
+        if shared == self.ahead_shares_cores:
+            return
+        self.ahead_shares_cores = shared
+        state = self._state
+        self._state = replace(state, costs=state.costs.sharing_cores(shared), by_drafter={}, by_self_drafting={})
 
     def costs_for(self, kind: str) -> CostModel:
         """The cost model of a draft pool whose drafter is ``kind``: the target's and the router's costs as the
@@ -197,7 +210,8 @@ class DepthPolicy:
             own = [s for s in state.samples if s.role != "draft" or s.drafter in (kind, None)]
             found = state.by_drafter[kind] = CostModel.fit(
                 own, drafter_defaults(kind, self._defaults), max_tokens=max(33, self.max_depth + 2),
-                ahead_alpha=state.alpha_for(kind) if self.drafts_ahead else None)
+                ahead_alpha=state.alpha_for(kind) if self.drafts_ahead else None,
+                ahead_shares_cores=self.ahead_shares_cores)
         return found
 
     def _self_drafted_costs(self, state: _Fitted, drafting: SelfDrafting) -> CostModel:

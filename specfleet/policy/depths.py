@@ -369,6 +369,9 @@ class DepthProblem:
             return ""
         verify = self.steps.target_at(verified_drafts(sum(map(mul, self.rates, depths)), deepest * self.offered))
         ahead = self.steps.ahead_ms[deepest]
+        if self.steps.ahead_shares_cores:
+            return (f"; drafting {deepest + 1} ahead takes {ahead:.1f} ms beside the {verify:.1f} ms verify, on the "
+                    "target's CPU cores: priced one after the other")
         return (f"; drafting {deepest + 1} ahead takes {ahead:.1f} ms, {'within' if ahead <= verify else 'past'} "
                 f"the {verify:.1f} ms verify")
 

@@ -5,7 +5,9 @@ rollbacks and eviction; the target service says it verifies chains only and refu
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,6 +158,8 @@ def test_the_target_service_serves_the_gguf_and_says_it_verifies_chains(smollm2_
         "target", 49152, tokenizer_fingerprint(tokenizer), True)
     assert set(info.eos_token_ids) >= set(eos_token_ids(smollm2_dir, tokenizer))
     assert (info.max_seq_len, info.num_slots) == (256, 2)
+    # Where it computes, for a router drafting ahead: this machine, and on the CPU the cores it may run on.
+    assert (info.host, info.cpus) == (socket.gethostname(), tuple(sorted(os.sched_getaffinity(0))))
 
 
 def test_without_llama_cpp_the_target_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -190,7 +190,8 @@ class DepthPolicy:
             return
         self.ahead_shares_cores = shared
         state = self._state
-        self._state = replace(state, costs=state.costs.sharing_cores(shared), by_drafter={}, by_self_drafting={})
+        # A self-drafting target's models draft nothing ahead: they stay as fitted.
+        self._state = replace(state, costs=state.costs.sharing_cores(shared), by_drafter={})
 
     def costs_for(self, kind: str) -> CostModel:
         """The cost model of a draft pool whose drafter is ``kind``: the target's and the router's costs as the

@@ -14,6 +14,7 @@ from specfleet.config import DraftConfig
 from specfleet.drafters import Drafter, DraftRequest, NgramDrafter
 from specfleet.otel import Otel, ServiceMetrics
 from specfleet.otel import setup as setup_otel
+from specfleet.policy.costs import PREFILL_ROLE
 from specfleet.protos import draft_pb2, draft_pb2_grpc, session_pb2
 from specfleet.security import caller_scope, internal_guard, unscoped
 from specfleet.serving import serve, servicer_name
@@ -62,9 +63,13 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         compute_ms = (time.perf_counter() - started) * 1000
         self.metrics.record_batch(compute_ms / 1000)
         self.metrics.record_prompts(sum(len(r.new_tokens) for r in requests if r.rollback_to == 0))
+        prompts = [len(r.new_tokens) for r in requests if is_prefill(r.new_tokens)]
+        if self.telemetry is not None and prompts:
+            # What computing prompts costs this drafter: the router prices a sequence's catch-up by it.
+            self.telemetry.record_latency(len(prompts), sum(prompts) / len(prompts), compute_ms, role=PREFILL_ROLE,
+                                          drafter=self.drafter.kind)
         # A call that drafts nothing (a prompt computed beside the target's) is no drafting cost.
-        if self.telemetry is not None and any(r.depth for r in requests) and not any(
-                is_prefill(r.new_tokens) for r in requests):
+        if self.telemetry is not None and any(r.depth for r in requests) and not prompts:
             # The sequences' own lengths, whatever the drafter reads of them: how its cost grows with them (a window
             # + sink draft's does not) is for the cost model to measure, and the router prices at those lengths.
             context = sum(r.position for r in requests) / len(requests)

@@ -88,13 +88,15 @@ class DraftPool:
 
     def start_prefills(self, batch: list[LiveRequest], plan: StepPlan) -> None:
         """With ``prefill_alongside``: sends the prompts of the batch's starting sequences that draft nothing this
-        step to their drafters, in one call per replica that is not awaited (it runs while the target verifies)."""
+        step to their drafters, in one call per replica that is not awaited (it runs while the target verifies);
+        not those the plan says will not catch up (`StepPlan.no_catch_up`)."""
         if not self.prefill_alongside:
             return
         # A request of two tokens or fewer has no step left to draft in after this one.
         calls = [DraftCall(seq, seq.tokens, seq.draft_cached, DraftPlan(0)) for seq in batch
                  if plan.draft(seq.seq_id).levels == 0 and _needs_prefill(seq, self.name)
-                 and seq.max_new_tokens > 2 and seq.seq_id not in self._prefilling]
+                 and seq.max_new_tokens > 2 and seq.seq_id not in self._prefilling
+                 and seq.seq_id not in plan.no_catch_up]
         if not calls:
             return
         task = asyncio.get_running_loop().create_task(self.draft(calls))

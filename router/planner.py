@@ -20,10 +20,11 @@ from router.self_drafted import SELF_DRAFTED, SelfDrafted
 from router.strategies import Strategies
 from specfleet.config import RouterConfig
 from specfleet.policy import DepthDecision, TreeDecision, TreePlan
+from specfleet.policy.catch_up import CatchUp, price_catch_up
 from specfleet.policy.costs import SelfDrafting
 from specfleet.policy.depth_policy import PoolCounts
 from specfleet.policy.drafter_choice import PoolDecision
-from specfleet.speculation import DraftPlan, StepPlan, is_prefill
+from specfleet.speculation import PREFILL_TOKENS, DraftPlan, StepPlan, is_prefill
 from specfleet.stats import AcceptanceCounts
 from specfleet.trees.shapes import TreeShape, chain_shape
 
@@ -57,6 +58,7 @@ class Planner:
         if self.config.draft_ahead:
             self._price_sharing(batch)
         shape = self.config.tree_shape
+        catch_up: CatchUp | None = None
         if len(self.pools) > 1:  # several draft pools: a pool and a depth per sequence (chains only)
             plan = self._pools(batch, calibration)
         elif shape is None:
@@ -64,14 +66,18 @@ class Planner:
             # SPACE target's drafts cost no call, and make its verify feed the mask groups too.
             kind = self._self_drafting() if self.config.self_draft else _pool_kind(batch, self.pools[0]) \
                 if self.pools else None
-            rooms = [self.depth_room(s) if may else 0 for s, may in zip(batch, self._may_draft(batch), strict=True)]
-            decision = self.feed.policy.choose([_first_tries(s) for s in batch], rooms,
-                                               [_offers(s) for s in batch], calibration, _contexts(batch), kind,
-                                               [_first_position(s) for s in batch])
+            may_draft, catch_up = self._may_draft(batch, calibration)
+            rooms = [self.depth_room(s) if may else 0 for s, may in zip(batch, may_draft, strict=True)]
+            decision = self._choose(batch, rooms, calibration, kind)
             plan = StepPlan({s.seq_id: DraftPlan(d) for s, d in zip(batch, decision.depths, strict=True)},
                             decision.reason, *_predictions(decision))
         else:
-            plan = self._trees(batch, shape, calibration)
+            may_draft, catch_up = self._may_draft(batch, calibration)
+            plan = self._trees(batch, shape, calibration, may_draft)
+        if catch_up is not None:
+            declined = frozenset() if catch_up.pays else frozenset(
+                s.seq_id for s in batch if _behind(s, self.pools[0]) > PREFILL_TOKENS)
+            plan = dataclasses.replace(plan, reason=f"{plan.reason}; {catch_up.describe()}", no_catch_up=declined)
         if plan.predicted_ms > 0 and self._prefills(batch, plan):  # only the audited steps need to know
             plan = dataclasses.replace(plan, prefills=True)
         self._log(len(batch), plan.reason)
@@ -99,14 +105,55 @@ class Planner:
             log.info("the draft pools and the target at %s compute on separate cores or devices: drafting ahead is "
                      "priced overlapping the verify", self.target)
 
-    def _may_draft(self, batch: list[LiveRequest]) -> list[bool]:
-        """Per sequence, whether the one draft pool's catch-up of it pays (`_catch_up_pays`), as with several pools:
-        drafting again after plain steps must not make the step wait for one that cannot. A pinned depth, and a
-        target drafting for itself, draft as told."""
+    def _choose(self, batch: list[LiveRequest], rooms: list[int], calibration: float,
+                kind: str | SelfDrafting | None) -> DepthDecision:
+        return self.feed.policy.choose([_first_tries(s) for s in batch], rooms, [_offers(s) for s in batch],
+                                       calibration, _contexts(batch), kind, [_first_position(s) for s in batch])
+
+    def _may_draft(self, batch: list[LiveRequest], calibration: float) -> tuple[list[bool], CatchUp | None]:
+        """Per sequence, whether it may draft from the one draft pool as far as the pool's catch-up of it goes, and
+        that catch-up's price where one was weighed (`_price_catch_up`). Drafting again after plain steps must not
+        make the step wait for a catch-up that cannot pay (`_catch_up_pays`, as with several pools). A pinned depth,
+        and a target drafting for itself, draft as told."""
         if not self.pools or self.config.self_draft or self.config.pinned_depth is not None:
-            return [True] * len(batch)
-        info, starting = _pool_info(batch, self.pools[0]), _starting_tokens(batch)
-        return [_catch_up_pays(s, self.pools[0], info, starting) for s in batch]
+            return [True] * len(batch), None
+        pool = self.pools[0]
+        info, starting = _pool_info(batch, pool), _starting_tokens(batch)
+        may = [_catch_up_pays(s, pool, info, starting) for s in batch]
+        catch_up = self._price_catch_up(batch, may, info, calibration)
+        if catch_up is not None and not catch_up.pays:
+            may = [m and _behind(s, pool) <= PREFILL_TOKENS for s, m in zip(batch, may, strict=True)]
+        return may, catch_up
+
+    def _price_catch_up(self, batch: list[LiveRequest], may: list[bool], info: ReplicaInfo | None,
+                        calibration: float) -> CatchUp | None:
+        """The one draft pool's catch-up on the sequences it lacks the prompts of, priced against what drafting
+        would save them over the rest of their requests (`specfleet.policy.catch_up`), by the depths the policy
+        would choose if the pool held them. None where nothing is to be weighed: no sequence behind, a drafter
+        without a KV cache, a rate not yet measured, or prompts computed alongside the target on cores of their own
+        (hidden behind the target's own prefill)."""
+        pool = self.pools[0]
+        catching = [i for i, (s, m) in enumerate(zip(batch, may, strict=True))
+                    if m and _behind(s, pool) > PREFILL_TOKENS and _remaining(s) > 1]
+        if not catching or info is None or not info.num_slots:
+            return None
+        rate = self.feed.policy.prefill_ms_per_token(info.kind)
+        if rate is None:
+            return None
+        if self.config.prefill_alongside and self.target_info is not None \
+                and not info.shares_cores_with(self.target_info):
+            return None
+        # The rooms the sequences behind would have if their drafter held them (computed alongside, it holds none).
+        rooms = [(self._room_if_held(s) if i in catching else self.depth_room(s)) if may[i] else 0
+                 for i, s in enumerate(batch)]
+        decision = self._choose(batch, rooms, calibration, info.kind)
+        drafting = decision.goodput if any(decision.depths[i] for i in catching) else 0.0
+        return price_catch_up([_behind(batch[i], pool) for i in catching], [_remaining(batch[i]) for i in catching],
+                              rate, decision.uniform_goodput[0], drafting)
+
+    def _room_if_held(self, seq: LiveRequest) -> int:
+        """`depth_room` as it would be if the draft pool held ``seq``."""
+        return max(0, min(self.config.max_depth, _remaining(seq) - 1, self.max_context - len(seq.tokens)))
 
     def _self_drafted(self) -> SelfDrafted | None:
         """The self-drafted strategy, where the router has one."""
@@ -139,11 +186,12 @@ class Planner:
             limits.append(room)
         return max(0, min(limits))
 
-    def _trees(self, batch: list[LiveRequest], shape: TreeShape, calibration: float) -> StepPlan:
+    def _trees(self, batch: list[LiveRequest], shape: TreeShape, calibration: float, may_draft: list[bool]
+               ) -> StepPlan:
         """With --depth K the configured shape cut to K levels and --max-tree-nodes; with --depth auto the
         best of plain decoding, chains and the shape at every node budget, by the policy's cost model."""
         rooms = [(self.node_room(s), self.depth_room(s)) if may else (0, 0)
-                 for s, may in zip(batch, self._may_draft(batch), strict=True)]
+                 for s, may in zip(batch, may_draft, strict=True)]
         pinned = self.config.pinned_depth
         if pinned is not None:
             shapes = [shape.fit(self.config.max_tree_nodes, pinned)]
@@ -271,9 +319,18 @@ def _catch_up_pays(seq: LiveRequest, pool: str, info: ReplicaInfo | None, starti
     with the rest once they arrive."""
     if seq.target_cached == 0 or info is None or not info.num_slots:
         return True
+    return _behind(seq, pool) <= max(seq.max_new_tokens - len(seq.generated), starting)
+
+
+def _behind(seq: LiveRequest, pool: str) -> int:
+    """The tokens of ``seq`` that ``pool``'s drafter does not hold."""
     session = seq.sessions.get(pool)
-    behind = len(seq.tokens) - (0 if session is None else session.cached)
-    return behind <= max(seq.max_new_tokens - len(seq.generated), starting)
+    return len(seq.tokens) - (0 if session is None else session.cached)
+
+
+def _remaining(seq: LiveRequest) -> int:
+    """The tokens ``seq`` may still generate."""
+    return seq.max_new_tokens - (len(seq.tokens) - seq.prompt_len)
 
 
 def _starting_tokens(batch: list[LiveRequest]) -> int:

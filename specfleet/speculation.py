@@ -100,6 +100,9 @@ class StepPlan:
     prefills: bool = False
     """Whether some sequence (re)sends a whole prompt this step: its time is then over the prediction by the
     prompt's cost, which the cost model leaves out."""
+    no_catch_up: frozenset[str] = frozenset()
+    """The sequences whose drafter lacks their prompt and is not to compute it now, not even alongside the target
+    (`specfleet.policy.catch_up`: it would cost more than drafting would save them)."""
 
     def draft(self, seq_id: str) -> DraftPlan:
         return self.drafts.get(seq_id, NO_DRAFTS)

@@ -44,7 +44,7 @@ HEARTBEAT_TTL_S = 10.0
 
 @dataclass(frozen=True)
 class LatencySample:
-    role: str  # "draft", "target" or "overhead" (the rest of a router step; tokens_per_seq 1 + its depth)
+    role: str  # "draft", "target", "overhead" (the rest of a router step) or "draft_prefill", see CostSample.role
     replica: str
     batch_size: int
     tokens_per_seq: float

@@ -26,6 +26,8 @@ The parts, each a plain module:
 - `depths`: a plan's predicted goodput and the searches for the best depths (`choose_depths`), each a function
   returning a plan;
 - `tree_budget`: the same for draft trees, a node budget per step (`choose_tree_plan`);
+- `catch_up`: whether a drafter's catch-up on the tokens of a sequence it lacks (its prompt, the first time) pays
+  over the rest of the request (`price_catch_up`);
 - `depth_policy`: `DepthPolicy`, which holds the fitted state for the router.
 
 Decisions (`DepthDecision`, `TreeDecision`) carry the predictions and what their `describe()` needs to write the
@@ -40,11 +42,13 @@ from specfleet.policy.acceptance import (
     offer_estimate,
     tree_expected_emitted,
 )
+from specfleet.policy.catch_up import CatchUp, price_catch_up
 from specfleet.policy.costs import (
     DEFAULT_COSTS,
     MIN_CELL_SAMPLES,
     MIN_STEP_MS,
     PADDING_SHARE,
+    PREFILL_ROLE,
     REFERENCE_CONTEXT,
     ROLES,
     TOKEN_BUCKET,
@@ -75,9 +79,10 @@ from specfleet.policy.tree_budget import TreeDecision, TreePlan, choose_tree_pla
 
 __all__ = [
     "DEFAULT_COSTS", "DRAFT_HURDLE", "MAX_ALPHA", "MIN_CELL_SAMPLES", "MIN_OFFER_RATE", "MIN_STEP_MS", "MODES",
-    "PADDING_SHARE", "REFERENCE_CONTEXT", "ROLES", "TOKEN_BUCKET", "AnalyticCost", "ContextCost", "CostFn",
-    "CostModel", "CostSample", "CostTable", "DepthDecision", "DepthPolicy", "HeldBack", "StepCosts", "TreeDecision",
-    "TreePlan", "acceptance_estimate", "apply_hurdle", "choose_depths", "choose_depths_for_latency",
-    "choose_tree_plan", "context_bucket", "expected_emitted", "kv_passes", "offer_estimate", "pinned_decision",
-    "plan_goodput", "plan_step_ms", "plan_time_per_token", "price_step", "tree_expected_emitted", "verified_drafts",
+    "PADDING_SHARE", "PREFILL_ROLE", "REFERENCE_CONTEXT", "ROLES", "TOKEN_BUCKET", "AnalyticCost", "CatchUp",
+    "ContextCost", "CostFn", "CostModel", "CostSample", "CostTable", "DepthDecision", "DepthPolicy", "HeldBack",
+    "StepCosts", "TreeDecision", "TreePlan", "acceptance_estimate", "apply_hurdle", "choose_depths",
+    "choose_depths_for_latency", "choose_tree_plan", "context_bucket", "expected_emitted", "kv_passes",
+    "offer_estimate", "pinned_decision", "plan_goodput", "plan_step_ms", "plan_time_per_token", "price_catch_up",
+    "price_step", "tree_expected_emitted", "verified_drafts",
 ]

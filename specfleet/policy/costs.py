@@ -21,6 +21,11 @@ from statistics import median
 from types import MappingProxyType
 
 ROLES = ("draft", "target", "overhead")
+PREFILL_ROLE = "draft_prefill"
+"""A draft service's call that computed prompts (a catch-up): ``batch_size`` the sequences whose whole context it
+was sent, ``tokens_per_seq`` their mean new tokens. Not a role of the step's cost model (whose samples leave such
+calls out): `specfleet.policy.catch_up` prices catch-ups from them."""
+SAMPLE_ROLES = (*ROLES, PREFILL_ROLE)
 TOKEN_BUCKET = 0.5
 """Width of the tokens-per-sequence cells samples are grouped into (the target sees fractional means)."""
 MIN_STEP_MS = 1e-6
@@ -48,7 +53,8 @@ class CostSample:
     `role` is "draft" (one Propose: `batch_size` sequences, `tokens_per_seq` the largest depth drafted
     in the call), "target" (one Verify: `tokens_per_seq` the mean tokens fed per sequence, mean(depth + 1))
     or "overhead" (the rest of a router step: gRPC, (de)serialisation, bookkeeping; `tokens_per_seq` 1 plus
-    the step's largest depth, so a step that calls the drafters is charged the round trip it adds).
+    the step's largest depth, so a step that calls the drafters is charged the round trip it adds), or
+    `PREFILL_ROLE` (a Propose that computed prompts).
     """
 
     role: str
@@ -70,8 +76,8 @@ class CostSample:
     plan that ragged is priced at (`priced_tokens`). None: every sequence as wide as the mean (or not said)."""
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"CostSample.role must be one of {ROLES}, got {self.role!r}")
+        if self.role not in SAMPLE_ROLES:
+            raise ValueError(f"CostSample.role must be one of {SAMPLE_ROLES}, got {self.role!r}")
         if self.batch_size < 1:
             raise ValueError(f"CostSample.batch_size must be >= 1, got {self.batch_size}")
         if not (math.isfinite(self.tokens_per_seq) and self.tokens_per_seq >= 0):
@@ -624,6 +630,8 @@ class CostModel:
         model = cls(defaults)
         by_role: dict[str, list[CostSample]] = {}
         for s in samples:
+            if s.role not in ROLES:  # a catch-up's, priced apart (`PREFILL_ROLE`)
+                continue
             if s.widest is not None:
                 s = dataclasses.replace(s, tokens_per_seq=s.priced_tokens, widest=None)
             by_role.setdefault(s.role, []).append(s)

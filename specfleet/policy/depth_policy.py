@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from specfleet.policy.acceptance import MAX_ALPHA, acceptance_estimate, offer_estimate, position_acceptance
+from specfleet.policy.catch_up import fit_prefill_rates
 from specfleet.policy.costs import (
     DEFAULT_COSTS,
     CostFn,
@@ -35,6 +36,8 @@ class _Fitted:
     # Each drafter kind's model, fitted from its own draft samples (`DepthPolicy.costs_for`).
     by_drafter: dict[str, CostModel] = field(default_factory=dict, compare=False)
     by_self_drafting: dict[SelfDrafting, CostModel] = field(default_factory=dict, compare=False)
+    # Each drafter kind's ms per prompt token it computes (`specfleet.policy.catch_up`), where measured.
+    prefill_ms_per_token: Mapping[str, float] = field(default_factory=dict)
 
     def alpha_for(self, drafter: str | None) -> float:
         """The acceptance a sequence drafting with ``drafter`` starts from: its kind's, else the fleet's."""
@@ -173,7 +176,8 @@ class DepthPolicy:
                       for kind, (accepted, rejected) in (drafter_first_tries or {}).items()}
         offer_by_drafter = {kind: offer_estimate(offers, misses, offer_rate, self.prior_weight)
                             for kind, (offers, misses) in (drafter_offers or {}).items()}
-        fitted = _Fitted(costs, alpha, offer_rate, later_sibling_alpha, samples, by_drafter, offer_by_drafter)
+        fitted = _Fitted(costs, alpha, offer_rate, later_sibling_alpha, samples, by_drafter, offer_by_drafter,
+                         prefill_ms_per_token=fit_prefill_rates(samples))
         in_use = self._state
         for kind in list(in_use.by_drafter):
             self._drafter_costs(fitted, kind)
@@ -192,6 +196,12 @@ class DepthPolicy:
         state = self._state
         # A self-drafting target's models draft nothing ahead: they stay as fitted.
         self._state = replace(state, costs=state.costs.sharing_cores(shared), by_drafter={})
+
+    def prefill_ms_per_token(self, kind: str | None) -> float | None:
+        """What a draft service of drafter ``kind`` takes per prompt token it computes, as its services measured it
+        (samples that do not say their kind stand in where that kind has none); None until measured."""
+        rates = self._state.prefill_ms_per_token
+        return rates.get(kind or "", rates.get(""))
 
     def costs_for(self, kind: str) -> CostModel:
         """The cost model of a draft pool whose drafter is ``kind``: the target's and the router's costs as the

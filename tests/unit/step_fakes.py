@@ -27,6 +27,7 @@ from specfleet.speculation import (
     VerifyAsk,
 )
 from specfleet.stats import StepStats
+from specfleet.telemetry import LatencySample
 from specfleet.trees.shapes import ROOT_PARENT
 
 VOCAB = 50
@@ -223,3 +224,16 @@ async def streamed(seq: LiveRequest, timeout_s: float = 30.0) -> tuple[list[int]
         tokens.extend(chunk.token_ids)
         if chunk.finish_reason is not None:
             return tokens, chunk.finish_reason
+
+
+class RecordedTelemetry:
+    """A service's telemetry port, keeping the latency samples it was given (``role`` None: ``default_role``)."""
+
+    def __init__(self, default_role: str = "target") -> None:
+        self.default_role = default_role
+        self.samples: list[LatencySample] = []
+
+    def record_latency(self, batch_size: int, tokens_per_seq: float, ms: float, role: str | None = None,
+                       context: float | None = None, drafter: str | None = None, widest: float | None = None) -> None:
+        self.samples.append(LatencySample(role or self.default_role, "replica", batch_size, tokens_per_seq, ms,
+                                          context, drafter, widest))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from step_fakes import VOCAB, FakeDrafter, live_request
+from step_fakes import VOCAB, FakeDrafter, RecordedTelemetry, live_request
 
 from draft_service.server import DraftServicer
 from router.draft_pool import DraftPool
@@ -69,23 +69,13 @@ def test_a_prefill_sample_travels_through_redis_fields() -> None:
     assert read == CostSample(PREFILL_ROLE, 4, 150.0, 612.0, drafter="llamacpp")
 
 
-class _Recorded:
-    def __init__(self) -> None:
-        self.samples: list[LatencySample] = []
-
-    def record_latency(self, batch_size: int, tokens_per_seq: float, ms: float, role: str | None = None,
-                       context: float | None = None, drafter: str | None = None, widest: float | None = None) -> None:
-        self.samples.append(LatencySample(role or "draft", "d", batch_size, tokens_per_seq, ms, context, drafter,
-                                          widest))
-
-
 class _Context:
     def invocation_metadata(self) -> tuple[()]:
         return ()
 
 
 def test_the_draft_service_reports_what_computing_prompts_cost_it() -> None:
-    telemetry = _Recorded()
+    telemetry = RecordedTelemetry("draft")
     servicer = DraftServicer(DraftConfig(drafter="ngram"), NgramDrafter(), telemetry=telemetry)  # type: ignore[arg-type]
 
     def propose(*entries: tuple[str, int, list[int], int]) -> None:

@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 
 import grpc
+from step_fakes import RecordedTelemetry
 
 from router.target_link import GrpcTargetLink
 from specfleet.config import TargetConfig
@@ -15,23 +16,10 @@ from specfleet.engine import ModelRunner
 from specfleet.protos import target_pb2_grpc
 from specfleet.sampling_params import SamplingParams
 from specfleet.speculation import Proposal, SessionDelta, VerifyAsk
-from specfleet.telemetry import LatencySample
 from target_service.server import TargetServicer
 from target_service.verifier import Verifier
 
 GREEDY = SamplingParams()
-
-
-class RecordedTelemetry:
-    """The servicer's telemetry port, keeping what it was given."""
-
-    def __init__(self) -> None:
-        self.samples: list[LatencySample] = []
-
-    def record_latency(self, batch_size: int, tokens_per_seq: float, ms: float, role: str | None = None,
-                       context: float | None = None, drafter: str | None = None, widest: float | None = None) -> None:
-        self.samples.append(LatencySample(role or "target", "t", batch_size, tokens_per_seq, ms, context, drafter,
-                                          widest))
 
 
 def test_a_ragged_verify_reports_its_widest_sequence_and_a_uniform_one_does_not(tiny_model: Path) -> None:

@@ -32,7 +32,7 @@ from router.observers import MetricsExporter, TelemetryExporter
 from router.planner import Planner
 from router.policy_feed import PolicyFeed
 from router.ports import StepObserver
-from router.prediction_audit import Calibration, PredictionAudit
+from router.prediction_audit import Calibration, ContentionFit, PredictionAudit
 from router.replicas import DraftReplica, ReplicaError, ReplicaGone, TargetLost, TargetReplica, check_compatible
 from router.self_drafted import SELF_DRAFTED, SelfDrafted
 from router.strategies import Strategies
@@ -85,11 +85,11 @@ def step_loop_for(target: TargetReplica, config: RouterConfig, feed: PolicyFeed,
                                  for name in (config.speculation_pools or [DRAFT_POOL])
                                  for pool in [DraftPool(config.draft_timeout_ms, config.draft_retry_s, metrics, name,
                                                         config.prefill_alongside)]})
+    contention = ContentionFit() if config.draft_ahead else None
     planner = Planner(config, feed, strategies, target.address, target.info.max_seq_len, audit, calibration,
-                      target.info)
+                      target.info, contention)
     observers: list[StepObserver] = [audit, MetricsExporter(metrics)]
-    if calibration is not None:
-        observers.append(calibration)
+    observers += [o for o in (calibration, contention) if o is not None]
     if telemetry is not None:
         observers.append(TelemetryExporter(telemetry))
     verifier = TargetVerifier(target, config.verify_timeout_ms / 1000, metrics, on_draining)

@@ -143,7 +143,7 @@ class StepLoop:
                    committed: list[Committed], latencies: TokenLatencies, started: float) -> StepStats:
         stats = StepStats(self.target, len(batch), [plan.draft(s.seq_id).tokens for s in batch], plan.deepest,
                           proposals.compute_ms, verdicts.compute_ms, plan.predicted_ms, plan.predicted_tokens,
-                          plan.prefills, first_token_s=latencies.first_token_s,
+                          plan.prefills, plan.overlap, first_token_s=latencies.first_token_s,
                           inter_token_s=latencies.inter_token_s, reason=plan.reason)
         for part in committed:
             stats.observe(part.step, part.drafter)

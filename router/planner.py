@@ -14,7 +14,7 @@ import time
 from router.live_request import LiveRequest
 from router.policy_feed import PolicyFeed
 from router.ports import Proposer
-from router.prediction_audit import Calibration, PredictionAudit
+from router.prediction_audit import Calibration, ContentionFit, PredictionAudit
 from router.replicas import ReplicaInfo
 from router.self_drafted import SELF_DRAFTED, SelfDrafted
 from router.strategies import Strategies
@@ -32,14 +32,17 @@ log = logging.getLogger("specfleet.router")
 
 DECISION_LOG_INTERVAL_S = 5.0
 """How often the decision goes to the log at INFO (each one goes at DEBUG): often enough to follow a run."""
+CONTENTION_STEP = 0.1
+"""How far the measured contention between drafts made ahead and the verify must move before the policy is re-priced
+(which refits its drafter kinds' models): less is noise between medians."""
 
 
 class Planner:
     def __init__(self, config: RouterConfig, feed: PolicyFeed, strategies: Proposer, target: str, max_context: int,
                  audit: PredictionAudit | None = None, calibration: Calibration | None = None,
-                 target_info: ReplicaInfo | None = None) -> None:
+                 target_info: ReplicaInfo | None = None, contention: ContentionFit | None = None) -> None:
         """``target_info``: what the target said of itself, where its cores are known (drafting ahead on them is
-        priced differently, `_price_sharing`)."""
+        priced differently, `_price_sharing`); ``contention``: what the steps measure of that (`ContentionFit`)."""
         self.config = config
         self.target_info = target_info
         self._sharing: bool | None = None  # whether a draft pool computes on the target's cores, as last seen
@@ -49,6 +52,7 @@ class Planner:
         self.max_context = max_context
         self.audit = audit
         self.calibration = calibration
+        self.contention = contention
         self.pools = config.speculation_pools
         self._last_log = 0.0
 
@@ -70,7 +74,7 @@ class Planner:
             rooms = [self.depth_room(s) if may else 0 for s, may in zip(batch, may_draft, strict=True)]
             decision = self._choose(batch, rooms, calibration, kind)
             plan = StepPlan({s.seq_id: DraftPlan(d) for s, d in zip(batch, decision.depths, strict=True)},
-                            decision.reason, *_predictions(decision))
+                            decision.reason, *_predictions(decision), overlap=decision.overlap)
         else:
             may_draft, catch_up = self._may_draft(batch, calibration)
             plan = self._trees(batch, shape, calibration, may_draft)
@@ -85,25 +89,35 @@ class Planner:
 
     def _price_sharing(self, batch: list[LiveRequest]) -> None:
         """Drafting ahead overlaps drafting with the verify; where a draft pool's replica computes on the target's
-        own CPU cores (one machine, not pinned apart), the two slow each other down instead, and the policy prices
-        them one after the other (`DepthPolicy.set_ahead_shares_cores`). Said in the log when it changes."""
+        own CPU cores (one machine, not pinned apart), the two slow each other down, by as much as this router's
+        steps measure (`ContentionFit`; until they have, as if they took turns), and the policy prices the steps so
+        (`DepthPolicy.set_ahead_contention`). Said in the log when it changes."""
         if self.target_info is None:
             return
         infos = [(pool, info) for pool in self.pools if (info := _pool_info(batch, pool)) is not None]
         if not infos:
             return
         shared = [pool for pool, info in infos if info.shares_cores_with(self.target_info)]
-        if bool(shared) == self._sharing:
+        if bool(shared) != self._sharing:
+            self._sharing = bool(shared)
+            if shared:
+                log.info("draft pool %s computes on CPU cores the target at %s uses too (%s): drafting ahead is "
+                         "priced one after the verify until the steps measure how much the two slow each other "
+                         "(pin them apart, e.g. with taskset, to overlap)",
+                         ", ".join(shared), self.target, _cores(self.target_info.cpus))
+            else:
+                log.info("the draft pools and the target at %s compute on separate cores or devices: drafting ahead "
+                         "is priced overlapping the verify", self.target)
+        measured = self.contention.estimate() if shared and self.contention is not None else None
+        contention = 0.0 if not shared else 1.0 if measured is None else measured
+        current = self.feed.policy.ahead_contention
+        if contention == current or (contention and current and abs(contention - current) < CONTENTION_STEP):
             return
-        self._sharing = bool(shared)
-        self.feed.policy.set_ahead_shares_cores(self._sharing)
-        if shared:
-            log.info("draft pool %s computes on CPU cores the target at %s uses too (%s): drafting ahead is priced "
-                     "one after the verify, not overlapping it (pin them apart, e.g. with taskset, to overlap)",
-                     ", ".join(shared), self.target, _cores(self.target_info.cpus))
-        else:
-            log.info("the draft pools and the target at %s compute on separate cores or devices: drafting ahead is "
-                     "priced overlapping the verify", self.target)
+        self.feed.policy.set_ahead_contention(contention)
+        if measured is not None:
+            log.info("drafting ahead beside the target at %s on its cores: its steps measure a contention of %.2f, "
+                     "priced as the longer of the draft and the verify plus %.0f%% of the shorter", self.target,
+                     measured, 100 * measured)
 
     def _choose(self, batch: list[LiveRequest], rooms: list[int], calibration: float,
                 kind: str | SelfDrafting | None) -> DepthDecision:

@@ -6,14 +6,17 @@ and steps that decoded plainly: a model that misprices drafting alone is the one
 both ratios near 1.00 say the choices rest on sound numbers. The decision log reports the ratios since its last
 line. Steps that prefill a prompt go apart again: the cost model leaves prefill out, so their time is over
 the prediction by the prompt's cost, but what the policy chose in them still counts. `Calibration` keeps the same
-comparison per batch size over recent steps, for the drafting hurdle to act on.
+comparison per batch size over recent steps, for the drafting hurdle to act on, and `ContentionFit` measures how much
+a draft made ahead and the verify beside it slow each other where they share CPU cores.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass, field
+from statistics import median
 
 from specfleet.stats import StepStats
 
@@ -162,3 +165,35 @@ class Calibration:
             return 1.0
         ratio = drafting.goodput_ratio() / plain.goodput_ratio()
         return min(self.max_factor, max(1.0 / self.max_factor, ratio))
+
+
+class ContentionFit:
+    """How much a draft made ahead and the verify beside it slow each other, measured on this router's steps: the
+    `StepCosts.ahead_contention` that prices them at the times they took.
+
+    Where a draft service computes on the target's CPU cores, neither extreme holds: the two do not take turns (the
+    cores are not both busy all the time, and the verify's own samples were measured beside drafts made ahead, so
+    already hold part of the slowdown), nor do they overlap for free. Each step that drafted ahead gives the contention
+    that would have priced it exactly (`AheadOverlap.measured_contention`); the estimate is the median of the last
+    ``window`` of them, in [0, 1], once ``min_steps`` are in. Steps that prefill a prompt stay out (their prediction
+    leaves the prefill out)."""
+
+    def __init__(self, window: int = 64, min_steps: int = 8) -> None:
+        if window < 1 or not 1 <= min_steps <= window:
+            raise ValueError(f"need window >= 1 and 1 <= min_steps <= window, got {window}, {min_steps}")
+        self.min_steps = min_steps
+        self._measured: deque[float] = deque(maxlen=window)
+
+    def observe(self, stats: StepStats) -> None:
+        """A step: counted where it drafted ahead, was predicted and prefilled nothing."""
+        if stats.overlap is None or stats.predicted_ms <= 0 or stats.prefilled:
+            return
+        measured = stats.overlap.measured_contention(stats.predicted_ms, stats.duration_s * 1000)
+        if measured is not None:
+            self._measured.append(measured)
+
+    def estimate(self) -> float | None:
+        """The measured contention, in [0, 1]; None until ``min_steps`` steps drafted ahead."""
+        if len(self._measured) < self.min_steps:
+            return None
+        return min(1.0, max(0.0, median(self._measured)))

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from specfleet.policy.costs import AheadOverlap
 from specfleet.sampling_params import SamplingParams
 from specfleet.trees.shapes import TreeShape
 
@@ -100,6 +101,9 @@ class StepPlan:
     prefills: bool = False
     """Whether some sequence (re)sends a whole prompt this step: its time is then over the prediction by the
     prompt's cost, which the cost model leaves out."""
+    overlap: AheadOverlap | None = None
+    """Drafting ahead, the draft made ahead and the verify beside it as the prediction priced them (for measuring how
+    much the two slow each other, `router.prediction_audit.ContentionFit`)."""
     no_catch_up: frozenset[str] = frozenset()
     """The sequences whose drafter lacks their prompt and is not to compute it now, not even alongside the target
     (`specfleet.policy.catch_up`: it would cost more than drafting would save them)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from specfleet.policy.costs import AheadOverlap
 from specfleet.speculation import Proposal, Verdict
 from specfleet.trees.shapes import count_tries
 
@@ -197,6 +198,7 @@ class StepStats:
     predicted_ms: float = 0.0  # the policy's prediction of the step's time (0: none)
     predicted_tokens: float = 0.0  # and of the tokens it emits, all sequences
     prefilled: bool = False  # some sequence (re)sent a whole prompt (see `StepPlan.prefills`)
+    overlap: AheadOverlap | None = None  # drafting ahead: the draft made ahead and the verify, as predicted
     acceptance: AcceptanceCounts = field(default_factory=AcceptanceCounts)
     # The same counts by the kind of drafter that drafted (None: not known, or the target drafted itself).
     acceptance_by_drafter: dict[str | None, AcceptanceCounts] = field(default_factory=dict)

@@ -52,6 +52,7 @@ from specfleet.policy.costs import (
     REFERENCE_CONTEXT,
     ROLES,
     TOKEN_BUCKET,
+    AheadOverlap,
     AnalyticCost,
     ContextCost,
     CostFn,
@@ -79,9 +80,9 @@ from specfleet.policy.tree_budget import TreeDecision, TreePlan, choose_tree_pla
 
 __all__ = [
     "DEFAULT_COSTS", "DRAFT_HURDLE", "MAX_ALPHA", "MIN_CELL_SAMPLES", "MIN_OFFER_RATE", "MIN_STEP_MS", "MODES",
-    "PADDING_SHARE", "PREFILL_ROLE", "REFERENCE_CONTEXT", "ROLES", "TOKEN_BUCKET", "AnalyticCost", "CatchUp",
-    "ContextCost", "CostFn", "CostModel", "CostSample", "CostTable", "DepthDecision", "DepthPolicy", "HeldBack",
-    "StepCosts", "TreeDecision", "TreePlan", "acceptance_estimate", "apply_hurdle", "choose_depths",
+    "PADDING_SHARE", "PREFILL_ROLE", "REFERENCE_CONTEXT", "ROLES", "TOKEN_BUCKET", "AheadOverlap", "AnalyticCost",
+    "CatchUp", "ContextCost", "CostFn", "CostModel", "CostSample", "CostTable", "DepthDecision", "DepthPolicy",
+    "HeldBack", "StepCosts", "TreeDecision", "TreePlan", "acceptance_estimate", "apply_hurdle", "choose_depths",
     "choose_depths_for_latency", "choose_tree_plan", "context_bucket", "expected_emitted", "kv_passes",
     "offer_estimate", "pinned_decision", "plan_goodput", "plan_step_ms", "plan_time_per_token", "price_catch_up",
     "price_step", "tree_expected_emitted", "verified_drafts",

@@ -336,9 +336,10 @@ class StepCosts:
     """Drafting ahead (None: off): `ahead_ms[d]`, the Propose of d + 1 levels made while the target verifies, and
     `drafting_now[d]`, the chance that some sequence's drafts made ahead are dropped, so the step drafts now too."""
     drafting_now: tuple[float, ...] = ()
-    ahead_shares_cores: bool = False
-    """Drafting ahead on the CPU cores the target verifies on: the two take the cores from each other, so they count
-    one after the other, not the longer of the two."""
+    ahead_contention: float = 0.0
+    """Drafting ahead, the share of the shorter of the draft made ahead and the verify that adds to the longer: 0 where
+    they run on hardware of their own (the longer of the two counts), 1 where they take turns on the same CPU cores
+    (both count), measured in between (`AheadOverlap.measured_contention`)."""
     context: int | None = None
     """The batch's mean KV length per sequence these costs were priced at, rounded up by `context_bucket` (None:
     each role's reference context)."""
@@ -346,14 +347,22 @@ class StepCosts:
     def step_times(self, levels: int, targets: Iterable[float]) -> Iterator[float]:
         """The step's ms at largest depth `levels` for each verify's ms in `targets`: drafting, verifying and the
         overhead one after the other; drafting ahead, the drafts for the next step overlap the verify, so the
-        longer of the two counts (both, on shared cores: `ahead_shares_cores`), plus drafting now when drafts made
-        ahead are dropped (as likely as not)."""
+        longer of the two counts, and `ahead_contention` of the shorter, plus drafting now when drafts made ahead
+        are dropped (as likely as not)."""
         if self.ahead_ms is None:
             return map((self.draft_ms[levels] + self.overhead_ms[levels]).__add__, targets)
         now = self.drafting_now[levels] * self.draft_ms[levels] + self.overhead_ms[levels]
-        if self.ahead_shares_cores:
-            return map((now + self.ahead_ms[levels]).__add__, targets)
-        return map(now.__add__, map(max, repeat(self.ahead_ms[levels]), targets))
+        ahead, contention = self.ahead_ms[levels], self.ahead_contention
+        if contention == 0.0:
+            return map(now.__add__, map(max, repeat(ahead), targets))
+        return (now + max(ahead, t) + contention * min(ahead, t) for t in targets)
+
+    def overlap(self, levels: int, verify_ms: float) -> AheadOverlap | None:
+        """A step at largest depth `levels` drafting ahead beside a verify of `verify_ms`, as priced; None when it
+        does not draft ahead."""
+        if self.ahead_ms is None or levels == 0:
+            return None
+        return AheadOverlap(self.ahead_ms[levels], verify_ms, self.ahead_contention)
 
     def padded_targets(self, totals: Iterable[float], widest_total: float) -> Iterator[float]:
         """`target_at(verified_drafts(t, widest_total))` for each total t <= widest_total, with no Python call
@@ -367,6 +376,25 @@ class StepCosts:
             return self.target_ms[min(whole, len(self.target_ms) - 1)]
         low = self.target_ms[whole]
         return low + (total_drafts - whole) * (self.target_ms[whole + 1] - low)
+
+
+@dataclass(frozen=True)
+class AheadOverlap:
+    """A step that drafts ahead, as it was priced: the draft made ahead, the verify beside it, and the contention
+    between the two the price assumed (`StepCosts.ahead_contention`)."""
+
+    ahead_ms: float
+    verify_ms: float
+    contention: float
+
+    def measured_contention(self, predicted_ms: float, measured_ms: float) -> float | None:
+        """The contention that would have priced this step at the time it took: the one assumed plus the miss over
+        the shorter of the two, the part contention scales (unclamped: one step's miss holds all its noise). None
+        where the shorter is nothing."""
+        shorter = min(self.ahead_ms, self.verify_ms)
+        if shorter <= 0:
+            return None
+        return self.contention + (measured_ms - predicted_ms) / shorter
 
 
 def price_step(steps: StepCosts, levels: int, drafts: float, widest: float | None = None) -> float:
@@ -597,16 +625,18 @@ class CostModel:
 
     def __init__(self, defaults: Mapping[str, CostFn] | None = None,
                  tables: Mapping[str, CostTable] | None = None, *, ahead_alpha: float | None = None,
-                 ahead_shares_cores: bool = False, context_costs: Mapping[str, ContextCost] | None = None,
+                 ahead_contention: float = 0.0, context_costs: Mapping[str, ContextCost] | None = None,
                  self_drafted: SelfDrafting | None = None) -> None:
         """``ahead_alpha``: the router drafts ahead (--draft-ahead), and a draft comes true this often (the fleet's
-        acceptance rate); None: drafting and verifying take turns. ``ahead_shares_cores``: the drafts made ahead are
-        computed on CPU cores the verify uses too (`StepCosts.ahead_shares_cores`). ``context_costs``: each role's KV
+        acceptance rate); None: drafting and verifying take turns. ``ahead_contention``: how much the drafts made
+        ahead and the verify slow each other (`StepCosts.ahead_contention`). ``context_costs``: each role's KV
         term (a role not given: its default's, `default_context_cost`). ``self_drafted``: the target drafts in its
         verify (SPACE, lookahead): no draft call, and d drafts per sequence make the verify feed
         `SelfDrafting.verify_tokens` (d) tokens more."""
         self.ahead_alpha = ahead_alpha
-        self.ahead_shares_cores = ahead_shares_cores
+        if not 0.0 <= ahead_contention <= 1.0:
+            raise ValueError(f"ahead_contention must be in [0, 1], got {ahead_contention}")
+        self.ahead_contention = ahead_contention
         self.self_drafted = self_drafted
         self._defaults = dict(DEFAULT_COSTS if defaults is None else defaults)
         missing = [role for role in ROLES if role not in self._defaults]
@@ -621,7 +651,7 @@ class CostModel:
     @classmethod
     def fit(cls, samples: Iterable[CostSample], defaults: Mapping[str, CostFn] | None = None, *,
             max_batch: int = 256, max_tokens: int = 33, ahead_alpha: float | None = None,
-            ahead_shares_cores: bool = False, self_drafted: SelfDrafting | None = None) -> CostModel:
+            ahead_contention: float = 0.0, self_drafted: SelfDrafting | None = None) -> CostModel:
         """A model fitted from a window of samples (all of it, each time); roles without samples use defaults.
         Each role's KV term first (`_fit_context_cost`), then its table from the samples at its reference context;
         a ragged verify counts at its `CostSample.priced_tokens`."""
@@ -639,12 +669,12 @@ class CostModel:
         tables = {role: _fit_table(_at_reference(role, ss, context_costs[role]), model._defaults[role], max_batch,
                                    max_tokens) for role, ss in by_role.items()}
         return cls(model._defaults, {role: table for role, table in tables.items() if table is not None},
-                   ahead_alpha=ahead_alpha, ahead_shares_cores=ahead_shares_cores, context_costs=context_costs,
+                   ahead_alpha=ahead_alpha, ahead_contention=ahead_contention, context_costs=context_costs,
                    self_drafted=self_drafted)
 
-    def sharing_cores(self, shared: bool) -> CostModel:
-        """This model with drafting ahead priced on cores shared with the verify, or not (``ahead_shares_cores``)."""
-        return CostModel(self._defaults, self._tables, ahead_alpha=self.ahead_alpha, ahead_shares_cores=shared,
+    def with_contention(self, contention: float) -> CostModel:
+        """This model with drafting ahead priced at ``contention`` (`StepCosts.ahead_contention`)."""
+        return CostModel(self._defaults, self._tables, ahead_alpha=self.ahead_alpha, ahead_contention=contention,
                          context_costs=self._context_costs, self_drafted=self.self_drafted)
 
     @property
@@ -721,7 +751,7 @@ class CostModel:
                     found, ahead_ms=(0.0, *(draft(float(d + 1)) for d in range(1, max_depth + 1))),
                     drafting_now=(0.0, *(1.0 - self.ahead_alpha ** (batch_size * (d + 1))
                                          for d in range(1, max_depth + 1))),
-                    ahead_shares_cores=self.ahead_shares_cores)
+                    ahead_contention=self.ahead_contention)
             self._steps[key] = found
         return found
 

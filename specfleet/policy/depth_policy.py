@@ -114,7 +114,7 @@ class DepthPolicy:
         self.pinned_depth = pinned_depth
         self.min_gain = min_gain
         self.drafts_ahead = drafts_ahead
-        self.ahead_shares_cores = False  # see `set_ahead_shares_cores`
+        self.ahead_contention = 0.0  # see `set_ahead_contention`
         self._defaults = dict(DEFAULT_COSTS if defaults is None else defaults)
         self._state = _Fitted(CostModel(self._defaults, ahead_alpha=default_alpha if drafts_ahead else None),
                               default_alpha)
@@ -166,7 +166,7 @@ class DepthPolicy:
         samples = tuple(samples)
         costs = CostModel.fit(samples, self._defaults, max_tokens=max(33, self.max_depth + 2),
                               ahead_alpha=alpha if self.drafts_ahead else None,
-                              ahead_shares_cores=self.ahead_shares_cores)
+                              ahead_contention=self.ahead_contention)
         offer_rate = offer_estimate(fleet_offers, fleet_misses, 1.0, self.prior_weight)
         later_sibling_alpha = None
         if fleet_later_siblings_accepted + fleet_later_siblings_rejected:
@@ -185,17 +185,20 @@ class DepthPolicy:
             self._self_drafted_costs(fitted, drafting)
         self._state = fitted  # one reference swap: atomic
 
-    def set_ahead_shares_cores(self, shared: bool) -> None:
-        """Whether the drafts made ahead are computed on CPU cores the target's verify uses too (a draft and a CPU
-        target on one machine, not pinned apart): then the two take the cores from each other and a step is priced
-        with both, one after the other, not the longer of the two. The router says so from what the services report
-        of their cores; it takes effect at once (the drafter kinds' models are fitted again when next asked for)."""
-        if shared == self.ahead_shares_cores:
+    def set_ahead_contention(self, contention: float) -> None:
+        """How much the drafts made ahead and the verify beside them slow each other (`StepCosts.ahead_contention`):
+        0 where the draft and the target compute on hardware of their own, more where they share a machine's CPU
+        cores (1: as if they took turns). The router says so from what the services report of their cores and from
+        its own steps' times; it takes effect at once (the drafter kinds' models are fitted again when next asked
+        for)."""
+        if not 0.0 <= contention <= 1.0:
+            raise ValueError(f"contention must be in [0, 1], got {contention}")
+        if contention == self.ahead_contention:
             return
-        self.ahead_shares_cores = shared
+        self.ahead_contention = contention
         state = self._state
         # A self-drafting target's models draft nothing ahead: they stay as fitted.
-        self._state = replace(state, costs=state.costs.sharing_cores(shared), by_drafter={})
+        self._state = replace(state, costs=state.costs.with_contention(contention), by_drafter={})
 
     def prefill_ms_per_token(self, kind: str | None) -> float | None:
         """What a draft service of drafter ``kind`` takes per prompt token it computes, as its services measured it
@@ -222,7 +225,7 @@ class DepthPolicy:
             found = state.by_drafter[kind] = CostModel.fit(
                 own, drafter_defaults(kind, self._defaults), max_tokens=max(33, self.max_depth + 2),
                 ahead_alpha=state.alpha_for(kind) if self.drafts_ahead else None,
-                ahead_shares_cores=self.ahead_shares_cores)
+                ahead_contention=self.ahead_contention)
         return found
 
     def _self_drafted_costs(self, state: _Fitted, drafting: SelfDrafting) -> CostModel:

@@ -21,7 +21,15 @@ from operator import add, mul, sub, truediv
 from typing import NamedTuple
 
 from specfleet.policy.acceptance import checked_first_alphas, checked_offer_rates, expected_emitted
-from specfleet.policy.costs import CostModel, StepCosts, context_note, mean_context, price_step, verified_drafts
+from specfleet.policy.costs import (
+    AheadOverlap,
+    CostModel,
+    StepCosts,
+    context_note,
+    mean_context,
+    price_step,
+    verified_drafts,
+)
 from specfleet.policy.hurdle import HeldBack, apply_hurdle, calibration_note, check_hurdle
 
 
@@ -110,8 +118,9 @@ class DepthDecision:
     """The drafting plan that gave way to plain decoding (these depths), its gain under the hurdle; None if none."""
     calibration: float = 1.0
     """The factor drafting's predicted gain was scaled by before the hurdle (1: as predicted)."""
-    ahead: str = ""
-    """Drafting ahead: how the drafts made ahead fit the verify they overlap (`DepthProblem.ahead_note`)."""
+    overlap: AheadOverlap | None = None
+    """Drafting ahead: the chosen plan's draft made ahead and the verify it overlaps, as priced (None: not drafting
+    ahead, or nothing drafted)."""
     context: int | None = None
     """The batch's mean KV length per sequence the step was priced at (rounded up, `context_bucket`); None: not
     given, each role's reference context."""
@@ -137,7 +146,7 @@ class DepthDecision:
         if self.held_back is not None:
             reason += self.held_back.note(_depth_span(self.held_back.depths))
         if hi > 0:
-            reason += calibration_note(self.calibration) + self.ahead
+            reason += calibration_note(self.calibration) + ahead_note(self.overlap, hi)
         reason += context_note(self.context)
         if self.mode == "latency":
             reason += f"; {self.time_per_token_ms:.1f} ms/token per sequence"
@@ -145,6 +154,21 @@ class DepthDecision:
                 reason += f", floor {self.min_goodput:.0f} tok/s " + ("met" if self.floor_met
                                                                      else "unreachable: best goodput plan")
         return reason
+
+
+def ahead_note(overlap: AheadOverlap | None, deepest: int) -> str:
+    """Drafting ahead, how the plan's drafts made ahead fit beside the verify they overlap (what sizes them: a deeper
+    draft that outlasts the verify makes the step wait for it, and on the target's own cores the two slow each
+    other); "" otherwise."""
+    if overlap is None:
+        return ""
+    ahead, verify, contention = overlap.ahead_ms, overlap.verify_ms, overlap.contention
+    if contention == 0.0:
+        return (f"; drafting {deepest + 1} ahead takes {ahead:.1f} ms, {'within' if ahead <= verify else 'past'} the "
+                f"{verify:.1f} ms verify")
+    priced = "one after the other" if contention >= 1.0 else f"the longer plus {contention:.0%} of the shorter"
+    return (f"; drafting {deepest + 1} ahead takes {ahead:.1f} ms beside the {verify:.1f} ms verify, on the target's "
+            f"CPU cores: priced {priced}")
 
 
 def _depth_span(depths: Sequence[int]) -> str:
@@ -361,19 +385,11 @@ class DepthProblem:
         return DepthPlan(tuple(depths), 1000.0 * sum(emitted) / step, step,
                          step * sum(1.0 / e for e in emitted) / self.size)
 
-    def ahead_note(self, depths: Sequence[int]) -> str:
-        """Drafting ahead, how the plan's drafts made ahead fit inside the verify they overlap (what sizes them: a
-        deeper draft that outlasts the verify makes the step wait for it); "" otherwise."""
+    def overlap(self, depths: Sequence[int]) -> AheadOverlap | None:
+        """Drafting ahead, the plan's draft made ahead and the verify beside it, as priced; None otherwise."""
         deepest = max(depths, default=0)
-        if self.steps.ahead_ms is None or deepest == 0:
-            return ""
         verify = self.steps.target_at(verified_drafts(sum(map(mul, self.rates, depths)), deepest * self.offered))
-        ahead = self.steps.ahead_ms[deepest]
-        if self.steps.ahead_shares_cores:
-            return (f"; drafting {deepest + 1} ahead takes {ahead:.1f} ms beside the {verify:.1f} ms verify, on the "
-                    "target's CPU cores: priced one after the other")
-        return (f"; drafting {deepest + 1} ahead takes {ahead:.1f} ms, {'within' if ahead <= verify else 'past'} "
-                f"the {verify:.1f} ms verify")
+        return self.steps.overlap(deepest, verify)
 
     def _uniform_goodput(self, depth: int) -> float:
         """`evaluate(at_depth(depth)).goodput`, read straight off the expected-tokens table."""
@@ -489,7 +505,7 @@ def choose_depths(alphas: Sequence[float], costs: CostModel, max_depth: int, *,
     depths = uniform_plan(problem) if uniform else throughput_plan(problem)
     plan, held = _with_hurdle(problem, problem.evaluate(depths), min_gain, calibration)
     return DepthDecision(*plan, problem.uniform_goodput, held_back=held, calibration=calibration,
-                         ahead=problem.ahead_note(plan.depths), context=problem.steps.context)
+                         overlap=problem.overlap(plan.depths), context=problem.steps.context)
 
 
 def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_depth: int, min_goodput: float = 0.0,
@@ -528,7 +544,7 @@ def choose_depths_for_latency(alphas: Sequence[float], costs: CostModel, max_dep
     plan, held = _with_hurdle(problem, problem.evaluate(depths), min_gain, calibration, min_goodput)
     return DepthDecision(*plan, problem.uniform_goodput, mode="latency", min_goodput=min_goodput,
                          floor_met=floor_met, held_back=held, calibration=calibration,
-                         ahead=problem.ahead_note(plan.depths), context=problem.steps.context)
+                         overlap=problem.overlap(plan.depths), context=problem.steps.context)
 
 
 def pinned_decision(alphas: Sequence[float], costs: CostModel, depth: int, *, max_depth: int = 0,
@@ -541,5 +557,6 @@ def pinned_decision(alphas: Sequence[float], costs: CostModel, depth: int, *, ma
     problem = DepthProblem.of(alphas, costs, max(depth, max_depth), limits, offer_rates, contexts, first_alphas)
     if problem is None:
         return _no_sequences(max(depth, max_depth))
-    return DepthDecision(*problem.evaluate(pinned_plan(problem, depth)), problem.uniform_goodput, mode="pinned",
-                         context=problem.steps.context)
+    depths = pinned_plan(problem, depth)
+    return DepthDecision(*problem.evaluate(depths), problem.uniform_goodput, mode="pinned",
+                         overlap=problem.overlap(depths), context=problem.steps.context)

@@ -16,6 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from specfleet.client import make_request, stream
 from specfleet.launcher import free_port
 from specfleet.models import load_tokenizer
+from specfleet.policy import PREFILL_ROLE
+from specfleet.speculation import PREFILL_TOKENS
+from specfleet.telemetry import TelemetryReader
 
 pytestmark = pytest.mark.real_model
 
@@ -168,6 +171,23 @@ def test_greedy_equals_target_alone_with_prompts_computed_alongside(cluster, dra
     address = cluster.router(f"router-alongside-{drafter}", target="target", draft=drafter, depth=3,
                              extra=["--prefill-alongside", *extra])
     assert _generate_all(address, prompt_ids) == reference
+
+
+def test_a_llamacpp_draft_reports_what_computing_prompts_costs_it(cluster, llamacpp_draft, prompt_ids,
+                                                                   reference) -> None:
+    """The draft service writes what computing prompts costs it to Redis, where `auto` prices each sequence's
+    catch-up from it (`specfleet.policy.catch_up`); the tokens stay the target's whichever sequences start drafting."""
+    for name in ("router-catch-up-1", "router-catch-up-2"):  # the second starts with the first's samples in Redis
+        address = cluster.router(name, target="target", draft="llamacpp", depth="auto")
+        assert _generate_all(address, prompt_ids) == reference
+    reader = TelemetryReader(cluster.redis_url)
+    try:
+        view = reader.read()
+    finally:
+        reader.close()
+    assert view is not None
+    prompts = [s for s in view.samples if s.role == PREFILL_ROLE and s.drafter == "llamacpp"]
+    assert prompts and all(s.ms > 0 and s.tokens_per_seq > PREFILL_TOKENS for s in prompts)
 
 
 SPACE_MASK_TOKEN = 16  # SmolLM2's <empty_output>: chat never uses it, and any token keeps the output the model's

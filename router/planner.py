@@ -145,7 +145,9 @@ class Planner:
         would save them over the rest of their requests (`specfleet.policy.catch_up`), by the depths the policy
         would choose if the pool held them. None where nothing is to be weighed: no sequence behind, a drafter
         without a KV cache, a rate not yet measured, or prompts computed alongside the target on cores of their own
-        (hidden behind the target's own prefill)."""
+        (hidden behind the target's own prefill). The saving is priced against plain decoding of the whole batch:
+        exact at a batch's first step, where every sequence catches up; beside sequences that draft already it errs
+        generous (their drafting is counted as the catch-up's)."""
         pool = self.pools[0]
         catching = [i for i, (s, m) in enumerate(zip(batch, may, strict=True))
                     if m and _behind(s, pool) > PREFILL_TOKENS and _remaining(s) > 1]

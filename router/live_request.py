@@ -126,6 +126,11 @@ class LiveRequest:
         return self.tokens[self.prompt_len:]
 
     @property
+    def tokens_left(self) -> int:
+        """The tokens the request may still generate."""
+        return self.max_new_tokens - (len(self.tokens) - self.prompt_len)
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None or self.cancelled
 

@@ -70,17 +70,15 @@ class Planner:
             # SPACE target's drafts cost no call, and make its verify feed the mask groups too.
             kind = self._self_drafting() if self.config.self_draft else _pool_kind(batch, self.pools[0]) \
                 if self.pools else None
-            may_draft, catch_up = self._may_draft(batch, calibration)
+            may_draft, catch_up, declined = self._may_draft(batch, calibration)
             rooms = [self.depth_room(s) if may else 0 for s, may in zip(batch, may_draft, strict=True)]
             decision = self._choose(batch, rooms, calibration, kind)
             plan = StepPlan({s.seq_id: DraftPlan(d) for s, d in zip(batch, decision.depths, strict=True)},
                             decision.reason, *_predictions(decision), overlap=decision.overlap)
         else:
-            may_draft, catch_up = self._may_draft(batch, calibration)
+            may_draft, catch_up, declined = self._may_draft(batch, calibration)
             plan = self._trees(batch, shape, calibration, may_draft)
         if catch_up is not None:
-            declined = frozenset() if catch_up.pays else frozenset(
-                s.seq_id for s in batch if _behind(s, self.pools[0]) > PREFILL_TOKENS)
             plan = dataclasses.replace(plan, reason=f"{plan.reason}; {catch_up.describe()}", no_catch_up=declined)
         if plan.predicted_ms > 0 and self._prefills(batch, plan):  # only the audited steps need to know
             plan = dataclasses.replace(plan, prefills=True)
@@ -124,20 +122,22 @@ class Planner:
         return self.feed.policy.choose([_first_tries(s) for s in batch], rooms, [_offers(s) for s in batch],
                                        calibration, _contexts(batch), kind, [_first_position(s) for s in batch])
 
-    def _may_draft(self, batch: list[LiveRequest], calibration: float) -> tuple[list[bool], CatchUp | None]:
-        """Per sequence, whether it may draft from the one draft pool as far as the pool's catch-up of it goes, and
-        that catch-up's price where one was weighed (`_price_catch_up`). Drafting again after plain steps must not
-        make the step wait for a catch-up that cannot pay (`_catch_up_pays`, as with several pools). A pinned depth,
-        and a target drafting for itself, draft as told."""
+    def _may_draft(self, batch: list[LiveRequest], calibration: float
+                   ) -> tuple[list[bool], CatchUp | None, frozenset[str]]:
+        """Per sequence, whether it may draft from the one draft pool as far as the pool's catch-up of it goes; that
+        catch-up's price where one was weighed (`_price_catch_up`); and the sequences it was declined for. Drafting
+        again after plain steps must not make the step wait for a catch-up that cannot pay (`_catch_up_pays`, as with
+        several pools). A pinned depth, and a target drafting for itself, draft as told."""
         if not self.pools or self.config.self_draft or self.config.pinned_depth is not None:
-            return [True] * len(batch), None
+            return [True] * len(batch), None, frozenset()
         pool = self.pools[0]
         info, starting = _pool_info(batch, pool), _starting_tokens(batch)
         may = [_catch_up_pays(s, pool, info, starting) for s in batch]
         catch_up = self._price_catch_up(batch, may, info, calibration)
-        if catch_up is not None and not catch_up.pays:
-            may = [m and _behind(s, pool) <= PREFILL_TOKENS for s, m in zip(batch, may, strict=True)]
-        return may, catch_up
+        if catch_up is None or catch_up.pays:
+            return may, catch_up, frozenset()
+        declined = frozenset(s.seq_id for s in batch if _catching_up(s, pool))
+        return [m and s.seq_id not in declined for s, m in zip(batch, may, strict=True)], catch_up, declined
 
     def _price_catch_up(self, batch: list[LiveRequest], may: list[bool], info: ReplicaInfo | None,
                         calibration: float) -> CatchUp | None:
@@ -150,7 +150,7 @@ class Planner:
         generous (their drafting is counted as the catch-up's)."""
         pool = self.pools[0]
         catching = [i for i, (s, m) in enumerate(zip(batch, may, strict=True))
-                    if m and _behind(s, pool) > PREFILL_TOKENS and _remaining(s) > 1]
+                    if m and _catching_up(s, pool) and s.tokens_left > 1]
         if not catching or info is None or not info.num_slots:
             return None
         rate = self.feed.policy.prefill_ms_per_token(info.kind)
@@ -164,12 +164,12 @@ class Planner:
                  for i, s in enumerate(batch)]
         decision = self._choose(batch, rooms, calibration, info.kind)
         drafting = decision.goodput if any(decision.depths[i] for i in catching) else 0.0
-        return price_catch_up([_behind(batch[i], pool) for i in catching], [_remaining(batch[i]) for i in catching],
+        return price_catch_up([_behind(batch[i], pool) for i in catching], [batch[i].tokens_left for i in catching],
                               rate, decision.uniform_goodput[0], drafting)
 
     def _room_if_held(self, seq: LiveRequest) -> int:
         """`depth_room` as it would be if the draft pool held ``seq``."""
-        return max(0, min(self.config.max_depth, _remaining(seq) - 1, self.max_context - len(seq.tokens)))
+        return max(0, min(self._request_limits(seq)))
 
     def _self_drafted(self) -> SelfDrafted | None:
         """The self-drafted strategy, where the router has one."""
@@ -184,9 +184,11 @@ class Planner:
     def depth_room(self, seq: LiveRequest, pool: str | None = None) -> int:
         """Most draft tokens ``seq`` can use: what its request, the target's cache and its strategy (or the draft
         pool ``pool``'s) allow."""
-        limits = [self.config.max_depth, seq.max_new_tokens - (len(seq.tokens) - seq.prompt_len) - 1,
-                  self.max_context - len(seq.tokens)]
-        return self._within(seq, limits, pool)
+        return self._within(seq, self._request_limits(seq), pool)
+
+    def _request_limits(self, seq: LiveRequest) -> list[int]:
+        """Most draft tokens ``seq`` can use as far as the depth limit, its request and the target's cache go."""
+        return [self.config.max_depth, seq.tokens_left - 1, self.max_context - len(seq.tokens)]
 
     def node_room(self, seq: LiveRequest) -> int:
         """Most tree nodes ``seq`` can use: the budget, and what the caches can hold after its tokens."""
@@ -335,7 +337,7 @@ def _catch_up_pays(seq: LiveRequest, pool: str, info: ReplicaInfo | None, starti
     with the rest once they arrive."""
     if seq.target_cached == 0 or info is None or not info.num_slots:
         return True
-    return _behind(seq, pool) <= max(seq.max_new_tokens - len(seq.generated), starting)
+    return _behind(seq, pool) <= max(seq.tokens_left, starting)
 
 
 def _behind(seq: LiveRequest, pool: str) -> int:
@@ -344,9 +346,9 @@ def _behind(seq: LiveRequest, pool: str) -> int:
     return len(seq.tokens) - (0 if session is None else session.cached)
 
 
-def _remaining(seq: LiveRequest) -> int:
-    """The tokens ``seq`` may still generate."""
-    return seq.max_new_tokens - (len(seq.tokens) - seq.prompt_len)
+def _catching_up(seq: LiveRequest, pool: str) -> bool:
+    """Whether ``pool``'s drafter lacks a prompt's worth of ``seq`` (more than a step sends, `is_prefill`)."""
+    return _behind(seq, pool) > PREFILL_TOKENS
 
 
 def _starting_tokens(batch: list[LiveRequest]) -> int:

@@ -15,7 +15,9 @@ The model: SmolLM2-135M fine-tuned by ``specfleet train-space`` (cached in ``--m
    and of the fine-tuned model, SPACE at each of ``--masks`` and ``auto`` (``--self-draft``), lookahead on the
    original (``--lookahead-window``, ``--lookahead-ngram``, drafting n - 1), and the ``ngram`` drafter on the
    original (auto depth). SPACE's output must equal the fine-tuned model's plain output, and lookahead's and ngram's
-   the original's, token for token: the run stops at the first difference.
+   the original's, token for token: the run stops at the first difference. Then what one pass of the fine-tuned
+   target cost, by batch and positions a sequence (a plain step: 1), from the latency it reported to Redis: what
+   SPACE's candidates and masks add to a step.
 
     python -m bench.space                    # everything (trains first if needed), report to stdout
     python -m bench.space --batches 1 --rounds 1 --no-curve   # a quick look
@@ -30,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,7 @@ from bench.prompts import sharegpt_prompts
 
 DEFAULT_DIR = Path.home() / ".cache" / "specfleet" / "space-smollm2-135m"
 BASE_MODEL = "smollm2-135m"
+LATENCY_SAMPLES = 20_000  # every sample the run leaves in Redis (the stream's cap)
 
 
 @dataclass
@@ -105,13 +108,16 @@ def space_decode(folder: Path, prompts: list[list[int]], max_new: int, masks: in
 
 
 def learning_curve(folder: Path, prompts: list[list[int]], max_new: int, masks: int) -> list[tuple[int, float, str]]:
-    """(step, tokens per pass, mask loss logged near that step) for each snapshot."""
+    """(step, tokens per pass, mask loss logged near that step) for each snapshot, and for the final model where
+    training went on past the last snapshot."""
     log = json.loads((folder / "training_log.json").read_text()) if (folder / "training_log.json").exists() else []
     losses = [(entry["step"], entry["mask_loss"]) for entry in log if "mask_loss" in entry and "loss" in entry]
+    weights = {int(p.name.split("-")[1]): p for p in (folder / "snapshots").glob("step-*")}
+    last_step = max((entry["step"] for entry in log if "step" in entry), default=0)
+    if last_step > max(weights, default=-1):
+        weights[last_step] = folder
     points = []
-    snapshots = sorted((folder / "snapshots").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    for snapshot in snapshots:
-        step = int(snapshot.name.split("-")[1])
+    for step, snapshot in sorted(weights.items()):
         per_pass, _ = space_decode(snapshot, prompts, max_new, masks)
         near = min(losses, key=lambda sl: abs(sl[0] - step), default=None)
         loss = f"{near[1]:.2f} (step {near[0]})" if near is not None and step else "-"
@@ -161,7 +167,7 @@ def perplexity(model_dir: Path, pairs: list[tuple[str, str]], max_answer_tokens:
 
 def serve_and_measure(folder: Path, prompts: list[list[int]], batches: list[int], masks: list[int], rounds: int,
                       max_new: int, lookahead_window: int, lookahead_ngram: int, log_dir: Path | None = None,
-                      baselines: bool = True) -> dict[int, dict[str, Cell]]:
+                      baselines: bool = True) -> tuple[dict[int, dict[str, Cell]], list[PassCost]]:
     from specfleet.models import resolve_model
 
     cells: dict[int, dict[str, Cell]] = {b: {} for b in batches}
@@ -201,7 +207,36 @@ def serve_and_measure(folder: Path, prompts: list[list[int]], batches: list[int]
                         raise AssertionError(f"{name} differs from {reference} at batch {batch}")
                     print(f"  round {round_index + 1} batch {batch:2d} {name:<24} "
                           f"{cells[batch][name].rates[-1]:7.1f} tok/s", flush=True)
-    return cells
+        time.sleep(1.0)  # let the services' telemetry writers flush
+        passes = pass_costs(redis, tuned.rsplit(":", 1)[1], batches)
+    return cells, passes
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """The fine-tuned target's Verify passes of one shape, as it reported them to Redis."""
+
+    batch: int
+    tokens_per_seq: float  # positions a sequence fed: 1 plain; 1 + k + (k + 1) K with k candidates and K masks
+    passes: int
+    median_ms: float
+
+
+def pass_costs(redis_url: str, target_port: str, batches: list[int]) -> list[PassCost]:
+    """What one pass of the fine-tuned target cost by batch and positions a sequence, over the whole run: how much
+    a SPACE pass's candidates and masks add to a plain step. Only the measured ``batches`` whole and passes where
+    every sequence fed as many positions (the partial batches of requests arriving or finishing are left out)."""
+    from specfleet.telemetry import TelemetryReader
+
+    reader = TelemetryReader(redis_url, latency_window=LATENCY_SAMPLES)
+    reader.read()
+    by_shape: dict[tuple[int, float], list[float]] = {}
+    for replica, sample in reader.samples_by_replica():
+        uniform = sample.tokens_per_seq.is_integer() and sample.widest in (None, sample.tokens_per_seq)
+        if sample.role == "target" and replica.endswith(f":{target_port}") and sample.batch_size in batches \
+                and uniform:
+            by_shape.setdefault((sample.batch_size, sample.tokens_per_seq), []).append(sample.ms)
+    return [PassCost(batch, tokens, len(ms), statistics.median(ms)) for (batch, tokens), ms in sorted(by_shape.items())]
 
 
 def _batch(address: str, prompts: list[list[int]], batch: int, max_new: int) -> tuple[list[Run], float]:
@@ -214,7 +249,7 @@ def _batch(address: str, prompts: list[list[int]], batch: int, max_new: int) -> 
 
 
 def report(curve: list[tuple[int, float, str]], curve_masks: int, ppl: tuple[float, float] | None,
-           cells: dict[int, dict[str, Cell]]) -> str:
+           cells: dict[int, dict[str, Cell]], passes: Sequence[PassCost] = ()) -> str:
     lines: list[str] = []
     if cells:
         lines += ["| batch | configuration | tokens per pass | tokens/s | vs plain fine-tuned | acceptance |",
@@ -226,6 +261,15 @@ def report(curve: list[tuple[int, float, str]], curve_masks: int, ppl: tuple[flo
                 acceptance = f"{cell.accepted / cell.drafted:.0%}" if cell.drafted else "-"
                 lines.append(f"| {batch} | {name} | {cell.tokens_per_pass:.2f} | {rate:.1f} | {rate / base:.2f}x | "
                              f"{acceptance} |")
+        lines.append("")
+    if passes:
+        plain = {p.batch: p.median_ms for p in passes if p.tokens_per_seq == 1.0}
+        lines += ["The fine-tuned target's passes (all configurations; as its Verify calls reported them):", "",
+                  "| batch | positions a sequence | passes | median ms | vs a plain pass |",
+                  "| ---: | ---: | ---: | ---: | ---: |"]
+        for p in passes:
+            ratio = f"{p.median_ms / plain[p.batch]:.2f}x" if p.batch in plain else "-"
+            lines.append(f"| {p.batch} | {p.tokens_per_seq:g} | {p.passes} | {p.median_ms:.1f} | {ratio} |")
         lines.append("")
     if ppl is not None:
         lines += [f"Perplexity on held-out ShareGPT answers: original {ppl[0]:.2f}, fine-tuned {ppl[1]:.2f} "
@@ -271,11 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_ppl:
         pairs = held_out_answers(args.ppl_texts)
         ppl = (perplexity(resolve_model(BASE_MODEL), pairs, 256), perplexity(folder, pairs, 256))
-    cells = {} if args.no_speed else serve_and_measure(folder, prompts, args.batches, args.masks, args.rounds,
-                                                       args.max_new_tokens, args.lookahead_window,
-                                                       args.lookahead_ngram, args.log_dir, not args.no_baselines)
+    cells, passes = ({}, []) if args.no_speed else serve_and_measure(
+        folder, prompts, args.batches, args.masks, args.rounds, args.max_new_tokens, args.lookahead_window,
+        args.lookahead_ngram, args.log_dir, not args.no_baselines)
     print()
-    print(report(curve, args.curve_masks, ppl, cells))
+    print(report(curve, args.curve_masks, ppl, cells, passes))
     return 0
 
 

@@ -257,6 +257,11 @@ class TelemetryReader:
         return FleetView([sample for replica, sample in self._latency if replica in alive], acceptance, live,
                          by_drafter)
 
+    def samples_by_replica(self) -> list[tuple[str, CostSample]]:
+        """The latency samples read so far (the newest ``latency_window``), oldest first, each with the replica that
+        wrote it, live or gone: for a report on one replica's calls."""
+        return list(self._latency)
+
     def _new_entries(self, key: str, window: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """The entries of stream ``key`` added since the last read (the newest ``window`` of them), oldest first.
         Stream ids grow with the server's clock, so this holds across a Redis restart too."""

@@ -233,8 +233,10 @@ def _fine_tune(model: Any, reference: Any | None, texts: list[AnsweredPrompt], m
         def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
             if not config.max_steps and logs and "mask_loss" in logs:  # no step count to show a bar against
                 left = max(0.0, deadline - time.monotonic()) / 60
-                log.info("step %d: loss %.3f (text, %s: %.3f; masks %.3f), %.0f min left", state.global_step,
-                         logs.get("loss", float("nan")), config.text_loss, logs["text_loss"], logs["mask_loss"], left)
+                # The closing log (train_runtime, ...) carries the steps since the last one but no "loss" of them.
+                loss = logs["text_loss"] + config.mask_loss_weight * logs["mask_loss"]
+                log.info("step %d: loss %.3f (text, %s: %.3f; masks %.3f), %.0f min left", state.global_step, loss,
+                         config.text_loss, logs["text_loss"], logs["mask_loss"], left)
 
         def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             if config.snapshot_steps and state.global_step % config.snapshot_steps == 0:

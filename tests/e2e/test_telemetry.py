@@ -143,6 +143,9 @@ def test_dead_replica_expires_and_its_samples_are_ignored(server: RedisServer) -
         dead._thread.join()
         assert _wait(lambda: reader.read().live_replicas == {"target": ["alive"]}, timeout_s=3.0)
         assert [s.ms for s in reader.read().samples] == [10.0]
+        # A report on one replica's calls still finds the gone one's, each under its writer.
+        by_writer = sorted((replica, s.ms) for replica, s in reader.samples_by_replica())
+        assert by_writer == [("alive", 10.0), ("dead", 99.0)]
     finally:
         live.close()
 

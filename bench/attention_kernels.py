@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from specfleet.engine.llama import grouped_attention
+from specfleet.engine.cpu_attention import grouped_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 

@@ -13,6 +13,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +104,7 @@ def choose_kernels(model: nn.Module, max_rows: int = TUNED_ROWS) -> dict[tuple[i
             rows_for_sgemm = set()
             for rows in range(1, max_rows + 1):
                 x = torch.randn(rows, shape[1], dtype=layer.weight.dtype)
-                if _fastest_call(layer.sgemm, x) < SGEMM_MARGIN * _fastest_call(layer.onednn, x):
+                if fastest_call(partial(layer.sgemm, x)) < SGEMM_MARGIN * fastest_call(partial(layer.onednn, x)):
                     rows_for_sgemm.add(rows)
             chosen[shape] = frozenset(rows_for_sgemm)
             for each in layers:
@@ -113,12 +114,20 @@ def choose_kernels(model: nn.Module, max_rows: int = TUNED_ROWS) -> dict[tuple[i
     return chosen
 
 
-def _fastest_call(kernel: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, calls: int = 3) -> float:
+def fastest_call(kernel: Callable[[], object], calls: int = 3) -> float:
     """The fastest of a few timed calls after a warm one: the least disturbed by other work on the machine."""
-    kernel(x)
-    best = float("inf")
+    return fastest_calls([kernel], calls)[0]
+
+
+def fastest_calls(kernels: list[Callable[[], object]], calls: int) -> list[float]:
+    """Each kernel's fastest of ``calls`` timed calls after a warm one, the kernels taking turns so that a slow
+    moment of the machine falls on all of them alike."""
+    for kernel in kernels:
+        kernel()
+    best = [float("inf")] * len(kernels)
     for _ in range(calls):
-        start = time.perf_counter()
-        kernel(x)
-        best = min(best, time.perf_counter() - start)
+        for i, kernel in enumerate(kernels):
+            start = time.perf_counter()
+            kernel()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best

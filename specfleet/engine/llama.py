@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from specfleet.engine.cpu_attention import FLASH_ONLY, AttentionKernels, Kernel, grouped_attention, head_attention
 from specfleet.engine.kv_cache import SlotKVCache
 from specfleet.engine.rope import RopeScaling, apply_rope, rope_cos_sin
 from specfleet.trees.structure import tree_attention_mask, tree_depths, tree_position_ids
@@ -131,34 +132,6 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-GROUPED_MATMUL_WIDTHS = range(2, 9)
-"""Group widths (new tokens per sequence) at which CPU attention runs as two batched matmuls (`grouped_attention`)
-rather than ``scaled_dot_product_attention``: verification's few tokens per sequence. PyTorch's CPU flash kernel is
-tuned for one query per sequence and for long prefills, and at these widths costs far more than one query does,
-while the matmuls cost about the same; at one query and at prefill widths the flash kernel is as fast or faster
-(bench/engine_kernels.md)."""
-GROUPED_MATMUL_MIN_KV = 4096
-"""At one query per sequence, the KV entries a group reads (rows x kv_len) from which the two matmuls beat the flash
-kernel too: decoding is then bound by reading the cache, which the matmuls do in one pass per key-value head while
-the kernel does it per query head (25-35% less time at 4K+ entries, measured in bench/engine_kernels.md)."""
-
-
-def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Softmax attention as batched matmuls, each key-value head shared by its group of query heads (GQA).
-
-    q [rows, heads, width, head_dim]; keys, values [rows, kv_heads, kv_len, head_dim]; bias [rows, 1, 1, width,
-    kv_len] added to the scores (0 or -inf). The query heads of one key-value head are stacked into one matrix so
-    that each key is read once per group, not once per head. Returns [rows, heads, width, head_dim].
-    """
-    rows, heads, width, head_dim = q.shape
-    kv_heads, kv_len = keys.shape[1], keys.shape[2]
-    stacked = (q * head_dim ** -0.5).reshape(rows, kv_heads, heads // kv_heads * width, head_dim)
-    scores = torch.matmul(stacked, keys.transpose(-1, -2)).view(rows, kv_heads, heads // kv_heads, width, kv_len)
-    scores += bias
-    weights = torch.softmax(scores, dim=-1).view(rows, kv_heads, -1, kv_len)
-    return torch.matmul(weights, values).view(rows, heads, width, head_dim)
-
-
 @dataclass
 class BatchLayout:
     """Where one attention group's new tokens go (sequences padded to its widest): built once per forward,
@@ -195,23 +168,28 @@ class BatchLayout:
         index[packed_rows, packed_cols] = torch.arange(len(packed_rows), device=self.valid.device)
         return index[torch.tensor(rows, device=index.device), torch.tensor(cols, device=index.device)]
 
-    def attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
-        """Attention for this group's packed queries ``q`` ([tokens, heads, head_dim]) over the cache."""
+    def attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+               kernels: AttentionKernels = FLASH_ONLY) -> torch.Tensor:
+        """Attention for this group's packed queries ``q`` ([tokens, heads, head_dim]) over the cache, by the
+        kernel ``kernels`` chooses for its width and size on CPU (the flash kernel elsewhere)."""
         keys, values = self.read(key_cache), self.read(value_cache)
         width = self.valid.shape[1]
         if self.span_rows is None and self.unpadded:  # the rows read are the group, in order, every row full
-            out = self._attention(q.view(len(self.slots), width, *q.shape[1:]).transpose(1, 2), keys, values)
+            out = self._attention(q.view(len(self.slots), width, *q.shape[1:]).transpose(1, 2), keys, values, kernels)
             return out.transpose(1, 2).reshape(q.shape)
         rows, cols = self.packed_rows, self.packed[1]
         padded = q.new_zeros(keys.shape[0], width, *q.shape[1:])
         padded[rows, cols] = q
-        return self._attention(padded.transpose(1, 2), keys, values).transpose(1, 2)[rows, cols]
+        return self._attention(padded.transpose(1, 2), keys, values, kernels).transpose(1, 2)[rows, cols]
 
-    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kernels: AttentionKernels
+                   ) -> torch.Tensor:
         """q [rows, heads, width, head_dim] over the rows read; the same shape out."""
-        if q.device.type == "cpu" and (q.shape[2] in GROUPED_MATMUL_WIDTHS or (
-                q.shape[2] == 1 and keys.shape[0] * keys.shape[2] >= GROUPED_MATMUL_MIN_KV)):
+        kernel = kernels.kernel(q.shape[2], keys.shape[0], keys.shape[2]) if q.device.type == "cpu" else Kernel.FLASH
+        if kernel is Kernel.MATMULS:
             return grouped_attention(q, keys, values, self.read_bias)
+        if kernel is Kernel.HEAD_MATMULS:
+            return head_attention(q, keys, values, self.read_bias)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.read_mask, enable_gqa=True)
 
     @cached_property
@@ -324,9 +302,11 @@ def tree_layout(slots: list[int], start_lens: list[int], new_lens: list[int], tr
 
 @dataclass
 class PassLayout:
-    """One forward pass: the attention groups, whose packed tokens follow one another in this order."""
+    """One forward pass: the attention groups, whose packed tokens follow one another in this order, and the CPU
+    attention kernel each group's width and size call for (`cpu_attention`)."""
 
     groups: list[BatchLayout]
+    kernels: AttentionKernels = FLASH_ONLY
 
     @cached_property
     def spans(self) -> list[tuple[int, int]]:
@@ -347,14 +327,14 @@ class PassLayout:
 
     def windowed(self, window: int) -> PassLayout:
         """The same pass with every group's attention limited to ``window`` positions (`BatchLayout.windowed`)."""
-        return PassLayout([group.windowed(window) for group in self.groups])
+        return PassLayout([group.windowed(window) for group in self.groups], self.kernels)
 
     def attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
         if len(self.groups) == 1:
-            return self.groups[0].attend(q, key_cache, value_cache)
+            return self.groups[0].attend(q, key_cache, value_cache, self.kernels)
         out = torch.empty_like(q)
         for group, (start, end) in zip(self.groups, self.spans, strict=True):
-            out[start:end] = group.attend(q[start:end], key_cache, value_cache)
+            out[start:end] = group.attend(q[start:end], key_cache, value_cache, self.kernels)
         return out
 
 
@@ -439,6 +419,8 @@ class LlamaForCausalLM(nn.Module):
             self.inv_freq, self.rope_attention_scaling = cfg.rope_scaling.frequencies(
                 cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
         self.windowed_layers = tuple(i in cfg.window_layers for i in range(cfg.num_layers))
+        # Which CPU kernel attends each group: PyTorch's until `load_model` has timed this machine's.
+        self.attention_kernels = FLASH_ONLY
 
     @classmethod
     def from_folder(cls, folder: Path, *, dtype: torch.dtype = torch.float32,

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from specfleet.engine.cpu_attention import choose_attention_kernels
 from specfleet.engine.cpu_linear import prepack_linears
 from specfleet.engine.kv_cache import CacheFullError
 from specfleet.engine.llama import BatchLayout, LlamaForCausalLM, PassLayout, causal_layout, tree_layout
@@ -56,10 +57,15 @@ def engine_dtype(name: str | torch.dtype, device: str) -> torch.dtype:
 def load_model(folder: Path, *, device: str = "cpu", dtype: torch.dtype | str = "auto",
                prepack: bool = True) -> LlamaForCausalLM:
     """The model in ``folder`` in ``dtype`` (a torch dtype, a name in `DTYPES`, or ``auto``: see `engine_dtype`);
-    ``prepack`` (CPU only) adds oneDNN-packed linear weights for multi-token forwards (see `cpu_linear`)."""
+    ``prepack`` (CPU only) adds oneDNN-packed linear weights for multi-token forwards (see `cpu_linear`). On CPU the
+    attention kernel for each query width and cache size is chosen by timing both here (see `cpu_attention`)."""
     model = LlamaForCausalLM.from_folder(folder, dtype=engine_dtype(dtype, device), device=device)
     if prepack:
         prepack_linears(model)
+    if model.lm_head.weight.device.type == "cpu":
+        cfg = model.cfg
+        model.attention_kernels = choose_attention_kernels(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                                           model.lm_head.weight.dtype)
     return model
 
 
@@ -383,7 +389,7 @@ class ModelRunner:
         ``logit_cols``, and sets every slot's length to cover all of its new tokens."""
         device = self.model.lm_head.weight.device
         tokens = [t for g in groups for row in g.token_rows for t in row]
-        layout = PassLayout([g.layout for g in groups])
+        layout = PassLayout([g.layout for g in groups], self.model.attention_kernels)
         logit_index = torch.cat([g.layout.packed_index([row for row, cols in enumerate(g.logit_cols) for _ in cols],
                                                        [col for cols in g.logit_cols for col in cols]) + start
                                  for g, (start, _) in zip(groups, layout.spans, strict=True)])

@@ -33,8 +33,9 @@ from specfleet.engine import (
     SlotKVCache,
     TreeExtend,
     UnknownSequenceError,
+    llama,
 )
-from specfleet.engine.llama import GROUPED_MATMUL_MIN_KV, grouped_attention
+from specfleet.engine.cpu_attention import FLASH_ONLY, AttentionKernels, Kernel, grouped_attention, head_attention
 from specfleet.engine.rope import default_inverse_frequencies
 from specfleet.engine.runner import DTYPES, engine_dtype
 from specfleet.trees.build import build_tree_rsd_c
@@ -116,32 +117,60 @@ def test_ragged_batch_truncate_and_extend_match_transformers(tiny_folder: Path) 
 
 def test_decoding_a_group_that_reads_many_kv_entries_matches_transformers(tiny_folder: Path) -> None:
     """20 sequences of 230 tokens decode one token each: a group reading 4600 KV entries, where one query per
-    sequence attends with the matmuls (`GROUPED_MATMUL_MIN_KV`) instead of the flash kernel."""
+    sequence attends with the matmuls when the timed choice says so (here it is told to, from 4096 entries)."""
     rows, length = 20, 230
-    assert rows * length >= GROUPED_MATMUL_MIN_KV
     g = torch.Generator().manual_seed(2)
     seqs = {f"s{i}": torch.randint(0, 97, (length,), generator=g).tolist() for i in range(rows)}
     runner = ModelRunner.from_folder(tiny_folder, num_slots=rows, max_seq_len=length)
+    runner.model.attention_kernels = AttentionKernels(((20, 230),), ((1, (Kernel.MATMULS,)),))
     runner.extend([Extend(name, 0, toks[:-1]) for name, toks in seqs.items()])
     outs = runner.extend([Extend(name, length - 1, toks[-1:]) for name, toks in seqs.items()])
     for toks, ours in list(zip(seqs.values(), outs, strict=True))[::7]:
         torch.testing.assert_close(ours, _reference_logits(tiny_folder, toks)[-1:], atol=TOLERANCE, rtol=TOLERANCE)
 
 
+@pytest.mark.parametrize("kernel", [Kernel.MATMULS, Kernel.HEAD_MATMULS])
+def test_a_forward_attends_with_the_kernel_its_model_chose(tiny_folder: Path, kernel: Kernel, monkeypatch) -> None:
+    """`load_model` times the CPU's attention kernels; a forward then takes each exactly for the widths and sizes
+    the choice gives it, with the logits the flash kernel gives."""
+    widths: list[int] = []
+    name = "grouped_attention" if kernel is Kernel.MATMULS else "head_attention"
+    original = getattr(llama, name)
+    monkeypatch.setattr(llama, name, lambda q, *rest: widths.append(q.shape[2]) or original(q, *rest))
+    runner = ModelRunner.from_folder(tiny_folder, num_slots=1, max_seq_len=64)
+    runner.extend([Extend("a", 0, [5, 17, 3, 88, 42, 9, 1, 60])])
+    verify = Extend("a", 8, [7, 21, 2], num_logits=3)
+    runner.model.attention_kernels = FLASH_ONLY
+    [flash] = runner.extend([verify])
+    assert widths == []
+    # The group is one sequence reading 11 entries: nearest 1 x 10 of the timed groups.
+    groups = ((1, 10), (1, 1000))
+    runner.model.attention_kernels = AttentionKernels(groups, ((1, (kernel, kernel)), (3, (Kernel.FLASH, kernel))))
+    [not_yet] = runner.extend([verify])
+    assert widths == []
+    flash_at_one = (1, (Kernel.FLASH, Kernel.FLASH))
+    runner.model.attention_kernels = AttentionKernels(groups, (flash_at_one, (3, (kernel, Kernel.FLASH))))
+    [chosen] = runner.extend([verify])
+    assert widths == [3] * runner.model.cfg.num_layers
+    torch.testing.assert_close(not_yet, flash)
+    torch.testing.assert_close(chosen, flash, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+@pytest.mark.parametrize("attention", [grouped_attention, head_attention])
 @pytest.mark.parametrize("width", [1, 2, 5, 8])
-def test_grouped_attention_equals_scaled_dot_product_attention(width: int) -> None:
-    """The matmul attention used for verification widths on CPU: GQA heads, a causal mask over ragged lengths, and
-    a row that sees one key only (a filler row), all as PyTorch's kernel computes them."""
+def test_matmul_attention_equals_scaled_dot_product_attention(width: int, attention) -> None:
+    """The matmul attentions the CPU may choose: GQA heads, a causal mask over ragged lengths, and a row that sees
+    one key only (a filler row), all as PyTorch's kernel computes them; keys and values are views of longer slots."""
     g = torch.Generator().manual_seed(width)
     rows, heads, kv_heads, head_dim, kv_len = 4, 6, 2, 16, 11
     q = torch.randn(rows, heads, width, head_dim, generator=g)
-    keys, values = (torch.randn(rows, kv_heads, kv_len, head_dim, generator=g) for _ in range(2))
+    keys, values = (torch.randn(rows, kv_heads, kv_len + 5, head_dim, generator=g)[:, :, :kv_len] for _ in range(2))
     lengths = torch.tensor([kv_len, 7, 9, 1])  # the sequence's last query sits at lengths - 1
     positions = lengths[:, None] - width + torch.arange(width)
     mask = (torch.arange(kv_len)[None, None, :] <= positions.clamp(min=0)[:, :, None])[:, None]
     bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf")).unsqueeze(1)
     expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-    torch.testing.assert_close(grouped_attention(q, keys, values, bias), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention(q, keys, values, bias), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("hole", [False, True])

@@ -1,0 +1,65 @@
+"""The CPU attention choice: which kernel a group's width and size take, and how the choice is made by timing."""
+
+from __future__ import annotations
+
+import torch
+
+from specfleet.engine import cpu_attention
+from specfleet.engine.cpu_attention import (
+    FLASH_ONLY,
+    TIMED_GROUPS,
+    TIMED_WIDTHS,
+    AttentionKernels,
+    Kernel,
+    always,
+    choose_attention_kernels,
+)
+
+FLASH, MATMULS, HEAD = Kernel.FLASH, Kernel.MATMULS, Kernel.HEAD_MATMULS
+
+
+def test_a_group_takes_the_verdict_of_the_nearest_timed_group_and_the_widest_timed_width_below() -> None:
+    groups = ((1, 256), (1, 8192), (8, 256), (8, 8192))
+    kernels = AttentionKernels(groups, ((1, (FLASH, MATMULS, MATMULS, HEAD)), (2, (MATMULS,) * 4),
+                                        (5, (FLASH, MATMULS, FLASH, FLASH))))
+    assert kernels.kernel(1, 1, 256) is FLASH and kernels.kernel(1, 1, 1400) is FLASH  # nearer 256 than 8192
+    assert kernels.kernel(1, 1, 1500) is MATMULS and kernels.kernel(1, 2, 7000) is MATMULS
+    assert kernels.kernel(1, 8, 7000) is HEAD and kernels.kernel(1, 32, 10**5) is HEAD  # past the largest timed
+    assert kernels.kernel(2, 1, 1) is MATMULS and kernels.kernel(4, 1, 1) is MATMULS  # 3 and 4 follow 2
+    # Where the flash kernel won again at the largest group.
+    assert kernels.kernel(5, 1, 256) is FLASH and kernels.kernel(5, 1, 8000) is MATMULS
+    assert kernels.kernel(5, 8, 8000) is FLASH
+    assert kernels.kernel(6, 1, 8000) is FLASH  # beyond the widest timed: a prefill's chunk, the flash kernel's
+    assert AttentionKernels(((1, 256),), ((2, (MATMULS,)),)).kernel(1, 1, 256) is FLASH  # below the narrowest too
+    assert FLASH_ONLY.kernel(1, 8, 10**5) is FLASH and FLASH_ONLY.kernel(3, 8, 10**5) is FLASH
+    assert always(HEAD).kernel(1, 1, 1) is HEAD and always(HEAD).kernel(max(TIMED_WIDTHS), 64, 10**5) is HEAD
+    assert always(HEAD, 8).kernel(9, 1, 1) is FLASH
+    assert kernels.describe().startswith("width 1: 1x256 flash, 1x8192 matmuls, 8x256 matmuls, 8x8192 head matmuls;")
+
+
+def test_the_choice_times_every_width_and_group_once_per_shape(monkeypatch) -> None:
+    timed: list[tuple[int, int, int]] = []
+
+    def matmuls_from_4096_entries_heads_at_width_3(heads, kv_heads, head_dim, dtype, width, rows, kv_len) -> Kernel:
+        timed.append((width, rows, kv_len))
+        return HEAD if width == 3 else MATMULS if rows * kv_len >= 4096 else FLASH
+
+    monkeypatch.setattr(cpu_attention, "_fastest_kernel", matmuls_from_4096_entries_heads_at_width_3)
+    cpu_attention._choose.cache_clear()
+    try:
+        kernels = choose_attention_kernels(6, 2, 8, torch.float64)
+        assert choose_attention_kernels(6, 2, 8, torch.float64) is kernels  # the same process times a shape once
+    finally:
+        cpu_attention._choose.cache_clear()
+    assert sorted(timed) == sorted((w, rows, kv_len) for w in TIMED_WIDTHS for rows, kv_len in TIMED_GROUPS)
+    assert kernels.groups == TIMED_GROUPS
+    assert [width for width, _ in kernels.winners] == list(TIMED_WIDTHS)
+    assert kernels.kernel(3, 1, 1) is HEAD and kernels.kernel(2, 1, 1500) is FLASH
+    assert kernels.kernel(17, 1, 5000) is MATMULS and kernels.kernel(17, 8, 600) is MATMULS
+
+
+def test_timing_the_real_kernels_gives_a_verdict_for_every_width_and_size() -> None:
+    kernels = choose_attention_kernels(4, 2, 16, torch.float32)
+    assert [width for width, _ in kernels.winners] == list(TIMED_WIDTHS)
+    assert all(len(won) == len(TIMED_GROUPS) and set(won) <= set(Kernel) for _, won in kernels.winners)
+    assert "width 1: 1x256 " in kernels.describe()

@@ -97,10 +97,11 @@ def timed(forward: Callable[[], None], device: str) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def engine_side(model: LlamaForCausalLM, batch: int, tokens: int, context: int
+def engine_side(model: LlamaForCausalLM, batch: int, tokens: int, context: int, max_seq_len: int = 0
                 ) -> tuple[ModelRunner, Callable[[], None]]:
-    """The engine with ``batch`` sequences of ``context`` random cached tokens, and one verify-shaped forward."""
-    runner = ModelRunner(model, num_slots=batch, max_seq_len=context + tokens)
+    """The engine with ``batch`` sequences of ``context`` random cached tokens, and one verify-shaped forward;
+    each slot holds ``max_seq_len`` entries (at least context + tokens), as a service's slots hold its longest."""
+    runner = ModelRunner(model, num_slots=batch, max_seq_len=max(max_seq_len, context + tokens))
     names = [f"s{i}" for i in range(batch)]
     runner.extend([Extend(name, 0, [1]) for name in names])  # every slot now holds a sequence
     for keys, values in zip(runner.cache.keys, runner.cache.values, strict=True):

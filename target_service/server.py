@@ -145,8 +145,13 @@ def build_servicer(config: TargetConfig, otel: Otel | None = None) -> TargetServ
                                      device=device, dtype=config.dtype, prepack=config.cpu_prepack == "on",
                                      prefix_reuse=config.prefix_reuse == "on")
     runner.warm_up()
-    log.info("target model %s loaded on %s: %d slots x %d tokens, prefix reuse %s", config.model, device,
-             runner.num_slots, runner.max_seq_len, config.prefix_reuse)
+    dtype = runner.model.lm_head.weight.dtype
+    log.info("target model %s loaded on %s in %s: %d slots x %d tokens, prefix reuse %s", config.model, device,
+             str(dtype).removeprefix("torch."), runner.num_slots, runner.max_seq_len, config.prefix_reuse)
+    if dtype != torch.float32:
+        log.warning("%s weights round a forward differently with the number of tokens it carries, so greedy output "
+                    "with drafts can part from one-token-at-a-time decoding where two tokens nearly tie; float32 "
+                    "keeps them together (docs/engine.md, \"Half precision\")", str(dtype).removeprefix("torch."))
     space = space_settings_for(folder, config.space_masks, config.space_mask_token, runner.vocab_size)
     lookahead = LookaheadDrafting(config.lookahead_window, config.lookahead_ngram) if config.lookahead_window else None
     if space is not None and lookahead is not None:

@@ -33,27 +33,28 @@ def run(args: argparse.Namespace) -> list[str]:
     lines = ["| dtype | context | batch | new tokens | " + " | ".join(f"{rule} ms" for rule in RULES)
              + " | choice / fastest fixed |", "| --- " + "| ---: " * (4 + len(RULES)) + "|"]
     folder = resolve_model(args.model)
+    chosen: list[AttentionKernels] = []
     for dtype in args.dtypes:
-        started = time.perf_counter()
         model = load_model(folder, dtype=dtype)
-        print(f"{dtype}: loaded and timed in {time.perf_counter() - started:.1f} s; "
-              f"{model.attention_kernels.describe()}", flush=True)
-        rules: dict[str, AttentionKernels] = {"timed choice": model.attention_kernels, "flash only": FLASH_ONLY,
-                                              "matmuls only": always(Kernel.MATMULS),
+        fixed: dict[str, AttentionKernels] = {"flash only": FLASH_ONLY, "matmuls only": always(Kernel.MATMULS),
                                               "head matmuls only": always(Kernel.HEAD_MATMULS)}
         for context in args.contexts:
             for batch in args.batches:
                 for tokens in args.tokens:
                     runner, forward = engine_side(model, batch, tokens, context, args.max_seq_len)
+                    rules = {"timed choice": runner.attention_kernels, **fixed}
+                    if runner.attention_kernels not in chosen:  # the runner timed its slots' shapes
+                        chosen.append(runner.attention_kernels)
+                        print(f"{dtype}, {batch} slots of {runner.max_seq_len}: {runner.attention_kernels.describe()}",
+                              flush=True)
                     times: dict[str, list[float]] = {rule: [] for rule in RULES}
                     for round_ in range(args.warmup + args.repeats):
                         for rule in RULES:  # the rules take turns, so the machine's slow moments fall on all
-                            model.attention_kernels = rules[rule]
+                            runner.attention_kernels = rules[rule]
                             started = time.perf_counter()
                             forward()
                             if round_ >= args.warmup:
                                 times[rule].append(1000 * (time.perf_counter() - started))
-                    model.attention_kernels = rules["timed choice"]
                     ms = {rule: statistics.median(times[rule]) for rule in RULES}
                     ratio = ms["timed choice"] / min(ms[rule] for rule in RULES[1:])
                     line = (f"| {dtype} | {context} | {batch} | {tokens} | "

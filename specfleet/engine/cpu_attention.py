@@ -33,10 +33,19 @@ TIMED_WIDTHS = (1, 2, 3, 5, 9, 17)
 """Query widths timed at load: decoding (1), verification's chains and trees (2-17). A width between two of them
 takes the verdicts of the one below; a wider one (a prefill's chunk) takes the flash kernel, built for it."""
 
-TIMED_GROUPS = tuple((rows, length) for rows in (1, 8) for length in (256, 1024, 4096, 8192))
-"""(sequences, cached tokens each) timed at load: one sequence or eight, short or long. A group takes the verdict of
-the timed group nearest its own by ratio in both (the kernels' costs grow differently with each: the per-head
-matmuls pay a call per sequence and head)."""
+TIMED_ROWS = (1, 8)
+TIMED_LENGTHS = (256, 1024, 4096, 8192)
+"""Groups timed at load: one sequence or eight (or as many as the runner has slots, if fewer), of each of these
+cached lengths the runner's slots can hold (its longest, if shorter than all). A group takes the verdict of the timed
+group nearest its own by ratio in both (the kernels' costs grow differently with each: the per-head matmuls pay a
+call per sequence and head)."""
+
+
+def timed_groups(max_rows: int, max_len: int) -> tuple[tuple[int, int], ...]:
+    """(sequences, cached tokens each) timed for a runner of ``max_rows`` slots of ``max_len`` entries."""
+    rows = sorted({min(r, max(max_rows, 1)) for r in TIMED_ROWS})
+    lengths = [length for length in TIMED_LENGTHS if length <= max_len] or [max(max_len, 1)]
+    return tuple((r, length) for r in rows for length in lengths)
 
 TIMED_CALLS = 5
 """Calls of each kernel per timed shape, the kernels taking turns; the fastest of each counts."""
@@ -116,7 +125,7 @@ def _distance(group: tuple[int, int], rows: int, kv_len: int) -> float:
 
 
 FLASH_ONLY = AttentionKernels()
-"""PyTorch's own kernel everywhere: what a model attends with until `choose_attention_kernels` has timed the CPU."""
+"""PyTorch's own kernel everywhere: what a forward attends with unless told otherwise (off CPU, always)."""
 
 
 def always(kernel: Kernel, max_width: int = max(TIMED_WIDTHS)) -> AttentionKernels:
@@ -124,21 +133,22 @@ def always(kernel: Kernel, max_width: int = max(TIMED_WIDTHS)) -> AttentionKerne
     return AttentionKernels(((1, 1),), ((1, (kernel,)), (max_width, (kernel,))))
 
 
-def choose_attention_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
-                             ) -> AttentionKernels:
-    """Times the kernels on these head shapes over `TIMED_WIDTHS` x `TIMED_GROUPS` with this process's CPU threads
-    (a few seconds), and keeps which won where. Cached per shape, dtype and thread count."""
-    return _choose(num_heads, num_kv_heads, head_dim, dtype, torch.get_num_threads())
+def choose_attention_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, *,
+                             max_rows: int, max_len: int) -> AttentionKernels:
+    """Times the kernels on these head shapes over `TIMED_WIDTHS` x `timed_groups` with this process's CPU threads
+    (up to a few seconds), and keeps which won where. Cached per shape, dtype, groups and thread count."""
+    return _choose(num_heads, num_kv_heads, head_dim, dtype, timed_groups(max_rows, max_len), torch.get_num_threads())
 
 
 @cache
-def _choose(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, threads: int) -> AttentionKernels:
+def _choose(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, groups: tuple[tuple[int, int], ...],
+            threads: int) -> AttentionKernels:
     start = time.perf_counter()
     with torch.inference_mode():
         winners = tuple((width, tuple(_fastest_kernel(num_heads, num_kv_heads, head_dim, dtype, width, rows, kv_len)
-                                      for rows, kv_len in TIMED_GROUPS))
+                                      for rows, kv_len in groups))
                         for width in TIMED_WIDTHS)
-    kernels = AttentionKernels(TIMED_GROUPS, winners)
+    kernels = AttentionKernels(groups, winners)
     log.info("attention kernels by query width and group, sequences x cached tokens (%d query and %d key-value "
              "heads of %d, %s, %d threads; timed in %.1f s): %s", num_heads, num_kv_heads, head_dim,
              str(dtype).removeprefix("torch."), threads, time.perf_counter() - start, kernels.describe())

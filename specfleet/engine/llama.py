@@ -419,8 +419,6 @@ class LlamaForCausalLM(nn.Module):
             self.inv_freq, self.rope_attention_scaling = cfg.rope_scaling.frequencies(
                 cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
         self.windowed_layers = tuple(i in cfg.window_layers for i in range(cfg.num_layers))
-        # Which CPU kernel attends each group: PyTorch's until `load_model` has timed this machine's.
-        self.attention_kernels = FLASH_ONLY
 
     @classmethod
     def from_folder(cls, folder: Path, *, dtype: torch.dtype = torch.float32,

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from specfleet.engine.cpu_attention import choose_attention_kernels
+from specfleet.engine.cpu_attention import FLASH_ONLY, choose_attention_kernels
 from specfleet.engine.cpu_linear import prepack_linears
 from specfleet.engine.kv_cache import CacheFullError
 from specfleet.engine.llama import BatchLayout, LlamaForCausalLM, PassLayout, causal_layout, tree_layout
@@ -57,15 +57,10 @@ def engine_dtype(name: str | torch.dtype, device: str) -> torch.dtype:
 def load_model(folder: Path, *, device: str = "cpu", dtype: torch.dtype | str = "auto",
                prepack: bool = True) -> LlamaForCausalLM:
     """The model in ``folder`` in ``dtype`` (a torch dtype, a name in `DTYPES`, or ``auto``: see `engine_dtype`);
-    ``prepack`` (CPU only) adds oneDNN-packed linear weights for multi-token forwards (see `cpu_linear`). On CPU the
-    attention kernel for each query width and cache size is chosen by timing both here (see `cpu_attention`)."""
+    ``prepack`` (CPU only) adds oneDNN-packed linear weights for multi-token forwards (see `cpu_linear`)."""
     model = LlamaForCausalLM.from_folder(folder, dtype=engine_dtype(dtype, device), device=device)
     if prepack:
         prepack_linears(model)
-    if model.lm_head.weight.device.type == "cpu":
-        cfg = model.cfg
-        model.attention_kernels = choose_attention_kernels(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                                           model.lm_head.weight.dtype)
     return model
 
 
@@ -131,6 +126,10 @@ class ModelRunner:
         self.model = model
         self.cache = model.new_cache(num_slots, max_seq_len)
         self.max_batch_tokens = max_batch_tokens
+        # On CPU, which kernel attends each group, timed here for these heads, slots and lengths (`cpu_attention`).
+        cfg, cache_dtype = model.cfg, self.cache.keys[0].dtype
+        self.attention_kernels = (FLASH_ONLY if self.cache.keys[0].device.type != "cpu" else choose_attention_kernels(
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache_dtype, max_rows=num_slots, max_len=max_seq_len))
         self._slots: OrderedDict[str, int] = OrderedDict()  # seq_id -> slot, least recently used first
         # Sequences whose cache ends with a draft tree (nodes in tree order, not a sequence) until
         # keep_path or a rollback to at most the tree's prefix.
@@ -389,7 +388,7 @@ class ModelRunner:
         ``logit_cols``, and sets every slot's length to cover all of its new tokens."""
         device = self.model.lm_head.weight.device
         tokens = [t for g in groups for row in g.token_rows for t in row]
-        layout = PassLayout([g.layout for g in groups], self.model.attention_kernels)
+        layout = PassLayout([g.layout for g in groups], self.attention_kernels)
         logit_index = torch.cat([g.layout.packed_index([row for row, cols in enumerate(g.logit_cols) for _ in cols],
                                                        [col for cols in g.logit_cols for col in cols]) + start
                                  for g, (start, _) in zip(groups, layout.spans, strict=True)])

@@ -7,12 +7,12 @@ import torch
 from specfleet.engine import cpu_attention
 from specfleet.engine.cpu_attention import (
     FLASH_ONLY,
-    TIMED_GROUPS,
     TIMED_WIDTHS,
     AttentionKernels,
     Kernel,
     always,
     choose_attention_kernels,
+    timed_groups,
 )
 
 FLASH, MATMULS, HEAD = Kernel.FLASH, Kernel.MATMULS, Kernel.HEAD_MATMULS
@@ -47,19 +47,27 @@ def test_the_choice_times_every_width_and_group_once_per_shape(monkeypatch) -> N
     monkeypatch.setattr(cpu_attention, "_fastest_kernel", matmuls_from_4096_entries_heads_at_width_3)
     cpu_attention._choose.cache_clear()
     try:
-        kernels = choose_attention_kernels(6, 2, 8, torch.float64)
-        assert choose_attention_kernels(6, 2, 8, torch.float64) is kernels  # the same process times a shape once
+        kernels = choose_attention_kernels(6, 2, 8, torch.float64, max_rows=32, max_len=8192)
+        # The same process times a shape once.
+        assert choose_attention_kernels(6, 2, 8, torch.float64, max_rows=32, max_len=8192) is kernels
     finally:
         cpu_attention._choose.cache_clear()
-    assert sorted(timed) == sorted((w, rows, kv_len) for w in TIMED_WIDTHS for rows, kv_len in TIMED_GROUPS)
-    assert kernels.groups == TIMED_GROUPS
+    groups = timed_groups(32, 8192)
+    assert sorted(timed) == sorted((w, rows, kv_len) for w in TIMED_WIDTHS for rows, kv_len in groups)
+    assert kernels.groups == groups
     assert [width for width, _ in kernels.winners] == list(TIMED_WIDTHS)
     assert kernels.kernel(3, 1, 1) is HEAD and kernels.kernel(2, 1, 1500) is FLASH
     assert kernels.kernel(17, 1, 5000) is MATMULS and kernels.kernel(17, 8, 600) is MATMULS
 
 
-def test_timing_the_real_kernels_gives_a_verdict_for_every_width_and_size() -> None:
-    kernels = choose_attention_kernels(4, 2, 16, torch.float32)
+def test_only_groups_the_runner_can_hold_are_timed() -> None:
+    assert timed_groups(32, 8192) == tuple((r, n) for r in (1, 8) for n in (256, 1024, 4096, 8192))
+    assert timed_groups(4, 2000) == ((1, 256), (1, 1024), (4, 256), (4, 1024))
+    assert timed_groups(1, 100) == ((1, 100),)
+
+
+def test_timing_the_real_kernels_gives_a_verdict_for_every_width_and_group() -> None:
+    kernels = choose_attention_kernels(4, 2, 16, torch.float32, max_rows=8, max_len=8192)
     assert [width for width, _ in kernels.winners] == list(TIMED_WIDTHS)
-    assert all(len(won) == len(TIMED_GROUPS) and set(won) <= set(Kernel) for _, won in kernels.winners)
+    assert all(len(won) == len(kernels.groups) and set(won) <= set(Kernel) for _, won in kernels.winners)
     assert "width 1: 1x256 " in kernels.describe()

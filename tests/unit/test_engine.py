@@ -122,7 +122,7 @@ def test_decoding_a_group_that_reads_many_kv_entries_matches_transformers(tiny_f
     g = torch.Generator().manual_seed(2)
     seqs = {f"s{i}": torch.randint(0, 97, (length,), generator=g).tolist() for i in range(rows)}
     runner = ModelRunner.from_folder(tiny_folder, num_slots=rows, max_seq_len=length)
-    runner.model.attention_kernels = AttentionKernels(((20, 230),), ((1, (Kernel.MATMULS,)),))
+    runner.attention_kernels = AttentionKernels(((20, 230),), ((1, (Kernel.MATMULS,)),))
     runner.extend([Extend(name, 0, toks[:-1]) for name, toks in seqs.items()])
     outs = runner.extend([Extend(name, length - 1, toks[-1:]) for name, toks in seqs.items()])
     for toks, ours in list(zip(seqs.values(), outs, strict=True))[::7]:
@@ -131,8 +131,8 @@ def test_decoding_a_group_that_reads_many_kv_entries_matches_transformers(tiny_f
 
 @pytest.mark.parametrize("kernel", [Kernel.MATMULS, Kernel.HEAD_MATMULS])
 def test_a_forward_attends_with_the_kernel_its_model_chose(tiny_folder: Path, kernel: Kernel, monkeypatch) -> None:
-    """`load_model` times the CPU's attention kernels; a forward then takes each exactly for the widths and sizes
-    the choice gives it, with the logits the flash kernel gives."""
+    """A runner times the CPU's attention kernels for its slots; a forward then takes each exactly for the widths and
+    sizes the choice gives it, with the logits the flash kernel gives."""
     widths: list[int] = []
     name = "grouped_attention" if kernel is Kernel.MATMULS else "head_attention"
     original = getattr(llama, name)
@@ -140,16 +140,16 @@ def test_a_forward_attends_with_the_kernel_its_model_chose(tiny_folder: Path, ke
     runner = ModelRunner.from_folder(tiny_folder, num_slots=1, max_seq_len=64)
     runner.extend([Extend("a", 0, [5, 17, 3, 88, 42, 9, 1, 60])])
     verify = Extend("a", 8, [7, 21, 2], num_logits=3)
-    runner.model.attention_kernels = FLASH_ONLY
+    runner.attention_kernels = FLASH_ONLY
     [flash] = runner.extend([verify])
     assert widths == []
     # The group is one sequence reading 11 entries: nearest 1 x 10 of the timed groups.
     groups = ((1, 10), (1, 1000))
-    runner.model.attention_kernels = AttentionKernels(groups, ((1, (kernel, kernel)), (3, (Kernel.FLASH, kernel))))
+    runner.attention_kernels = AttentionKernels(groups, ((1, (kernel, kernel)), (3, (Kernel.FLASH, kernel))))
     [not_yet] = runner.extend([verify])
     assert widths == []
     flash_at_one = (1, (Kernel.FLASH, Kernel.FLASH))
-    runner.model.attention_kernels = AttentionKernels(groups, (flash_at_one, (3, (kernel, Kernel.FLASH))))
+    runner.attention_kernels = AttentionKernels(groups, (flash_at_one, (3, (kernel, Kernel.FLASH))))
     [chosen] = runner.extend([verify])
     assert widths == [3] * runner.model.cfg.num_layers
     torch.testing.assert_close(not_yet, flash)

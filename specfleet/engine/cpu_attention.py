@@ -35,16 +35,17 @@ takes the verdicts of the one below; a wider one (a prefill's chunk) takes the f
 
 TIMED_ROWS = (1, 8)
 TIMED_LENGTHS = (256, 1024, 4096, 8192)
-"""Groups timed at load: one sequence or eight (or as many as the runner has slots, if fewer), of each of these
-cached lengths the runner's slots can hold (its longest, if shorter than all). A group takes the verdict of the timed
-group nearest its own by ratio in both (the kernels' costs grow differently with each: the per-head matmuls pay a
-call per sequence and head)."""
+"""Groups timed at start: one sequence or eight (or as many as the runner has slots, if fewer), of each of these
+cached lengths shorter than the runner's slots, and of the slots' own length (up to the last of these). A group takes
+the verdict of the timed group nearest its own by ratio in both (the kernels' costs grow differently with each: the
+per-head matmuls pay a call per sequence and head)."""
 
 
 def timed_groups(max_rows: int, max_len: int) -> tuple[tuple[int, int], ...]:
     """(sequences, cached tokens each) timed for a runner of ``max_rows`` slots of ``max_len`` entries."""
     rows = sorted({min(r, max(max_rows, 1)) for r in TIMED_ROWS})
-    lengths = [length for length in TIMED_LENGTHS if length <= max_len] or [max(max_len, 1)]
+    longest = max(min(max_len, TIMED_LENGTHS[-1]), 1)
+    lengths = sorted({length for length in TIMED_LENGTHS if length < longest} | {longest})
     return tuple((r, length) for r in rows for length in lengths)
 
 TIMED_CALLS = 5

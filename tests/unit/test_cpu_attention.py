@@ -62,7 +62,8 @@ def test_the_choice_times_every_width_and_group_once_per_shape(monkeypatch) -> N
 
 def test_only_groups_the_runner_can_hold_are_timed() -> None:
     assert timed_groups(32, 8192) == tuple((r, n) for r in (1, 8) for n in (256, 1024, 4096, 8192))
-    assert timed_groups(4, 2000) == ((1, 256), (1, 1024), (4, 256), (4, 1024))
+    assert timed_groups(32, 16384) == timed_groups(8, 8192)
+    assert timed_groups(4, 2000) == ((1, 256), (1, 1024), (1, 2000), (4, 256), (4, 1024), (4, 2000))
     assert timed_groups(1, 100) == ((1, 100),)
 
 

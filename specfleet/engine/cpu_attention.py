@@ -1,4 +1,4 @@
-"""Which kernel attends a group of sequences on CPU, chosen by timing the candidates on the machine itself at load.
+"""Which kernel attends a group of sequences on CPU, chosen by timing the candidates on the machine itself at start.
 
 Three kernels compute the same attention. PyTorch's ``scaled_dot_product_attention`` is, on CPU, a flash kernel
 tuned for one query per sequence over short caches and for long prefills. `grouped_attention` is two batched
@@ -30,7 +30,7 @@ from specfleet.engine.cpu_linear import fastest_calls
 log = logging.getLogger(__name__)
 
 TIMED_WIDTHS = (1, 2, 3, 5, 9, 17)
-"""Query widths timed at load: decoding (1), verification's chains and trees (2-17). A width between two of them
+"""Query widths timed at start: decoding (1), verification's chains and trees (2-17). A width between two of them
 takes the verdicts of the one below; a wider one (a prefill's chunk) takes the flash kernel, built for it."""
 
 TIMED_ROWS = (1, 8)
@@ -40,6 +40,17 @@ cached lengths shorter than the runner's slots, and of the slots' own length (up
 the verdict of the timed group nearest its own by ratio in both (the kernels' costs grow differently with each: the
 per-head matmuls pay a call per sequence and head)."""
 
+TIMED_CALLS = 5
+"""Calls of each kernel per timed shape, the kernels taking turns; the fastest of each counts."""
+
+
+class Kernel(Enum):
+    """The CPU attention kernels: PyTorch's flash kernel, `grouped_attention` and `head_attention`."""
+
+    FLASH = "flash"
+    MATMULS = "matmuls"
+    HEAD_MATMULS = "head matmuls"
+
 
 def timed_groups(max_rows: int, max_len: int) -> tuple[tuple[int, int], ...]:
     """(sequences, cached tokens each) timed for a runner of ``max_rows`` slots of ``max_len`` entries."""
@@ -47,15 +58,6 @@ def timed_groups(max_rows: int, max_len: int) -> tuple[tuple[int, int], ...]:
     longest = max(min(max_len, TIMED_LENGTHS[-1]), 1)
     lengths = sorted({length for length in TIMED_LENGTHS if length < longest} | {longest})
     return tuple((r, length) for r in rows for length in lengths)
-
-TIMED_CALLS = 5
-"""Calls of each kernel per timed shape, the kernels taking turns; the fastest of each counts."""
-
-
-class Kernel(Enum):
-    FLASH = "flash"
-    MATMULS = "matmuls"
-    HEAD_MATMULS = "head matmuls"
 
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -160,6 +162,7 @@ def _fastest_kernel(num_heads: int, num_kv_heads: int, head_dim: int, dtype: tor
                     kv_len: int) -> Kernel:
     """The kernels on one group shaped as the engine reads it: ``rows`` sequences whose last ``width`` tokens are
     new, keys and values a view of the first ``kv_len`` entries of longer slots, a causal mask."""
+    kv_len = max(kv_len, width)
     cache_shape = (rows, num_kv_heads, kv_len + 64, head_dim)
     keys = torch.randn(cache_shape, dtype=dtype)[:, :, :kv_len]
     values = torch.randn(cache_shape, dtype=dtype)[:, :, :kv_len]

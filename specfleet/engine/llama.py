@@ -168,24 +168,30 @@ class BatchLayout:
         index[packed_rows, packed_cols] = torch.arange(len(packed_rows), device=self.valid.device)
         return index[torch.tensor(rows, device=index.device), torch.tensor(cols, device=index.device)]
 
+    def kernel(self, kernels: AttentionKernels) -> Kernel:
+        """The attention kernel ``kernels`` chooses for this group's width, the rows it reads and their entries on
+        CPU; the flash kernel elsewhere."""
+        if self.valid.device.type != "cpu":
+            return Kernel.FLASH
+        rows_read = len(self.slots) if self.slot_span is None else self.slot_span.stop - self.slot_span.start
+        return kernels.kernel(self.valid.shape[1], rows_read, self.kv_len)
+
     def attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-               kernels: AttentionKernels = FLASH_ONLY) -> torch.Tensor:
-        """Attention for this group's packed queries ``q`` ([tokens, heads, head_dim]) over the cache, by the
-        kernel ``kernels`` chooses for its width and size on CPU (the flash kernel elsewhere)."""
+               kernel: Kernel = Kernel.FLASH) -> torch.Tensor:
+        """Attention for this group's packed queries ``q`` ([tokens, heads, head_dim]) over the cache, by
+        ``kernel``."""
         keys, values = self.read(key_cache), self.read(value_cache)
         width = self.valid.shape[1]
         if self.span_rows is None and self.unpadded:  # the rows read are the group, in order, every row full
-            out = self._attention(q.view(len(self.slots), width, *q.shape[1:]).transpose(1, 2), keys, values, kernels)
+            out = self._attention(q.view(len(self.slots), width, *q.shape[1:]).transpose(1, 2), keys, values, kernel)
             return out.transpose(1, 2).reshape(q.shape)
         rows, cols = self.packed_rows, self.packed[1]
         padded = q.new_zeros(keys.shape[0], width, *q.shape[1:])
         padded[rows, cols] = q
-        return self._attention(padded.transpose(1, 2), keys, values, kernels).transpose(1, 2)[rows, cols]
+        return self._attention(padded.transpose(1, 2), keys, values, kernel).transpose(1, 2)[rows, cols]
 
-    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kernels: AttentionKernels
-                   ) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kernel: Kernel) -> torch.Tensor:
         """q [rows, heads, width, head_dim] over the rows read; the same shape out."""
-        kernel = kernels.kernel(q.shape[2], keys.shape[0], keys.shape[2]) if q.device.type == "cpu" else Kernel.FLASH
         if kernel is Kernel.MATMULS:
             return grouped_attention(q, keys, values, self.read_bias)
         if kernel is Kernel.HEAD_MATMULS:
@@ -309,6 +315,11 @@ class PassLayout:
     kernels: AttentionKernels = FLASH_ONLY
 
     @cached_property
+    def group_kernels(self) -> list[Kernel]:
+        """Each group's attention kernel (`BatchLayout.kernel`): decided once per pass, not in every layer."""
+        return [group.kernel(self.kernels) for group in self.groups]
+
+    @cached_property
     def spans(self) -> list[tuple[int, int]]:
         """Each group's [start, end) among the pass's packed tokens."""
         ends = list(accumulate(len(g.packed[0]) for g in self.groups))
@@ -331,10 +342,10 @@ class PassLayout:
 
     def attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
         if len(self.groups) == 1:
-            return self.groups[0].attend(q, key_cache, value_cache, self.kernels)
+            return self.groups[0].attend(q, key_cache, value_cache, self.group_kernels[0])
         out = torch.empty_like(q)
-        for group, (start, end) in zip(self.groups, self.spans, strict=True):
-            out[start:end] = group.attend(q[start:end], key_cache, value_cache, self.kernels)
+        for group, kernel, (start, end) in zip(self.groups, self.group_kernels, self.spans, strict=True):
+            out[start:end] = group.attend(q[start:end], key_cache, value_cache, kernel)
         return out
 
 

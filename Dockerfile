@@ -10,11 +10,16 @@
 ARG FLAVOR=cpu
 ARG LLAMA_CPP=off
 
-# CPU: Debian slim with CPython 3.11 and the CPU build of torch.
+# CPU: Debian slim with CPython 3.11 and the CPU build of torch, and a C compiler: each service builds its CPU
+# attention kernel (specfleet/engine/cpu_attention.c) at start for the node's own CPU, cached under /cache.
 FROM python:3.11-slim AS base-cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV TORCH_INDEX_URL=${TORCH_INDEX_URL}
-RUN python -m venv /opt/venv
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && python -m venv /opt/venv
 
 # CUDA: NVIDIA's base image (the driver comes from the node; the CUDA torch wheels bring their own CUDA libraries)
 # with Ubuntu's CPython 3.11 (the distribution's current patch release: not pinned).

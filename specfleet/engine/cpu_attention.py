@@ -15,17 +15,21 @@ small grid of widths and cache sizes, once per process and shape, and keeps whic
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from functools import cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from specfleet.engine.cpu_linear import fastest_calls
+from specfleet.engine.native import load_library
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +49,13 @@ TIMED_CALLS = 5
 
 
 class Kernel(Enum):
-    """The CPU attention kernels: PyTorch's flash kernel, `grouped_attention` and `head_attention`."""
+    """The CPU attention kernels: PyTorch's flash kernel, `grouped_attention`, `head_attention` and
+    `native_attention` (where it could be built)."""
 
     FLASH = "flash"
     MATMULS = "matmuls"
     HEAD_MATMULS = "head matmuls"
+    NATIVE = "native"
 
 
 def timed_groups(max_rows: int, max_len: int) -> tuple[tuple[int, int], ...]:
@@ -94,6 +100,56 @@ def head_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bi
         for head in range(kv_heads):
             torch.mm(weights[row, head], values[row, head], out=out[row, head])
     return out.view(rows, heads, width, head_dim)
+
+
+NATIVE_SOURCE = Path(__file__).with_suffix(".c")
+NATIVE_HEAD_DIMS = (64, 128)
+"""Head sizes cpu_attention.c has a kernel for (each compiled for its size, the head kept in registers)."""
+
+
+def native_attention_available(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether `native_attention` can serve these heads on this machine (float32 only; built on first ask)."""
+    return dtype == torch.float32 and head_dim in NATIVE_HEAD_DIMS and _native_function() is not None
+
+
+def native_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`grouped_attention` (same arguments, same result) by cpu_attention.c: each (sequence, key-value head) pair's
+    keys and values read once, in blocks, for all its queries, on this process's CPU threads. Strided views are
+    read in place: each head's entries contiguous, keys and values alike; the result is a view whose
+    ``transpose(1, 2)`` is contiguous."""
+    rows, heads, width, head_dim = q.shape
+    kv_heads, kv_len = keys.shape[1], keys.shape[2]
+    if keys.stride() != values.stride() or keys.stride(3) != 1 or keys.stride(2) != head_dim:
+        keys, values = keys.contiguous(), values.contiguous()
+    if q.stride(3) != 1:
+        q = q.contiguous()
+    bias = bias.expand(rows, 1, 1, width, kv_len)
+    if bias.stride(4) != 1:
+        bias = bias.contiguous()
+    out = q.new_empty(rows, width, heads, head_dim).transpose(1, 2)
+    workers = torch.get_num_threads()
+    scores = q.new_empty(workers, heads // kv_heads * width * kv_len)
+    status = _native_function()(rows, kv_heads, heads // kv_heads, width, kv_len, head_dim,
+                                q.data_ptr(), *q.stride()[:3], keys.data_ptr(), values.data_ptr(), *keys.stride()[:2],
+                                bias.data_ptr(), bias.stride(0), bias.stride(3),
+                                out.data_ptr(), *out.stride()[:3], head_dim ** -0.5, workers, scores.data_ptr())
+    if status != 0:
+        raise ValueError(f"cpu_attention.c has no kernel for heads of {head_dim}")
+    return out
+
+
+@cache
+def _native_function() -> Callable[..., int] | None:
+    library = load_library(NATIVE_SOURCE)
+    if library is None:
+        return None
+    function = library.specfleet_attend_f32
+    size, pointer, stride = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
+    function.argtypes = [size] * 6 + [pointer, stride, stride, stride, pointer, pointer, stride, stride,
+                                      pointer, stride, stride, pointer, stride, stride, stride,
+                                      ctypes.c_float, size, pointer]
+    function.restype = ctypes.c_int
+    return function
 
 
 @dataclass(frozen=True)
@@ -173,5 +229,7 @@ def _fastest_kernel(num_heads: int, num_kv_heads: int, head_dim: int, dtype: tor
     calls = {Kernel.FLASH: lambda: F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True),
              Kernel.MATMULS: lambda: grouped_attention(q, keys, values, bias),
              Kernel.HEAD_MATMULS: lambda: head_attention(q, keys, values, bias)}
+    if native_attention_available(head_dim, dtype):
+        calls[Kernel.NATIVE] = lambda: native_attention(q, keys, values, bias)
     times = fastest_calls(list(calls.values()), TIMED_CALLS)
     return min(zip(times, calls, strict=True), key=lambda pair: pair[0])[1]

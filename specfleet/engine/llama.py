@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from specfleet.engine.cpu_attention import FLASH_ONLY, AttentionKernels, Kernel, grouped_attention, head_attention
+from specfleet.engine.cpu_attention import (
+    FLASH_ONLY,
+    AttentionKernels,
+    Kernel,
+    grouped_attention,
+    head_attention,
+    native_attention,
+)
 from specfleet.engine.kv_cache import SlotKVCache
 from specfleet.engine.rope import RopeScaling, apply_rope, rope_cos_sin
 from specfleet.trees.structure import tree_attention_mask, tree_depths, tree_position_ids
@@ -196,6 +203,8 @@ class BatchLayout:
             return grouped_attention(q, keys, values, self.read_bias)
         if kernel is Kernel.HEAD_MATMULS:
             return head_attention(q, keys, values, self.read_bias)
+        if kernel is Kernel.NATIVE:
+            return native_attention(q, keys, values, self.read_bias)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.read_mask, enable_gqa=True)
 
     @cached_property

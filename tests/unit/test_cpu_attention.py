@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
+import pytest
 import torch
 
 from specfleet.engine import cpu_attention
@@ -12,6 +16,9 @@ from specfleet.engine.cpu_attention import (
     Kernel,
     always,
     choose_attention_kernels,
+    grouped_attention,
+    native_attention,
+    native_attention_available,
     timed_groups,
 )
 
@@ -72,3 +79,38 @@ def test_timing_the_real_kernels_gives_a_verdict_for_every_width_and_group() -> 
     assert [width for width, _ in kernels.winners] == list(TIMED_WIDTHS)
     assert all(len(won) == len(kernels.groups) and set(won) <= set(Kernel) for _, won in kernels.winners)
     assert "width 1: 1x256 " in kernels.describe()
+
+
+requires_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None,
+                                       reason="no C compiler: the native kernel cannot be built here")
+
+
+@requires_compiler
+def test_the_native_kernel_is_timed_where_it_serves_the_heads(monkeypatch) -> None:
+    """Built on this machine for float32 heads of 64 and 128; bfloat16 and other head sizes keep PyTorch's kernels."""
+    assert native_attention_available(64, torch.float32) and native_attention_available(128, torch.float32)
+    assert not native_attention_available(64, torch.bfloat16) and not native_attention_available(80, torch.float32)
+    candidates: list[int] = []
+    monkeypatch.setattr(cpu_attention, "fastest_calls", lambda calls, _: candidates.append(len(calls)) or
+                        [1.0] * (len(calls) - 1) + [0.5])
+    assert cpu_attention._fastest_kernel(4, 2, 64, torch.float32, 2, 1, 100) is Kernel.NATIVE
+    assert cpu_attention._fastest_kernel(4, 2, 16, torch.float32, 2, 1, 100) is HEAD
+    assert candidates == [4, 3]
+
+
+@requires_compiler
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("width", [1, 3, 17])
+def test_native_attention_reads_strided_views_in_place(head_dim: int, width: int) -> None:
+    """Queries as the engine passes them (a transposed view of the packed tokens), keys and values views of longer
+    slots: the result equals the batched matmuls', and its token-major transpose is contiguous."""
+    g = torch.Generator().manual_seed(head_dim + width)
+    rows, heads, kv_heads, kv_len = 3, 6, 2, 150
+    q = torch.randn(rows, width, heads, head_dim, generator=g).transpose(1, 2)
+    keys, values = (torch.randn(rows, kv_heads, kv_len + 7, head_dim, generator=g)[:, :, :kv_len] for _ in range(2))
+    positions = torch.tensor([kv_len, 90, 40])[:, None] - width + torch.arange(width)
+    mask = (torch.arange(kv_len)[None, None, :] <= positions[:, :, None])[:, None]
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf")).unsqueeze(1)
+    out = native_attention(q, keys, values, bias)
+    torch.testing.assert_close(out, grouped_attention(q, keys, values, bias), atol=1e-5, rtol=1e-5)
+    assert out.transpose(1, 2).is_contiguous()

@@ -35,7 +35,15 @@ from specfleet.engine import (
     UnknownSequenceError,
     llama,
 )
-from specfleet.engine.cpu_attention import FLASH_ONLY, AttentionKernels, Kernel, grouped_attention, head_attention
+from specfleet.engine.cpu_attention import (
+    FLASH_ONLY,
+    AttentionKernels,
+    Kernel,
+    always,
+    grouped_attention,
+    head_attention,
+    native_attention_available,
+)
 from specfleet.engine.rope import default_inverse_frequencies
 from specfleet.engine.runner import DTYPES, engine_dtype
 from specfleet.trees.build import build_tree_rsd_c
@@ -154,6 +162,30 @@ def test_a_forward_attends_with_the_kernel_its_model_chose(tiny_folder: Path, ke
     assert widths == [3] * runner.model.cfg.num_layers
     torch.testing.assert_close(not_yet, flash)
     torch.testing.assert_close(chosen, flash, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+@pytest.mark.skipif(not native_attention_available(64, torch.float32), reason="no C compiler to build the kernel")
+def test_a_forward_with_the_native_kernel_matches_transformers(tmp_path_factory) -> None:
+    """Heads of 64 (a size cpu_attention.c serves), a ragged prefill (wider than any timed width: the flash kernel),
+    then a ragged verify of 3 tokens and a decode step attended by the native kernel, with a filler row read."""
+    folder = _save_tiny(tmp_path_factory.mktemp("qwen3-head64"), Qwen3Config(**TINY, head_dim=64), random_norms=True)
+    g = torch.Generator().manual_seed(5)
+    seqs = {name: torch.randint(0, 97, (n,), generator=g).tolist() for name, n in [("a", 40), ("b", 23), ("c", 31)]}
+    runner = ModelRunner.from_folder(folder, num_slots=4, max_seq_len=64)
+    runner.attention_kernels = always(Kernel.NATIVE)
+    calls: list[int] = []
+    original = llama.native_attention
+    runner.extend([Extend(name, 0, toks[:-4]) for name, toks in seqs.items()])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llama, "native_attention", lambda q, *rest: calls.append(q.shape[2]) or original(q, *rest))
+        verified = runner.extend([Extend(name, len(toks) - 4, toks[-4:-1], num_logits=3)
+                                  for name, toks in list(seqs.items())[::2]])
+        decoded = runner.extend([Extend(name, len(toks) - 1, toks[-1:]) for name, toks in list(seqs.items())[::2]])
+    assert calls == [3] * runner.model.cfg.num_layers + [1] * runner.model.cfg.num_layers
+    for (_, toks), three, one in zip(list(seqs.items())[::2], verified, decoded, strict=True):
+        reference = _reference_logits(folder, toks)
+        torch.testing.assert_close(three, reference[-4:-1], atol=TOLERANCE, rtol=TOLERANCE)
+        torch.testing.assert_close(one, reference[-1:], atol=TOLERANCE, rtol=TOLERANCE)
 
 
 @pytest.mark.parametrize("attention", [grouped_attention, head_attention])

@@ -1,7 +1,8 @@
 """The CPU attention kernel chosen at load, in whole forwards: for each dtype, the engine's verify-shaped forward
 (``batch`` sequences holding ``context`` cached tokens append ``tokens`` new ones, logits at each) with the timed
 choice (`specfleet.engine.cpu_attention`), and with each kernel at every width and size: PyTorch's flash kernel,
-the batched matmuls, the matmuls per sequence and head. Medians of interleaved repeats; the last column is the
+the batched matmuls, the matmuls per sequence and head, and the C kernel built for this machine (float32, where a
+compiler is found). Medians of interleaved repeats; the last column is the
 choice's time over the fastest fixed kernel (1.00: the choice found it; above: it did not).
 
     python -m bench.attention_choice
@@ -22,11 +23,11 @@ import time
 import torch
 
 from bench.engine_vs_hf import engine_side
-from specfleet.engine.cpu_attention import FLASH_ONLY, AttentionKernels, Kernel, always
+from specfleet.engine.cpu_attention import FLASH_ONLY, AttentionKernels, Kernel, always, native_attention_available
 from specfleet.engine.runner import load_model, set_cpu_threads
 from specfleet.models import resolve_model
 
-RULES = ("timed choice", "flash only", "matmuls only", "head matmuls only")
+RULES = ("timed choice", "flash only", "matmuls only", "head matmuls only", "native only")
 
 
 def run(args: argparse.Namespace) -> list[str]:
@@ -38,6 +39,8 @@ def run(args: argparse.Namespace) -> list[str]:
         model = load_model(folder, dtype=dtype)
         fixed: dict[str, AttentionKernels] = {"flash only": FLASH_ONLY, "matmuls only": always(Kernel.MATMULS),
                                               "head matmuls only": always(Kernel.HEAD_MATMULS)}
+        if native_attention_available(model.cfg.head_dim, getattr(torch, dtype)):
+            fixed["native only"] = always(Kernel.NATIVE)
         for context in args.contexts:
             for batch in args.batches:
                 for tokens in args.tokens:
@@ -47,18 +50,19 @@ def run(args: argparse.Namespace) -> list[str]:
                         chosen.append(runner.attention_kernels)
                         print(f"{dtype}, {batch} slots of {runner.max_seq_len}: {runner.attention_kernels.describe()}",
                               flush=True)
-                    times: dict[str, list[float]] = {rule: [] for rule in RULES}
+                    times: dict[str, list[float]] = {rule: [] for rule in rules}
                     for round_ in range(args.warmup + args.repeats):
-                        for rule in RULES:  # the rules take turns, so the machine's slow moments fall on all
+                        for rule in rules:  # the rules take turns, so the machine's slow moments fall on all
                             runner.attention_kernels = rules[rule]
                             started = time.perf_counter()
                             forward()
                             if round_ >= args.warmup:
                                 times[rule].append(1000 * (time.perf_counter() - started))
-                    ms = {rule: statistics.median(times[rule]) for rule in RULES}
-                    ratio = ms["timed choice"] / min(ms[rule] for rule in RULES[1:])
+                    ms = {rule: statistics.median(times[rule]) for rule in rules}
+                    ratio = ms["timed choice"] / min(ms[rule] for rule in fixed)
                     line = (f"| {dtype} | {context} | {batch} | {tokens} | "
-                            + " | ".join(f"{ms[rule]:.1f}" for rule in RULES) + f" | {ratio:.2f} |")
+                            + " | ".join(f"{ms[rule]:.1f}" if rule in ms else "-" for rule in RULES)
+                            + f" | {ratio:.2f} |")
                     print(line, flush=True)
                     lines.append(line)
                     del runner, forward

@@ -10,11 +10,10 @@
  */
 #include <float.h>
 #include <math.h>
-#include <pthread.h>
+#include <omp.h>
 #include <stdint.h>
 
 #define KEYS_PER_BLOCK 64 /* keys (or values) read together: 16 KiB at 64 float32 per head */
-#define MAX_WORKERS 256
 
 typedef struct {
     int kv_heads, heads_per_kv, width, kv_len;
@@ -28,7 +27,6 @@ typedef struct {
     int64_t out_row, out_head, out_token;
     float scale;
     float *scores; /* this worker's [heads_per_kv * width, kv_len] */
-    int first, last; /* this worker's (row, kv head) pairs */
 } Work;
 
 /* A tile of TILE queries of one (sequence, key-value head) pair against its entries start..stop: scores (each key
@@ -127,24 +125,10 @@ typedef struct {
 DEFINE_PAIR(64)
 DEFINE_PAIR(128)
 
-typedef struct {
-    const Work *work;
-    int head_dim;
-} Job;
-
-static void *run_pairs(void *arg) {
-    const Job *job = arg;
-    for (int pair = job->work->first; pair < job->work->last; pair++) {
-        if (job->head_dim == 64)
-            attend_pair_64(job->work, pair);
-        else
-            attend_pair_128(job->work, pair);
-    }
-    return 0;
-}
-
 /* Returns 0, or -1 for a head size this file has no kernel for. ``scores`` holds ``workers`` buffers of
- * heads_per_kv * width * kv_len floats. Strides are in floats. */
+ * heads_per_kv * width * kv_len floats. Strides are in floats. The pairs are shared among ``workers`` threads of
+ * the OpenMP runtime PyTorch itself loaded (the same libgomp, found by its name), so the threads that just ran
+ * PyTorch's operators, still spinning, take them at once: threads of our own would wait for a core. */
 int specfleet_attend_f32(int rows, int kv_heads, int heads_per_kv, int width, int kv_len, int head_dim,
                          const float *q, int64_t q_row, int64_t q_head, int64_t q_token,
                          const float *keys, const float *values, int64_t kv_row, int64_t kv_head,
@@ -154,25 +138,19 @@ int specfleet_attend_f32(int rows, int kv_heads, int heads_per_kv, int width, in
     if (head_dim != 64 && head_dim != 128) return -1;
     const int pairs = rows * kv_heads;
     if (workers > pairs) workers = pairs;
-    if (workers > MAX_WORKERS) workers = MAX_WORKERS;
     if (workers < 1) workers = 1;
-    Work work[MAX_WORKERS];
-    Job jobs[MAX_WORKERS];
-    pthread_t threads[MAX_WORKERS];
-    for (int t = 0; t < workers; t++) {
-        Work each = {kv_heads, heads_per_kv, width, kv_len, q, q_row, q_head, q_token, keys, values, kv_row,
+#pragma omp parallel num_threads(workers)
+    {
+        const int worker = omp_get_thread_num(), count = omp_get_num_threads();
+        Work work = {kv_heads, heads_per_kv, width, kv_len, q, q_row, q_head, q_token, keys, values, kv_row,
                      kv_head, bias, bias_row, bias_token, out, out_row, out_head, out_token, scale,
-                     scores + (int64_t)t * heads_per_kv * width * kv_len, pairs * t / workers,
-                     pairs * (t + 1) / workers};
-        work[t] = each;
-        jobs[t].work = &work[t];
-        jobs[t].head_dim = head_dim;
+                     scores + (int64_t)worker * heads_per_kv * width * kv_len};
+        for (int pair = pairs * worker / count; pair < pairs * (worker + 1) / count; pair++) {
+            if (head_dim == 64)
+                attend_pair_64(&work, pair);
+            else
+                attend_pair_128(&work, pair);
+        }
     }
-    int started = 1;
-    for (; started < workers; started++)
-        if (pthread_create(&threads[started], 0, run_pairs, &jobs[started])) break;
-    for (int t = started; t < workers; t++) run_pairs(&jobs[t]); /* no thread to spare: do its share here */
-    run_pairs(&jobs[0]);
-    for (int t = 1; t < started; t++) pthread_join(threads[t], 0);
     return 0;
 }

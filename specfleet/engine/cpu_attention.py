@@ -119,6 +119,8 @@ def native_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     ``transpose(1, 2)`` is contiguous."""
     rows, heads, width, head_dim = q.shape
     kv_heads, kv_len = keys.shape[1], keys.shape[2]
+    if not native_attention_available(head_dim, q.dtype) or q.device.type != "cpu":
+        raise ValueError(f"the native attention kernel does not serve {q.dtype} heads of {head_dim} on {q.device}")
     if keys.stride() != values.stride() or keys.stride(3) != 1 or keys.stride(2) != head_dim:
         keys, values = keys.contiguous(), values.contiguous()
     if q.stride(3) != 1:

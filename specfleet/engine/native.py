@@ -22,9 +22,10 @@ from specfleet.models import cache_root
 
 log = logging.getLogger(__name__)
 
-COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread")
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared")
 """-ffast-math lets the compiler vectorize the sums and call the vector ``expf``; the kernels never produce an
-infinity or NaN that the masking does not already (a query that may attend to nothing)."""
+infinity or NaN that the masking does not already (a query that may attend to nothing). -fopenmp links libgomp.so.1
+by name, which resolves to the one PyTorch loaded, so the kernels share its threads."""
 
 DISABLE_VARIABLE = "SPECFLEET_NATIVE_KERNELS"
 

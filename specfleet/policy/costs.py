@@ -186,6 +186,15 @@ class SelfDrafting:
         return drafts_per_seq + self.width
 
 
+def kv_width(role: str, tokens_per_seq: float) -> float:
+    """Queries per sequence in each of those passes: a Verify's every token fed in its one pass, a Propose's one per
+    level (a tree's siblings read the same entries, but the width term is fitted on the target's chains), none for
+    the overhead."""
+    if role == "target":
+        return max(1.0, tokens_per_seq)
+    return 1.0 if role == "draft" else 0.0
+
+
 def kv_passes(role: str, tokens_per_seq: float) -> float:
     """Forward passes over each sequence's KV cache in one call of `role`: a Verify runs one over every token fed
     (a chain or a tree), a Propose one per level drafted (each level needs the one before), and the router's
@@ -209,36 +218,44 @@ def context_bucket(context: float) -> int:
 
 @dataclass(frozen=True)
 class ContextCost:
-    """One role's KV term: ms = per_kv_ms * batch * kv_passes(role, tokens_per_seq) * max(0, context - reference).
+    """One role's KV term: ms = batch * kv_passes(role, tokens) * (per_kv_ms + per_kv_token_ms * (kv_width(role,
+    tokens) - 1)) * max(0, context - reference).
 
     Which statistic: the call's mean KV length per sequence (`CostSample.context`), which times the batch size is
-    the KV tokens one pass reads. Why linear in batch x context per pass: speculative steps feed a few tokens per
-    sequence (at most a few dozen), within one query tile of the attention, so each pass loads every sequence's
-    KV once and is bound by that load, not by the t x context products of the attention's arithmetic (MagicDec,
-    Chen et al. 2024: at long contexts and large batches the KV load dominates a decoding step, and a draft over a
-    fixed window + sink cache does not grow with it). Below `reference` the (batch, tokens) table holds flat: it
-    was measured there, and shorter contexts are not priced below it.
+    the KV tokens one pass reads. Why linear in batch x context per pass: each pass loads every sequence's KV once
+    (MagicDec, Chen et al. 2024: at long contexts and large batches the KV load dominates a decoding step, and a
+    draft over a fixed window + sink cache does not grow with it). Where that load bounds the pass (a GPU's
+    attention over a few dozen queries), the tokens a pass carries add nothing to it and `per_kv_token_ms` fits
+    about 0; where the attention's arithmetic does (a CPU's few cores), each further token per sequence adds its
+    share (on a 2-core CPU a 3-token verify over 7K tokens of 8 sequences costs 1.9x one token,
+    bench/engine_kernels.md), and pricing it as free would draft where drafting loses. Below `reference` the (batch,
+    tokens) table holds flat: it was measured there, and shorter contexts are not priced below it.
     """
 
     per_kv_ms: float = 0.0
-    """ms per KV token one pass reads (per sequence), >= 0."""
+    """ms per KV token one pass reads (per sequence) for one query per sequence, >= 0."""
     reference: float = REFERENCE_CONTEXT
     """The context the role's (batch, tokens) costs stand for: the shortest context of its samples, or
     `REFERENCE_CONTEXT` when none carried one."""
     fitted: bool = False
     """Whether `per_kv_ms` was fitted from samples at several contexts (else the default cost function's)."""
+    per_kv_token_ms: float = 0.0
+    """ms more per KV token read for each further query per sequence in the pass (`kv_width`), >= 0."""
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.per_kv_ms) and self.per_kv_ms >= 0):
-            raise ValueError(f"ContextCost.per_kv_ms must be finite and >= 0, got {self.per_kv_ms}")
+        for name in ("per_kv_ms", "per_kv_token_ms"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"ContextCost.{name} must be finite and >= 0, got {value}")
         if not (math.isfinite(self.reference) and self.reference >= 0):
             raise ValueError(f"ContextCost.reference must be finite and >= 0, got {self.reference}")
 
     def __call__(self, role: str, batch_size: int, tokens_per_seq: float, context: float | None) -> float:
         """The KV term's ms; 0 for context None (the reference context)."""
-        if context is None or self.per_kv_ms == 0.0 or context <= self.reference:
+        if context is None or context <= self.reference:
             return 0.0
-        return self.per_kv_ms * batch_size * kv_passes(role, tokens_per_seq) * (context - self.reference)
+        per_read = self.per_kv_ms + self.per_kv_token_ms * max(0.0, kv_width(role, tokens_per_seq) - 1)
+        return per_read * batch_size * kv_passes(role, tokens_per_seq) * (context - self.reference)
 
 
 def mean_context(contexts: Sequence[float] | None, batch: int) -> float | None:
@@ -267,13 +284,15 @@ def default_context_cost(default: CostFn) -> ContextCost:
 def _fit_context_cost(role: str, samples: list[CostSample], default: CostFn) -> ContextCost:
     """The role's KV term from its samples that carry a context.
 
-    Reference: their shortest context. Slope: within each (batch, tokens) cell the batch and tokens are fixed, so
+    Reference: their shortest context. Slopes: within each (batch, tokens) cell the batch and tokens are fixed, so
     the cost differences between the cell's contexts are the KV term's; each context bucket (`context_bucket`)
-    with `MIN_CELL_SAMPLES` samples gives a point (median context, median ms), every pair of points in a cell a
-    slope (ms difference over the KV tokens read more), and the role's slope is the median of all of them, at
-    least 0: Theil-Sen over medians, so neither a slow call nor one noisy cell moves it. A role whose costs do not
-    grow with context (a window + sink draft, the router's overhead) gets about 0. With no cell measured at two
-    contexts, the default's slope."""
+    with `MIN_CELL_SAMPLES` samples gives a point (median context, median ms), and every pair of points in a cell a
+    slope (ms difference over the KV tokens read more), the cell's slope the median of its pairs'. The width term
+    (`per_kv_token_ms`): the median over pairs of cells of different widths (`kv_width`) of how their slopes differ
+    per query, at least 0; `per_kv_ms`: the median of the cells' slopes less their width's share, at least 0.
+    Theil-Sen over medians, so neither a slow call nor one noisy cell moves them. A role whose costs do not grow
+    with context (a window + sink draft, the router's overhead) gets about 0; cells of one width only, no width
+    term. With no cell measured at two contexts, the default's slope."""
     known = [s for s in samples if s.context is not None]
     if not known:
         return default_context_cost(default)
@@ -283,16 +302,22 @@ def _fit_context_cost(role: str, samples: list[CostSample], default: CostFn) -> 
         assert s.context is not None
         cell = cells.setdefault((s.batch_size, round(s.tokens_per_seq / TOKEN_BUCKET) * TOKEN_BUCKET), {})
         cell.setdefault(context_bucket(s.context), []).append(s)
-    slopes: list[float] = []
+    cell_slopes: list[tuple[float, float]] = []  # (queries per sequence in a pass, the cell's slope)
     for (batch, tokens), by_context in cells.items():
         reads = batch * kv_passes(role, tokens)
         points = sorted((median(s.context for s in ss if s.context is not None), median(s.ms for s in ss))
                         for ss in by_context.values() if len(ss) >= MIN_CELL_SAMPLES)
-        slopes.extend((ms_b - ms_a) / (reads * (c_b - c_a))
-                      for (c_a, ms_a), (c_b, ms_b) in combinations(points, 2) if c_b > c_a and reads > 0)
-    if not slopes:
+        slopes = [(ms_b - ms_a) / (reads * (c_b - c_a))
+                  for (c_a, ms_a), (c_b, ms_b) in combinations(points, 2) if c_b > c_a and reads > 0]
+        if slopes:
+            cell_slopes.append((kv_width(role, tokens), median(slopes)))
+    if not cell_slopes:
         return ContextCost(default_context_cost(default).per_kv_ms, reference)
-    return ContextCost(max(0.0, median(slopes)), reference, fitted=True)
+    per_query = [(slope_b - slope_a) / (width_b - width_a)
+                 for (width_a, slope_a), (width_b, slope_b) in combinations(cell_slopes, 2) if width_b != width_a]
+    per_kv_token_ms = max(0.0, median(per_query)) if per_query else 0.0
+    per_kv_ms = median(slope - per_kv_token_ms * (width - 1) for width, slope in cell_slopes)
+    return ContextCost(max(0.0, per_kv_ms), reference, fitted=True, per_kv_token_ms=per_kv_token_ms)
 
 
 Measured = tuple[int, float, float]

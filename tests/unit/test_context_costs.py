@@ -141,6 +141,52 @@ def test_samples_without_a_context_count_as_measured_at_the_reference() -> None:
     assert model.predict("target", 2, 3.0, 256) == pytest.approx(_truth("target", 2, 3.0, 256), rel=1e-9)
 
 
+KV_TOKEN_MS = 0.0008  # ms more per KV token a verify reads, per sequence, for each further token it carries
+
+
+def _width_samples(rng: random.Random, noise: float = 0.0) -> list[CostSample]:
+    """A verify whose attention's arithmetic grows with the tokens it carries (a CPU's): its KV term is
+    batch x context x (KV_MS + KV_TOKEN_MS x (tokens - 1)); the draft and the overhead as in `_samples`."""
+    samples = [s for s in _samples(rng, noise) if s.role != "target"]
+    for batch, depth, context in itertools.product([1, 2, 4, 8, 16], range(0, 9), [256, 1024, 4096, 16384]):
+        tokens = 1.0 + depth
+        kv = batch * context * (KV_MS + KV_TOKEN_MS * depth)
+        for _ in range(MIN_CELL_SAMPLES):
+            ms = (LONG_CONTEXT["target"](batch, tokens) + kv) * (1 + rng.uniform(-noise, noise))
+            samples.append(CostSample("target", batch, tokens, ms, float(context)))
+    return samples
+
+
+def test_fit_recovers_a_kv_term_that_grows_with_the_tokens_a_verify_carries() -> None:
+    model = CostModel.fit(_width_samples(random.Random(6)), LONG_CONTEXT)
+    target = model.context_cost("target")
+    assert target.per_kv_ms == pytest.approx(KV_MS, rel=1e-6)
+    assert target.per_kv_token_ms == pytest.approx(KV_TOKEN_MS, rel=1e-6)
+    for batch, depth, context in [(1, 0, 16384), (8, 2, 4096), (16, 8, 16384), (4, 5, 50_000)]:
+        truth = LONG_CONTEXT["target"](batch, 1.0 + depth) + batch * context * (KV_MS + KV_TOKEN_MS * depth)
+        assert model.predict("target", batch, 1.0 + depth, context) == pytest.approx(truth, rel=1e-6)
+    # The draft's levels are passes of one token each: no width term, and its slope stays about 0.
+    assert model.context_cost("draft").per_kv_token_ms == 0.0
+    # Through noise, about the same; where every verify carries the same tokens per sequence, no width term.
+    noisy = CostModel.fit(_width_samples(random.Random(7), noise=0.05), LONG_CONTEXT).context_cost("target")
+    assert noisy.per_kv_token_ms == pytest.approx(KV_TOKEN_MS, rel=0.15)
+    assert noisy.per_kv_ms == pytest.approx(KV_MS, rel=0.15)
+    assert CostModel.fit(_samples(random.Random(8)), LONG_CONTEXT).context_cost("target").per_kv_token_ms == 0.0
+
+
+def test_a_verify_priced_by_its_width_drafts_less_at_long_context() -> None:
+    """Where each token a verify carries reads the long KV again (a CPU), drafting deep at long context costs
+    what the width-blind model misses: the fitted model chooses shallower depths there, as the brute force over the
+    true costs does."""
+    fitted = CostModel.fit(_width_samples(random.Random(9)), LONG_CONTEXT)
+    blind = CostModel(LONG_CONTEXT, context_costs={"target": ContextCost(KV_MS, reference=256.0)})
+    for batch, context in itertools.product([1, 4, 16], [4096, 16384]):
+        alphas, contexts = [0.8] * batch, [context] * batch
+        aware = choose_depths(alphas, fitted, 8, contexts=contexts).depths[0]
+        best = max(range(9), key=lambda d: plan_goodput(alphas, [d] * batch, fitted, contexts=contexts))
+        assert aware == best and aware < choose_depths(alphas, blind, 8, contexts=contexts).depths[0]
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_predictions_are_monotone_in_batch_tokens_and_context(seed: int) -> None:
     rng = random.Random(seed)

@@ -292,7 +292,8 @@ def _fit_context_cost(role: str, samples: list[CostSample], default: CostFn) -> 
     per query, at least 0; `per_kv_ms`: the median of the cells' slopes less their width's share, at least 0.
     Theil-Sen over medians, so neither a slow call nor one noisy cell moves them. A role whose costs do not grow
     with context (a window + sink draft, the router's overhead) gets about 0; cells of one width only, no width
-    term. With no cell measured at two contexts, the default's slope."""
+    term. With no cell measured at two contexts, the default's slope, no steeper than the cells allow
+    (`_within_measured`)."""
     known = [s for s in samples if s.context is not None]
     if not known:
         return default_context_cost(default)
@@ -303,21 +304,47 @@ def _fit_context_cost(role: str, samples: list[CostSample], default: CostFn) -> 
         cell = cells.setdefault((s.batch_size, round(s.tokens_per_seq / TOKEN_BUCKET) * TOKEN_BUCKET), {})
         cell.setdefault(context_bucket(s.context), []).append(s)
     cell_slopes: list[tuple[float, float]] = []  # (queries per sequence in a pass, the cell's slope)
+    measured: list[tuple[int, float, float, float]] = []  # (batch, tokens, context, ms) of each cell's buckets
     for (batch, tokens), by_context in cells.items():
         reads = batch * kv_passes(role, tokens)
         points = sorted((median(s.context for s in ss if s.context is not None), median(s.ms for s in ss))
                         for ss in by_context.values() if len(ss) >= MIN_CELL_SAMPLES)
+        measured.extend((batch, tokens, context, ms) for context, ms in points)
         slopes = [(ms_b - ms_a) / (reads * (c_b - c_a))
                   for (c_a, ms_a), (c_b, ms_b) in combinations(points, 2) if c_b > c_a and reads > 0]
         if slopes:
             cell_slopes.append((kv_width(role, tokens), median(slopes)))
     if not cell_slopes:
-        return ContextCost(default_context_cost(default).per_kv_ms, reference)
+        return _within_measured(ContextCost(default_context_cost(default).per_kv_ms, reference), role, measured)
     per_query = [(slope_b - slope_a) / (width_b - width_a)
                  for (width_a, slope_a), (width_b, slope_b) in combinations(cell_slopes, 2) if width_b != width_a]
     per_kv_token_ms = max(0.0, median(per_query)) if per_query else 0.0
     per_kv_ms = median(slope - per_kv_token_ms * (width - 1) for width, slope in cell_slopes)
     return ContextCost(max(0.0, per_kv_ms), reference, fitted=True, per_kv_token_ms=per_kv_token_ms)
+
+
+def _within_measured(cost: ContextCost, role: str, measured: list[tuple[int, float, float, float]]) -> ContextCost:
+    """The default's slope ``cost``, taken where no cell spans two contexts, scaled down where needed so that at
+    every measured (batch, tokens) cell and context its KV term claims no more than the cell's median above the
+    floor the table keeps there: the largest median measured at the reference context by a cell no bigger in batch
+    and tokens (the table is non-decreasing in both). The default was measured on one machine and engine; a slope
+    above what this one's cells allow prices a step above what it took at the very context it was measured at (a
+    plain step of 8 sequences at 7K tokens was priced at twice its time, and the policy drafted where plain decoding
+    was faster, bench/long_context.md). A fitted slope is left as fitted: the floor, a maximum over noisy medians,
+    would cut it by the noise."""
+    at_reference = context_bucket(cost.reference)
+    floors = [(batch, tokens, ms) for batch, tokens, context, ms in measured if context_bucket(context) == at_reference]
+    ratios = []
+    for batch, tokens, context, ms in measured:
+        term = cost(role, batch, tokens, context)
+        if term > 0 and context_bucket(context) != at_reference:
+            floor = max((f_ms for f_batch, f_tokens, f_ms in floors if f_batch <= batch and f_tokens <= tokens),
+                        default=0.0)
+            ratios.append(max(0.0, ms - floor) / term)
+    scale = min([1.0, *ratios])
+    if scale == 1.0:
+        return cost
+    return dataclasses.replace(cost, per_kv_ms=cost.per_kv_ms * scale, per_kv_token_ms=cost.per_kv_token_ms * scale)
 
 
 Measured = tuple[int, float, float]

@@ -187,6 +187,27 @@ def test_a_verify_priced_by_its_width_drafts_less_at_long_context() -> None:
         assert aware == best and aware < choose_depths(alphas, blind, 8, contexts=contexts).depths[0]
 
 
+def test_the_default_slope_never_prices_a_measured_cell_above_what_it_took() -> None:
+    """Warm-up requests at 64 tokens, then 8 sequences at 7K only: no cell spans two contexts, and the default's
+    slope alone would claim more than the whole step. Scaled down to what the cells measured above the floor the
+    table keeps (the batch-1 step at the reference), the steps are priced at their measurements at the context they
+    were measured at, and past it by the scaled slope."""
+    samples = [CostSample("target", 1, 1.0, 63.0, 64.0)] * MIN_CELL_SAMPLES
+    samples += [CostSample("target", 8, 1.0, 170.0, 7168.0)] * 10 + [CostSample("target", 8, 2.0, 230.0, 7168.0)] * 10
+    default_kv = DEFAULT_COSTS["target"].per_kv_ms  # type: ignore[attr-defined]
+    assert default_kv * 8 * (7168 - 64) > 170.0
+    model = CostModel.fit(samples)
+    target = model.context_cost("target")
+    assert not target.fitted and target.per_kv_ms == pytest.approx((170.0 - 63.0) / (8 * (7168 - 64)))
+    assert model.predict("target", 8, 1.0, 7168) == pytest.approx(170.0)
+    assert model.predict("target", 8, 2.0, 7168) == pytest.approx(230.0)
+    assert model.predict("target", 8, 1.0, 8192) == pytest.approx(170.0 + target.per_kv_ms * 8 * 1024)
+    assert model.predict("target", 1, 1.0, 64) == pytest.approx(63.0)
+    # Where the cells allow the default's slope, it stands.
+    allowed = [CostSample("target", 8, 1.0, 170.0 + default_kv * 8 * (7168 - 64), 7168.0)] * MIN_CELL_SAMPLES
+    assert CostModel.fit(samples[:MIN_CELL_SAMPLES] + allowed).context_cost("target").per_kv_ms == default_kv
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_predictions_are_monotone_in_batch_tokens_and_context(seed: int) -> None:
     rng = random.Random(seed)

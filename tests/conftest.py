@@ -60,6 +60,7 @@ class Cluster:
         self.deployment = deployment
         self.redis_url = redis_url
         self.addresses: dict[str, str] = {}
+        self.target_args: list[str] = []  # the shared target's arguments, for a test that needs a variant of it
 
     def start(self, name: str, role: str, args: list[str]) -> str:
         port = free_port()
@@ -102,7 +103,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, tiny_dr
         wait_redis(deployment.start_redis(redis_port), redis_port)
         cluster = Cluster(deployment, f"redis://127.0.0.1:{redis_port}/0")
         slots = ["--num-slots", "24", "--max-seq-len", "1024", "--redis-url", cluster.redis_url]
-        cluster.start("target", "target", ["--model", str(smollm2_dir), *slots])
+        cluster.target_args = ["--model", str(smollm2_dir), *slots]
+        cluster.start("target", "target", cluster.target_args)
         cluster.start("ngram", "draft", ["--drafter", "ngram", "--redis-url", cluster.redis_url])
         cluster.start("tiny", "draft", ["--drafter", "model", "--model", str(tiny_draft_dir), *slots])
         yield cluster

@@ -1,19 +1,47 @@
 /* Attention of a few new tokens per sequence over a long KV cache, on CPU, in float32.
  *
- * Verification and decoding read the whole cache for a handful of queries, so the cost is reading keys and
- * values, not arithmetic. BLAS matmuls with a handful of rows run far below what the memory allows on some CPUs
- * (bench/engine_kernels.md). Here each worker takes whole (sequence, key-value head) pairs: it reads each block of
- * keys once into L1 for all the query heads of its group (GQA) and all the new tokens, keeps the scores of the pair
- * in its own buffer, then reads each block of values once. Built at start by specfleet/engine/native.py with the
- * machine's own vector instructions; `cpu_attention.choose_attention_kernels` times it against PyTorch's kernels
- * and uses it only where it wins.
+ * Decoding and verification read the whole cache for a handful of queries per sequence: the cost is reading the
+ * keys and values and, once a few tokens per sequence are new, the arithmetic on them. Each worker takes whole
+ * (sequence, key-value head) pairs and reads the pair's keys and values once, a block at a time, for all the
+ * queries of its group (the query heads sharing the key-value head, times the new tokens), keeping a running maximum
+ * and sum per query (flash attention), so that no scores over the whole cache are written out and read back.
+ *
+ * A group of more than a few queries computes its scores sixteen keys at a time per query, each key's products in
+ * a vector of its own, folded into one vector of sixteen sums by shuffles rather than a horizontal sum per key; a
+ * smaller group (one new token per sequence over three query heads per key-value head) spends less per key with a
+ * sum per query and key (bench/engine_kernels.md). The softmax runs along the keys and the weighted sum of the values
+ * along the head's dimensions, a few queries at once, so every vector lane is in use whatever the group's size.
+ *
+ * Built at start by specfleet/engine/native.py with the machine's own vector instructions;
+ * `cpu_attention.choose_attention_kernels` times it against PyTorch's kernels and uses it only where it wins.
  */
 #include <float.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
-#define KEYS_PER_BLOCK 64 /* keys (or values) read together: 16 KiB at 64 float32 per head */
+#define KEYS_PER_BLOCK 512 /* keys (and values) read together: 128 KiB of each at heads of 64, held in L2 */
+#define LANES 16
+#define SUMS_MAX_GROUP 4   /* groups of up to this many queries take a sum per query and key */
+
+/* The folds need __builtin_shufflevector (GCC 12 and later, Clang); without it every group takes the sums. */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define FOLDS 1
+#endif
+#endif
+#ifdef FOLDS
+#define FOLDS_BUILT 1
+#define SIXTEEN_SCORES(HEAD_DIM, ...) sixteen_scores_##HEAD_DIM(__VA_ARGS__)
+#else
+#define FOLDS_BUILT 0
+#define SIXTEEN_SCORES(HEAD_DIM, ...)
+#endif
+
+/* Sixteen floats, loaded from and stored to any float's address. */
+typedef float floats __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
 
 typedef struct {
     int kv_heads, heads_per_kv, width, kv_len;
@@ -26,131 +54,205 @@ typedef struct {
     float *out; /* like q */
     int64_t out_row, out_head, out_token;
     float scale;
-    float *scores; /* this worker's [heads_per_kv * width, kv_len] */
 } Work;
 
-/* A tile of TILE queries of one (sequence, key-value head) pair against its entries start..stop: scores (each key
- * loaded once for the tile), then the weighted sum of the values (each value loaded once for the tile, and TILE
- * independent sums in vector registers, so one sum's additions need not wait on each other). HEAD_DIM is known at
- * compile time, so that a query's or a sum's floats stay in registers. */
-#define DEFINE_TILE(HEAD_DIM, TILE)                                                                              \
-    static void scores_##HEAD_DIM##_##TILE(const float *const *q, float scale, const float *keys, int start,     \
-                                           int stop, const float *const *bias, float *const *scores) {           \
-        float query[TILE][HEAD_DIM];                                                                             \
-        for (int t = 0; t < TILE; t++)                                                                           \
-            for (int d = 0; d < HEAD_DIM; d++) query[t][d] = q[t][d] * scale;                                    \
-        for (int j = start; j < stop; j++) {                                                                     \
-            const float *key = keys + (int64_t)j * HEAD_DIM;                                                     \
-            for (int t = 0; t < TILE; t++) {                                                                     \
+/* A worker's scratch for one pair: the group's queries (scaled) and one block's scores, then weights, per query;
+ * the running maximum and sum of weights per query, and the factor the last block scaled the sums so far by. */
+typedef struct {
+    float *queries, *scores, *top, *sum, *rescale;
+} Scratch;
+
+#ifdef FOLDS
+/* The sums of sixteen vectors' lanes, one per lane, without a horizontal sum each: four levels of shuffles, each
+ * adding the two halves of a pair of vectors, fold sixteen vectors into one. The sum of vector i ends in lane
+ * BIT_REVERSED[i] (and BIT_REVERSED is its own inverse). */
+static const int BIT_REVERSED[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+static inline floats fold_halves(floats a, floats b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+static inline floats fold_quarters(floats a, floats b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+static inline floats fold_pairs(floats a, floats b) {
+    return __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+static inline floats fold_lanes(floats a, floats b) {
+    return __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+           __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
+static inline floats fold(const floats products[16]) {
+    floats halves[8], quarters[4];
+    for (int i = 0; i < 8; i++) halves[i] = fold_halves(products[2 * i], products[2 * i + 1]);
+    for (int i = 0; i < 4; i++) quarters[i] = fold_quarters(halves[2 * i], halves[2 * i + 1]);
+    return fold_lanes(fold_pairs(quarters[0], quarters[1]), fold_pairs(quarters[2], quarters[3]));
+}
+
+/* One query's scores against sixteen consecutive keys, plus the mask. */
+#define DEFINE_SIXTEEN_SCORES(HEAD_DIM)                                                                          \
+    static inline void sixteen_scores_##HEAD_DIM(const float *query, const float *keys, const float *bias,      \
+                                                 float *scores) {                                                \
+        floats q[HEAD_DIM / LANES], products[16];                                                                \
+        for (int c = 0; c < HEAD_DIM / LANES; c++) q[c] = *(const floats *)(query + c * LANES);                  \
+        _Pragma("GCC unroll 16") for (int k = 0; k < 16; k++) {                                                  \
+            const float *key = keys + k * HEAD_DIM;                                                              \
+            floats sum = q[0] * *(const floats *)key;                                                            \
+            for (int c = 1; c < HEAD_DIM / LANES; c++) sum += q[c] * *(const floats *)(key + c * LANES);         \
+            products[BIT_REVERSED[k]] = sum;                                                                     \
+        }                                                                                                        \
+        *(floats *)scores = fold(products) + *(const floats *)bias;                                              \
+    }
+#else
+#define DEFINE_SIXTEEN_SCORES(HEAD_DIM)
+#endif
+
+/* One block's scores, plus the mask, for every query of the group: scores[i][k] for query i and key k. */
+#define DEFINE_BLOCK_SCORES(HEAD_DIM)                                                                            \
+    DEFINE_SIXTEEN_SCORES(HEAD_DIM)                                                                              \
+    static void block_scores_##HEAD_DIM(const float *queries, int group, const float *keys, int count,          \
+                                        const float *const *bias, float *scores) {                               \
+        int k = 0;                                                                                               \
+        if (FOLDS_BUILT && group > SUMS_MAX_GROUP)                                                          \
+            for (; k + 16 <= count; k += 16)                                                                     \
+                for (int i = 0; i < group; i++)                                                                  \
+                    SIXTEEN_SCORES(HEAD_DIM, queries + i * HEAD_DIM, keys + k * HEAD_DIM, bias[i] + k,           \
+                                   scores + i * KEYS_PER_BLOCK + k);                                             \
+        for (; k < count; k++)                                                                                   \
+            for (int i = 0; i < group; i++) {                                                                    \
+                const float *query = queries + i * HEAD_DIM;                                                     \
                 float dot = 0.f;                                                                                 \
-                for (int d = 0; d < HEAD_DIM; d++) dot += query[t][d] * key[d];                                  \
-                scores[t][j] = dot + bias[t][j];                                                                 \
+                for (int d = 0; d < HEAD_DIM; d++) dot += query[d] * keys[k * HEAD_DIM + d];                     \
+                scores[i * KEYS_PER_BLOCK + k] = dot + bias[i][k];                                               \
             }                                                                                                    \
-        }                                                                                                        \
-    }                                                                                                            \
-    static void values_##HEAD_DIM##_##TILE(const float *const *weights, const float *values, int start, int stop,\
-                                           float *const *out) {                                                  \
-        float sum[TILE][HEAD_DIM];                                                                               \
-        for (int t = 0; t < TILE; t++)                                                                           \
-            for (int d = 0; d < HEAD_DIM; d++) sum[t][d] = out[t][d];                                            \
-        for (int j = start; j < stop; j++) {                                                                     \
-            const float *value = values + (int64_t)j * HEAD_DIM;                                                 \
-            for (int t = 0; t < TILE; t++) {                                                                     \
-                const float weight = weights[t][j];                                                              \
-                for (int d = 0; d < HEAD_DIM; d++) sum[t][d] += weight * value[d];                               \
-            }                                                                                                    \
-        }                                                                                                        \
-        for (int t = 0; t < TILE; t++)                                                                           \
-            for (int d = 0; d < HEAD_DIM; d++) out[t][d] = sum[t][d];                                            \
     }
 
-#define TILE_MAX 4 /* 16 of the 32 vector registers hold the sums at heads of 64 */
-#define DEFINE_TILES(HEAD_DIM) \
-    DEFINE_TILE(HEAD_DIM, 1) DEFINE_TILE(HEAD_DIM, 2) DEFINE_TILE(HEAD_DIM, 3) DEFINE_TILE(HEAD_DIM, 4)
+/* out[i] += the block's weights[i][k] times value k, for TILE queries at once: each value vector loaded once for
+ * all of them, TILE x HEAD_DIM / LANES independent sums in registers. */
+#define DEFINE_VALUES(HEAD_DIM, TILE)                                                                            \
+    static inline void values_##HEAD_DIM##_##TILE(const float *weights, const float *values, int count,         \
+                                                  float *const *out) {                                           \
+        floats sums[TILE][HEAD_DIM / LANES];                                                                     \
+        for (int i = 0; i < TILE; i++)                                                                           \
+            for (int c = 0; c < HEAD_DIM / LANES; c++) sums[i][c] = *(const floats *)(out[i] + c * LANES);      \
+        for (int k = 0; k < count; k++) {                                                                        \
+            floats value[HEAD_DIM / LANES];                                                                      \
+            for (int c = 0; c < HEAD_DIM / LANES; c++)                                                           \
+                value[c] = *(const floats *)(values + (int64_t)k * HEAD_DIM + c * LANES);                       \
+            for (int i = 0; i < TILE; i++) {                                                                     \
+                const float weight = weights[i * KEYS_PER_BLOCK + k];                                            \
+                for (int c = 0; c < HEAD_DIM / LANES; c++) sums[i][c] += weight * value[c];                      \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int i = 0; i < TILE; i++)                                                                           \
+            for (int c = 0; c < HEAD_DIM / LANES; c++) *(floats *)(out[i] + c * LANES) = sums[i][c];            \
+    }
 
-/* One (sequence, key-value head) pair: query i of its group is query head i / width of the group, new token
- * i % width. The scores of all its queries, then their softmax, then the values, each pass block by block. */
-#define DEFINE_PAIR(HEAD_DIM)                                                                                    \
-    DEFINE_TILES(HEAD_DIM)                                                                                       \
-    static void attend_pair_##HEAD_DIM(const Work *w, int pair) {                                                \
-        const int row = pair / w->kv_heads, kv_head = pair % w->kv_heads;                                        \
-        const int group = w->heads_per_kv * w->width, n = w->kv_len;                                             \
+/* Folds one query's block of scores into its running softmax: the new maximum, the factor by which the sums so far
+ * shrink, and the block's weights relative to the new maximum in place of its scores. */
+static inline void softmax_block(float *scores, int count, float *top, float *sum, float *rescale) {
+    float fresh = *top;
+    for (int k = 0; k < count; k++) fresh = scores[k] > fresh ? scores[k] : fresh;
+    float total = 0.f;
+    for (int k = 0; k < count; k++) {
+        scores[k] = expf(scores[k] - fresh);
+        total += scores[k];
+    }
+    *rescale = expf(*top - fresh);
+    *sum = *sum * *rescale + total;
+    *top = fresh;
+}
+
+/* One (sequence, key-value head) pair. Query i of its group is query head i / width of the group, new token
+ * i % width. */
+#define DEFINE_PAIR(HEAD_DIM, TILE_MAX)                                                                          \
+    DEFINE_BLOCK_SCORES(HEAD_DIM)                                                                                \
+    DEFINE_VALUES(HEAD_DIM, 1) DEFINE_VALUES(HEAD_DIM, 2) DEFINE_VALUES(HEAD_DIM, 3)                             \
+    DEFINE_VALUES(HEAD_DIM, 4) DEFINE_VALUES(HEAD_DIM, 5) DEFINE_VALUES(HEAD_DIM, 6)                             \
+    static void attend_pair_##HEAD_DIM(const Work *w, const Scratch *s, int pair) {                              \
+        const int row = pair / w->kv_heads, kv_head = pair % w->kv_heads, group = w->heads_per_kv * w->width;   \
         const float *keys = w->keys + row * w->kv_row + kv_head * w->kv_head;                                    \
         const float *values = w->values + row * w->kv_row + kv_head * w->kv_head;                                \
-        const float *q[group], *bias[group];                                                                     \
-        float *out[group], *scores[group];                                                                       \
+        const float *bias[group];                                                                                \
+        float *out[group];                                                                                       \
         for (int i = 0; i < group; i++) {                                                                        \
             const int head = kv_head * w->heads_per_kv + i / w->width, token = i % w->width;                     \
-            q[i] = w->q + row * w->q_row + head * w->q_head + token * w->q_token;                                \
-            out[i] = w->out + row * w->out_row + head * w->out_head + token * w->out_token;                      \
+            const float *query = w->q + row * w->q_row + head * w->q_head + token * w->q_token;                  \
+            for (int d = 0; d < HEAD_DIM; d++) s->queries[i * HEAD_DIM + d] = query[d] * w->scale;               \
             bias[i] = w->bias + row * w->bias_row + token * w->bias_token;                                       \
-            scores[i] = w->scores + (int64_t)i * n;                                                              \
+            out[i] = w->out + row * w->out_row + head * w->out_head + token * w->out_token;                      \
+            memset(out[i], 0, sizeof(float) * HEAD_DIM);                                                         \
+            s->top[i] = -FLT_MAX, s->sum[i] = 0.f;                                                               \
         }                                                                                                        \
-        for (int start = 0; start < n; start += KEYS_PER_BLOCK) {                                                \
-            const int stop = start + KEYS_PER_BLOCK < n ? start + KEYS_PER_BLOCK : n;                            \
+        for (int start = 0; start < w->kv_len; start += KEYS_PER_BLOCK) {                                        \
+            const int count = start + KEYS_PER_BLOCK < w->kv_len ? KEYS_PER_BLOCK : w->kv_len - start;          \
+            const float *block_bias[group];                                                                      \
+            for (int i = 0; i < group; i++) block_bias[i] = bias[i] + start;                                     \
+            block_scores_##HEAD_DIM(s->queries, group, keys + (int64_t)start * HEAD_DIM, count, block_bias,       \
+                                    s->scores);                                                                  \
+            for (int i = 0; i < group; i++) {                                                                    \
+                softmax_block(s->scores + i * KEYS_PER_BLOCK, count, s->top + i, s->sum + i, s->rescale + i);    \
+                if (s->rescale[i] != 1.f)                                                                        \
+                    for (int d = 0; d < HEAD_DIM; d++) out[i][d] *= s->rescale[i];                               \
+            }                                                                                                    \
+            const float *block_values = values + (int64_t)start * HEAD_DIM;                                      \
             for (int i = 0; i < group; i += TILE_MAX) {                                                          \
+                const float *weights = s->scores + i * KEYS_PER_BLOCK;                                           \
                 switch (group - i < TILE_MAX ? group - i : TILE_MAX) {                                           \
-                case 1: scores_##HEAD_DIM##_1(q + i, w->scale, keys, start, stop, bias + i, scores + i); break;  \
-                case 2: scores_##HEAD_DIM##_2(q + i, w->scale, keys, start, stop, bias + i, scores + i); break;  \
-                case 3: scores_##HEAD_DIM##_3(q + i, w->scale, keys, start, stop, bias + i, scores + i); break;  \
-                default: scores_##HEAD_DIM##_4(q + i, w->scale, keys, start, stop, bias + i, scores + i);        \
+                case 1: values_##HEAD_DIM##_1(weights, block_values, count, out + i); break;                     \
+                case 2: values_##HEAD_DIM##_2(weights, block_values, count, out + i); break;                     \
+                case 3: values_##HEAD_DIM##_3(weights, block_values, count, out + i); break;                     \
+                case 4: values_##HEAD_DIM##_4(weights, block_values, count, out + i); break;                     \
+                case 5: values_##HEAD_DIM##_5(weights, block_values, count, out + i); break;                     \
+                default: values_##HEAD_DIM##_6(weights, block_values, count, out + i);                           \
                 }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
         for (int i = 0; i < group; i++) {                                                                        \
-            float *row_scores = scores[i], top = -FLT_MAX, total = 0.f;                                          \
-            for (int j = 0; j < n; j++) top = row_scores[j] > top ? row_scores[j] : top;                         \
-            for (int j = 0; j < n; j++) {                                                                        \
-                row_scores[j] = expf(row_scores[j] - top);                                                       \
-                total += row_scores[j];                                                                          \
-            }                                                                                                    \
-            const float inverse = 1.f / total;                                                                   \
-            for (int j = 0; j < n; j++) row_scores[j] *= inverse;                                                \
-            for (int d = 0; d < HEAD_DIM; d++) out[i][d] = 0.f;                                                  \
-        }                                                                                                        \
-        for (int start = 0; start < n; start += KEYS_PER_BLOCK) {                                                \
-            const int stop = start + KEYS_PER_BLOCK < n ? start + KEYS_PER_BLOCK : n;                            \
-            for (int i = 0; i < group; i += TILE_MAX) {                                                          \
-                const float *const *weights = (const float *const *)(scores + i);                                \
-                switch (group - i < TILE_MAX ? group - i : TILE_MAX) {                                           \
-                case 1: values_##HEAD_DIM##_1(weights, values, start, stop, out + i); break;                     \
-                case 2: values_##HEAD_DIM##_2(weights, values, start, stop, out + i); break;                     \
-                case 3: values_##HEAD_DIM##_3(weights, values, start, stop, out + i); break;                     \
-                default: values_##HEAD_DIM##_4(weights, values, start, stop, out + i);                           \
-                }                                                                                                \
-            }                                                                                                    \
+            const float inverse = 1.f / s->sum[i];                                                               \
+            for (int d = 0; d < HEAD_DIM; d++) out[i][d] *= inverse;                                             \
         }                                                                                                        \
     }
 
-DEFINE_PAIR(64)
-DEFINE_PAIR(128)
+DEFINE_PAIR(64, 6)
+DEFINE_PAIR(128, 2)
 
-/* Returns 0, or -1 for a head size this file has no kernel for. ``scores`` holds ``workers`` buffers of
- * heads_per_kv * width * kv_len floats. Strides are in floats. The pairs are shared among ``workers`` threads of
- * the OpenMP runtime PyTorch itself loaded (the same libgomp, found by its name), so the threads that just ran
- * PyTorch's operators, still spinning, take them at once: threads of our own would wait for a core. */
+/* Returns 0, -1 for a head size this file has no kernel for, -2 when out of memory. Strides are in floats. The
+ * pairs are shared among `workers` threads of the OpenMP runtime PyTorch itself loaded (the same libgomp, found by
+ * its name), so the threads that just ran PyTorch's operators, still spinning, take them at once: threads of our
+ * own would wait for a core. */
 int specfleet_attend_f32(int rows, int kv_heads, int heads_per_kv, int width, int kv_len, int head_dim,
                          const float *q, int64_t q_row, int64_t q_head, int64_t q_token,
                          const float *keys, const float *values, int64_t kv_row, int64_t kv_head,
                          const float *bias, int64_t bias_row, int64_t bias_token,
                          float *out, int64_t out_row, int64_t out_head, int64_t out_token,
-                         float scale, int workers, float *scores) {
+                         float scale, int workers) {
     if (head_dim != 64 && head_dim != 128) return -1;
-    const int pairs = rows * kv_heads;
+    const int pairs = rows * kv_heads, group = heads_per_kv * width;
     if (workers > pairs) workers = pairs;
     if (workers < 1) workers = 1;
+    const size_t per_worker = (size_t)group * (head_dim + KEYS_PER_BLOCK + 3);
+    float *scratch = malloc(sizeof(float) * per_worker * workers);
+    if (scratch == NULL) return -2;
+    const Work work = {kv_heads, heads_per_kv, width, kv_len, q, q_row, q_head, q_token, keys, values, kv_row,
+                       kv_head, bias, bias_row, bias_token, out, out_row, out_head, out_token, scale};
 #pragma omp parallel num_threads(workers)
     {
         const int worker = omp_get_thread_num(), count = omp_get_num_threads();
-        Work work = {kv_heads, heads_per_kv, width, kv_len, q, q_row, q_head, q_token, keys, values, kv_row,
-                     kv_head, bias, bias_row, bias_token, out, out_row, out_head, out_token, scale,
-                     scores + (int64_t)worker * heads_per_kv * width * kv_len};
+        float *mine = scratch + per_worker * worker;
+        const Scratch s = {mine, mine + group * head_dim, mine + group * (head_dim + KEYS_PER_BLOCK),
+                           mine + group * (head_dim + KEYS_PER_BLOCK + 1),
+                           mine + group * (head_dim + KEYS_PER_BLOCK + 2)};
         for (int pair = pairs * worker / count; pair < pairs * (worker + 1) / count; pair++) {
             if (head_dim == 64)
-                attend_pair_64(&work, pair);
+                attend_pair_64(&work, &s, pair);
             else
-                attend_pair_128(&work, pair);
+                attend_pair_128(&work, &s, pair);
         }
     }
+    free(scratch);
     return 0;
 }

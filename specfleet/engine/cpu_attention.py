@@ -16,13 +16,13 @@ small grid of widths and cache sizes, once per process and shape, and keeps whic
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -129,18 +129,24 @@ def native_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if bias.stride(4) != 1:
         bias = bias.contiguous()
     out = q.new_empty(rows, width, heads, head_dim).transpose(1, 2)
-    workers = torch.get_num_threads()
-    scores = q.new_empty(workers, heads // kv_heads * width * kv_len)
     status = _native_function()(rows, kv_heads, heads // kv_heads, width, kv_len, head_dim,
                                 q.data_ptr(), *q.stride()[:3], keys.data_ptr(), values.data_ptr(), *keys.stride()[:2],
                                 bias.data_ptr(), bias.stride(0), bias.stride(3),
-                                out.data_ptr(), *out.stride()[:3], head_dim ** -0.5, workers, scores.data_ptr())
+                                out.data_ptr(), *out.stride()[:3], head_dim ** -0.5, torch.get_num_threads())
+    if status == -2:
+        raise MemoryError("cpu_attention.c could not allocate its scratch")
     if status != 0:
         raise ValueError(f"cpu_attention.c has no kernel for heads of {head_dim}")
     return out
 
 
-@cache
+BIAS_KERNELS: dict[Kernel, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    Kernel.MATMULS: grouped_attention, Kernel.HEAD_MATMULS: head_attention, Kernel.NATIVE: native_attention}
+"""The kernels other than PyTorch's flash kernel, which all take the mask as an additive bias: what a forward calls
+for each, and what `choose_attention_kernels` times."""
+
+
+@functools.cache
 def _native_function() -> Callable[..., int] | None:
     library = load_library(NATIVE_SOURCE)
     if library is None:
@@ -148,8 +154,7 @@ def _native_function() -> Callable[..., int] | None:
     function = library.specfleet_attend_f32
     size, pointer, stride = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
     function.argtypes = [size] * 6 + [pointer, stride, stride, stride, pointer, pointer, stride, stride,
-                                      pointer, stride, stride, pointer, stride, stride, stride,
-                                      ctypes.c_float, size, pointer]
+                                      pointer, stride, stride, pointer, stride, stride, stride, ctypes.c_float, size]
     function.restype = ctypes.c_int
     return function
 
@@ -201,7 +206,7 @@ def choose_attention_kernels(num_heads: int, num_kv_heads: int, head_dim: int, d
     return _choose(num_heads, num_kv_heads, head_dim, dtype, timed_groups(max_rows, max_len), torch.get_num_threads())
 
 
-@cache
+@functools.cache
 def _choose(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, groups: tuple[tuple[int, int], ...],
             threads: int) -> AttentionKernels:
     start = time.perf_counter()
@@ -228,10 +233,9 @@ def _fastest_kernel(num_heads: int, num_kv_heads: int, head_dim: int, dtype: tor
     positions = torch.arange(kv_len - width, kv_len)
     mask = (torch.arange(kv_len)[None, :] <= positions[:, None]).expand(rows, 1, width, kv_len)
     bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf")).unsqueeze(1)
-    calls = {Kernel.FLASH: lambda: F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True),
-             Kernel.MATMULS: lambda: grouped_attention(q, keys, values, bias),
-             Kernel.HEAD_MATMULS: lambda: head_attention(q, keys, values, bias)}
-    if native_attention_available(head_dim, dtype):
-        calls[Kernel.NATIVE] = lambda: native_attention(q, keys, values, bias)
+    calls = {Kernel.FLASH: lambda: F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)}
+    for kernel, attention in BIAS_KERNELS.items():
+        if kernel is not Kernel.NATIVE or native_attention_available(head_dim, dtype):
+            calls[kernel] = functools.partial(attention, q, keys, values, bias)
     times = fastest_calls(list(calls.values()), TIMED_CALLS)
     return min(zip(times, calls, strict=True), key=lambda pair: pair[0])[1]

@@ -25,14 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from specfleet.engine.cpu_attention import (
-    FLASH_ONLY,
-    AttentionKernels,
-    Kernel,
-    grouped_attention,
-    head_attention,
-    native_attention,
-)
+from specfleet.engine.cpu_attention import BIAS_KERNELS, FLASH_ONLY, AttentionKernels, Kernel
 from specfleet.engine.kv_cache import SlotKVCache
 from specfleet.engine.rope import RopeScaling, apply_rope, rope_cos_sin
 from specfleet.trees.structure import tree_attention_mask, tree_depths, tree_position_ids
@@ -199,13 +192,9 @@ class BatchLayout:
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kernel: Kernel) -> torch.Tensor:
         """q [rows, heads, width, head_dim] over the rows read; the same shape out."""
-        if kernel is Kernel.MATMULS:
-            return grouped_attention(q, keys, values, self.read_bias)
-        if kernel is Kernel.HEAD_MATMULS:
-            return head_attention(q, keys, values, self.read_bias)
-        if kernel is Kernel.NATIVE:
-            return native_attention(q, keys, values, self.read_bias)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.read_mask, enable_gqa=True)
+        if kernel is Kernel.FLASH:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.read_mask, enable_gqa=True)
+        return BIAS_KERNELS[kernel](q, keys, values, self.read_bias)
 
     @cached_property
     def read_bias(self) -> torch.Tensor:  # [rows, 1, 1, width, kv_len]

@@ -114,3 +114,23 @@ def test_native_attention_reads_strided_views_in_place(head_dim: int, width: int
     out = native_attention(q, keys, values, bias)
     torch.testing.assert_close(out, grouped_attention(q, keys, values, bias), atol=1e-5, rtol=1e-5)
     assert out.transpose(1, 2).is_contiguous()
+
+
+@requires_compiler
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(("heads_per_kv", "width"), [(1, 1), (3, 1), (3, 2), (7, 1), (2, 9)])
+def test_native_attention_over_several_blocks_with_masked_spans(head_dim: int, heads_per_kv: int, width: int) -> None:
+    """Caches longer than the kernel's blocks, whose last block is partial: a full row, a shorter row (its last
+    blocks all masked), and a row seeing only a window of recent entries (its first block all masked), for groups
+    small enough to take a sum per query and key and larger ones that take the folds."""
+    g = torch.Generator().manual_seed(head_dim * width + heads_per_kv)
+    rows, kv_heads, kv_len = 3, 2, 1300
+    q = torch.randn(rows, kv_heads * heads_per_kv, width, head_dim, generator=g)
+    keys, values = (torch.randn(rows, kv_heads, kv_len, head_dim, generator=g) for _ in range(2))
+    positions = torch.tensor([kv_len, 700, kv_len])[:, None] - width + torch.arange(width)
+    keys_seen = torch.arange(kv_len)[None, None, :]
+    mask = keys_seen <= positions[:, :, None]
+    mask[2] &= keys_seen[0] > positions[2, :, None] - 300
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))[:, None, None]
+    torch.testing.assert_close(native_attention(q, keys, values, bias), grouped_attention(q, keys, values, bias),
+                               atol=1e-5, rtol=1e-5)

@@ -33,9 +33,9 @@ from specfleet.engine import (
     SlotKVCache,
     TreeExtend,
     UnknownSequenceError,
-    llama,
 )
 from specfleet.engine.cpu_attention import (
+    BIAS_KERNELS,
     FLASH_ONLY,
     AttentionKernels,
     Kernel,
@@ -142,11 +142,10 @@ def test_a_forward_attends_with_the_kernel_its_model_chose(tiny_folder: Path, ke
     """A runner times the CPU's attention kernels for its slots; a forward then takes each exactly for the widths and
     sizes the choice gives it, with the logits the flash kernel gives."""
     widths: list[int] = []
-    name = "grouped_attention" if kernel is Kernel.MATMULS else "head_attention"
-    original = getattr(llama, name)
-    monkeypatch.setattr(llama, name, lambda q, *rest: widths.append(q.shape[2]) or original(q, *rest))
     runner = ModelRunner.from_folder(tiny_folder, num_slots=1, max_seq_len=64)
     runner.extend([Extend("a", 0, [5, 17, 3, 88, 42, 9, 1, 60])])
+    original = BIAS_KERNELS[kernel]
+    monkeypatch.setitem(BIAS_KERNELS, kernel, lambda q, *rest: widths.append(q.shape[2]) or original(q, *rest))
     verify = Extend("a", 8, [7, 21, 2], num_logits=3)
     runner.attention_kernels = FLASH_ONLY
     [flash] = runner.extend([verify])
@@ -174,10 +173,10 @@ def test_a_forward_with_the_native_kernel_matches_transformers(tmp_path_factory)
     runner = ModelRunner.from_folder(folder, num_slots=4, max_seq_len=64)
     runner.attention_kernels = always(Kernel.NATIVE)
     calls: list[int] = []
-    original = llama.native_attention
+    original = BIAS_KERNELS[Kernel.NATIVE]
     runner.extend([Extend(name, 0, toks[:-4]) for name, toks in seqs.items()])
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(llama, "native_attention", lambda q, *rest: calls.append(q.shape[2]) or original(q, *rest))
+        patch.setitem(BIAS_KERNELS, Kernel.NATIVE, lambda q, *rest: calls.append(q.shape[2]) or original(q, *rest))
         verified = runner.extend([Extend(name, len(toks) - 4, toks[-4:-1], num_logits=3)
                                   for name, toks in list(seqs.items())[::2]])
         decoded = runner.extend([Extend(name, len(toks) - 1, toks[-1:]) for name, toks in list(seqs.items())[::2]])

@@ -1,4 +1,4 @@
-/* Attention of a few new tokens per sequence over a long KV cache, on CPU, in float32.
+/* Attention of a few new tokens per sequence over a long KV cache, on CPU, in float32 or bfloat16.
  *
  * Decoding and verification read the whole cache for a handful of queries per sequence: the cost is reading the
  * keys and values and, once a few tokens per sequence are new, the arithmetic on them. Each worker takes whole
@@ -11,6 +11,8 @@
  * smaller group (one new token per sequence over three query heads per key-value head) spends less per key with a
  * sum per query and key (bench/engine_kernels.md). The softmax runs along the keys and the weighted sum of the values
  * along the head's dimensions, a few queries at once, so every vector lane is in use whatever the group's size.
+ * In bfloat16 the cache is read as it is stored, half the bytes of float32, and widened to float32 in registers;
+ * the arithmetic is float32's, and each output is rounded to bfloat16 once.
  *
  * Built at start by specfleet/engine/native.py with the machine's own vector instructions;
  * `cpu_attention.choose_attention_kernels` times it against PyTorch's kernels and uses it only where it wins.
@@ -34,32 +36,65 @@
 #endif
 #ifdef FOLDS
 #define FOLDS_BUILT 1
-#define SIXTEEN_SCORES(HEAD_DIM, ...) sixteen_scores_##HEAD_DIM(__VA_ARGS__)
+#define SIXTEEN_SCORES(T, HEAD_DIM, ...) sixteen_scores_##T##_##HEAD_DIM(__VA_ARGS__)
 #else
 #define FOLDS_BUILT 0
-#define SIXTEEN_SCORES(HEAD_DIM, ...)
+#define SIXTEEN_SCORES(T, HEAD_DIM, ...)
 #endif
 
 /* Sixteen floats, loaded from and stored to any float's address. */
 typedef float floats __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
+typedef uint16_t bf16; /* a bfloat16's bits: a float32's upper half */
+typedef bf16 bf16s __attribute__((vector_size(LANES * sizeof(bf16)), aligned(2)));
+typedef uint32_t words __attribute__((vector_size(LANES * sizeof(uint32_t))));
+
+/* Sixteen consecutive elements as floats, and one element as a float, from either element type. */
+static inline floats load_float(const float *p) { return *(const floats *)p; }
+static inline floats load_bf16(const bf16 *p) { return (floats)(__builtin_convertvector(*(const bf16s *)p, words) << 16); }
+static inline float float_of_float(float x) { return x; }
+static inline float float_of_bf16(bf16 x) {
+    const uint32_t bits = (uint32_t)x << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* n elements (a multiple of LANES) as floats: a bfloat16 block read by a large group is widened once, not once per
+ * query. WIDENS_<type>: whether a large group's blocks are widened first. */
+#define WIDENS_float 0
+#define WIDENS_bf16 1
+static inline void widen_float(const float *from, int n, float *to) { memcpy(to, from, sizeof(float) * n); }
+static inline void widen_bf16(const bf16 *from, int n, float *to) {
+    for (int i = 0; i < n; i += LANES) *(floats *)(to + i) = load_bf16(from + i);
+}
+
+/* A float32 stored as either element type: bfloat16 rounds to nearest, ties to even, as PyTorch does. */
+static inline float float_from_float(float x) { return x; }
+static inline bf16 bf16_from_float(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return (bf16)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
 
 typedef struct {
     int kv_heads, heads_per_kv, width, kv_len;
-    const float *q; /* [rows, heads, width, head_dim], strides below, head_dim contiguous */
+    const void *q; /* [rows, heads, width, head_dim] of the element type, strides below, head_dim contiguous */
     int64_t q_row, q_head, q_token;
-    const float *keys, *values; /* [rows, kv_heads, >= kv_len, head_dim], each head's entries contiguous */
+    const void *keys, *values; /* [rows, kv_heads, >= kv_len, head_dim], each head's entries contiguous */
     int64_t kv_row, kv_head;
-    const float *bias; /* [rows, width, kv_len] added to the scores: 0 or -inf */
+    const float *bias; /* [rows, width, kv_len], float32 whatever the element type: 0 or -inf */
     int64_t bias_row, bias_token;
-    float *out; /* like q */
+    void *out; /* like q */
     int64_t out_row, out_head, out_token;
     float scale;
 } Work;
 
-/* A worker's scratch for one pair: the group's queries (scaled) and one block's scores, then weights, per query;
- * the running maximum and sum of weights per query, and the factor the last block scaled the sums so far by. */
+/* A worker's scratch for one pair, in float32: the group's queries (scaled), one block's scores (then weights) and
+ * the weighted sums of values so far, per query; the running maximum and sum of weights per query, and the factor
+ * the last block scaled the sums so far by. */
 typedef struct {
-    float *queries, *scores, *top, *sum, *rescale;
+    float *queries, *scores, *sums, *top, *sum, *rescale;
+    float *keys, *values; /* one block of each, widened to float32 (bfloat16 caches, large groups) */
 } Scratch;
 
 #ifdef FOLDS
@@ -92,63 +127,81 @@ static inline floats fold(const floats products[16]) {
     return fold_lanes(fold_pairs(quarters[0], quarters[1]), fold_pairs(quarters[2], quarters[3]));
 }
 
-/* One query's scores against sixteen consecutive keys, plus the mask. */
-#define DEFINE_SIXTEEN_SCORES(HEAD_DIM)                                                                          \
-    static inline void sixteen_scores_##HEAD_DIM(const float *query, const float *keys, const float *bias,      \
-                                                 float *scores) {                                                \
+/* One query's scores against sixteen consecutive keys of element type T, plus the mask. */
+#define DEFINE_SIXTEEN_SCORES(T, HEAD_DIM)                                                                       \
+    static inline void sixteen_scores_##T##_##HEAD_DIM(const float *query, const T *keys, const float *bias,    \
+                                                       float *scores) {                                          \
         floats q[HEAD_DIM / LANES], products[16];                                                                \
-        for (int c = 0; c < HEAD_DIM / LANES; c++) q[c] = *(const floats *)(query + c * LANES);                  \
+        for (int c = 0; c < HEAD_DIM / LANES; c++) q[c] = load_float(query + c * LANES);                         \
         _Pragma("GCC unroll 16") for (int k = 0; k < 16; k++) {                                                  \
-            const float *key = keys + k * HEAD_DIM;                                                              \
-            floats sum = q[0] * *(const floats *)key;                                                            \
-            for (int c = 1; c < HEAD_DIM / LANES; c++) sum += q[c] * *(const floats *)(key + c * LANES);         \
+            const T *key = keys + k * HEAD_DIM;                                                                  \
+            floats sum = q[0] * load_##T(key);                                                                   \
+            for (int c = 1; c < HEAD_DIM / LANES; c++) sum += q[c] * load_##T(key + c * LANES);                  \
             products[BIT_REVERSED[k]] = sum;                                                                     \
         }                                                                                                        \
-        *(floats *)scores = fold(products) + *(const floats *)bias;                                              \
+        *(floats *)scores = fold(products) + load_float(bias);                                                   \
     }
 #else
-#define DEFINE_SIXTEEN_SCORES(HEAD_DIM)
+#define DEFINE_SIXTEEN_SCORES(T, HEAD_DIM)
 #endif
 
 /* One block's scores, plus the mask, for every query of the group: scores[i][k] for query i and key k. */
-#define DEFINE_BLOCK_SCORES(HEAD_DIM)                                                                            \
-    DEFINE_SIXTEEN_SCORES(HEAD_DIM)                                                                              \
-    static void block_scores_##HEAD_DIM(const float *queries, int group, const float *keys, int count,          \
-                                        const float *const *bias, float *scores) {                               \
+#define DEFINE_BLOCK_SCORES(T, HEAD_DIM)                                                                         \
+    DEFINE_SIXTEEN_SCORES(T, HEAD_DIM)                                                                           \
+    static void block_scores_##T##_##HEAD_DIM(const float *queries, int group, const T *keys, int count,        \
+                                              const float *const *bias, float *scores) {                         \
         int k = 0;                                                                                               \
-        if (FOLDS_BUILT && group > SUMS_MAX_GROUP)                                                          \
+        if (FOLDS_BUILT && group > SUMS_MAX_GROUP)                                                               \
             for (; k + 16 <= count; k += 16)                                                                     \
                 for (int i = 0; i < group; i++)                                                                  \
-                    SIXTEEN_SCORES(HEAD_DIM, queries + i * HEAD_DIM, keys + k * HEAD_DIM, bias[i] + k,           \
+                    SIXTEEN_SCORES(T, HEAD_DIM, queries + i * HEAD_DIM, keys + k * HEAD_DIM, bias[i] + k,        \
                                    scores + i * KEYS_PER_BLOCK + k);                                             \
         for (; k < count; k++)                                                                                   \
             for (int i = 0; i < group; i++) {                                                                    \
                 const float *query = queries + i * HEAD_DIM;                                                     \
                 float dot = 0.f;                                                                                 \
-                for (int d = 0; d < HEAD_DIM; d++) dot += query[d] * keys[k * HEAD_DIM + d];                     \
+                for (int d = 0; d < HEAD_DIM; d++) dot += query[d] * float_of_##T(keys[k * HEAD_DIM + d]);       \
                 scores[i * KEYS_PER_BLOCK + k] = dot + bias[i][k];                                               \
             }                                                                                                    \
     }
 
-/* out[i] += the block's weights[i][k] times value k, for TILE queries at once: each value vector loaded once for
+/* sums[i] += the block's weights[i][k] times value k, for TILE queries at once: each value vector loaded once for
  * all of them, TILE x HEAD_DIM / LANES independent sums in registers. */
-#define DEFINE_VALUES(HEAD_DIM, TILE)                                                                            \
-    static inline void values_##HEAD_DIM##_##TILE(const float *weights, const float *values, int count,         \
-                                                  float *const *out) {                                           \
-        floats sums[TILE][HEAD_DIM / LANES];                                                                     \
+#define DEFINE_VALUES(T, HEAD_DIM, TILE)                                                                         \
+    static inline void values_##T##_##HEAD_DIM##_##TILE(const float *weights, const T *values, int count,       \
+                                                        float *sums) {                                           \
+        floats total[TILE][HEAD_DIM / LANES];                                                                    \
         for (int i = 0; i < TILE; i++)                                                                           \
-            for (int c = 0; c < HEAD_DIM / LANES; c++) sums[i][c] = *(const floats *)(out[i] + c * LANES);      \
+            for (int c = 0; c < HEAD_DIM / LANES; c++) total[i][c] = load_float(sums + i * HEAD_DIM + c * LANES); \
         for (int k = 0; k < count; k++) {                                                                        \
             floats value[HEAD_DIM / LANES];                                                                      \
-            for (int c = 0; c < HEAD_DIM / LANES; c++)                                                           \
-                value[c] = *(const floats *)(values + (int64_t)k * HEAD_DIM + c * LANES);                       \
+            for (int c = 0; c < HEAD_DIM / LANES; c++) value[c] = load_##T(values + k * HEAD_DIM + c * LANES);  \
             for (int i = 0; i < TILE; i++) {                                                                     \
                 const float weight = weights[i * KEYS_PER_BLOCK + k];                                            \
-                for (int c = 0; c < HEAD_DIM / LANES; c++) sums[i][c] += weight * value[c];                      \
+                for (int c = 0; c < HEAD_DIM / LANES; c++) total[i][c] += weight * value[c];                     \
             }                                                                                                    \
         }                                                                                                        \
         for (int i = 0; i < TILE; i++)                                                                           \
-            for (int c = 0; c < HEAD_DIM / LANES; c++) *(floats *)(out[i] + c * LANES) = sums[i][c];            \
+            for (int c = 0; c < HEAD_DIM / LANES; c++) *(floats *)(sums + i * HEAD_DIM + c * LANES) = total[i][c]; \
+    }
+
+/* The weighted sums of one block's values for every query of the group, TILE_MAX queries at a time. */
+#define DEFINE_BLOCK_VALUES(T, HEAD_DIM, TILE_MAX)                                                               \
+    DEFINE_VALUES(T, HEAD_DIM, 1) DEFINE_VALUES(T, HEAD_DIM, 2) DEFINE_VALUES(T, HEAD_DIM, 3)                    \
+    DEFINE_VALUES(T, HEAD_DIM, 4) DEFINE_VALUES(T, HEAD_DIM, 5) DEFINE_VALUES(T, HEAD_DIM, 6)                    \
+    static void block_values_##T##_##HEAD_DIM(const float *weights, int group, const T *values, int count,      \
+                                              float *sums) {                                                     \
+        for (int i = 0; i < group; i += TILE_MAX) {                                                              \
+            const float *mine = weights + i * KEYS_PER_BLOCK;                                                    \
+            switch (group - i < TILE_MAX ? group - i : TILE_MAX) {                                               \
+            case 1: values_##T##_##HEAD_DIM##_1(mine, values, count, sums + i * HEAD_DIM); break;                \
+            case 2: values_##T##_##HEAD_DIM##_2(mine, values, count, sums + i * HEAD_DIM); break;                \
+            case 3: values_##T##_##HEAD_DIM##_3(mine, values, count, sums + i * HEAD_DIM); break;                \
+            case 4: values_##T##_##HEAD_DIM##_4(mine, values, count, sums + i * HEAD_DIM); break;                \
+            case 5: values_##T##_##HEAD_DIM##_5(mine, values, count, sums + i * HEAD_DIM); break;                \
+            default: values_##T##_##HEAD_DIM##_6(mine, values, count, sums + i * HEAD_DIM);                     \
+            }                                                                                                    \
+        }                                                                                                        \
     }
 
 /* Folds one query's block of scores into its running softmax: the new maximum, the factor by which the sums so far
@@ -166,93 +219,105 @@ static inline void softmax_block(float *scores, int count, float *top, float *su
     *top = fresh;
 }
 
-/* One (sequence, key-value head) pair. Query i of its group is query head i / width of the group, new token
- * i % width. */
-#define DEFINE_PAIR(HEAD_DIM, TILE_MAX)                                                                          \
-    DEFINE_BLOCK_SCORES(HEAD_DIM)                                                                                \
-    DEFINE_VALUES(HEAD_DIM, 1) DEFINE_VALUES(HEAD_DIM, 2) DEFINE_VALUES(HEAD_DIM, 3)                             \
-    DEFINE_VALUES(HEAD_DIM, 4) DEFINE_VALUES(HEAD_DIM, 5) DEFINE_VALUES(HEAD_DIM, 6)                             \
-    static void attend_pair_##HEAD_DIM(const Work *w, const Scratch *s, int pair) {                              \
+/* Every query's block of scores into its running softmax, and the sums of values so far rescaled to match. */
+static void softmax_group(const Scratch *s, int group, int count, int head_dim) {
+    for (int i = 0; i < group; i++) {
+        softmax_block(s->scores + i * KEYS_PER_BLOCK, count, s->top + i, s->sum + i, s->rescale + i);
+        if (s->rescale[i] != 1.f)
+            for (int d = 0; d < head_dim; d++) s->sums[i * head_dim + d] *= s->rescale[i];
+    }
+}
+
+/* One (sequence, key-value head) pair whose queries, keys, values and output are of element type T. Query i of its
+ * group is query head i / width of the group, new token i % width. */
+#define DEFINE_PAIR(T, HEAD_DIM)                                                                                 \
+    static void attend_pair_##T##_##HEAD_DIM(const Work *w, const Scratch *s, int pair) {                        \
         const int row = pair / w->kv_heads, kv_head = pair % w->kv_heads, group = w->heads_per_kv * w->width;   \
-        const float *keys = w->keys + row * w->kv_row + kv_head * w->kv_head;                                    \
-        const float *values = w->values + row * w->kv_row + kv_head * w->kv_head;                                \
-        const float *bias[group];                                                                                \
-        float *out[group];                                                                                       \
+        const T *keys = (const T *)w->keys + row * w->kv_row + kv_head * w->kv_head;                             \
+        const T *values = (const T *)w->values + row * w->kv_row + kv_head * w->kv_head;                         \
+        const int widens = WIDENS_##T && group > SUMS_MAX_GROUP;                                                 \
+        const float *bias[group], *block_bias[group];                                                            \
+        T *out[group];                                                                                           \
         for (int i = 0; i < group; i++) {                                                                        \
             const int head = kv_head * w->heads_per_kv + i / w->width, token = i % w->width;                     \
-            const float *query = w->q + row * w->q_row + head * w->q_head + token * w->q_token;                  \
-            for (int d = 0; d < HEAD_DIM; d++) s->queries[i * HEAD_DIM + d] = query[d] * w->scale;               \
+            const T *query = (const T *)w->q + row * w->q_row + head * w->q_head + token * w->q_token;           \
+            for (int d = 0; d < HEAD_DIM; d++) s->queries[i * HEAD_DIM + d] = float_of_##T(query[d]) * w->scale; \
             bias[i] = w->bias + row * w->bias_row + token * w->bias_token;                                       \
-            out[i] = w->out + row * w->out_row + head * w->out_head + token * w->out_token;                      \
-            memset(out[i], 0, sizeof(float) * HEAD_DIM);                                                         \
+            out[i] = (T *)w->out + row * w->out_row + head * w->out_head + token * w->out_token;                 \
             s->top[i] = -FLT_MAX, s->sum[i] = 0.f;                                                               \
         }                                                                                                        \
+        memset(s->sums, 0, sizeof(float) * group * HEAD_DIM);                                                    \
         for (int start = 0; start < w->kv_len; start += KEYS_PER_BLOCK) {                                        \
             const int count = start + KEYS_PER_BLOCK < w->kv_len ? KEYS_PER_BLOCK : w->kv_len - start;          \
-            const float *block_bias[group];                                                                      \
+            const T *block_keys = keys + (int64_t)start * HEAD_DIM, *block_values = values + (int64_t)start * HEAD_DIM; \
             for (int i = 0; i < group; i++) block_bias[i] = bias[i] + start;                                     \
-            block_scores_##HEAD_DIM(s->queries, group, keys + (int64_t)start * HEAD_DIM, count, block_bias,       \
-                                    s->scores);                                                                  \
-            for (int i = 0; i < group; i++) {                                                                    \
-                softmax_block(s->scores + i * KEYS_PER_BLOCK, count, s->top + i, s->sum + i, s->rescale + i);    \
-                if (s->rescale[i] != 1.f)                                                                        \
-                    for (int d = 0; d < HEAD_DIM; d++) out[i][d] *= s->rescale[i];                               \
-            }                                                                                                    \
-            const float *block_values = values + (int64_t)start * HEAD_DIM;                                      \
-            for (int i = 0; i < group; i += TILE_MAX) {                                                          \
-                const float *weights = s->scores + i * KEYS_PER_BLOCK;                                           \
-                switch (group - i < TILE_MAX ? group - i : TILE_MAX) {                                           \
-                case 1: values_##HEAD_DIM##_1(weights, block_values, count, out + i); break;                     \
-                case 2: values_##HEAD_DIM##_2(weights, block_values, count, out + i); break;                     \
-                case 3: values_##HEAD_DIM##_3(weights, block_values, count, out + i); break;                     \
-                case 4: values_##HEAD_DIM##_4(weights, block_values, count, out + i); break;                     \
-                case 5: values_##HEAD_DIM##_5(weights, block_values, count, out + i); break;                     \
-                default: values_##HEAD_DIM##_6(weights, block_values, count, out + i);                           \
-                }                                                                                                \
+            if (widens) {                                                                                        \
+                widen_##T(block_keys, count * HEAD_DIM, s->keys);                                                \
+                widen_##T(block_values, count * HEAD_DIM, s->values);                                            \
+                block_scores_float_##HEAD_DIM(s->queries, group, s->keys, count, block_bias, s->scores);         \
+                softmax_group(s, group, count, HEAD_DIM);                                                        \
+                block_values_float_##HEAD_DIM(s->scores, group, s->values, count, s->sums);                      \
+            } else {                                                                                             \
+                block_scores_##T##_##HEAD_DIM(s->queries, group, block_keys, count, block_bias, s->scores);      \
+                softmax_group(s, group, count, HEAD_DIM);                                                        \
+                block_values_##T##_##HEAD_DIM(s->scores, group, block_values, count, s->sums);                   \
             }                                                                                                    \
         }                                                                                                        \
         for (int i = 0; i < group; i++) {                                                                        \
             const float inverse = 1.f / s->sum[i];                                                               \
-            for (int d = 0; d < HEAD_DIM; d++) out[i][d] *= inverse;                                             \
+            for (int d = 0; d < HEAD_DIM; d++) out[i][d] = T##_from_float(s->sums[i * HEAD_DIM + d] * inverse);  \
         }                                                                                                        \
     }
 
-DEFINE_PAIR(64, 6)
-DEFINE_PAIR(128, 2)
+/* Heads of 64 take six queries at a time for the values (24 sums in registers), heads of 128 two (16). */
+#define DEFINE_KERNELS(T)                                                                                        \
+    DEFINE_BLOCK_SCORES(T, 64) DEFINE_BLOCK_VALUES(T, 64, 6) DEFINE_PAIR(T, 64)                                  \
+    DEFINE_BLOCK_SCORES(T, 128) DEFINE_BLOCK_VALUES(T, 128, 2) DEFINE_PAIR(T, 128)
 
-/* Returns 0, -1 for a head size this file has no kernel for, -2 when out of memory. Strides are in floats. The
- * pairs are shared among `workers` threads of the OpenMP runtime PyTorch itself loaded (the same libgomp, found by
+DEFINE_KERNELS(float)
+DEFINE_KERNELS(bf16)
+
+typedef void (*PairKernel)(const Work *, const Scratch *, int);
+
+/* Shares the pairs among `workers` threads of the OpenMP runtime PyTorch itself loaded (the same libgomp, found by
  * its name), so the threads that just ran PyTorch's operators, still spinning, take them at once: threads of our
  * own would wait for a core. */
-int specfleet_attend_f32(int rows, int kv_heads, int heads_per_kv, int width, int kv_len, int head_dim,
-                         const float *q, int64_t q_row, int64_t q_head, int64_t q_token,
-                         const float *keys, const float *values, int64_t kv_row, int64_t kv_head,
-                         const float *bias, int64_t bias_row, int64_t bias_token,
-                         float *out, int64_t out_row, int64_t out_head, int64_t out_token,
-                         float scale, int workers) {
-    if (head_dim != 64 && head_dim != 128) return -1;
-    const int pairs = rows * kv_heads, group = heads_per_kv * width;
+static int attend(const Work *work, int rows, int head_dim, int workers, PairKernel kernel) {
+    const int pairs = rows * work->kv_heads, group = work->heads_per_kv * work->width;
     if (workers > pairs) workers = pairs;
     if (workers < 1) workers = 1;
-    const size_t per_worker = (size_t)group * (head_dim + KEYS_PER_BLOCK + 3);
+    const size_t per_group = (size_t)group * (2 * head_dim + KEYS_PER_BLOCK + 3);
+    const size_t per_worker = per_group + 2 * (size_t)KEYS_PER_BLOCK * head_dim;
     float *scratch = malloc(sizeof(float) * per_worker * workers);
     if (scratch == NULL) return -2;
-    const Work work = {kv_heads, heads_per_kv, width, kv_len, q, q_row, q_head, q_token, keys, values, kv_row,
-                       kv_head, bias, bias_row, bias_token, out, out_row, out_head, out_token, scale};
 #pragma omp parallel num_threads(workers)
     {
         const int worker = omp_get_thread_num(), count = omp_get_num_threads();
         float *mine = scratch + per_worker * worker;
         const Scratch s = {mine, mine + group * head_dim, mine + group * (head_dim + KEYS_PER_BLOCK),
-                           mine + group * (head_dim + KEYS_PER_BLOCK + 1),
-                           mine + group * (head_dim + KEYS_PER_BLOCK + 2)};
-        for (int pair = pairs * worker / count; pair < pairs * (worker + 1) / count; pair++) {
-            if (head_dim == 64)
-                attend_pair_64(&work, &s, pair);
-            else
-                attend_pair_128(&work, &s, pair);
-        }
+                           mine + group * (2 * head_dim + KEYS_PER_BLOCK),
+                           mine + group * (2 * head_dim + KEYS_PER_BLOCK + 1),
+                           mine + group * (2 * head_dim + KEYS_PER_BLOCK + 2), mine + per_group,
+                           mine + per_group + KEYS_PER_BLOCK * head_dim};
+        for (int pair = pairs * worker / count; pair < pairs * (worker + 1) / count; pair++) kernel(work, &s, pair);
     }
     free(scratch);
     return 0;
 }
+
+/* Both return 0, -1 for a head size this file has no kernel for, -2 when out of memory. Strides are in elements. */
+#define DEFINE_ENTRY(T, NAME)                                                                                    \
+    int specfleet_attend_##NAME(int rows, int kv_heads, int heads_per_kv, int width, int kv_len, int head_dim,  \
+                                const T *q, int64_t q_row, int64_t q_head, int64_t q_token, const T *keys,       \
+                                const T *values, int64_t kv_row, int64_t kv_head, const float *bias,             \
+                                int64_t bias_row, int64_t bias_token, T *out, int64_t out_row, int64_t out_head, \
+                                int64_t out_token, float scale, int workers) {                                   \
+        const Work work = {kv_heads, heads_per_kv, width, kv_len, q, q_row, q_head, q_token, keys, values,       \
+                           kv_row, kv_head, bias, bias_row, bias_token, out, out_row, out_head, out_token, scale};\
+        if (head_dim == 64) return attend(&work, rows, head_dim, workers, attend_pair_##T##_64);                 \
+        if (head_dim == 128) return attend(&work, rows, head_dim, workers, attend_pair_##T##_128);               \
+        return -1;                                                                                               \
+    }
+
+DEFINE_ENTRY(float, f32)
+DEFINE_ENTRY(bf16, bf16)

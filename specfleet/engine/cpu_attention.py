@@ -105,11 +105,13 @@ def head_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bi
 NATIVE_SOURCE = Path(__file__).with_suffix(".c")
 NATIVE_HEAD_DIMS = (64, 128)
 """Head sizes cpu_attention.c has a kernel for (each compiled for its size, the head kept in registers)."""
+NATIVE_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+"""The element types cpu_attention.c reads, and its entry point for each (``specfleet_attend_<name>``)."""
 
 
 def native_attention_available(head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether `native_attention` can serve these heads on this machine (float32 only; built on first ask)."""
-    return dtype == torch.float32 and head_dim in NATIVE_HEAD_DIMS and _native_function() is not None
+    """Whether `native_attention` can serve these heads on this machine (built on first ask)."""
+    return dtype in NATIVE_DTYPES and head_dim in NATIVE_HEAD_DIMS and _native_function(dtype) is not None
 
 
 def native_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -119,20 +121,21 @@ def native_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     ``transpose(1, 2)`` is contiguous."""
     rows, heads, width, head_dim = q.shape
     kv_heads, kv_len = keys.shape[1], keys.shape[2]
-    if not native_attention_available(head_dim, q.dtype) or q.device.type != "cpu":
-        raise ValueError(f"the native attention kernel does not serve {q.dtype} heads of {head_dim} on {q.device}")
+    if not native_attention_available(head_dim, q.dtype) or q.device.type != "cpu" or keys.dtype != q.dtype:
+        raise ValueError(f"the native attention kernel does not serve {q.dtype} heads of {head_dim} over a "
+                         f"{keys.dtype} cache on {q.device}")
     if keys.stride() != values.stride() or keys.stride(3) != 1 or keys.stride(2) != head_dim:
         keys, values = keys.contiguous(), values.contiguous()
     if q.stride(3) != 1:
         q = q.contiguous()
-    bias = bias.expand(rows, 1, 1, width, kv_len)
+    bias = bias.to(torch.float32).expand(rows, 1, 1, width, kv_len)  # the kernel adds a float32 bias whatever q's
     if bias.stride(4) != 1:
         bias = bias.contiguous()
     out = q.new_empty(rows, width, heads, head_dim).transpose(1, 2)
-    status = _native_function()(rows, kv_heads, heads // kv_heads, width, kv_len, head_dim,
-                                q.data_ptr(), *q.stride()[:3], keys.data_ptr(), values.data_ptr(), *keys.stride()[:2],
-                                bias.data_ptr(), bias.stride(0), bias.stride(3),
-                                out.data_ptr(), *out.stride()[:3], head_dim ** -0.5, torch.get_num_threads())
+    status = _native_function(q.dtype)(
+        rows, kv_heads, heads // kv_heads, width, kv_len, head_dim, q.data_ptr(), *q.stride()[:3], keys.data_ptr(),
+        values.data_ptr(), *keys.stride()[:2], bias.data_ptr(), bias.stride(0), bias.stride(3), out.data_ptr(),
+        *out.stride()[:3], head_dim ** -0.5, torch.get_num_threads())
     if status == -2:
         raise MemoryError("cpu_attention.c could not allocate its scratch")
     if status != 0:
@@ -147,11 +150,11 @@ for each, and what `choose_attention_kernels` times."""
 
 
 @functools.cache
-def _native_function() -> Callable[..., int] | None:
+def _native_function(dtype: torch.dtype) -> Callable[..., int] | None:
     library = load_library(NATIVE_SOURCE)
-    if library is None:
+    if library is None or dtype not in NATIVE_DTYPES:
         return None
-    function = library.specfleet_attend_f32
+    function = getattr(library, f"specfleet_attend_{NATIVE_DTYPES[dtype]}")
     size, pointer, stride = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
     function.argtypes = [size] * 6 + [pointer, stride, stride, stride, pointer, pointer, stride, stride,
                                       pointer, stride, stride, pointer, stride, stride, stride, ctypes.c_float, size]

@@ -87,9 +87,10 @@ requires_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) 
 
 @requires_compiler
 def test_the_native_kernel_is_timed_where_it_serves_the_heads(monkeypatch) -> None:
-    """Built on this machine for float32 heads of 64 and 128; bfloat16 and other head sizes keep PyTorch's kernels."""
-    assert native_attention_available(64, torch.float32) and native_attention_available(128, torch.float32)
-    assert not native_attention_available(64, torch.bfloat16) and not native_attention_available(80, torch.float32)
+    """Built on this machine for float32 and bfloat16 heads of 64 and 128; other dtypes and head sizes keep PyTorch's
+    kernels."""
+    assert native_attention_available(64, torch.float32) and native_attention_available(128, torch.bfloat16)
+    assert not native_attention_available(64, torch.float16) and not native_attention_available(80, torch.float32)
     candidates: list[int] = []
     monkeypatch.setattr(cpu_attention, "fastest_calls", lambda calls, _: candidates.append(len(calls)) or
                         [1.0] * (len(calls) - 1) + [0.5])
@@ -134,3 +135,25 @@ def test_native_attention_over_several_blocks_with_masked_spans(head_dim: int, h
     bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))[:, None, None]
     torch.testing.assert_close(native_attention(q, keys, values, bias), grouped_attention(q, keys, values, bias),
                                atol=1e-5, rtol=1e-5)
+
+
+@requires_compiler
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(("heads_per_kv", "width"), [(3, 1), (3, 3)])
+def test_native_attention_in_bfloat16_reads_the_cache_as_stored(head_dim: int, heads_per_kv: int, width: int) -> None:
+    """A bfloat16 cache is read as it is stored and the arithmetic done in float32: the result is the float32
+    kernel's over the same (bfloat16) numbers, rounded once to bfloat16, and PyTorch's bfloat16 matmuls agree to
+    their own rounding."""
+    g = torch.Generator().manual_seed(head_dim + 10 * width)
+    rows, kv_heads, kv_len = 2, 2, 700
+    q = torch.randn(rows, kv_heads * heads_per_kv, width, head_dim, generator=g).to(torch.bfloat16)
+    keys, values = (torch.randn(rows, kv_heads, kv_len + 9, head_dim, generator=g).to(torch.bfloat16)[:, :, :kv_len]
+                    for _ in range(2))
+    positions = torch.tensor([kv_len, 333])[:, None] - width + torch.arange(width)
+    mask = (torch.arange(kv_len)[None, None, :] <= positions[:, :, None])[:, None]
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf")).unsqueeze(1)
+    out = native_attention(q, keys, values, bias)
+    assert out.dtype == torch.bfloat16 and out.transpose(1, 2).is_contiguous()
+    in_float32 = native_attention(q.float(), keys.float(), values.float(), bias)
+    torch.testing.assert_close(out, in_float32.to(torch.bfloat16), atol=0, rtol=0)
+    torch.testing.assert_close(out.float(), grouped_attention(q, keys, values, bias).float(), atol=2e-2, rtol=2e-2)

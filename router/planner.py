@@ -64,7 +64,7 @@ class Planner:
         shape = self.config.tree_shape
         catch_up: CatchUp | None = None
         if len(self.pools) > 1:  # several draft pools: a pool and a depth per sequence (chains only)
-            plan = self._pools(batch, calibration)
+            plan = self._pools(batch, calibration)  # each pool's catch-up priced in its own right
         elif shape is None:
             # Priced by its drafter kind's own costs: a Redis shared with pools of other kinds holds theirs too. A
             # SPACE target's drafts cost no call, and make its verify feed the mask groups too.
@@ -130,25 +130,29 @@ class Planner:
         several pools). A pinned depth, and a target drafting for itself, draft as told."""
         if not self.pools or self.config.self_draft or self.config.pinned_depth is not None:
             return [True] * len(batch), None, frozenset()
-        pool = self.pools[0]
+        return self._may_draft_from(self.pools[0], batch, calibration)
+
+    def _may_draft_from(self, pool: str, batch: list[LiveRequest], calibration: float
+                        ) -> tuple[list[bool], CatchUp | None, frozenset[str]]:
+        """`_may_draft` for the draft pool ``pool``."""
         info, starting = _pool_info(batch, pool), _starting_tokens(batch)
         may = [_catch_up_pays(s, pool, info, starting) for s in batch]
-        catch_up = self._price_catch_up(batch, may, info, calibration)
+        catch_up = self._price_catch_up(pool, batch, may, info, calibration)
         if catch_up is None or catch_up.pays:
             return may, catch_up, frozenset()
         declined = frozenset(s.seq_id for s in batch if _catching_up(s, pool))
         return [m and s.seq_id not in declined for s, m in zip(batch, may, strict=True)], catch_up, declined
 
-    def _price_catch_up(self, batch: list[LiveRequest], may: list[bool], info: ReplicaInfo | None,
+    def _price_catch_up(self, pool: str, batch: list[LiveRequest], may: list[bool], info: ReplicaInfo | None,
                         calibration: float) -> CatchUp | None:
-        """The one draft pool's catch-up on the sequences it lacks the prompts of, priced against what drafting
-        would save them over the rest of their requests (`specfleet.policy.catch_up`), by the depths the policy
-        would choose if the pool held them. None where nothing is to be weighed: no sequence behind, a drafter
-        without a KV cache, a rate not yet measured, or prompts computed alongside the target on cores of their own
-        (hidden behind the target's own prefill). The saving is priced against plain decoding of the whole batch:
-        exact at a batch's first step, where every sequence catches up; beside sequences that draft already it errs
-        generous (their drafting is counted as the catch-up's)."""
-        pool = self.pools[0]
+        """The draft pool ``pool``'s catch-up on the sequences it lacks the prompts of, priced against what drafting
+        from it would save them over the rest of their requests (`specfleet.policy.catch_up`), by the depths the
+        policy would choose if the pool held them. None where nothing is to be weighed: no sequence behind, a
+        drafter without a KV cache, a rate not yet measured, or prompts computed alongside the target on cores of
+        their own (hidden behind the target's own prefill). The saving is priced against plain decoding of the whole
+        batch: exact at a batch's first step, where every sequence catches up; beside sequences that draft already
+        it errs generous (their drafting is counted as the catch-up's). With several pools, drafting from this one
+        alone is what is weighed."""
         catching = [i for i, (s, m) in enumerate(zip(batch, may, strict=True))
                     if m and _catching_up(s, pool) and s.tokens_left > 1]
         if not catching or info is None or not info.num_slots:
@@ -160,8 +164,9 @@ class Planner:
                 and not info.shares_cores_with(self.target_info):
             return None
         # The rooms the sequences behind would have if their drafter held them (computed alongside, it holds none).
-        rooms = [(self._room_if_held(s) if i in catching else self.depth_room(s)) if may[i] else 0
-                 for i, s in enumerate(batch)]
+        several = len(self.pools) > 1
+        rooms = [(self._room_if_held(s) if i in catching else self.depth_room(s, pool if several else None))
+                 if may[i] else 0 for i, s in enumerate(batch)]
         decision = self._choose(batch, rooms, calibration, info.kind)
         drafting = decision.goodput if any(decision.depths[i] for i in catching) else 0.0
         return price_catch_up([_behind(batch[i], pool) for i in catching], [batch[i].tokens_left for i in catching],
@@ -240,18 +245,28 @@ class Planner:
         drafter costs and each sequence's own acceptance with each pool; the sequence drafts from its pool this step
         (its ``strategy``)."""
         pools: list[PoolCounts] = []
-        starting = _starting_tokens(batch)
+        priced: list[str] = []
+        declined: set[str] = set()
         for pool in self.pools:
             info = _pool_info(batch, pool)
+            if self.config.pinned_depth is None:
+                may, catch_up, declined_here = self._may_draft_from(pool, batch, calibration)
+            else:  # a pinned depth drafts as told, but not from a pool a whole catch-up behind (as before)
+                starting = _starting_tokens(batch)
+                may, catch_up, declined_here = ([_catch_up_pays(s, pool, info, starting) for s in batch], None,
+                                                frozenset())
+            if catch_up is not None:
+                priced.append(f"{pool}: {catch_up.describe()}")
+            declined |= declined_here
             pools.append(PoolCounts(pool, (info.kind if info is not None else "") or pool,
                                     [_first_tries(s, pool) for s in batch], [_offers(s, pool) for s in batch],
-                                    [self.depth_room(s, pool) if _catch_up_pays(s, pool, info, starting) else 0
-                                     for s in batch]))
+                                    [self.depth_room(s, pool) if m else 0 for s, m in zip(batch, may, strict=True)]))
         decision = self.feed.policy.choose_pools(pools, calibration, _contexts(batch))
         for seq, pool in zip(batch, decision.pools, strict=True):
             seq.strategy = pool
         return StepPlan({s.seq_id: DraftPlan(d) for s, d in zip(batch, decision.depths, strict=True)},
-                        decision.reason, *_predictions(decision))
+                        "; ".join([decision.reason, *priced]), *_predictions(decision),
+                        no_catch_up=frozenset(declined))
 
     def _prefills(self, batch: list[LiveRequest], plan: StepPlan) -> bool:
         """Whether the step's prediction leaves out what it does first, read before the step moves the caches on:

@@ -12,7 +12,7 @@ from step_fakes import VOCAB, FakeDrafter, RecordedTelemetry, live_request
 from draft_service.server import DraftServicer
 from router.draft_pool import DraftPool
 from router.grpc_link import delta_to_proto
-from router.live_request import DRAFT_POOL, LiveRequest
+from router.live_request import DRAFT_POOL, DraftSession, LiveRequest
 from router.planner import Planner
 from router.policy_feed import PolicyFeed
 from router.replicas import DraftReplica, ReplicaInfo
@@ -179,3 +179,43 @@ def test_the_draft_pool_sends_no_prompt_alongside_that_the_plan_says_will_not_ca
         assert [s.sessions[DRAFT_POOL].cached for s in batch] == [0, PROMPT]
 
     asyncio.run(main())
+
+
+def _two_pools(rate_ms: float) -> tuple[Planner, list[LiveRequest]]:
+    """A router with an n-gram pool (no KV cache) and a pool whose drafter keeps one, computing prompts at
+    ``rate_ms`` a token, both measured as `_planner`'s; two sequences starting, drafting far better from the second."""
+    config = RouterConfig(depth="auto", drafts="ngram=draft:1,model=draft:2", max_depth=4)
+    policy = DepthPolicy(max_depth=4, min_gain=0.1)
+    samples = [CostSample("target", b, 1.0 + d, 100.0 * b + 2.5 * d) for b in (1, 2) for d in range(5)
+               for _ in range(3)]
+    samples += [CostSample("draft", b, float(d), 5.0 * d, drafter=kind) for kind in ("llamacpp", "ngram")
+                for b in (1, 2) for d in range(1, 6) for _ in range(3)]
+    samples += [CostSample(PREFILL_ROLE, 2, 150.0, 300.0 * rate_ms, drafter="llamacpp")] * 3
+    policy.update(samples, 900, 100)
+    strategies = Strategies({name: DraftPool(2000.0, 60.0, RouterMetrics(), name) for name in ("ngram", "model")})
+    planner = Planner(config, PolicyFeed(policy, None, 1.0, "throughput"), strategies, "target:1", 512)
+    lookup = DraftReplica("draft:1", FakeDrafter(), ReplicaInfo("", "ngram", 0, "", 0, 0), pool="ngram")
+    cached = DraftReplica("draft:2", FakeDrafter(), ReplicaInfo("toy", "llamacpp", VOCAB, "toy", 512, 8), pool="model")
+    batch = []
+    for i in range(2):
+        seq = live_request(f"s{i}", list(range(PROMPT)), NEW_TOKENS, "ngram")
+        seq.sessions = {"ngram": DraftSession(lookup, 0), "model": DraftSession(cached, 0)}
+        seq.stats.by_pool["model"] = AcceptanceCounts(sequence_steps=100, accepted=300, rejections=30)
+        seq.stats.by_pool["ngram"] = AcceptanceCounts(sequence_steps=100, accepted=5, rejections=95)
+        batch.append(seq)
+    return planner, batch
+
+
+def test_with_several_pools_each_pools_catch_up_is_priced_in_its_own_right() -> None:
+    """Beside an n-gram pool, a pool whose drafter must first compute the prompts is chosen where its catch-up pays
+    and left out where it does not, with the reason said, and no prompt sent to it alongside."""
+    cheap, batch = _two_pools(1.0)
+    plan = cheap.plan(batch)
+    assert all(s.strategy == "model" and plan.draft(s.seq_id).levels > 0 for s in batch) and not plan.no_catch_up
+    assert "model: the draft's catch-up on 2 sequences (300 tokens, about 300 ms)" in plan.reason
+    assert "it pays" in plan.reason
+
+    dear, batch = _two_pools(100.0)  # 30 s of catching up
+    plan = dear.plan(batch)
+    assert not any(s.strategy == "model" and plan.draft(s.seq_id).levels > 0 for s in batch)
+    assert plan.no_catch_up == {"s0", "s1"} and "they decode plainly" in plan.reason

@@ -30,9 +30,10 @@ the run stops with the first difference.
 Prefill dominates the wall time on a CPU, so the target reuses prompts it has prefilled (``--prefix-reuse on``, the
 default here: each round first sends the batch's prompts through the plain router for one token, printing their cold
 TTFT, and every configuration then starts from the target's cached prompts, plain included: a plain row measured
-cold would decode alongside the batch's other prefills and understate plain decoding), the sparse_self draft still prefills every prompt itself (``--prefix-reuse off``:
-its streaming cache continues a sequence only from about where it ended, and each prompt here comes again after its
-decode has moved past it), and the default sends one batch per cell (two requests at batch 1); ``--prompts`` raises it.
+cold would decode alongside the batch's other prefills and understate plain decoding), the sparse_self draft still
+prefills every prompt itself (``--prefix-reuse off``: its streaming cache continues a sequence only from about where
+it ended, and each prompt here comes again after its decode has moved past it), and the default sends one batch per
+cell (two requests at batch 1); ``--prompts`` raises it.
 Cells run in order of context, then batch, and each finished cell is printed (and written to ``--report-table``) at
 once.
 
@@ -601,9 +602,10 @@ def run_specfleet(plan: Plan, prompts: dict[int, list[Prompt]], decode: Callable
                     if plan.prefix_reuse:  # so plain decodes, as the rest do, with no prompt of the batch prefilling
                         began = time.perf_counter()
                         prefilled = send_batch(routers[PLAIN], ids, 1)
+                        cold_ms = 1000 * statistics.median(t.first_s for t in prefilled)
                         progress(f"context {context}, batch {batch}, round {r + 1}/{rounds}: prompts prefilled into "
-                                 f"the target's cache, TTFT {1000 * statistics.median(t.first_s for t in prefilled):.0f}"
-                                 f" ms (cold), {time.perf_counter() - began:.0f} s")
+                                 f"the target's cache, TTFT {cold_ms:.0f} ms (cold), "
+                                 f"{time.perf_counter() - began:.0f} s")
                     for name, address in routers.items():
                         progress(f"context {context}, batch {batch}, round {r + 1}/{rounds}: {name}")
                         began = time.perf_counter()

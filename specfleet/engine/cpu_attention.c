@@ -60,9 +60,11 @@ static inline float float_of_bf16(bf16 x) {
 }
 
 /* n elements (a multiple of LANES) as floats: a bfloat16 block read by a large group is widened once, not once per
- * query. WIDENS_<type>: whether a large group's blocks are widened first. */
+ * query. WIDENS(T, group): whether a group's blocks are widened first (and its scratch holds a widened block of
+ * keys and one of values). */
 #define WIDENS_float 0
 #define WIDENS_bf16 1
+#define WIDENS(T, group) (WIDENS_##T && (group) > SUMS_MAX_GROUP)
 static inline void widen_float(const float *from, int n, float *to) { memcpy(to, from, sizeof(float) * n); }
 static inline void widen_bf16(const bf16 *from, int n, float *to) {
     for (int i = 0; i < n; i += LANES) *(floats *)(to + i) = load_bf16(from + i);
@@ -94,7 +96,7 @@ typedef struct {
  * the last block scaled the sums so far by. */
 typedef struct {
     float *queries, *scores, *sums, *top, *sum, *rescale;
-    float *keys, *values; /* one block of each, widened to float32 (bfloat16 caches, large groups) */
+    float *keys, *values; /* one block of each, widened to float32 (bfloat16 caches, large groups; else NULL) */
 } Scratch;
 
 #ifdef FOLDS
@@ -235,7 +237,7 @@ static void softmax_group(const Scratch *s, int group, int count, int head_dim) 
         const int row = pair / w->kv_heads, kv_head = pair % w->kv_heads, group = w->heads_per_kv * w->width;   \
         const T *keys = (const T *)w->keys + row * w->kv_row + kv_head * w->kv_head;                             \
         const T *values = (const T *)w->values + row * w->kv_row + kv_head * w->kv_head;                         \
-        const int widens = WIDENS_##T && group > SUMS_MAX_GROUP;                                                 \
+        const int widens = WIDENS(T, group);                                                                     \
         const float *bias[group], *block_bias[group];                                                            \
         T *out[group];                                                                                           \
         for (int i = 0; i < group; i++) {                                                                        \
@@ -282,12 +284,12 @@ typedef void (*PairKernel)(const Work *, const Scratch *, int);
 /* Shares the pairs among `workers` threads of the OpenMP runtime PyTorch itself loaded (the same libgomp, found by
  * its name), so the threads that just ran PyTorch's operators, still spinning, take them at once: threads of our
  * own would wait for a core. */
-static int attend(const Work *work, int rows, int head_dim, int workers, PairKernel kernel) {
+static int attend(const Work *work, int rows, int head_dim, int workers, PairKernel kernel, int widens) {
     const int pairs = rows * work->kv_heads, group = work->heads_per_kv * work->width;
     if (workers > pairs) workers = pairs;
     if (workers < 1) workers = 1;
     const size_t per_group = (size_t)group * (2 * head_dim + KEYS_PER_BLOCK + 3);
-    const size_t per_worker = per_group + 2 * (size_t)KEYS_PER_BLOCK * head_dim;
+    const size_t per_worker = per_group + (widens ? 2 * (size_t)KEYS_PER_BLOCK * head_dim : 0);
     float *scratch = malloc(sizeof(float) * per_worker * workers);
     if (scratch == NULL) return -2;
 #pragma omp parallel num_threads(workers)
@@ -297,8 +299,8 @@ static int attend(const Work *work, int rows, int head_dim, int workers, PairKer
         const Scratch s = {mine, mine + group * head_dim, mine + group * (head_dim + KEYS_PER_BLOCK),
                            mine + group * (2 * head_dim + KEYS_PER_BLOCK),
                            mine + group * (2 * head_dim + KEYS_PER_BLOCK + 1),
-                           mine + group * (2 * head_dim + KEYS_PER_BLOCK + 2), mine + per_group,
-                           mine + per_group + KEYS_PER_BLOCK * head_dim};
+                           mine + group * (2 * head_dim + KEYS_PER_BLOCK + 2), widens ? mine + per_group : NULL,
+                           widens ? mine + per_group + KEYS_PER_BLOCK * head_dim : NULL};
         for (int pair = pairs * worker / count; pair < pairs * (worker + 1) / count; pair++) kernel(work, &s, pair);
     }
     free(scratch);
@@ -314,8 +316,9 @@ static int attend(const Work *work, int rows, int head_dim, int workers, PairKer
                                 int64_t out_token, float scale, int workers) {                                   \
         const Work work = {kv_heads, heads_per_kv, width, kv_len, q, q_row, q_head, q_token, keys, values,       \
                            kv_row, kv_head, bias, bias_row, bias_token, out, out_row, out_head, out_token, scale};\
-        if (head_dim == 64) return attend(&work, rows, head_dim, workers, attend_pair_##T##_64);                 \
-        if (head_dim == 128) return attend(&work, rows, head_dim, workers, attend_pair_##T##_128);               \
+        const int widens = WIDENS(T, heads_per_kv * width);                                                      \
+        if (head_dim == 64) return attend(&work, rows, head_dim, workers, attend_pair_##T##_64, widens);         \
+        if (head_dim == 128) return attend(&work, rows, head_dim, workers, attend_pair_##T##_128, widens);       \
         return -1;                                                                                               \
     }
 

@@ -132,12 +132,12 @@ class Planner:
             return [True] * len(batch), None, frozenset()
         return self._may_draft_from(self.pools[0], batch, calibration)
 
-    def _may_draft_from(self, pool: str, batch: list[LiveRequest], calibration: float
+    def _may_draft_from(self, pool: str, batch: list[LiveRequest], calibration: float, price: bool = True
                         ) -> tuple[list[bool], CatchUp | None, frozenset[str]]:
-        """`_may_draft` for the draft pool ``pool``."""
+        """`_may_draft` for the draft pool ``pool``; without ``price``, the catch-up is not weighed."""
         info, starting = _pool_info(batch, pool), _starting_tokens(batch)
         may = [_catch_up_pays(s, pool, info, starting) for s in batch]
-        catch_up = self._price_catch_up(pool, batch, may, info, calibration)
+        catch_up = self._price_catch_up(pool, batch, may, info, calibration) if price else None
         if catch_up is None or catch_up.pays:
             return may, catch_up, frozenset()
         declined = frozenset(s.seq_id for s in batch if _catching_up(s, pool))
@@ -249,12 +249,9 @@ class Planner:
         declined: set[str] = set()
         for pool in self.pools:
             info = _pool_info(batch, pool)
-            if self.config.pinned_depth is None:
-                may, catch_up, declined_here = self._may_draft_from(pool, batch, calibration)
-            else:  # a pinned depth drafts as told, but not from a pool a whole catch-up behind (as before)
-                starting = _starting_tokens(batch)
-                may, catch_up, declined_here = ([_catch_up_pays(s, pool, info, starting) for s in batch], None,
-                                                frozenset())
+            # A pinned depth drafts as told, but not from a pool a whole catch-up behind.
+            may, catch_up, declined_here = self._may_draft_from(pool, batch, calibration,
+                                                                price=self.config.pinned_depth is None)
             if catch_up is not None:
                 priced.append(f"{pool}: {catch_up.describe()}")
             declined |= declined_here

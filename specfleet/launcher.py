@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -20,10 +21,49 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 log = logging.getLogger("specfleet.up")
 
 
-def free_port() -> int:
+# Ports are handed to child processes, which bind them seconds later. A port taken from the kernel's ephemeral range
+# (what binding port 0 returns) can meanwhile become the local end of any outgoing connection on this machine (a
+# service connecting to Redis, a health check), and the child then fails with "Address already in use". Ports below
+# that range are only ever taken by a process that asks for them by number.
+LISTEN_PORTS_FROM = 10000
+_handed_out: set[int] = set()
+
+
+def ephemeral_port_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> tuple[int, int]:
+    """The ports the kernel picks from for outgoing connections and for binding port 0 (Linux's default if unknown)."""
+    try:
+        low, high = (int(field) for field in path.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+def _binds(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A port that nothing listens on or connects from now, for a process about to be started to listen on: below the
+    ephemeral range where that leaves room (see above), never the same one twice in this process."""
+    low, _ = ephemeral_port_range()
+    if low - LISTEN_PORTS_FROM >= 1000:
+        for _ in range(200):
+            port = random.randrange(LISTEN_PORTS_FROM, low)
+            if port not in _handed_out and _binds(port):
+                _handed_out.add(port)
+                return port
+    while True:  # no room below the ephemeral range (or all tried ports taken): the kernel's choice
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 @dataclass

@@ -98,8 +98,10 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
     async def Release(self, request: session_pb2.ReleaseSequencesRequest, context: grpc.aio.ServicerContext
                       ) -> session_pb2.ReleaseSequencesResponse:
         scope = caller_scope(context.invocation_metadata())
-        released = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.drafter.release, [scope + s for s in request.seq_ids])
+        # A release waits for the pass under way. It is applied even where the caller stops waiting (a long prefill
+        # can outlast its deadline): cancelled, it would leave the sequences holding their slots until evicted.
+        released = await asyncio.shield(asyncio.get_running_loop().run_in_executor(
+            self.executor, self.drafter.release, [scope + s for s in request.seq_ids]))
         return session_pb2.ReleaseSequencesResponse(released=released)
 
     async def GetInfo(self, request: session_pb2.GetServiceInfoRequest, context: grpc.aio.ServicerContext

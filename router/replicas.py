@@ -114,8 +114,10 @@ def check_compatible(targets: list[TargetReplica], drafts: list[DraftReplica]) -
 
 
 async def release_on(link: DraftLink | TargetLink, seq_ids: list[str]) -> None:
-    """Frees ``seq_ids`` on one replica; one that fails or has left evicts them later by itself."""
+    """Frees ``seq_ids`` on one replica. One busy past the call's deadline still frees them after its pass; one that
+    fails or has left evicts them later by itself."""
     try:
         await link.release(seq_ids)
     except (ReplicaError, ReplicaGone) as err:
-        log.warning("release failed (the replica will evict the sequence later): %s", err)
+        log.warning("release of %d sequence(s) not confirmed (a busy replica frees them after its pass, a failed one "
+                    "evicts them later): %s", len(seq_ids), err)

@@ -5,12 +5,13 @@ it, nor overwrites its cache, nor changes what it generates."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_serving import serving as serve
 
 from draft_service.server import DraftServicer
 from router.draft_link import GrpcDraftLink
@@ -31,16 +32,8 @@ OTHER_PROMPT = [40, 41, 42, 43, 44, 45]
 GREEDY = SamplingParams()
 
 
-@asynccontextmanager
-async def serving(token_file: Path, add: Callable[[grpc.aio.Server], None]) -> AsyncIterator[str]:
-    server = grpc.aio.server(interceptors=internal_guard(str(token_file)))
-    add(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
+def serving(token_file: Path, add: Callable[[grpc.aio.Server], None]) -> AbstractAsyncContextManager[str]:
+    return serve(add, internal_guard(str(token_file)))
 
 
 @pytest.fixture

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_serving import serving
 
 from draft_service.server import DraftServicer
 from router.draft_link import GrpcDraftLink
@@ -29,18 +28,6 @@ from target_service.verifier import Verifier
 
 PROMPT = [5, 6, 7, 8, 5, 6, 7, 9, 5, 6, 7]
 GREEDY = SamplingParams()
-
-
-@asynccontextmanager
-async def serving(add: Callable[[grpc.aio.Server], None]) -> AsyncIterator[str]:
-    server = grpc.aio.server()
-    add(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
 
 
 def busy(executor: ThreadPoolExecutor) -> threading.Event:

@@ -17,7 +17,7 @@ from specfleet.otel import setup as setup_otel
 from specfleet.policy.costs import PREFILL_ROLE
 from specfleet.protos import draft_pb2, draft_pb2_grpc, session_pb2
 from specfleet.security import caller_scope, internal_guard, unscoped
-from specfleet.serving import serve, servicer_name
+from specfleet.serving import release_sequences, serve, servicer_name
 from specfleet.speculation import is_prefill
 from specfleet.telemetry import TelemetryWriter, writer_for
 from specfleet.wire import (
@@ -97,12 +97,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
 
     async def Release(self, request: session_pb2.ReleaseSequencesRequest, context: grpc.aio.ServicerContext
                       ) -> session_pb2.ReleaseSequencesResponse:
-        scope = caller_scope(context.invocation_metadata())
-        # A release waits for the pass under way. It is applied even where the caller stops waiting (a long prefill
-        # can outlast its deadline): cancelled, it would leave the sequences holding their slots until evicted.
-        released = await asyncio.shield(asyncio.get_running_loop().run_in_executor(
-            self.executor, self.drafter.release, [scope + s for s in request.seq_ids]))
-        return session_pb2.ReleaseSequencesResponse(released=released)
+        return await release_sequences(self.executor, self.drafter.release, request, context)
 
     async def GetInfo(self, request: session_pb2.GetServiceInfoRequest, context: grpc.aio.ServicerContext
                       ) -> session_pb2.GetServiceInfoResponse:

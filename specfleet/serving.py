@@ -7,6 +7,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from specfleet.protos import session_pb2
+from specfleet.security import caller_scope
 from specfleet.undecodable import RefuseUndecodable
 
 if TYPE_CHECKING:
@@ -25,6 +28,19 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a batch of long prompts plus top-K draft
 # A draining service whose routers have not called for this long holds only abandoned sequences: a router that
 # steps calls every few milliseconds, or within its draft timeout (2 s by default) when a draft is slow.
 DRAIN_IDLE_S = 5.0
+
+
+async def release_sequences(executor: Executor, release: Callable[[list[str]], int],
+                            request: session_pb2.ReleaseSequencesRequest, context: grpc.aio.ServicerContext
+                            ) -> session_pb2.ReleaseSequencesResponse:
+    """A service's ``Release``: frees the caller's own ``request.seq_ids`` by ``release`` on the model thread
+    ``executor``. The release waits for the pass under way there, and is applied even where the caller stops waiting
+    (a long prefill can outlast its deadline): cancelled, it would leave the sequences holding their slots until
+    evicted."""
+    scope = caller_scope(context.invocation_metadata())
+    released = await asyncio.shield(asyncio.get_running_loop().run_in_executor(
+        executor, release, [scope + s for s in request.seq_ids]))
+    return session_pb2.ReleaseSequencesResponse(released=released)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from specfleet.otel import Otel, ServiceMetrics
 from specfleet.otel import setup as setup_otel
 from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
 from specfleet.security import caller_scope, internal_guard, unscoped
-from specfleet.serving import Sessions, serve, servicer_name
+from specfleet.serving import Sessions, release_sequences, serve, servicer_name
 from specfleet.space_model import space_settings_for
 from specfleet.speculation import is_prefill
 from specfleet.telemetry import TelemetryWriter, writer_for
@@ -114,12 +114,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
 
     async def Release(self, request: session_pb2.ReleaseSequencesRequest, context: grpc.aio.ServicerContext
                       ) -> session_pb2.ReleaseSequencesResponse:
-        scope = caller_scope(context.invocation_metadata())
-        # A release waits for the pass under way. It is applied even where the caller stops waiting (a long prefill
-        # can outlast its deadline): cancelled, it would leave the sequences holding their slots until evicted.
-        released = await asyncio.shield(asyncio.get_running_loop().run_in_executor(
-            self.executor, self.verifier.release, [scope + s for s in request.seq_ids]))
-        return session_pb2.ReleaseSequencesResponse(released=released)
+        return await release_sequences(self.executor, self.verifier.release, request, context)
 
     async def GetInfo(self, request: session_pb2.GetServiceInfoRequest, context: grpc.aio.ServicerContext
                       ) -> session_pb2.GetServiceInfoResponse:

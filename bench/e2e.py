@@ -1,7 +1,9 @@
 """End-to-end speed at batch 1: transformers' generate against specfleet's three services.
 
 Table 1, SmolLM2-135M target on this machine: HF plain, HF prompt lookup, specfleet depth 0 and the
-``ngram`` drafter at depths 2/4/8 and ``auto``, over code-editing tasks and open questions (greedy, 128 tokens).
+``ngram`` drafter at depths 2/4/8 and ``auto``, and the same prompt lookup done by the target itself
+(``--prompt-lookup-depth``, a ``--self-draft`` router) at depths 4/8 and ``auto``, over code-editing tasks and open
+questions (greedy, 128 tokens).
 Table 2, the real pair: Qwen2.5-Coder-1.5B target with the 0.5B drafting, on HumanEval prompts
 (greedy, 64 tokens): HF plain, HF assisted generation, specfleet depth 0 and the ``model`` drafter
 at depths 2/4/6.
@@ -48,9 +50,11 @@ def smollm2(args: argparse.Namespace) -> str:
         # Redis carries the services' latencies to the `auto` router, as in a deployment.
         redis = ["--redis-url", f.redis()]
         slots = ["--num-slots", "8", "--max-seq-len", "2048"]
-        target = f.start("target", ["--model", spec, *slots, *redis], "target")
+        # The target also looks drafts up itself (--prompt-lookup-depth) for the routers that ask it (--self-draft).
+        target = f.start("target", ["--model", spec, *slots, *redis, "--prompt-lookup-depth", "8"], "target")
         draft = f.start("draft", ["--drafter", "ngram", *redis], "draft")
         routers = {d: f.router(target, draft if d else None, d, f"router-{d}", redis) for d in (0, 2, 4, 8, "auto")}
+        lookup = {d: f.router(target, None, d, f"router-lookup-{d}", [*redis, "--self-draft"]) for d in (4, 8, "auto")}
         configs = {
             "HF generate": partial(hf_generate, model, max_new_tokens=max_new),
             f"HF prompt lookup ({args.lookup})": partial(hf_generate, model, max_new_tokens=max_new,
@@ -59,6 +63,8 @@ def smollm2(args: argparse.Namespace) -> str:
             **{f"specfleet ngram depth {d}": partial(lambda ids, d: specfleet_generate(routers[d], ids, max_new), d=d)
                for d in (2, 4, 8)},
             "specfleet ngram auto": lambda ids: specfleet_generate(routers["auto"], ids, max_new),
+            **{f"specfleet lookup in target {d}": partial(
+                lambda ids, d: specfleet_generate(lookup[d], ids, max_new), d=d) for d in lookup},
         }
         run_rounds(configs, prompts[:1], 1)  # warm-up: first calls pay one-time costs
         tallies = run_rounds(configs, prompts, args.rounds, check_equal_to="specfleet depth 0")

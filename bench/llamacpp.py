@@ -100,18 +100,25 @@ def llama_cpp_batched(runner: LlamaCppRunner, stops: set[int], max_new: int
 
 @contextmanager
 def specfleet_routers(args: argparse.Namespace) -> Iterator[dict[str, str]]:
-    """A llamacpp target, an ngram draft, a llamacpp draft (with --draft-model) and a router per configuration; the
-    routers' addresses by configuration name."""
+    """A llamacpp target (which also drafts by prompt lookup for `--self-draft` routers), an ngram draft, a llamacpp
+    draft (with --draft-model) and a router per configuration; the routers' addresses by configuration name."""
     with fleet() as f:
         redis = ["--redis-url", f.redis()]
         slots = ["--num-slots", "8", "--max-seq-len", "2048"]
+        # The target also looks drafts up itself (--prompt-lookup-depth) for the routers that ask it (--self-draft).
         target = f.start("target", ["--backend", "llamacpp", "--model", args.model, *slots,
-                                    "--threads", str(args.target_threads), *redis], "target")
+                                    "--threads", str(args.target_threads), *redis,
+                                    "--prompt-lookup-depth", str(max(args.depths))], "target")
         ngram = f.start("draft", ["--drafter", "ngram", *redis], "draft-ngram")
         routers = {"specfleet depth 0": f.router(target, None, 0, "router-0", redis)}
         for depth in args.depths:
             routers[f"specfleet ngram d{depth}"] = f.router(target, ngram, depth, f"router-ngram-{depth}", redis)
         routers["specfleet ngram auto"] = f.router(target, ngram, "auto", "router-ngram-auto", redis)
+        self_draft = [*redis, "--self-draft"]
+        for depth in args.depths:
+            routers[f"specfleet lookup in target d{depth}"] = f.router(target, None, depth, f"router-lookup-{depth}",
+                                                                       self_draft)
+        routers["specfleet lookup in target auto"] = f.router(target, None, "auto", "router-lookup-auto", self_draft)
         if args.draft_model:
             llama = f.start("draft", ["--drafter", "llamacpp", "--model", args.draft_model, *slots,
                                       "--threads", str(args.draft_threads), *redis], "draft-llamacpp")

@@ -76,8 +76,9 @@ def step_loop_for(target: TargetReplica, config: RouterConfig, feed: PolicyFeed,
     calibration = Calibration(config.calibration_half_life) if config.calibration_half_life else None
     if config.self_draft:
         if not target.info.max_draft_next:
-            log.warning("target %s does not draft for itself (it was not started with a SPACE model or lookahead, "
-                        "see --space-masks, --lookahead-window): its sequences decode plainly", target.address)
+            log.warning("target %s does not draft for itself (it was not started with a SPACE model, lookahead or "
+                        "prompt lookup, see --space-masks, --lookahead-window, --prompt-lookup-depth): its sequences "
+                        "decode plainly", target.address)
         drafting = SelfDrafting(target.info.self_drafting or "space", target.info.draft_next_width)
         strategies = Strategies({SELF_DRAFTED: SelfDrafted(target.info.max_draft_next, drafting)})
     else:

@@ -122,8 +122,9 @@ class TargetConfig(EngineConfig):
     backend: str = option("engine", "what runs the model: engine (specfleet's PyTorch engine on --device, draft "
                           "chains and trees, SPACE and lookahead self-drafting) or llamacpp (the model's quantized "
                           "GGUF as it is packaged, run by llama.cpp on the CPU with --threads: a preset or a .gguf "
-                          "file as --model; draft chains only; lossless with respect to llama.cpp's own decoding of "
-                          "that GGUF; needs specfleet[llamacpp])", choices=list(TARGET_BACKENDS))
+                          "file as --model; draft chains only, and prompt-lookup self-drafting; lossless with "
+                          "respect to llama.cpp's own decoding of that GGUF; needs specfleet[llamacpp])",
+                          choices=list(TARGET_BACKENDS))
     space_masks: int = option(-1, "SPACE self-drafting: the most mask tokens a sequence's step may append after its "
                               "last token and after each candidate, to draft its next step in the same pass (-1: as "
                               "the model folder's specfleet_space.json says, off for an ordinary model; 0: off)")
@@ -134,12 +135,20 @@ class TargetConfig(EngineConfig):
                                    "a Jacobi chain of this many guesses after every sequence, whose outputs fill an "
                                    "n-gram pool the next drafts come from (0: off)")
     lookahead_ngram: int = option(4, "lookahead self-drafting: n-gram size (a step drafts at most n - 1 tokens)")
+    prompt_lookup_depth: int = option(0, "prompt-lookup self-drafting, for any model and either backend: after each "
+                                      "verify the target looks the sequence's last tokens up in its own text and "
+                                      "proposes up to this many of the tokens that followed them, as the ngram draft "
+                                      "service would, without a draft service's round trip per step (0: off)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(0 <= self.lookahead_window <= 64, f"--lookahead-window must be in [0, 64], got {self.lookahead_window}")
         _check(2 <= self.lookahead_ngram <= MAX_DEPTH + 1,
                f"--lookahead-ngram must be in [2, {MAX_DEPTH + 1}], got {self.lookahead_ngram}")
+        _check(0 <= self.prompt_lookup_depth <= MAX_DEPTH,
+               f"--prompt-lookup-depth must be in [0, {MAX_DEPTH}], got {self.prompt_lookup_depth}")
+        _check(not (self.prompt_lookup_depth and self.lookahead_window),
+               "--prompt-lookup-depth and --lookahead-window are two ways of self-drafting: choose one")
         _check(self.backend in TARGET_BACKENDS,
                f"--backend must be one of {', '.join(TARGET_BACKENDS)}, got {self.backend!r}")
         _check(self.backend == "engine" or (self.space_masks <= 0 and not self.lookahead_window),

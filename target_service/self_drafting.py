@@ -2,19 +2,24 @@
 after its candidates, and what the next candidates are once the verdict is known. Two kinds, one interface the
 verifier runs (`target_service.verifier.Verifier`):
 - `SpaceDrafting`: SPACE's mask groups (`specfleet.space`), for a model fine-tuned by `specfleet train-space`;
-- `LookaheadDrafting`: a Jacobi chain and an n-gram pool per sequence (`specfleet.lookahead`), for any model.
+- `LookaheadDrafting`: a Jacobi chain and an n-gram pool per sequence (`specfleet.lookahead`), for any model;
+- `PromptLookupDrafting`: prompt lookup in the sequence's own text (`specfleet.drafters.ngram`), for any model and
+  either backend: it adds nothing to the pass, and saves the step a draft service's round trip.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from specfleet.drafters.ngram import find_continuation
 from specfleet.lookahead import LookaheadState, advance, candidates_after, initial_guesses, lookahead_layout
 from specfleet.sampling import DRAFT_STREAM, sample_drafts, seeded_uniforms
 from specfleet.space import space_layout, space_pass_tokens
+from specfleet.trees.shapes import ROOT_PARENT
 
 if TYPE_CHECKING:
     from target_service.verifier import VerifyItem
@@ -33,7 +38,10 @@ class PassNodes:
 
 
 class SelfDrafting(Protocol):
-    kind: str  # "space" or "lookahead" (GetInfo's self_drafting)
+    kind: str  # "space", "lookahead" or "ngram" (GetInfo's self_drafting)
+    # Whether a pass carries nodes of the kind's own after the candidates (SPACE's masks, lookahead's Jacobi chain):
+    # such a pass runs with tree attention; one that adds none runs as the plain chains do, on either backend.
+    adds_nodes: bool
 
     @property
     def max_draft_next(self) -> int:
@@ -71,6 +79,7 @@ class SpaceDrafting:
     max_masks: int
     top_k_pairs: int = 64  # a sampled next draft's distribution on the wire, as the model drafters send it
     kind: str = "space"
+    adds_nodes: bool = True
 
     @property
     def max_draft_next(self) -> int:
@@ -114,6 +123,7 @@ class LookaheadDrafting:
     next candidates after the emitted token (a sampled request's q for each is a point mass: looked up, not drawn)."""
 
     kind = "lookahead"
+    adds_nodes = True
 
     def __init__(self, window: int, ngram: int, pool_size: int = 8) -> None:
         self.window, self.ngram, self.pool_size = window, ngram, pool_size
@@ -151,3 +161,63 @@ class LookaheadDrafting:
     def release(self, seq_ids: list[str]) -> None:
         for seq_id in seq_ids:
             self.states.pop(seq_id, None)
+
+
+class PromptLookupDrafting:
+    """Prompt lookup (the ``ngram`` drafter's, `specfleet.drafters.ngram.find_continuation`) done by the target once
+    its verdict is known: the next candidates are the up to ``draft_next`` tokens that followed the latest earlier
+    occurrence of the sequence's last ``min_ngram``..``max_ngram`` tokens, the ones just committed included. The
+    pass runs the candidates alone, as any chain; what a step saves is the draft service's round trip. The target
+    keeps each sequence's tokens for the lookup (the latest ``max_sequences``), recorded on every verify of it, so a
+    sequence whose steps alternate plain and drafting keeps its whole text. A sampled request's q for each candidate
+    is a point mass: looked up, not drawn."""
+
+    kind = "ngram"
+    adds_nodes = False
+    width = 0
+
+    def __init__(self, max_drafts: int, max_ngram: int = 3, min_ngram: int = 2, max_sequences: int = 4096) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_drafts, self.max_ngram, self.min_ngram = max_drafts, max_ngram, min_ngram
+        self.max_sequences = max_sequences
+        self.texts: OrderedDict[str, list[int]] = OrderedDict()  # by seq_id: its committed tokens
+
+    @property
+    def max_draft_next(self) -> int:
+        return self.max_drafts
+
+    def added_tokens(self, candidates: int, draft_next: int) -> int:
+        return candidates
+
+    def nodes(self, item: VerifyItem, room: int) -> PassNodes:
+        k = min(len(item.draft_tokens), room)
+        return PassNodes(list(item.draft_tokens[:k]), [ROOT_PARENT, *range(k - 1)] if k else [], None)
+
+    def next_drafts(self, item: VerifyItem, nodes: PassNodes, logits: torch.Tensor, accepted: int,
+                    emitted: list[int]) -> tuple[tuple[int, ...], TopKPairs | None]:
+        text = self._record(item, emitted)
+        if text is None or not item.draft_next:
+            return (), None
+        drafts = tuple(find_continuation(text, item.draft_next, self.max_ngram, self.min_ngram))
+        if item.sampling.greedy or not drafts:
+            return drafts, None
+        return drafts, (torch.tensor(drafts).unsqueeze(1), torch.ones(len(drafts), 1))
+
+    def release(self, seq_ids: list[str]) -> None:
+        for seq_id in seq_ids:
+            self.texts.pop(seq_id, None)
+
+    def _record(self, item: VerifyItem, emitted: list[int]) -> list[int] | None:
+        """The sequence's committed tokens after this step, kept for its next; None where the target has not seen
+        its earlier tokens (they went with the oldest texts): it drafts nothing until it is sent whole again."""
+        held = self.texts.get(item.seq_id)
+        if item.rollback_to and (held is None or len(held) < item.rollback_to):
+            self.texts.pop(item.seq_id, None)
+            return None
+        text = (held[: item.rollback_to] if held else []) + list(item.new_tokens) + list(emitted)
+        self.texts[item.seq_id] = text
+        self.texts.move_to_end(item.seq_id)
+        while len(self.texts) > self.max_sequences:
+            self.texts.popitem(last=False)
+        return text

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
-from specfleet.config import TargetConfig
+from specfleet.config import DraftConfig, TargetConfig
 from specfleet.engine import ModelRunner
 from specfleet.engine.runner import set_cpu_threads
 from specfleet.models import eos_token_ids, load_tokenizer, resolve_model, tokenizer_fingerprint
@@ -30,7 +30,7 @@ from specfleet.wire import (
     validate_parents,
     validate_tokens,
 )
-from target_service.self_drafting import LookaheadDrafting, SpaceDrafting
+from target_service.self_drafting import LookaheadDrafting, PromptLookupDrafting, SpaceDrafting
 from target_service.verifier import Verifier, VerifyItem
 
 log = logging.getLogger("specfleet.target")
@@ -151,14 +151,16 @@ def build_servicer(config: TargetConfig, otel: Otel | None = None) -> TargetServ
                     "keeps them together (docs/engine.md, \"Half precision\")", str(dtype).removeprefix("torch."))
     space = space_settings_for(folder, config.space_masks, config.space_mask_token, runner.vocab_size)
     lookahead = LookaheadDrafting(config.lookahead_window, config.lookahead_ngram) if config.lookahead_window else None
-    if space is not None and lookahead is not None:
-        raise ValueError("--lookahead-window drafts with lookahead, but this target already drafts with SPACE masks "
-                         "(its model folder or --space-masks): choose one (--space-masks 0 turns SPACE off)")
+    for flag, other in (("--lookahead-window", lookahead), ("--prompt-lookup-depth", config.prompt_lookup_depth)):
+        if space is not None and other:
+            raise ValueError(f"{flag} drafts another way, but this target already drafts with SPACE masks (its model "
+                             "folder or --space-masks): choose one (--space-masks 0 turns SPACE off)")
     if space is not None:
         log.info("SPACE self-drafting: up to %d masks per group, mask token %d", space[1], space[0])
     if lookahead is not None:
         log.info("lookahead self-drafting: a Jacobi chain of %d guesses, %d-grams", lookahead.window, lookahead.ngram)
-    verifier = Verifier(runner, SpaceDrafting(*space) if space is not None else lookahead)
+    verifier = Verifier(runner, SpaceDrafting(*space) if space is not None else
+                        lookahead or prompt_lookup_for(config, runner.num_slots))
     return TargetServicer(config, verifier, tokenizer_fingerprint(tokenizer), eos_token_ids(folder, tokenizer),
                           telemetry, otel)
 
@@ -180,8 +182,19 @@ def _build_llamacpp(config: TargetConfig, telemetry: TelemetryWriter | None, ote
     # the model's tokenizer take it. Sequences end where llama.cpp's own decoding ends them (its end-of-generation
     # tokens), so the output is what llama.cpp alone would give.
     tokenizer = load_gguf_tokenizer(gguf)
-    return TargetServicer(config, Verifier(runner), tokenizer_fingerprint(tokenizer), runner.eos_token_ids,
-                          telemetry, otel)
+    verifier = Verifier(runner, prompt_lookup_for(config, runner.num_slots))
+    return TargetServicer(config, verifier, tokenizer_fingerprint(tokenizer), runner.eos_token_ids, telemetry, otel)
+
+
+def prompt_lookup_for(config: TargetConfig, num_slots: int) -> PromptLookupDrafting | None:
+    """Prompt-lookup self-drafting where --prompt-lookup-depth asks for it, with the ngram draft service's default
+    suffix lengths; it keeps the text of as many sequences as the cache can hold, twice over."""
+    if not config.prompt_lookup_depth:
+        return None
+    log.info("prompt-lookup self-drafting: up to %d drafts per step, suffixes of %d-%d tokens",
+             config.prompt_lookup_depth, DraftConfig.ngram_min, DraftConfig.ngram_max)
+    return PromptLookupDrafting(config.prompt_lookup_depth, DraftConfig.ngram_max, DraftConfig.ngram_min,
+                                max_sequences=2 * num_slots)
 
 
 

@@ -3,7 +3,7 @@ model in one batched pass, verify the drafts, and keep only the accepted prefix 
 trees go through the model with tree attention (``extend_tree``) and keep their accepted path
 (``keep_path``), so afterwards the cache reads as for a chain. A sequence that asks for its next
 step's drafts (``draft_next``) gets them from the same pass (`target_service.self_drafting`: SPACE's mask groups or
-lookahead's Jacobi chain)."""
+lookahead's Jacobi chain), or by prompt lookup in its text once the verdict is known."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class Verifier:
 
     @property
     def self_drafting(self) -> str:
-        """How this target drafts for itself ("space", "lookahead"), or "" when it does not."""
+        """How this target drafts for itself ("space", "lookahead", "ngram"), or "" when it does not."""
         return "" if self.drafting is None else self.drafting.kind
 
     @property
@@ -106,8 +106,11 @@ class Verifier:
             else:
                 verdicts[item.seq_id] = Verdict.unknown(item.seq_id)
         trees = [i for i in known if i.draft_parents is not None]
-        self_drafted = [i for i in known if i.draft_next and i.draft_parents is None]
-        chains = [i for i in known if not i.draft_next and i.draft_parents is None]
+        # A kind that adds nodes of its own to the pass drafts in it (tree attention); one that adds none (prompt
+        # lookup) rides with the plain chains and drafts once their verdicts are known.
+        in_pass = self.drafting is not None and self.drafting.adds_nodes
+        self_drafted = [i for i in known if i.draft_next and i.draft_parents is None and in_pass]
+        chains = [i for i in known if not (i.draft_next and in_pass) and i.draft_parents is None]
         if trees:
             verdicts.update(self._verify_trees(trees))
         if self_drafted:
@@ -118,19 +121,32 @@ class Verifier:
                        num_logits=len(i.draft_tokens) + 1)
                 for i in chains
             ])
-            for item, (accepted, tokens) in zip(chains, self._decide_chains(chains, logits), strict=True):
+            decided = self._decide_chains(chains, logits)
+            for item, rows, (accepted, tokens) in zip(chains, logits, decided, strict=True):
                 cached = item.position + accepted  # drop the rejected drafts' keys/values
                 self.runner.truncate(item.seq_id, cached)
-                verdicts[item.seq_id] = Verdict(item.seq_id, True, accepted, tuple(tokens), cached)
+                next_tokens, next_top_k = self._drafted_after(item, rows, accepted, tokens)
+                verdicts[item.seq_id] = Verdict(item.seq_id, True, accepted, tuple(tokens), cached,
+                                                next_tokens=next_tokens, next_top_k=next_top_k)
         return [verdicts[i.seq_id] for i in items]
+
+    def _drafted_after(self, item: VerifyItem, logits: torch.Tensor, accepted: int, emitted: list[int]
+                       ) -> tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor] | None]:
+        """A chain's next drafts from a kind that drafts after the verdict (prompt lookup), which sees every chain
+        verified so that it keeps each sequence's text, whether or not this step asked it to draft."""
+        drafting = self.drafting
+        if drafting is None or drafting.adds_nodes:
+            return (), None
+        nodes = drafting.nodes(item, len(item.draft_tokens))
+        return drafting.next_drafts(item, nodes, logits, accepted, emitted)
 
     def _check_draft_next(self, item: VerifyItem) -> None:
         if not item.draft_next:
             return
         if item.draft_next > self.max_draft_next:
+            unable = " (it was not started with a SPACE model, lookahead or prompt lookup)"
             raise ValueError(f"{item.seq_id}: asks for {item.draft_next} next-step drafts, but this target drafts "
-                             f"{self.max_draft_next}" + (" at most" if self.self_drafting else
-                                                         " (it was not started with a SPACE model or lookahead)"))
+                             f"{self.max_draft_next}" + (" at most" if self.self_drafting else unable))
         if item.draft_parents is not None:
             raise ValueError(f"{item.seq_id}: a self-drafting step verifies a chain of candidates, not a tree")
 

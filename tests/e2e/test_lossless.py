@@ -237,17 +237,38 @@ def test_greedy_with_a_lookahead_target_equals_plain_decoding(cluster, smollm2_d
         cluster.stop(*(f"router-lookahead-{depth}" for depth in depths), "lookahead-target")
 
 
+def test_greedy_with_a_prompt_lookup_target_equals_plain_decoding(cluster, smollm2_dir, prompt_ids, reference) -> None:
+    """The target drafts for itself by prompt lookup in each sequence's text, after every verdict: no draft
+    service. The tokens are the model's, at a fixed depth and at depths the policy chooses, and drafts get accepted."""
+    depths = (4, "auto")
+    cluster.start("lookup-target", "target", ["--model", str(smollm2_dir), *SELF_DRAFTING_SLOTS, "--redis-url",
+                                              cluster.redis_url, "--prompt-lookup-depth", "6"])
+    try:
+        for depth in depths:
+            address = cluster.router(f"router-lookup-{depth}", target="lookup-target", draft=None, depth=depth,
+                                     extra=["--self-draft"])
+            assert _generate_all(address, prompt_ids) == reference
+        pinned = cluster.addresses["router-lookup-4"]
+        stats = [list(stream(pinned, make_request(ids, max_new_tokens=MAX_NEW), timeout_s=300))[-1].stats
+                 for ids in prompt_ids[:4]]
+        assert sum(s.drafted_tokens for s in stats) > 0 and sum(s.accepted_tokens for s in stats) > 0, stats
+    finally:
+        cluster.stop(*(f"router-lookup-{depth}" for depth in depths), "lookup-target")
+
+
 def test_greedy_through_a_llamacpp_target_is_llama_cpps_own_decoding(cluster, smollm2_gguf, prompt_ids) -> None:
     """A target that runs SmolLM2's Q4_1 GGUF on llama.cpp (`--backend llamacpp`): plain decoding, ngram drafts at
-    depths the policy chooses, and a router asking for trees of a model draft (which then drafts chains for this
-    target) all give what llama.cpp gives decoding the GGUF alone, one token at a time."""
+    depths the policy chooses, a router asking for trees of a model draft (which then drafts chains for this
+    target) and the target's own prompt lookup (`--self-draft`) all give what llama.cpp gives decoding the GGUF
+    alone, one token at a time."""
     from llama_cpp_reference import llama_cpp_greedy
 
     expected = [llama_cpp_greedy(smollm2_gguf, ids, MAX_NEW, stop=True)[0] for ids in prompt_ids]
     cluster.start("llamacpp-target", "target", ["--backend", "llamacpp", "--model", "smollm2-135m", "--threads", "1",
                                                 "--num-slots", "8", "--max-seq-len", "512",
-                                                "--redis-url", cluster.redis_url])
-    routers = {"plain": (None, 0, []), "ngram-auto": ("ngram", "auto", []), "tree": ("tiny", 3, ["--tree", "rsd-c"])}
+                                                "--redis-url", cluster.redis_url, "--prompt-lookup-depth", "4"])
+    routers = {"plain": (None, 0, []), "ngram-auto": ("ngram", "auto", []), "tree": ("tiny", 3, ["--tree", "rsd-c"]),
+               "prompt-lookup": (None, 4, ["--self-draft"])}
     try:
         for name, (draft, depth, extra) in routers.items():
             address = cluster.router(f"router-on-llamacpp-{name}", target="llamacpp-target", draft=draft,

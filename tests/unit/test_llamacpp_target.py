@@ -26,6 +26,7 @@ from specfleet.models import eos_token_ids, load_tokenizer, tokenizer_fingerprin
 from specfleet.protos import target_pb2_grpc
 from specfleet.sampling_params import SamplingParams
 from specfleet.speculation import Proposal, SessionDelta, VerifyAsk
+from target_service.self_drafting import PromptLookupDrafting
 from target_service.server import build_servicer
 from target_service.verifier import Verifier, VerifyItem
 
@@ -83,6 +84,27 @@ def test_greedy_verification_decodes_as_llama_cpp_does_one_token_at_a_time(runne
     assert runner.live_sequences == 0
 
 
+def test_prompt_lookup_in_the_target_decodes_as_llama_cpp_does(runner, short_prompts, reference) -> None:
+    """The target drafts for itself by prompt lookup (`--prompt-lookup-depth`): each verdict brings the candidates
+    the next step verifies, and the output is still llama.cpp's own greedy decoding."""
+    verifier = Verifier(runner, PromptLookupDrafting(4, max_ngram=3, min_ngram=1))
+    outputs: list[list[int]] = [[] for _ in short_prompts]
+    cached = [0] * len(short_prompts)
+    candidates: list[tuple[int, ...]] = [()] * len(short_prompts)
+    drafted = 0
+    while min(len(o) for o in outputs) < NEW_TOKENS:
+        items = [VerifyItem(f"s{n}", cached[n], (prompt + outputs[n])[cached[n]:], list(candidates[n]), None, GREEDY,
+                            draft_next=4) for n, prompt in enumerate(short_prompts)]
+        for n, verdict in enumerate(verifier.verify(items)):
+            outputs[n] += verdict.tokens
+            cached[n] = verdict.cached_len
+            candidates[n] = verdict.next_tokens
+            drafted += len(verdict.next_tokens)
+    verifier.release([f"s{n}" for n in range(len(short_prompts))])
+    assert [o[:NEW_TOKENS] for o in outputs] == [tokens for tokens, _ in reference]
+    assert drafted > 0 and runner.live_sequences == 0 and not verifier.drafting.texts
+
+
 def test_batched_chains_get_exactly_the_logits_of_one_token_decoding(runner, short_prompts, reference) -> None:
     """Four prompts, each with 20 tokens of its continuation, in one extend (over a hundred tokens, wider than the
     micro-batch): at every position each sequence gets bit for bit the logits llama.cpp computes feeding it one token
@@ -118,7 +140,7 @@ def test_trees_and_self_drafting_are_refused_by_name(runner, short_prompts) -> N
     verifier = Verifier(runner)
     with pytest.raises(ValueError, match="llamacpp backend verifies draft chains, not trees"):
         verifier.verify([VerifyItem("t", 0, short_prompts[0], [5, 6], None, GREEDY, draft_parents=[-1, -1])])
-    with pytest.raises(ValueError, match="not started with a SPACE model or lookahead"):
+    with pytest.raises(ValueError, match="not started with a SPACE model, lookahead or prompt lookup"):
         verifier.verify([VerifyItem("t", 0, short_prompts[0], [], None, GREEDY, draft_next=2)])
     for flags in ({"space_masks": 2}, {"lookahead_window": 4}):
         with pytest.raises(ValueError, match="llamacpp backend verifies draft chains only"):

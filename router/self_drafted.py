@@ -1,10 +1,13 @@
-"""The self-drafted strategy (SPACE, lookahead): the target proposes each sequence's next drafts with its verdict,
-from the same forward pass, so no draft service is called and drafting costs the step no call of its own.
+"""The self-drafted strategy (SPACE, lookahead, prompt lookup): the target proposes each sequence's next drafts with
+its verdict, from the same forward pass or its text, so no draft service is called and drafting costs the step no call
+of its own.
 
 `propose` hands each sequence the candidates its last verdict brought (as many as the plan gives it) and asks the
 target for as many for the step after (`Proposal.draft_next`); `settle` keeps what the verdicts bring. Candidates
 are handed out once: a step that commits nothing (its target failed) leaves the next with none to verify, never with
-candidates for positions that moved. A sequence's first step, or one after a plain step, verifies none and drafts.
+candidates for positions that moved. A sequence's first step, or one after a plain step, verifies none and drafts
+(`Proposal.first`); a verdict that proposed nothing (prompt lookup without a match) leaves the next step an empty
+chain, which is a miss.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from specfleet.speculation import Proposal, Proposals, StepPlan, Verdict
 SELF_DRAFTED = "self"
 """The strategy's name (`LiveRequest.strategy`) on a router started with --self-draft."""
 SPACE = SelfDrafting("space")
+NO_CANDIDATES = Proposal(())  # what a verdict that proposed nothing leaves the next step
 
 
 class SelfDrafted:
@@ -25,12 +29,14 @@ class SelfDrafted:
         self.max_drafts = max_drafts  # what the target said it drafts at most (GetInfo's max_draft_next)
         self.drafting = drafting  # how it drafts (GetInfo's self_drafting): the policy prices its steps by it
         self.candidates: dict[str, Proposal] = {}  # by seq_id: what its last verdict proposed
+        self.asked: set[str] = set()  # the sequences the last `propose` asked the target to draft for
 
     def room(self, seq: LiveRequest) -> int | None:
         return self.max_drafts
 
     def holds_candidates(self, seq_id: str) -> bool:
-        """Whether the sequence's last verdict left candidates for its next step to verify."""
+        """Whether the sequence's last step asked the target for candidates for this one (it may have proposed
+        none: a miss, not a first step)."""
         return seq_id in self.candidates
 
     async def propose(self, batch: list[LiveRequest], plan: StepPlan) -> Proposals:
@@ -39,15 +45,16 @@ class SelfDrafted:
             held = self.candidates.pop(seq.seq_id, None)
             levels = plan.draft(seq.seq_id).levels
             if levels:
-                tokens, top_k = (held.tokens[:levels], held.draft_top_k[:levels]) if held else ((), ())
-                proposals[seq.seq_id] = Proposal(tokens, top_k, draft_next=levels)
+                tokens, top_k = (held.tokens[:levels], held.draft_top_k[:levels]) if held is not None else ((), ())
+                proposals[seq.seq_id] = Proposal(tokens, top_k, draft_next=levels, first=held is None)
+        self.asked = set(proposals)
         return Proposals(proposals)
 
     def settle(self, batch: list[LiveRequest], verdicts: Mapping[str, Verdict]) -> None:
         for seq in batch:
             verdict = verdicts.get(seq.seq_id)
-            if verdict is not None and verdict.next_proposal is not None:
-                self.candidates[seq.seq_id] = verdict.next_proposal
+            if verdict is not None and seq.seq_id in self.asked:
+                self.candidates[seq.seq_id] = verdict.next_proposal or NO_CANDIDATES
 
     async def release(self, seqs: list[LiveRequest]) -> None:
         for seq in seqs:

@@ -44,13 +44,16 @@ class Proposal:
     nodes with every parent before its children and siblings in the order drawn; ``parents[j]`` is node j's
     parent, `specfleet.trees.shapes.ROOT_PARENT` for the root's children. ``draft_next`` asks the target to
     propose this many draft tokens for the sequence's next step from the same forward pass (self-drafting);
-    the verdict then carries them as its ``next_proposal``.
+    the verdict then carries them as its ``next_proposal``. ``first`` marks a self-drafted sequence's step with no
+    candidates held yet (its first, or its first after a plain step): it only drafts, so its empty chain is not a
+    miss; a step whose target proposed nothing last time (prompt lookup without a match) is one.
     """
 
     tokens: tuple[int, ...]
     draft_top_k: tuple[TopK, ...] = ()
     parents: tuple[int, ...] | None = None
     draft_next: int = 0
+    first: bool = False
 
     @property
     def is_tree(self) -> bool:

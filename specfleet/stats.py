@@ -42,7 +42,7 @@ class SequenceStep:
     @classmethod
     def of(cls, requested: int, proposal: Proposal | None, verdict: Verdict, emitted: int) -> SequenceStep:
         drafted = len(proposal.tokens) if proposal is not None else 0
-        if proposal is not None and proposal.draft_next and drafted == 0:
+        if proposal is not None and proposal.first:
             # A self-drafting target's first step for the sequence (or its first after a plain one): it verifies
             # nothing and drafts for the next; not a drafter that came up empty, so not a miss.
             return cls(0, emitted=emitted)

@@ -37,9 +37,11 @@ def test_a_drafter_that_offers_nothing_when_asked_counts_as_a_miss_not_a_rejecti
 def test_a_self_drafting_targets_first_step_is_neither_an_offer_nor_a_miss() -> None:
     """The target had no candidates yet and drafted for the next step: nothing came up empty, so the policy's offer
     rate must not fall (it would then plan plain steps, and each return to drafting would start empty again)."""
-    step = SequenceStep.of(3, Proposal((), draft_next=3), Verdict((7,), 0), 1)
+    step = SequenceStep.of(3, Proposal((), draft_next=3, first=True), Verdict((7,), 0), 1)
     assert not step.asked and not step.missed and step.emitted == 1
     assert SequenceStep.of(3, Proposal((4, 5, 6), draft_next=3), Verdict((4, 9), 1), 2).drafted == 3
+    # Candidates asked for last step and none proposed (prompt lookup without a match): that is a miss.
+    assert SequenceStep.of(3, Proposal((), draft_next=3), Verdict((7,), 0), 1).missed
 
 
 def test_per_step_counts_merge_into_the_same_totals_as_counting_once() -> None:

@@ -37,7 +37,7 @@ from router.target_verifier import TargetVerifier
 from specfleet.config import RouterConfig
 from specfleet.otel import RouterMetrics
 from specfleet.policy import DepthPolicy
-from specfleet.speculation import PREFILL_TOKENS
+from specfleet.speculation import PREFILL_TOKENS, DraftPlan, Proposal, StepPlan, Verdict
 from specfleet.stats import AcceptanceCounts
 
 PROMPTS = [[3, 1, 4], [1, 5, 9, 2, 6], [5, 3], [8, 9, 7, 9]]
@@ -170,6 +170,25 @@ def test_strategies_the_loop_has_no_code_for_plug_in_and_keep_greedy_output() ->
     assert ahead.outcomes["used"] > 0  # drafted while the target verified, and used
     accepted = {s.seq_id: s.stats.acceptance.accepted for s in seqs}
     assert all(n > 0 for n in accepted.values()), accepted
+
+
+def test_a_self_drafted_sequence_whose_target_proposed_nothing_misses_and_one_without_candidates_starts() -> None:
+    """A first step (nothing held) only drafts; a step after a verdict that proposed nothing (prompt lookup without a
+    match) verifies an empty chain, which the policy must count as a miss: its offer rate is what it prices."""
+    strategy = SelfDrafted(max_drafts=4)
+    seq = live_request("s", PROMPTS[0], 8, SELF_DRAFTED, None)
+    plan = StepPlan({"s": DraftPlan(3)}, "test")
+    first = asyncio.run(strategy.propose([seq], plan))["s"]
+    assert first.first and first.tokens == () and first.draft_next == 3
+    strategy.settle([seq], {"s": Verdict((7,), 0)})  # asked to draft, proposed nothing
+    assert strategy.holds_candidates("s")
+    missed = asyncio.run(strategy.propose([seq], plan))["s"]
+    assert not missed.first and missed.tokens == ()
+    strategy.settle([seq], {"s": Verdict((7,), 0, next_proposal=Proposal((5, 6)))})
+    assert asyncio.run(strategy.propose([seq], plan))["s"].tokens == (5, 6)
+    asyncio.run(strategy.propose([seq], StepPlan({}, "plain")))  # a plain step: the next one starts again
+    strategy.settle([seq], {"s": Verdict((8,), 0)})
+    assert not strategy.holds_candidates("s")
 
 
 def test_a_request_of_a_strategy_the_router_does_not_run_is_refused_with_its_name() -> None:

@@ -17,7 +17,7 @@ from specfleet.otel import setup as setup_otel
 from specfleet.policy.costs import PREFILL_ROLE
 from specfleet.protos import draft_pb2, draft_pb2_grpc, session_pb2
 from specfleet.security import caller_scope, internal_guard, unscoped
-from specfleet.serving import release_sequences, serve, servicer_name
+from specfleet.serving import model_thread, release_sequences, serve, servicer_name
 from specfleet.speculation import is_prefill
 from specfleet.telemetry import TelemetryWriter, writer_for
 from specfleet.wire import (
@@ -36,9 +36,11 @@ log = logging.getLogger("specfleet.draft")
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
     def __init__(self, config: DraftConfig, drafter: Drafter, *, vocab_size: int = 0, fingerprint: str = "",
                  max_seq_len: int = 0, num_slots: int = 0, telemetry: TelemetryWriter | None = None,
-                 otel: Otel | None = None, reused_prompt_tokens: Callable[[], int] = lambda: 0) -> None:
+                 otel: Otel | None = None, reused_prompt_tokens: Callable[[], int] = lambda: 0,
+                 executor: ThreadPoolExecutor | None = None) -> None:
         """``reused_prompt_tokens``: how many prompt tokens the drafter's cache has started from cached prefixes
-        (see `ServiceMetrics`); a drafter without a KV cache reuses none."""
+        (see `ServiceMetrics`); a drafter without a KV cache reuses none. ``executor``: the model thread the drafter
+        was loaded on (`specfleet.serving.model_thread`); a new one when not given."""
         self.config = config
         self.telemetry = telemetry
         self.drafter = drafter
@@ -46,7 +48,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         self.vocab_size, self.fingerprint = vocab_size, fingerprint
         self.max_seq_len, self.num_slots = max_seq_len, num_slots
         self.on_cpu = drafter.kind in ("ngram", "llamacpp") or config.resolved_device() == "cpu"  # for GetInfo
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
+        self.executor = executor or model_thread("drafter")
 
     async def Propose(self, request: draft_pb2.ProposeRequest, context: grpc.aio.ServicerContext
                       ) -> draft_pb2.ProposeResponse:
@@ -110,13 +112,20 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
 
 
 def build_servicer(config: DraftConfig, otel: Otel | None = None) -> DraftServicer:
+    """The draft service's servicer, its drafter loaded and warmed up on the thread every pass of it will run on."""
     telemetry = writer_for(config.redis_url, "draft", config.port, config.telemetry_prefix)
+    executor = model_thread("drafter")
     if config.drafter == "ngram":
         log.info("ngram drafter (prompt lookup, suffixes of %d..%d tokens)", config.ngram_min, config.ngram_max)
         return DraftServicer(config, NgramDrafter(max_ngram=config.ngram_max, min_ngram=config.ngram_min),
-                             telemetry=telemetry, otel=otel)
-    if config.drafter == "llamacpp":
-        return _build_llamacpp(config, telemetry, otel)
+                             telemetry=telemetry, otel=otel, executor=executor)
+    build = _build_llamacpp if config.drafter == "llamacpp" else _build_model
+    return executor.submit(build, config, telemetry, otel, executor).result()
+
+
+def _build_model(config: DraftConfig, telemetry: TelemetryWriter | None, otel: Otel | None,
+                 executor: ThreadPoolExecutor) -> DraftServicer:
+    """A model or sparse_self drafter on specfleet's engine."""
     from specfleet.drafters.model import ModelDrafter
     from specfleet.drafters.sparse_self import SparseSelfDrafter
     from specfleet.engine import ModelRunner
@@ -148,10 +157,11 @@ def build_servicer(config: DraftConfig, otel: Otel | None = None) -> DraftServic
     return DraftServicer(config, drafter,
                          vocab_size=runner.vocab_size, fingerprint=tokenizer_fingerprint(load_tokenizer(folder)),
                          max_seq_len=runner.max_seq_len, num_slots=runner.num_slots, telemetry=telemetry, otel=otel,
-                         reused_prompt_tokens=lambda: runner.reused_tokens)
+                         reused_prompt_tokens=lambda: runner.reused_tokens, executor=executor)
 
 
-def _build_llamacpp(config: DraftConfig, telemetry: TelemetryWriter | None, otel: Otel | None) -> DraftServicer:
+def _build_llamacpp(config: DraftConfig, telemetry: TelemetryWriter | None, otel: Otel | None,
+                    executor: ThreadPoolExecutor) -> DraftServicer:
     from specfleet.drafters.llamacpp import LlamaCppDrafter
     from specfleet.llamacpp import import_llama_cpp
     from specfleet.models import load_gguf_tokenizer, resolve_gguf, tokenizer_fingerprint
@@ -165,7 +175,8 @@ def _build_llamacpp(config: DraftConfig, telemetry: TelemetryWriter | None, otel
     # target whose tokenizer differs.
     return DraftServicer(config, drafter, vocab_size=drafter.vocab_size,
                          fingerprint=tokenizer_fingerprint(load_gguf_tokenizer(gguf)),
-                         max_seq_len=drafter.max_seq_len, num_slots=drafter.num_slots, telemetry=telemetry, otel=otel)
+                         max_seq_len=drafter.max_seq_len, num_slots=drafter.num_slots, telemetry=telemetry, otel=otel,
+                         executor=executor)
 
 
 async def run(config: DraftConfig) -> None:

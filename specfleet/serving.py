@@ -7,7 +7,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,17 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a batch of long prompts plus top-K draft
 # A draining service whose routers have not called for this long holds only abandoned sequences: a router that
 # steps calls every few milliseconds, or within its draft timeout (2 s by default) when a draft is slow.
 DRAIN_IDLE_S = 5.0
+
+
+def model_thread(name: str) -> ThreadPoolExecutor:
+    """The one thread a service runs its model on: loading and warming it up, then every pass and release, one after
+    another, while the event loop stays free for health checks.
+
+    One thread for all of it, start-up included, because the CPU kernels (torch's and llama.cpp's) parallelise with
+    OpenMP, which keeps a team of worker threads for each thread that starts parallel work: a model warmed up on the
+    main thread and then run from another has two teams contending for the same cores, and its one-token passes took
+    about 1.5x (torch) and 2x (llama.cpp) as long on a 2-core machine (bench/step_costs.md, 2026-12-06)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
 
 async def release_sequences(executor: Executor, release: Callable[[list[str]], int],

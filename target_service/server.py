@@ -18,7 +18,7 @@ from specfleet.otel import Otel, ServiceMetrics
 from specfleet.otel import setup as setup_otel
 from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
 from specfleet.security import caller_scope, internal_guard, unscoped
-from specfleet.serving import Sessions, release_sequences, serve, servicer_name
+from specfleet.serving import Sessions, model_thread, release_sequences, serve, servicer_name
 from specfleet.space_model import space_settings_for
 from specfleet.speculation import is_prefill
 from specfleet.telemetry import TelemetryWriter, writer_for
@@ -38,7 +38,10 @@ log = logging.getLogger("specfleet.target")
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
     def __init__(self, config: TargetConfig, verifier: Verifier, fingerprint: str, eos_ids: list[int],
-                 telemetry: TelemetryWriter | None = None, otel: Otel | None = None) -> None:
+                 telemetry: TelemetryWriter | None = None, otel: Otel | None = None,
+                 executor: ThreadPoolExecutor | None = None) -> None:
+        """``executor``: the model thread the verifier was loaded on (`specfleet.serving.model_thread`); a new one
+        when not given."""
         self.config = config
         self.telemetry = telemetry
         self.verifier = verifier
@@ -48,8 +51,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         self.eos_ids = eos_ids
         self.on_cpu = config.backend == "llamacpp" or config.resolved_device() == "cpu"  # for GetInfo
         self.sessions = Sessions(lambda: verifier.runner.live_sequences)
-        # One model, one thread: batches run one after another, the event loop stays free for health checks.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-model")
+        self.executor = executor or model_thread("target-model")
 
     async def Verify(self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext
                      ) -> target_pb2.VerifyResponse:
@@ -131,9 +133,16 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
 
 
 def build_servicer(config: TargetConfig, otel: Otel | None = None) -> TargetServicer:
+    """The target's servicer, its model loaded and warmed up on the thread every pass of it will run on."""
     telemetry = writer_for(config.redis_url, "target", config.port, config.telemetry_prefix)
-    if config.backend == "llamacpp":
-        return _build_llamacpp(config, telemetry, otel)
+    executor = model_thread("target-model")
+    load = _load_llamacpp if config.backend == "llamacpp" else _load_engine
+    verifier, fingerprint, eos_ids = executor.submit(load, config).result()
+    return TargetServicer(config, verifier, fingerprint, eos_ids, telemetry, otel, executor)
+
+
+def _load_engine(config: TargetConfig) -> tuple[Verifier, str, list[int]]:
+    """The verifier over specfleet's engine, the tokenizer's fingerprint and the model's end-of-sequence tokens."""
     folder = resolve_model(config.model)
     tokenizer = load_tokenizer(folder)
     device = config.resolved_device()
@@ -161,11 +170,10 @@ def build_servicer(config: TargetConfig, otel: Otel | None = None) -> TargetServ
         log.info("lookahead self-drafting: a Jacobi chain of %d guesses, %d-grams", lookahead.window, lookahead.ngram)
     verifier = Verifier(runner, SpaceDrafting(*space) if space is not None else
                         lookahead or prompt_lookup_for(config, runner.num_slots))
-    return TargetServicer(config, verifier, tokenizer_fingerprint(tokenizer), eos_token_ids(folder, tokenizer),
-                          telemetry, otel)
+    return verifier, tokenizer_fingerprint(tokenizer), eos_token_ids(folder, tokenizer)
 
 
-def _build_llamacpp(config: TargetConfig, telemetry: TelemetryWriter | None, otel: Otel | None) -> TargetServicer:
+def _load_llamacpp(config: TargetConfig) -> tuple[Verifier, str, list[int]]:
     """A target whose model is a GGUF run by llama.cpp (`specfleet.llamacpp.LlamaCppRunner`): the same Verifier,
     over llama.cpp's logits, for draft chains."""
     from specfleet.llamacpp import LlamaCppRunner, import_llama_cpp
@@ -183,7 +191,7 @@ def _build_llamacpp(config: TargetConfig, telemetry: TelemetryWriter | None, ote
     # tokens), so the output is what llama.cpp alone would give.
     tokenizer = load_gguf_tokenizer(gguf)
     verifier = Verifier(runner, prompt_lookup_for(config, runner.num_slots))
-    return TargetServicer(config, verifier, tokenizer_fingerprint(tokenizer), runner.eos_token_ids, telemetry, otel)
+    return verifier, tokenizer_fingerprint(tokenizer), runner.eos_token_ids
 
 
 def prompt_lookup_for(config: TargetConfig, num_slots: int) -> PromptLookupDrafting | None:

@@ -6,6 +6,7 @@ serialisation, router bookkeeping), as the services themselves report it to Redi
     python -m bench.step_costs --depths 0 8 --max-new-tokens 128
     python -m bench.step_costs --batch 32      # 32 requests at once: the router's overhead at batch 32
     python -m bench.step_costs --backend llamacpp --threads 2     # the target on llama.cpp (the preset's GGUF)
+    python -m bench.step_costs --lookup target # the target looks the drafts up itself: no draft service
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def main() -> None:
                         "length fixed, so the batch stays whole)")
     parser.add_argument("--backend", default="engine", choices=["engine", "llamacpp"], help="the target's backend")
     parser.add_argument("--threads", type=int, default=0, help="the target's --threads (0: its default)")
+    parser.add_argument("--lookup", default="service", choices=["service", "target"], help="who drafts by prompt "
+                        "lookup at depths > 0: an ngram draft service, or the target itself (--prompt-lookup-depth, "
+                        "a --self-draft router)")
     args = parser.parse_args()
     spec = "smollm2-135m"
     prompts = [chat_ids(load_tokenizer(resolve_model(spec)), p) for p in MIXED]
@@ -45,10 +49,15 @@ def main() -> None:
             port = free_port()  # one Redis per depth keeps the samples apart
             wait_redis(f.deployment.start_redis(port), port)
             redis = ["--redis-url", f"redis://127.0.0.1:{port}/0"]
+            in_target = args.lookup == "target" and depth > 0
+            lookup = ["--prompt-lookup-depth", str(depth)] if in_target else []
             target = f.start("target", ["--model", spec, "--num-slots", str(max(4, args.batch)), "--backend",
-                                        args.backend, "--threads", str(args.threads), *redis], f"target-{depth}")
-            draft = f.start("draft", ["--drafter", "ngram", *redis], f"draft-{depth}") if depth else None
-            router = f.router(target, draft, depth, f"router-{depth}", redis)
+                                        args.backend, "--threads", str(args.threads), *redis, *lookup],
+                             f"target-{depth}")
+            draft, drafting = None, ["--self-draft"] if in_target else []
+            if depth and not in_target:
+                draft = f.start("draft", ["--drafter", "ngram", *redis], f"draft-{depth}")
+            router = f.router(target, draft, depth, f"router-{depth}", [*redis, *drafting])
             specfleet_generate(router, prompts[0], 8)  # warm-up
             runs = [run for batch in batches for run in generate_at_once(router, batch, args.max_new_tokens)]
             time.sleep(1.0)  # let the writers flush

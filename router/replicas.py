@@ -30,7 +30,7 @@ class ReplicaInfo:
     eos_token_ids: tuple[int, ...] = ()
     draining: bool = False  # shutting down: it takes no new sequences
     max_draft_next: int = 0  # a self-drafting target: the most next-step drafts a sequence may ask for (0: none)
-    self_drafting: str = ""  # how it drafts them ("space", "lookahead"), "" when it does not
+    self_drafting: str = ""  # how it drafts them ("space", "lookahead", "ngram"), "" when it does not
     draft_next_width: int = 0  # positions its step adds to each verify whatever it drafts (a lookahead chain)
     chains_only: bool = False  # a target that verifies draft chains, not trees (the llamacpp backend)
     host: str = ""  # the machine it runs on ("": not said)

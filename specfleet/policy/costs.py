@@ -171,16 +171,17 @@ def drafter_defaults(kind: str, defaults: Mapping[str, CostFn] = DEFAULT_COSTS) 
 @dataclass(frozen=True)
 class SelfDrafting:
     """How a target drafts in its own verify (GetInfo's ``self_drafting``), as the policy prices its steps: "space"
-    (`specfleet target --space-masks`) or "lookahead" (``--lookahead-window``, whose Jacobi chain of ``width``
-    guesses rides along with every sequence's verify whatever it drafts)."""
+    (`specfleet target --space-masks`), "lookahead" (``--lookahead-window``, whose Jacobi chain of ``width``
+    guesses rides along with every sequence's verify whatever it drafts) or "ngram" (``--prompt-lookup-depth``: the
+    candidates alone, looked up after the verdict)."""
 
     kind: str = "space"
     width: int = 0
 
     def verify_tokens(self, drafts_per_seq: float) -> float:
         """Tokens a step of d drafts per sequence adds to each sequence's verify beyond its last token: SPACE's d
-        candidates and d + 1 groups of d masks (`specfleet.space.space_pass_tokens`), or lookahead's candidates and
-        its Jacobi chain."""
+        candidates and d + 1 groups of d masks (`specfleet.space.space_pass_tokens`), lookahead's candidates and its
+        Jacobi chain, or prompt lookup's candidates alone (``width`` 0)."""
         if self.kind == "space":
             return drafts_per_seq + (drafts_per_seq + 1) * drafts_per_seq
         return drafts_per_seq + self.width

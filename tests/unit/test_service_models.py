@@ -3,6 +3,7 @@ engine does not run as they start, naming it and the supported ones."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrain
 
 from draft_service.server import build_servicer as build_draft
 from specfleet.config import DraftConfig, TargetConfig
+from specfleet.engine import Extend, ModelRunner
 from target_service.server import build_servicer as build_target
 
 
@@ -51,3 +53,32 @@ def test_an_unsupported_architecture_fails_at_start(tmp_path: Path, build, confi
     message = str(info.value)
     assert "'gpt2'" in message and "GPT2LMHeadModel" in message
     assert "supported model types: llama, mistral, qwen2, qwen3" in message
+
+
+def test_services_load_warm_up_and_run_their_model_on_one_thread(tiny_llama: str, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    """Loading, the warm-up and every pass run on the service's model thread, never on the caller's: CPU kernels keep
+    a team of OpenMP threads per thread that starts parallel work, and a second team slows every pass."""
+    threads: list[str] = []
+    warm_up, extend = ModelRunner.warm_up, ModelRunner.extend
+
+    def recording_warm_up(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return warm_up(self, *args, **kwargs)
+
+    def recording_extend(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return extend(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRunner, "warm_up", recording_warm_up)
+    monkeypatch.setattr(ModelRunner, "extend", recording_extend)
+    common = dict(model=tiny_llama, device="cpu", num_slots=2, max_seq_len=64, cpu_prepack="off")
+    services = ((build_target, TargetConfig(**common)), (build_draft, DraftConfig(**common, drafter="model")))
+    for build, config in services:
+        threads.clear()
+        servicer = build(config)
+        assert threads  # the warm-up
+        runner = servicer.verifier.runner if hasattr(servicer, "verifier") else servicer.drafter.runner
+        servicer.executor.submit(runner.extend, [Extend("s", 0, [1, 2, 3])]).result()
+        model_thread = servicer.executor.submit(lambda: threading.current_thread().name).result()
+        assert set(threads) == {model_thread} != {threading.current_thread().name}

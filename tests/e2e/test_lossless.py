@@ -195,65 +195,48 @@ SPACE_MASK_TOKEN = 16  # SmolLM2's <empty_output>: chat never uses it, and any t
 SELF_DRAFTING_SLOTS = ["--num-slots", "8", "--max-seq-len", "512", "--cpu-prepack", "off"]
 
 
-def test_greedy_with_a_self_drafting_space_target_equals_plain_decoding(cluster, smollm2_dir, prompt_ids,
-                                                                         reference) -> None:
-    """A target that drafts for itself: each Verify also proposes the next step's candidates from mask tokens in the
-    same pass. SmolLM2 was never fine-tuned for masks, so most candidates are rejected: the output must not depend
-    on what the masks learned, whatever the number of masks, fixed or chosen per step."""
-    depths = (1, 3, 6, "auto")
-    cluster.start("space-target", "target", ["--model", str(smollm2_dir), *SELF_DRAFTING_SLOTS, "--redis-url",
-                                             cluster.redis_url, "--space-masks", "6",
-                                             "--space-mask-token", str(SPACE_MASK_TOKEN)])
+def _self_drafting_target_decodes_plainly(cluster, smollm2_dir, prompt_ids, reference, name: str, flags: list[str],
+                                          depths: tuple[int | str, ...]) -> None:
+    """A target started with ``flags`` drafts for itself: routers with --self-draft at each of ``depths`` give the
+    plain reference, and at the first (fixed) depth its candidates are drafted and some accepted."""
+    cluster.start(f"{name}-target", "target", ["--model", str(smollm2_dir), *SELF_DRAFTING_SLOTS, "--redis-url",
+                                               cluster.redis_url, *flags])
     try:
         for depth in depths:
-            address = cluster.router(f"router-space-{depth}", target="space-target", draft=None, depth=depth,
+            address = cluster.router(f"router-{name}-{depth}", target=f"{name}-target", draft=None, depth=depth,
                                      extra=["--self-draft"])
-            assert _generate_all(address, prompt_ids) == reference
-        pinned = cluster.addresses["router-space-3"]  # (auto may well decode plainly with an untrained model's masks)
+            assert _generate_all(address, prompt_ids) == reference, depth
+        pinned = cluster.addresses[f"router-{name}-{depths[0]}"]
         stats = [list(stream(pinned, make_request(ids, max_new_tokens=MAX_NEW), timeout_s=300))[-1].stats
                  for ids in prompt_ids[:4]]
         assert sum(s.drafted_tokens for s in stats) > 0 and sum(s.accepted_tokens for s in stats) > 0, stats
     finally:
-        cluster.stop(*(f"router-space-{depth}" for depth in depths), "space-target")
+        cluster.stop(*(f"router-{name}-{depth}" for depth in depths), f"{name}-target")
+
+
+def test_greedy_with_a_self_drafting_space_target_equals_plain_decoding(cluster, smollm2_dir, prompt_ids,
+                                                                         reference) -> None:
+    """A target that drafts for itself: each Verify also proposes the next step's candidates from mask tokens in the
+    same pass. SmolLM2 was never fine-tuned for masks, so most candidates are rejected: the output must not depend
+    on what the masks learned, whatever the number of masks, fixed or chosen per step (auto may well decode plainly
+    with an untrained model's masks)."""
+    _self_drafting_target_decodes_plainly(cluster, smollm2_dir, prompt_ids, reference, "space",
+                                          ["--space-masks", "6", "--space-mask-token", str(SPACE_MASK_TOKEN)],
+                                          (3, 1, 6, "auto"))
 
 
 def test_greedy_with_a_lookahead_target_equals_plain_decoding(cluster, smollm2_dir, prompt_ids, reference) -> None:
     """Lookahead on the unmodified model: each Verify runs a Jacobi chain beside the candidates its n-gram pool
     proposed. The tokens are the model's, and candidates from the pool do get accepted."""
-    depths = (3, "auto")
-    cluster.start("lookahead-target", "target", ["--model", str(smollm2_dir), *SELF_DRAFTING_SLOTS, "--redis-url",
-                                                 cluster.redis_url, "--lookahead-window", "6",
-                                                 "--lookahead-ngram", "4"])
-    try:
-        for depth in depths:
-            address = cluster.router(f"router-lookahead-{depth}", target="lookahead-target", draft=None, depth=depth,
-                                     extra=["--self-draft"])
-            assert _generate_all(address, prompt_ids) == reference
-        pinned = cluster.addresses["router-lookahead-3"]
-        stats = [list(stream(pinned, make_request(ids, max_new_tokens=MAX_NEW), timeout_s=300))[-1].stats
-                 for ids in prompt_ids[:4]]
-        assert sum(s.drafted_tokens for s in stats) > 0 and sum(s.accepted_tokens for s in stats) > 0, stats
-    finally:
-        cluster.stop(*(f"router-lookahead-{depth}" for depth in depths), "lookahead-target")
+    _self_drafting_target_decodes_plainly(cluster, smollm2_dir, prompt_ids, reference, "lookahead",
+                                          ["--lookahead-window", "6", "--lookahead-ngram", "4"], (3, "auto"))
 
 
 def test_greedy_with_a_prompt_lookup_target_equals_plain_decoding(cluster, smollm2_dir, prompt_ids, reference) -> None:
     """The target drafts for itself by prompt lookup in each sequence's text, after every verdict: no draft
     service. The tokens are the model's, at a fixed depth and at depths the policy chooses, and drafts get accepted."""
-    depths = (4, "auto")
-    cluster.start("lookup-target", "target", ["--model", str(smollm2_dir), *SELF_DRAFTING_SLOTS, "--redis-url",
-                                              cluster.redis_url, "--prompt-lookup-depth", "6"])
-    try:
-        for depth in depths:
-            address = cluster.router(f"router-lookup-{depth}", target="lookup-target", draft=None, depth=depth,
-                                     extra=["--self-draft"])
-            assert _generate_all(address, prompt_ids) == reference
-        pinned = cluster.addresses["router-lookup-4"]
-        stats = [list(stream(pinned, make_request(ids, max_new_tokens=MAX_NEW), timeout_s=300))[-1].stats
-                 for ids in prompt_ids[:4]]
-        assert sum(s.drafted_tokens for s in stats) > 0 and sum(s.accepted_tokens for s in stats) > 0, stats
-    finally:
-        cluster.stop(*(f"router-lookup-{depth}" for depth in depths), "lookup-target")
+    _self_drafting_target_decodes_plainly(cluster, smollm2_dir, prompt_ids, reference, "lookup",
+                                          ["--prompt-lookup-depth", "6"], (4, "auto"))
 
 
 def test_greedy_through_a_llamacpp_target_is_llama_cpps_own_decoding(cluster, smollm2_gguf, prompt_ids) -> None:

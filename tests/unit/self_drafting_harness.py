@@ -123,3 +123,19 @@ def sampled_first_three(verifier: Verifier, prompt: list[int], masks: int) -> to
             counts[a, b, c] += 1
         verifier.runner.release([f"s{n}" for n in range(batch)])
     return counts
+
+
+def sending_a_spread_out_q(drafting: type) -> type:
+    """A subclass of a self-drafting kind whose candidates are looked up (a point-mass q) that sends them with a
+    spread-out q instead (a third each on the candidate and the two ids after it), as if drawn from it: the rejection
+    test then weighs them wrongly, and a distribution test must catch it."""
+
+    class SpreadOutQ(drafting):  # type: ignore[misc, valid-type]
+        def next_drafts(self, item, nodes, logits, accepted, emitted):  # type: ignore[no-untyped-def]
+            tokens, pairs = super().next_drafts(item, nodes, logits, accepted, emitted)
+            if pairs is None:
+                return tokens, pairs
+            ids = torch.tensor([[t, (t + 1) % 16, (t + 2) % 16] for t in tokens])
+            return tokens, (ids, torch.full(ids.shape, 1 / 3))
+
+    return SpreadOutQ

@@ -18,6 +18,7 @@ from self_drafting_harness import (
     plain_greedy,
     sampled_first_three,
     self_drafted_decode,
+    sending_a_spread_out_q,
     tiny_runner,
 )
 
@@ -70,15 +71,7 @@ def test_greedy_lookahead_decoding_is_token_identical_to_plain_decoding_batched(
     assert not verifier.drafting.states and verifier.runner.live_sequences == 0
 
 
-class _WrongQ(LookaheadDrafting):
-    """Sends its looked-up candidates with a spread-out q, as if they had been drawn from it."""
-
-    def next_drafts(self, item, nodes, logits, accepted, emitted):  # type: ignore[no-untyped-def]
-        tokens, pairs = super().next_drafts(item, nodes, logits, accepted, emitted)
-        if pairs is None:
-            return tokens, pairs
-        ids = torch.tensor([[t, (t + 1) % 16, (t + 2) % 16] for t in tokens])
-        return tokens, (ids, torch.full(ids.shape, 1 / 3))
+_WrongQ = sending_a_spread_out_q(LookaheadDrafting)
 
 
 def test_sampled_lookahead_decoding_keeps_the_models_distribution(tiny_folder: Path, exact_joint: torch.Tensor

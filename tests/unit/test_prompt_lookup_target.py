@@ -20,6 +20,7 @@ from self_drafting_harness import (
     plain_greedy,
     sampled_first_three,
     self_drafted_decode,
+    sending_a_spread_out_q,
     tiny_runner,
 )
 
@@ -82,15 +83,7 @@ def test_a_self_drafting_flag_is_refused_beside_another_and_out_of_range() -> No
     assert TargetConfig(backend="llamacpp", prompt_lookup_depth=4).prompt_lookup_depth == 4
 
 
-class _WrongQ(PromptLookupDrafting):
-    """Sends its looked-up candidates with a spread-out q, as if they had been drawn from it."""
-
-    def next_drafts(self, item, nodes, logits, accepted, emitted):  # type: ignore[no-untyped-def]
-        tokens, pairs = super().next_drafts(item, nodes, logits, accepted, emitted)
-        if pairs is None:
-            return tokens, pairs
-        ids = torch.tensor([[t, (t + 1) % 16, (t + 2) % 16] for t in tokens])
-        return tokens, (ids, torch.full(ids.shape, 1 / 3))
+_WrongQ = sending_a_spread_out_q(PromptLookupDrafting)
 
 
 def test_sampled_prompt_lookup_keeps_the_models_distribution(tiny_folder: Path, exact_joint: torch.Tensor) -> None:

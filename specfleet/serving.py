@@ -35,9 +35,10 @@ def model_thread(name: str) -> ThreadPoolExecutor:
     another, while the event loop stays free for health checks.
 
     One thread for all of it, start-up included, because the CPU kernels (torch's and llama.cpp's) parallelise with
-    OpenMP, which keeps a team of worker threads for each thread that starts parallel work: a model warmed up on the
-    main thread and then run from another has two teams contending for the same cores, and its one-token passes took
-    about 1.5x (torch) and 2x (llama.cpp) as long on a 2-core machine (bench/step_costs.md, 2026-12-06)."""
+    OpenMP, whose GNU runtime keeps a team of worker threads for each thread that starts parallel work and, once its
+    teams hold more threads than there are cores, stops spinning between parallel regions: a model warmed up on the
+    main thread and then run from another pays a sleep and a wake-up at every region of every pass
+    (bench/step_costs.md, 2026-12-06)."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.common import chat_ids, fleet, specfleet_generate
 from bench.prompts import CODE_EDITING, MIXED
@@ -102,7 +103,7 @@ def llama_cpp_batched(runner: LlamaCppRunner, stops: set[int], max_new: int
 def specfleet_routers(args: argparse.Namespace) -> Iterator[dict[str, str]]:
     """A llamacpp target (which also drafts by prompt lookup for `--self-draft` routers), an ngram draft, a llamacpp
     draft (with --draft-model) and a router per configuration; the routers' addresses by configuration name."""
-    with fleet() as f:
+    with fleet(args.log_dir) as f:
         redis = ["--redis-url", f.redis()]
         slots = ["--num-slots", "8", "--max-seq-len", "2048"]
         # The target also looks drafts up itself (--prompt-lookup-depth) for the routers that ask it (--self-draft).
@@ -221,6 +222,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp plain's threads")
     parser.add_argument("--target-threads", type=int, default=2, help="the specfleet llamacpp target's threads")
     parser.add_argument("--draft-threads", type=int, default=1, help="the llamacpp draft's threads")
+    parser.add_argument("--log-dir", type=Path, help="keep the services' logs here, at INFO (the routers' depth "
+                        "decisions among them)")
     args = parser.parse_args()
     if 1 not in args.batches:
         parser.error("--batches must include 1: every output is checked against llama.cpp plain at batch 1")

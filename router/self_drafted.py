@@ -7,7 +7,8 @@ target for as many for the step after (`Proposal.draft_next`); `settle` keeps wh
 are handed out once: a step that commits nothing (its target failed) leaves the next with none to verify, never with
 candidates for positions that moved. A sequence's first step, or one after a plain step, verifies none and drafts
 (`Proposal.first`); a verdict that proposed nothing (prompt lookup without a match) leaves the next step an empty
-chain, which is a miss.
+chain, which is a miss. A target that looks its candidates up after the pass (prompt lookup) is asked for them at
+plain steps too, so a drafting step after a plain one has its candidates.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class SelfDrafted:
             if levels:
                 tokens, top_k = (held.tokens[:levels], held.draft_top_k[:levels]) if held is not None else ((), ())
                 proposals[seq.seq_id] = Proposal(tokens, top_k, draft_next=levels, first=held is None)
+            elif self.drafting.looked_up:  # a plain step: candidates for the next cost nothing to ask for
+                proposals[seq.seq_id] = Proposal((), draft_next=self.max_drafts)
         self.asked = set(proposals)
         return Proposals(proposals)
 

@@ -186,6 +186,12 @@ class SelfDrafting:
             return drafts_per_seq + (drafts_per_seq + 1) * drafts_per_seq
         return drafts_per_seq + self.width
 
+    @property
+    def looked_up(self) -> bool:
+        """Whether the target looks its candidates up after the pass instead of computing them in it (prompt
+        lookup): asking costs a step nothing, so every step asks, plain ones included."""
+        return self.kind == "ngram"
+
 
 def kv_width(role: str, tokens_per_seq: float) -> float:
     """Queries per sequence in each of those passes: a Verify's every token fed in its one pass, a Propose's one per

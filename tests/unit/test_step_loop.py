@@ -37,8 +37,9 @@ from router.target_verifier import TargetVerifier
 from specfleet.config import RouterConfig
 from specfleet.otel import RouterMetrics
 from specfleet.policy import DepthPolicy
+from specfleet.policy.costs import SelfDrafting
 from specfleet.speculation import PREFILL_TOKENS, DraftPlan, Proposal, StepPlan, Verdict
-from specfleet.stats import AcceptanceCounts
+from specfleet.stats import AcceptanceCounts, SequenceStep
 
 PROMPTS = [[3, 1, 4], [1, 5, 9, 2, 6], [5, 3], [8, 9, 7, 9]]
 
@@ -189,6 +190,20 @@ def test_a_self_drafted_sequence_whose_target_proposed_nothing_misses_and_one_wi
     asyncio.run(strategy.propose([seq], StepPlan({}, "plain")))  # a plain step: the next one starts again
     strategy.settle([seq], {"s": Verdict((8,), 0)})
     assert not strategy.holds_candidates("s")
+
+
+def test_a_target_that_looks_candidates_up_is_asked_for_them_at_plain_steps_too() -> None:
+    """Prompt lookup in the target costs a pass nothing, so a plain step asks for the next step's candidates as well:
+    a drafting step after it has them, instead of starting empty."""
+    strategy = SelfDrafted(max_drafts=4, drafting=SelfDrafting("ngram"))
+    seq = live_request("s", PROMPTS[0], 8, SELF_DRAFTED, None)
+    plain = asyncio.run(strategy.propose([seq], StepPlan({}, "plain")))["s"]
+    assert plain.tokens == () and plain.draft_next == 4 and not plain.first
+    assert not SequenceStep.of(0, plain, Verdict((7,), 0), 1).asked  # no drafts planned: no evidence
+    strategy.settle([seq], {"s": Verdict((7,), 0, next_proposal=Proposal((5, 6, 7)))})
+    drafting = asyncio.run(strategy.propose([seq], StepPlan({"s": DraftPlan(2)}, "test")))["s"]
+    assert drafting.tokens == (5, 6) and not drafting.first
+    assert not asyncio.run(SelfDrafted(max_drafts=4).propose([seq], StepPlan({}, "plain")))  # SPACE: masks cost
 
 
 def test_a_request_of_a_strategy_the_router_does_not_run_is_refused_with_its_name() -> None:

@@ -37,6 +37,14 @@ class PassNodes:
     extra: object  # what the kind needs to read its drafting rows back
 
 
+def looked_up(drafts: tuple[int, ...], item: VerifyItem) -> tuple[tuple[int, ...], TopKPairs | None]:
+    """Candidates that were looked up, not drawn, as `SelfDrafting.next_drafts` returns them: for a sampled request
+    each with its q, a point mass on itself."""
+    if item.sampling.greedy or not drafts:
+        return drafts, None
+    return drafts, (torch.tensor(drafts).unsqueeze(1), torch.ones(len(drafts), 1))
+
+
 class SelfDrafting(Protocol):
     kind: str  # "space", "lookahead" or "ngram" (GetInfo's self_drafting)
     # Whether a pass carries nodes of the kind's own after the candidates (SPACE's masks, lookahead's Jacobi chain):
@@ -153,10 +161,7 @@ class LookaheadDrafting:
         rows = layout.guess_rows
         advance(state, int(logits[0].argmax()), logits[rows.start:rows.stop].argmax(dim=-1).tolist(), emitted,
                 self.ngram, self.pool_size)
-        drafts = candidates_after(state, emitted[-1], item.draft_next)
-        if item.sampling.greedy or not drafts:
-            return drafts, None
-        return drafts, (torch.tensor(drafts).unsqueeze(1), torch.ones(len(drafts), 1))
+        return looked_up(candidates_after(state, emitted[-1], item.draft_next), item)
 
     def release(self, seq_ids: list[str]) -> None:
         for seq_id in seq_ids:
@@ -199,10 +204,7 @@ class PromptLookupDrafting:
         text = self._record(item, emitted)
         if text is None or not item.draft_next:
             return (), None
-        drafts = tuple(find_continuation(text, item.draft_next, self.max_ngram, self.min_ngram))
-        if item.sampling.greedy or not drafts:
-            return drafts, None
-        return drafts, (torch.tensor(drafts).unsqueeze(1), torch.ones(len(drafts), 1))
+        return looked_up(tuple(find_continuation(text, item.draft_next, self.max_ngram, self.min_ngram)), item)
 
     def release(self, seq_ids: list[str]) -> None:
         for seq_id in seq_ids:

@@ -9,13 +9,12 @@ verifier runs (`target_service.verifier.Verifier`):
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from specfleet.drafters.ngram import find_continuation
+from specfleet.drafters.ngram import SequenceTexts, check_ngram_range, find_continuation, point_masses
 from specfleet.lookahead import LookaheadState, advance, candidates_after, initial_guesses, lookahead_layout
 from specfleet.sampling import DRAFT_STREAM, sample_drafts, seeded_uniforms
 from specfleet.space import space_layout, space_pass_tokens
@@ -42,7 +41,7 @@ def looked_up(drafts: tuple[int, ...], item: VerifyItem) -> tuple[tuple[int, ...
     each with its q, a point mass on itself."""
     if item.sampling.greedy or not drafts:
         return drafts, None
-    return drafts, (torch.tensor(drafts).unsqueeze(1), torch.ones(len(drafts), 1))
+    return drafts, point_masses(drafts)
 
 
 class SelfDrafting(Protocol):
@@ -182,11 +181,9 @@ class PromptLookupDrafting:
     width = 0
 
     def __init__(self, max_drafts: int, max_ngram: int = 3, min_ngram: int = 2, max_sequences: int = 4096) -> None:
-        if not 1 <= min_ngram <= max_ngram:
-            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        check_ngram_range(min_ngram, max_ngram)
         self.max_drafts, self.max_ngram, self.min_ngram = max_drafts, max_ngram, min_ngram
-        self.max_sequences = max_sequences
-        self.texts: OrderedDict[str, list[int]] = OrderedDict()  # by seq_id: its committed tokens
+        self.texts = SequenceTexts(max_sequences)  # by seq_id: its committed tokens
 
     @property
     def max_draft_next(self) -> int:
@@ -201,25 +198,12 @@ class PromptLookupDrafting:
 
     def next_drafts(self, item: VerifyItem, nodes: PassNodes, logits: torch.Tensor, accepted: int,
                     emitted: list[int]) -> tuple[tuple[int, ...], TopKPairs | None]:
-        text = self._record(item, emitted)
+        # None: the target no longer holds its earlier tokens (gone with the oldest texts); it drafts nothing until
+        # it is sent whole again.
+        text = self.texts.update(item.seq_id, item.rollback_to, [*item.new_tokens, *emitted])
         if text is None or not item.draft_next:
             return (), None
         return looked_up(tuple(find_continuation(text, item.draft_next, self.max_ngram, self.min_ngram)), item)
 
     def release(self, seq_ids: list[str]) -> None:
-        for seq_id in seq_ids:
-            self.texts.pop(seq_id, None)
-
-    def _record(self, item: VerifyItem, emitted: list[int]) -> list[int] | None:
-        """The sequence's committed tokens after this step, kept for its next; None where the target has not seen
-        its earlier tokens (they went with the oldest texts): it drafts nothing until it is sent whole again."""
-        held = self.texts.get(item.seq_id)
-        if item.rollback_to and (held is None or len(held) < item.rollback_to):
-            self.texts.pop(item.seq_id, None)
-            return None
-        text = (held[: item.rollback_to] if held else []) + list(item.new_tokens) + list(emitted)
-        self.texts[item.seq_id] = text
-        self.texts.move_to_end(item.seq_id)
-        while len(self.texts) > self.max_sequences:
-            self.texts.popitem(last=False)
-        return text
+        self.texts.release(seq_ids)

@@ -56,39 +56,75 @@ def find_continuations(tokens: list[int], depth: int, max_nodes: int, max_ngram:
     return paths
 
 
+def point_masses(tokens: list[int] | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The wire's top-K pairs of looked-up tokens: each drafted with certainty (ids [n, 1], probs [n, 1])."""
+    return torch.tensor(tokens, dtype=torch.long).view(-1, 1), torch.ones(len(tokens), 1)
+
+
+def check_ngram_range(min_ngram: int, max_ngram: int) -> None:
+    if not 1 <= min_ngram <= max_ngram:
+        raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+
+
+class SequenceTexts:
+    """Each sequence's committed tokens, kept as its calls give them (roll back to ``rollback_to``, then append the
+    new ones): what prompt lookup searches. The latest ``max_sequences`` sequences are kept, the oldest going first."""
+
+    def __init__(self, max_sequences: int) -> None:
+        self.max_sequences = max_sequences
+        self._tokens: OrderedDict[str, list[int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def __getitem__(self, seq_id: str) -> list[int]:
+        return self._tokens[seq_id]
+
+    def update(self, seq_id: str, rollback_to: int, new_tokens: list[int]) -> list[int] | None:
+        """The sequence's tokens after this call; None where fewer than ``rollback_to`` of them are held (never
+        seen, or gone with the oldest): it must be sent whole again (``rollback_to`` 0)."""
+        held = self._tokens.get(seq_id)
+        if rollback_to > 0 and (held is None or len(held) < rollback_to):
+            return None
+        tokens = (held[:rollback_to] if held else []) + list(new_tokens)
+        self._tokens[seq_id] = tokens
+        self._tokens.move_to_end(seq_id)
+        while len(self._tokens) > self.max_sequences:
+            self._tokens.popitem(last=False)
+        return tokens
+
+    def release(self, seq_ids: list[str]) -> int:
+        return sum(self._tokens.pop(s, None) is not None for s in seq_ids)
+
+
 class NgramDrafter:
     """Keeps each sequence's tokens and drafts by prompt lookup."""
 
     kind = "ngram"
 
     def __init__(self, *, max_ngram: int = 3, min_ngram: int = 1, max_sequences: int = 4096) -> None:
-        if not 1 <= min_ngram <= max_ngram:
-            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        self.max_ngram, self.min_ngram, self.max_sequences = max_ngram, min_ngram, max_sequences
-        self._tokens: OrderedDict[str, list[int]] = OrderedDict()
+        check_ngram_range(min_ngram, max_ngram)
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self._texts = SequenceTexts(max_sequences)
 
     @property
     def live_sequences(self) -> int:
-        return len(self._tokens)
+        return len(self._texts)
 
     def propose(self, requests: list[DraftRequest]) -> list[DraftResult]:
         return [self._propose_one(r) for r in requests]
 
     def release(self, seq_ids: list[str]) -> int:
-        return sum(self._tokens.pop(s, None) is not None for s in seq_ids)
+        return self._texts.release(seq_ids)
 
     def _propose_one(self, request: DraftRequest) -> DraftResult:
-        held = self._tokens.get(request.seq_id)
-        if request.rollback_to > 0 and (held is None or len(held) < request.rollback_to):
+        tokens = self._texts.update(request.seq_id, request.rollback_to, request.new_tokens)
+        if tokens is None:
             return DraftResult.unknown(request.seq_id)
-        tokens = (held[: request.rollback_to] if held else []) + list(request.new_tokens)
-        self._remember(request.seq_id, tokens)
         if request.tree is not None:
             return self._propose_tree(request, tokens)
         draft = find_continuation(tokens, request.depth, self.max_ngram, self.min_ngram)
-        draft_top_k = None
-        if not request.sampling.greedy:
-            draft_top_k = (torch.tensor(draft, dtype=torch.long).view(-1, 1), torch.ones(len(draft), 1))
+        draft_top_k = None if request.sampling.greedy else point_masses(draft)
         return DraftResult(request.seq_id, known=True, tokens=draft, draft_top_k=draft_top_k,
                            cached_len=len(tokens))
 
@@ -99,14 +135,6 @@ class NgramDrafter:
         paths = find_continuations(tokens, request.depth, budget, self.max_ngram, self.min_ngram)
         tree = tree_from_paths(paths, vocab_size=1 + max((t for p in paths for t in p), default=0))
         nodes = tree.tokens[0].tolist()
-        draft_top_k = None
-        if not request.sampling.greedy:
-            draft_top_k = (torch.tensor(nodes, dtype=torch.long).view(-1, 1), torch.ones(len(nodes), 1))
+        draft_top_k = None if request.sampling.greedy else point_masses(nodes)
         return DraftResult(request.seq_id, known=True, tokens=nodes, draft_top_k=draft_top_k,
                            cached_len=len(tokens), parents=tree.parents[0].tolist())
-
-    def _remember(self, seq_id: str, tokens: list[int]) -> None:
-        self._tokens[seq_id] = tokens
-        self._tokens.move_to_end(seq_id)
-        while len(self._tokens) > self.max_sequences:
-            self._tokens.popitem(last=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -54,14 +54,26 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                       ) -> draft_pb2.ProposeResponse:
         scope = caller_scope(context.invocation_metadata())
         try:
-            requests = [self._request(e, scope) for e in request.entries]
-        except ValueError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        started = time.perf_counter()
-        try:
-            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.drafter.propose, requests)
+            return await self._propose(request, scope)
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
+
+    async def ProposeStream(self, requests: AsyncIterator[draft_pb2.ProposeRequest],
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[draft_pb2.ProposeResponse]:
+        """`Propose` for each request of the call, in order; a refused one ends the call with Propose's status."""
+        scope = caller_scope(context.invocation_metadata())
+        async for request in requests:
+            try:
+                response = await self._propose(request, scope)
+            except ValueError as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
+            yield response
+
+    async def _propose(self, request: draft_pb2.ProposeRequest, scope: str) -> draft_pb2.ProposeResponse:
+        """One batch drafted on the model thread; ValueError for an entry the drafter cannot take."""
+        requests = [self._request(e, scope) for e in request.entries]
+        started = time.perf_counter()
+        results = await asyncio.get_running_loop().run_in_executor(self.executor, self.drafter.propose, requests)
         compute_ms = (time.perf_counter() - started) * 1000
         self.metrics.record_batch(compute_ms / 1000)
         self.metrics.record_prompts(sum(len(r.new_tokens) for r in requests if r.rollback_to == 0))

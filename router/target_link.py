@@ -1,4 +1,7 @@
-"""The router's gRPC client of a target service: `Verify` with the library's values in and out."""
+"""The router's gRPC client of a target service: `Verify` with the library's values in and out.
+
+Step after step the requests go over one `VerifyStream` call (`router.grpc_link.CallStream`); each is its own `Verify`
+call where an interceptor works per call (`streams_through`), or where the target has no `VerifyStream`."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from router.grpc_link import GrpcLink, delta_to_proto
+from router.grpc_link import GrpcLink, delta_to_proto, streams_through
 from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
 from specfleet.speculation import Proposal, SessionReply, TopK, Verdict, VerifyAsk
 from specfleet.wire import sampling_to_proto
@@ -15,10 +18,11 @@ from specfleet.wire import sampling_to_proto
 class GrpcTargetLink(GrpcLink):
     def __init__(self, address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> None:
         super().__init__(address, target_pb2_grpc.TargetServiceStub, interceptors)
+        self.verifies = self.stream(self.stub.VerifyStream) if streams_through(interceptors) else None
 
     async def verify(self, asks: list[VerifyAsk], timeout_s: float) -> SessionReply[Verdict]:
-        response = await self.call(self.stub.Verify, target_pb2.VerifyRequest(entries=[_entry(a) for a in asks]),
-                                   timeout_s)
+        request = target_pb2.VerifyRequest(entries=[_entry(a) for a in asks])
+        response = await self.exchange(self.verifies, self.stub.Verify, request, timeout_s)
         reply = SessionReply[Verdict]({}, {}, [], response.compute_ms, response.draining)
         for v in response.verdicts:
             if v.status == session_pb2.ENTRY_STATUS_UNKNOWN_SEQUENCE:

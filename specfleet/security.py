@@ -165,6 +165,8 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
              "response_serializer": handler.response_serializer}
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(refuse_stream, **codec)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, **codec)
     return grpc.unary_unary_rpc_method_handler(refuse, **codec)
 
 
@@ -198,11 +200,31 @@ class SendToken(grpc.aio.UnaryUnaryClientInterceptor):
         self.token = token
 
     async def intercept_unary_unary(self, continuation, client_call_details, request):
-        metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()), (TOKEN_HEADER, self.token))
-        return await continuation(client_call_details._replace(metadata=metadata), request)
+        return await continuation(_with_token(client_call_details, self.token), request)
+
+
+class SendTokenOnStreams(grpc.aio.StreamStreamClientInterceptor):
+    """`SendToken` for the long-lived calls that carry a step's requests (grpc.aio takes an interceptor for one kind
+    of call only)."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(_with_token(client_call_details, self.token), request_iterator)
+
+
+def _with_token(client_call_details, token: str):
+    metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()), (TOKEN_HEADER, token))
+    return client_call_details._replace(metadata=metadata)
 
 
 def token_senders(token_file: str) -> list[grpc.aio.ClientInterceptor]:
     """The router's client interceptors for the internal token, if it has one."""
     token = internal_token(token_file)
-    return [SendToken(token)] if token else []
+    return sending(token) if token else []
+
+
+def sending(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """The client interceptors that put ``token`` on every call, streams included."""
+    return [SendToken(token), SendTokenOnStreams(token)]

@@ -3,7 +3,8 @@
 grpc.aio parses a unary request before it calls the method, and answers a parse error with UNKNOWN ("Unexpected
 <class 'DecodeError'>"), which reads as a server fault. `RefuseUndecodable` swaps the parser for one that hands
 the method an `Undecodable` instead of raising, and the method for one that answers it with INVALID_ARGUMENT
-naming the message type. Calls that stream requests parse them inside the method, and are left as they are.
+naming the message type. A bidirectional stream's messages are parsed the same way, and the first that does not
+parse ends the call so.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def message_name(deserializer: Callable[[bytes], Any], method: str) -> str:
 
 
 class RefuseUndecodable(grpc.aio.ServerInterceptor):
-    """Answers a unary request that does not parse with INVALID_ARGUMENT. The innermost interceptor: those around it
-    (the API key's check, tracing) see the call as usual."""
+    """Answers a request that does not parse (a unary one, or a message of a bidirectional stream) with
+    INVALID_ARGUMENT. The innermost interceptor: those around it (the API key's check, tracing) see the call as
+    usual."""
 
     def __init__(self) -> None:
         # Each method's handler and its replacement, made once: a method's handler is the same object every call.
@@ -62,16 +64,34 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
 
 def refusing_undecodable(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     """``handler`` with the lenient parser, and a method that refuses what it could not parse."""
-    behaviour = handler.unary_unary or handler.unary_stream
+    behaviour = handler.unary_unary or handler.unary_stream or handler.stream_stream
     if handler.request_deserializer is None or behaviour is None or not (
             inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
-        return handler  # streamed requests, and synchronous methods (none of ours): as grpcio handles them
+        return handler  # client streams, and synchronous methods (none of ours): as grpcio handles them
     message = f"the request is not a valid {message_name(handler.request_deserializer, method)}"
     codec = {"request_deserializer": lenient(handler.request_deserializer),
              "response_serializer": handler.response_serializer}
 
     async def refuse(request: Undecodable, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{message}: {request.error}")
+
+    if handler.stream_stream is not None:
+        if not inspect.isasyncgenfunction(behaviour):
+            return handler
+
+        async def each_refused(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[Any]:
+            async def parsed() -> AsyncIterator[Any]:
+                async for request in requests:
+                    if isinstance(request, Undecodable):
+                        await refuse(request, context)
+                    yield request
+
+            async with contextlib.aclosing(behaviour(parsed(), context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return grpc.stream_stream_rpc_method_handler(each_refused, **codec)
 
     if handler.unary_unary is not None:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:

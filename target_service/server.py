@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -57,15 +58,27 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                      ) -> target_pb2.VerifyResponse:
         scope = caller_scope(context.invocation_metadata())
         try:
-            items = [self._item(e, scope) for e in request.entries]
-        except ValueError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        started = time.perf_counter()
-        self.sessions.touched()
-        try:
-            verdicts = await asyncio.get_running_loop().run_in_executor(self.executor, self.verifier.verify, items)
+            return await self._verify(request, scope)
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
+
+    async def VerifyStream(self, requests: AsyncIterator[target_pb2.VerifyRequest],
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[target_pb2.VerifyResponse]:
+        """`Verify` for each request of the call, in order; a refused one ends the call with Verify's status."""
+        scope = caller_scope(context.invocation_metadata())
+        async for request in requests:
+            try:
+                response = await self._verify(request, scope)
+            except ValueError as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
+            yield response
+
+    async def _verify(self, request: target_pb2.VerifyRequest, scope: str) -> target_pb2.VerifyResponse:
+        """One batch verified on the model thread; ValueError for an entry the verifier cannot take."""
+        items = [self._item(e, scope) for e in request.entries]
+        started = time.perf_counter()
+        self.sessions.touched()
+        verdicts = await asyncio.get_running_loop().run_in_executor(self.executor, self.verifier.verify, items)
         elapsed_ms = (time.perf_counter() - started) * 1000
         self.metrics.record_batch(elapsed_ms / 1000)
         self.metrics.record_prompts(sum(len(i.new_tokens) for i in items if i.rollback_to == 0))

@@ -21,7 +21,7 @@ from specfleet.drafters import NgramDrafter
 from specfleet.engine import ModelRunner
 from specfleet.protos import draft_pb2_grpc, session_pb2, target_pb2_grpc
 from specfleet.sampling_params import SamplingParams
-from specfleet.security import TOKEN_HEADER, SendToken, caller_scope, internal_guard
+from specfleet.security import TOKEN_HEADER, caller_scope, internal_guard, sending
 from specfleet.speculation import DraftAsk, DraftPlan, SessionDelta, VerifyAsk
 from target_service.server import TargetServicer
 from target_service.verifier import Verifier
@@ -62,8 +62,8 @@ def test_another_routers_verify_and_release_leave_a_sequence_as_it_was(token_fil
 
     async def scenario() -> tuple[list[int], list[int], list[str], int, int]:
         async with serving(token_file, add) as address:
-            link = GrpcTargetLink(address, [SendToken(ROUTER)])
-            intruder = GrpcTargetLink(address, [SendToken(INTRUDER)])
+            link = GrpcTargetLink(address, sending(ROUTER))
+            intruder = GrpcTargetLink(address, sending(INTRUDER))
             intruder_stub = target_pb2_grpc.TargetServiceStub(intruder.channel)
             try:
                 outputs: dict[str, list[int]] = {"s": [], "control": []}
@@ -105,8 +105,8 @@ def test_another_routers_release_leaves_a_drafts_sequence(token_file: Path) -> N
 
     async def scenario() -> tuple[dict[str, list[tuple[int, ...]]], int, list[str]]:
         async with serving(token_file, add) as address:
-            link = GrpcDraftLink(address, [SendToken(ROUTER)])
-            intruder = GrpcDraftLink(address, [SendToken(INTRUDER)])
+            link = GrpcDraftLink(address, sending(ROUTER))
+            intruder = GrpcDraftLink(address, sending(INTRUDER))
             try:
                 proposals: dict[str, list[tuple[int, ...]]] = {"s": [], "control": []}
                 for seq_id, seen in proposals.items():

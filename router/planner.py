@@ -119,8 +119,14 @@ class Planner:
 
     def _choose(self, batch: list[LiveRequest], rooms: list[int], calibration: float,
                 kind: str | SelfDrafting | None) -> DepthDecision:
-        return self.feed.policy.choose([_first_tries(s) for s in batch], rooms, [_offers(s) for s in batch],
+        return self.feed.policy.choose([_first_tries(s) for s in batch], rooms, self._offer_counts(batch),
                                        calibration, _contexts(batch), kind, [_first_position(s) for s in batch])
+
+    def _offer_counts(self, batch: list[LiveRequest]) -> list[tuple[int, int] | None]:
+        """Each sequence's (offers, misses); None where its drafts are in hand before the step (a target that looks
+        them up sent them with its last verdict): offered for certain."""
+        found = self._self_drafted() if self.config.self_draft else None
+        return [None if found is not None and found.candidates_in_hand(s.seq_id) else _offers(s) for s in batch]
 
     def _may_draft(self, batch: list[LiveRequest], calibration: float
                    ) -> tuple[list[bool], CatchUp | None, frozenset[str]]:

@@ -7,8 +7,9 @@ target for as many for the step after (`Proposal.draft_next`); `settle` keeps wh
 are handed out once: a step that commits nothing (its target failed) leaves the next with none to verify, never with
 candidates for positions that moved. A sequence's first step, or one after a plain step, verifies none and drafts
 (`Proposal.first`); a verdict that proposed nothing (prompt lookup without a match) leaves the next step an empty
-chain, which is a miss. A target that looks its candidates up after the pass (prompt lookup) is asked for them at
-plain steps too, so a drafting step after a plain one has its candidates.
+chain, which is a miss. A target that looks its candidates up after the pass (prompt lookup) is asked for as many as
+it drafts at every step, plain ones included, so each step is planned with its candidates in hand: a sequence drafts
+at most as many as it holds, and none where it holds none.
 """
 
 from __future__ import annotations
@@ -33,7 +34,16 @@ class SelfDrafted:
         self.asked: set[str] = set()  # the sequences the last `propose` asked the target to draft for
 
     def room(self, seq: LiveRequest) -> int | None:
+        """Most drafts the sequence can verify this step: what the target drafts at most; with looked-up candidates,
+        those in hand (its last verdict sent them: there are no others to verify, and none is a plain step)."""
+        if self.drafting.looked_up:
+            return len(self.candidates.get(seq.seq_id, NO_CANDIDATES).tokens)
         return self.max_drafts
+
+    def candidates_in_hand(self, seq_id: str) -> bool:
+        """Whether the sequence's drafts for this step are known before it is planned (looked-up candidates): the
+        policy then prices them as offered, not by the sequence's offer rate."""
+        return self.drafting.looked_up and bool(self.candidates.get(seq_id, NO_CANDIDATES).tokens)
 
     def holds_candidates(self, seq_id: str) -> bool:
         """Whether the sequence's last step asked the target for candidates for this one (it may have proposed
@@ -47,7 +57,9 @@ class SelfDrafted:
             levels = plan.draft(seq.seq_id).levels
             if levels:
                 tokens, top_k = (held.tokens[:levels], held.draft_top_k[:levels]) if held is not None else ((), ())
-                proposals[seq.seq_id] = Proposal(tokens, top_k, draft_next=levels, first=held is None)
+                # Looked-up candidates cost nothing to ask for: as many as the target drafts, whatever this step used.
+                asked = self.max_drafts if self.drafting.looked_up else levels
+                proposals[seq.seq_id] = Proposal(tokens, top_k, draft_next=asked, first=held is None)
             elif self.drafting.looked_up:  # a plain step: candidates for the next cost nothing to ask for
                 proposals[seq.seq_id] = Proposal((), draft_next=self.max_drafts)
         self.asked = set(proposals)

@@ -247,20 +247,22 @@ class DepthPolicy:
         """Each sequence's offer-rate estimate from its (offers, misses) counts."""
         return self._offer_rates(offer_counts, self._state.fleet_offer_rate, len(offer_counts))
 
-    def _offer_rates(self, offer_counts: Sequence[tuple[int, int]] | None, fleet_rate: float, batch: int
+    def _offer_rates(self, offer_counts: Sequence[tuple[int, int] | None] | None, fleet_rate: float, batch: int
                      ) -> list[float]:
         if offer_counts is None:
             return [fleet_rate] * batch
         if len(offer_counts) != batch:
             raise ValueError(f"offer_counts must have one entry per sequence ({batch}), got {len(offer_counts)}")
-        return [offer_estimate(o, m, fleet_rate, self.prior_weight) for o, m in offer_counts]
+        return [1.0 if counts is None else offer_estimate(*counts, fleet_rate, self.prior_weight)
+                for counts in offer_counts]
 
     def choose(self, per_sequence_counts: Sequence[tuple[int, int]], limits: Sequence[int] | None = None,
-               offer_counts: Sequence[tuple[int, int]] | None = None, calibration: float = 1.0,
+               offer_counts: Sequence[tuple[int, int] | None] | None = None, calibration: float = 1.0,
                contexts: Sequence[int] | None = None, drafter: str | SelfDrafting | None = None,
                first_position_counts: Sequence[tuple[int, int]] | None = None) -> DepthDecision:
         """Depths for one step; `per_sequence_counts[i]` is sequence i's (accepted, rejections), `offer_counts[i]`
-        its (offers, misses) (the fleet's offer rate for everyone when not given), `contexts[i]` its KV length
+        its (offers, misses) (the fleet's offer rate for everyone when not given; None: its drafts are in hand, offered
+        for certain), `contexts[i]` its KV length
         (its committed tokens; None: the cost model's reference context); `calibration` as in `choose_depths`.
         `first_position_counts[i]`: sequence i's (accepted, tried) drafts at the first position of a chain, which
         then has a rate of its own (`position_acceptance`; None: one rate for every position)."""

@@ -206,6 +206,35 @@ def test_a_target_that_looks_candidates_up_is_asked_for_them_at_plain_steps_too(
     assert not asyncio.run(SelfDrafted(max_drafts=4).propose([seq], StepPlan({}, "plain")))  # SPACE: masks cost
 
 
+def test_looked_up_candidates_in_hand_bound_the_depth_and_are_priced_as_offered() -> None:
+    """A target that looks its drafts up sends them before the step is planned: a sequence drafts at most those it
+    holds (none while it holds none, its first step included), every step asks for as many as the target drafts
+    whatever it used, and the policy prices the ones in hand as offered, however often the lookup missed before."""
+    strategy = SelfDrafted(max_drafts=4, drafting=SelfDrafting("ngram"))
+    seq, other = (live_request(name, PROMPTS[0], 32, SELF_DRAFTED, None) for name in ("s", "other"))
+    assert strategy.room(seq) == 0 and not strategy.candidates_in_hand("s")
+    asyncio.run(strategy.propose([seq, other], StepPlan({}, "plain")))
+    strategy.settle([seq, other], {"s": Verdict((7,), 0, next_proposal=Proposal((5, 6))), "other": Verdict((7,), 0)})
+    assert (strategy.room(seq), strategy.room(other)) == (2, 0)
+    assert strategy.candidates_in_hand("s") and not strategy.candidates_in_hand("other")
+    drafting = asyncio.run(strategy.propose([seq], StepPlan({"s": DraftPlan(2)}, "test")))["s"]
+    assert drafting.tokens == (5, 6) and drafting.draft_next == 4  # not 2: asking costs nothing
+
+    strategy.settle([seq], {"s": Verdict((5, 6, 8), 2, next_proposal=Proposal((9, 10, 11)))})
+    for s in (seq, other):  # a lookup that mostly missed, and was right when it offered
+        s.stats.acceptance = AcceptanceCounts(sequence_steps=70, accepted=40, rejections=2, misses=60)
+    policy = DepthPolicy(max_depth=4)
+    planner = Planner(RouterConfig(depth="auto", self_draft=True, max_depth=4),
+                      PolicyFeed(policy, None, 1.0, "throughput"), Strategies({SELF_DRAFTED: strategy}), "target:1",
+                      max_context=256)
+    offers = planner._offer_counts([seq, other])
+    assert offers == [None, (10, 60)]
+    assert policy.offer_rates([(10, 60)])[0] < 0.5
+    assert planner.depth_room(seq) == 3 and planner.depth_room(other) == 0
+    in_hand, by_rate = (policy.choose([(40, 2)], [3], [counts]) for counts in offers)
+    assert in_hand.depths == (3,) and in_hand.goodput > 1.5 * by_rate.goodput  # each step's drafts come for certain
+
+
 def test_a_request_of_a_strategy_the_router_does_not_run_is_refused_with_its_name() -> None:
     harness = Harness()
     seq = harness.request("s0", PROMPTS[0], 4, strategy="nowhere")

@@ -16,8 +16,8 @@ from specfleet.otel import Otel, ServiceMetrics
 from specfleet.otel import setup as setup_otel
 from specfleet.policy.costs import PREFILL_ROLE
 from specfleet.protos import draft_pb2, draft_pb2_grpc, session_pb2
-from specfleet.security import caller_scope, internal_guard, unscoped
-from specfleet.serving import model_thread, release_sequences, serve, servicer_name
+from specfleet.security import internal_guard
+from specfleet.serving import answer, answer_each, model_thread, release_sequences, serve, servicer_name
 from specfleet.speculation import is_prefill
 from specfleet.telemetry import TelemetryWriter, writer_for
 from specfleet.wire import (
@@ -52,21 +52,11 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
 
     async def Propose(self, request: draft_pb2.ProposeRequest, context: grpc.aio.ServicerContext
                       ) -> draft_pb2.ProposeResponse:
-        scope = caller_scope(context.invocation_metadata())
-        try:
-            return await self._propose(request, scope)
-        except ValueError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
+        return await answer(request, context, self._propose)
 
     async def ProposeStream(self, requests: AsyncIterator[draft_pb2.ProposeRequest],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[draft_pb2.ProposeResponse]:
-        """`Propose` for each request of the call, in order; a refused one ends the call with Propose's status."""
-        scope = caller_scope(context.invocation_metadata())
-        async for request in requests:
-            try:
-                response = await self._propose(request, scope)
-            except ValueError as err:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
+        async for response in answer_each(requests, context, self._propose):
             yield response
 
     async def _propose(self, request: draft_pb2.ProposeRequest, scope: str) -> draft_pb2.ProposeResponse:

@@ -6,23 +6,26 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from specfleet.protos import session_pb2
-from specfleet.security import caller_scope
+from specfleet.security import caller_scope, unscoped
 from specfleet.undecodable import RefuseUndecodable
 
 if TYPE_CHECKING:
     from specfleet.otel import Otel
 
 log = logging.getLogger(__name__)
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a batch of long prompts plus top-K draft distributions
 # A draining service whose routers have not called for this long holds only abandoned sequences: a router that
@@ -53,6 +56,32 @@ async def release_sequences(executor: Executor, release: Callable[[list[str]], i
     released = await asyncio.shield(asyncio.get_running_loop().run_in_executor(
         executor, release, [scope + s for s in request.seq_ids]))
     return session_pb2.ReleaseSequencesResponse(released=released)
+
+
+async def answer(request: Request, context: grpc.aio.ServicerContext,
+                 handle: Callable[[Request, str], Awaitable[Response]]) -> Response:
+    """A unary call of a draft or target: ``handle(request, scope)`` in the caller's scope (`caller_scope`), its
+    ValueError the call's INVALID_ARGUMENT, naming the sequences as the caller knows them."""
+    scope = caller_scope(context.invocation_metadata())
+    try:
+        return await handle(request, scope)
+    except ValueError as err:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
+        raise  # never reached: abort raises
+
+
+async def answer_each(requests: AsyncIterator[Request], context: grpc.aio.ServicerContext,
+                      handle: Callable[[Request, str], Awaitable[Response]]) -> AsyncIterator[Response]:
+    """A long-lived call of a draft or target: `answer` for each request of it, in order; a refused request ends the
+    call with the unary call's status."""
+    scope = caller_scope(context.invocation_metadata())
+    async for request in requests:
+        try:
+            response = await handle(request, scope)
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
+            raise  # never reached: abort raises
+        yield response
 
 
 @dataclass

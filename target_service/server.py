@@ -18,8 +18,8 @@ from specfleet.models import eos_token_ids, load_tokenizer, resolve_model, token
 from specfleet.otel import Otel, ServiceMetrics
 from specfleet.otel import setup as setup_otel
 from specfleet.protos import session_pb2, target_pb2, target_pb2_grpc
-from specfleet.security import caller_scope, internal_guard, unscoped
-from specfleet.serving import Sessions, model_thread, release_sequences, serve, servicer_name
+from specfleet.security import internal_guard
+from specfleet.serving import Sessions, answer, answer_each, model_thread, release_sequences, serve, servicer_name
 from specfleet.space_model import space_settings_for
 from specfleet.speculation import is_prefill
 from specfleet.telemetry import TelemetryWriter, writer_for
@@ -56,21 +56,11 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
 
     async def Verify(self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext
                      ) -> target_pb2.VerifyResponse:
-        scope = caller_scope(context.invocation_metadata())
-        try:
-            return await self._verify(request, scope)
-        except ValueError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
+        return await answer(request, context, self._verify)
 
     async def VerifyStream(self, requests: AsyncIterator[target_pb2.VerifyRequest],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[target_pb2.VerifyResponse]:
-        """`Verify` for each request of the call, in order; a refused one ends the call with Verify's status."""
-        scope = caller_scope(context.invocation_metadata())
-        async for request in requests:
-            try:
-                response = await self._verify(request, scope)
-            except ValueError as err:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
+        async for response in answer_each(requests, context, self._verify):
             yield response
 
     async def _verify(self, request: target_pb2.VerifyRequest, scope: str) -> target_pb2.VerifyResponse:

@@ -141,7 +141,7 @@ class CallStream:
         return response
 
     def end(self) -> None:
-        """Ends the call (cancelling it on the service, which drops whatever it was answering)."""
+        """Ends the call: cancelled on the service too, whose answer to a request under way, if any, is dropped."""
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None

@@ -69,15 +69,20 @@ class GrpcLink:
         """``method(request)``, its failures as `ReplicaError` or `ReplicaGone`."""
         try:
             return await method(request, timeout=timeout_s)
-        except grpc.aio.UsageError as err:  # the channel closed: the replica left the pool
-            raise ReplicaGone(str(err)) from err
-        except grpc.aio.AioRpcError as err:
-            raise ReplicaError(err.code().name, err.details() or "") from err
+        except (grpc.aio.UsageError, grpc.aio.AioRpcError) as err:
+            raise replica_failure(err) from err
 
     async def close(self, grace_s: float | None = None) -> None:
         for stream in self._streams:
             await stream.close(grace_s)
         await self.channel.close(grace=grace_s)
+
+
+def replica_failure(err: grpc.aio.UsageError | grpc.aio.AioRpcError) -> ReplicaError | ReplicaGone:
+    """A call's gRPC failure as the router's own error."""
+    if isinstance(err, grpc.aio.UsageError):  # the channel closed: the replica left the pool
+        return ReplicaGone(str(err))
+    return ReplicaError(err.code().name, err.details() or "")
 
 
 def streams_through(interceptors: Sequence[grpc.aio.ClientInterceptor]) -> bool:
@@ -114,20 +119,14 @@ class CallStream:
                 if self._call is None:
                     self._call = self._open_call()
                 response = await asyncio.wait_for(self._round_trip(self._call, request), timeout_s)
-            except TimeoutError as err:
+            except BaseException as err:
                 self.end()
-                raise ReplicaError("DEADLINE_EXCEEDED", f"no answer within {timeout_s:.1f} s") from err
-            except grpc.aio.AioRpcError as err:
-                self.end()
-                raise ReplicaError(err.code().name, err.details() or "") from err
-            except grpc.aio.UsageError as err:  # the channel closed: the replica left the pool
-                self.end()
-                raise ReplicaGone(str(err)) from err
-            except asyncio.InvalidStateError as err:  # written to a call the service had ended without an error
-                self.end()
-                raise ReplicaError("UNAVAILABLE", "the service ended the call") from err
-            except BaseException:
-                self.end()
+                if isinstance(err, TimeoutError):
+                    raise ReplicaError("DEADLINE_EXCEEDED", f"no answer within {timeout_s:.1f} s") from err
+                if isinstance(err, asyncio.InvalidStateError):  # written to a call the service had ended cleanly
+                    raise ReplicaError("UNAVAILABLE", "the service ended the call") from err
+                if isinstance(err, (grpc.aio.UsageError, grpc.aio.AioRpcError)):
+                    raise replica_failure(err) from err
                 raise
             self._idle = asyncio.get_running_loop().call_later(STREAM_IDLE_S, self._end_if_idle)
             return response

@@ -62,12 +62,7 @@ async def answer(request: Request, context: grpc.aio.ServicerContext,
                  handle: Callable[[Request, str], Awaitable[Response]]) -> Response:
     """A unary call of a draft or target: ``handle(request, scope)`` in the caller's scope (`caller_scope`), its
     ValueError the call's INVALID_ARGUMENT, naming the sequences as the caller knows them."""
-    scope = caller_scope(context.invocation_metadata())
-    try:
-        return await handle(request, scope)
-    except ValueError as err:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
-        raise  # never reached: abort raises
+    return await _answered(request, context, handle, caller_scope(context.invocation_metadata()))
 
 
 async def answer_each(requests: AsyncIterator[Request], context: grpc.aio.ServicerContext,
@@ -76,12 +71,16 @@ async def answer_each(requests: AsyncIterator[Request], context: grpc.aio.Servic
     call with the unary call's status."""
     scope = caller_scope(context.invocation_metadata())
     async for request in requests:
-        try:
-            response = await handle(request, scope)
-        except ValueError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
-            raise  # never reached: abort raises
-        yield response
+        yield await _answered(request, context, handle, scope)
+
+
+async def _answered(request: Request, context: grpc.aio.ServicerContext,
+                    handle: Callable[[Request, str], Awaitable[Response]], scope: str) -> Response:
+    try:
+        return await handle(request, scope)
+    except ValueError as err:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unscoped(str(err), scope))
+        raise  # never reached: abort raises
 
 
 @dataclass

@@ -201,6 +201,14 @@ def stdlib_documents() -> list[tuple[str, str]]:
     return [(name, (root / name).read_text(encoding="utf-8")) for name in STDLIB_FILES if (root / name).is_file()]
 
 
+def summarise_code_prompts(tokenizer: ChatTokenizer, context: int, count: int) -> list[list[int]]:
+    """``count`` prompts of exactly ``context`` tokens: long standard-library modules in a user turn asking for a
+    summary (for the benchmarks that need long prompts of one kind, without ShareGPT's download)."""
+    sources = {"code": (chat_frame(tokenizer, INSTRUCTIONS["code"]), stdlib_documents())}
+    return [p.ids for p in build_prompts(sources, lambda text: tokenizer.encode(text, add_special_tokens=False),
+                                         context, count)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # measuring
 

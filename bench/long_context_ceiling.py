@@ -38,16 +38,7 @@ from typing import Any
 
 import torch
 
-from bench.long_context import (
-    INSTRUCTIONS,
-    MODEL,
-    MODEL_CONTEXT,
-    SPARSE_SINKS,
-    SPARSE_WINDOW,
-    build_prompts,
-    chat_frame,
-    stdlib_documents,
-)
+from bench.long_context import MODEL, MODEL_CONTEXT, SPARSE_SINKS, SPARSE_WINDOW, summarise_code_prompts
 from specfleet.engine import Extend, ModelRunner
 from specfleet.engine.llama import LlamaForCausalLM
 from specfleet.engine.runner import load_model, set_cpu_threads
@@ -254,14 +245,9 @@ def main() -> None:
     target = load_model(folder, dtype="float32")
     drafts = {dtype: target if dtype == "float32" else load_model(folder, dtype=dtype) for dtype in args.draft_dtypes}
     window = StreamingWindow(SPARSE_SINKS, SPARSE_WINDOW)
-    sources = {"code": (chat_frame(tokenizer, INSTRUCTIONS["code"]), stdlib_documents())}
-
-    def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False)
-
     rows: list[Row] = []
     for context in args.contexts:
-        prompts = [p.ids for p in build_prompts(sources, encode, context, args.prompts)]
+        prompts = summarise_code_prompts(tokenizer, context, args.prompts)
         say(f"context {context}: decoding {len(prompts)} prompts greedily")
         outputs = greedy_outputs(target, prompts, args.max_new_tokens)
         replays = {}

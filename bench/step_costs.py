@@ -23,15 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from bench.common import Run, chat_ids, fleet, specfleet_generate
-from bench.long_context import (
-    INSTRUCTIONS,
-    MODEL_CONTEXT,
-    SPARSE_SINKS,
-    SPARSE_WINDOW,
-    build_prompts,
-    chat_frame,
-    stdlib_documents,
-)
+from bench.long_context import MODEL_CONTEXT, SPARSE_SINKS, SPARSE_WINDOW, summarise_code_prompts
 from bench.prompts import MIXED
 from specfleet.launcher import free_port, wait_redis
 from specfleet.models import load_tokenizer, resolve_model
@@ -60,8 +52,9 @@ def main() -> None:
     if args.drafter != "ngram" and args.lookup == "target":
         parser.error("--lookup target drafts by prompt lookup in the target: it takes no --drafter")
     spec = "smollm2-135m"
-    prompts = long_prompts(spec, args.context, args.batch * args.prompts) if args.context else [
-        chat_ids(load_tokenizer(resolve_model(spec)), p) for p in MIXED]
+    tokenizer = load_tokenizer(resolve_model(spec))
+    prompts = (summarise_code_prompts(tokenizer, args.context, args.batch * args.prompts) if args.context
+               else [chat_ids(tokenizer, p) for p in MIXED])
     # Long prompts: room for them, and kept by the target and the draft for the timed run after the first.
     long_context = ["--max-seq-len", str(MODEL_CONTEXT), "--prefix-reuse", "on"] if args.context else []
     batches = [[prompts[(i * args.batch + j) % len(prompts)] for j in range(args.batch)] for i in range(args.prompts)]
@@ -101,15 +94,6 @@ def main() -> None:
             print(f"| {depth} | {1000 * sum(r.seconds for r in runs) / tokens:.1f} | "
                   f"{sum(r.steps for r in runs) / tokens:.2f} | {ms['target']:.1f} | {ms['draft']:.1f} | "
                   f"{ms['overhead']:.1f} |", flush=True)
-
-
-def long_prompts(spec: str, context: int, count: int) -> list[list[int]]:
-    """``count`` prompts of exactly ``context`` tokens: standard-library modules under a "summarise" turn."""
-    tokenizer = load_tokenizer(resolve_model(spec))
-    frame = chat_frame(tokenizer, INSTRUCTIONS["code"])
-    sources = {"code": (frame, stdlib_documents())}
-    return [p.ids for p in build_prompts(sources, lambda text: tokenizer.encode(text, add_special_tokens=False),
-                                         context, count)]
 
 
 def generate_at_once(router: str, prompts: list[list[int]], max_new_tokens: int) -> list[Run]:

@@ -97,17 +97,25 @@ def timed(forward: Callable[[], None], device: str) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def engine_side(model: LlamaForCausalLM, batch: int, tokens: int, context: int, max_seq_len: int = 0
-                ) -> tuple[ModelRunner, Callable[[], None]]:
-    """The engine with ``batch`` sequences of ``context`` random cached tokens, and one verify-shaped forward;
-    each slot holds ``max_seq_len`` entries (at least context + tokens), as a service's slots hold its longest."""
-    runner = ModelRunner(model, num_slots=batch, max_seq_len=max(max_seq_len, context + tokens))
+def fill_random_cache(runner: ModelRunner, batch: int, length: int) -> list[str]:
+    """``batch`` sequences in ``runner`` (their names), each holding ``length`` cache entries of random keys and
+    values: a forward's time does not depend on their values, and a real prefill of many long prompts takes minutes
+    on a small CPU."""
     names = [f"s{i}" for i in range(batch)]
     runner.extend([Extend(name, 0, [1]) for name in names])  # every slot now holds a sequence
     for keys, values in zip(runner.cache.keys, runner.cache.values, strict=True):
         keys.normal_()
         values.normal_()
-    runner.cache.lengths[:] = [context] * batch
+    runner.cache.lengths[:] = [length] * batch
+    return names
+
+
+def engine_side(model: LlamaForCausalLM, batch: int, tokens: int, context: int, max_seq_len: int = 0
+                ) -> tuple[ModelRunner, Callable[[], None]]:
+    """The engine with ``batch`` sequences of ``context`` random cached tokens, and one verify-shaped forward;
+    each slot holds ``max_seq_len`` entries (at least context + tokens), as a service's slots hold its longest."""
+    runner = ModelRunner(model, num_slots=batch, max_seq_len=max(max_seq_len, context + tokens))
+    names = fill_random_cache(runner, batch, context)
     new = [[(7 * i + j) % 1000 + 1 for j in range(tokens)] for i in range(batch)]
 
     def forward() -> None:

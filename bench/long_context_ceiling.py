@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from bench.engine_vs_hf import fill_random_cache
 from bench.long_context import MODEL, MODEL_CONTEXT, SPARSE_SINKS, SPARSE_WINDOW, summarise_code_prompts
 from specfleet.engine import Extend, ModelRunner
 from specfleet.engine.llama import LlamaForCausalLM
@@ -116,18 +117,6 @@ Forward = Callable[[int], None]
 """One forward appending this many tokens to every sequence of a runner, rolled back to where they were."""
 
 
-def filled(runner: ModelRunner, batch: int, length: int) -> list[str]:
-    """``batch`` sequences in ``runner``, each holding ``length`` cache entries of random keys and values (a
-    forward's time does not depend on their values; a real prefill of 16 x 7K tokens takes minutes here)."""
-    names = [f"s{i}" for i in range(batch)]
-    runner.extend([Extend(name, 0, [1]) for name in names])
-    for keys, values in zip(runner.cache.keys, runner.cache.values, strict=True):
-        keys.normal_()
-        values.normal_()
-    runner.cache.lengths[:] = [length] * batch
-    return names
-
-
 def forwards_from(runner: ModelRunner, names: list[str], length: int, every_logit: bool) -> Forward:
     """Forwards appending to ``names`` after ``length`` tokens, with the logits of every new token (a verify) or of
     the last (a draft level)."""
@@ -141,7 +130,7 @@ def forwards_from(runner: ModelRunner, names: list[str], length: int, every_logi
 def target_side(model: LlamaForCausalLM, batch: int, context: int, max_width: int) -> tuple[ModelRunner, Forward]:
     """The target with ``batch`` sequences of ``context`` cached tokens, verifying."""
     runner = ModelRunner(model, num_slots=batch, max_seq_len=context + max_width)
-    return runner, forwards_from(runner, filled(runner, batch, context), context, every_logit=True)
+    return runner, forwards_from(runner, fill_random_cache(runner, batch, context), context, every_logit=True)
 
 
 def draft_side(model: LlamaForCausalLM, window: StreamingWindow, batch: int) -> tuple[StreamingRunner, Forward]:
@@ -149,7 +138,7 @@ def draft_side(model: LlamaForCausalLM, window: StreamingWindow, batch: int) -> 
     after any long prompt."""
     runner = StreamingRunner(model, num_slots=batch, window=window, max_seq_len=MODEL_CONTEXT)
     held = window.sinks + window.window + window.reach
-    return runner, forwards_from(runner, filled(runner, batch, held), held, every_logit=False)
+    return runner, forwards_from(runner, fill_random_cache(runner, batch, held), held, every_logit=False)
 
 
 def interleaved_ms(calls: dict[Any, Callable[[], None]], repeats: int) -> dict[Any, float]:
@@ -245,6 +234,7 @@ def main() -> None:
     target = load_model(folder, dtype="float32")
     drafts = {dtype: target if dtype == "float32" else load_model(folder, dtype=dtype) for dtype in args.draft_dtypes}
     window = StreamingWindow(SPARSE_SINKS, SPARSE_WINDOW)
+    widths = sorted({1, *(d + 1 for d in args.depths)})  # tokens per sequence a verify takes: plain, and each depth's
     rows: list[Row] = []
     for context in args.contexts:
         prompts = summarise_code_prompts(tokenizer, context, args.prompts)
@@ -263,7 +253,6 @@ def main() -> None:
                 f"{len(prompts) * (args.max_new_tokens - 1)} positions; tokens/step "
                 + ", ".join(f"d{d} {r.tokens_per_step:.2f}" for d, r in replays[dtype].items()))
         for batch in args.batches:
-            widths = sorted({1, *(d + 1 for d in args.depths)})
             costs = measure_costs(target, drafts, window, context, batch, widths, args.repeats)
             verify = costs.verify_ms
             say(f"context {context} batch {batch}: target ms by width "
